@@ -1,0 +1,74 @@
+"""fvtransform: pure, composable weight transforms for large (video) diffusion models.
+
+Trees of parameters are immutable values; every operation returns a new tree
+and shares the tensors it did not change. Models run on trees through
+:func:`call` (``torch.func.functional_call``, strictly).
+
+>>> import torch, fvtransform as fvt
+>>> model = fvt.build("fvt-video-dit", device="cpu")
+>>> tree = fvt.ParamTree.from_module(model)
+>>> x = torch.randn(1, 4, 2, 4, 4)
+>>> out = fvt.call(model, tree, x, torch.tensor([5]), torch.randn(1, 3, 16))
+>>> out.shape
+torch.Size([1, 4, 2, 4, 4])
+"""
+
+from fvtransform import errors, lora, transforms
+from fvtransform.call import call, call_with_buffers
+from fvtransform.io import CheckReport, Fuse, KeyMap, MappingPlan, check, load, load_model, save
+from fvtransform.registry import REGISTRY, Registry, build, register, resolve
+from fvtransform.transforms import Transform, chain
+from fvtransform.tree import (
+    ParamTree,
+    Rename,
+    RenameRules,
+    cast,
+    combine,
+    drop,
+    map_tensors,
+    partition,
+    rename,
+    select,
+    tensors_equal,
+    to,
+    update,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckReport",
+    "Fuse",
+    "KeyMap",
+    "MappingPlan",
+    "REGISTRY",
+    "ParamTree",
+    "Registry",
+    "Rename",
+    "RenameRules",
+    "Transform",
+    "__version__",
+    "build",
+    "call",
+    "call_with_buffers",
+    "cast",
+    "chain",
+    "combine",
+    "drop",
+    "check",
+    "errors",
+    "load",
+    "load_model",
+    "lora",
+    "save",
+    "map_tensors",
+    "partition",
+    "register",
+    "rename",
+    "resolve",
+    "select",
+    "tensors_equal",
+    "to",
+    "transforms",
+    "update",
+]

@@ -1,0 +1,7 @@
+"""``python -m fvtransform``."""
+
+import sys
+
+from fvtransform.cli import main
+
+sys.exit(main())

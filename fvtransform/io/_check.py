@@ -1,0 +1,87 @@
+"""``fvt.check``: every difference between a tree and what a module expects, at once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+import torch
+from torch import nn
+
+from fvtransform.errors import KeyMismatchError, ShapeMismatchError, format_keys
+from fvtransform.tree._paramtree import ParamTree
+
+__all__ = ["CheckReport", "check"]
+
+
+@attrs.frozen
+class CheckReport:
+    """What differs: missing and unexpected keys, shape and dtype mismatches (sorted)."""
+
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    shape_mismatches: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
+    dtype_mismatches: tuple[tuple[str, torch.dtype, torch.dtype], ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.shape_mismatches or self.dtype_mismatches)
+
+    def __str__(self) -> str:
+        if self.ok:
+            return "tree matches"
+        lines = []
+        if self.missing:
+            lines.append(f"missing ({len(self.missing)}): {format_keys(self.missing)}")
+        if self.unexpected:
+            lines.append(f"unexpected ({len(self.unexpected)}): {format_keys(self.unexpected)}")
+        for k, exp, got in self.shape_mismatches:
+            lines.append(f"shape of {k!r}: expected {list(exp)}, found {list(got)}")
+        for k, exp, got in self.dtype_mismatches:
+            lines.append(f"dtype of {k!r}: expected {exp}, found {got}")
+        return "\n".join(lines)
+
+
+def check(
+    tree: Mapping[str, torch.Tensor],
+    module_or_tree: nn.Module | Mapping[str, torch.Tensor],
+    *,
+    strict: bool = True,
+    dtypes: bool = False,
+) -> CheckReport:
+    """Compare ``tree`` with a module's state (or another tree): keys, shapes and, with ``dtypes=True``, dtypes.
+
+    Every difference is reported at once. With ``strict=True`` any difference
+    raises (:class:`KeyMismatchError` when keys differ, else
+    :class:`ShapeMismatchError`); with ``strict=False`` the report is returned.
+
+    >>> import torch, fvtransform as fvt
+    >>> lin = torch.nn.Linear(3, 2)
+    >>> fvt.check({"weight": torch.zeros(2, 4)}, lin, strict=False).missing
+    ('bias',)
+    >>> print(fvt.check({"weight": torch.zeros(2, 4)}, lin, strict=False))
+    missing (1): ['bias']
+    shape of 'weight': expected [2, 3], found [2, 4]
+    """
+    if isinstance(module_or_tree, nn.Module):
+        reference: Mapping[str, torch.Tensor] = ParamTree.from_module(module_or_tree)
+    else:
+        reference = module_or_tree
+    missing = tuple(sorted(k for k in reference if k not in tree))
+    unexpected = tuple(sorted(k for k in tree if k not in reference))
+    shapes = []
+    dts = []
+    for k in sorted(set(tree) & set(reference)):
+        a, b = reference[k], tree[k]
+        if tuple(a.shape) != tuple(b.shape):
+            shapes.append((k, tuple(a.shape), tuple(b.shape)))
+        if dtypes and a.dtype != b.dtype:
+            dts.append((k, a.dtype, b.dtype))
+    report = CheckReport(missing, unexpected, tuple(shapes), tuple(dts))
+    if strict and not report.ok:
+        cls = KeyMismatchError if (missing or unexpected) else ShapeMismatchError
+        raise cls(
+            "tree does not match:\n" + str(report) + "\nFix: rename keys (fvt.rename / KeyMap), load the matching "
+            "checkpoint, or pass strict=False to get this report instead."
+        )
+    return report

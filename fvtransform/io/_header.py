@@ -1,0 +1,180 @@
+"""Safetensors headers: parsed and validated before any tensor byte is touched.
+
+Every file is treated as hostile: sizes are checked against the file, offsets
+against each other, and the JSON shape against the format, so a broken file
+gives a :class:`FormatError` naming the file and key instead of a crash or a
+huge allocation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+import struct
+from typing import Any
+
+import attrs
+import torch
+
+from fvtransform.errors import FormatError
+
+__all__ = ["TensorInfo", "Header", "read_header", "DTYPES", "DTYPE_NAMES", "MAX_HEADER_BYTES"]
+
+#: safetensors dtype names -> torch dtypes (those this torch has).
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr)
+    for name, attr in {
+        "F64": "float64",
+        "F32": "float32",
+        "F16": "float16",
+        "BF16": "bfloat16",
+        "I64": "int64",
+        "I32": "int32",
+        "I16": "int16",
+        "I8": "int8",
+        "U8": "uint8",
+        "U16": "uint16",
+        "U32": "uint32",
+        "U64": "uint64",
+        "BOOL": "bool",
+        "F8_E4M3": "float8_e4m3fn",
+        "F8_E5M2": "float8_e5m2",
+        "C64": "complex64",
+    }.items()
+    if hasattr(torch, attr)
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+#: The largest header we accept (safetensors' own limit is 100 MB).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@attrs.frozen
+class TensorInfo:
+    """Where one tensor lives in a file: dtype, shape and absolute byte range."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@attrs.frozen
+class Header:
+    """A validated safetensors header."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]  # in header order
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+
+def _reject_duplicates(path: Path) -> Any:
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise FormatError(f"{path}: the header lists the key {k!r} twice; the file is corrupt")
+            out[k] = v
+        return out
+
+    return hook
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Read and validate the header of a safetensors file (no tensor bytes are read).
+
+    Raises:
+        FormatError: the file is truncated, empty or malformed; the message
+            names the file and, where there is one, the key.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise FormatError(
+                    f"{path}: {size} bytes is too short for a safetensors file (at least 8 needed); "
+                    "the file is empty or truncated — download or save it again"
+                )
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER_BYTES:
+                raise FormatError(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit; not a safetensors file")
+            if n > size - 8:
+                raise FormatError(
+                    f"{path}: header length {n} is larger than the {size - 8} bytes after it; "
+                    "the file is truncated or not safetensors"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        from fvtransform.errors import NotFoundError
+
+        if isinstance(e, FileNotFoundError):
+            raise NotFoundError(f"{path}: no such file") from None
+        raise FormatError(f"{path}: cannot read: {e}") from e
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates(path))
+    except FormatError:
+        raise
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"{path}: the header is not valid JSON ({type(e).__name__}: {e}); not a safetensors file") from None
+    if not isinstance(doc, dict):
+        raise FormatError(f"{path}: the header is JSON {type(doc).__name__}, expected an object of tensors")
+    data_start = 8 + n
+    data_size = size - data_start
+    metadata_raw = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata_raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata_raw.items()):
+        raise FormatError(f"{path}: '__metadata__' must map str to str")
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in doc.items():
+        tensors[name] = _tensor_info(path, name, entry, data_start, data_size)
+    _check_overlaps(path, tensors)
+    return Header(path, tensors, dict(metadata_raw), data_start, size)
+
+
+def _tensor_info(path: Path, name: str, entry: Any, data_start: int, data_size: int) -> TensorInfo:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise FormatError(f"{where}: expected an object with 'dtype', 'shape' and 'data_offsets'; found {str(entry)[:80]}")
+    dt = entry["dtype"]
+    if not isinstance(dt, str) or dt not in DTYPES:
+        raise FormatError(f"{where}: unknown dtype {dt!r}; known: {sorted(DTYPES)}")
+    shape = entry["shape"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise FormatError(f"{where}: shape must be a list of non-negative ints; found {str(shape)[:80]}")
+    offsets = entry["data_offsets"]
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise FormatError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end; found {str(offsets)[:80]}")
+    begin, end = offsets
+    if end > data_size:
+        raise FormatError(
+            f"{where}: data ends at byte {end} but the file holds {data_size} data bytes; the file is truncated"
+        )
+    dtype = DTYPES[dt]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(shape) * itemsize
+    if expected != end - begin:
+        raise FormatError(
+            f"{where}: shape {shape} of {dt} needs {expected} bytes, but data_offsets span {end - begin}"
+        )
+    return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _check_overlaps(path: Path, tensors: dict[str, TensorInfo]) -> None:
+    spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
+    for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise FormatError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file; the file is corrupt")

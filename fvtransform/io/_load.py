@@ -1,0 +1,224 @@
+"""``fvt.load``: a file, sharded index or folder -> a lazily memory-mapped ParamTree."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fvtransform.errors import FormatError, KeyMismatchError, format_keys
+from fvtransform.io._files import WeightFiles, find_weight_files
+from fvtransform.io._header import Header, read_header
+from fvtransform.io._keymap import ComposedKeyMap, KeyMap
+from fvtransform.io._safetensors import MappedFile
+from fvtransform.tree._match import Pattern, matcher
+from fvtransform.tree._paramtree import ParamTree
+from fvtransform.tree._rename import ComposedRename, RenameRules
+
+__all__ = ["load", "open_checkpoint", "Checkpoint", "ALIASES_KEY"]
+
+#: Metadata key under which ``fvt.save`` records tied tensors (alias -> canonical key).
+ALIASES_KEY = "fvt.aliases"
+
+
+class Checkpoint:
+    """The headers of a checkpoint's files, read once; tensors come on demand.
+
+    ``keys()`` is in the checkpoint's order (the index's ``weight_map`` order
+    for sharded files, the header's order for one file); aliased keys (tied
+    weights saved once) are included.
+    """
+
+    def __init__(self, files: WeightFiles) -> None:
+        self.files = files
+        self._mapped: dict[Path, MappedFile] = {}
+        self._where: dict[str, Path] = {}
+        self.aliases: dict[str, str] = {}
+        headers: dict[Path, Header] = {f: read_header(f) for f in files.files}
+        if files.weight_map is None:
+            (path,) = files.files
+            self._where = {k: path for k in headers[path].tensors}
+            self.aliases = _aliases(headers[path].metadata.get(ALIASES_KEY), path)
+        else:
+            index = files.index
+            owners: dict[str, list[Path]] = {}
+            for f, h in headers.items():
+                for k in h.tensors:
+                    owners.setdefault(k, []).append(f)
+            twice = {k: v for k, v in owners.items() if len(v) > 1}
+            if twice:
+                k, fs = next(iter(twice.items()))
+                raise KeyMismatchError(
+                    f"{index}: key {k!r} is in two shards ({', '.join(p.name for p in fs)}); the checkpoint is corrupt"
+                )
+            for key, f in files.weight_map.items():
+                if key not in headers[f].tensors:
+                    raise KeyMismatchError(f"{index}: maps {key!r} to {f.name}, but that shard does not hold it")
+                self._where[key] = f
+            extra = [k for k in owners if k not in files.weight_map]
+            if extra:
+                raise KeyMismatchError(
+                    f"{index}: shards hold keys the index does not list: {format_keys(extra)}; the index is stale"
+                )
+            self.aliases = _aliases(files.metadata.get(ALIASES_KEY), index)  # type: ignore[arg-type]
+        self.headers = headers
+        for alias, canon in self.aliases.items():
+            if canon not in self._where:
+                raise FormatError(f"{files.index or files.files[0]}: alias {alias!r} points to missing key {canon!r}")
+        self._order = list(self._where) if not self.aliases else _with_aliases(list(self._where), self.aliases, files)
+
+    def keys(self) -> list[str]:
+        return list(self._order)
+
+    def info(self, key: str) -> Any:
+        canon = self.aliases.get(key, key)
+        return self.headers[self._where[canon]].tensors[canon]
+
+    def mapped(self, key: str) -> MappedFile:
+        f = self._where[self.aliases.get(key, key)]
+        if f not in self._mapped:
+            self._mapped[f] = MappedFile(f, self.headers[f])
+        return self._mapped[f]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        canon = self.aliases.get(key, key)
+        return self.mapped(canon).tensor(canon)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        if self.files.weight_map is None:
+            return dict(self.headers[self.files.files[0]].metadata)
+        return {k: str(v) for k, v in self.files.metadata.items()}
+
+
+def _aliases(raw: object, where: Path | None) -> dict[str, str]:
+    if raw is None:
+        return {}
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else raw
+    except json.JSONDecodeError:
+        raise FormatError(f"{where}: metadata {ALIASES_KEY!r} is not JSON") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise FormatError(f"{where}: metadata {ALIASES_KEY!r} must map alias -> key")
+    return value
+
+
+def _with_aliases(keys: list[str], aliases: dict[str, str], files: WeightFiles) -> list[str]:
+    order_raw = None
+    if files.weight_map is None:
+        order_raw = read_header(files.files[0]).metadata.get("fvt.order")
+    else:
+        order_raw = files.metadata.get("fvt.order")
+    if isinstance(order_raw, str):
+        try:
+            order = json.loads(order_raw)
+            if sorted(order) == sorted(keys + list(aliases)):
+                return order
+        except json.JSONDecodeError:
+            pass
+    return keys + [a for a in aliases if a not in keys]
+
+
+def open_checkpoint(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Checkpoint:
+    """Read the headers of a checkpoint (no tensor bytes)."""
+    files = find_weight_files(path, allow_pickle=allow_pickle)
+    if files.pickle:
+        raise FormatError("open_checkpoint reads safetensors only; use fvt.load(..., allow_pickle=True)")
+    return Checkpoint(files)
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # the weights-only unpickler refuses code; say so
+        from fvtransform.errors import UnsafeFileError
+
+        raise UnsafeFileError(f"{path}: torch.load(weights_only=True) refused the file: {str(e).splitlines()[0]}") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise FormatError(f"{path}: expected a dict of name -> tensor")
+    return obj
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    select: Pattern | None = None,
+    rename: Any = None,
+    mesh: Any = None,
+    plan: Any = None,
+    allow_pickle: bool = False,
+) -> ParamTree:
+    """Load a checkpoint as a ParamTree, lazily and memory-mapped.
+
+    ``path`` is a ``.safetensors`` file, a ``*.safetensors.index.json``, or a
+    folder (an index is preferred; unrelated files are never mixed). Building
+    the tree reads only headers; a tensor's bytes are read when it is used.
+    The mapping is private: writing to a returned tensor never changes the
+    file. ``select`` keeps only matching keys (the rest stay on disk);
+    ``rename`` (a dict, template pairs, :class:`RenameRules` or
+    :class:`KeyMap`) renames or fuses keys; ``dtype`` casts floating tensors
+    one by one; ``device`` moves them one by one. With ``mesh`` (and ``plan``,
+    default ``"fsdp"``), each rank reads only its own slices and gets DTensors.
+
+    Pickle-based files (``.bin``, ``.pt``) are refused unless
+    ``allow_pickle=True`` and then read with ``torch.load(weights_only=True)``.
+
+    >>> import torch, tempfile, os, fvtransform as fvt
+    >>> d = tempfile.mkdtemp()
+    >>> fvt.save(fvt.ParamTree({"w": torch.ones(2)}), os.path.join(d, "m.safetensors"))
+    >>> fvt.load(os.path.join(d, "m.safetensors"))["w"]
+    tensor([1., 1.])
+    """
+    if mesh is not None:
+        from fvtransform.distributed import load_sharded
+
+        return load_sharded(path, mesh, plan=plan, dtype=dtype, select=select, rename=rename)
+    if plan is not None:
+        raise FormatError("plan= needs mesh=: pass the DeviceMesh to shard over")
+    files = find_weight_files(path, allow_pickle=allow_pickle)
+    if files.pickle:
+        data = _load_pickle(files.files[0])
+        keys = list(data)
+        get = data.__getitem__
+    else:
+        ckpt = Checkpoint(files)
+        keys = ckpt.keys()
+        get = ckpt.tensor
+    if select is not None:
+        m = matcher(select)
+        keys = [k for k in keys if m(k, None)]  # type: ignore[arg-type]
+        if not keys:
+            raise KeyMismatchError(f"{path}: select={select!r} matched no key")
+    memo: dict[str, torch.Tensor] = {}
+    canon_of: dict[str, str] = {} if files.pickle else ckpt.aliases
+    data_out: dict[str, torch.Tensor] = {}
+    dev = torch.device(device)
+    for k in keys:
+        canon = canon_of.get(k, k)
+        if canon in memo:
+            data_out[k] = memo[canon]
+            continue
+        t = get(canon)
+        if dtype is not None and t.dtype.is_floating_point and t.dtype != dtype:
+            t = t.to(dtype)
+        if t.device != dev:
+            t = t.to(dev)
+        memo[canon] = t
+        data_out[k] = t
+    tree = ParamTree._wrap(data_out)
+    if rename is not None:
+        if isinstance(rename, (KeyMap, ComposedKeyMap)):
+            tree = rename(tree)
+        else:
+            from fvtransform.tree._ops import rename as rename_tree
+
+            rules = rename if isinstance(rename, (RenameRules, ComposedRename)) else RenameRules.of(rename)
+            tree = rename_tree(tree, rules)
+    return tree

@@ -1,0 +1,155 @@
+"""Reading tensors lazily (copy-on-write memory maps) and writing files atomically."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import contextlib
+import json
+import os
+from pathlib import Path
+import secrets
+from typing import Any, BinaryIO, Iterator
+
+import torch
+
+from fvtransform.errors import FormatError
+from fvtransform.io._header import DTYPE_NAMES, Header, TensorInfo, read_header
+
+__all__ = ["MappedFile", "write_safetensors", "atomic_path", "TMP_MARK", "fsync_dir", "clean_stale_temps"]
+
+#: Every temporary file or folder fvtransform writes has this in its name.
+TMP_MARK = ".fvt-tmp-"
+
+
+class MappedFile:
+    """A safetensors file mapped privately: tensors are views read on first touch.
+
+    The mapping is ``MAP_PRIVATE``: writing to a returned tensor never
+    reaches the file (the page is copied first). Only the header is read
+    when the object is made.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], header: Header | None = None) -> None:
+        self.header = header if header is not None else read_header(path)
+        self.path = self.header.path
+        self._bytes: torch.Tensor | None = None
+
+    def _all_bytes(self) -> torch.Tensor:
+        if self._bytes is None:
+            size = self.header.file_size
+            storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=size)
+            self._bytes = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (size,), (1,))
+        return self._bytes
+
+    def tensor(self, name: str) -> torch.Tensor:
+        info = self.header.tensors[name]
+        return self.tensor_from_info(info)
+
+    def tensor_from_info(self, info: TensorInfo) -> torch.Tensor:
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        raw = self._all_bytes()[info.start : info.end]
+        itemsize = raw.new_empty((), dtype=info.dtype).element_size()
+        if info.start % itemsize:
+            # Unaligned in the file: this tensor alone is copied.
+            raw = raw.clone()
+        return raw.view(info.dtype).view(info.shape)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of dim 0, touching only their pages."""
+        info = self.header.tensors[name]
+        if not info.shape:
+            raise FormatError(f"{self.path}: tensor {name!r} is a scalar; it has no rows")
+        row = info.nbytes // info.shape[0] if info.shape[0] else 0
+        sub = TensorInfo(name, info.dtype, (stop - start, *info.shape[1:]), info.start + start * row, info.start + stop * row)
+        return self.tensor_from_info(sub)
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(-1).view(torch.uint8).numpy())
+
+
+def write_safetensors(
+    f: BinaryIO, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> int:
+    """Write tensors (in the given order) as safetensors to an open file; return bytes written."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, t in tensors.items():
+        if t.device.type == "meta":
+            raise FormatError(f"cannot save {name!r}: it is on the meta device and holds no values")
+        if t.dtype not in DTYPE_NAMES:
+            raise FormatError(f"cannot save {name!r}: dtype {t.dtype} has no safetensors name")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-(len(raw) + 8) % 8)
+    f.write(len(raw).to_bytes(8, "little"))
+    f.write(raw)
+    for t in tensors.values():
+        f.write(_tensor_bytes(t))
+    return 8 + len(raw) + offset
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def clean_stale_temps(folder: Path, stem: str) -> None:
+    """Remove temporaries a killed writer left for ``stem`` in ``folder``."""
+    import shutil
+
+    if not folder.is_dir():
+        return
+    prefix = f".{stem}{TMP_MARK}"
+    for entry in folder.iterdir():
+        if entry.name.startswith(prefix):
+            with contextlib.suppress(OSError):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(dest: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; on success, fsync and rename it into place.
+
+    On failure the temporary is removed and ``dest`` is untouched. The name of
+    the temporary is ``.<name>.fvt-tmp-<random>``, recognisable by the next
+    writer, which removes stale ones.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(dest.parent, dest.name)
+    tmp = dest.parent / f".{dest.name}{TMP_MARK}{secrets.token_hex(6)}"
+    try:
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+    except BaseException:
+        import shutil
+
+        with contextlib.suppress(OSError):
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
+        raise

@@ -1,0 +1,129 @@
+"""On-the-fly LoRA: run a module with adapters applied, nothing merged.
+
+A ``TorchFunctionMode`` watches the linear and convolution calls of the
+forward pass; when the weight is (by identity) a targeted tensor of the tree,
+it adds ``scale * B(A(x))``. The module object is never changed: no layers
+replaced, no hooks registered. A target that no linear or convolution used is
+an error, so an adapter is never silently ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from fvtransform.call._call import _prepare
+from fvtransform.errors import FormatError, KeyMismatchError, format_keys
+from fvtransform.lora._adapter import FullDelta, LowRank
+from fvtransform.lora._merge import AdapterSet, normalize_adapters
+
+__all__ = ["call"]
+
+_LINEAR = {F.linear, torch._C._nn.linear}
+_CONV = {F.conv1d: F.conv1d, F.conv2d: F.conv2d, F.conv3d: F.conv3d, torch.conv1d: F.conv1d, torch.conv2d: F.conv2d, torch.conv3d: F.conv3d}
+
+
+class _BiasDelta(FullDelta):
+    """A bias delta, applied where its weight is used (broadcast over the output)."""
+
+
+class _LoraMode(TorchFunctionMode):
+    def __init__(self, by_weight: Mapping[int, tuple[str, list[tuple[float, Any]]]]) -> None:
+        super().__init__()
+        self.by_weight = by_weight
+        self.used: set[str] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _LINEAR or func in _CONV:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            hit = self.by_weight.get(id(weight)) if weight is not None else None
+            if hit is not None:
+                key, parts = hit
+                self.used.add(key)
+                x = args[0] if args else kwargs["input"]
+                for scale, d in parts:
+                    out = out + scale * self._delta(func, x, d, args, kwargs)
+        return out
+
+    @staticmethod
+    def _delta(func: Any, x: torch.Tensor, d: Any, args: Any, kwargs: Any) -> torch.Tensor:
+        if isinstance(d, _BiasDelta):
+            D = d.D.to(x.dtype)
+            return D if func in _LINEAR else D.reshape(1, -1, *([1] * (x.dim() - 2)))
+        if isinstance(d, FullDelta):
+            if func in _LINEAR:
+                return F.linear(x, d.D.to(x.dtype))
+            conv = _CONV[func]
+            rest = list(args[3:]) if len(args) > 3 else []
+            return conv(x, d.D.to(x.dtype), None, *rest, **{k: v for k, v in kwargs.items() if k not in ("input", "weight", "bias")})
+        A, B = d.A.to(x.dtype), d.B.to(x.dtype)
+        if func in _LINEAR:
+            return F.linear(F.linear(x, A.reshape(A.shape[0], -1)), B.reshape(B.shape[0], -1))
+        conv = _CONV[func]
+        rest = list(args[3:]) if len(args) > 3 else []
+        extra = {k: v for k, v in kwargs.items() if k not in ("input", "weight", "bias")}
+        h = conv(x, A, None, *rest, **extra)
+        return conv(h, B, None)
+
+
+def call(
+    module: torch.nn.Module,
+    tree: Mapping[str, torch.Tensor],
+    adapters: AdapterSet,
+    /,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """Run ``module`` on ``tree`` with adapters applied on the fly: ``base(x) + s * B(A(x))``.
+
+    ``adapters`` is an adapter or ``[(adapter, scale), ...]``. Nothing is
+    merged; the module and the trees are not changed. Full deltas and bias
+    deltas are applied too (bias deltas through the weight's call). DoRA
+    targets are refused here (merge them). Every target must be used by a
+    linear or convolution call of the forward pass, or the call raises.
+
+    >>> import torch, fvtransform as fvt
+    >>> from fvtransform.lora import LoraAdapter, LowRank
+    >>> lin = torch.nn.Linear(2, 2, bias=False)
+    >>> tree = fvt.ParamTree({"weight": torch.eye(2)})
+    >>> a = LoraAdapter({"weight": LowRank(torch.ones(1, 2), torch.ones(2, 1), scale=1.0)})
+    >>> fvt.lora.call(lin, tree, a, torch.tensor([[1.0, 0.0]]))
+    tensor([[2., 1.]])
+    """
+    params, _ = _prepare(module, tree)
+    pairs = normalize_adapters(adapters)
+    by_weight: dict[int, tuple[str, list[tuple[float, Any]]]] = {}
+    bias_of: dict[str, str] = {}
+    for adapter, s in pairs:
+        for key, d in adapter.items():
+            if key not in params:
+                raise KeyMismatchError(f"adapter target {key!r} is not in the tree; load the adapter with base=")
+            if isinstance(d, LowRank) and d.magnitude is not None:
+                raise FormatError(f"{key!r}: DoRA cannot be applied on the fly here; merge it with fvt.lora.merge")
+            if key.endswith(".bias"):
+                weight_key = key[: -len(".bias")] + ".weight"
+                if weight_key not in params:
+                    raise KeyMismatchError(f"bias delta {key!r} has no weight {weight_key!r} in the tree")
+                bias_of[key] = weight_key
+                wid = id(params[weight_key])
+                entry = by_weight.setdefault(wid, (weight_key, []))
+                entry[1].append((s * d.scale, _BiasDelta(d.D)))
+                continue
+            entry = by_weight.setdefault(id(params[key]), (key, []))
+            entry[1].append((s * d.scale, d))
+    mode = _LoraMode(by_weight)
+    with mode:
+        out = torch.func.functional_call(module, params, args, kwargs, tie_weights=True, strict=False)
+    unused = [k for _, (k, _) in by_weight.items() if k not in mode.used]
+    if unused:
+        raise KeyMismatchError(
+            f"adapter targets not used by any linear or convolution call: {format_keys(unused)}; "
+            "on-the-fly LoRA cannot reach them. Merge the adapter with fvt.lora.merge instead."
+        )
+    return out

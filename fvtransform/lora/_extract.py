@@ -1,0 +1,112 @@
+"""Extracting an adapter from two trees (truncated SVD) and compressing ranks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+import torch
+
+from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError
+from fvtransform.lora._adapter import Delta, LoraAdapter, LowRank
+from fvtransform.tree._match import Pattern, matcher
+from fvtransform.tree._paramtree import tensors_equal
+
+__all__ = ["extract", "compress", "ExtractReport"]
+
+
+@attrs.frozen
+class ExtractReport:
+    """Relative Frobenius error of each target's approximation."""
+
+    errors: Mapping[str, float]
+
+
+def _truncate(S: torch.Tensor, rank: int | None, energy: float | None) -> int:
+    if rank is not None:
+        return max(1, min(rank, S.numel()))
+    if energy is None or not 0 < energy <= 1:
+        raise FormatError("pass rank= (an int) or energy= (a fraction in (0, 1])")
+    power = S.double() ** 2
+    cum = torch.cumsum(power, 0) / power.sum().clamp_min(1e-300)
+    return int((cum < energy - 1e-12).sum().item()) + 1
+
+
+def _factor(delta: torch.Tensor, rank: int | None, energy: float | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    k = _truncate(S, rank, energy)
+    B = (U[:, :k] * S[:k]).float()
+    A = Vh[:k].float()
+    total = torch.linalg.norm(S)
+    err = float(torch.linalg.norm(S[k:]) / total) if total > 0 else 0.0
+    return A, B, err
+
+
+def extract(
+    base_tree: Mapping[str, torch.Tensor],
+    tuned_tree: Mapping[str, torch.Tensor],
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    select: Pattern | None = None,
+    return_report: bool = False,
+) -> LoraAdapter | tuple[LoraAdapter, ExtractReport]:
+    """The adapter that best approximates ``tuned - base`` per target (SVD in float64).
+
+    Targets are the 2-D+ keys whose weights differ (or those matching
+    ``select``). Keep ``rank`` singular values, or enough for ``energy`` of the
+    spectrum. ``return_report=True`` also returns each target's relative
+    Frobenius error.
+    """
+    m = matcher(select) if select is not None else None
+    targets: dict[str, Delta] = {}
+    errors: dict[str, float] = {}
+    missing = [k for k in base_tree if k not in tuned_tree]
+    if missing:
+        raise KeyMismatchError(f"extract: the tuned tree lacks {missing[:8]}")
+    for key, w in base_tree.items():
+        t = tuned_tree[key]
+        if w.dim() < 2 or (m is not None and not m(key, w)):
+            continue
+        if w.shape != t.shape:
+            raise ShapeMismatchError(f"extract: {key!r} is {list(w.shape)} in base and {list(t.shape)} in tuned")
+        if m is None and tensors_equal(w, t):
+            continue
+        delta = (t.detach().double() - w.detach().double()).reshape(w.shape[0], -1)
+        A, B, err = _factor(delta, rank, energy)
+        k = A.shape[0]
+        targets[key] = LowRank(A.reshape(k, *w.shape[1:]), B.reshape(w.shape[0], k, *([1] * (w.dim() - 2))), 1.0, float(k))
+        errors[key] = err
+    if not targets:
+        raise KeyMismatchError("extract: no weights differ between the trees (and select= chose none)")
+    adapter = LoraAdapter(targets, format="extracted")
+    return (adapter, ExtractReport(errors)) if return_report else adapter
+
+
+def compress(adapter: LoraAdapter, rank: int, *, return_report: bool = False) -> LoraAdapter | tuple[LoraAdapter, ExtractReport]:
+    """Re-factor each low-rank target to at most ``rank`` by an exact SVD of ``B @ A``.
+
+    Never forms ``[out, in]``: QR of the factors first (``B = Qb Rb``,
+    ``A^T = Qa Ra``), then the SVD of the small ``Rb Ra^T``. Compressing to
+    the full rank is lossless (to float64 rounding).
+    """
+    out: dict[str, Delta] = {}
+    errors: dict[str, float] = {}
+    for key, d in adapter.items():
+        if not isinstance(d, LowRank) or d.rank <= rank and d.scale == 1.0:
+            out[key] = d
+            errors[key] = 0.0
+            continue
+        Bm = d.B.detach().double().reshape(d.B.shape[0], -1) * d.scale
+        Am = d.A.detach().double().reshape(d.A.shape[0], -1)
+        Qb, Rb = torch.linalg.qr(Bm)
+        Qa, Ra = torch.linalg.qr(Am.T)
+        U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
+        k = max(1, min(rank, S.numel()))
+        B = (Qb @ (U[:, :k] * S[:k])).float()
+        A = (Vh[:k] @ Qa.T).float()
+        total = torch.linalg.norm(S)
+        errors[key] = float(torch.linalg.norm(S[k:]) / total) if total > 0 else 0.0
+        out[key] = LowRank(A.reshape(k, *d.A.shape[1:]), B.reshape(d.B.shape[0], k, *d.B.shape[2:]), 1.0, float(k))
+    new = adapter.replace(out, format="compressed")
+    return (new, ExtractReport(errors)) if return_report else new

@@ -1,0 +1,314 @@
+"""Merging adapters into trees: float32 accumulation, one rounding, row tiles.
+
+For each targeted weight, the deltas of every adapter are summed in float32
+(``W + sum_i s_i * B_i @ A_i``) over tiles of rows, and rounded once into the
+weight's dtype. The contributions are put in a canonical order (by scale and
+a digest of the factors) before summing, so merging a set of adapters gives
+the same bits whatever order the set is passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import hashlib
+import math
+from typing import Any, Union
+
+import attrs
+import torch
+
+from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError, close_matches
+from fvtransform.lora._adapter import FullDelta, LoraAdapter, LowRank
+from fvtransform.tree._paramtree import ParamTree
+
+__all__ = ["merge", "unmerge", "restore", "MergeRecord", "normalize_adapters", "delta_rows", "AdapterSet"]
+
+AdapterSet = Union[LoraAdapter, Sequence[tuple[LoraAdapter, float]]]
+
+#: Bytes of float32 work space per tile (the extra memory of a merge).
+TILE_BYTES = 16 * 1024 * 1024
+
+
+def normalize_adapters(adapters: AdapterSet, scale: float = 1.0) -> list[tuple[LoraAdapter, float]]:
+    """``adapter`` or ``[(adapter, scale), ...]`` -> a list of pairs (global scale applied)."""
+    if isinstance(adapters, LoraAdapter):
+        return [(adapters, float(scale))]
+    out = []
+    for item in adapters:
+        if isinstance(item, LoraAdapter):
+            out.append((item, float(scale)))
+        elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], LoraAdapter):
+            out.append((item[0], float(item[1]) * float(scale)))
+        else:
+            raise FormatError(f"expected a LoraAdapter or (LoraAdapter, scale) pairs; found {type(item).__name__}")
+    return out
+
+
+def _digest(t: torch.Tensor) -> bytes:
+    t = t.detach().contiguous()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    raw = t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return hashlib.blake2b(raw, digest_size=16).digest()
+
+
+@attrs.frozen
+class _Contribution:
+    scale: float  # effective: adapter scale * user scale
+    delta: LowRank | FullDelta
+    order_key: tuple[float, bytes]
+
+
+def _collect(tree: Mapping[str, torch.Tensor], pairs: list[tuple[LoraAdapter, float]]) -> dict[str, list[_Contribution]]:
+    per_key: dict[str, list[_Contribution]] = {}
+    missing: list[str] = []
+    for adapter, s in pairs:
+        for key, d in adapter.items():
+            if key not in tree:
+                missing.append(key)
+                continue
+            shape = tuple(tree[key].shape)
+            if not d.fits(shape):
+                got = f"A {list(d.A.shape)}, B {list(d.B.shape)}" if isinstance(d, LowRank) else f"delta {list(d.D.shape)}"
+                raise ShapeMismatchError(f"adapter target {key!r}: {got} does not fit the weight {list(shape)}")
+            eff = s * d.scale
+            digest = b"".join(_digest(t) for t in d.tensors())
+            per_key.setdefault(key, []).append(_Contribution(eff, d, (eff, digest)))
+    if missing:
+        hints = {k: close_matches(k, tree) for k in missing[:5]}
+        raise KeyMismatchError(
+            f"adapter targets are not in the tree: {sorted(missing)[:12]}"
+            + (f" (closest: {hints})" if any(hints.values()) else "")
+            + ". Load the adapter with base= to resolve its names against the model."
+        )
+    for contribs in per_key.values():
+        contribs.sort(key=lambda c: c.order_key)
+    return per_key
+
+
+def _factors(contribs: list[_Contribution], device: torch.device, sign: float) -> tuple[torch.Tensor | None, torch.Tensor | None, list[tuple[float, torch.Tensor]]]:
+    """Concatenated float32 factors (B scaled) for the low-rank parts, and the full deltas."""
+    bs, as_, fulls = [], [], []
+    for c in contribs:
+        d = c.delta
+        if isinstance(d, LowRank):
+            if d.magnitude is not None:
+                raise FormatError("DoRA targets merge through fvt.lora.merge's DoRA path, not the linear one")
+            b = d.B.detach().to(device=device, dtype=torch.float32).reshape(d.B.shape[0], d.B.shape[1])
+            bs.append(b * (sign * c.scale))
+            as_.append(d.A.detach().to(device=device, dtype=torch.float32).reshape(d.A.shape[0], -1))
+        else:
+            fulls.append((sign * c.scale, d.D))
+    if not bs:
+        return None, None, fulls
+    return torch.cat(bs, dim=1), torch.cat(as_, dim=0), fulls
+
+
+def delta_rows(
+    contribs: list[_Contribution], weight: torch.Tensor, *, sign: float = 1.0, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``round(W + sign * sum deltas)`` computed in float32 tile by tile; writes into ``out`` if given."""
+    rows = weight.shape[0]
+    flat_w = weight.detach().reshape(rows, -1)
+    cols = flat_w.shape[1]
+    if out is None:
+        out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    flat_out = out.view(rows, -1)
+    B, A, fulls = _factors(contribs, weight.device, sign)
+    flat_fulls = [(s, D.detach().reshape(rows, -1)) for s, D in fulls]
+    tile = max(1, TILE_BYTES // max(1, cols * 4))
+    for start in range(0, rows, tile):
+        stop = min(rows, start + tile)
+        acc = flat_w[start:stop].to(torch.float32, copy=True)
+        if B is not None:
+            acc.addmm_(B[start:stop], A)
+        for s, D in flat_fulls:
+            acc.add_(D[start:stop].to(device=acc.device, dtype=torch.float32), alpha=s)
+        flat_out[start:stop].copy_(acc)
+    return out
+
+
+@attrs.frozen
+class _Correction:
+    """Bits to fix after an unmerge: sparse (indices, values) and/or dense int8 steps."""
+
+    indices: torch.Tensor | None
+    values: torch.Tensor | None
+    dense: torch.Tensor | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.indices, self.values, self.dense) if t is not None)
+
+
+_INT_OF = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(_INT_OF[t.element_size()])
+
+
+def _make_correction(original: torch.Tensor, unmerged: torch.Tensor) -> _Correction:
+    wo, wu = _bits(original).reshape(-1), _bits(unmerged).reshape(-1)
+    wrong = (wo != wu).nonzero().flatten()
+    n, count = wo.numel(), wrong.numel()
+    idx_dtype = torch.int32 if n < 2**31 else torch.int64
+    sparse_cost = count * (torch.empty((), dtype=idx_dtype).element_size() + original.element_size())
+    if sparse_cost <= n:  # cheaper than one int8 per element
+        return _Correction(wrong.to(idx_dtype), wo[wrong].clone(), None)
+    step = wo.to(torch.int64) - wu.to(torch.int64)
+    fits = step.abs() <= 127
+    dense = torch.where(fits, step, torch.zeros_like(step)).to(torch.int8)
+    bad = (~fits).nonzero().flatten()
+    return _Correction(bad.to(idx_dtype), wo[bad].clone(), dense)
+
+
+def _apply_correction(t: torch.Tensor, corr: _Correction) -> torch.Tensor:
+    bits = _bits(t).reshape(-1)
+    if corr.dense is not None:
+        bits = (bits.to(torch.int64) + corr.dense.to(torch.int64)).to(bits.dtype)
+    else:
+        bits = bits.clone()
+    if corr.indices is not None and corr.indices.numel():
+        bits[corr.indices.long()] = corr.values
+    return bits.view(t.dtype).view(t.shape)
+
+
+@attrs.frozen
+class MergeRecord:
+    """What :func:`restore` needs to give back the pre-merge weights bit for bit.
+
+    Holds the adapters and scales (references, not copies) and, per target,
+    the few bits where an unmerge would not land exactly on the original.
+    ``nbytes`` is the record's own memory; ``targets_nbytes`` that of a copy of
+    the targeted weights, for comparison.
+    """
+
+    pairs: tuple[tuple[LoraAdapter, float], ...]
+    corrections: Mapping[str, _Correction]
+    merged_digest: Mapping[str, bytes]
+    targets_nbytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.corrections.values())
+
+
+def merge(
+    tree: Mapping[str, torch.Tensor],
+    adapters: AdapterSet,
+    scale: float = 1.0,
+    *,
+    donate: bool = False,
+    return_record: bool = False,
+) -> Any:
+    """Merge one adapter, or a set ``[(adapter, scale), ...]``, into a tree.
+
+    Returns a new tree: targeted weights are ``round(W + sum s * B @ A)``
+    computed in float32 over row tiles (extra memory: one tile) and rounded
+    once into the weight's dtype; untouched tensors are shared by identity and
+    the input is not mutated. The result does not depend on the order of the
+    set, bit for bit. With ``donate=True`` the caller gives up ``tree``: the
+    merged weights are written into its storage (no second copy of the model).
+    With ``return_record=True`` returns ``(tree, record)``; :func:`restore`
+    uses the record to give back the original bits.
+
+    >>> import torch, fvtransform as fvt
+    >>> from fvtransform.lora import LoraAdapter, LowRank
+    >>> tree = fvt.ParamTree({"w": torch.zeros(2, 2), "b": torch.zeros(2)})
+    >>> a = LoraAdapter({"w": LowRank(torch.ones(1, 2), torch.ones(2, 1), scale=0.5)})
+    >>> fvt.lora.merge(tree, a)["w"]
+    tensor([[0.5000, 0.5000],
+            [0.5000, 0.5000]])
+    >>> fvt.lora.merge(tree, a)["b"] is tree["b"]
+    True
+    """
+    base = tree if isinstance(tree, ParamTree) else ParamTree(tree)
+    pairs = normalize_adapters(adapters, scale)
+    per_key = _collect(base, pairs)
+    out = dict(base.items())
+    corrections: dict[str, _Correction] = {}
+    digests: dict[str, bytes] = {}
+    target_bytes = 0
+    for key, contribs in per_key.items():
+        w = base[key]
+        if _is_dora(contribs):
+            from fvtransform.lora._dora import merge_dora
+
+            new = merge_dora(w, contribs)
+        else:
+            writable = donate and w.is_contiguous() and not getattr(w, "requires_grad", False)
+            new = delta_rows(contribs, w, out=w.detach() if writable else None)
+        if return_record:
+            back = delta_rows(contribs, new, sign=-1.0) if not _is_dora(contribs) else None
+            if back is None:
+                raise FormatError(f"{key!r}: an exact restore record is not available for DoRA targets")
+            original = w if not donate else None
+            if original is None:
+                raise FormatError("return_record=True needs the original weights; it cannot be combined with donate=True")
+            corrections[key] = _make_correction(original, back)
+            digests[key] = _digest(new)
+            target_bytes += w.numel() * w.element_size()
+        out[key] = new
+    # keep tied weights tied: every alias of a merged tensor gets the merged tensor
+    merged = ParamTree._wrap(_retie(base, out, per_key))
+    if return_record:
+        return merged, MergeRecord(tuple(pairs), corrections, digests, target_bytes)
+    return merged
+
+
+def _is_dora(contribs: list[_Contribution]) -> bool:
+    return any(isinstance(c.delta, LowRank) and c.delta.magnitude is not None for c in contribs)
+
+
+def _retie(base: ParamTree, out: dict[str, torch.Tensor], changed: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    if not base.aliases():
+        return out
+    new_of = {id(base[k]): out[k] for k in changed}
+    return {k: new_of.get(id(base[k]), v) if k not in changed else v for k, v in out.items()}
+
+
+def unmerge(
+    tree: Mapping[str, torch.Tensor],
+    adapters: AdapterSet,
+    scale: float = 1.0,
+    *,
+    donate: bool = False,
+) -> ParamTree:
+    """Subtract adapters from a tree merged elsewhere: ``round(W' - sum s * B @ A)`` in float32.
+
+    The error against the pre-merge weights is at most one unit in the last
+    place of the larger of ``|W|`` and ``|W'|``. For the exact original, use
+    the record of ``merge(..., return_record=True)`` with :func:`restore`.
+    """
+    base = tree if isinstance(tree, ParamTree) else ParamTree(tree)
+    pairs = normalize_adapters(adapters, scale)
+    per_key = _collect(base, pairs)
+    out = dict(base.items())
+    for key, contribs in per_key.items():
+        w = base[key]
+        if _is_dora(contribs):
+            raise FormatError(f"{key!r}: DoRA merges are undone with the record of merge(..., return_record=True)")
+        writable = donate and w.is_contiguous()
+        out[key] = delta_rows(contribs, w, sign=-1.0, out=w.detach() if writable else None)
+    return ParamTree._wrap(_retie(base, out, per_key))
+
+
+def restore(tree: Mapping[str, torch.Tensor], record: MergeRecord) -> ParamTree:
+    """The tree as it was before the merge that made ``record``, bit for bit.
+
+    ``tree`` must hold the merged weights that merge returned (checked by a
+    digest); other keys pass through untouched.
+    """
+    base = tree if isinstance(tree, ParamTree) else ParamTree(tree)
+    per_key = _collect(base, list(record.pairs))
+    out = dict(base.items())
+    for key, contribs in per_key.items():
+        if _digest(base[key]) != record.merged_digest[key]:
+            raise FormatError(
+                f"restore: {key!r} is not the merged weight this record was made for; "
+                "restore takes the tree that merge(..., return_record=True) returned"
+            )
+        back = delta_rows(contribs, base[key], sign=-1.0)
+        out[key] = _apply_correction(back, record.corrections[key])
+    return ParamTree._wrap(_retie(base, out, per_key))

@@ -1,0 +1,8 @@
+"""Architecture registry: names -> module constructors, built on the meta device."""
+
+from fvtransform.registry._builtins import BUILTIN_ENTRIES, install_builtins
+from fvtransform.registry._registry import REGISTRY, Registry, build, meta_parameters, register, resolve
+
+install_builtins(REGISTRY)
+
+__all__ = ["BUILTIN_ENTRIES", "REGISTRY", "Registry", "build", "install_builtins", "meta_parameters", "register", "resolve"]

@@ -1,0 +1,319 @@
+"""The architecture registry: names -> module constructors, built on meta.
+
+The registry is the library's one piece of global state, and it is explicit:
+:data:`REGISTRY` is a :class:`Registry` value that ``register`` adds to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+import contextlib
+import importlib
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from fvtransform.errors import FormatError, MissingDependencyError, RegistryError, close_matches
+
+__all__ = ["Registry", "REGISTRY", "register", "resolve", "build", "Constructor", "meta_parameters"]
+
+Constructor = Callable[..., nn.Module]
+Target = Union[Constructor, str]
+
+#: The extra that installs each optional package the registry can import.
+_EXTRAS = {"diffusers": "diffusers", "transformers": "transformers", "peft": "peft"}
+
+
+def _import_target(spec: str, *, name: str) -> Constructor:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise RegistryError(
+            f"registry entry {name!r}: {spec!r} is not of the form 'package.module:Attr'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        top = module_name.split(".")[0]
+        if e.name and e.name.split(".")[0] == top and top in _EXTRAS:
+            raise MissingDependencyError(
+                f"registry entry {name!r} needs the package {top!r}, which is not installed. "
+                f"Install it with: pip install 'fvtransform[{_EXTRAS[top]}]'"
+            ) from e
+        raise RegistryError(f"registry entry {name!r}: cannot import {module_name!r}: {e}") from e
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        raise RegistryError(
+            f"registry entry {name!r}: module {module_name!r} has no attribute {attr!r}"
+        ) from None
+    if not callable(obj):
+        raise RegistryError(f"registry entry {name!r}: {spec!r} is not callable")
+    return obj
+
+
+class Registry:
+    """A mapping of names to module constructors (objects or lazy import strings).
+
+    >>> reg = Registry()
+    >>> reg.register("linear", "torch.nn:Linear")
+    >>> reg.resolve("linear")
+    <class 'torch.nn.modules.linear.Linear'>
+    >>> reg.resolve("linaer")
+    Traceback (most recent call last):
+    ...
+    fvtransform.errors.RegistryError: unknown architecture 'linaer'; close matches: ['linear']. Register it with fvt.register('linaer', constructor).
+    """
+
+    def __init__(self, entries: Mapping[str, Target] | None = None) -> None:
+        self._entries: dict[str, Target] = dict(entries or {})
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def register(self, name: str, constructor: Target, *, override: bool = False) -> None:
+        """Add ``name``; a taken name is refused unless ``override=True``."""
+        if not isinstance(name, str) or not name:
+            raise RegistryError(f"a registry name is a non-empty str; found {name!r}")
+        if not (callable(constructor) or isinstance(constructor, str)):
+            raise RegistryError(
+                f"registry entry {name!r}: expected a callable or a 'package.module:Attr' string, "
+                f"found {type(constructor).__name__}"
+            )
+        if name in self._entries and not override:
+            raise RegistryError(
+                f"registry name {name!r} is taken (by {self._entries[name]!r}); "
+                "pass override=True to replace it"
+            )
+        self._entries[name] = constructor
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (for tests and plugins that clean up)."""
+        if name not in self._entries:
+            raise RegistryError(f"registry name {name!r} is not registered")
+        del self._entries[name]
+
+    def lookup(self, name: str) -> Constructor | None:
+        target = self._entries.get(name)
+        if target is None:
+            return None
+        if isinstance(target, str):
+            return _import_target(target, name=name)
+        return target
+
+    def resolve(self, name_or_config: str | Mapping[str, Any]) -> Constructor:
+        """The constructor for a name or a diffusers / transformers config dict."""
+        if isinstance(name_or_config, str):
+            found = self.lookup(name_or_config)
+            if found is None:
+                raise self._unknown(name_or_config)
+            return found
+        if not isinstance(name_or_config, Mapping):
+            raise FormatError(
+                f"resolve takes a name or a config dict; found {type(name_or_config).__name__}"
+            )
+        config = name_or_config
+        if "_class_name" in config:
+            name = config["_class_name"]
+            found = self.lookup(name)
+            if found is not None:
+                return found
+            return _fallback("diffusers", name, self)
+        if "architectures" in config:
+            archs = config["architectures"] or []
+            if isinstance(archs, str):
+                archs = [archs]
+            for name in archs:
+                found = self.lookup(name)
+                if found is not None:
+                    return found
+            errors = []
+            for name in archs:
+                try:
+                    return _fallback("transformers", name, self)
+                except MissingDependencyError:
+                    raise
+                except RegistryError as e:
+                    errors.append(str(e))
+            raise RegistryError(
+                f"no architecture of {list(archs)} is registered or found in transformers"
+                + (": " + "; ".join(errors) if errors else "")
+            )
+        raise FormatError(
+            "config has neither '_class_name' (diffusers) nor 'architectures' (transformers); "
+            "pass the architecture name explicitly: fvt.build(name, config)"
+        )
+
+    def _unknown(self, name: str) -> RegistryError:
+        hint = close_matches(name, self._entries)
+        return RegistryError(
+            f"unknown architecture {name!r}"
+            + (f"; close matches: {hint}" if hint else f"; {len(self._entries)} names are registered")
+            + f". Register it with fvt.register({name!r}, constructor)."
+        )
+
+
+def _fallback(package: str, name: str, registry: Registry) -> Constructor:
+    try:
+        module = importlib.import_module(package)
+    except ModuleNotFoundError as e:
+        raise MissingDependencyError(
+            f"{name!r} is not registered, and the {package} config it comes from needs the package "
+            f"{package!r}. Install it with: pip install 'fvtransform[{_EXTRAS[package]}]'"
+        ) from e
+    obj = getattr(module, name, None)
+    if obj is None or not callable(obj):
+        hint = close_matches(name, registry.names())
+        raise RegistryError(
+            f"unknown architecture {name!r}: not registered and not a class of {package}"
+            + (f"; close matches: {hint}" if hint else "")
+            + f". Register it with fvt.register({name!r}, constructor)."
+        )
+    return obj
+
+
+#: The default registry (the one explicit piece of global state).
+REGISTRY = Registry()
+
+
+def register(
+    name: str, constructor: Target | None = None, *, override: bool = False, registry: Registry | None = None
+) -> Any:
+    """Register a constructor under ``name``; also a decorator.
+
+    >>> import torch, fvtransform as fvt
+    >>> @fvt.register("doc-mlp", override=True)
+    ... class MLP(torch.nn.Module):
+    ...     def __init__(self, dim: int = 4):
+    ...         super().__init__()
+    ...         self.fc = torch.nn.Linear(dim, dim)
+    >>> fvt.build("doc-mlp", {"dim": 8}).fc.weight.shape
+    torch.Size([8, 8])
+    """
+    reg = registry if registry is not None else REGISTRY
+    if constructor is None:
+
+        def decorate(obj: Constructor) -> Constructor:
+            reg.register(name, obj, override=override)
+            return obj
+
+        return decorate
+    reg.register(name, constructor, override=override)
+    return constructor
+
+
+def resolve(name_or_config: str | Mapping[str, Any], *, registry: Registry | None = None) -> Constructor:
+    """The constructor for a name, or for a diffusers / transformers config dict.
+
+    A diffusers config resolves by ``_class_name``, a transformers config by
+    the first resolvable entry of ``architectures``; names not registered fall
+    back to the class of the same name in diffusers / transformers.
+
+    >>> import fvtransform as fvt
+    >>> fvt.resolve("fvt-video-dit").__name__
+    'VideoDiT'
+    """
+    return (registry if registry is not None else REGISTRY).resolve(name_or_config)
+
+
+@contextlib.contextmanager
+def meta_parameters() -> Any:
+    """Inside this context, new parameters are created on the meta device.
+
+    Buffers are created for real, so non-persistent buffers (rotary tables,
+    position ids), which no checkpoint holds, have their true values.
+    """
+    original = nn.Module.register_parameter
+
+    def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(self, name, param)
+        if param is not None and param.device.type != "meta":
+            kwargs = {"requires_grad": param.requires_grad}
+            self._parameters[name] = type(param)(param.to("meta"), **kwargs)
+
+    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    if config is None:
+        return {}
+    if isinstance(config, Mapping):
+        return dict(config)
+    to_dict = getattr(config, "to_dict", None)
+    if callable(to_dict):
+        return dict(to_dict())
+    raise FormatError(f"config must be a dict; found {type(config).__name__}")
+
+
+def _instantiate(ctor: Constructor, config: dict[str, Any]) -> nn.Module:
+    # diffusers models: ConfigMixin.from_config
+    if isinstance(ctor, type) and hasattr(ctor, "from_config") and hasattr(ctor, "config_name"):
+        return ctor.from_config(config)
+    # transformers models: a config class, then the model class on it
+    config_class = getattr(ctor, "config_class", None)
+    if isinstance(ctor, type) and config_class is not None and hasattr(config_class, "from_dict"):
+        cfg = config_class.from_dict(config)
+        return ctor(cfg)
+    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+    return ctor(**kwargs)
+
+
+def build(
+    name_or_config: str | Mapping[str, Any],
+    config: Mapping[str, Any] | None = None,
+    *,
+    device: torch.device | str = "meta",
+    dtype: torch.dtype | None = None,
+    registry: Registry | None = None,
+) -> nn.Module:
+    """Build a module; on the meta device (the default) no parameter memory is used.
+
+    ``name_or_config`` is a registered name (with ``config``) or a config dict
+    that names its class. On ``device="meta"`` the parameters are meta tensors
+    while non-persistent buffers are computed for real, so the module runs once
+    a tree is bound with :func:`fvtransform.call`. Persistent buffers are left
+    on meta: they come from the checkpoint.
+
+    >>> import fvtransform as fvt
+    >>> m = fvt.build("fvt-video-dit")
+    >>> next(m.parameters()).device
+    device(type='meta')
+    """
+    if isinstance(name_or_config, Mapping):
+        if config is not None:
+            raise FormatError("pass either a config dict or a name and a config, not a config and a config")
+        cfg = _config_dict(name_or_config)
+    else:
+        cfg = _config_dict(config)
+    ctor = resolve(name_or_config, registry=registry)
+    dev = torch.device(device)
+    if dev.type == "meta":
+        with meta_parameters():
+            module = _instantiate(ctor, cfg)
+        _persistent_buffers_to_meta(module)
+    else:
+        with torch.device(dev):
+            module = _instantiate(ctor, cfg)
+    if not isinstance(module, nn.Module):
+        raise RegistryError(f"constructor {ctor!r} returned {type(module).__name__}, not an nn.Module")
+    if dtype is not None:
+        module = module.to(dtype)
+    return module
+
+
+def _persistent_buffers_to_meta(module: nn.Module) -> None:
+    for mod in module.modules():
+        for name, buf in list(mod._buffers.items()):
+            if buf is not None and name not in mod._non_persistent_buffers_set and buf.device.type != "meta":
+                mod._buffers[name] = buf.to("meta")
+        for name, param in list(mod._parameters.items()):
+            if param is not None and param.device.type != "meta":
+                mod._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)

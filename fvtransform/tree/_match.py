@@ -1,0 +1,44 @@
+"""Key patterns: globs, regular expressions, key lists and predicates."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+import fnmatch
+import re
+from typing import Union
+
+import torch
+
+from fvtransform.errors import FormatError
+
+__all__ = ["Pattern", "matcher"]
+
+#: A key pattern: a glob (``"blocks.*.attn1.*"``; ``*`` crosses dots), a
+#: compiled regular expression (full match), a collection of either, or a
+#: predicate ``(key, tensor) -> bool``.
+Pattern = Union[str, "re.Pattern[str]", Collection[Union[str, "re.Pattern[str]"]], Callable[[str, torch.Tensor], bool]]
+
+
+def matcher(pattern: Pattern) -> Callable[[str, torch.Tensor], bool]:
+    """Turn a :data:`Pattern` into a predicate ``(key, tensor) -> bool``.
+
+    >>> m = matcher("blocks.*.to_q.weight")
+    >>> m("blocks.3.attn1.to_q.weight", None), m("blocks.3.to_k.weight", None)
+    (True, False)
+    >>> matcher(re.compile(r"a\\.\\d+"))("a.12", None)
+    True
+    """
+    if isinstance(pattern, str):
+        regex = re.compile(fnmatch.translate(pattern))
+        return lambda key, _t: regex.match(key) is not None
+    if isinstance(pattern, re.Pattern):
+        return lambda key, _t: pattern.fullmatch(key) is not None
+    if callable(pattern):
+        return pattern
+    if isinstance(pattern, Collection):
+        parts = [matcher(p) for p in pattern]
+        return lambda key, t: any(p(key, t) for p in parts)
+    raise FormatError(
+        f"expected a glob string, a compiled regex, a list of them or a predicate; "
+        f"found {type(pattern).__name__}"
+    )

@@ -1,0 +1,246 @@
+"""Tree operations. Each returns a new ParamTree; none mutates its input.
+
+Tensors an operation does not change are shared by identity, and tensors
+tied under several keys stay tied (one result per distinct input tensor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from fvtransform.errors import KeyMismatchError, format_keys
+from fvtransform.tree._match import Pattern, matcher
+from fvtransform.tree._paramtree import ParamTree
+from fvtransform.tree._rename import as_rename
+
+__all__ = ["select", "drop", "partition", "combine", "rename", "cast", "to", "map_tensors", "update"]
+
+
+def _as_tree(tree: Mapping[str, torch.Tensor]) -> ParamTree:
+    return tree if isinstance(tree, ParamTree) else ParamTree(tree)
+
+
+def _no_match(pattern: Any, tree: ParamTree) -> KeyMismatchError:
+    return KeyMismatchError(
+        f"pattern {pattern!r} matched no key of the tree ({len(tree)} keys, e.g. "
+        f"{format_keys(list(tree)[:4])}). Fix the pattern, or pass allow_empty=True."
+    )
+
+
+def select(tree: Mapping[str, torch.Tensor], pattern: Pattern, /, *, allow_empty: bool = False) -> ParamTree:
+    """The sub-tree of keys that match ``pattern`` (glob, regex, list or predicate).
+
+    Returns a new tree sharing the selected tensors; the input is not mutated.
+    A pattern that matches nothing is an error unless ``allow_empty=True``.
+
+    >>> import torch, fvtransform as fvt
+    >>> t = fvt.ParamTree({"a.w": torch.zeros(1), "b.w": torch.zeros(1)})
+    >>> list(fvt.select(t, "a.*"))
+    ['a.w']
+    """
+    tree = _as_tree(tree)
+    m = matcher(pattern)
+    out = {k: v for k, v in tree.items() if m(k, v)}
+    if not out and not allow_empty:
+        raise _no_match(pattern, tree)
+    return ParamTree._wrap(out)
+
+
+def drop(tree: Mapping[str, torch.Tensor], pattern: Pattern, /, *, allow_empty: bool = False) -> ParamTree:
+    """The tree without the keys that match ``pattern``.
+
+    >>> import torch, fvtransform as fvt
+    >>> t = fvt.ParamTree({"a.w": torch.zeros(1), "b.w": torch.zeros(1)})
+    >>> list(fvt.drop(t, "a.*"))
+    ['b.w']
+    """
+    tree = _as_tree(tree)
+    m = matcher(pattern)
+    out = {k: v for k, v in tree.items() if not m(k, v)}
+    if len(out) == len(tree) and not allow_empty:
+        raise _no_match(pattern, tree)
+    return ParamTree._wrap(out)
+
+
+def partition(tree: Mapping[str, torch.Tensor], pattern: Pattern, /) -> tuple[ParamTree, ParamTree]:
+    """Split into ``(matching, rest)``; ``combine(*partition(t, p)) == t``.
+
+    >>> import torch, fvtransform as fvt
+    >>> t = fvt.ParamTree({"a": torch.zeros(1), "b": torch.ones(1)})
+    >>> yes, no = fvt.partition(t, "a")
+    >>> list(yes), list(no), fvt.combine(yes, no) == t
+    (['a'], ['b'], True)
+    """
+    tree = _as_tree(tree)
+    m = matcher(pattern)
+    yes: dict[str, torch.Tensor] = {}
+    no: dict[str, torch.Tensor] = {}
+    for k, v in tree.items():
+        (yes if m(k, v) else no)[k] = v
+    return ParamTree._wrap(yes), ParamTree._wrap(no)
+
+
+def combine(*trees: Mapping[str, torch.Tensor]) -> ParamTree:
+    """The union of disjoint trees, in argument order. A key in two trees is an error.
+
+    >>> import torch, fvtransform as fvt
+    >>> a = fvt.ParamTree({"x": torch.zeros(1)})
+    >>> fvt.combine(a, a)
+    Traceback (most recent call last):
+    ...
+    fvtransform.errors.KeyMismatchError: combine: key 'x' is in tree 0 and tree 1; combine takes disjoint trees. Use fvt.update(a, b) to replace values.
+    """
+    out: dict[str, torch.Tensor] = {}
+    owner: dict[str, int] = {}
+    for i, t in enumerate(trees):
+        for k, v in t.items():
+            if k in owner:
+                raise KeyMismatchError(
+                    f"combine: key {k!r} is in tree {owner[k]} and tree {i}; combine takes "
+                    "disjoint trees. Use fvt.update(a, b) to replace values."
+                )
+            owner[k] = i
+            out[k] = v
+    return ParamTree._wrap(out)
+
+
+def rename(tree: Mapping[str, torch.Tensor], rules: Any, /, *, strict: bool = True) -> ParamTree:
+    """Rename keys by ordered template rules (first match wins); order is kept.
+
+    ``rules`` is a dict of exact names, ``(source, target)`` template pairs,
+    or a :class:`~fvtransform.RenameRules` (which has ``.inverse()``). With
+    ``strict=True`` a rule that matches no key is an error. Two keys renamed
+    to one name is always an error.
+
+    >>> import torch, fvtransform as fvt
+    >>> t = fvt.ParamTree({"blocks.0.q.weight": torch.zeros(1)})
+    >>> list(fvt.rename(t, [("blocks.{i}.q.{p}", "layers.{i}.to_q.{p}")]))
+    ['layers.0.to_q.weight']
+    """
+    tree = _as_tree(tree)
+    plan = as_rename(rules).plan(list(tree), strict=strict)
+    return ParamTree._wrap({plan[k]: v for k, v in tree.items()})
+
+
+def _map_distinct(
+    tree: ParamTree, fn: Callable[[str, torch.Tensor], torch.Tensor], only: Pattern | None
+) -> ParamTree:
+    m = matcher(only) if only is not None else None
+    memo: dict[int, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for k, v in tree.items():
+        if m is not None and not m(k, v):
+            out[k] = v
+            continue
+        key = id(v)
+        if key not in memo:
+            memo[key] = fn(k, v)
+        out[k] = memo[key]
+    return ParamTree._wrap(out)
+
+
+def cast(tree: Mapping[str, torch.Tensor], dtype: torch.dtype, /, *, only: Pattern | None = None) -> ParamTree:
+    """Cast floating-point tensors to ``dtype`` (integer and bool tensors are kept).
+
+    Tensors already of ``dtype`` are shared by identity; ``only=`` restricts the
+    cast to matching keys. Casts tensor by tensor.
+
+    >>> import torch, fvtransform as fvt
+    >>> t = fvt.ParamTree({"w": torch.zeros(2), "ids": torch.arange(2)})
+    >>> {k: v.dtype for k, v in fvt.cast(t, torch.bfloat16).items()}
+    {'w': torch.bfloat16, 'ids': torch.int64}
+    """
+    tree = _as_tree(tree)
+
+    def one(_k: str, v: torch.Tensor) -> torch.Tensor:
+        if not v.dtype.is_floating_point or v.dtype == dtype:
+            return v
+        return v.detach().to(dtype)
+
+    return _map_distinct(tree, one, only)
+
+
+def to(
+    tree: Mapping[str, torch.Tensor],
+    device: torch.device | str,
+    /,
+    *,
+    only: Pattern | None = None,
+    non_blocking: bool = False,
+) -> ParamTree:
+    """Move tensors to ``device``; tensors already there are shared by identity.
+
+    >>> import torch, fvtransform as fvt
+    >>> t = fvt.ParamTree({"w": torch.zeros(2)})
+    >>> fvt.to(t, "cpu")["w"] is t["w"]
+    True
+    """
+    tree = _as_tree(tree)
+    dev = torch.device(device)
+
+    def one(_k: str, v: torch.Tensor) -> torch.Tensor:
+        if v.device == dev or (dev.index is None and v.device.type == dev.type):
+            return v
+        return v.detach().to(dev, non_blocking=non_blocking)
+
+    return _map_distinct(tree, one, only)
+
+
+def map_tensors(
+    tree: Mapping[str, torch.Tensor],
+    fn: Callable[..., torch.Tensor],
+    /,
+    *,
+    only: Pattern | None = None,
+    with_keys: bool = False,
+) -> ParamTree:
+    """Apply ``fn(tensor)`` (or ``fn(key, tensor)`` with ``with_keys=True``) to each tensor.
+
+    Tied tensors are mapped once and stay tied. ``fn`` must not mutate its input.
+
+    >>> import torch, fvtransform as fvt
+    >>> t = fvt.ParamTree({"w": torch.ones(2)})
+    >>> fvt.map_tensors(t, lambda x: x * 2)["w"]
+    tensor([2., 2.])
+    """
+    tree = _as_tree(tree)
+    if with_keys:
+        return _map_distinct(tree, fn, only)
+    return _map_distinct(tree, lambda _k, v: fn(v), only)
+
+
+def update(
+    tree: Mapping[str, torch.Tensor],
+    other: Mapping[str, torch.Tensor],
+    /,
+    *,
+    allow_new: bool = False,
+) -> ParamTree:
+    """``tree`` with the values of ``other``; key order of ``tree`` is kept.
+
+    Keys of ``other`` that ``tree`` lacks are an error unless ``allow_new=True``
+    (then they are appended in ``other``'s order).
+
+    >>> import torch, fvtransform as fvt
+    >>> t = fvt.ParamTree({"a": torch.zeros(1), "b": torch.zeros(1)})
+    >>> fvt.update(t, {"b": torch.ones(1)})["b"]
+    tensor([1.])
+    """
+    tree = _as_tree(tree)
+    extra = [k for k in other if k not in tree]
+    if extra and not allow_new:
+        raise KeyMismatchError(
+            f"update: keys not in the tree: {format_keys(extra)}. "
+            "Pass allow_new=True to add them, or use fvt.combine for disjoint trees."
+        )
+    out = dict(tree.items())
+    for k, v in other.items():
+        if not isinstance(v, torch.Tensor):
+            from fvtransform.errors import FormatError
+
+            raise FormatError(f"update: value for {k!r} is {type(v).__name__}, expected torch.Tensor")
+        out[k] = v
+    return ParamTree._wrap(out)
