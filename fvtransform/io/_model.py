@@ -85,6 +85,16 @@ def _resolve_folder(path_or_repo_id: str | os.PathLike[str], component: str | No
     return folder
 
 
+def _complete_ties(tree: ParamTree, module: nn.Module) -> ParamTree:
+    """Add the keys of weights the module ties to a key the checkpoint holds (saved once)."""
+    extra: dict[str, torch.Tensor] = {}
+    for group in ParamTree.from_module(module).aliases():
+        present = [k for k in group if k in tree]
+        if present:
+            extra.update({k: tree[present[0]] for k in group if k not in tree})
+    return tree.update(extra, allow_new=True) if extra else tree
+
+
 def load_model(
     path_or_repo_id: str | os.PathLike[str],
     component: str | None = None,
@@ -104,14 +114,15 @@ def load_model(
     ``fvt.call(module, tree, *inputs)`` runs the model. The tree is checked
     against the module: with ``strict=True`` any missing or unexpected key or
     shape mismatch raises; with ``strict=False`` shape mismatches still raise
-    and key differences are warned about.
+    and key differences are warned about. The module is in eval mode, as the
+    peers' ``from_pretrained`` returns it.
 
     ``dtype=None`` keeps the checkpoint's dtypes (no copies).
     """
     folder = _resolve_folder(path_or_repo_id, component, revision)
     config = read_json(folder / "config.json")
     module = build(config, dtype=dtype)
-    tree = load(folder, dtype=dtype, device=device)
+    tree = _complete_ties(load(folder, dtype=dtype, device=device), module)
     report = check(tree, module, strict=False)
     if report.shape_mismatches or (strict and not report.ok):
         cls = ShapeMismatchError if report.shape_mismatches else None
@@ -132,4 +143,4 @@ def load_model(
             for name, buf in list(mod._buffers.items()):
                 if buf is not None and buf.device.type != "meta":
                     mod._buffers[name] = buf.to(device)
-    return module, tree
+    return module.eval(), tree

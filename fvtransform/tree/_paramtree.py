@@ -73,8 +73,9 @@ class ParamTree(Mapping[str, torch.Tensor]):
         fvtransform.errors.ImmutableError: ParamTree is immutable: cannot set 'w'. Build a new tree instead, e.g. tree.update({'w': value}).
     """
 
-    __slots__ = ("_data",)
+    __slots__ = ("_data", "_slots")
     _data: dict[str, torch.Tensor]
+    _slots: tuple[int, ...] | None  # leaf index per key, set when rebuilt by pytree unflatten
 
     def __init__(self, mapping: Mapping[str, torch.Tensor] | None = None, /) -> None:
         data: dict[str, torch.Tensor] = {}
@@ -93,12 +94,14 @@ class ParamTree(Mapping[str, torch.Tensor]):
                     )
                 data[key] = value
         object.__setattr__(self, "_data", data)
+        object.__setattr__(self, "_slots", None)
 
     @classmethod
     def _wrap(cls, data: dict[str, torch.Tensor]) -> ParamTree:
         """Build a tree from a dict this module owns (no validation, no copy)."""
         tree = object.__new__(cls)
         object.__setattr__(tree, "_data", data)
+        object.__setattr__(tree, "_slots", None)
         return tree
 
     @classmethod
@@ -328,6 +331,13 @@ def tensors_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 # pytree registration: leaves are the *distinct* tensors, so tied weights stay tied.
 def _flatten(tree: ParamTree) -> tuple[list[torch.Tensor], tuple[tuple[str, ...], tuple[int, ...]]]:
+    values = list(tree._data.values())
+    if tree._slots is not None and not all(isinstance(v, torch.Tensor) for v in values):
+        # A tree of non-tensor leaves (e.g. vmap's in_dims) keeps the structure it was built with.
+        first: dict[int, Any] = {}
+        for v, i in zip(values, tree._slots):
+            first.setdefault(i, v)
+        return [first[i] for i in range(len(first))], (tuple(tree._data), tree._slots)
     index: dict[int, int] = {}
     leaves: list[torch.Tensor] = []
     slots: list[int] = []
@@ -343,7 +353,9 @@ def _flatten(tree: ParamTree) -> tuple[list[torch.Tensor], tuple[tuple[str, ...]
 def _unflatten(leaves: Any, context: tuple[tuple[str, ...], tuple[int, ...]]) -> ParamTree:
     keys, slots = context
     leaves = list(leaves)
-    return ParamTree._wrap({k: leaves[i] for k, i in zip(keys, slots)})
+    tree = ParamTree._wrap({k: leaves[i] for k, i in zip(keys, slots)})
+    object.__setattr__(tree, "_slots", tuple(slots))
+    return tree
 
 
 def _flatten_with_keys(tree: ParamTree) -> tuple[list[tuple[Any, torch.Tensor]], Any]:

@@ -1,0 +1,217 @@
+import json
+
+import pytest
+import torch
+
+import fvtransform as fvt
+from fvtransform.errors import FormatError, KeyMismatchError, NumericError, ShapeMismatchError
+from fvtransform.lora import FullDelta, LoraAdapter, LowRank
+
+from conftest import assert_unchanged, snapshot
+
+TARGETS = "blocks.*.attn*.to_*.weight"
+
+
+def adapter_for(tree, rank=4, seed=1, alpha=None):
+    return fvt.lora.random_adapter(tree, targets=TARGETS, rank=rank, seed=seed, alpha=alpha, scale_b=0.1)
+
+
+def same_adapter(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        x, y = a[k], b[k]
+        assert type(x) is type(y)
+        assert x.scale == pytest.approx(y.scale, rel=1e-12)
+        for s, t in zip(x.tensors(), y.tensors()):
+            assert fvt.tensors_equal(s, t), k
+
+
+@pytest.mark.parametrize("fmt", ["peft", "diffusers", "kohya", "comfy"])
+def test_format_round_trip(tmp_path, tree, fmt):
+    a = adapter_for(tree, alpha=3.0)
+    path = fvt.lora.save(a, tmp_path / ("out" if fmt in ("peft", "diffusers") else "out.safetensors"), format=fmt)
+    back = fvt.lora.load(path.parent if fmt == "peft" else path, base=tree)
+    assert back.format == fmt
+    same_adapter(a, back)
+
+
+def test_full_deltas_round_trip_through_comfy(tmp_path, tree):
+    a = LoraAdapter({
+        "blocks.0.ffn.net.2.weight": FullDelta(torch.randn(16, 64)),
+        "blocks.0.ffn.net.2.bias": FullDelta(torch.randn(16)),
+    })
+    p = fvt.lora.save(a, tmp_path / "c.safetensors", format="comfy")
+    from safetensors import safe_open
+
+    with safe_open(p, "pt") as f:
+        assert set(f.keys()) == {"diffusion_model.blocks.0.ffn.2.diff", "diffusion_model.blocks.0.ffn.2.diff_b"}
+    same_adapter(a, fvt.lora.load(p, base=tree))
+    with pytest.raises(FormatError, match="cannot hold"):
+        fvt.lora.save(a, tmp_path / "p", format="peft")
+
+
+def test_peft_config_patterns_and_rslora(tmp_path, tree):
+    A, B = torch.randn(2, 16), torch.randn(16, 2)
+    A4, B4 = torch.randn(4, 16), torch.randn(16, 4)
+    files = {
+        "base_model.model.blocks.0.attn1.to_q.lora_A.weight": A,
+        "base_model.model.blocks.0.attn1.to_q.lora_B.weight": B,
+        "base_model.model.blocks.1.attn1.to_q.lora_A.weight": A4,
+        "base_model.model.blocks.1.attn1.to_q.lora_B.weight": B4,
+    }
+    folder = tmp_path / "p"
+    folder.mkdir()
+    fvt.save(files, folder / "adapter_model.safetensors")
+    cfg = {"r": 2, "lora_alpha": 8, "rank_pattern": {"blocks.1.attn1.to_q": 4}, "alpha_pattern": {"blocks.1.attn1.to_q": 2}}
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    a = fvt.lora.load(folder, base=tree)
+    assert a["blocks.0.attn1.to_q.weight"].scale == 4.0 and a["blocks.1.attn1.to_q.weight"].scale == 0.5
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "use_rslora": True}))
+    a = fvt.lora.load(folder, base=tree)
+    assert a["blocks.0.attn1.to_q.weight"].scale == pytest.approx(8 / 2**0.5)
+
+
+def test_kohya_needs_base_and_resolves_underscores(tmp_path, tree):
+    a = adapter_for(tree)
+    p = fvt.lora.save(a, tmp_path / "k.safetensors", format="kohya")
+    with pytest.raises(FormatError, match="pass base="):
+        fvt.lora.load(p)
+    # musubi-style original Wan names resolve against the diffusers-named base too
+    raw = fvt.load(p)
+    renamed = {k.replace("_attn1_to_q", "_self_attn_q").replace("_attn2_to_k", "_cross_attn_k"): v for k, v in raw.items()}
+    back = fvt.lora.load(renamed, base=tree)
+    assert set(back) == set(a)
+
+
+def test_strict_resolution_lists_unmatched_keys(tree):
+    good = {"blocks.0.attn1.to_q.lora_A.weight": torch.randn(2, 16), "blocks.0.attn1.to_q.lora_B.weight": torch.randn(16, 2)}
+    bad = {**good, "blocks.0.attn1.to_qq.lora_A.weight": torch.randn(2, 16), "blocks.0.attn1.to_qq.lora_B.weight": torch.randn(16, 2)}
+    with pytest.raises(KeyMismatchError, match=r"(?s)2 LoRA keys do not resolve.*to_qq.*closest base names"):
+        fvt.lora.load(bad, base=tree)
+    adapter, report = fvt.lora.load(bad, base=tree, strict=False)
+    assert list(adapter) == ["blocks.0.attn1.to_q.weight"] and len(report.skipped) == 2
+    with pytest.raises(KeyMismatchError, match="not a LoRA key"):
+        fvt.lora.load({**good, "blocks.0.weird": torch.zeros(1)}, base=tree)
+
+
+def test_error_paths(tree):
+    with pytest.raises(ShapeMismatchError, match="rank mismatch"):
+        fvt.lora.load({"blocks.0.attn1.to_q.lora_A.weight": torch.randn(2, 16), "blocks.0.attn1.to_q.lora_B.weight": torch.randn(16, 3)})
+    with pytest.raises(ShapeMismatchError, match="does not fit the base weight"):
+        fvt.lora.load({"blocks.0.attn1.to_q.lora_A.weight": torch.randn(2, 7), "blocks.0.attn1.to_q.lora_B.weight": torch.randn(16, 2)}, base=tree)
+    nan = torch.randn(2, 16)
+    nan[0, 0] = float("nan")
+    with pytest.raises(NumericError, match="to_q.weight.*NaN or Inf"):
+        fvt.lora.load({"blocks.0.attn1.to_q.lora_A.weight": nan, "blocks.0.attn1.to_q.lora_B.weight": torch.randn(16, 2)})
+    with pytest.raises(FormatError, match="no LoRA format recognises"):
+        fvt.lora.load({"foo": torch.zeros(1)})
+    with pytest.raises(FormatError, match="unknown LoRA format 'nope'"):
+        fvt.lora.load({"a.lora_A.weight": torch.zeros(1, 1), "a.lora_B.weight": torch.zeros(1, 1)}, format="nope")
+    with pytest.raises(FormatError, match="no matching B factor"):
+        fvt.lora.load({"blocks.0.attn1.to_q.lora_A.weight": torch.randn(2, 16)})
+    with pytest.raises(KeyMismatchError, match="not in the tree"):
+        fvt.lora.merge(tree, LoraAdapter({"nope.weight": LowRank(torch.zeros(1, 2), torch.zeros(2, 1), 1.0)}))
+
+
+def test_merge_basics_and_sharing(tree):
+    a = adapter_for(tree)
+    snap = snapshot(tree)
+    merged = fvt.lora.merge(tree, a, 0.5)
+    assert_unchanged(tree, snap)
+    for k in tree:
+        if k in a:
+            d = a[k]
+            expect = (tree[k].double() + 0.5 * d.scale * (d.B.double() @ d.A.double())).float()
+            assert torch.allclose(merged[k], expect, atol=1e-6)
+        else:
+            assert merged[k] is tree[k]
+    zero = fvt.lora.merge(tree, a, 0.0)
+    assert zero == tree
+    step = fvt.lora.merge_transform(a, 0.5)
+    assert fvt.chain(step)(tree) == merged
+
+
+def test_merge_set_order_independent_and_combine_exact(tree):
+    bf = fvt.cast(tree, torch.bfloat16)
+    a, b, c = (adapter_for(tree, rank=r, seed=s) for r, s in ((2, 1), (4, 2), (3, 3)))
+    one = fvt.lora.merge(bf, [(a, 1.0), (b, -0.7), (c, 0.3)])
+    two = fvt.lora.merge(bf, [(c, 0.3), (a, 1.0), (b, -0.7)])
+    assert one == two
+    combined = fvt.lora.combine([(a, 1.0), (b, -0.7), (c, 0.3)])
+    assert combined["blocks.0.attn1.to_q.weight"].rank == 9
+    via = fvt.lora.merge(tree, combined)
+    direct = fvt.lora.merge(tree, [(a, 1.0), (b, -0.7), (c, 0.3)])
+    for k in a:
+        assert torch.allclose(via[k], direct[k], atol=1e-6)
+
+
+def test_unmerge_and_exact_restore(tree):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        t = fvt.cast(tree, dtype)
+        a = adapter_for(tree)
+        merged, record = fvt.lora.merge(t, a, return_record=True)
+        assert record.nbytes < record.targets_nbytes
+        assert fvt.lora.restore(merged, record) == t
+        un = fvt.lora.unmerge(merged, a)
+        for k in a:
+            assert torch.allclose(un[k].float(), t[k].float(), atol=float(torch.finfo(dtype).eps) * 8, rtol=0)
+    with pytest.raises(FormatError, match="not the merged weight"):
+        fvt.lora.restore(tree, record)
+
+
+def test_donate_reuses_storage(tree):
+    t = fvt.map_tensors(tree, torch.clone)
+    a = adapter_for(tree)
+    ptr = t["blocks.0.attn1.to_q.weight"].data_ptr()
+    expect = fvt.lora.merge(t, a)
+    merged = fvt.lora.merge(t, a, donate=True)
+    assert merged["blocks.0.attn1.to_q.weight"].data_ptr() == ptr
+    assert merged == expect
+
+
+def test_conv_lora_on_patch_embedding(tree, model, inputs):
+    w = tree["patch_embedding.weight"]  # [16, 4, 1, 2, 2]
+    A, B = torch.randn(2, 4, 1, 2, 2) * 0.1, torch.randn(16, 2, 1, 1, 1) * 0.1
+    a = LoraAdapter({"patch_embedding.weight": LowRank(A, B, 0.5)})
+    merged = fvt.lora.merge(tree, a)
+    expect = w + 0.5 * (B.reshape(16, 2) @ A.reshape(2, -1)).reshape(w.shape)
+    assert torch.allclose(merged["patch_embedding.weight"], expect, atol=1e-6)
+    fly = fvt.lora.call(model, tree, a, *inputs)
+    assert torch.allclose(fly, fvt.call(model, merged, *inputs), atol=1e-5)
+
+
+def test_on_the_fly_call_matches_merge_and_leaves_module_alone(model, tree, inputs):
+    a, b = adapter_for(tree, seed=1), adapter_for(tree, rank=2, seed=2)
+    bias = LoraAdapter({"blocks.0.ffn.net.2.bias": FullDelta(torch.randn(16) * 0.1)})
+    snap = snapshot(tree)
+    modules_before = [id(m) for m in model.modules()]
+    fly = fvt.lora.call(model, tree, [(a, 0.7), (b, -0.4), (bias, 1.0)], *inputs)
+    merged = fvt.call(model, fvt.lora.merge(tree, [(a, 0.7), (b, -0.4), (bias, 1.0)]), *inputs)
+    assert torch.allclose(fly, merged, atol=1e-5)
+    assert torch.equal(fvt.lora.call(model, tree, a.__class__({}), *inputs), fvt.call(model, tree, *inputs))
+    assert torch.equal(fvt.lora.call(model, tree, [(a, 0.0)], *inputs), fvt.call(model, tree, *inputs))
+    assert modules_before == [id(m) for m in model.modules()]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert_unchanged(tree, snap)
+    unused = LoraAdapter({"blocks.0.scale_shift_table": FullDelta(torch.zeros(1, 6, 16))})
+    with pytest.raises(KeyMismatchError, match="not used by any linear"):
+        fvt.lora.call(model, tree, unused, *inputs)
+
+
+def test_extract_and_compress(tree):
+    a = adapter_for(tree, rank=3)
+    merged = fvt.lora.merge(fvt.cast(tree, torch.float64), a)
+    ex, report = fvt.lora.extract(fvt.cast(tree, torch.float64), merged, rank=3, return_report=True)
+    assert set(ex) == set(a)
+    for k, d in a.items():
+        want = d.scale * d.B.double() @ d.A.double()
+        got = ex[k].B.double() @ ex[k].A.double()
+        assert torch.allclose(got, want, atol=1e-5)
+        assert report.errors[k] < 1e-5
+    c = fvt.lora.combine([(a, 1.0), (a, 0.5)])
+    small, rep = fvt.lora.compress(c, 3, return_report=True)
+    for k, d in c.items():
+        assert small[k].rank == 3
+        assert torch.allclose(small[k].B.double() @ small[k].A.double(), d.B.double() @ d.A.double(), atol=1e-5)
+    e, _ = fvt.lora.extract(tree, merged.cast(torch.float32), energy=0.999, return_report=True)
+    assert all(d.rank <= 16 for d in e.values())
