@@ -4,7 +4,7 @@ import torch
 import fvtransform as fvt
 from fvtransform.errors import KeyMismatchError
 
-from conftest import assert_unchanged, snapshot
+from _helpers import assert_unchanged, snapshot
 
 
 def test_call_matches_eager(model, tree, inputs):

@@ -10,7 +10,7 @@ import fvtransform as fvt
 from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, ShapeMismatchError, UnsafeFileError
 from fvtransform.io import WAN_DIFFUSERS_TO_ORIGINAL, WAN_ORIGINAL_TO_DIFFUSERS, REFERENCE_QKV_FUSE, Fuse, KeyMap
 
-from conftest import assert_unchanged, snapshot
+from _helpers import assert_unchanged, snapshot
 
 
 def mixed_tree():

@@ -7,7 +7,7 @@ import fvtransform as fvt
 from fvtransform.errors import FormatError, KeyMismatchError, NumericError, ShapeMismatchError
 from fvtransform.lora import FullDelta, LoraAdapter, LowRank
 
-from conftest import assert_unchanged, snapshot
+from _helpers import assert_unchanged, snapshot
 
 TARGETS = "blocks.*.attn*.to_*.weight"
 

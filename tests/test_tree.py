@@ -6,7 +6,7 @@ import torch
 import fvtransform as fvt
 from fvtransform.errors import FormatError, ImmutableError, KeyMismatchError, PlanError
 
-from conftest import assert_unchanged, snapshot
+from _helpers import assert_unchanged, snapshot
 
 
 def small():

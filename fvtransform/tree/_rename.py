@@ -23,7 +23,7 @@ _FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\*?)\}")
 
 
 @functools.lru_cache(maxsize=4096)
-def _compile(template: str) -> tuple[re.Pattern[str], tuple[str, ...]]:
+def _compile(template: str, stars: frozenset[str] = frozenset()) -> tuple[re.Pattern[str], tuple[str, ...]]:
     pos = 0
     out = []
     names: list[str] = []
@@ -33,7 +33,7 @@ def _compile(template: str) -> tuple[re.Pattern[str], tuple[str, ...]]:
         if name in names:
             raise PlanError(f"template {template!r} uses the field {{{name}}} twice; name each field once")
         names.append(name)
-        out.append(f"(?P<{name}>.+?)" if star else f"(?P<{name}>[^.]+)")
+        out.append(f"(?P<{name}>.+?)" if (star or name in stars) else f"(?P<{name}>[^.]+)")
         pos = m.end()
     out.append(re.escape(template[pos:]))
     return re.compile("".join(out)), tuple(names)
@@ -63,9 +63,14 @@ class Rename:
                 "both sides must use the same fields so the rule can be inverted"
             )
 
+    @property
+    def stars(self) -> frozenset[str]:
+        """Fields that span several segments on either side (so the inverse matches them too)."""
+        return frozenset(m.group(1) for t in (self.source, self.target) for m in _FIELD.finditer(t) if m.group(2))
+
     def apply(self, key: str) -> str | None:
         """The renamed key, or None when the rule does not match."""
-        regex, _ = _compile(self.source)
+        regex, _ = _compile(self.source, self.stars)
         m = regex.fullmatch(key)
         if m is None:
             return None

@@ -1,0 +1,124 @@
+import tempfile
+from pathlib import Path
+
+import hypothesis.strategies as st
+import torch
+from hypothesis import given
+
+import fvtransform as fvt
+from fvtransform.lora import LoraAdapter, LowRank
+from _helpers import assert_unchanged, snapshot
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@st.composite
+def setups(draw, n_adapters=1):
+    dtype = draw(st.sampled_from(FLOATS))
+    out_f, in_f = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    tree = fvt.ParamTree({"l.weight": torch.randn(out_f, in_f, generator=g).to(dtype), "l.bias": torch.randn(out_f, generator=g).to(dtype)})
+    adapters = []
+    for _ in range(n_adapters):
+        r = draw(st.integers(1, 4))
+        scale = draw(st.floats(-2, 2, allow_nan=False, width=32))
+        a = LoraAdapter({"l.weight": LowRank(torch.randn(r, in_f, generator=g) * 0.3, torch.randn(out_f, r, generator=g) * 0.3, scale)})
+        adapters.append((a, draw(st.floats(-1.5, 1.5, allow_nan=False, width=32))))
+    return tree, adapters
+
+
+def ulp(x: torch.Tensor) -> torch.Tensor:
+    dtype = x.dtype
+    a = x.double().abs()
+    eps = torch.finfo(dtype).eps
+    tiny = torch.finfo(dtype).tiny
+    return torch.clamp(2.0 ** torch.floor(torch.log2(torch.clamp(a, min=tiny))), min=tiny) * eps
+
+
+@given(setups())
+def test_zero_b_leaves_tree_unchanged(setup):
+    tree, [(a, s)] = setup
+    d = a["l.weight"]
+    zero = LoraAdapter({"l.weight": LowRank(d.A, torch.zeros_like(d.B), d.scale)})
+    assert fvt.lora.merge(tree, zero, s) == tree
+
+
+@given(setups())
+def test_merge_matches_float64_reference(setup):
+    tree, [(a, s)] = setup
+    snap = snapshot(tree)
+    merged = fvt.lora.merge(tree, a, s)
+    assert_unchanged(tree, snap)
+    assert merged["l.bias"] is tree["l.bias"]
+    d = a["l.weight"]
+    ref = tree["l.weight"].double() + s * d.scale * (d.B.double() @ d.A.double())
+    err = (merged["l.weight"].double() - ref).abs()
+    fp32_acc = (abs(s * d.scale) * (d.B.double().abs() @ d.A.double().abs()) + ref.abs()) * 4 * 2.0**-24
+    assert (err <= 0.5 * ulp(merged["l.weight"]) + fp32_acc).all()
+
+
+@given(setups(n_adapters=3), st.permutations(range(3)))
+def test_merging_a_set_is_order_independent(setup, perm):
+    tree, pairs = setup
+    one = fvt.lora.merge(tree, pairs)
+    two = fvt.lora.merge(tree, [pairs[i] for i in perm])
+    assert one == two
+
+
+@given(setups(), st.integers(1, 10))
+def test_restore_after_cycles_is_bit_exact(setup, cycles):
+    tree, [(a, s)] = setup
+    t = tree
+    for _ in range(cycles):
+        merged, record = fvt.lora.merge(t, a, s, return_record=True)
+        t = fvt.lora.restore(merged, record)
+    assert t == tree
+
+
+@given(setups())
+def test_unmerge_within_one_ulp(setup):
+    tree, [(a, s)] = setup
+    merged = fvt.lora.merge(tree, a, s)
+    back = fvt.lora.unmerge(merged, a, s)
+    w, wm = tree["l.weight"], merged["l.weight"]
+    bound = torch.maximum(ulp(w), ulp(wm))
+    fp32 = (w.double().abs() + wm.double().abs()) * 2.0**-22
+    assert ((back["l.weight"].double() - w.double()).abs() <= bound + fp32).all()
+
+
+@given(setups())
+def test_combine_single_is_scaled_adapter(setup):
+    tree, [(a, s)] = setup
+    c = fvt.lora.combine([(a, s)])
+    x = fvt.lora.merge(tree.cast(torch.float32), c)["l.weight"]
+    y = fvt.lora.merge(tree.cast(torch.float32), a, s)["l.weight"]
+    assert torch.allclose(x, y, atol=1e-5, rtol=1e-5)
+
+
+@given(setups(), st.sampled_from(["peft", "diffusers", "kohya", "comfy"]))
+def test_format_round_trip(setup, fmt):
+    tree, [(a, _)] = setup
+    with tempfile.TemporaryDirectory() as d:
+        path = fvt.lora.save(a, Path(d) / ("x" if fmt in ("peft", "diffusers") else "x.safetensors"), format=fmt)
+        back = fvt.lora.load(path.parent if fmt == "peft" else path, base=tree, format=fmt)
+    assert back["l.weight"].scale == a["l.weight"].scale
+    assert torch.equal(back["l.weight"].A, a["l.weight"].A) and torch.equal(back["l.weight"].B, a["l.weight"].B)
+
+
+@given(setups(n_adapters=2))
+def test_on_the_fly_matches_merge_and_padding_changes_nothing(setup):
+    tree, pairs = setup
+    tree = tree.cast(torch.float32)
+    lin = torch.nn.Linear(tree["l.weight"].shape[1], tree["l.weight"].shape[0])
+    module = torch.nn.Sequential()
+    module.add_module("l", lin)
+    x = torch.randn(3, tree["l.weight"].shape[1])
+    fly = fvt.lora.call(module, tree, pairs, x)
+    merged = fvt.call(module, fvt.lora.merge(tree, pairs), x)
+    assert torch.allclose(fly, merged, atol=1e-4, rtol=1e-4)
+    a, s = pairs[0]
+    d = a["l.weight"]
+    padded = LoraAdapter({"l.weight": LowRank(torch.cat([d.A, torch.zeros(2, d.A.shape[1])]), torch.cat([d.B, torch.zeros(d.B.shape[0], 2)], dim=1), d.scale)})
+    # zero rows add exact zeros; only the BLAS summation grouping may differ (float32 rounding)
+    assert torch.allclose(fvt.lora.call(module, tree, [(padded, s)], x), fvt.lora.call(module, tree, [(a, s)], x), atol=1e-6, rtol=1e-6)
