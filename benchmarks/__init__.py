@@ -1,0 +1,1 @@
+"""Benchmarks: fvtransform side by side with its peers (run ``python -m benchmarks``)."""

@@ -1,0 +1,49 @@
+"""Run the benchmarks: ``python -m benchmarks [--quick] [--scale F]``.
+
+Each benchmark runs every method in its own subprocess (fresh peak RSS),
+side by side in one run, and prints ratios. Results go to
+``benchmarks/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+import platform
+import subprocess
+import sys
+
+import torch
+
+HERE = Path(__file__).parent
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks")
+    p.add_argument("--quick", action="store_true", help="a small smoke size (CI)")
+    p.add_argument("--scale", type=float, default=1.0, help="fraction of Wan2.1-1.3B's 30 blocks (1.0 = full)")
+    args = p.parse_args()
+    layers = 2 if args.quick else max(1, round(30 * args.scale))
+    data = HERE / "_data" / f"wan-{layers}"
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    subprocess.run([sys.executable, str(HERE / "io_bench.py"), "make", str(data), str(layers)], check=True, env=env)
+    results = {"machine": {"cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+                           "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+               "layers": layers}
+    for bench in ("io_bench.py", "merge_bench.py"):
+        out = subprocess.run([sys.executable, str(HERE / bench), "run", str(data)], check=True, env=env, capture_output=True, text=True)
+        doc = json.loads(out.stdout.strip().splitlines()[-1])
+        results[bench.removesuffix(".py")] = doc
+        print(f"\n== {bench} ({layers} blocks) ==")
+        for row in doc["rows"]:
+            print(f"{row['method']:<40} {row['seconds']:8.3f} s  peak RSS {row['peak_rss_mb']:9.1f} MB")
+        for name, value in doc["ratios"].items():
+            print(f"  {name:<56} {value:6.2f}")
+    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
