@@ -90,6 +90,8 @@ def test_load_options(tmp_path):
         fvt.load(tmp_path / "m.safetensors", select="nothing*")
     with pytest.raises(FormatError, match="plan= needs mesh="):
         fvt.load(tmp_path / "m.safetensors", plan="fsdp")
+    with pytest.raises(fvt.errors.PlanError, match="not available in this version"):
+        fvt.load(tmp_path / "m.safetensors", mesh=object())
 
 
 def test_loaded_tensors_never_write_through_to_the_file(tmp_path):

@@ -231,7 +231,8 @@ class KeyMap:
                 continue
             ri, target = item  # type: ignore[misc]
             rule = self.rules[ri]
-            assert isinstance(rule, Fuse)
+            if not isinstance(rule, Fuse):  # pragma: no cover - groups are only made for Fuse rules
+                raise PlanError(f"internal: fuse group for {target!r} has rule {rule!r}")
             got = groups[(ri, target)]
             if len(got) != len(rule.sources):
                 have = [got[i] for i in sorted(got)]

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from fvtransform.errors import FormatError, KeyMismatchError, format_keys
+from fvtransform.errors import FormatError, KeyMismatchError, PlanError, format_keys
 from fvtransform.io._files import WeightFiles, find_weight_files
 from fvtransform.io._header import Header, read_header
 from fvtransform.io._keymap import ComposedKeyMap, KeyMap
@@ -164,8 +164,9 @@ def load(
     file. ``select`` keeps only matching keys (the rest stay on disk);
     ``rename`` (a dict, template pairs, :class:`RenameRules` or
     :class:`KeyMap`) renames or fuses keys; ``dtype`` casts floating tensors
-    one by one; ``device`` moves them one by one. With ``mesh`` (and ``plan``,
-    default ``"fsdp"``), each rank reads only its own slices and gets DTensors.
+    one by one; ``device`` moves them one by one. ``mesh`` / ``plan`` are
+    reserved for per-rank sharded loading, which this version refuses with a
+    :class:`PlanError` rather than loading everything silently.
 
     Pickle-based files (``.bin``, ``.pt``) are refused unless
     ``allow_pickle=True`` and then read with ``torch.load(weights_only=True)``.
@@ -177,9 +178,10 @@ def load(
     tensor([1., 1.])
     """
     if mesh is not None:
-        from fvtransform.distributed import load_sharded
-
-        return load_sharded(path, mesh, plan=plan, dtype=dtype, select=select, rename=rename)
+        raise PlanError(
+            "load(..., mesh=) (per-rank sharded loading) is not available in this version; "
+            "load the tree and shard it with torch.distributed.tensor.distribute_tensor for now"
+        )
     if plan is not None:
         raise FormatError("plan= needs mesh=: pass the DeviceMesh to shard over")
     files = find_weight_files(path, allow_pickle=allow_pickle)
