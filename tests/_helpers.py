@@ -1,6 +1,23 @@
 """Shared test helpers: prove that nothing was mutated."""
 
+import torch
+
 import fvtransform as fvt
+
+
+class TiedEmbedding(torch.nn.Module):
+    """An embedding and an output head that share one weight, plus two kinds of buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(5, 3)
+        self.head = torch.nn.Linear(3, 5, bias=False)
+        self.head.weight = self.emb.weight
+        self.register_buffer("table", torch.ones(2), persistent=False)
+        self.register_buffer("stat", torch.zeros(2))
+
+    def forward(self, ids):
+        return self.head(self.emb(ids))
 
 
 def snapshot(tree):

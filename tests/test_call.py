@@ -4,7 +4,7 @@ import torch
 import fvtransform as fvt
 from fvtransform.errors import KeyMismatchError
 
-from _helpers import assert_unchanged, snapshot
+from _helpers import TiedEmbedding, assert_unchanged, snapshot
 
 
 def test_call_matches_eager(model, tree, inputs):
@@ -39,17 +39,7 @@ def test_buffers_are_not_mutated_and_can_be_returned():
 
 
 def test_tied_weights_work():
-    class Tied(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(5, 3)
-            self.head = torch.nn.Linear(3, 5, bias=False)
-            self.head.weight = self.emb.weight
-
-        def forward(self, ids):
-            return self.head(self.emb(ids))
-
-    m = Tied()
+    m = TiedEmbedding()
     t = fvt.ParamTree.from_module(m)
     w = torch.randn(5, 3)
     t2 = t.map(lambda _: w)

@@ -6,7 +6,7 @@ import torch
 import fvtransform as fvt
 from fvtransform.errors import FormatError, ImmutableError, KeyMismatchError, PlanError
 
-from _helpers import assert_unchanged, snapshot
+from _helpers import TiedEmbedding, assert_unchanged, snapshot
 
 
 def small():
@@ -42,16 +42,7 @@ def test_repr_is_short():
 
 
 def test_from_module_records_tied_weights_and_skips_nonpersistent():
-    class Tied(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(5, 3)
-            self.head = torch.nn.Linear(3, 5, bias=False)
-            self.head.weight = self.emb.weight
-            self.register_buffer("table", torch.ones(2), persistent=False)
-            self.register_buffer("stat", torch.zeros(2))
-
-    m = Tied()
+    m = TiedEmbedding()
     t = fvt.ParamTree.from_module(m)
     assert list(t) == ["stat", "emb.weight", "head.weight"] or set(t) == {"stat", "emb.weight", "head.weight"}
     assert t.aliases() == (("emb.weight", "head.weight"),)
