@@ -39,9 +39,24 @@ def _inside(folder: Path, name: str, index: Path) -> Path:
         )
     candidate = folder / name
     real = candidate.resolve()
-    if real.parent != folder.resolve() and not str(real).startswith(str(folder.resolve()) + os.sep):
-        raise UnsafeFileError(f"{index}: shard {name!r} resolves to {real}, outside {folder}; refusing to follow it")
+    root = _allowed_root(folder)
+    if not str(real).startswith(str(root) + os.sep):
+        raise UnsafeFileError(f"{index}: shard {name!r} resolves to {real}, outside {root}; refusing to follow it")
     return candidate
+
+
+def _allowed_root(folder: Path) -> Path:
+    """Where a shard may resolve: the index's folder, or the whole repo folder of a hub cache snapshot.
+
+    In the huggingface_hub cache, ``<repo>/snapshots/<commit>/x`` is a link to
+    ``<repo>/blobs/<hash>``: links into the same repo's cache are its layout.
+    """
+    real = folder.resolve()
+    parts = real.parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots" and len(parts[i + 1]) == 40 and (Path(*parts[:i]) / "blobs").is_dir():
+            return Path(*parts[:i])
+    return real
 
 
 def read_index(index: Path) -> WeightFiles:
@@ -68,8 +83,11 @@ def read_index(index: Path) -> WeightFiles:
     folder = index.parent
     weight_map: dict[str, Path] = {}
     files: dict[Path, None] = {}
+    checked: dict[object, Path] = {}  # each shard name is checked once, not once per key
     for key, name in doc["weight_map"].items():
-        path = _inside(folder, name, index)  # type: ignore[arg-type]
+        path = checked.get(name) if isinstance(name, str) else None
+        if path is None:
+            path = checked[name] = _inside(folder, name, index)  # type: ignore[arg-type]
         weight_map[key] = path
         files[path] = None
     missing = [p.name for p in files if not p.is_file()]

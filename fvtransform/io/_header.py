@@ -164,8 +164,7 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int, data_size: 
             f"{where}: data ends at byte {end} but the file holds {data_size} data bytes; the file is truncated"
         )
     dtype = DTYPES[dt]
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    expected = math.prod(shape) * itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if expected != end - begin:
         raise FormatError(
             f"{where}: shape {shape} of {dt} needs {expected} bytes, but data_offsets span {end - begin}"

@@ -32,14 +32,15 @@ class MappedFile:
     def __init__(self, path: str | os.PathLike[str], header: Header | None = None) -> None:
         self.header = header if header is not None else read_header(path)
         self.path = self.header.path
-        self._bytes: torch.Tensor | None = None
+        self._storage: torch.UntypedStorage | None = None
+
+    def _mapped(self) -> torch.UntypedStorage:
+        if self._storage is None:
+            self._storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=self.header.file_size)
+        return self._storage
 
     def _all_bytes(self) -> torch.Tensor:
-        if self._bytes is None:
-            size = self.header.file_size
-            storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=size)
-            self._bytes = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (size,), (1,))
-        return self._bytes
+        return torch.empty(0, dtype=torch.uint8).set_(self._mapped(), 0, (self.header.file_size,), (1,))
 
     def tensor(self, name: str) -> torch.Tensor:
         info = self.header.tensors[name]
@@ -48,12 +49,12 @@ class MappedFile:
     def tensor_from_info(self, info: TensorInfo) -> torch.Tensor:
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        raw = self._all_bytes()[info.start : info.end]
-        itemsize = raw.new_empty((), dtype=info.dtype).element_size()
+        itemsize = info.dtype.itemsize
         if info.start % itemsize:
             # Unaligned in the file: this tensor alone is copied.
-            raw = raw.clone()
-        return raw.view(info.dtype).view(info.shape)
+            return self._all_bytes()[info.start : info.end].clone().view(info.dtype).view(info.shape)
+        # one view straight onto the mapped storage (offsets count elements of the dtype)
+        return torch.empty(0, dtype=info.dtype).set_(self._mapped(), info.start // itemsize, info.shape, _strides(info.shape))
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of dim 0, touching only their pages."""
@@ -63,6 +64,14 @@ class MappedFile:
         row = info.nbytes // info.shape[0] if info.shape[0] else 0
         sub = TensorInfo(name, info.dtype, (stop - start, *info.shape[1:]), info.start + start * row, info.start + stop * row)
         return self.tensor_from_info(sub)
+
+
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out, step = [], 1
+    for d in reversed(shape):
+        out.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(out))
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
