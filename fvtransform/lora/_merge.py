@@ -21,7 +21,7 @@ from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError
 from fvtransform.lora._adapter import FullDelta, LoraAdapter, LowRank
 from fvtransform.tree._paramtree import ParamTree
 
-__all__ = ["merge", "unmerge", "restore", "MergeRecord", "normalize_adapters", "delta_rows", "AdapterSet"]
+__all__ = ["merge", "unmerge", "restore", "MergeRecord", "normalize_adapters", "delta_rows", "AdapterSet", "Workspace"]
 
 AdapterSet = Union[LoraAdapter, Sequence[tuple[LoraAdapter, float]]]
 
@@ -104,8 +104,32 @@ def _factors(contribs: list[_Contribution], device: torch.device, sign: float) -
     return torch.cat(bs, dim=1), torch.cat(as_, dim=0), fulls
 
 
+class Workspace:
+    """One float32 tile buffer per device, reused across the targets of one call.
+
+    Allocating a fresh tile per row block costs page faults on every tile
+    (large allocations come straight from the OS); one buffer per call does not.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.device, torch.Tensor] = {}
+
+    def tile(self, device: torch.device, rows: int, cols: int) -> torch.Tensor:
+        need = rows * cols
+        buf = self._buffers.get(device)
+        if buf is None or buf.numel() < need:
+            buf = torch.empty(max(need, TILE_BYTES // 4), dtype=torch.float32, device=device)
+            self._buffers[device] = buf
+        return buf[:need].view(rows, cols)
+
+
 def delta_rows(
-    contribs: list[_Contribution], weight: torch.Tensor, *, sign: float = 1.0, out: torch.Tensor | None = None
+    contribs: list[_Contribution],
+    weight: torch.Tensor,
+    *,
+    sign: float = 1.0,
+    out: torch.Tensor | None = None,
+    work: Workspace | None = None,
 ) -> torch.Tensor:
     """``round(W + sign * sum deltas)`` computed in float32 tile by tile; writes into ``out`` if given."""
     rows = weight.shape[0]
@@ -116,10 +140,12 @@ def delta_rows(
     flat_out = out.view(rows, -1)
     B, A, fulls = _factors(contribs, weight.device, sign)
     flat_fulls = [(s, D.detach().reshape(rows, -1)) for s, D in fulls]
+    work = work if work is not None else Workspace()
     tile = max(1, TILE_BYTES // max(1, cols * 4))
     for start in range(0, rows, tile):
         stop = min(rows, start + tile)
-        acc = flat_w[start:stop].to(torch.float32, copy=True)
+        acc = work.tile(weight.device, stop - start, cols)
+        acc.copy_(flat_w[start:stop])
         if B is not None:
             acc.addmm_(B[start:stop], A)
         for s, D in flat_fulls:
@@ -230,6 +256,7 @@ def merge(
     corrections: dict[str, _Correction] = {}
     digests: dict[str, bytes] = {}
     target_bytes = 0
+    work = Workspace()
     for key, contribs in per_key.items():
         w = base[key]
         if _is_dora(contribs):
@@ -238,9 +265,9 @@ def merge(
             new = merge_dora(w, contribs)
         else:
             writable = donate and w.is_contiguous() and not getattr(w, "requires_grad", False)
-            new = delta_rows(contribs, w, out=w.detach() if writable else None)
+            new = delta_rows(contribs, w, out=w.detach() if writable else None, work=work)
         if return_record:
-            back = delta_rows(contribs, new, sign=-1.0) if not _is_dora(contribs) else None
+            back = delta_rows(contribs, new, sign=-1.0, work=work) if not _is_dora(contribs) else None
             if back is None:
                 raise FormatError(f"{key!r}: an exact restore record is not available for DoRA targets")
             original = w if not donate else None
@@ -285,12 +312,13 @@ def unmerge(
     pairs = normalize_adapters(adapters, scale)
     per_key = _collect(base, pairs)
     out = dict(base.items())
+    work = Workspace()
     for key, contribs in per_key.items():
         w = base[key]
         if _is_dora(contribs):
             raise FormatError(f"{key!r}: DoRA merges are undone with the record of merge(..., return_record=True)")
         writable = donate and w.is_contiguous()
-        out[key] = delta_rows(contribs, w, sign=-1.0, out=w.detach() if writable else None)
+        out[key] = delta_rows(contribs, w, sign=-1.0, out=w.detach() if writable else None, work=work)
     return ParamTree._wrap(_retie(base, out, per_key))
 
 
@@ -303,12 +331,13 @@ def restore(tree: Mapping[str, torch.Tensor], record: MergeRecord) -> ParamTree:
     base = tree if isinstance(tree, ParamTree) else ParamTree(tree)
     per_key = _collect(base, list(record.pairs))
     out = dict(base.items())
+    work = Workspace()
     for key, contribs in per_key.items():
         if _digest(base[key]) != record.merged_digest[key]:
             raise FormatError(
                 f"restore: {key!r} is not the merged weight this record was made for; "
                 "restore takes the tree that merge(..., return_record=True) returned"
             )
-        back = delta_rows(contribs, base[key], sign=-1.0)
+        back = delta_rows(contribs, base[key], sign=-1.0, work=work)
         out[key] = _apply_correction(back, record.corrections[key])
     return ParamTree._wrap(_retie(base, out, per_key))
