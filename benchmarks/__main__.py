@@ -23,6 +23,7 @@ HERE = Path(__file__).parent
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks")
     p.add_argument("--quick", action="store_true", help="a small smoke size (CI)")
+    p.add_argument("--repeats", type=int, default=3, help="fresh-process runs per method; the fastest counts")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of Wan2.1-1.3B's 30 blocks (1.0 = full)")
     args = p.parse_args()
     layers = 2 if args.quick else max(1, round(30 * args.scale))
@@ -33,12 +34,13 @@ def main() -> int:
                            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
                "layers": layers}
     for bench in ("io_bench.py", "merge_bench.py"):
-        out = subprocess.run([sys.executable, str(HERE / bench), "run", str(data)], check=True, env=env, capture_output=True, text=True)
+        out = subprocess.run([sys.executable, str(HERE / bench), "run", str(data), str(args.repeats)], check=True, env=env, capture_output=True, text=True)
         doc = json.loads(out.stdout.strip().splitlines()[-1])
         results[bench.removesuffix(".py")] = doc
         print(f"\n== {bench} ({layers} blocks) ==")
         for row in doc["rows"]:
-            print(f"{row['method']:<40} {row['seconds']:8.3f} s  peak RSS {row['peak_rss_mb']:9.1f} MB")
+            print(f"{row['method']:<32} {row['seconds']:8.3f} s  peak RSS {row['peak_rss_mb']:8.1f} MB"
+                  f"  (+{row['extra_rss_mb']:.1f} MB over its inputs)")
         for name, value in doc["ratios"].items():
             print(f"  {name:<56} {value:6.2f}")
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _util import Timer, current_rss_mb, measure_child, report  # noqa: E402
+from _util import Timer, best_of, current_rss_mb, report, reset_peak, warm_up  # noqa: E402
 
 CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
               text_dim=4096, freq_dim=256, ffn_dim=8960, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
@@ -42,7 +42,9 @@ def method(name: str, folder: Path) -> None:
     import fvtransform as fvt
 
     files = sorted(folder.glob("*.safetensors"))
+    warm_up()
     base = current_rss_mb()
+    reset_peak()
     with Timer() as t:
         if name == "load_file":
             from safetensors.torch import load_file
@@ -72,21 +74,18 @@ def method(name: str, folder: Path) -> None:
             model = diffusers.WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch.bfloat16)
             with torch.no_grad():
                 model(**inputs())
-    report(t.seconds, base)
+    report(t.seconds, runtime_mb=base, before_mb=base)
 
 
 METHODS = ["load_file", "fvt_lazy", "fvt_materialized", "fvt_load_model", "diffusers_from_pretrained",
            "fvt_load_model_call", "diffusers_from_pretrained_call"]
 
 
-def run(folder: Path) -> None:
+def run(folder: Path, repeats: int) -> None:
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     for f in folder.glob("*.safetensors"):
         f.read_bytes()  # warm page cache
-    rows = []
-    for m in METHODS:
-        best = min((measure_child(Path(__file__), "method", m, str(folder)) for _ in range(2)), key=lambda r: r["seconds"])
-        rows.append({"method": m, **best})
+    rows = [best_of(Path(__file__), m, folder, repeats) for m in METHODS]
     r = {row["method"]: row for row in rows}
     ratios = {
         "(b) fvt.load lazy / load_file time (target <= 1.5)": r["fvt_lazy"]["seconds"] / r["load_file"]["seconds"],
@@ -104,4 +103,4 @@ if __name__ == "__main__":
     elif cmd == "method":
         method(sys.argv[2], Path(sys.argv[3]))
     else:
-        run(Path(sys.argv[2]))
+        run(Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 3)
