@@ -24,3 +24,28 @@ def inputs() -> tuple[torch.Tensor, ...]:
 
 
 from _helpers import assert_unchanged, snapshot  # noqa: E402,F401
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """A running fake hub; huggingface_hub pointed at it, with an empty cache, no token and no back-off sleeps.
+
+    ``hub.sleeps`` records the back-off the client asked for.
+    """
+    import huggingface_hub.constants as hf_constants
+    import huggingface_hub.utils._http as hf_http
+
+    from _fakehub import FakeHub
+
+    hub = FakeHub().start()
+    hub.sleeps = []
+    monkeypatch.setattr(hf_constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(hf_constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hf_http.time, "sleep", hub.sleeps.append)
+    yield hub
+    hub.stop()

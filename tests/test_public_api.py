@@ -26,7 +26,8 @@ def test_lora_names_are_pinned():
 def test_design_contract_names_exist():
     import fvtransform.hub
 
-    for name in ("maybe_download_model", "maybe_download_lora"):
+    assert set(fvtransform.hub.__all__) == {"maybe_download_model", "maybe_download_lora", "resolved_commit"}
+    for name in fvtransform.hub.__all__:
         assert callable(getattr(fvtransform.hub, name))
     assert callable(fvt.ParamTree.from_module)
     assert issubclass(fvt.errors.KeyMismatchError, fvt.errors.FvTransformError)

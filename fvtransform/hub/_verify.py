@@ -1,0 +1,123 @@
+"""Content checks for downloaded files: sha256 against the hub's hash, safetensors headers against sizes.
+
+``huggingface_hub`` checks only sizes. In its cache every snapshot file is a
+symlink to ``blobs/<etag>``, and the etag is what the hub announced for the
+file: the sha256 for LFS files (all weights), the git blob sha1 for small
+ones. This module hashes the bytes actually on disk and compares. A file that
+passed is remembered in ``<repo cache>/.fvt-verified/<etag>.json`` with its
+size, inode and modification time, so later loads do not hash it again; a
+file that fails is removed from the cache (its snapshot link and its blob) so
+no later load can pick it up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+import re
+
+from fvtransform.errors import FormatError, IntegrityError
+
+__all__ = ["verify_snapshot", "verify_file", "resolved_commit", "WEIGHT_SUFFIXES"]
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+_HEX = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+_CHUNK = 8 * 1024 * 1024
+
+
+def resolved_commit(path: str | os.PathLike[str]) -> str | None:
+    """The 40-hex commit of a path inside a hub cache snapshot, or ``None`` for other paths.
+
+    >>> resolved_commit("/cache/models--org--m/snapshots/" + "a" * 40 + "/transformer")
+    'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'
+    >>> resolved_commit("/data/my-model") is None
+    True
+    """
+    parts = Path(path).parts
+    for i in range(len(parts) - 1):
+        if parts[i] == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", parts[i + 1]):
+            return parts[i + 1]
+    return None
+
+
+def _blob_of(file: Path) -> Path | None:
+    """The cache blob a snapshot file links to (first hop only), or ``None`` if it is not a link."""
+    if not file.is_symlink():
+        return None
+    return Path(os.path.normpath(file.parent / os.readlink(file)))
+
+
+def _hash(path: Path, algo: str, size: int) -> str:
+    h = hashlib.sha256() if algo == "sha256" else hashlib.sha1(b"blob %d\0" % size)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stamp(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"size": st.st_size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns}
+
+
+def _remove(file: Path, blob: Path | None) -> None:
+    for p in (file, blob):
+        if p is not None:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def verify_file(file: Path, *, label: str) -> None:
+    """Check one snapshot file of the hub cache; remove it from the cache and raise if it is bad.
+
+    Raises:
+        IntegrityError: the bytes do not hash to what the hub announced, or the
+            file cannot be checked (not a link into the cache's blobs).
+        FormatError: a safetensors file whose header does not fit its size.
+    """
+    blob = _blob_of(file)
+    if blob is None or not _HEX.fullmatch(blob.name):
+        raise IntegrityError(
+            f"{label}: {file} cannot be verified: it is not a link to a hash-named blob of the hub cache "
+            "(a cache without symlinks, or a file copied in by hand); download into the standard cache, or pass verify=False"
+        )
+    if not file.exists():
+        _remove(file, None)
+        raise IntegrityError(f"{label}: {file.name}: its blob {blob.name} is missing from the cache; download again")
+    record = blob.parent.parent / ".fvt-verified" / f"{blob.name}.json"
+    stamp = _stamp(file)
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(record.read_text()) == stamp:
+            return
+    algo = "sha256" if len(blob.name) == 64 else "git-sha1"
+    got = _hash(file, algo, stamp["size"])
+    if got != blob.name:
+        _remove(file, blob)
+        raise IntegrityError(
+            f"{label}: {file.name}: the {algo} of the downloaded bytes is {got}, but the hub announced {blob.name}; "
+            "the file was removed from the cache. Download again; if this repeats, a proxy or mirror serves other bytes"
+        )
+    if file.name.endswith(".safetensors"):
+        from fvtransform.io._header import read_header
+
+        try:
+            read_header(file)
+        except FormatError as e:
+            _remove(file, blob)
+            raise FormatError(f"{label}: {file.name} matches its hash but is not a valid safetensors file ({e}); removed from the cache") from None
+    with contextlib.suppress(OSError):  # remembering is an optimisation; a read-only cache only costs a re-hash
+        record.parent.mkdir(exist_ok=True)
+        tmp = record.with_name(record.name + f".fvt-tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(stamp))
+        os.replace(tmp, record)
+
+
+def verify_snapshot(folder: Path, *, label: str) -> list[Path]:
+    """Verify every weights file under a snapshot folder; returns the files checked (sorted)."""
+    files = sorted(p for p in folder.rglob("*") if p.name.endswith(WEIGHT_SUFFIXES) and (p.is_file() or p.is_symlink()))
+    for f in files:
+        verify_file(f, label=label)
+    return files

@@ -1,0 +1,290 @@
+"""Downloads through the real huggingface_hub client against a fake hub on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import fvtransform as fvt
+from fvtransform.errors import FormatError, HubError, IntegrityError, NotFoundError, UnsafeFileError
+from fvtransform.hub import maybe_download_lora, maybe_download_model, resolved_commit
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("huggingface_hub")
+
+from test_oracles_models import WAN_CONFIG, wan_inputs  # noqa: E402
+
+
+def _files(folder: Path, prefix: str = "") -> dict[str, bytes]:
+    return {prefix + p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny_wan(tmp_path_factory):
+    """The files of a tiny diffusers Wan transformer (two shards + index), plus the module that made them."""
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(**WAN_CONFIG).eval()
+    folder = tmp_path_factory.mktemp("wan")
+    model.save_pretrained(folder, max_shard_size="20KB")
+    files = _files(folder)
+    files["diffusion_pytorch_model.bin"] = b"pickle bytes that must not be fetched"
+    files["model.onnx"] = b"onnx bytes that must never be fetched"
+    return model, files
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tmp_path_factory, tiny_wan):
+    model, _ = tiny_wan
+    tree = fvt.ParamTree.from_module(model)
+    adapter = fvt.lora.random_adapter(tree, targets=["blocks.*.attn1.to_q.weight"], rank=2, seed=0)
+    folder = tmp_path_factory.mktemp("lora")
+    fvt.lora.save(adapter, folder / "peft", format="peft")
+    return adapter, _files(folder / "peft")
+
+
+def _pipeline(wan_files: dict[str, bytes]) -> dict[str, bytes]:
+    index = {"_class_name": "WanPipeline", "_diffusers_version": "0.42.1", "transformer": ["diffusers", "WanTransformer3DModel"],
+             "scheduler": ["diffusers", "UniPCMultistepScheduler"], "vae": [None, None]}
+    files = {f"transformer/{k}": v for k, v in wan_files.items()}
+    files["scheduler/scheduler_config.json"] = b"{}"
+    files["model_index.json"] = json.dumps(index).encode()
+    return files
+
+
+def _fetched(hub) -> set[str]:
+    return {p.split("/resolve/", 1)[1].split("/", 1)[1] for m, p in hub.requests if m == "GET" and "/resolve/" in p}
+
+
+# ------------------------------------------------------------------------------------------ models
+def test_model_repo_downloads_configs_and_safetensors_only(fake_hub, tiny_wan):
+    sha = fake_hub.add_commit("org/tiny-wan", tiny_wan[1])
+    folder = maybe_download_model("org/tiny-wan")
+    names = {p.name for p in folder.iterdir()}
+    assert "config.json" in names and "diffusion_pytorch_model.safetensors.index.json" in names
+    assert not names & {"diffusion_pytorch_model.bin", "model.onnx"}
+    assert _fetched(fake_hub).isdisjoint({"diffusion_pytorch_model.bin", "model.onnx"})
+    assert resolved_commit(folder) == sha
+
+
+def test_pickles_only_when_allowed_and_onnx_never(fake_hub, tiny_wan):
+    fake_hub.add_commit("org/tiny-wan", tiny_wan[1])
+    folder = maybe_download_model("org/tiny-wan", allow_pickle=True, allow_patterns=["*"])
+    names = {p.name for p in folder.iterdir()}
+    assert "diffusion_pytorch_model.bin" in names and "model.onnx" not in names
+
+
+def test_load_model_by_repo_id_runs_like_diffusers(fake_hub, tiny_wan):
+    model, files = tiny_wan
+    fake_hub.add_commit("org/tiny-wan", files)
+    module, tree = fvt.load_model("org/tiny-wan")
+    with torch.no_grad():
+        ours = fvt.call(module, tree, **wan_inputs())[0]
+        theirs = model(**wan_inputs())[0]
+    assert torch.equal(ours, theirs)
+
+
+def test_pipeline_component_fetches_index_first_then_that_folder_only(fake_hub, tiny_wan):
+    model, files = tiny_wan
+    fake_hub.add_commit("org/tiny-pipe", _pipeline(files))
+    module, tree = fvt.load_model("org/tiny-pipe", component="transformer")
+    fetched = _fetched(fake_hub)
+    assert "model_index.json" in fetched and not any(f.startswith("scheduler/") for f in fetched)
+    first = next(p for m, p in fake_hub.requests if "/resolve/" in p or "/api/" in p)
+    assert first.endswith("/model_index.json")
+    with torch.no_grad():
+        assert torch.equal(fvt.call(module, tree, **wan_inputs())[0], model(**wan_inputs())[0])
+
+
+def test_pipeline_component_errors_list_the_components(fake_hub, tiny_wan):
+    fake_hub.add_commit("org/tiny-pipe", _pipeline(tiny_wan[1]))
+    with pytest.raises(NotFoundError, match=r"no component 'text_encoder'; components: \['scheduler', 'transformer'\]"):
+        maybe_download_model("org/tiny-pipe", components=["text_encoder"])
+    with pytest.raises(NotFoundError, match="'vae' is absent in this pipeline"):
+        maybe_download_model("org/tiny-pipe", components=["vae"])
+    assert not any("transformer/" in f for f in _fetched(fake_hub))
+
+
+def test_subfolder_repo_id(fake_hub, tiny_wan):
+    fake_hub.add_commit("org/tiny-pipe", _pipeline(tiny_wan[1]))
+    folder = maybe_download_model("org/tiny-pipe/transformer")
+    assert folder.name == "transformer" and (folder / "config.json").is_file()
+    assert all(f.startswith("transformer/") for f in _fetched(fake_hub))
+
+
+def test_pinned_commit_and_branch(fake_hub, tiny_wan):
+    files = tiny_wan[1]
+    old = fake_hub.add_commit("org/tiny-wan", files)
+    changed = dict(files, **{"config.json": files["config.json"].replace(b'"num_layers": 2', b'"num_layers": 2 ')})
+    new = fake_hub.add_commit("org/tiny-wan", changed)
+    dev = fake_hub.add_commit("org/tiny-wan", files, ref="dev")
+    assert old != new
+    assert resolved_commit(maybe_download_model("org/tiny-wan", revision=old)) == old
+    assert resolved_commit(maybe_download_model("org/tiny-wan")) == new
+    assert resolved_commit(maybe_download_model("org/tiny-wan", revision="dev")) == dev
+
+
+def test_offline_second_call_served_from_cache_without_network(fake_hub, tiny_wan, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    from fvtransform.hub import _verify
+
+    fake_hub.add_commit("org/tiny-wan", tiny_wan[1])
+    online = maybe_download_model("org/tiny-wan")
+    fake_hub.stop()
+    hashed: list[Path] = []
+    real_hash = _verify._hash
+    monkeypatch.setattr(_verify, "_hash", lambda p, *a: hashed.append(p) or real_hash(p, *a))
+    assert maybe_download_model("org/tiny-wan", local_files_only=True) == online
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    assert maybe_download_model("org/tiny-wan") == online
+    assert hashed == []  # verified once online, remembered in the cache
+    with pytest.raises(NotFoundError, match="org/never-cached@main: not in the local cache and offline mode is on"):
+        maybe_download_model("org/never-cached")
+
+
+def test_local_folder_is_returned_as_is(tmp_path, fake_hub):
+    assert maybe_download_model(tmp_path) == tmp_path
+    assert fake_hub.requests == []
+
+
+# ------------------------------------------------------------------------------------------ errors
+def test_repo_revision_and_file_not_found(fake_hub, tiny_wan, tiny_lora):
+    fake_hub.add_commit("org/tiny-wan", tiny_wan[1])
+    fake_hub.add_commit("org/tiny-lora", tiny_lora[1])
+    with pytest.raises(NotFoundError, match="org/missing@main: repository not found"):
+        maybe_download_model("org/missing")
+    with pytest.raises(NotFoundError, match="org/tiny-wan@nope: revision 'nope' not found"):
+        maybe_download_model("org/tiny-wan", revision="nope")
+    with pytest.raises(NotFoundError, match="org/tiny-lora@main: file not found"):
+        maybe_download_lora("org/tiny-lora", weight_name="other.safetensors")
+
+
+def test_gated_repo_needs_a_token(fake_hub, tiny_wan):
+    fake_hub.add_commit("org/gated", tiny_wan[1], gated=True)
+    with pytest.raises(HubError, match="org/gated@main: the repo is gated or needs authorization; pass token="):
+        maybe_download_model("org/gated")
+    assert (maybe_download_model("org/gated", token=fake_hub.token) / "config.json").is_file()
+
+
+def test_connection_refused_suggests_offline_mode(fake_hub):
+    fake_hub.stop()
+    with pytest.raises(HubError, match=r"(?s)org/tiny-wan@main: the hub is unreachable.*HF_HUB_OFFLINE=1"):
+        maybe_download_model("org/tiny-wan")
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "short"])
+def test_bad_bytes_are_caught_named_and_removed(fake_hub, tiny_wan, fault):
+    files = tiny_wan[1]
+    shard = next(k for k in files if k.endswith("-of-00002.safetensors") or k.endswith(".safetensors"))
+    fake_hub.add_commit("org/tiny-wan", files)
+    fake_hub.faults[("org/tiny-wan", shard)] = fault
+    with pytest.raises(IntegrityError, match=rf"{shard}: the sha256 of the downloaded bytes is [0-9a-f]{{64}}, but the hub announced"):
+        maybe_download_model("org/tiny-wan")
+    cache = Path(__import__("huggingface_hub").constants.HF_HUB_CACHE)
+    assert not list(cache.rglob(shard))  # the bad file is gone: nothing later can load it
+    del fake_hub.faults[("org/tiny-wan", shard)]
+    folder = maybe_download_model("org/tiny-wan")  # a clean retry works
+    assert (folder / shard).read_bytes() == files[shard]
+
+
+def test_500_then_success_retries_with_backoff(fake_hub, tiny_lora):
+    fake_hub.add_commit("org/tiny-lora", tiny_lora[1])
+    fake_hub.faults[("org/tiny-lora", "adapter_model.safetensors")] = 2
+    path = maybe_download_lora("org/tiny-lora")
+    assert path.read_bytes() == tiny_lora[1]["adapter_model.safetensors"]
+    assert fake_hub.sleeps[:2] == [1.0, 2.0]  # exponential back-off
+
+
+def test_500_forever_is_a_clear_error_after_bounded_retries(fake_hub, tiny_lora):
+    fake_hub.add_commit("org/tiny-lora", tiny_lora[1])
+    fake_hub.faults[("org/tiny-lora", "adapter_model.safetensors")] = 10**6
+    with pytest.raises(HubError, match="org/tiny-lora@main: HTTP error: Server error '500"):
+        maybe_download_lora("org/tiny-lora")
+    assert fake_hub.sleeps == [1.0, 2.0, 4.0]  # bounded: four attempts, then the error
+
+
+@pytest.mark.parametrize(
+    "name", ["org/../x", "/no/such/abs/path", "org/repo/../../x", "org/re*po", "org/repo/sub/*.json", "org//x", "org/./x"]
+)
+def test_path_segments_that_try_to_escape_are_refused_before_any_request(fake_hub, name):
+    with pytest.raises(UnsafeFileError, match="not allowed"):
+        maybe_download_model(name)
+    with pytest.raises(UnsafeFileError, match="not allowed"):
+        maybe_download_model("org/repo", components=["../vae"])
+    with pytest.raises(UnsafeFileError, match="not allowed"):
+        maybe_download_lora("org/repo", weight_name="../x.safetensors")
+    assert fake_hub.requests == []
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+def test_lora_repo_with_one_candidate_downloads_only_it_and_its_config(fake_hub, tiny_lora, tiny_wan):
+    adapter, files = tiny_lora
+    fake_hub.add_commit("org/tiny-lora", dict(files, **{"README.md": b"# card", "extra/big.safetensors": b"x" * 10}))
+    path = maybe_download_lora("org/tiny-lora")
+    assert path.name == "adapter_model.safetensors"
+    assert _fetched(fake_hub) == {"adapter_model.safetensors", "adapter_config.json"}
+    base = fvt.ParamTree.from_module(tiny_wan[0])
+    loaded = fvt.lora.load("org/tiny-lora", base=base)
+    assert set(loaded) == set(adapter)
+    for k in adapter:
+        assert torch.equal(loaded[k].A, adapter[k].A) and torch.equal(loaded[k].B, adapter[k].B)
+
+
+def test_lora_repo_with_several_or_no_candidates(fake_hub, tiny_lora):
+    data = tiny_lora[1]["adapter_model.safetensors"]
+    fake_hub.add_commit("org/several", {"a.safetensors": data, "b.safetensors": data})
+    fake_hub.add_commit("org/none", {"README.md": b"# nothing here"})
+    with pytest.raises(FormatError, match=r"several LoRA candidates \['a.safetensors', 'b.safetensors'\]; pass weight_name="):
+        maybe_download_lora("org/several")
+    assert maybe_download_lora("org/several", weight_name="b.safetensors").name == "b.safetensors"
+    with pytest.raises(NotFoundError, match=r"org/none: no LoRA weights \(\*.safetensors\) found"):
+        maybe_download_lora("org/none")
+
+
+def test_lora_offline_from_cache(fake_hub, tiny_lora, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    fake_hub.add_commit("org/tiny-lora", tiny_lora[1])
+    fake_hub.add_commit("org/single", {"my_lora.safetensors": tiny_lora[1]["adapter_model.safetensors"]})
+    online = maybe_download_lora("org/tiny-lora")
+    online_single = maybe_download_lora("org/single")
+    fake_hub.stop()
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    assert maybe_download_lora("org/tiny-lora") == online
+    assert maybe_download_lora("org/single") == online_single
+    assert maybe_download_lora("org/tiny-lora", weight_name="adapter_model.safetensors") == online
+
+
+def test_connection_dropped_mid_file_leaves_nothing_loadable(fake_hub, tiny_lora):
+    fake_hub.add_commit("org/tiny-lora", tiny_lora[1])
+    fake_hub.faults[("org/tiny-lora", "adapter_model.safetensors")] = "drop"
+    with pytest.raises(HubError, match="org/tiny-lora@main"):
+        maybe_download_lora("org/tiny-lora")
+    cache = Path(__import__("huggingface_hub").constants.HF_HUB_CACHE)
+    assert not [p for p in cache.rglob("adapter_model.safetensors") if p.exists()]
+    del fake_hub.faults[("org/tiny-lora", "adapter_model.safetensors")]
+    assert maybe_download_lora("org/tiny-lora").read_bytes() == tiny_lora[1]["adapter_model.safetensors"]
+
+
+def test_a_file_changed_in_the_cache_after_verification_is_caught(fake_hub, tiny_lora):
+    fake_hub.add_commit("org/tiny-lora", tiny_lora[1])
+    path = maybe_download_lora("org/tiny-lora")
+    blob = path.resolve()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))  # new mtime: the remembered verification no longer applies
+    fake_hub.stop()
+    with pytest.raises(IntegrityError, match="adapter_model.safetensors: the sha256 of the downloaded bytes"):
+        maybe_download_lora("org/tiny-lora", local_files_only=True)
+
+
+def test_files_outside_the_cache_layout_cannot_be_verified(tmp_path):
+    from fvtransform.hub._verify import verify_file
+
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"x")
+    with pytest.raises(IntegrityError, match="cannot be verified: it is not a link to a hash-named blob.*verify=False"):
+        verify_file(f, label="org/x@main")
