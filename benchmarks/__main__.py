@@ -33,14 +33,17 @@ def main() -> int:
     results = {"machine": {"cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
                            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
                "layers": layers}
-    for bench in ("io_bench.py", "merge_bench.py"):
-        out = subprocess.run([sys.executable, str(HERE / bench), "run", str(data), str(args.repeats)], check=True, env=env, capture_output=True, text=True)
+    for bench in ("io_bench.py", "merge_bench.py", "call_bench.py"):
+        extra = [str(2 if args.quick else 4)] if bench == "call_bench.py" else []  # blocks of the forward benchmark
+        cmd = [sys.executable, str(HERE / bench), "run", str(data), str(max(args.repeats, 5) if extra else args.repeats), *extra]
+        out = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
         doc = json.loads(out.stdout.strip().splitlines()[-1])
         results[bench.removesuffix(".py")] = doc
-        print(f"\n== {bench} ({layers} blocks) ==")
+        print(f"\n== {bench} ({doc.get('blocks', layers)} blocks) ==")
         for row in doc["rows"]:
-            print(f"{row['method']:<32} {row['seconds']:8.3f} s  peak RSS {row['peak_rss_mb']:8.1f} MB"
-                  f"  (+{row['extra_rss_mb']:.1f} MB over its inputs)")
+            rss = (f"  peak RSS {row['peak_rss_mb']:8.1f} MB  (+{row['extra_rss_mb']:.1f} MB over its inputs)"
+                   if "peak_rss_mb" in row else "")
+            print(f"{row['method']:<32} {row['seconds']:8.3f} s{rss}")
         for name, value in doc["ratios"].items():
             print(f"  {name:<56} {value:6.2f}")
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")

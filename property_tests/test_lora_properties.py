@@ -122,3 +122,78 @@ def test_on_the_fly_matches_merge_and_padding_changes_nothing(setup):
     padded = LoraAdapter({"l.weight": LowRank(torch.cat([d.A, torch.zeros(2, d.A.shape[1])]), torch.cat([d.B, torch.zeros(d.B.shape[0], 2)], dim=1), d.scale)})
     # zero rows add exact zeros; only the BLAS summation grouping may differ (float32 rounding)
     assert torch.allclose(fvt.lora.call(module, tree, [(padded, s)], x), fvt.lora.call(module, tree, [(a, s)], x), atol=1e-6, rtol=1e-6)
+
+
+def _linear(tree):
+    module = torch.nn.Sequential()
+    module.add_module("l", torch.nn.Linear(tree["l.weight"].shape[1], tree["l.weight"].shape[0]))
+    return module
+
+
+@given(setups(n_adapters=2), st.integers(0, 3))
+def test_zero_scale_is_exact_and_pad_rank_changes_no_product(setup, extra):
+    tree, pairs = setup
+    tree = tree.cast(torch.float32)
+    module = _linear(tree)
+    x = torch.randn(3, tree["l.weight"].shape[1])
+    snap = snapshot(tree)
+    assert torch.equal(fvt.lora.call(module, tree, [(a, 0.0) for a, _ in pairs], x), fvt.call(module, tree, x))
+    a, _ = pairs[0]
+    d = a["l.weight"]
+    p = fvt.lora.pad_rank(a, d.rank + extra)["l.weight"]
+    assert p.rank == d.rank + extra and p.scale == d.scale
+    assert torch.equal(p.B @ p.A, d.B @ d.A)  # zero padding adds exact zeros
+    assert torch.equal(fvt.lora.merge(tree, fvt.lora.pad_rank(a, d.rank + extra))["l.weight"], fvt.lora.merge(tree, a)["l.weight"])
+    assert_unchanged(tree, snap)
+
+
+@given(setups(), st.integers(0, 2))
+def test_extract_reproduces_the_delta_when_rank_suffices(setup, extra):
+    tree, pairs = setup
+    a, s = pairs[0]
+    base = tree.cast(torch.float32)
+    tuned = fvt.lora.merge(base, a, s)
+    if fvt.tensors_equal(tuned["l.weight"], base["l.weight"]):
+        return  # a delta below float32 resolution: nothing to extract
+    r = a["l.weight"].rank + extra
+    ex = fvt.lora.extract(base, tuned, rank=r)
+    want = tuned["l.weight"].double() - base["l.weight"].double()
+    got = ex["l.weight"].scale * ex["l.weight"].B.double() @ ex["l.weight"].A.double()
+    tol = 1e-5 * max(1.0, float(want.abs().max()))
+    assert float((got - want).abs().max()) <= tol
+
+
+@given(setups(n_adapters=2))
+def test_compress_to_the_full_rank_is_lossless(setup):
+    (a, s), (b, t) = setup[1]
+    c = fvt.lora.combine([(a, s), (b, t)])
+    full = c["l.weight"].rank
+    small, report = fvt.lora.compress(c, full, return_report=True)
+    want = c["l.weight"].scale * c["l.weight"].B.double() @ c["l.weight"].A.double()
+    got = small["l.weight"].scale * small["l.weight"].B.double() @ small["l.weight"].A.double()
+    assert torch.allclose(got, want, atol=1e-5 * max(1.0, float(want.abs().max())))
+    assert report.errors["l.weight"] <= 1e-5
+
+
+@given(setups(), st.integers(1, 4))
+def test_dora_on_the_fly_matches_merge_and_restore_is_exact(setup, cycles):
+    tree, pairs = setup
+    a, s = pairs[0]
+    d = a["l.weight"]
+    w = tree["l.weight"]
+    norms = (w.float() + d.scale * (d.B @ d.A)).norm(dim=1)
+    mag = norms * (1.0 + 0.1 * torch.randn(norms.shape, generator=torch.Generator().manual_seed(0)))
+    dora = LoraAdapter({"l.weight": LowRank(d.A, d.B, d.scale, magnitude=mag)})
+    snap = snapshot(tree)
+    merged, record = fvt.lora.merge(tree, dora, return_record=True)
+    current = merged
+    for _ in range(cycles - 1):  # restore, merge again: the record of the last merge restores it
+        current, record = fvt.lora.merge(fvt.lora.restore(current, record), dora, return_record=True)
+    assert fvt.lora.restore(current, record) == tree
+    f32 = tree.cast(torch.float32)
+    module = _linear(f32)
+    x = torch.randn(3, w.shape[1])
+    fly = fvt.lora.call(module, f32, dora, x)
+    ref = fvt.call(module, fvt.lora.merge(f32, dora), x)
+    assert torch.allclose(fly, ref, atol=1e-4, rtol=1e-4)
+    assert_unchanged(tree, snap)

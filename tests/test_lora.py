@@ -215,3 +215,30 @@ def test_extract_and_compress(tree):
         assert torch.allclose(small[k].B.double() @ small[k].A.double(), d.B.double() @ d.A.double(), atol=1e-5)
     e, _ = fvt.lora.extract(tree, merged.cast(torch.float32), energy=0.999, return_report=True)
     assert all(d.rank <= 16 for d in e.values())
+
+
+def test_factors_compile_to_one_graph_for_every_adapter_of_a_rank(model, tree, inputs):
+    import torch._dynamo.testing
+
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(lambda t, f, *x: fvt.lora.call_factors(model, t, f, *x), backend=counter)
+    for seed, rank, scale in ((1, 4, 1.0), (2, 2, 0.5), (3, 8, -2.0)):
+        a = adapter_for(tree, rank=rank, seed=seed)
+        fac = fvt.lora.factors([(a, scale)], rank=8)
+        out = compiled(tree, fac, *inputs)
+        assert torch.allclose(out, fvt.lora.call(model, tree, [(a, scale)], *inputs), atol=1e-5)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
+def test_factors_and_pad_rank_errors(model, tree, inputs):
+    a = adapter_for(tree, rank=4)
+    with pytest.raises(ShapeMismatchError, match="has rank 4, more than 2; compress it first"):
+        fvt.lora.pad_rank(a, 2)
+    key = next(iter(a))
+    d = a[key]
+    dora = LoraAdapter({key: LowRank(d.A, d.B, d.scale, magnitude=torch.ones(d.B.shape[0]))})
+    with pytest.raises(FormatError, match="factors\\(\\) takes plain low-rank targets"):
+        fvt.lora.factors(dora)
+    with pytest.raises(FormatError, match="a DoRA target takes one adapter alone"):
+        fvt.lora.call(model, tree, [dora, a], *inputs)

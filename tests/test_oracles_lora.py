@@ -97,3 +97,32 @@ def test_comfy_wan_file_converts_like_diffusers(tmp_path):
     assert set(mine) == set(theirs)
     for k in mine:
         assert torch.equal(mine[k], theirs[k]), k
+
+
+def test_dora_merge_and_on_the_fly_match_peft(tmp_path):
+    torch.manual_seed(0)
+    base = diffusers.WanTransformer3DModel(**WAN_CONFIG).eval()
+    base_tree = fvt.map_tensors(fvt.ParamTree.from_module(base), lambda t: t.detach().clone())
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "net.0.proj"], init_lora_weights=False, use_dora=True)
+    model = peft.get_peft_model(base, cfg)
+    with torch.no_grad():  # magnitudes away from the initial norms, so DoRA's rescaling matters
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.0 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "dora")
+    with torch.no_grad():
+        unmerged_out = model(**wan_inputs())[0]
+    adapter = fvt.lora.load(tmp_path / "dora", base=base_tree)
+    assert all(d.magnitude is not None for d in adapter.values()) and len(adapter) == 10
+    module = fvt.build({**dict(model.base_model.model.config), "_class_name": "WanTransformer3DModel"})
+    with torch.no_grad():
+        fly = fvt.lora.call(module, base_tree, adapter, **wan_inputs())[0]
+    assert torch.allclose(fly, unmerged_out, atol=1e-5)
+    ours, record = fvt.lora.merge(base_tree, adapter, return_record=True)
+    theirs = fvt.ParamTree.from_module(model.merge_and_unload())
+    for k in adapter:
+        assert torch.allclose(ours[k], theirs[k], atol=1e-6, rtol=0), k
+    assert fvt.lora.restore(ours, record) == base_tree
+    # kohya's dora_scale holds the same magnitudes
+    back = fvt.lora.load(fvt.lora.save(adapter, tmp_path / "kohya", format="kohya"), base=base_tree)
+    assert all(torch.equal(back[k].magnitude, adapter[k].magnitude) for k in adapter)

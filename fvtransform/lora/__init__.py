@@ -10,6 +10,7 @@ True
 
 from fvtransform.lora._adapter import Delta, FullDelta, LoraAdapter, LowRank
 from fvtransform.lora._call import call
+from fvtransform.lora._compiled import call_factors, factors, pad_rank
 from fvtransform.lora._combine import combine, random_adapter, scale_adapter
 from fvtransform.lora._extract import ExtractReport, compress, extract
 from fvtransform.lora._formats import FORMATS, ResolutionReport, detect_format, load, save
@@ -26,13 +27,16 @@ __all__ = [
     "MergeRecord",
     "ResolutionReport",
     "call",
+    "call_factors",
     "combine",
     "compress",
     "detect_format",
     "extract",
+    "factors",
     "load",
     "merge",
     "merge_transform",
+    "pad_rank",
     "random_adapter",
     "restore",
     "save",

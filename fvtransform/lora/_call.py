@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 from fvtransform.call._call import _prepare
 from fvtransform.errors import FormatError, KeyMismatchError, format_keys
 from fvtransform.lora._adapter import FullDelta, LowRank
+from fvtransform.lora._dora import dora_factor
 from fvtransform.lora._merge import AdapterSet, normalize_adapters
 
 __all__ = ["call"]
@@ -29,6 +30,14 @@ _CONV = {F.conv1d: F.conv1d, F.conv2d: F.conv2d, F.conv3d: F.conv3d, torch.conv1
 
 class _BiasDelta(FullDelta):
     """A bias delta, applied where its weight is used (broadcast over the output)."""
+
+
+class _DoraPart:
+    """A DoRA target: its low-rank factors and the per-row factor ``m / ||W + s B A||`` (computed once per call)."""
+
+    def __init__(self, d: LowRank, factor: torch.Tensor) -> None:
+        self.d = d
+        self.factor = factor
 
 
 class _LoraMode(TorchFunctionMode):
@@ -48,8 +57,30 @@ class _LoraMode(TorchFunctionMode):
                 self.used.add(key)
                 x = args[0] if args else kwargs["input"]
                 for scale, d in parts:
-                    out = out + scale * self._delta(func, x, d, args, kwargs)
+                    if isinstance(d, _DoraPart):
+                        out = self._dora(func, x, out, scale, d, args, kwargs)
+                    elif func in _LINEAR and type(d) is LowRank and d.A.dim() == 2:
+                        out = self._linear_lowrank(x, out, scale, d)
+                    else:
+                        out = out + scale * self._delta(func, x, d, args, kwargs)
         return out
+
+    @staticmethod
+    def _linear_lowrank(x: torch.Tensor, out: torch.Tensor, scale: float, d: LowRank) -> torch.Tensor:
+        """``out + scale * (x A^T) B^T`` with the add fused into one matmul (``addmm``), no extra output pass."""
+        h = F.linear(x, d.A.to(x.dtype)).reshape(-1, d.A.shape[0])
+        flat = out.reshape(-1, out.shape[-1])
+        fused = torch.addmm(flat, h, d.B.to(x.dtype).reshape(d.B.shape[0], -1).t(), alpha=scale)
+        return fused.reshape(out.shape)
+
+    def _dora(self, func: Any, x: torch.Tensor, out: torch.Tensor, scale: float, part: _DoraPart, args: Any, kwargs: Any) -> torch.Tensor:
+        """``f * (x W^T + s B A x) + b`` with ``f = m / ||W + s B A||`` per output row, as PEFT computes it."""
+        shape = (-1,) if func in _LINEAR else (1, -1, *([1] * (x.dim() - 2)))
+        f = part.factor.to(out.dtype).reshape(shape)
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        base = out if bias is None else out - bias.reshape(shape)
+        lora = self._delta(func, x, part.d, args, kwargs)
+        return out + (f - 1) * base + f * (scale * lora)
 
     @staticmethod
     def _delta(func: Any, x: torch.Tensor, d: Any, args: Any, kwargs: Any) -> torch.Tensor:
@@ -84,9 +115,17 @@ def call(
 
     ``adapters`` is an adapter or ``[(adapter, scale), ...]``. Nothing is
     merged; the module and the trees are not changed. Full deltas and bias
-    deltas are applied too (bias deltas through the weight's call). DoRA
-    targets are refused here (merge them). Every target must be used by a
-    linear or convolution call of the forward pass, or the call raises.
+    deltas are applied too (bias deltas through the weight's call), and DoRA
+    targets as PEFT computes them (``m / ||W + sBA||`` per row, worked out
+    once per call). Every target must be used by a linear or convolution
+    call of the forward pass, or the call raises.
+
+    Switching adapters is passing another one: no module is built or
+    changed. This function runs eagerly: torch 2.13's dynamo does not trace
+    its ``TorchFunctionMode``. For ``torch.compile``, use
+    :func:`fvtransform.lora.factors` (adapters as plain tensors, zero-padded
+    to one rank, scales as tensors) with :func:`fvtransform.lora.call_factors`:
+    one compiled graph then serves every adapter of that rank.
 
     >>> import torch, fvtransform as fvt
     >>> from fvtransform.lora import LoraAdapter, LowRank
@@ -105,7 +144,14 @@ def call(
             if key not in params:
                 raise KeyMismatchError(f"adapter target {key!r} is not in the tree; load the adapter with base=")
             if isinstance(d, LowRank) and d.magnitude is not None:
-                raise FormatError(f"{key!r}: DoRA cannot be applied on the fly here; merge it with fvt.lora.merge")
+                entry = by_weight.setdefault(id(params[key]), (key, []))
+                if entry[1]:
+                    raise FormatError(f"{key!r}: a DoRA target takes one adapter alone (its magnitude rescales the whole weight)")
+                entry[1].append((s * d.scale, _DoraPart(d, dora_factor(params[key], d, s * d.scale))))
+                continue
+            hit = by_weight.get(id(params[key]))
+            if hit is not None and any(isinstance(p, _DoraPart) for _, p in hit[1]):
+                raise FormatError(f"{key!r}: a DoRA target takes one adapter alone (its magnitude rescales the whole weight)")
             if key.endswith(".bias"):
                 weight_key = key[: -len(".bias")] + ".weight"
                 if weight_key not in params:

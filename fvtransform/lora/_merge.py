@@ -19,6 +19,7 @@ import torch
 
 from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError, close_matches
 from fvtransform.lora._adapter import FullDelta, LoraAdapter, LowRank
+from fvtransform.lora._dora import merge_dora, unmerge_dora
 from fvtransform.tree._paramtree import ParamTree
 
 __all__ = ["merge", "unmerge", "restore", "MergeRecord", "normalize_adapters", "delta_rows", "AdapterSet", "Workspace"]
@@ -214,10 +215,12 @@ class MergeRecord:
     corrections: Mapping[str, _Correction]
     merged_digest: Mapping[str, bytes]
     targets_nbytes: int
+    dora_norms: Mapping[str, torch.Tensor] = attrs.field(factory=dict)  # DoRA targets: row norms of W + sBA
 
     @property
     def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.corrections.values())
+        norms = sum(t.numel() * t.element_size() for t in self.dora_norms.values())
+        return sum(c.nbytes for c in self.corrections.values()) + norms
 
 
 def merge(
@@ -249,6 +252,8 @@ def merge(
     >>> fvt.lora.merge(tree, a)["b"] is tree["b"]
     True
     """
+    if return_record and donate:
+        raise FormatError("return_record=True needs the original weights; it cannot be combined with donate=True")
     base = tree if isinstance(tree, ParamTree) else ParamTree(tree)
     pairs = normalize_adapters(adapters, scale)
     per_key = _collect(base, pairs)
@@ -257,30 +262,26 @@ def merge(
     digests: dict[str, bytes] = {}
     target_bytes = 0
     work = Workspace()
+    norms: dict[str, torch.Tensor] = {}
     for key, contribs in per_key.items():
         w = base[key]
-        if _is_dora(contribs):
-            from fvtransform.lora._dora import merge_dora
-
-            new = merge_dora(w, contribs)
+        dora = _is_dora(contribs)
+        if dora:
+            new, norms[key] = merge_dora(w, contribs)
         else:
             writable = donate and w.is_contiguous() and not getattr(w, "requires_grad", False)
             new = delta_rows(contribs, w, out=w.detach() if writable else None, work=work)
         if return_record:
-            back = delta_rows(contribs, new, sign=-1.0, work=work) if not _is_dora(contribs) else None
-            if back is None:
-                raise FormatError(f"{key!r}: an exact restore record is not available for DoRA targets")
-            original = w if not donate else None
-            if original is None:
-                raise FormatError("return_record=True needs the original weights; it cannot be combined with donate=True")
-            corrections[key] = _make_correction(original, back)
+            back = unmerge_dora(new, contribs, norms[key]) if dora else delta_rows(contribs, new, sign=-1.0, work=work)
+            corrections[key] = _make_correction(w, back)
             digests[key] = _digest(new)
             target_bytes += w.numel() * w.element_size()
         out[key] = new
     # keep tied weights tied: every alias of a merged tensor gets the merged tensor
     merged = ParamTree._wrap(_retie(base, out, per_key))
     if return_record:
-        return merged, MergeRecord(tuple(pairs), corrections, digests, target_bytes)
+        kept = {k: v for k, v in norms.items() if k in corrections}
+        return merged, MergeRecord(tuple(pairs), corrections, digests, target_bytes, kept)
     return merged
 
 
@@ -338,6 +339,9 @@ def restore(tree: Mapping[str, torch.Tensor], record: MergeRecord) -> ParamTree:
                 f"restore: {key!r} is not the merged weight this record was made for; "
                 "restore takes the tree that merge(..., return_record=True) returned"
             )
-        back = delta_rows(contribs, base[key], sign=-1.0, work=work)
+        if key in record.dora_norms:
+            back = unmerge_dora(base[key], contribs, record.dora_norms[key])
+        else:
+            back = delta_rows(contribs, base[key], sign=-1.0, work=work)
         out[key] = _apply_correction(back, record.corrections[key])
     return ParamTree._wrap(_retie(base, out, per_key))
