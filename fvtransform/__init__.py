@@ -36,6 +36,18 @@ from fvtransform.tree import (
 
 __version__ = "0.1.0"
 
+_LAZY = {"shard": "fvtransform.distributed", "unshard": "fvtransform.distributed", "distributed": None}
+
+
+def __getattr__(name: str) -> object:
+    """``fvt.shard``, ``fvt.unshard`` and ``fvt.distributed`` import torch.distributed.tensor on first use."""
+    if name in _LAZY:
+        import importlib
+
+        mod = importlib.import_module("fvtransform.distributed")
+        return mod if name == "distributed" else getattr(mod, name)
+    raise AttributeError(f"module 'fvtransform' has no attribute {name!r}")
+
 __all__ = [
     "CheckReport",
     "Fuse",
@@ -54,6 +66,7 @@ __all__ = [
     "cast",
     "chain",
     "combine",
+    "distributed",
     "drop",
     "check",
     "errors",
@@ -67,8 +80,10 @@ __all__ = [
     "rename",
     "resolve",
     "select",
+    "shard",
     "tensors_equal",
     "to",
     "transforms",
+    "unshard",
     "update",
 ]

@@ -4,7 +4,7 @@ EXPECTED_TOP = {
     "CheckReport", "Fuse", "KeyMap", "MappingPlan", "ParamTree", "REGISTRY", "Registry", "Rename", "RenameRules",
     "Transform", "__version__", "build", "call", "call_with_buffers", "cast", "chain", "check", "combine", "drop",
     "errors", "load", "load_model", "lora", "map_tensors", "partition", "register", "rename", "resolve", "save",
-    "select", "tensors_equal", "to", "transforms", "update",
+    "select", "tensors_equal", "to", "transforms", "update", "shard", "unshard", "distributed",
 }
 EXPECTED_LORA = {
     "FORMATS", "Delta", "ExtractReport", "FullDelta", "LoraAdapter", "LowRank", "MergeRecord", "ResolutionReport",

@@ -164,9 +164,11 @@ def load(
     file. ``select`` keeps only matching keys (the rest stay on disk);
     ``rename`` (a dict, template pairs, :class:`RenameRules` or
     :class:`KeyMap`) renames or fuses keys; ``dtype`` casts floating tensors
-    one by one; ``device`` moves them one by one. ``mesh`` / ``plan`` are
-    reserved for per-rank sharded loading, which this version refuses with a
-    :class:`PlanError` rather than loading everything silently.
+    one by one; ``device`` moves them one by one. With ``mesh`` (a
+    ``DeviceMesh``) and ``plan`` (``None``/``"fsdp"``, ``"tp"`` or a
+    :class:`~fvtransform.distributed.ShardPlan`) every rank reads only the
+    bytes of its own slices and gets a tree of DTensors, as
+    :func:`fvtransform.shard` would make from the full tree.
 
     Pickle-based files (``.bin``, ``.pt``) are refused unless
     ``allow_pickle=True`` and then read with ``torch.load(weights_only=True)``.
@@ -178,10 +180,13 @@ def load(
     tensor([1., 1.])
     """
     if mesh is not None:
-        raise PlanError(
-            "load(..., mesh=) (per-rank sharded loading) is not available in this version; "
-            "load the tree and shard it with torch.distributed.tensor.distribute_tensor for now"
-        )
+        if torch.device(device).type != "cpu":
+            raise PlanError("load(..., mesh=) reads slices on the CPU; move the sharded tree with fvt.to afterwards")
+        from fvtransform.distributed import shard
+
+        # the lazy tree only maps the files; shard slices views of it, so each rank reads its own slices
+        lazy = load(path, select=select, rename=rename, allow_pickle=allow_pickle)
+        return shard(lazy, mesh, plan, dtype=dtype)
     if plan is not None:
         raise FormatError("plan= needs mesh=: pass the DeviceMesh to shard over")
     files = find_weight_files(path, allow_pickle=allow_pickle)

@@ -106,21 +106,22 @@ def _factors(contribs: list[_Contribution], device: torch.device, sign: float) -
 
 
 class Workspace:
-    """One float32 tile buffer per device, reused across the targets of one call.
+    """Float32 tile buffers per device, reused across the targets of one call.
 
     Allocating a fresh tile per row block costs page faults on every tile
-    (large allocations come straight from the OS); one buffer per call does not.
+    (large allocations come straight from the OS); buffers kept for the call
+    do not. ``slot`` tells apart the buffers used at the same time.
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[torch.device, torch.Tensor] = {}
+        self._buffers: dict[tuple[torch.device, int], torch.Tensor] = {}
 
-    def tile(self, device: torch.device, rows: int, cols: int) -> torch.Tensor:
+    def tile(self, device: torch.device, rows: int, cols: int, slot: int = 0) -> torch.Tensor:
         need = rows * cols
-        buf = self._buffers.get(device)
+        buf = self._buffers.get((device, slot))
         if buf is None or buf.numel() < need:
             buf = torch.empty(max(need, TILE_BYTES // 4), dtype=torch.float32, device=device)
-            self._buffers[device] = buf
+            self._buffers[(device, slot)] = buf
         return buf[:need].view(rows, cols)
 
 
@@ -131,8 +132,17 @@ def delta_rows(
     sign: float = 1.0,
     out: torch.Tensor | None = None,
     work: Workspace | None = None,
+    columns: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """``round(W + sign * sum deltas)`` computed in float32 tile by tile; writes into ``out`` if given."""
+    """``round(W + sign * sum deltas)`` computed in float32 tile by tile; writes into ``out`` if given.
+
+    Each element is ``W + P`` with ``P = (B @ A)`` computed by one matrix
+    product per row tile, then added: the bits of an element do not depend on
+    which rows are computed with it. ``columns=(c0, c1)`` says ``weight`` holds
+    only those columns of a 2-D weight whose full-width ``A`` the
+    contributions carry (a column shard): the product is made full width and
+    sliced, so the element bits equal an unsharded merge's.
+    """
     rows = weight.shape[0]
     flat_w = weight.detach().reshape(rows, -1)
     cols = flat_w.shape[1]
@@ -142,13 +152,16 @@ def delta_rows(
     B, A, fulls = _factors(contribs, weight.device, sign)
     flat_fulls = [(s, D.detach().reshape(rows, -1)) for s, D in fulls]
     work = work if work is not None else Workspace()
-    tile = max(1, TILE_BYTES // max(1, cols * 4))
+    width = A.shape[1] if A is not None else cols
+    tile = max(1, TILE_BYTES // max(1, width * 4))
     for start in range(0, rows, tile):
         stop = min(rows, start + tile)
         acc = work.tile(weight.device, stop - start, cols)
         acc.copy_(flat_w[start:stop])
         if B is not None:
-            acc.addmm_(B[start:stop], A)
+            prod = work.tile(weight.device, stop - start, width, slot=1)
+            torch.mm(B[start:stop], A, out=prod)
+            acc.add_(prod if columns is None else prod[:, columns[0] : columns[1]])
         for s, D in flat_fulls:
             acc.add_(D[start:stop].to(device=acc.device, dtype=torch.float32), alpha=s)
         flat_out[start:stop].copy_(acc)
@@ -266,6 +279,13 @@ def merge(
     for key, contribs in per_key.items():
         w = base[key]
         dora = _is_dora(contribs)
+        if _is_dtensor(w):
+            if return_record:
+                raise FormatError(f"{key!r}: return_record=True is not available for sharded (DTensor) weights; unshard first")
+            from fvtransform.lora._sharded import merge_sharded
+
+            out[key] = merge_sharded(contribs, w, sign=1.0, donate=donate, work=work)
+            continue
         if dora:
             new, norms[key] = merge_dora(w, contribs)
         else:
@@ -283,6 +303,10 @@ def merge(
         kept = {k: v for k, v in norms.items() if k in corrections}
         return merged, MergeRecord(tuple(pairs), corrections, digests, target_bytes, kept)
     return merged
+
+
+def _is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "device_mesh")
 
 
 def _is_dora(contribs: list[_Contribution]) -> bool:
@@ -318,6 +342,11 @@ def unmerge(
         w = base[key]
         if _is_dora(contribs):
             raise FormatError(f"{key!r}: DoRA merges are undone with the record of merge(..., return_record=True)")
+        if _is_dtensor(w):
+            from fvtransform.lora._sharded import merge_sharded
+
+            out[key] = merge_sharded(contribs, w, sign=-1.0, donate=donate, work=work)
+            continue
         writable = donate and w.is_contiguous()
         out[key] = delta_rows(contribs, w, sign=-1.0, out=w.detach() if writable else None, work=work)
     return ParamTree._wrap(_retie(base, out, per_key))

@@ -1,0 +1,12 @@
+"""Sharding on torch.distributed: plans as values, shard / unshard, sharded loading.
+
+>>> from fvtransform.distributed import fsdp_plan
+>>> import torch
+>>> fsdp_plan().bytes_per_rank({"w": torch.empty(5, 4), "s": torch.empty(())}, mesh_shape=(2,))
+[52, 36]
+"""
+
+from fvtransform.distributed._plan import ShardPlan, chunk_range, fsdp_plan, get_plan, tp_plan
+from fvtransform.distributed._shard import shard, unshard
+
+__all__ = ["ShardPlan", "chunk_range", "fsdp_plan", "get_plan", "shard", "tp_plan", "unshard"]

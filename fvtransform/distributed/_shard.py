@@ -1,0 +1,115 @@
+"""shard / unshard: trees of full tensors <-> trees of DTensors, with DTensor's own chunking.
+
+Every rank slices its own part of each tensor (a view where the layout
+allows, so a memory-mapped tree is read only where a rank's slice lies) and
+wraps it with ``DTensor.from_local`` and the global shape and stride: no
+communication. Tied keys stay tied (one DTensor under several keys).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+from fvtransform.distributed._plan import Placements, PlanLike, get_plan, local_ranges
+from fvtransform.errors import PlanError
+from fvtransform.tree._paramtree import ParamTree
+
+__all__ = ["shard", "unshard", "local_slice", "is_sharded"]
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out, step = [], 1
+    for d in reversed(shape):
+        out.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(out))
+
+
+def local_slice(t: torch.Tensor, mesh_shape: tuple[int, ...], placements: Placements, coordinate: tuple[int, ...]) -> torch.Tensor:
+    """This coordinate's part of ``t`` under ``placements``: a view (``narrow``), never a copy."""
+    out = t
+    for dim, (start, stop) in enumerate(local_ranges(t.shape, mesh_shape, placements, coordinate)):
+        if (start, stop) != (0, t.shape[dim]):
+            out = out.narrow(dim, start, stop - start)
+    return out
+
+
+def _coordinate(mesh: DeviceMesh) -> tuple[int, ...]:
+    c = mesh.get_coordinate()
+    if c is None:
+        raise PlanError(f"this rank ({torch.distributed.get_rank()}) is not part of the mesh {mesh}; shard on the ranks of the mesh")
+    return tuple(c)
+
+
+def shard(tree: Mapping[str, torch.Tensor], mesh: DeviceMesh, plan: PlanLike = None, *, dtype: torch.dtype | None = None) -> ParamTree:
+    """A new tree of DTensors: each rank keeps its own slice of every tensor, as ``plan`` places it.
+
+    ``plan=None`` (or ``"fsdp"``) shards dim 0 (replicate x shard on a 2-D
+    mesh); ``"tp"`` is the tensor-parallel plan; or a :class:`ShardPlan`. The
+    plan is resolved and checked before anything is sliced. Every rank must
+    pass the same full tree (a loaded checkpoint or the same seeded init):
+    nothing is communicated. ``dtype`` casts floating slices (only the local
+    part is read). The input is not mutated.
+
+    Raises:
+        PlanError: the plan does not fit the tree or the mesh.
+    """
+    if not isinstance(mesh, DeviceMesh):
+        raise PlanError(f"mesh must be a torch.distributed DeviceMesh (init_device_mesh('cpu', (n,))); found {type(mesh).__name__}")
+    mesh_shape = tuple(mesh.shape)
+    resolved = get_plan(plan, mesh.ndim).resolve(tree, mesh_shape=mesh_shape)
+    coord = _coordinate(mesh)
+    memo: dict[int, DTensor] = {}
+    first_key: dict[int, str] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tree.items():
+        if id(t) in memo:
+            if tuple(memo[id(t)].placements) != tuple(resolved[key]):
+                raise PlanError(
+                    f"tied keys {first_key[id(t)]!r} and {key!r} share one tensor but the plan places them differently "
+                    f"({tuple(memo[id(t)].placements)} vs {tuple(resolved[key])}); give tied keys the same rule"
+                )
+            out[key] = memo[id(t)]
+            continue
+        first_key[id(t)] = key
+        if isinstance(t, DTensor):
+            raise PlanError(f"{key!r} is already a DTensor {t.placements}; unshard it first or redistribute it")
+        placements = resolved[key]
+        local = local_slice(t.detach(), mesh_shape, placements, coord)
+        if dtype is not None and local.dtype.is_floating_point and local.dtype != dtype:
+            local = local.to(dtype)
+        if not local.is_contiguous():
+            local = local.contiguous()  # column slices: only this rank's part is copied
+        shape = tuple(t.shape)
+        dt = DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=_contiguous_strides(shape))
+        memo[id(t)] = dt
+        out[key] = dt
+    return ParamTree._wrap(out)
+
+
+def is_sharded(t: Any) -> bool:
+    return isinstance(t, DTensor)
+
+
+def unshard(tree: Mapping[str, torch.Tensor], *, dst: int | None = None) -> ParamTree:
+    """Full tensors again: on every rank (``dst=None``), or on rank ``dst`` only (the others get an empty tree).
+
+    Collective: every rank of the mesh must call it. Plain tensors pass
+    through. Tied keys stay tied. The input is not mutated.
+    """
+    memo: dict[int, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tree.items():
+        if id(t) not in memo:
+            memo[id(t)] = t.full_tensor() if isinstance(t, DTensor) else t
+        out[key] = memo[id(t)]
+    if dst is not None and torch.distributed.get_rank() != dst:
+        return ParamTree._wrap({})
+    return ParamTree._wrap(out)
+
+
