@@ -33,7 +33,7 @@ def main() -> int:
     results = {"machine": {"cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
                            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
                "layers": layers}
-    for bench in ("io_bench.py", "merge_bench.py", "call_bench.py"):
+    for bench in ("io_bench.py", "merge_bench.py", "call_bench.py", "dist_bench.py"):
         extra = [str(2 if args.quick else 4)] if bench == "call_bench.py" else []  # blocks of the forward benchmark
         cmd = [sys.executable, str(HERE / bench), "run", str(data), str(max(args.repeats, 5) if extra else args.repeats), *extra]
         out = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
@@ -43,9 +43,12 @@ def main() -> int:
         for row in doc["rows"]:
             rss = (f"  peak RSS {row['peak_rss_mb']:8.1f} MB  (+{row['extra_rss_mb']:.1f} MB over its inputs)"
                    if "peak_rss_mb" in row else "")
-            print(f"{row['method']:<32} {row['seconds']:8.3f} s{rss}")
+            if "private_peak_mb_max_rank" in row:
+                rss = f"  peak private memory per rank {row['private_peak_mb_per_rank']} MB"
+            name = f"{row['method']} ({row['world']} ranks)" if "world" in row else row["method"]
+            print(f"{name:<44} {row['seconds']:8.3f} s{rss}")
         for name, value in doc["ratios"].items():
-            print(f"  {name:<56} {value:6.2f}")
+            print(f"  {name:<72} {value:7.3f}")
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
 

@@ -197,3 +197,34 @@ def test_dora_on_the_fly_matches_merge_and_restore_is_exact(setup, cycles):
     ref = fvt.call(module, fvt.lora.merge(f32, dora), x)
     assert torch.allclose(fly, ref, atol=1e-4, rtol=1e-4)
     assert_unchanged(tree, snap)
+
+
+LORA_OPS = [
+    lambda t, p: fvt.lora.merge(t, p),
+    lambda t, p: fvt.lora.unmerge(t, p),
+    lambda t, p: fvt.lora.restore(*fvt.lora.merge(t, p, return_record=True)),
+    lambda t, p: fvt.lora.combine(p),
+    lambda t, p: fvt.lora.scale_adapter(p[0][0], 0.5),
+    lambda t, p: fvt.lora.pad_rank(p[0][0], 6),
+    lambda t, p: fvt.lora.factors(p, rank=8),
+    lambda t, p: fvt.lora.compress(fvt.lora.combine(p), 1),
+    lambda t, p: fvt.lora.extract(t.cast(torch.float32), fvt.lora.merge(t.cast(torch.float32), p), rank=2, select="l.weight"),
+    lambda t, p: fvt.lora.merge_transform(p[0][0], scale=p[0][1])(t),
+    lambda t, p: fvt.lora.call(_linear(t.cast(torch.float32)), t.cast(torch.float32), p, torch.ones(2, t["l.weight"].shape[1])),
+    lambda t, p: fvt.lora.call_factors(_linear(t), t, fvt.lora.factors(p), torch.ones(2, t["l.weight"].shape[1], dtype=t["l.weight"].dtype)),
+    lambda t, p: fvt.save(t, Path(tempfile.mkdtemp()) / "m.safetensors"),
+]
+
+
+@given(setups(n_adapters=2))
+def test_no_public_function_mutates_its_inputs(setup):
+    """Trees and every adapter factor keep their values, storage and version counters, whatever runs on them."""
+    tree, pairs = setup
+    snap = snapshot(tree)
+    factor_trees = [fvt.ParamTree({f"{n}": x for n, x in enumerate(a["l.weight"].tensors())}) for a, _ in pairs]
+    factor_snaps = [snapshot(f) for f in factor_trees]
+    for op in LORA_OPS:
+        op(tree, pairs)
+        assert_unchanged(tree, snap)
+        for f, s in zip(factor_trees, factor_snaps):
+            assert_unchanged(f, s)

@@ -136,6 +136,33 @@ def _check_merge_commutes(mesh, tree, plans) -> None:
         assert merged[untouched] is sharded[untouched]
 
 
+def _check_hypothesis_round_trips(mesh) -> None:
+    """Random shapes (uneven, empty, 0-d) and placements; derandomized, so every rank draws the same examples."""
+    import hypothesis.strategies as st
+    from hypothesis import HealthCheck, given, settings
+
+    @st.composite
+    def cases(draw):
+        shape = tuple(draw(st.lists(st.integers(0, 7), max_size=3)))
+        options = [Replicate()] + [Shard(d) for d in range(len(shape))]
+        placements = tuple(draw(st.sampled_from(options)) for _ in range(mesh.ndim))
+        dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.int32]))
+        return shape, placements, dtype
+
+    @settings(max_examples=40, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(cases())
+    def round_trip(case):
+        shape, placements, dtype = case
+        t = (torch.arange(int(torch.tensor(shape).prod()) if shape else 1) % 97).reshape(shape).to(dtype)
+        tree = fvt.ParamTree({"x": t})
+        plan = ShardPlan((("x", placements),))
+        sharded = fvt.shard(tree, mesh, plan)
+        _same_as_distribute_tensor(tree, sharded, mesh, {"x": placements})
+        assert fvt.unshard(sharded) == tree
+
+    round_trip()
+
+
 def _group_two(rank: int, world: int, folder: Path) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -145,6 +172,9 @@ def _group_two(rank: int, world: int, folder: Path) -> None:
     mesh = init_device_mesh("cpu", (world,))
     custom = ShardPlan(((("t0", "tied", "t6", "t7", "bf"), (Shard(1),)), ("t5", (Replicate(),))), default=(Shard(0),))
     _check_round_trips(mesh, ["fsdp", custom], folder)
+    _check_hypothesis_round_trips(mesh)
+    only_zero = fvt.unshard(fvt.shard(_random_tree(0), mesh), dst=0)
+    assert (only_zero == _random_tree(0)) if rank == 0 else len(only_zero) == 0
     conflicting = ShardPlan((("t0", (Shard(1),)), ("t5", (Replicate(),))), default=(Shard(0),))
     try:
         fvt.shard(_random_tree(0), mesh, conflicting)
@@ -195,6 +225,7 @@ def _group_four(rank: int, world: int, folder: Path) -> None:
                        ("t5", (Replicate(), Replicate()))),
                       default=(Replicate(), Shard(0)))
     _check_round_trips(mesh, ["fsdp", two_d], folder)
+    _check_hypothesis_round_trips(mesh)
     model = fvt.build("fvt-video-dit")
     tree = fvt.ParamTree(init_weights(model, seed=0))
     _check_merge_commutes(mesh, tree, ["fsdp", "tp"])
