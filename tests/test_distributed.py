@@ -194,8 +194,15 @@ def _group_two(rank: int, world: int, folder: Path) -> None:
     single = fvt.call(mlp, mlp_tree, x)
     parallelize_module(mlp, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
     plan = ShardPlan(((("0.weight", "0.bias"), (Shard(0),)), ("2.weight", (Shard(1),))), default=(Replicate(),))
-    out = fvt.call(mlp, fvt.shard(mlp_tree, mesh, plan), x)
+    tp_tree = fvt.shard(mlp_tree, mesh, plan)
+    out = fvt.call(mlp, tp_tree, x)
     assert torch.allclose(out, single, atol=1e-6)
+    # on-the-fly LoRA under tensor parallelism: factors placed like their weights, nothing gathered
+    lora = fvt.lora.random_adapter(mlp_tree, targets=["0.weight", "2.weight"], rank=2, seed=3)
+    plain_mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    want = fvt.lora.call(plain_mlp, mlp_tree, [(lora, 0.8)], x)
+    got = fvt.lora.call(mlp, tp_tree, [(lora, 0.8)], x)
+    assert torch.allclose(got, want, atol=1e-6), float((got - want).abs().max())
 
     # FSDP2: a meta-built module wrapped with fully_shard takes the tree loaded with the fsdp plan
     from torch.distributed.fsdp import fully_shard

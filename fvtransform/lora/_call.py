@@ -32,6 +32,22 @@ class _BiasDelta(FullDelta):
     """A bias delta, applied where its weight is used (broadcast over the output)."""
 
 
+class _ShardedLowRank:
+    """Factors as DTensors placed to match a sharded weight: A takes its column placement, B its row one."""
+
+    def __init__(self, d: LowRank, weight: Any) -> None:
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        mesh, placements = weight.device_mesh, tuple(weight.placements)
+        rows = tuple(Shard(0) if isinstance(p, Shard) and p.dim == 0 else Replicate() for p in placements)
+        cols = tuple(Shard(1) if isinstance(p, Shard) and p.dim == 1 else Replicate() for p in placements)
+        if any(not isinstance(p, (Shard, Replicate)) or (isinstance(p, Shard) and p.dim > 1) for p in placements) or d.A.dim() != 2:
+            raise FormatError(f"on-the-fly LoRA on a weight placed as {placements}: only Shard(0), Shard(1) and Replicate() of linear weights")
+        # each rank slices its own part of the small factors: no communication
+        self.A = distribute_tensor(d.A, mesh, cols, src_data_rank=None)
+        self.B = distribute_tensor(d.B, mesh, rows, src_data_rank=None)
+
+
 class _DoraPart:
     """A DoRA target: its low-rank factors and the per-row factor ``m / ||W + s B A||`` (computed once per call)."""
 
@@ -59,6 +75,8 @@ class _LoraMode(TorchFunctionMode):
                 for scale, d in parts:
                     if isinstance(d, _DoraPart):
                         out = self._dora(func, x, out, scale, d, args, kwargs)
+                    elif isinstance(d, _ShardedLowRank):
+                        out = out + scale * F.linear(F.linear(x, d.A.to(x.dtype)), d.B.to(x.dtype))
                     elif func in _LINEAR and type(d) is LowRank and d.A.dim() == 2:
                         out = self._linear_lowrank(x, out, scale, d)
                     else:
@@ -118,7 +136,10 @@ def call(
     deltas are applied too (bias deltas through the weight's call), and DoRA
     targets as PEFT computes them (``m / ||W + sBA||`` per row, worked out
     once per call). Every target must be used by a linear or convolution
-    call of the forward pass, or the call raises.
+    call of the forward pass, or the call raises. Under tensor parallelism
+    (DTensor weights of a ``parallelize_module``-prepared module), the
+    factors are placed like their weight (A by its columns, B by its rows):
+    each rank uses its own slice and nothing is gathered.
 
     Switching adapters is passing another one: no module is built or
     changed. This function runs eagerly: torch 2.13's dynamo does not trace
@@ -162,7 +183,10 @@ def call(
                 entry[1].append((s * d.scale, _BiasDelta(d.D)))
                 continue
             entry = by_weight.setdefault(id(params[key]), (key, []))
-            entry[1].append((s * d.scale, d))
+            effective = s * d.scale
+            if type(params[key]).__name__ == "DTensor" and isinstance(d, LowRank):
+                d = _ShardedLowRank(d, params[key])
+            entry[1].append((effective, d))
     mode = _LoraMode(by_weight)
     with mode:
         out = torch.func.functional_call(module, params, args, kwargs, tie_weights=True, strict=False)
