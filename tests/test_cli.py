@@ -35,3 +35,92 @@ def test_inspect_and_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00")
     bad = run("inspect", str(tmp_path / "junk.safetensors"))
     assert bad.returncode == 2 and "too short" in bad.stderr
+
+
+def _base_and_lora(tmp_path, n_blocks=1):
+    from fvtransform.models import init_weights
+
+    model = fvt.build("fvt-video-dit")
+    tree = fvt.ParamTree(init_weights(model, seed=0))
+    fvt.save(tree, tmp_path / "base", max_shard_size="20KB")
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"_class_name": "fvt-video-dit"}))
+    a = fvt.lora.random_adapter(tree, targets="blocks.*.attn1.to_*.weight", rank=4, seed=1)
+    b = fvt.lora.random_adapter(tree, targets="blocks.*.ffn.net.*.weight", rank=2, seed=2)
+    fvt.lora.save(a, tmp_path / "a", format="peft")
+    fvt.lora.save(b, tmp_path / "b.safetensors", format="diffusers")
+    return tree, a, b
+
+
+def test_merge_command_streams_to_the_same_layout_bit_for_bit_and_deterministically(tmp_path):
+    tree, a, b = _base_and_lora(tmp_path)
+    args = ["merge", str(tmp_path / "base"), f"{tmp_path / 'a'}:0.5", f"{tmp_path / 'b.safetensors'}:-1.25"]
+    out = run("--json", *args, "-o", str(tmp_path / "out1"))
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["merged"] == [{"lora": "a", "scale": 0.5}, {"lora": "b.safetensors", "scale": -1.25}]
+    merged = fvt.load(tmp_path / "out1")
+    b_loaded = fvt.lora.load(tmp_path / "b.safetensors", base=tree)
+    assert merged == fvt.lora.merge(tree, [(fvt.lora.load(tmp_path / "a", base=tree), 0.5), (b_loaded, -1.25)])
+    names = sorted(p.name for p in (tmp_path / "out1").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "base").iterdir())  # same shards, index and config
+    index = json.loads((tmp_path / "out1" / "model.safetensors.index.json").read_text())
+    assert json.loads(index["metadata"]["fvt.merged"])[1]["scale"] == -1.25
+    assert run(*args, "-o", str(tmp_path / "out2"), "--quiet").returncode == 0
+    for name in names:
+        assert (tmp_path / "out1" / name).read_bytes() == (tmp_path / "out2" / name).read_bytes(), name
+    bf = run(*args[:3], "-o", str(tmp_path / "bf.safetensors"), "--dtype", "bf16", "--quiet")
+    assert bf.returncode == 0, bf.stderr
+
+
+def test_merge_peak_memory_stays_near_the_largest_tensor(tmp_path):
+    """A model of many tensors merged in a subprocess: its peak RSS grows by about one tensor, not the model."""
+    g = torch.Generator().manual_seed(0)
+    tree = fvt.ParamTree({f"layers.{i}.weight": torch.randn(512, 512, generator=g) for i in range(48)})  # 48 MiB
+    fvt.save(tree, tmp_path / "big", max_shard_size="8MB")
+    fvt.lora.save(fvt.lora.random_adapter(tree, targets="layers.*.weight", rank=4), tmp_path / "l", format="peft")
+    script = (
+        "import resource, sys, fvtransform.cli._main as m\n"
+        "import torch\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "code = m.main(['merge', sys.argv[1], sys.argv[2], '-o', sys.argv[3], '--quiet'])\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print((after - before) * 1024, code)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "big"), str(tmp_path / "l"), str(tmp_path / "o")],
+                         capture_output=True, text=True, timeout=120)
+    grew, code = out.stdout.strip().splitlines()[-1].split()
+    assert code == "0", out.stderr
+    model_bytes = 48 * 512 * 512 * 4
+    # one tensor is 1 MiB; the float32 work tile is 16 MiB; the model is 48 MiB
+    assert int(grew) < 0.6 * model_bytes, f"peak grew by {int(grew) / 2**20:.1f} MiB for a {model_bytes / 2**20:.0f} MiB model"
+
+
+def test_convert_and_extract_commands(tmp_path):
+    tree, a, _ = _base_and_lora(tmp_path)
+    out = run("--json", "convert-lora", str(tmp_path / "a"), "-o", str(tmp_path / "k.safetensors"), "--to", "kohya")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["from"] == "peft"
+    back = fvt.lora.load(tmp_path / "k.safetensors", base=tree)
+    loaded_a = fvt.lora.load(tmp_path / "a", base=tree)
+    assert fvt.lora.merge(tree, back) == fvt.lora.merge(tree, loaded_a)
+    fvt.save(fvt.lora.merge(tree, loaded_a), tmp_path / "tuned.safetensors")
+    ex = run("--json", "extract-lora", str(tmp_path / "base"), str(tmp_path / "tuned.safetensors"), "-o", str(tmp_path / "x"), "--rank", "4")
+    assert ex.returncode == 0, ex.stderr
+    doc = json.loads(ex.stdout)
+    assert doc["targets"] == len(a) and doc["ranks"] == [4] and doc["max_relative_error"] < 1e-5
+    both = run("extract-lora", str(tmp_path / "base"), str(tmp_path / "tuned.safetensors"), "-o", str(tmp_path / "y"))
+    assert both.returncode == 2 and "exactly one of --rank R or --energy E" in both.stderr
+
+
+def test_command_errors_are_one_line_with_exit_code_2(tmp_path):
+    tree, _, _ = _base_and_lora(tmp_path)
+    missing = run("merge", str(tmp_path / "nope"), str(tmp_path / "a"), "-o", str(tmp_path / "o"))
+    assert missing.returncode == 2 and missing.stderr.startswith("fvtransform: error:") and "Traceback" not in missing.stderr
+    fvt.save({"x": torch.zeros(2)}, tmp_path / "junk.safetensors")
+    bad = run("merge", str(tmp_path / "base"), str(tmp_path / "junk.safetensors"), "-o", str(tmp_path / "o"))
+    assert bad.returncode == 2 and "junk.safetensors" in bad.stderr
+    same = run("merge", str(tmp_path / "base"), str(tmp_path / "a"), "-o", str(tmp_path / "base"))
+    assert same.returncode == 2 and "must differ from the base" in same.stderr
+    dt = run("merge", str(tmp_path / "base"), str(tmp_path / "a"), "-o", str(tmp_path / "o"), "--dtype", "int3")
+    assert dt.returncode == 2 and "--dtype 'int3'" in dt.stderr
+    assert not (tmp_path / "o").exists()

@@ -8,7 +8,7 @@ EXPECTED_TOP = {
 }
 EXPECTED_LORA = {
     "FORMATS", "Delta", "ExtractReport", "FullDelta", "LoraAdapter", "LowRank", "MergeRecord", "ResolutionReport",
-    "call", "call_factors", "combine", "compress", "factors", "pad_rank", "detect_format", "extract", "load", "merge", "merge_transform", "random_adapter",
+    "call", "call_factors", "combine", "compress", "factors", "pad_rank", "detect_format", "extract", "load", "merge", "merge_checkpoint", "merge_transform", "random_adapter",
     "restore", "save", "scale_adapter", "unmerge", "unmerge_transform",
 }
 

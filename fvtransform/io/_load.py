@@ -83,6 +83,10 @@ class Checkpoint:
             self._mapped[f] = MappedFile(f, self.headers[f])
         return self._mapped[f]
 
+    def file_of(self, key: str) -> Path:
+        """The file that holds ``key``'s bytes."""
+        return self._where[self.aliases.get(key, key)]
+
     def tensor(self, key: str) -> torch.Tensor:
         canon = self.aliases.get(key, key)
         return self.mapped(canon).tensor(canon)

@@ -15,6 +15,7 @@ from fvtransform.lora._combine import combine, random_adapter, scale_adapter
 from fvtransform.lora._extract import ExtractReport, compress, extract
 from fvtransform.lora._formats import FORMATS, ResolutionReport, detect_format, load, save
 from fvtransform.lora._merge import MergeRecord, merge, restore, unmerge
+from fvtransform.lora._stream import merge_checkpoint
 from fvtransform.lora._transforms import merge_transform, unmerge_transform
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "factors",
     "load",
     "merge",
+    "merge_checkpoint",
     "merge_transform",
     "pad_rank",
     "random_adapter",

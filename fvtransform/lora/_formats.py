@@ -258,7 +258,10 @@ def load(
     if not keys:
         raise FormatError(f"{label}: the LoRA file holds no tensors")
     if format == "auto":
-        fmt, scores = detect_format(keys)
+        try:
+            fmt, scores = detect_format(keys)
+        except FormatError as e:
+            raise FormatError(f"{label}: {e}") from None
     else:
         if format not in FORMATS:
             raise FormatError(f"unknown LoRA format {format!r}; known: {list(FORMATS)}")

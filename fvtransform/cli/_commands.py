@@ -1,0 +1,101 @@
+"""The file-to-file commands: merge, convert-lora, extract-lora (thin over the library)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from fvtransform.errors import FormatError
+
+__all__ = ["merge_command", "convert_command", "extract_command", "parse_lora_arg", "parse_dtype", "progress_bar"]
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in _DTYPES:
+        raise FormatError(f"--dtype {name!r}: expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def parse_lora_arg(arg: str) -> tuple[str, float]:
+    """``path`` or ``path:scale`` (a trailing ``:number``; paths may contain colons otherwise).
+
+    >>> parse_lora_arg("my/lora.safetensors:0.5")
+    ('my/lora.safetensors', 0.5)
+    >>> parse_lora_arg("org/repo")
+    ('org/repo', 1.0)
+    """
+    m = re.fullmatch(r"(.+):([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)", arg)
+    return (m.group(1), float(m.group(2))) if m else (arg, 1.0)
+
+
+def progress_bar(enabled: bool, desc: str) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+    """A tqdm bar on stderr when ``enabled`` and stderr is a terminal; returns ``(update, close)``."""
+    if not enabled or not sys.stderr.isatty():
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit="tensor", file=sys.stderr)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return update, bar.close
+
+
+def _base_tree(base: str) -> tuple[Any, Path]:
+    import fvtransform as fvt
+    from fvtransform.hub import maybe_download_model
+
+    path = maybe_download_model(base)
+    return fvt.load(path), path
+
+
+def merge_command(base: str, loras: list[str], out: str, *, dtype: str | None, quiet: bool) -> dict[str, Any]:
+    import fvtransform as fvt
+
+    tree, base_path = _base_tree(base)
+    pairs, labels = [], []
+    for arg in loras:
+        path, scale = parse_lora_arg(arg)
+        pairs.append((fvt.lora.load(path, base=tree), scale))
+        labels.append(Path(path).name)
+    update, close = progress_bar(not quiet, "merge")
+    try:
+        written = fvt.lora.merge_checkpoint(base_path, pairs, out, dtype=parse_dtype(dtype), labels=labels, progress=update)
+    finally:
+        close()
+    return {"output": str(written), "merged": [{"lora": lab, "scale": s} for lab, (_, s) in zip(labels, pairs)],
+            "tensors": len(tree)}
+
+
+def convert_command(src: str, out: str, *, to: str, base: str | None) -> dict[str, Any]:
+    import fvtransform as fvt
+
+    tree = _base_tree(base)[0] if base else None
+    adapter = fvt.lora.load(src, base=tree)
+    written = fvt.lora.save(adapter, out, format=to)
+    return {"output": str(written), "from": adapter.format, "to": to, "targets": len(adapter)}
+
+
+def extract_command(base: str, tuned: str, out: str, *, rank: int | None, energy: float | None, to: str) -> dict[str, Any]:
+    import fvtransform as fvt
+
+    if (rank is None) == (energy is None):
+        raise FormatError("extract-lora needs exactly one of --rank R or --energy E")
+    base_tree, tuned_tree = _base_tree(base)[0], _base_tree(tuned)[0]
+    adapter, report = fvt.lora.extract(base_tree, tuned_tree, rank=rank, energy=energy, return_report=True)
+    written = fvt.lora.save(adapter, out, format=to)
+    worst = max(report.errors.values()) if report.errors else 0.0
+    return {"output": str(written), "targets": len(adapter), "ranks": sorted({d.rank for d in adapter.values()}),
+            "max_relative_error": worst}
