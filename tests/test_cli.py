@@ -124,3 +124,21 @@ def test_command_errors_are_one_line_with_exit_code_2(tmp_path):
     dt = run("merge", str(tmp_path / "base"), str(tmp_path / "a"), "-o", str(tmp_path / "o"), "--dtype", "int3")
     assert dt.returncode == 2 and "--dtype 'int3'" in dt.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_inspect_lora_and_pipeline(tmp_path):
+    tree, a, _ = _base_and_lora(tmp_path)
+    out = run("--json", "inspect", str(tmp_path / "a"))
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["format"] == "peft" and len(doc["targets"]) == len(a) and {t["rank"] for t in doc["targets"]} == {4}
+    text = run("inspect", str(tmp_path / "a"), "--base", str(tmp_path / "base"))
+    assert text.returncode == 0 and "LoRA, format peft" in text.stdout and "not matched" not in text.stdout
+    fvt.save(fvt.ParamTree({"other.weight": torch.zeros(3, 3)}), tmp_path / "other.safetensors")
+    mismatch = run("--json", "inspect", str(tmp_path / "a"), "--base", str(tmp_path / "other.safetensors"))
+    assert len(json.loads(mismatch.stdout)["skipped"]) == 2 * len(a)
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    (pipe / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "WanTransformer3DModel"], "vae": [None, None]}))
+    p = json.loads(run("--json", "inspect", str(pipe)).stdout)
+    assert p["pipeline"] == {"transformer": ["diffusers", "WanTransformer3DModel"], "vae": None}

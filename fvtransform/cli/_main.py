@@ -18,8 +18,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the library end to end on the reference model")
     demo.add_argument("--workdir", default=None, help="folder for the files the demo writes")
     demo.add_argument("--seed", type=int, default=0)
-    ins = sub.add_parser("inspect", help="show the keys, shapes and dtypes of a checkpoint")
-    ins.add_argument("path")
+    ins = sub.add_parser("inspect", help="a checkpoint, model or pipeline folder, or LoRA file: what it holds")
+    ins.add_argument("path", help="a file, folder or repo id")
+    ins.add_argument("--base", default=None, help="for a LoRA: the base checkpoint to resolve it against")
     mg = sub.add_parser("merge", help="merge LoRAs into a checkpoint, disk to disk, tensor by tensor")
     mg.add_argument("base", help="checkpoint file, folder or repo id")
     mg.add_argument("loras", nargs="+", metavar="LORA[:SCALE]")
@@ -50,10 +51,29 @@ def _report(doc: dict, as_json: bool) -> int:
     return 0
 
 
-def _inspect(path: str, as_json: bool) -> int:
+def _inspect(path: str, as_json: bool, base: str | None = None) -> int:
+    from pathlib import Path
+
     from fvtransform.io import open_checkpoint
 
-    ckpt = open_checkpoint(path)
+    p = Path(path)
+    if not p.exists():
+        from fvtransform.hub import maybe_download_model
+
+        p = maybe_download_model(path)
+    if p.is_dir() and (p / "model_index.json").is_file():
+        from fvtransform.io._model import pipeline_components
+
+        comps = {k: (list(v) if v else None) for k, v in pipeline_components(p).items()}
+        if as_json:
+            print(json.dumps({"path": str(p), "pipeline": comps}))
+        else:
+            for k, v in comps.items():
+                print(f"{k:<20} {'/'.join(v) if v else '(absent)'}")
+        return 0
+    if base is not None or _looks_like_lora(p):
+        return _inspect_lora(p, base, as_json)
+    ckpt = open_checkpoint(p)
     rows = []
     for k in ckpt.keys():
         info = ckpt.info(k)
@@ -64,6 +84,42 @@ def _inspect(path: str, as_json: bool) -> int:
         for r in rows:
             print(f"{r['key']:<60} {r['dtype']:<10} {r['shape']}")
         print(f"{len(rows)} tensors, {sum(r['bytes'] for r in rows)} bytes")
+    return 0
+
+
+def _looks_like_lora(p) -> bool:
+    from fvtransform.io import open_checkpoint
+    from fvtransform.lora._formats import split_role
+
+    if p.is_dir() and (p / "adapter_config.json").is_file():
+        return True
+    try:
+        keys = open_checkpoint(p).keys()
+    except Exception:  # noqa: BLE001 (not a checkpoint: let the checkpoint path give the error)
+        return False
+    return bool(keys) and all(split_role(k) is not None for k in keys)
+
+
+def _inspect_lora(p, base: str | None, as_json: bool) -> int:
+    import fvtransform as fvt
+
+    from fvtransform.hub import maybe_download_model
+
+    base_tree = fvt.load(maybe_download_model(base)) if base else None
+    adapter, report = fvt.lora.load(p, base=base_tree, strict=False)
+    rows = [{"target": k, "kind": type(d).__name__, "rank": getattr(d, "rank", None), "alpha": getattr(d, "alpha", None),
+             "scale": getattr(d, "scale", None), "dora": getattr(d, "magnitude", None) is not None} for k, d in adapter.items()]
+    doc = {"path": str(p), "format": adapter.format, "targets": rows}
+    if report is not None:
+        doc["skipped"] = [{"key": k, "why": why} for k, why in report.skipped]
+    if as_json:
+        print(json.dumps(doc))
+    else:
+        print(f"LoRA, format {adapter.format}, {len(rows)} targets")
+        for r in rows:
+            print(f"  {r['target']:<56} {r['kind']:<9} rank {r['rank']}  alpha {r['alpha']}  scale {r['scale']}{'  DoRA' if r['dora'] else ''}")
+        for s in doc.get("skipped", []):
+            print(f"  not matched: {s['key']} ({s['why']})")
     return 0
 
 
@@ -82,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(report.to_dict()))
             return 0 if report.ok else 1
         if args.command == "inspect":
-            return _inspect(args.path, args.json)
+            return _inspect(args.path, args.json, args.base)
         from fvtransform.cli import _commands as c
 
         if args.command == "merge":
