@@ -142,3 +142,20 @@ def test_inspect_lora_and_pipeline(tmp_path):
     (pipe / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "WanTransformer3DModel"], "vae": [None, None]}))
     p = json.loads(run("--json", "inspect", str(pipe)).stdout)
     assert p["pipeline"] == {"transformer": ["diffusers", "WanTransformer3DModel"], "vae": None}
+
+
+def test_demo_on_a_real_model_folder_and_lora(tmp_path):
+    diffusers = __import__("pytest").importorskip("diffusers")
+    from test_oracles_models import WAN_CONFIG
+
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(**WAN_CONFIG)
+    model.save_pretrained(tmp_path / "wan")
+    tree = fvt.ParamTree.from_module(model)
+    fvt.lora.save(fvt.lora.random_adapter(tree, targets="blocks.*.attn1.to_*.weight", rank=2), tmp_path / "l", format="peft")
+    out = run("--json", "demo", "--model", str(tmp_path / "wan"), "--lora", str(tmp_path / "l"), "--workdir", str(tmp_path / "w"))
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["ok"] and [s["name"] for s in doc["steps"]][1] == "load LoRA strictly"
+    half = run("demo", "--model", str(tmp_path / "wan"))
+    assert half.returncode == 2 and "needs both --model and --lora" in half.stderr

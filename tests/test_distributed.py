@@ -163,6 +163,38 @@ def _check_hypothesis_round_trips(mesh) -> None:
     round_trip()
 
 
+def _check_fused_qkv_under_tp(mesh, folder: Path, rank: int) -> None:
+    """q, k, v fused while loading: each rank holds its q, k and v rows concatenated (column-parallel layout)."""
+    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    g = torch.Generator().manual_seed(7)
+    tree = fvt.ParamTree({f"b.{n}.weight": torch.randn(5, 4, generator=g) for n in "qkv"} | {"b.o.weight": torch.randn(4, 15, generator=g)})
+    fvt.save(tree, folder / f"qkv-{rank}.safetensors")
+    fuse = fvt.KeyMap.of([fvt.Fuse(["b.q.weight", "b.k.weight", "b.v.weight"], "b.qkv.weight"), ("b.o.weight", "b.o.weight")])
+    plan = ShardPlan((("b.qkv.weight", (Shard(0),)), ("b.o.weight", (Shard(1),))))
+    loaded = fvt.load(folder / f"qkv-{rank}.safetensors", mesh=mesh, plan=plan, rename=fuse)
+    qkv = loaded["b.qkv.weight"]
+    rows = [chunk_range(5, 2, rank)] * 3
+    expected_local = torch.cat([tree[f"b.{n}.weight"][a:b] for n, (a, b) in zip("qkv", rows)])
+    assert torch.equal(qkv.to_local(), expected_local)
+    full = torch.cat([tree[f"b.{n}.weight"] for n in "qkv"])
+    assert torch.equal(qkv.full_tensor(), full)
+    ref = distribute_tensor(full, mesh, (_StridedShard(0, split_factor=3),), src_data_rank=None)
+    assert torch.equal(ref.to_local(), qkv.to_local())
+    assert fvt.unshard(loaded) == fuse(tree)
+    # LoRA on the fused, per-segment sharded weight: each rank takes B's rows of every segment
+    adapter = fvt.lora.random_adapter(fuse(tree), targets="b.*.weight", rank=2, seed=4)
+    assert fvt.unshard(fvt.lora.merge(loaded, adapter)) == fvt.lora.merge(fuse(tree), adapter)
+    uneven = fvt.ParamTree({"b.q.weight": torch.zeros(6, 4), "b.k.weight": torch.zeros(2, 4), "b.v.weight": torch.zeros(2, 4)})
+    fvt.save(uneven, folder / f"gqa-{rank}.safetensors")
+    try:
+        fvt.load(folder / f"gqa-{rank}.safetensors", mesh=mesh, plan=ShardPlan((("b.qkv.weight", (Shard(0),)),)), rename=fuse)
+        raise AssertionError("unequal fused pieces sharded along the fuse dim must be refused")
+    except PlanError as e:
+        assert "differ in size along dim 0 ([6, 2, 2])" in str(e)
+
+
 def _group_two(rank: int, world: int, folder: Path) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -173,6 +205,7 @@ def _group_two(rank: int, world: int, folder: Path) -> None:
     custom = ShardPlan(((("t0", "tied", "t6", "t7", "bf"), (Shard(1),)), ("t5", (Replicate(),))), default=(Shard(0),))
     _check_round_trips(mesh, ["fsdp", custom], folder)
     _check_hypothesis_round_trips(mesh)
+    _check_fused_qkv_under_tp(mesh, folder, rank)
     only_zero = fvt.unshard(fvt.shard(_random_tree(0), mesh), dst=0)
     assert (only_zero == _random_tree(0)) if rank == 0 else len(only_zero) == 0
     conflicting = ShardPlan((("t0", (Shard(1),)), ("t5", (Replicate(),))), default=(Shard(0),))

@@ -176,3 +176,35 @@ def test_no_trust_remote_code_anywhere_in_the_library():
     root = Path(fvt.__file__).parent
     hits = [str(p.relative_to(root)) for p in root.rglob("*.py") if "trust_remote_code" in p.read_text()]
     assert hits == []
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_merge_command_killed_at_random_moments_leaves_nothing_partial(tmp_path, sharded):
+    """``fvtransform merge`` (fvt.lora.merge_checkpoint) under SIGKILL: the output is absent or complete."""
+    g = torch.Generator().manual_seed(0)
+    tree = fvt.ParamTree({f"l{i}.weight": torch.randn(96, 64, generator=g) for i in range(12)})
+    base = tmp_path / ("base" if sharded else "base.safetensors")
+    fvt.save(tree, base, max_shard_size="60KB" if sharded else None)
+    adapter = fvt.lora.random_adapter(tree, targets="l*.weight", rank=3, seed=1)
+    expected = fvt.lora.merge(tree, adapter)
+    dest = tmp_path / ("out" if sharded else "out.safetensors")
+    rng = random.Random(99 + sharded)
+    killed_mid_write, trials = 0, 8
+    for _ in range(trials):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                while True:
+                    fvt.lora.merge_checkpoint(base, adapter, dest)
+            finally:
+                os._exit(1)
+        time.sleep(rng.uniform(0.002, 0.08))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        killed_mid_write += any(TMP_MARK in p.name for p in tmp_path.iterdir())
+        if dest.exists():
+            assert fvt.load(dest) == expected
+    assert killed_mid_write >= 1, "no kill landed mid-write; the test proved nothing"
+    fvt.lora.merge_checkpoint(base, adapter, dest)
+    assert fvt.load(dest) == expected
+    assert not [p.name for p in tmp_path.iterdir() if TMP_MARK in p.name]

@@ -18,6 +18,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the library end to end on the reference model")
     demo.add_argument("--workdir", default=None, help="folder for the files the demo writes")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--model", default=None, help="a real model: folder, pipeline folder or repo id")
+    demo.add_argument("--component", default=None, help="the pipeline component, e.g. transformer")
+    demo.add_argument("--lora", default=None, help="the LoRA to run on --model: file, folder or repo id")
     ins = sub.add_parser("inspect", help="a checkpoint, model or pipeline folder, or LoRA file: what it holds")
     ins.add_argument("path", help="a file, folder or repo id")
     ins.add_argument("--base", default=None, help="for a LoRA: the base checkpoint to resolve it against")
@@ -125,15 +128,21 @@ def _inspect_lora(p, base: str | None, as_json: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for errors, 1 for failed checks)."""
-    from fvtransform.errors import FvTransformError
+    from fvtransform.errors import FormatError, FvTransformError
 
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
-            from fvtransform.cli._demo import run_demo
+            from fvtransform.cli._demo import run_demo, run_model_demo
 
             echo = (lambda _s: None) if args.json else print
-            report = run_demo(workdir=args.workdir, seed=args.seed, echo=echo)
+            if (args.model is None) != (args.lora is None):
+                raise FormatError("demo on a real model needs both --model and --lora")
+            if args.model is not None:
+                report = run_model_demo(model=args.model, lora_path=args.lora, component=args.component,
+                                        workdir=args.workdir, seed=args.seed, echo=echo)
+            else:
+                report = run_demo(workdir=args.workdir, seed=args.seed, echo=echo)
             if args.json:
                 print(json.dumps(report.to_dict()))
             return 0 if report.ok else 1

