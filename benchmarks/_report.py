@@ -63,7 +63,7 @@ def _growth_plot(runs: dict[str, Any], bench: str, methods: list[str], field: st
                 ys.append(row[field])
         if xs:
             ax.plot(xs, ys, marker="o", label=m)
-    ax.set_xlabel("checkpoint size (GB)")
+    ax.set_xlabel("checkpoint size (GiB)")
     ax.set_ylabel(label)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -94,7 +94,7 @@ def write_report(doc: dict[str, Any], docs: Path) -> Path:
     largest = max(runs, key=int)
     run = runs[largest]
     size = run.get("io_bench", {}).get("checkpoint_bytes")
-    lines.append(f"## At {largest} blocks" + (f" ({size / _GB:.2f} GB checkpoint)" if size else ""))
+    lines.append(f"## At {largest} blocks" + (f" ({size / _GB:.2f} GiB checkpoint)" if size else ""))
     for bench, title in TITLES.items():
         if bench not in run:
             continue

@@ -30,14 +30,18 @@ def test_inspect_and_errors(tmp_path):
     assert json.loads(out.stdout)["tensors"] == [{"key": "a.w", "shape": [2, 3], "dtype": "bfloat16", "bytes": 12}]
     text = run("inspect", str(tmp_path / "m.safetensors")).stdout
     assert "a.w" in text and "1 tensors" in text
+    fvt.save({f"blocks.{i}.w": torch.zeros(4) for i in range(2)} | {"head.w": torch.zeros(2)}, tmp_path / "g.safetensors")
+    groups = json.loads(run("--json", "inspect", str(tmp_path / "g.safetensors")).stdout)["groups"]
+    assert groups == {"blocks.0": {"tensors": 1, "bytes": 16}, "blocks.1": {"tensors": 1, "bytes": 16}, "head": {"tensors": 1, "bytes": 8}}
     bad = run("inspect", str(tmp_path / "missing"))
     assert bad.returncode == 2 and bad.stderr.startswith("fvtransform: error:") and "Traceback" not in bad.stderr
+    assert "is not an existing path" in bad.stderr
     (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00")
     bad = run("inspect", str(tmp_path / "junk.safetensors"))
     assert bad.returncode == 2 and "too short" in bad.stderr
 
 
-def _base_and_lora(tmp_path, n_blocks=1):
+def _base_and_lora(tmp_path):
     from fvtransform.models import init_weights
 
     model = fvt.build("fvt-video-dit")

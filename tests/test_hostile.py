@@ -118,6 +118,21 @@ def test_fuzzed_indexes_raise_only_our_errors(tmp_path_factory, doc):
 
 
 # ----------------------------------------------------------------------------- crash safety
+def _kill_mid_work(work, folder: Path, max_delay: float, rng: random.Random) -> bool:
+    """Fork a child that runs ``work()`` forever, SIGKILL it after a random delay; True if temporaries were left."""
+    pid = os.fork()
+    if pid == 0:  # child: work until killed
+        try:
+            while True:
+                work()
+        finally:
+            os._exit(1)
+    time.sleep(rng.uniform(0.002, max_delay))
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return any(TMP_MARK in p.name for p in folder.iterdir())
+
+
 def _writer(dest: Path, sharded: bool) -> None:
     """Save ever newer versions until killed; version v is a tree whose every value is v."""
     v = 0
@@ -146,16 +161,7 @@ def test_writers_killed_at_random_moments_leave_old_or_new_never_partial(tmp_pat
     killed_mid_write = 0
     trials = 12
     for _ in range(trials):
-        pid = os.fork()
-        if pid == 0:  # child: write until killed
-            try:
-                _writer(dest, sharded)
-            finally:
-                os._exit(1)
-        time.sleep(rng.uniform(0.005, 0.12))
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        killed_mid_write += any(TMP_MARK in p.name for p in tmp_path.iterdir())
+        killed_mid_write += _kill_mid_work(lambda: _writer(dest, sharded), tmp_path, 0.12, rng)
         version = _check_complete(dest)
         if seen and seen[-1] is not None:
             assert version is not None and version >= 1
@@ -191,17 +197,7 @@ def test_merge_command_killed_at_random_moments_leaves_nothing_partial(tmp_path,
     rng = random.Random(99 + sharded)
     killed_mid_write, trials = 0, 8
     for _ in range(trials):
-        pid = os.fork()
-        if pid == 0:
-            try:
-                while True:
-                    fvt.lora.merge_checkpoint(base, adapter, dest)
-            finally:
-                os._exit(1)
-        time.sleep(rng.uniform(0.002, 0.08))
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        killed_mid_write += any(TMP_MARK in p.name for p in tmp_path.iterdir())
+        killed_mid_write += _kill_mid_work(lambda: fvt.lora.merge_checkpoint(base, adapter, dest), tmp_path, 0.08, rng)
         if dest.exists():
             assert fvt.load(dest) == expected
     assert killed_mid_write >= 1, "no kill landed mid-write; the test proved nothing"

@@ -34,12 +34,8 @@ class DemoReport:
         return {"ok": self.ok, "steps": [attrs.asdict(s) for s in self.steps]}
 
 
-def run_demo(*, workdir: str | None = None, seed: int = 0, echo: Callable[[str], None] = print) -> DemoReport:
-    """Build, save (sharded), load lazily, run, LoRA merge/unmerge/restore; check every step."""
-    import fvtransform as fvt
-    from fvtransform.models import init_weights
-
-    steps: list[StepResult] = []
+def _stepper(steps: list[StepResult], echo: Callable[[str], None]) -> Callable[[str, Callable[[], tuple[str, bool]]], None]:
+    """A ``step(name, fn)`` that times ``fn``, records its ``(detail, ok)`` in ``steps`` and echoes a line."""
 
     def step(name: str, fn: Callable[[], tuple[str, bool]]) -> None:
         t0 = time.perf_counter()
@@ -47,6 +43,17 @@ def run_demo(*, workdir: str | None = None, seed: int = 0, echo: Callable[[str],
         dt = time.perf_counter() - t0
         steps.append(StepResult(name, dt, detail, ok))
         echo(f"[{'ok' if ok else 'FAIL'}] {name:<34} {dt * 1000:8.1f} ms  {detail}")
+
+    return step
+
+
+def run_demo(*, workdir: str | None = None, seed: int = 0, echo: Callable[[str], None] = print) -> DemoReport:
+    """Build, save (sharded), load lazily, run, LoRA merge/unmerge/restore; check every step."""
+    import fvtransform as fvt
+    from fvtransform.models import init_weights
+
+    steps: list[StepResult] = []
+    step = _stepper(steps, echo)
 
     tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fvt-demo-"))
     state: dict[str, Any] = {}
@@ -146,12 +153,7 @@ def run_model_demo(*, model: str, lora_path: str, component: str | None = None, 
     state: dict[str, Any] = {}
     tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fvt-demo-"))
 
-    def step(name: str, fn: Callable[[], tuple[str, bool]]) -> None:
-        t0 = time.perf_counter()
-        detail, ok = fn()
-        dt = time.perf_counter() - t0
-        steps.append(StepResult(name, dt, detail, ok))
-        echo(f"[{'ok' if ok else 'FAIL'}] {name:<34} {dt * 1000:8.1f} ms  {detail}")
+    step = _stepper(steps, echo)
 
     def load() -> tuple[str, bool]:
         module, tree = fvt.load_model(model, component)

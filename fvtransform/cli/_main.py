@@ -81,12 +81,28 @@ def _inspect(path: str, as_json: bool, base: str | None = None) -> int:
     for k in ckpt.keys():
         info = ckpt.info(k)
         rows.append({"key": k, "shape": list(info.shape), "dtype": str(info.dtype).removeprefix("torch."), "bytes": info.nbytes})
+    groups: dict[str, dict[str, int]] = {}
+    for r in rows:  # grouped by prefix: the first two segments when the second is a number (blocks.0), else one
+        parts = r["key"].split(".")
+        prefix = ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+        g = groups.setdefault(prefix, {"tensors": 0, "bytes": 0})
+        g["tensors"] += 1
+        g["bytes"] += r["bytes"]
     if as_json:
-        print(json.dumps({"path": str(path), "tensors": rows}))
+        print(json.dumps({"path": str(path), "groups": groups, "tensors": rows}))
     else:
+        from fvtransform.tree._paramtree import human_bytes
+
+        shown: set[str] = set()
         for r in rows:
-            print(f"{r['key']:<60} {r['dtype']:<10} {r['shape']}")
-        print(f"{len(rows)} tensors, {sum(r['bytes'] for r in rows)} bytes")
+            parts = r["key"].split(".")
+            prefix = ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+            if prefix not in shown:
+                shown.add(prefix)
+                g = groups[prefix]
+                print(f"{prefix}  ({g['tensors']} tensors, {human_bytes(g['bytes'])})")
+            print(f"  {r['key']:<60} {r['dtype']:<10} {r['shape']}  {human_bytes(r['bytes'])}")
+        print(f"{len(rows)} tensors, {human_bytes(sum(r['bytes'] for r in rows))}")
     return 0
 
 

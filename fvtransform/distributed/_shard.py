@@ -17,17 +17,10 @@ from torch.distributed.tensor import DTensor
 
 from fvtransform.distributed._plan import Placements, PlanLike, get_plan, local_ranges
 from fvtransform.errors import PlanError
+from fvtransform.io._safetensors import _strides
 from fvtransform.tree._paramtree import ParamTree
 
 __all__ = ["shard", "shard_mapped", "unshard", "local_slice", "is_sharded"]
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    out, step = [], 1
-    for d in reversed(shape):
-        out.append(step)
-        step *= max(d, 1)
-    return tuple(reversed(out))
 
 
 def local_slice(t: torch.Tensor, mesh_shape: tuple[int, ...], placements: Placements, coordinate: tuple[int, ...]) -> torch.Tensor:
@@ -86,7 +79,7 @@ def shard(tree: Mapping[str, torch.Tensor], mesh: DeviceMesh, plan: PlanLike = N
         if not local.is_contiguous():
             local = local.contiguous()  # column slices: only this rank's part is copied
         shape = tuple(t.shape)
-        dt = DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=_contiguous_strides(shape))
+        dt = DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=_strides(shape))
         memo[id(t)] = dt
         out[key] = dt
     return ParamTree._wrap(out)
@@ -148,7 +141,7 @@ def shard_mapped(tree: Mapping[str, torch.Tensor], mapping: Any, mesh: DeviceMes
         final = tuple(_StridedShard(step.dim, split_factor=len(pieces)) if i in along else p for i, p in enumerate(placements))
         shape = tuple(shapes[key].shape)
         out[key] = DTensor.from_local(local.contiguous(), mesh, final, run_check=False, shape=torch.Size(shape),
-                                      stride=_contiguous_strides(shape))
+                                      stride=_strides(shape))
     return ParamTree._wrap(out)
 
 

@@ -76,7 +76,7 @@ def split_repo_id(name: str) -> tuple[str, str | None]:
     fvtransform.errors.UnsafeFileError: repo id 'org/../x': segment '..' is not allowed (no '.', '..', absolute parts, empty parts or glob characters)
     """
     if name.startswith("/") or "\\" in name:
-        raise UnsafeFileError(f"repo id {name!r}: absolute paths or backslashes are not allowed")
+        raise UnsafeFileError(f"{name!r} is not an existing path, and as a repo id absolute paths or backslashes are not allowed")
     parts = name.split("/")
     for p in parts:
         if p in ("", ".", "..") or not _SEGMENT.fullmatch(p) or ".." in p:

@@ -27,7 +27,7 @@ __all__ = ["merge", "unmerge", "restore", "MergeRecord", "normalize_adapters", "
 AdapterSet = Union[LoraAdapter, Sequence[tuple[LoraAdapter, float]]]
 
 #: Bytes of float32 work space per tile (the extra memory of a merge).
-TILE_BYTES = 16 * 1024 * 1024
+TILE_BYTES = 4 * 1024 * 1024  # two tile buffers (sum and product) stay in a 32 MiB L3 cache
 
 
 def normalize_adapters(adapters: AdapterSet, scale: float = 1.0) -> list[tuple[LoraAdapter, float]]:
