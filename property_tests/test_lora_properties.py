@@ -142,8 +142,11 @@ def test_zero_scale_is_exact_and_pad_rank_changes_no_product(setup, extra):
     d = a["l.weight"]
     p = fvt.lora.pad_rank(a, d.rank + extra)["l.weight"]
     assert p.rank == d.rank + extra and p.scale == d.scale
-    assert torch.equal(p.B @ p.A, d.B @ d.A)  # zero padding adds exact zeros
-    assert torch.equal(fvt.lora.merge(tree, fvt.lora.pad_rank(a, d.rank + extra))["l.weight"], fvt.lora.merge(tree, a)["l.weight"])
+    # zero padding adds exact zeros; a BLAS kernel may group the longer sum differently (last float32 bit)
+    assert torch.allclose(p.B @ p.A, d.B @ d.A, rtol=1e-6, atol=1e-7)
+    padded = fvt.lora.merge(tree, fvt.lora.pad_rank(a, d.rank + extra))["l.weight"]
+    plain = fvt.lora.merge(tree, a)["l.weight"]
+    assert bool(((padded.double() - plain.double()).abs() <= ulp(plain)).all())  # at most one float32 ulp
     assert_unchanged(tree, snap)
 
 

@@ -15,7 +15,7 @@ OPS = [
     lambda t: fvt.map_tensors(t, lambda x: x.clone()),
     lambda t: fvt.rename(t, [("{a}.{b*}", "x.{a}.{b}")], strict=False),
     lambda t: fvt.combine(*fvt.partition(t, "*b*")),
-    lambda t: fvt.update(t, {next(iter(t)): torch.zeros(1)}),
+    lambda t: fvt.update(t, {next(iter(t)): torch.zeros(1)}) if len(t) else t,  # a chain may empty the tree
 ]
 
 

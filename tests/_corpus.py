@@ -109,6 +109,8 @@ def make_corpus(root: Path) -> list[Case]:
     idx = _index(root / "idx_symlink_escape", {"a": "model-00001-of-00001.safetensors"})
     os.symlink(good / "model-00001-of-00001.safetensors", idx / "model-00001-of-00001.safetensors")
     cases.append(Case("index shard that is a symlink escaping the folder", idx, E.UnsafeFileError, r"resolves to .*outside"))
+    idx = _index(root / "idx_nul_name", {"a": "model\x00.safetensors"})
+    cases.append(Case("index shard name with a NUL byte (found by the index fuzzer)", idx, E.UnsafeFileError, r"not a plain file name"))
     idx = _index(root / "idx_dup_key", None, raw='{"weight_map": {"a": "s.safetensors", "a": "s.safetensors"}}')
     cases.append(Case("a key listed twice in the index", idx, E.KeyMismatchError, r"key 'a' is listed twice"))
     idx = _index(root / "idx_key_in_two_shards", {"a": "one.safetensors", "b": "two.safetensors"})

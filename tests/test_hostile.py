@@ -80,10 +80,12 @@ _entries = st.fixed_dictionaries(
      "shape": st.lists(st.integers(-2, 6), max_size=3) | _json,
      "data_offsets": st.lists(st.integers(-4, 80), min_size=0, max_size=3) | _json}
 )
+#: 150 examples per fuzzer in CI; HYPOTHESIS_PROFILE=long runs 3000 (the property tests' long profile).
+FUZZ_EXAMPLES = 3000 if os.environ.get("HYPOTHESIS_PROFILE") == "long" else 150
 _headers = st.dictionaries(st.text(max_size=6), _entries | _json, max_size=4)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
 @given(header=_headers | _json, data=st.binary(max_size=96), length_delta=st.sampled_from([0, 0, 0, -3, 5, 2**40]), garbage=st.binary(max_size=16))
 def test_fuzzed_headers_raise_only_our_errors(tmp_path_factory, header, data, length_delta, garbage):
     raw = json.dumps(header).encode() + garbage
@@ -103,7 +105,7 @@ def test_fuzzed_headers_raise_only_our_errors(tmp_path_factory, header, data, le
         v.sum() if v.dtype != torch.bool else v.any()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
 @given(doc=_json | st.fixed_dictionaries({"weight_map": st.dictionaries(st.text(max_size=5), st.text(max_size=12) | _json, max_size=4)}))
 def test_fuzzed_indexes_raise_only_our_errors(tmp_path_factory, doc):
     folder = tmp_path_factory.mktemp("fuzzidx")

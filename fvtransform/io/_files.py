@@ -33,7 +33,7 @@ class WeightFiles:
 
 
 def _inside(folder: Path, name: str, index: Path) -> Path:
-    if not isinstance(name, str) or not name or name != os.path.basename(name) or name in (".", ".."):
+    if not isinstance(name, str) or not name or name != os.path.basename(name) or name in (".", "..") or "\x00" in name:
         raise UnsafeFileError(
             f"{index}: shard name {name!r} is not a plain file name in the index's folder; refusing to follow it"
         )

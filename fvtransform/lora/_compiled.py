@@ -8,7 +8,9 @@ one rank with the scale as a 0-d tensor, and :func:`call_factors` runs the
 module with ``W + scale * B @ A`` built inside the traced function. Adapters of
 the same targets and padded rank then have the same shapes and no Python
 values to guard on: one compiled graph serves them all (tests count the
-compiled frames). Zero padding adds exact zeros to every sum.
+compiled frames). Zero padding adds exact zeros to every sum; only a BLAS
+kernel's summation grouping may differ with the rank (last-bit float32
+differences, measured by the property tests).
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ Factors = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 def pad_rank(adapter: LoraAdapter, rank: int) -> LoraAdapter:
     """A new adapter whose low-rank targets all have rank ``rank``: A and B padded with zeros.
 
-    ``B @ A`` is unchanged exactly (the padding multiplies zeros); scales,
-    alphas and magnitudes are kept. The input is not mutated.
+    ``B @ A`` is unchanged up to the summation grouping of the matrix product
+    (the padding multiplies zeros; a BLAS kernel may group a longer sum
+    differently, a last-bit float32 difference); scales, alphas and
+    magnitudes are kept. The input is not mutated.
 
     >>> import torch, fvtransform as fvt
     >>> from fvtransform.lora import LoraAdapter, LowRank
