@@ -163,3 +163,30 @@ def test_demo_on_a_real_model_folder_and_lora(tmp_path):
     assert doc["ok"] and [s["name"] for s in doc["steps"]][1] == "load LoRA strictly"
     half = run("demo", "--model", str(tmp_path / "wan"))
     assert half.returncode == 2 and "needs both --model and --lora" in half.stderr
+
+
+def test_progress_bar_shows_on_a_terminal_only(tmp_path):
+    """A pseudo-terminal gets a tqdm bar on merge; --quiet and pipes get none."""
+    import os
+    import pty
+
+    tree, _, _ = _base_and_lora(tmp_path)
+    cmd = [sys.executable, "-m", "fvtransform", "merge", str(tmp_path / "base"), str(tmp_path / "a"), "-o", str(tmp_path / "o")]
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, cmd)
+    chunks = []
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    text = b"".join(chunks).decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "merge:" in text and "tensor" in text  # tqdm's "merge: 100%|...| n/n [..., tensor/s]"
+    piped = run("merge", str(tmp_path / "base"), str(tmp_path / "a"), "-o", str(tmp_path / "o2"))
+    assert "merge:" not in piped.stderr

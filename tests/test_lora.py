@@ -201,7 +201,10 @@ def test_on_the_fly_call_matches_merge_and_leaves_module_alone(model, tree, inpu
 def test_extract_and_compress(tree):
     a = adapter_for(tree, rank=3)
     merged = fvt.lora.merge(fvt.cast(tree, torch.float64), a)
-    ex, report = fvt.lora.extract(fvt.cast(tree, torch.float64), merged, rank=3, return_report=True)
+    calls = []
+    ex, report = fvt.lora.extract(fvt.cast(tree, torch.float64), merged, rank=3, return_report=True,
+                                  progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (len(tree), len(tree)) and [d for d, _ in calls] == sorted(d for d, _ in calls)
     assert set(ex) == set(a)
     for k, d in a.items():
         want = d.scale * d.B.double() @ d.A.double()

@@ -41,9 +41,17 @@ def progress_bar(enabled: bool, desc: str) -> tuple[Callable[[int, int], None] |
     """A tqdm bar on stderr when ``enabled`` and stderr is a terminal; returns ``(update, close)``."""
     if not enabled or not sys.stderr.isatty():
         return None, lambda: None
+    import os
+
     from tqdm import tqdm
 
-    bar = tqdm(desc=desc, unit="tensor", file=sys.stderr)
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+        sized = size.columns > 0 and size.lines > 0
+    except OSError:
+        sized = False
+    # a terminal that reports 0 columns or rows (a fresh pty) would make tqdm draw nothing
+    bar = tqdm(desc=desc, unit="tensor", file=sys.stderr, **({} if sized else {"ncols": 80, "nrows": 24}))
 
     def update(done: int, total: int) -> None:
         bar.total = total
@@ -88,13 +96,18 @@ def convert_command(src: str, out: str, *, to: str, base: str | None) -> dict[st
     return {"output": str(written), "from": adapter.format, "to": to, "targets": len(adapter)}
 
 
-def extract_command(base: str, tuned: str, out: str, *, rank: int | None, energy: float | None, to: str) -> dict[str, Any]:
+def extract_command(base: str, tuned: str, out: str, *, rank: int | None, energy: float | None, to: str,
+                    quiet: bool = False) -> dict[str, Any]:
     import fvtransform as fvt
 
     if (rank is None) == (energy is None):
         raise FormatError("extract-lora needs exactly one of --rank R or --energy E")
     base_tree, tuned_tree = _base_tree(base)[0], _base_tree(tuned)[0]
-    adapter, report = fvt.lora.extract(base_tree, tuned_tree, rank=rank, energy=energy, return_report=True)
+    update, close = progress_bar(not quiet, "extract")
+    try:
+        adapter, report = fvt.lora.extract(base_tree, tuned_tree, rank=rank, energy=energy, return_report=True, progress=update)
+    finally:
+        close()
     written = fvt.lora.save(adapter, out, format=to)
     worst = max(report.errors.values()) if report.errors else 0.0
     return {"output": str(written), "targets": len(adapter), "ranks": sorted({d.rank for d in adapter.values()}),

@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--rank", type=int, default=None)
     ex.add_argument("--energy", type=float, default=None)
     ex.add_argument("--to", default="peft", choices=["peft", "diffusers", "kohya", "comfy"])
+    ex.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -171,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "convert-lora":
             return _report(c.convert_command(args.src, args.output, to=args.to, base=args.base), args.json)
         if args.command == "extract-lora":
-            return _report(c.extract_command(args.base, args.tuned, args.output, rank=args.rank, energy=args.energy, to=args.to), args.json)
+            return _report(c.extract_command(args.base, args.tuned, args.output, rank=args.rank, energy=args.energy, to=args.to,
+                                             quiet=args.quiet or args.json), args.json)
     except FvTransformError as e:
         if args.debug:
             raise

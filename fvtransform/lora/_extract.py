@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import attrs
 import torch
@@ -50,13 +50,14 @@ def extract(
     energy: float | None = None,
     select: Pattern | None = None,
     return_report: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> LoraAdapter | tuple[LoraAdapter, ExtractReport]:
     """The adapter that best approximates ``tuned - base`` per target (SVD in float64).
 
     Targets are the 2-D+ keys whose weights differ (or those matching
     ``select``). Keep ``rank`` singular values, or enough for ``energy`` of the
     spectrum. ``return_report=True`` also returns each target's relative
-    Frobenius error.
+    Frobenius error. ``progress(done, total)`` is called after each key.
     """
     m = matcher(select) if select is not None else None
     targets: dict[str, Delta] = {}
@@ -64,7 +65,10 @@ def extract(
     missing = [k for k in base_tree if k not in tuned_tree]
     if missing:
         raise KeyMismatchError(f"extract: the tuned tree lacks {missing[:8]}")
-    for key, w in base_tree.items():
+    total = len(base_tree)
+    for done, (key, w) in enumerate(base_tree.items(), 1):
+        if progress is not None and done > 1:
+            progress(done - 1, total)
         t = tuned_tree[key]
         if w.dim() < 2 or (m is not None and not m(key, w)):
             continue
@@ -77,6 +81,8 @@ def extract(
         k = A.shape[0]
         targets[key] = LowRank(A.reshape(k, *w.shape[1:]), B.reshape(w.shape[0], k, *([1] * (w.dim() - 2))), 1.0, float(k))
         errors[key] = err
+    if progress is not None:
+        progress(total, total)
     if not targets:
         raise KeyMismatchError("extract: no weights differ between the trees (and select= chose none)")
     adapter = LoraAdapter(targets, format="extracted")
