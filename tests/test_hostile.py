@@ -125,6 +125,7 @@ def _kill_mid_work(work, folder: Path, max_delay: float, rng: random.Random) -> 
     pid = os.fork()
     if pid == 0:  # child: work until killed
         try:
+            torch.set_num_threads(1)  # no thread pool inherited half-alive across fork
             while True:
                 work()
         finally:
