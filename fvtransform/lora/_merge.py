@@ -27,7 +27,7 @@ __all__ = ["merge", "unmerge", "restore", "MergeRecord", "normalize_adapters", "
 AdapterSet = Union[LoraAdapter, Sequence[tuple[LoraAdapter, float]]]
 
 #: Bytes of float32 work space per tile (the extra memory of a merge).
-TILE_BYTES = 4 * 1024 * 1024  # two tile buffers (sum and product) stay in a 32 MiB L3 cache
+TILE_BYTES = 4 * 1024 * 1024  # tile buffers stay in a 32 MiB L3 cache
 
 
 def normalize_adapters(adapters: AdapterSet, scale: float = 1.0) -> list[tuple[LoraAdapter, float]]:
@@ -136,12 +136,13 @@ def delta_rows(
 ) -> torch.Tensor:
     """``round(W + sign * sum deltas)`` computed in float32 tile by tile; writes into ``out`` if given.
 
-    Each element is ``W + P`` with ``P = (B @ A)`` computed by one matrix
-    product per row tile, then added: the bits of an element do not depend on
-    which rows are computed with it. ``columns=(c0, c1)`` says ``weight`` holds
-    only those columns of a 2-D weight whose full-width ``A`` the
-    contributions carry (a column shard): the product is made full width and
-    sliced, so the element bits equal an unsharded merge's.
+    Each row tile is one fused ``addmm`` of the full width (``W + B @ A``):
+    the bits of an element do not depend on which rows are computed with it.
+    ``columns=(c0, c1)`` says ``weight`` holds only those columns of a 2-D
+    weight whose full-width ``A`` the contributions carry (a column shard):
+    the sum is made full width (other columns zero) and sliced, so the
+    element bits equal an unsharded merge's (a product's bits can depend on
+    its width, measured).
     """
     rows = weight.shape[0]
     flat_w = weight.detach().reshape(rows, -1)
@@ -156,12 +157,17 @@ def delta_rows(
     tile = max(1, TILE_BYTES // max(1, width * 4))
     for start in range(0, rows, tile):
         stop = min(rows, start + tile)
-        acc = work.tile(weight.device, stop - start, cols)
-        acc.copy_(flat_w[start:stop])
-        if B is not None:
-            prod = work.tile(weight.device, stop - start, width, slot=1)
-            torch.mm(B[start:stop], A, out=prod)
-            acc.add_(prod if columns is None else prod[:, columns[0] : columns[1]])
+        if B is not None and columns is not None:  # a column shard: the full-width sum, then its columns
+            full = work.tile(weight.device, stop - start, width, slot=1)
+            full.zero_()
+            full[:, columns[0] : columns[1]].copy_(flat_w[start:stop])
+            full.addmm_(B[start:stop], A)
+            acc = full[:, columns[0] : columns[1]]
+        else:
+            acc = work.tile(weight.device, stop - start, cols)
+            acc.copy_(flat_w[start:stop])
+            if B is not None:
+                acc.addmm_(B[start:stop], A)
         for s, D in flat_fulls:
             acc.add_(D[start:stop].to(device=acc.device, dtype=torch.float32), alpha=s)
         flat_out[start:stop].copy_(acc)
