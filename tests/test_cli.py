@@ -190,3 +190,14 @@ def test_progress_bar_shows_on_a_terminal_only(tmp_path):
     assert "merge:" in text and "tensor" in text  # tqdm's "merge: 100%|...| n/n [..., tensor/s]"
     piped = run("merge", str(tmp_path / "base"), str(tmp_path / "a"), "-o", str(tmp_path / "o2"))
     assert "merge:" not in piped.stderr
+
+
+def test_merge_of_a_single_file_model_folder_keeps_its_config(tmp_path):
+    tree = fvt.ParamTree({"l.weight": torch.randn(4, 3)})
+    (tmp_path / "m").mkdir()
+    fvt.save(tree, tmp_path / "m" / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "m" / "config.json").write_text("{}")
+    a = fvt.lora.random_adapter(tree, targets="l.weight", rank=2)
+    out = fvt.lora.merge_checkpoint(tmp_path / "m", a, tmp_path / "o")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert fvt.load(out) == fvt.lora.merge(tree, a)

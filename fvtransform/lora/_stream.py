@@ -118,14 +118,15 @@ def merge_checkpoint(
             progress(done[0], total)
         return t
 
-    if files.index is None:  # one file -> one file
+    if files.index is None and not base_path.is_dir():  # a lone file -> one file
         meta = dict(ckpt.headers[files.files[0]].metadata)
         meta[MERGED_KEY] = merged_meta
         target = out_path if out_path.suffix == ".safetensors" else out_path / files.files[0].name
         with atomic_path(target) as tmp:
             _write_file(tmp, ckpt.keys(), ckpt, produce, dtype_of, meta)
         return target
-    # sharded: the same shard files and index, in a temporary folder swapped in at the end
+    # a folder (sharded or one file): the same weight files, index and other files, in a temporary folder
+    # swapped in at the end
     from fvtransform.io._save import _swap_in
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,12 +143,13 @@ def merge_checkpoint(
             meta = dict(ckpt.headers[f].metadata)
             meta[MERGED_KEY] = merged_meta
             total_size += _write_file(tmp_dir / f.name, keys, ckpt, produce, dtype_of, meta)
-        doc = json.loads(files.index.read_text(encoding="utf-8"))
-        doc.setdefault("metadata", {})
-        doc["metadata"]["total_size"] = total_size
-        doc["metadata"][MERGED_KEY] = merged_meta
-        index_out = tmp_dir / files.index.name
-        index_out.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        if files.index is not None:
+            doc = json.loads(files.index.read_text(encoding="utf-8"))
+            doc.setdefault("metadata", {})
+            doc["metadata"]["total_size"] = total_size
+            doc["metadata"][MERGED_KEY] = merged_meta
+            index_out = tmp_dir / files.index.name
+            index_out.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n", encoding="utf-8")
         fsync_dir(tmp_dir)
         _swap_in(tmp_dir, out_path)
     finally:
