@@ -48,13 +48,10 @@ def test_merge_matches_diffusers_fuse_lora_in_bf16(tmp_path):
     path = fvt.lora.save(adapter, tmp_path / "dlora", format="diffusers")
     torch.manual_seed(0)
     pipe_model = diffusers.WanTransformer3DModel(**WAN_CONFIG).eval().to(torch.bfloat16)
-    from diffusers.loaders.lora_base import LoraBaseMixin  # noqa: F401
     from safetensors.torch import load_file
 
     sd = load_file(path)
     sd = {k[len("transformer."):]: v for k, v in sd.items()}
-    from peft import LoraConfig
-
     pipe_model.load_lora_adapter(sd, adapter_name="a", prefix=None, network_alphas=None,
                                  metadata={"r": 4, "lora_alpha": 8, "target_modules": sorted({k.rsplit(".", 2)[0] for k in sd})})
     pipe_model.fuse_lora(lora_scale=1.0)
@@ -65,7 +62,6 @@ def test_merge_matches_diffusers_fuse_lora_in_bf16(tmp_path):
         # diffusers rounds the bf16 delta before adding it; ours rounds once: a few bf16 ulps apart at most
         scale = float(ours[k].float().abs().max())
         assert torch.allclose(ours[k].float(), theirs[k].float(), rtol=4 * eps, atol=4 * eps * scale), k
-    del LoraConfig
 
 
 def test_comfy_wan_file_converts_like_diffusers(tmp_path):

@@ -19,7 +19,7 @@ import torch
 from torch.distributed.tensor import Replicate, Shard
 
 from fvtransform.errors import PlanError, format_keys
-from fvtransform.tree._match import Pattern, matcher
+from fvtransform.tree._match import matcher
 
 __all__ = ["ShardPlan", "fsdp_plan", "tp_plan", "get_plan", "chunk_range", "local_ranges", "Placements", "PlanLike"]
 

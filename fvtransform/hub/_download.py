@@ -56,6 +56,7 @@ def _retrying(fn: Callable[[], T]) -> T:
             time.sleep(delay)
     return fn()
 
+
 #: Configs, tokenizers and safetensors weights; never ONNX, Flax, TF or pickles by default.
 DEFAULT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt"]

@@ -180,7 +180,6 @@ class KeyMap:
         """Plan the mapping of concrete keys (values: tensors or shapes)."""
         strict = self.strict if strict is None else strict
         shape_of = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in shapes.items()}
-        claimed: dict[str, Step] = {}
         groups: dict[tuple[int, str], dict[int, str]] = {}
         unmatched: list[str] = []
         order: list[tuple[str, object]] = []
