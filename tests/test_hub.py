@@ -190,6 +190,15 @@ def test_bad_bytes_are_caught_named_and_removed(fake_hub, tiny_wan, fault):
     assert (folder / shard).read_bytes() == files[shard]
 
 
+def test_verify_false_skips_the_hash_check(fake_hub, tiny_wan):
+    files = tiny_wan[1]
+    shard = next(k for k in files if k.endswith(".safetensors"))
+    fake_hub.add_commit("org/tiny-wan", files)
+    fake_hub.faults[("org/tiny-wan", shard)] = "corrupt"
+    folder = maybe_download_model("org/tiny-wan", verify=False)  # the caller's explicit choice
+    assert (folder / shard).read_bytes() != files[shard]
+
+
 def test_500_then_success_retries_with_backoff(fake_hub, tiny_lora):
     fake_hub.add_commit("org/tiny-lora", tiny_lora[1])
     fake_hub.faults[("org/tiny-lora", "adapter_model.safetensors")] = 2

@@ -178,6 +178,14 @@ def test_conv_lora_on_patch_embedding(tree, model, inputs):
     assert torch.allclose(merged["patch_embedding.weight"], expect, atol=1e-6)
     fly = fvt.lora.call(model, tree, a, *inputs)
     assert torch.allclose(fly, fvt.call(model, merged, *inputs), atol=1e-5)
+    # DoRA on the Conv3d: rows are output channels; on the fly, merged and restored agree
+    norms = (w.reshape(16, -1) + 0.5 * B.reshape(16, 2) @ A.reshape(2, -1)).norm(dim=1)
+    dora = LoraAdapter({"patch_embedding.weight": LowRank(A, B, 0.5, magnitude=norms * 1.3)})
+    merged_dora, record = fvt.lora.merge(tree, dora, return_record=True)
+    assert torch.allclose(merged_dora["patch_embedding.weight"].reshape(16, -1).norm(dim=1), norms * 1.3, rtol=1e-5)
+    fly_dora = fvt.lora.call(model, tree, dora, *inputs)
+    assert torch.allclose(fly_dora, fvt.call(model, merged_dora, *inputs), atol=1e-5)
+    assert fvt.lora.restore(merged_dora, record) == tree
 
 
 def test_on_the_fly_call_matches_merge_and_leaves_module_alone(model, tree, inputs):
@@ -232,6 +240,16 @@ def test_factors_compile_to_one_graph_for_every_adapter_of_a_rank(model, tree, i
         assert torch.allclose(out, fvt.lora.call(model, tree, [(a, scale)], *inputs), atol=1e-5)
     assert counter.frame_count == 1
     torch._dynamo.reset()
+
+
+def test_factors_fold_several_adapters_on_one_key(model, tree, inputs):
+    a, b = adapter_for(tree, rank=4, seed=1), adapter_for(tree, rank=2, seed=2)
+    fac = fvt.lora.factors([(a, 0.7), (b, -1.5)], rank=8)
+    assert {A.shape[0] for A, _, _ in fac.values()} == {8}
+    got = fvt.lora.call_factors(model, tree, fac, *inputs)
+    assert torch.allclose(got, fvt.lora.call(model, tree, [(a, 0.7), (b, -1.5)], *inputs), atol=1e-5)
+    with pytest.raises(ShapeMismatchError, match="more than 4"):
+        fvt.lora.factors([(a, 1.0), (b, 1.0)], rank=4)  # 4 + 2 concatenated does not fit rank 4
 
 
 def test_factors_and_pad_rank_errors(model, tree, inputs):

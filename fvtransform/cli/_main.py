@@ -75,49 +75,39 @@ def _inspect(path: str, as_json: bool, base: str | None = None) -> int:
             for k, v in comps.items():
                 print(f"{k:<20} {'/'.join(v) if v else '(absent)'}")
         return 0
-    if base is not None or _looks_like_lora(p):
+    if base is not None or (p.is_dir() and (p / "adapter_config.json").is_file()):
         return _inspect_lora(p, base, as_json)
     ckpt = open_checkpoint(p)
+    from fvtransform.lora._formats import split_role
+
+    if ckpt.keys() and all(split_role(k) is not None for k in ckpt.keys()):  # every key is a LoRA key
+        return _inspect_lora(p, None, as_json)
     rows = []
+    groups: dict[str, dict[str, int]] = {}
     for k in ckpt.keys():
         info = ckpt.info(k)
-        rows.append({"key": k, "shape": list(info.shape), "dtype": str(info.dtype).removeprefix("torch."), "bytes": info.nbytes})
-    groups: dict[str, dict[str, int]] = {}
-    for r in rows:  # grouped by prefix: the first two segments when the second is a number (blocks.0), else one
-        parts = r["key"].split(".")
+        parts = k.split(".")  # grouped by prefix: two segments when the second is a number (blocks.0), else one
         prefix = ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+        rows.append({"key": k, "shape": list(info.shape), "dtype": str(info.dtype).removeprefix("torch."),
+                     "bytes": info.nbytes, "group": prefix})
         g = groups.setdefault(prefix, {"tensors": 0, "bytes": 0})
         g["tensors"] += 1
-        g["bytes"] += r["bytes"]
+        g["bytes"] += info.nbytes
     if as_json:
-        print(json.dumps({"path": str(path), "groups": groups, "tensors": rows}))
+        print(json.dumps({"path": str(path), "groups": groups,
+                          "tensors": [{k: v for k, v in r.items() if k != "group"} for r in rows]}))
     else:
         from fvtransform.tree._paramtree import human_bytes
 
         shown: set[str] = set()
         for r in rows:
-            parts = r["key"].split(".")
-            prefix = ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
-            if prefix not in shown:
-                shown.add(prefix)
-                g = groups[prefix]
-                print(f"{prefix}  ({g['tensors']} tensors, {human_bytes(g['bytes'])})")
+            if r["group"] not in shown:
+                shown.add(r["group"])
+                g = groups[r["group"]]
+                print(f"{r['group']}  ({g['tensors']} tensors, {human_bytes(g['bytes'])})")
             print(f"  {r['key']:<60} {r['dtype']:<10} {r['shape']}  {human_bytes(r['bytes'])}")
         print(f"{len(rows)} tensors, {human_bytes(sum(r['bytes'] for r in rows))}")
     return 0
-
-
-def _looks_like_lora(p) -> bool:
-    from fvtransform.io import open_checkpoint
-    from fvtransform.lora._formats import split_role
-
-    if p.is_dir() and (p / "adapter_config.json").is_file():
-        return True
-    try:
-        keys = open_checkpoint(p).keys()
-    except Exception:  # noqa: BLE001 (not a checkpoint: let the checkpoint path give the error)
-        return False
-    return bool(keys) and all(split_role(k) is not None for k in keys)
 
 
 def _inspect_lora(p, base: str | None, as_json: bool) -> int:
@@ -129,16 +119,15 @@ def _inspect_lora(p, base: str | None, as_json: bool) -> int:
     adapter, report = fvt.lora.load(p, base=base_tree, strict=False)
     rows = [{"target": k, "kind": type(d).__name__, "rank": getattr(d, "rank", None), "alpha": getattr(d, "alpha", None),
              "scale": getattr(d, "scale", None), "dora": getattr(d, "magnitude", None) is not None} for k, d in adapter.items()]
-    doc = {"path": str(p), "format": adapter.format, "targets": rows}
-    if report is not None:
-        doc["skipped"] = [{"key": k, "why": why} for k, why in report.skipped]
+    doc = {"path": str(p), "format": adapter.format, "targets": rows,
+           "skipped": [{"key": k, "why": why} for k, why in report.skipped]}
     if as_json:
         print(json.dumps(doc))
     else:
         print(f"LoRA, format {adapter.format}, {len(rows)} targets")
         for r in rows:
             print(f"  {r['target']:<56} {r['kind']:<9} rank {r['rank']}  alpha {r['alpha']}  scale {r['scale']}{'  DoRA' if r['dora'] else ''}")
-        for s in doc.get("skipped", []):
+        for s in doc["skipped"]:
             print(f"  not matched: {s['key']} ({s['why']})")
     return 0
 

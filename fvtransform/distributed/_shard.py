@@ -17,10 +17,11 @@ from torch.distributed.tensor import DTensor
 
 from fvtransform.distributed._plan import Placements, PlanLike, get_plan, local_ranges
 from fvtransform.errors import PlanError
+from fvtransform.io._keymap import MappingPlan
 from fvtransform.io._safetensors import _strides
 from fvtransform.tree._paramtree import ParamTree
 
-__all__ = ["shard", "shard_mapped", "unshard", "local_slice", "is_sharded"]
+__all__ = ["shard", "shard_mapped", "unshard", "local_slice"]
 
 
 def local_slice(t: torch.Tensor, mesh_shape: tuple[int, ...], placements: Placements, coordinate: tuple[int, ...]) -> torch.Tensor:
@@ -39,6 +40,20 @@ def _coordinate(mesh: DeviceMesh) -> tuple[int, ...]:
     return tuple(c)
 
 
+def _check_mesh(mesh: Any) -> None:
+    if not isinstance(mesh, DeviceMesh):
+        raise PlanError(f"mesh must be a torch.distributed DeviceMesh (init_device_mesh('cpu', (n,))); found {type(mesh).__name__}")
+
+
+def _wrap(local: torch.Tensor, mesh: DeviceMesh, placements: Any, shape: tuple[int, ...], dtype: torch.dtype | None) -> DTensor:
+    """A rank's local part (cast to ``dtype`` if floating, made contiguous) as a DTensor of global ``shape``."""
+    if dtype is not None and local.dtype.is_floating_point and local.dtype != dtype:
+        local = local.to(dtype)  # only this rank's part is read
+    if not local.is_contiguous():
+        local = local.contiguous()  # column slices: only this rank's part is copied
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=_strides(shape))
+
+
 def shard(tree: Mapping[str, torch.Tensor], mesh: DeviceMesh, plan: PlanLike = None, *, dtype: torch.dtype | None = None) -> ParamTree:
     """A new tree of DTensors: each rank keeps its own slice of every tensor, as ``plan`` places it.
 
@@ -52,11 +67,14 @@ def shard(tree: Mapping[str, torch.Tensor], mesh: DeviceMesh, plan: PlanLike = N
     Raises:
         PlanError: the plan does not fit the tree or the mesh.
     """
-    if not isinstance(mesh, DeviceMesh):
-        raise PlanError(f"mesh must be a torch.distributed DeviceMesh (init_device_mesh('cpu', (n,))); found {type(mesh).__name__}")
-    mesh_shape = tuple(mesh.shape)
-    resolved = (plan if isinstance(plan, _Fixed) else get_plan(plan, mesh.ndim)).resolve(tree, mesh_shape=mesh_shape)
-    coord = _coordinate(mesh)
+    _check_mesh(mesh)
+    resolved = get_plan(plan, mesh.ndim).resolve(tree, mesh_shape=tuple(mesh.shape))
+    return _shard_resolved(tree, mesh, resolved, dtype)
+
+
+def _shard_resolved(tree: Mapping[str, torch.Tensor], mesh: DeviceMesh, resolved: Mapping[str, Placements],
+                    dtype: torch.dtype | None) -> ParamTree:
+    mesh_shape, coord = tuple(mesh.shape), _coordinate(mesh)
     memo: dict[int, DTensor] = {}
     first_key: dict[int, str] = {}
     out: dict[str, torch.Tensor] = {}
@@ -73,19 +91,11 @@ def shard(tree: Mapping[str, torch.Tensor], mesh: DeviceMesh, plan: PlanLike = N
         if isinstance(t, DTensor):
             raise PlanError(f"{key!r} is already a DTensor {t.placements}; unshard it first or redistribute it")
         placements = resolved[key]
-        local = local_slice(t.detach(), mesh_shape, placements, coord)
-        if dtype is not None and local.dtype.is_floating_point and local.dtype != dtype:
-            local = local.to(dtype)
-        if not local.is_contiguous():
-            local = local.contiguous()  # column slices: only this rank's part is copied
-        shape = tuple(t.shape)
-        dt = DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=_strides(shape))
-        memo[id(t)] = dt
-        out[key] = dt
+        memo[id(t)] = out[key] = _wrap(local_slice(t.detach(), mesh_shape, placements, coord), mesh, placements, tuple(t.shape), dtype)
     return ParamTree._wrap(out)
 
 
-def shard_mapped(tree: Mapping[str, torch.Tensor], mapping: Any, mesh: DeviceMesh, plan: PlanLike = None, *,
+def shard_mapped(tree: Mapping[str, torch.Tensor], mapping: MappingPlan, mesh: DeviceMesh, plan: PlanLike = None, *,
                  dtype: torch.dtype | None = None) -> ParamTree:
     """``shard(mapping.apply(tree), mesh, plan)`` without materialising fused tensors.
 
@@ -99,25 +109,19 @@ def shard_mapped(tree: Mapping[str, torch.Tensor], mapping: Any, mesh: DeviceMes
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    if not isinstance(mesh, DeviceMesh):
-        raise PlanError(f"mesh must be a torch.distributed DeviceMesh (init_device_mesh('cpu', (n,))); found {type(mesh).__name__}")
+    _check_mesh(mesh)
     fused = {s.targets[0]: s for s in mapping.steps if s.kind == "fuse"}
-    if not fused:
-        return shard(mapping.apply(tree), mesh, plan, dtype=dtype)
-    shapes: dict[str, torch.Tensor] = {}
-    plain: dict[str, torch.Tensor] = {}
-    for step in mapping.steps:
-        if step.kind == "fuse":
-            pieces = [tree[k] for k in step.sources]
-            shape = list(pieces[0].shape)
-            shape[step.dim] = sum(p.shape[step.dim] for p in pieces)
-            shapes[step.targets[0]] = torch.empty(shape, dtype=pieces[0].dtype, device="meta")
-        else:
-            for k, t in mapping.__class__((step,)).apply(tree).items():
-                shapes[k] = plain[k] = t
+    plain = MappingPlan(tuple(s for s in mapping.steps if s.kind != "fuse")).apply(tree)  # renames, split views
+    shapes: dict[str, Any] = dict(plain)
+    for key, step in fused.items():
+        pieces = [tree[k] for k in step.sources]
+        shape = list(pieces[0].shape)
+        shape[step.dim] = sum(p.shape[step.dim] for p in pieces)
+        shapes[key] = torch.empty(shape, dtype=pieces[0].dtype, device="meta")
     mesh_shape = tuple(mesh.shape)
+    shapes = {k: shapes[k] for k in mapping.target_keys()}  # the mapping's order
     resolved = get_plan(plan, mesh.ndim).resolve(shapes, mesh_shape=mesh_shape)
-    rest = shard(plain, mesh, _Fixed(resolved), dtype=dtype) if plain else ParamTree._wrap({})
+    rest = _shard_resolved(plain, mesh, resolved, dtype)
     coord = _coordinate(mesh)
     out: dict[str, torch.Tensor] = {}
     for key in shapes:
@@ -136,27 +140,9 @@ def shard_mapped(tree: Mapping[str, torch.Tensor], mapping: Any, mesh: DeviceMes
                 "Shard the unfused keys, or fuse after sharding in the model"
             )
         local = torch.cat([local_slice(p, mesh_shape, placements, coord) for p in pieces], dim=step.dim)
-        if dtype is not None and local.dtype.is_floating_point and local.dtype != dtype:
-            local = local.to(dtype)
         final = tuple(_StridedShard(step.dim, split_factor=len(pieces)) if i in along else p for i, p in enumerate(placements))
-        shape = tuple(shapes[key].shape)
-        out[key] = DTensor.from_local(local.contiguous(), mesh, final, run_check=False, shape=torch.Size(shape),
-                                      stride=_strides(shape))
+        out[key] = _wrap(local, mesh, final, tuple(shapes[key].shape), dtype)
     return ParamTree._wrap(out)
-
-
-class _Fixed:
-    """A resolved plan passed through :func:`shard` unchanged."""
-
-    def __init__(self, resolved: Mapping[str, Placements]) -> None:
-        self.resolved = dict(resolved)
-
-    def resolve(self, tree: Mapping[str, Any], *, mesh_shape: Any, strict: Any = None) -> dict[str, Placements]:
-        return {k: self.resolved[k] for k in tree}
-
-
-def is_sharded(t: Any) -> bool:
-    return isinstance(t, DTensor)
 
 
 def unshard(tree: Mapping[str, torch.Tensor], *, dst: int | None = None) -> ParamTree:

@@ -20,7 +20,7 @@ from fvtransform.call._call import _prepare
 from fvtransform.errors import FormatError, KeyMismatchError, format_keys
 from fvtransform.lora._adapter import FullDelta, LowRank
 from fvtransform.lora._dora import dora_factor
-from fvtransform.lora._merge import AdapterSet, normalize_adapters
+from fvtransform.lora._merge import AdapterSet, _is_dtensor, normalize_adapters
 
 __all__ = ["call"]
 
@@ -184,7 +184,7 @@ def call(
                 continue
             entry = by_weight.setdefault(id(params[key]), (key, []))
             effective = s * d.scale
-            if type(params[key]).__name__ == "DTensor" and isinstance(d, LowRank):
+            if _is_dtensor(params[key]) and isinstance(d, LowRank):
                 d = _ShardedLowRank(d, params[key])
             entry[1].append((effective, d))
     mode = _LoraMode(by_weight)

@@ -12,26 +12,22 @@ import torch
 
 from fvtransform.errors import FormatError
 
-__all__ = ["merge_dora", "unmerge_dora", "dora_norm", "dora_factor"]
+__all__ = ["merge_dora", "unmerge_dora", "dora_factor"]
+
+
+def _product(d: Any) -> torch.Tensor:
+    """``B @ A`` in float32, as ``[out, in...]`` flattened to 2-D."""
+    return d.B.detach().reshape(d.B.shape[0], -1).float() @ d.A.detach().reshape(d.A.shape[0], -1).float()
 
 
 def _full(weight: torch.Tensor, d: Any, scale: float) -> torch.Tensor:
-    rows = weight.shape[0]
-    w = weight.detach().reshape(rows, -1).to(torch.float32)
-    return w + scale * (d.B.detach().reshape(rows, -1).float() @ d.A.detach().reshape(d.A.shape[0], -1).float())
-
-
-def dora_norm(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float) -> torch.Tensor:
-    """Row norms of ``W + s B A`` in float32 (L2 over everything but dim 0)."""
-    rows = weight.shape[0]
-    w = weight.detach().reshape(rows, -1).to(torch.float32)
-    d = B.detach().reshape(rows, -1).to(torch.float32) @ A.detach().reshape(A.shape[0], -1).to(torch.float32)
-    return (w + scale * d).norm(dim=1)
+    """``W + s B A`` in float32, flattened to 2-D."""
+    return weight.detach().reshape(weight.shape[0], -1).float() + scale * _product(d)
 
 
 def dora_factor(weight: torch.Tensor, d: Any, scale: float) -> torch.Tensor:
     """``m / ||W + s B A||_row`` in float32, one value per output row (what DoRA multiplies rows by)."""
-    return d.magnitude.detach().reshape(-1).float() / dora_norm(weight, d.B, d.A, scale)
+    return d.magnitude.detach().reshape(-1).float() / _full(weight, d, scale).norm(dim=1)
 
 
 def _single(contribs: list[Any]) -> Any:
@@ -53,7 +49,5 @@ def unmerge_dora(merged: torch.Tensor, contribs: list[Any], norms: torch.Tensor)
     """``round(W' * (n / m) - s B A)``: the pre-merge weight up to rounding, from the merge's row norms."""
     c = _single(contribs)
     d = c.delta
-    rows = merged.shape[0]
-    w = merged.detach().reshape(rows, -1).float() * (norms.reshape(-1, 1).float() / d.magnitude.detach().reshape(-1, 1).float())
-    w = w - c.scale * (d.B.detach().reshape(rows, -1).float() @ d.A.detach().reshape(d.A.shape[0], -1).float())
-    return w.to(merged.dtype).reshape(merged.shape)
+    w = merged.detach().reshape(merged.shape[0], -1).float() * (norms.reshape(-1, 1).float() / d.magnitude.detach().reshape(-1, 1).float())
+    return (w - c.scale * _product(d)).to(merged.dtype).reshape(merged.shape)

@@ -305,12 +305,12 @@ def merge(
     # keep tied weights tied: every alias of a merged tensor gets the merged tensor
     merged = ParamTree._wrap(_retie(base, out, per_key))
     if return_record:
-        kept = {k: v for k, v in norms.items() if k in corrections}
-        return merged, MergeRecord(tuple(pairs), corrections, digests, target_bytes, kept)
+        return merged, MergeRecord(tuple(pairs), corrections, digests, target_bytes, norms)
     return merged
 
 
 def _is_dtensor(t: Any) -> bool:
+    """A DTensor, told without importing torch.distributed.tensor (0.4 s) where none is used."""
     return type(t).__name__ == "DTensor" and hasattr(t, "device_mesh")
 
 

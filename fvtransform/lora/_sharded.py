@@ -26,7 +26,7 @@ __all__ = ["merge_sharded"]
 def _slice_delta(d: Any, rows: Any, cols: tuple[int, int] | None) -> Any:
     """``rows`` is a ``(start, stop)`` range or a tensor of row indices (segments of a fused weight)."""
     take = (lambda t: t[rows[0] : rows[1]]) if isinstance(rows, tuple) else (lambda t: t.index_select(0, rows))
-    if isinstance(d, LowRank):  # A stays full width: delta_rows slices the product (same bits as unsharded)
+    if isinstance(d, LowRank):  # A stays full width: delta_rows sums full width and slices (same bits as unsharded)
         return LowRank(d.A, take(d.B), d.scale, d.alpha, d.magnitude)
     D = take(d.D)
     return FullDelta(D if cols is None else D[:, cols[0] : cols[1]])
@@ -52,7 +52,7 @@ def merge_sharded(contribs: list[Any], weight: Any, *, sign: float, donate: bool
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     from fvtransform.distributed._plan import local_ranges
-    from fvtransform.lora._merge import delta_rows
+    from fvtransform.lora._merge import _is_dora, delta_rows
 
     mesh, placements = weight.device_mesh, tuple(weight.placements)
     for p in placements:
@@ -62,7 +62,7 @@ def merge_sharded(contribs: list[Any], weight: Any, *, sign: float, donate: bool
         weight.dim() > 2 and any(isinstance(p, Shard) and p.dim == 1 for p in placements)
     ):
         raise PlanError(f"merging into {list(weight.shape)} placed as {placements}: only dim 0, or dim 1 of a 2-D weight, may be sharded")
-    if any(isinstance(c.delta, LowRank) and c.delta.magnitude is not None for c in contribs):
+    if _is_dora(contribs):
         raise PlanError("DoRA needs the norms of whole rows; merge DoRA adapters before sharding")
     strided = _strided_rows(weight, placements, mesh)
     ranges = local_ranges(weight.shape, tuple(mesh.shape), placements, tuple(mesh.get_coordinate()))
