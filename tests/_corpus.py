@@ -162,4 +162,22 @@ def make_corpus(root: Path) -> list[Case]:
     lora("lora_inf", {"l.lora_A.weight": torch.zeros(2, 3), "l.lora_B.weight": torch.full((4, 2), float("inf"))}, E.NumericError, r"NaN or Inf")
     lora("lora_unmatched_key", {"nothing.here.lora_A.weight": torch.zeros(2, 3), "nothing.here.lora_B.weight": torch.zeros(4, 2)}, E.KeyMismatchError, r"nothing\.here")
     lora("lora_unknown_format", {"some.random.tensor": torch.zeros(2)}, E.FormatError, r"some\.random\.tensor|format")
+    cases.extend(_more_cases(root))
     return cases
+
+
+def _more_cases(root: Path) -> list[Case]:
+    """Cases from the area files ``tests/_corpus_<area>.py``: each defines ``cases(root) -> list[Case]``.
+
+    One file per area (readers, writers, registry, hub, LoRA), so that growing the corpus in one area
+    never touches another's file.
+    """
+    import importlib
+
+    found: list[Case] = []
+    for path in sorted(Path(__file__).parent.glob("_corpus_*.py")):
+        module = importlib.import_module(path.stem)
+        sub = root / path.stem.removeprefix("_corpus_")
+        sub.mkdir(parents=True, exist_ok=True)
+        found.extend(module.cases(sub))
+    return found
