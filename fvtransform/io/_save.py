@@ -12,7 +12,7 @@ from typing import BinaryIO
 import torch
 
 from fvtransform.errors import FormatError
-from fvtransform.io._atomic import atomic_file, exchange, swap_in, write_folder
+from fvtransform.io._atomic import atomic_file, check_destination, exchange, swap_in, write_folder
 from fvtransform.io._load import ALIASES_KEY
 from fvtransform.io._safetensors import write_safetensors
 from fvtransform.tree._paramtree import ParamTree
@@ -167,8 +167,7 @@ def previous_save(folder: Path, name: str) -> set[str]:
 
 
 def _save_sharded(tensors: dict[str, torch.Tensor], folder: Path, limit: int, meta: dict[str, str], name: str) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise FormatError(f"{folder} is a file; a sharded save writes a folder")
+    check_destination(folder, folder=True)  # a file, a FIFO, a symlink: refused before any work
     groups = _plan_shards(tensors, limit)
     n = len(groups)
     fnames = [f"{name}.safetensors" if n == 1 else f"{name}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
