@@ -84,7 +84,7 @@ def cases(root: Path) -> list[Case]:
     base = root / "models" / "base"
     _save_sharded(base)
     out.append(Case("merge into the folder that holds the base", root / "models", E.FormatError,
-                    r"models: the output must differ from the base checkpoint and must not contain it", _merge_into(base)))
+                    r"models: the output must differ from the base checkpoint and the other inputs and must not contain them", _merge_into(base)))
     out.append(Case("merge onto the base itself", base, E.FormatError, r"base: the output must differ from the base", _merge_into(base)))
     p = root / "foreign_out"
     p.mkdir()
@@ -98,4 +98,13 @@ def cases(root: Path) -> list[Case]:
     p = root / "merge_fifo"
     os.mkfifo(p)
     out.append(Case("merge onto a FIFO", p, E.UnsafeFileError, r"merge_fifo: the destination is a FIFO", _merge_into(base)))
+    p = root / "merge_file_fifo.safetensors"
+    os.mkfifo(p)
+    out.append(Case("merge of a lone file onto a FIFO", p, E.UnsafeFileError, r"merge_file_fifo.safetensors: the destination is a FIFO",
+                    _merge_into(target)))
+    p = root / "prev_out_fifo"
+    p.mkdir()
+    os.mkfifo(p / "model.safetensors.index.json")
+    out.append(Case("an output folder whose 'index' is a FIFO (never opened)", p, E.WriteError,
+                    r"prev_out_fifo: the folder is not empty \(\['model.safetensors.index.json'\]\)", _merge_into(base)))
     return out

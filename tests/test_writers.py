@@ -49,13 +49,13 @@ def test_merge_into_a_folder_that_holds_the_base_is_refused_and_deletes_nothing(
     before = {p: p.read_bytes() for p in models.rglob("*") if p.is_file()}
     code = main(["merge", str(models / "base"), str(tmp_path / "lora"), "-o", str(models), "--quiet"])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("fvtransform: error:") and err.count("\n") == 1 and "must not contain it" in err
+    assert code == 2 and err.startswith("fvtransform: error:") and err.count("\n") == 1 and "must not contain them" in err
     assert {p: p.read_bytes() for p in models.rglob("*") if p.is_file()} == before
     # --overwrite does not lift it: the base is still inside
     assert main(["merge", str(models / "base"), str(tmp_path / "lora"), "-o", str(models), "--overwrite", "--quiet"]) == 2
     assert {p: p.read_bytes() for p in models.rglob("*") if p.is_file()} == before
     # the API refuses the same, and an output that is a LoRA input
-    with pytest.raises(E.FormatError, match=r"models: the output must differ from the base checkpoint and must not contain it"):
+    with pytest.raises(E.FormatError, match=r"models: the output must differ from the base checkpoint and the other inputs and must not contain them"):
         fvt.lora.merge_checkpoint(models / "base", _adapter(tree), models)
     assert main(["merge", str(models / "base"), str(tmp_path / "lora"), "-o", str(tmp_path / "lora"), "--quiet"]) == 2
     assert (tmp_path / "lora" / "adapter_config.json").is_file()

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from fvtransform.errors import FormatError, FvTransformError, UnsafeFileError, WriteError
-from fvtransform.io._atomic import LOCK_MARK, OLD_MARK, atomic_file, write_folder
+from fvtransform.io._atomic import LOCK_MARK, OLD_MARK, atomic_file, check_destination, write_folder
 from fvtransform.io._files import find_weight_files
 from fvtransform.io._header import DTYPE_NAMES, read_header
 from fvtransform.io._load import Checkpoint
@@ -139,6 +139,7 @@ def merge_checkpoint(
         meta[MERGED_KEY] = merged_meta
         target = out_path if out_path.suffix == ".safetensors" else out_path / files.files[0].name
         _check_not_input(target, [base_path])
+        check_destination(target, folder=False)  # a FIFO, device or link: refused before it is read
         if not overwrite and _is_file(target) and _merge_record(target) is None:
             raise WriteError(f"{target}: exists and is not a previous merge output; refusing to replace it. "
                              "Choose another output, or pass --overwrite (overwrite=True)")
@@ -189,7 +190,7 @@ def _check_not_input(out: Path, inputs: Sequence[Path]) -> None:
     for p in inputs:
         rp = Path(os.path.realpath(p))
         if real == rp or real in rp.parents:
-            raise FormatError(f"{out}: the output must differ from the base checkpoint and must not contain it "
+            raise FormatError(f"{out}: the output must differ from the base checkpoint and the other inputs and must not contain them "
                               f"({p} is read while writing and would be replaced); choose another output")
 
 
@@ -198,8 +199,13 @@ def _is_file(p: Path) -> bool:
 
 
 def _merge_record(weights: Path) -> dict[str, Any] | None:
-    """The metadata of a previous merge output's weights file or index; None if it is not one (or unreadable)."""
+    """The metadata of a previous merge output's weights file or index; None if it is not one (or unreadable).
+
+    Only a regular file is opened (a FIFO named like weights would block a reader forever).
+    """
     try:
+        if not stat.S_ISREG(os.lstat(weights).st_mode):
+            return None
         if weights.name.endswith(".safetensors.index.json"):
             if not weights.is_file() or weights.is_symlink() or weights.stat().st_size > 64 * 2**20:
                 return None
