@@ -176,7 +176,7 @@ def _save_sharded(tensors: dict[str, torch.Tensor], folder: Path, limit: int, me
     def build(tmp: Path) -> None:
         weight_map: dict[str, str] = {}
         total = 0
-        for fname, keys in zip(fnames, groups):
+        for fname, keys in zip(fnames, groups, strict=True):
             with open(tmp / fname, "xb") as f:
                 write_safetensors(f, {k: tensors[k] for k in keys}, {"format": "pt"} if n > 1 else meta)
                 f.flush()
