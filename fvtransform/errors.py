@@ -29,6 +29,7 @@ __all__ = [
     "IntegrityError",
     "HubError",
     "NumericError",
+    "WriteError",
     "close_matches",
     "format_keys",
 ]
@@ -87,6 +88,10 @@ class HubError(FvTransformError):
 
 class NumericError(FvTransformError, ValueError):
     """A tensor holds NaN or Inf where finite values are required."""
+
+
+class WriteError(FvTransformError, OSError):
+    """A destination cannot or may not be written (full disk, read-only, not ours, busy); the old data is intact."""
 
 
 def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:

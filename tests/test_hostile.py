@@ -120,7 +120,7 @@ def test_fuzzed_indexes_raise_only_our_errors(tmp_path_factory, doc):
 
 
 # ----------------------------------------------------------------------------- crash safety
-def _kill_mid_work(work, folder: Path, max_delay: float, rng: random.Random) -> bool:
+def _kill_mid_work(work, folder: Path, max_delay: float, rng: random.Random, min_delay: float = 0.002) -> bool:
     """Fork a child that runs ``work()`` forever, SIGKILL it after a random delay; True if temporaries were left."""
     pid = os.fork()
     if pid == 0:  # child: work until killed
@@ -130,25 +130,54 @@ def _kill_mid_work(work, folder: Path, max_delay: float, rng: random.Random) -> 
                 work()
         finally:
             os._exit(1)
-    time.sleep(rng.uniform(0.002, max_delay))
+    time.sleep(rng.uniform(min_delay, max(min_delay, max_delay)))
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
-    return any(TMP_MARK in p.name for p in folder.iterdir())
+    return any(TMP_MARK in p.name or ".fvt-old-" in p.name for p in folder.iterdir())
 
 
-def _writer(dest: Path, sharded: bool) -> None:
-    """Save ever newer versions until killed; version v is a tree whose every value is v."""
+_LORA_BASE = fvt.ParamTree({f"t{i}.weight": torch.zeros(64, 48) for i in range(6)})
+
+
+def _version_tree(v: int) -> fvt.ParamTree:
+    return fvt.ParamTree({f"t{i}": torch.full((3000 + 97 * i,), float(v)) for i in range(6)})
+
+
+def _version_adapter(v: int):
+    return fvt.lora.random_adapter(_LORA_BASE, targets="t*.weight", rank=4, alpha=float(v), seed=v)
+
+
+def _write_version(dest: Path, kind: str, v: int) -> None:
+    if kind == "peft":
+        fvt.lora.save(_version_adapter(v), dest)
+    else:
+        fvt.save(_version_tree(v), dest, max_shard_size=None if kind == "file" else "30KB", metadata={"version": str(v)})
+
+
+def _writer(dest: Path, kind: str) -> None:
+    """Save ever newer versions until killed; version v is a tree whose every value is v (a PEFT folder: alpha v, seed v)."""
+    if kind == "sharded-two-renames":  # a file system without RENAME_EXCHANGE: the swap is two renames
+        from fvtransform.io import _atomic
+
+        _atomic.exchange = lambda a, b: False
     v = 0
     while True:
         v += 1
-        tree = fvt.ParamTree({f"t{i}": torch.full((3000 + 97 * i,), float(v)) for i in range(6)})
-        fvt.save(tree, dest, max_shard_size="30KB" if sharded else None, metadata={"version": str(v)})
+        _write_version(dest, kind, v)
 
 
-def _check_complete(dest: Path) -> float | None:
+def _check_complete(dest: Path, kind: str = "file") -> float | None:
     """The version at ``dest`` (None if nothing there); fails on any partial or mixed state."""
     if not dest.exists():
         return None
+    if kind == "peft":  # the pair: the config's alpha names the version the weights must be
+        alpha = json.loads((dest / "adapter_config.json").read_text())["lora_alpha"]
+        loaded = fvt.lora.load(dest, base=_LORA_BASE)
+        expected = _version_adapter(int(alpha))
+        assert sorted(loaded) == sorted(expected)
+        assert all(torch.equal(loaded[k].A, expected[k].A) and torch.equal(loaded[k].B, expected[k].B) for k in expected), \
+            f"a mix of versions: the config says {alpha}"
+        return float(alpha)
     tree = fvt.load(dest)
     assert sorted(tree) == [f"t{i}" for i in range(6)]
     values = {float(v.unique().item()) for v in tree.values()}
@@ -156,26 +185,37 @@ def _check_complete(dest: Path) -> float | None:
     return values.pop()
 
 
-@pytest.mark.parametrize("sharded", [False, True])
-def test_writers_killed_at_random_moments_leave_old_or_new_never_partial(tmp_path, sharded):
-    rng = random.Random(1234 + sharded)
-    dest = tmp_path / ("ckpt" if sharded else "model.safetensors")
-    seen: list[float | None] = []
+def _as_next_writer_sees_it(dest: Path) -> None:
+    """What the next writer does first, under the lock: put back an old version a two-rename swap left aside."""
+    from fvtransform.io._atomic import recover_swap, writer_lock
+
+    with writer_lock(dest):
+        recover_swap(dest)
+
+
+@pytest.mark.parametrize("kind", ["file", "sharded", "sharded-two-renames", "peft"])
+def test_writers_killed_at_random_moments_leave_old_or_new_never_partial(tmp_path, kind):
+    rng = random.Random(1234 + len(kind))
+    dest = tmp_path / ("model.safetensors" if kind == "file" else "out")
+    _write_version(dest, kind, 100)  # an older complete output exists from the start
+    (dest.parent if kind == "file" else dest).joinpath("user.txt").write_text("not ours")
+    seen: list[float | None] = [100.0]
     killed_mid_write = 0
-    trials = 12
-    for _ in range(trials):
-        killed_mid_write += _kill_mid_work(lambda: _writer(dest, sharded), tmp_path, 0.12, rng)
-        version = _check_complete(dest)
-        if seen and seen[-1] is not None:
-            assert version is not None and version >= 1
+    trials = 12 if kind in ("file", "sharded") else 8
+    for t in range(trials):  # the last trial runs long enough for some writes to complete, even on a busy machine
+        killed_mid_write += _kill_mid_work(lambda: _writer(dest, kind), tmp_path, 0.12, rng, 0.3 if t == trials - 1 else 0.002)
+        if kind == "sharded-two-renames":
+            _as_next_writer_sees_it(dest)
+        version = _check_complete(dest, kind)
+        assert version is not None, "a complete output was lost"
         seen.append(version)
     leftovers = [p.name for p in tmp_path.iterdir() if TMP_MARK in p.name]
     # the next write removes what killed writers left behind, and lands complete
-    fvt.save(fvt.ParamTree({f"t{i}": torch.full((3000 + 97 * i,), 99.0) for i in range(6)}), dest,
-             max_shard_size="30KB" if sharded else None)
-    assert _check_complete(dest) == 99.0
-    assert not [p.name for p in tmp_path.iterdir() if TMP_MARK in p.name]
-    assert any(v is not None for v in seen), "no trial got far enough to write anything; the test proved nothing"
+    _write_version(dest, kind, 99)
+    assert _check_complete(dest, kind) == 99.0
+    assert not [p.name for p in tmp_path.rglob("*") if TMP_MARK in p.name or ".fvt-old-" in p.name or ".fvt-lock" in p.name]
+    assert (dest.parent if kind == "file" else dest).joinpath("user.txt").read_text() == "not ours"
+    assert any(v != 100.0 for v in seen), "no trial got far enough to write anything; the test proved nothing"
     assert killed_mid_write >= trials // 3, f"only {killed_mid_write} of {trials} kills landed mid-write"
     assert all(TMP_MARK in name for name in leftovers)
 
@@ -189,21 +229,31 @@ def test_no_trust_remote_code_anywhere_in_the_library():
 
 @pytest.mark.parametrize("sharded", [False, True])
 def test_merge_command_killed_at_random_moments_leaves_nothing_partial(tmp_path, sharded):
-    """``fvtransform merge`` (fvt.lora.merge_checkpoint) under SIGKILL: the output is absent or complete."""
+    """``fvtransform merge`` (fvt.lora.merge_checkpoint) under SIGKILL: the older output or the new one, complete."""
     g = torch.Generator().manual_seed(0)
     tree = fvt.ParamTree({f"l{i}.weight": torch.randn(96, 64, generator=g) for i in range(12)})
     base = tmp_path / ("base" if sharded else "base.safetensors")
     fvt.save(tree, base, max_shard_size="60KB" if sharded else None)
+    if sharded:
+        (base / "config.json").write_text("{}")
     adapter = fvt.lora.random_adapter(tree, targets="l*.weight", rank=3, seed=1)
-    expected = fvt.lora.merge(tree, adapter)
+    older = fvt.lora.random_adapter(tree, targets="l*.weight", rank=3, seed=2)
+    expected, expected_older = fvt.lora.merge(tree, adapter), fvt.lora.merge(tree, older)
     dest = tmp_path / ("out" if sharded else "out.safetensors")
+    fvt.lora.merge_checkpoint(base, older, dest)  # an older merge output exists from the start
+    if sharded:
+        (dest / "user.txt").write_text("not ours")
     rng = random.Random(99 + sharded)
     killed_mid_write, trials = 0, 8
     for _ in range(trials):
         killed_mid_write += _kill_mid_work(lambda: fvt.lora.merge_checkpoint(base, adapter, dest), tmp_path, 0.08, rng)
-        if dest.exists():
-            assert fvt.load(dest) == expected
+        got = fvt.load(dest)
+        assert got == expected or got == expected_older, "a partial or mixed merge output"
+        if sharded:
+            assert (dest / "config.json").is_file() and (dest / "user.txt").read_text() == "not ours"
     assert killed_mid_write >= 1, "no kill landed mid-write; the test proved nothing"
     fvt.lora.merge_checkpoint(base, adapter, dest)
     assert fvt.load(dest) == expected
+    if sharded:  # a file the merge did not write survives every version
+        assert (dest / "user.txt").read_text() == "not ours"
     assert not [p.name for p in tmp_path.iterdir() if TMP_MARK in p.name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -69,27 +70,77 @@ def _base_tree(base: str) -> tuple[Any, Path]:
     return fvt.load(path), path
 
 
-def merge_command(base: str, loras: list[str], out: str, *, dtype: str | None, quiet: bool) -> dict[str, Any]:
+def _local_inputs(args: list[str]) -> list[Path]:
+    """The inputs that are local paths (repo ids are downloaded into the cache, never into an output)."""
+    return [Path(a) for a in args if os.path.lexists(a)]
+
+
+def _refuse_inputs(out: str, inputs: list[str]) -> None:
+    from fvtransform.lora._stream import _check_not_input
+
+    _check_not_input(Path(out), _local_inputs(inputs))
+
+
+def merge_command(base: str, loras: list[str], out: str, *, dtype: str | None, quiet: bool,
+                  overwrite: bool = False) -> dict[str, Any]:
     import fvtransform as fvt
 
+    _refuse_inputs(out, [base] + [parse_lora_arg(arg)[0] for arg in loras])
     tree, base_path = _base_tree(base)
     pairs, labels = [], []
     for arg in loras:
         path, scale = parse_lora_arg(arg)
         pairs.append((fvt.lora.load(path, base=tree), scale))
         labels.append(Path(path).name)
+    skipped: list[str] = []
     update, close = progress_bar(not quiet, "merge")
     try:
-        written = fvt.lora.merge_checkpoint(base_path, pairs, out, dtype=parse_dtype(dtype), labels=labels, progress=update)
+        written = fvt.lora.merge_checkpoint(base_path, pairs, out, dtype=parse_dtype(dtype), labels=labels, progress=update,
+                                            overwrite=overwrite, on_skip=lambda name, why: skipped.append(f"{name} ({why})"))
     finally:
         close()
-    return {"output": str(written), "merged": [{"lora": lab, "scale": s} for lab, (_, s) in zip(labels, pairs)],
-            "tensors": len(tree)}
+    doc: dict[str, Any] = {"output": str(written), "merged": [{"lora": lab, "scale": s} for lab, (_, s) in zip(labels, pairs)],
+                           "tensors": len(tree)}
+    if skipped:
+        doc["not copied"] = skipped
+    return doc
 
 
-def convert_command(src: str, out: str, *, to: str, base: str | None) -> dict[str, Any]:
+#: The files ``fvt.lora.save`` writes for each format, from the output path.
+def _lora_targets(out: Path, to: str) -> list[Path]:
+    from fvtransform.lora._formats import DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS
+
+    if to == "peft":
+        return [out / PEFT_WEIGHTS, out / PEFT_CONFIG]
+    if to == "diffusers" and (out.is_dir() or not out.suffix):
+        return [out / DIFFUSERS_WEIGHTS]
+    return [out]
+
+
+def _check_lora_output(out: str, to: str, inputs: list[str], overwrite: bool) -> None:
+    """Refuse an output that is an input, or that would replace a file fvtransform did not write (unless ``overwrite``)."""
+    from fvtransform.errors import FvTransformError, WriteError
+    from fvtransform.io._header import read_header
+    from fvtransform.lora._formats import FVT_SCALES
+
+    _refuse_inputs(out, inputs)
+    targets = _lora_targets(Path(out), to)
+    existing = [t for t in targets if os.path.lexists(t)]
+    if not existing or overwrite:
+        return
+    try:
+        ours = targets[0].is_file() and not targets[0].is_symlink() and FVT_SCALES in read_header(targets[0]).metadata
+    except FvTransformError:
+        ours = False
+    if not ours:
+        raise WriteError(f"{existing[0]}: exists and was not written by fvtransform; refusing to replace it. "
+                         "Choose another output, or pass --overwrite")
+
+
+def convert_command(src: str, out: str, *, to: str, base: str | None, overwrite: bool = False) -> dict[str, Any]:
     import fvtransform as fvt
 
+    _check_lora_output(out, to, [src] + ([base] if base else []), overwrite)
     tree = _base_tree(base)[0] if base else None
     adapter = fvt.lora.load(src, base=tree)
     written = fvt.lora.save(adapter, out, format=to)
@@ -97,11 +148,12 @@ def convert_command(src: str, out: str, *, to: str, base: str | None) -> dict[st
 
 
 def extract_command(base: str, tuned: str, out: str, *, rank: int | None, energy: float | None, to: str,
-                    quiet: bool = False) -> dict[str, Any]:
+                    quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
     import fvtransform as fvt
 
     if (rank is None) == (energy is None):
         raise FormatError("extract-lora needs exactly one of --rank R or --energy E")
+    _check_lora_output(out, to, [base, tuned], overwrite)
     base_tree, tuned_tree = _base_tree(base)[0], _base_tree(tuned)[0]
     update, close = progress_bar(not quiet, "extract")
     try:

@@ -28,17 +28,20 @@ def _parser() -> argparse.ArgumentParser:
     mg.add_argument("base", help="checkpoint file, folder or repo id")
     mg.add_argument("loras", nargs="+", metavar="LORA[:SCALE]")
     mg.add_argument("-o", "--output", required=True)
+    mg.add_argument("--overwrite", action="store_true", help="write into an existing output that fvtransform did not write (files of other names are kept)")
     mg.add_argument("--dtype", default=None, help="cast floating tensors of the output (bf16, fp16, fp32)")
     mg.add_argument("--quiet", action="store_true", help="no progress bar")
     cv = sub.add_parser("convert-lora", help="rewrite a LoRA file in another format")
     cv.add_argument("src")
     cv.add_argument("-o", "--output", required=True)
+    cv.add_argument("--overwrite", action="store_true", help="write into an existing output that fvtransform did not write (files of other names are kept)")
     cv.add_argument("--to", required=True, choices=["peft", "diffusers", "kohya", "comfy"])
     cv.add_argument("--base", default=None, help="the base checkpoint (kohya names need it)")
     ex = sub.add_parser("extract-lora", help="the LoRA that best approximates TUNED - BASE")
     ex.add_argument("base")
     ex.add_argument("tuned")
     ex.add_argument("-o", "--output", required=True)
+    ex.add_argument("--overwrite", action="store_true", help="write into an existing output that fvtransform did not write (files of other names are kept)")
     ex.add_argument("--rank", type=int, default=None)
     ex.add_argument("--energy", type=float, default=None)
     ex.add_argument("--to", default="peft", choices=["peft", "diffusers", "kohya", "comfy"])
@@ -157,12 +160,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fvtransform.cli import _commands as c
 
         if args.command == "merge":
-            return _report(c.merge_command(args.base, args.loras, args.output, dtype=args.dtype, quiet=args.quiet or args.json), args.json)
+            return _report(c.merge_command(args.base, args.loras, args.output, dtype=args.dtype, quiet=args.quiet or args.json,
+                                           overwrite=args.overwrite), args.json)
         if args.command == "convert-lora":
-            return _report(c.convert_command(args.src, args.output, to=args.to, base=args.base), args.json)
+            return _report(c.convert_command(args.src, args.output, to=args.to, base=args.base, overwrite=args.overwrite), args.json)
         if args.command == "extract-lora":
             return _report(c.extract_command(args.base, args.tuned, args.output, rank=args.rank, energy=args.energy, to=args.to,
-                                             quiet=args.quiet or args.json), args.json)
+                                             quiet=args.quiet or args.json, overwrite=args.overwrite), args.json)
     except FvTransformError as e:
         if args.debug:
             raise

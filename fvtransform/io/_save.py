@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-import contextlib
-import ctypes
-import ctypes.util
+from collections.abc import Callable, Mapping
 import json
 import os
 from pathlib import Path
 import re
-import secrets
-import shutil
+from typing import BinaryIO
 
 import torch
 
 from fvtransform.errors import FormatError
+from fvtransform.io._atomic import atomic_file, check_destination, exchange, swap_in, write_folder
 from fvtransform.io._load import ALIASES_KEY
-from fvtransform.io._safetensors import TMP_MARK, atomic_path, clean_stale_temps, fsync_dir, write_safetensors
+from fvtransform.io._safetensors import write_safetensors
 from fvtransform.tree._paramtree import ParamTree
 
-__all__ = ["save", "parse_size"]
+__all__ = ["save", "parse_size", "tree_bytes", "previous_save"]
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -83,7 +80,11 @@ def save(
     ``{weights_name}.safetensors.index.json`` in the Hugging Face layout (one
     shard: a plain ``{weights_name}.safetensors``). The new folder is built
     beside the old one (other files, such as ``config.json``, are carried
-    over) and swapped in with one atomic exchange: never a mix of versions.
+    over as hard links) and swapped in with one atomic exchange: never a mix of
+    versions. Only the files of the previous save of the same ``weights_name``
+    (its index and the shards it names, or its single file) are replaced;
+    every other file of the folder, ``model_ema.safetensors`` included, is kept.
+    Concurrent writers of one path are serialised by a lock file.
     Tied tensors are written once and come back tied from :func:`load`.
 
     >>> import torch, tempfile, os, fvtransform as fvt
@@ -94,6 +95,11 @@ def save(
     ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', 'model.safetensors.index.json']
     >>> fvt.load(os.path.join(d, "ckpt")) == t
     True
+
+    Raises:
+        FormatError: not a tree, a bad size, a folder where a file goes (or back).
+        UnsafeFileError: ``path`` is a symlink, FIFO, device or socket.
+        WriteError: a full disk, a read-only destination, a lock held too long (the old data is intact).
     """
     if not isinstance(tree, Mapping):
         raise FormatError(f"save takes a ParamTree or a mapping of str -> Tensor; found {type(tree).__name__}")
@@ -105,12 +111,21 @@ def save(
     if max_shard_size is None:
         if path.is_dir():
             raise FormatError(f"{path} is a folder; pass a file path, or max_shard_size= to write shards into it")
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        with atomic_file(path) as tmp, open(tmp, "xb") as f:
             write_safetensors(f, unique, meta)
             f.flush()
             os.fsync(f.fileno())
         return
     _save_sharded(unique, path, parse_size(max_shard_size), meta, weights_name)
+
+
+def tree_bytes(tree: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Callable[[BinaryIO], int]:
+    """A writer of ``tree`` as one safetensors file, exactly as :func:`save` writes it (for multi-file units)."""
+    if not isinstance(tree, ParamTree):
+        tree = ParamTree(tree)
+    unique, aliases = _dedupe(tree)
+    meta = _meta(metadata, aliases, list(tree))
+    return lambda f: write_safetensors(f, unique, meta)
 
 
 def _plan_shards(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
@@ -126,23 +141,43 @@ def _plan_shards(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]
     return shards
 
 
+#: The largest previous index read to learn which shards a re-save replaces.
+_INDEX_READ_LIMIT = 64 * 2**20
+
+
+def previous_save(folder: Path, name: str) -> set[str]:
+    """The files of ``folder`` that a previous save of ``name`` wrote: its index, the shards it names, its single file.
+
+    Only names of the save's own shape count (``{name}.safetensors``,
+    ``{name}-00001-of-00003.safetensors``, the index), so a broken or hostile
+    index cannot make a re-save drop ``config.json`` or ``model_ema.safetensors``.
+    """
+    shard = re.compile(re.escape(name) + r"-\d{5,}-of-\d{5,}\.safetensors")
+    single, index = f"{name}.safetensors", f"{name}.safetensors.index.json"
+    mine = {n for n in (single, index) if (folder / n).is_file() and not (folder / n).is_symlink()}
+    if index in mine and (folder / index).stat().st_size <= _INDEX_READ_LIMIT:
+        try:
+            doc = json.loads((folder / index).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            doc = None
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if isinstance(weight_map, dict):
+            mine.update(v for v in weight_map.values() if isinstance(v, str) and shard.fullmatch(v))
+    return mine
+
+
 def _save_sharded(tensors: dict[str, torch.Tensor], folder: Path, limit: int, meta: dict[str, str], name: str) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise FormatError(f"{folder} is a file; a sharded save writes a folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(folder.parent, folder.name)
-    tmp = folder.parent / f".{folder.name}{TMP_MARK}{secrets.token_hex(6)}"
-    tmp.mkdir()
-    try:
-        if folder.is_dir():
-            _carry_other_files(folder, tmp, name)
-        groups = _plan_shards(tensors, limit)
-        n = len(groups)
+    check_destination(folder, folder=True)  # a file, a FIFO, a symlink: refused before any work
+    groups = _plan_shards(tensors, limit)
+    n = len(groups)
+    fnames = [f"{name}.safetensors" if n == 1 else f"{name}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    index_name = f"{name}.safetensors.index.json"
+
+    def build(tmp: Path) -> None:
         weight_map: dict[str, str] = {}
         total = 0
-        for i, keys in enumerate(groups, 1):
-            fname = f"{name}.safetensors" if n == 1 else f"{name}-{i:05d}-of-{n:05d}.safetensors"
-            with open(tmp / fname, "wb") as f:
+        for fname, keys in zip(fnames, groups, strict=True):
+            with open(tmp / fname, "xb") as f:
                 write_safetensors(f, {k: tensors[k] for k in keys}, {"format": "pt"} if n > 1 else meta)
                 f.flush()
                 os.fsync(f.fileno())
@@ -152,62 +187,17 @@ def _save_sharded(tensors: dict[str, torch.Tensor], folder: Path, limit: int, me
         if n > 1:
             index_meta: dict[str, object] = {"total_size": total}
             index_meta.update({k: v for k, v in meta.items() if k != "format"})
-            with open(tmp / f"{name}.safetensors.index.json", "w", encoding="utf-8") as f:
+            with open(tmp / index_name, "x", encoding="utf-8") as f:
                 json.dump({"metadata": index_meta, "weight_map": weight_map}, f, indent=2)
                 f.write("\n")
                 f.flush()
                 os.fsync(f.fileno())
-        fsync_dir(tmp)
-        _swap_in(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    names = fnames + ([index_name] if n > 1 else [])
+    # the save's own names are replaced (save semantics); everything else in the folder is kept
+    write_folder(folder, names, build, owned=lambda d: previous_save(d, name), overwrite=True, what="sharded save")
 
 
-def _carry_other_files(old: Path, new: Path, name: str) -> None:
-    for entry in old.iterdir():
-        n = entry.name
-        is_weights = n.startswith(name) and (n.endswith(".safetensors") or n.endswith(".safetensors.index.json"))
-        if is_weights or TMP_MARK in n:
-            continue
-        target = new / n
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, target, symlinks=True)
-        else:
-            try:
-                os.link(entry, target, follow_symlinks=False)
-            except OSError:
-                shutil.copy2(entry, target, follow_symlinks=False)
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2); False where unsupported."""
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
-    if fn is None:
-        return False
-    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    return rc == 0
-
-
-def _swap_in(tmp: Path, folder: Path) -> None:
-    if not folder.exists():
-        os.rename(tmp, folder)
-    elif not _exchange(tmp, folder):
-        # Fallback without an atomic exchange: a crash between the renames leaves
-        # the old version under the temporary name, where the next write removes it.
-        old = folder.parent / f".{folder.name}{TMP_MARK}old-{secrets.token_hex(4)}"
-        os.rename(folder, old)
-        os.rename(tmp, folder)
-        with contextlib.suppress(OSError):
-            shutil.rmtree(old)
-    fsync_dir(folder.parent)
-    if tmp.exists():
-        shutil.rmtree(tmp, ignore_errors=True)
+# kept for callers that swap folders themselves
+_exchange = exchange
+_swap_in = swap_in

@@ -497,9 +497,11 @@ def save(adapter: LoraAdapter, path: str | os.PathLike[str], *, format: str = "p
         folder = path
         tensors = _encode(adapter, "peft", lambda m: m, "base_model.model.")
         config = _peft_config(adapter)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_tree(tensors, folder / PEFT_WEIGHTS, metadata=meta)
-        _write_json_atomic(folder / PEFT_CONFIG, config)
+        from fvtransform.io._atomic import json_bytes, write_files
+        from fvtransform.io._save import tree_bytes
+
+        # both files as one unit: a reader sees the old pair or the new pair
+        write_files(folder, {PEFT_WEIGHTS: tree_bytes(tensors, meta), PEFT_CONFIG: json_bytes(config)}, what="PEFT LoRA folder")
         return folder / PEFT_WEIGHTS
     if format == "diffusers":
         file = path / DIFFUSERS_WEIGHTS if (path.is_dir() or not path.suffix) else path
@@ -520,7 +522,6 @@ def save(adapter: LoraAdapter, path: str | os.PathLike[str], *, format: str = "p
 
 
 def _write_json_atomic(path: Path, doc: Mapping[str, Any]) -> None:
-    from fvtransform.io._safetensors import atomic_path
+    from fvtransform.io._atomic import write_json_atomic
 
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json_atomic(path, doc)

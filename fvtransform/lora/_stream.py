@@ -10,28 +10,31 @@ in its metadata; the same inputs give the same bytes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
-import secrets
 import shutil
+import stat
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from fvtransform.errors import FormatError
+from fvtransform.errors import FormatError, FvTransformError, UnsafeFileError, WriteError
+from fvtransform.io._atomic import LOCK_MARK, OLD_MARK, atomic_file, check_destination, write_folder
 from fvtransform.io._files import find_weight_files
-from fvtransform.io._header import DTYPE_NAMES
+from fvtransform.io._header import DTYPE_NAMES, read_header
 from fvtransform.io._load import Checkpoint
-from fvtransform.io._safetensors import TMP_MARK, _tensor_bytes, atomic_path, clean_stale_temps, fsync_dir
+from fvtransform.io._safetensors import TMP_MARK, _tensor_bytes
 from fvtransform.lora._merge import Workspace, _collect, _digest, delta_rows, normalize_adapters
 
-__all__ = ["merge_checkpoint", "MERGED_KEY"]
+__all__ = ["merge_checkpoint", "MERGED_KEY", "FILES_KEY", "OTHER_FILE_LIMIT"]
 
 #: Metadata key listing what was merged: ``[{"adapter": label, "scale": s, "digest": hex}, ...]``.
 MERGED_KEY = "fvt.merged"
+#: Metadata key (index, or the weights file of a one-file folder) listing every file a merge wrote into its folder.
+FILES_KEY = "fvt.files"
 
 
 def _write_file(path: Path, keys: Sequence[str], ckpt: Checkpoint, produce: Callable[[str], torch.Tensor],
@@ -66,6 +69,8 @@ def merge_checkpoint(
     dtype: torch.dtype | None = None,
     labels: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    overwrite: bool = False,
+    on_skip: Callable[[str, str], None] | None = None,
 ) -> Path:
     """Merge ``adapters`` (an adapter or ``[(adapter, scale), ...]``) into the checkpoint at ``base``; write ``out``.
 
@@ -73,19 +78,30 @@ def merge_checkpoint(
     file or a folder of the same layout. ``dtype`` casts floating tensors of
     the output. ``labels`` name the adapters in the metadata (default: their
     position). ``progress(done, total)`` is called after each tensor. Returns
-    ``out``. The base is never modified; ``out`` must not be ``base``.
+    ``out``. The base is never modified; ``out`` must not be, contain or lie
+    in place of the base or its files.
+
+    A folder ``out`` must be new, empty, or a previous merge output (its index
+    or weights file records the files the merge wrote, under ``fvt.files``);
+    only those files are replaced, every other file is kept. ``overwrite=True``
+    also writes into another folder, replacing files of the names it writes and
+    still keeping every other file. The other files of a base folder are copied
+    only when they are regular files (or links to regular files) inside the
+    base folder and at most :data:`OTHER_FILE_LIMIT` bytes; each file skipped is
+    reported to ``on_skip(name, why)`` (default: a warning), never opened.
 
     Raises:
         KeyMismatchError / ShapeMismatchError: an adapter that does not fit the base.
-        FormatError: ``out`` is the base, or the base holds no safetensors.
+        FormatError: ``out`` is (or holds) the base, or the base holds no safetensors.
+        WriteError: ``out`` holds files the merge did not write, a full disk, a read-only destination.
+        UnsafeFileError: ``out`` is a symlink, FIFO, device or socket.
     """
     base_path, out_path = Path(base), Path(out)
     files = find_weight_files(base_path)
     if files.pickle:
         raise FormatError(f"{base_path}: merging streams safetensors only; convert the pickle checkpoint first")
     src = files.index.parent if files.index is not None else (base_path if base_path.is_dir() else files.files[0].parent)
-    if out_path.resolve() in {base_path.resolve(), src.resolve()} or out_path.resolve() in {f.resolve() for f in files.files}:
-        raise FormatError(f"{out_path}: the output must differ from the base checkpoint (it is read while writing)")
+    _check_not_input(out_path, [base_path, src, *files.files, *([files.index] if files.index else [])])
     ckpt = Checkpoint(files)
     if ckpt.aliases:
         raise FormatError(f"{base_path}: checkpoints with tied (aliased) keys are merged in memory: fvt.lora.merge + fvt.save")
@@ -122,39 +138,152 @@ def merge_checkpoint(
         meta = dict(ckpt.headers[files.files[0]].metadata)
         meta[MERGED_KEY] = merged_meta
         target = out_path if out_path.suffix == ".safetensors" else out_path / files.files[0].name
-        with atomic_path(target) as tmp:
+        _check_not_input(target, [base_path])
+        check_destination(target, folder=False)  # a FIFO, device or link: refused before it is read
+        if not overwrite and _is_file(target) and _merge_record(target) is None:
+            raise WriteError(f"{target}: exists and is not a previous merge output; refusing to replace it. "
+                             "Choose another output, or pass --overwrite (overwrite=True)")
+        with atomic_file(target) as tmp:
             _write_file(tmp, ckpt.keys(), ckpt, produce, dtype_of, meta)
         return target
-    # a folder (sharded or one file): the same weight files, index and other files, in a temporary folder
-    # swapped in at the end
-    from fvtransform.io._save import _swap_in
+    # a folder (sharded or one file): the same weight files, index and other files, built in a temporary
+    # folder and swapped in at the end; the index (or the weights file) records every file written
+    others, skipped = _other_files(src, {f.name for f in files.files} | ({files.index.name} if files.index else set()))
+    for name, why in skipped:
+        if on_skip is None:
+            warnings.warn(f"{src / name}: not copied to {out_path}: {why}", stacklevel=2)
+        else:
+            on_skip(name, why)
+    written = sorted([f.name for f in files.files] + ([files.index.name] if files.index else []) + list(others))
+    merged_meta_files = json.dumps(written)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out_path.parent, out_path.name)
-    tmp_dir = out_path.parent / f".{out_path.name}{TMP_MARK}{secrets.token_hex(6)}"
-    tmp_dir.mkdir()
-    try:
-        for entry in sorted(src.iterdir()):
-            if entry.is_file() and entry not in files.files and entry != files.index and TMP_MARK not in entry.name:
-                shutil.copy2(entry, tmp_dir / entry.name)
+    def build(tmp_dir: Path) -> None:
+        for name, path in others.items():
+            _copy_regular(path, tmp_dir / name)
         total_size = 0
         for f in files.files:
             keys = [k for k in ckpt.keys() if ckpt.file_of(k) == f]
             meta = dict(ckpt.headers[f].metadata)
             meta[MERGED_KEY] = merged_meta
+            if files.index is None:
+                meta[FILES_KEY] = merged_meta_files
             total_size += _write_file(tmp_dir / f.name, keys, ckpt, produce, dtype_of, meta)
         if files.index is not None:
             doc = json.loads(files.index.read_text(encoding="utf-8"))
             doc.setdefault("metadata", {})
             doc["metadata"]["total_size"] = total_size
             doc["metadata"][MERGED_KEY] = merged_meta
-            index_out = tmp_dir / files.index.name
-            index_out.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-        fsync_dir(tmp_dir)
-        _swap_in(tmp_dir, out_path)
-    finally:
-        if tmp_dir.exists():
-            with contextlib.suppress(OSError):
-                shutil.rmtree(tmp_dir)
+            doc["metadata"][FILES_KEY] = merged_meta_files
+            with open(tmp_dir / files.index.name, "x", encoding="utf-8") as fh:
+                fh.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    write_folder(out_path, written, build, owned=_merged_folder_files, overwrite=overwrite, require_own=True,
+                 what="merge output")
     return out_path
 
+
+def _check_not_input(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output that is an input, or a folder that holds one (a folder swap would move it away)."""
+    real = Path(os.path.realpath(out))
+    for p in inputs:
+        rp = Path(os.path.realpath(p))
+        if real == rp or real in rp.parents:
+            raise FormatError(f"{out}: the output must differ from the base checkpoint and the other inputs and must not contain them "
+                              f"({p} is read while writing and would be replaced); choose another output")
+
+
+def _is_file(p: Path) -> bool:
+    return os.path.lexists(p) and not p.is_dir()
+
+
+def _merge_record(weights: Path) -> dict[str, Any] | None:
+    """The metadata of a previous merge output's weights file or index; None if it is not one (or unreadable).
+
+    Only a regular file is opened (a FIFO named like weights would block a reader forever).
+    """
+    try:
+        if not stat.S_ISREG(os.lstat(weights).st_mode):
+            return None
+        if weights.name.endswith(".safetensors.index.json"):
+            if not weights.is_file() or weights.is_symlink() or weights.stat().st_size > 64 * 2**20:
+                return None
+            doc = json.loads(weights.read_text(encoding="utf-8"))
+            meta = doc.get("metadata") if isinstance(doc, dict) else None
+        else:
+            meta = dict(read_header(weights).metadata)
+    except (FvTransformError, OSError, ValueError, RecursionError):
+        return None
+    return meta if isinstance(meta, dict) and MERGED_KEY in meta else None
+
+
+def _merged_folder_files(folder: Path) -> set[str] | None:
+    """The files a previous merge wrote into ``folder``, from its record (None when it is not a merge output)."""
+    entries = sorted(folder.iterdir())
+    candidates = [p for p in entries if p.name.endswith(".safetensors.index.json")] or \
+        [p for p in entries if p.name.endswith(".safetensors")]
+    for c in candidates:
+        meta = _merge_record(c)
+        try:
+            names = json.loads(meta[FILES_KEY]) if meta is not None and isinstance(meta.get(FILES_KEY), str) else None
+        except ValueError:
+            names = None
+        if isinstance(names, list):
+            plain = {n for n in names if isinstance(n, str) and n == os.path.basename(n) and n not in ("", ".", "..") and "\0" not in n}
+            return plain | {c.name}
+    return None
+
+
+#: Other files of a base folder larger than this are not copied into a merge output (they are reported).
+OTHER_FILE_LIMIT = 256 * 2**20
+
+
+def _other_files(src: Path, weights: set[str]) -> tuple[dict[str, Path], list[tuple[str, str]]]:
+    """The other files of ``src`` to copy (name -> real path) and those skipped, with why.
+
+    Copied: regular files, and symbolic links that resolve to a regular file inside ``src``.
+    Skipped (never opened): links leaving the folder, FIFOs, devices, sockets, folders, files over the limit.
+    """
+    root = Path(os.path.realpath(src))
+    copy: dict[str, Path] = {}
+    skipped: list[tuple[str, str]] = []
+    for entry in sorted(src.iterdir()):
+        name = entry.name
+        if name in weights or TMP_MARK in name or name.endswith(LOCK_MARK) or OLD_MARK in name:
+            continue
+        real = Path(os.path.realpath(entry))
+        if entry.is_symlink() and root not in real.parents:
+            skipped.append((name, f"a symbolic link to {real}, outside the base folder"))
+            continue
+        try:
+            st = os.stat(real)
+        except OSError as e:
+            skipped.append((name, f"cannot be read ({e.strerror})"))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            skipped.append((name, "a folder (only the files of the base folder are copied)"))
+        elif not stat.S_ISREG(st.st_mode):
+            skipped.append((name, "not a regular file (a FIFO, device or socket is never opened)"))
+        elif st.st_size > OTHER_FILE_LIMIT:
+            skipped.append((name, f"{st.st_size} bytes, over the {OTHER_FILE_LIMIT}-byte limit for copied files"))
+        else:
+            copy[name] = real
+    return copy, skipped
+
+
+def _copy_regular(src: Path, dst: Path) -> None:
+    """Copy a regular file without following a link planted after the check, never blocking on a FIFO."""
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > OTHER_FILE_LIMIT:
+            raise UnsafeFileError(f"{src}: changed into {'a larger file' if stat.S_ISREG(st.st_mode) else 'a non-regular file'} "
+                                  "while the merge ran; refusing to copy it")
+        with os.fdopen(os.dup(fd), "rb") as fin, open(dst, "xb") as fout:
+            shutil.copyfileobj(fin, fout, 2**20)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+    finally:
+        os.close(fd)

@@ -1,0 +1,390 @@
+"""Writers that lose nothing: one lock per destination, atomic file and folder replacement, typed errors.
+
+Every writer of the library goes through this module:
+
+* :func:`writer_lock` serialises writers of one destination (a ``flock`` on
+  ``.<name>.fvt-lock`` beside it, removed on release); a second writer waits,
+  and after :data:`LOCK_TIMEOUT_S` fails with :class:`WriteError`.
+* :func:`atomic_file` writes one file: bytes to a temporary beside it,
+  fsync, rename.
+* :func:`write_folder` writes a set of files as one unit: a new folder is
+  built beside the old one, the old folder's entries that the writer does not
+  own are carried over as hard links (never read, never lost) and the two
+  folders are exchanged atomically (``renameat2(RENAME_EXCHANGE)``; without it,
+  two renames, and a crash between them is repaired by the next writer, which
+  puts the old folder back instead of deleting it).
+* Destinations that are symbolic links, FIFOs, devices or sockets are refused
+  before anything is opened; ``OSError`` (a full disk, a read-only file
+  system, no permission) becomes :class:`WriteError`, after the temporaries
+  are removed and with the previous version intact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator, Mapping
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import json
+import os
+from pathlib import Path
+import secrets
+import shutil
+import stat
+import time
+from typing import Any, BinaryIO
+
+from fvtransform.errors import FormatError, FvTransformError, UnsafeFileError, WriteError, format_keys
+from fvtransform.io._safetensors import TMP_MARK, clean_stale_temps, fsync_dir
+
+__all__ = [
+    "LOCK_MARK",
+    "OLD_MARK",
+    "LOCK_TIMEOUT_S",
+    "writer_lock",
+    "atomic_file",
+    "write_folder",
+    "write_json_atomic",
+    "check_destination",
+    "typed_os_errors",
+    "swap_in",
+    "recover_swap",
+]
+
+#: The lock file of destination ``x`` is ``.x.fvt-lock`` beside it (present only while a writer holds it).
+LOCK_MARK = ".fvt-lock"
+#: Without RENAME_EXCHANGE the old folder waits under ``.x.fvt-old-<hex>`` between two renames.
+OLD_MARK = ".fvt-old-"
+#: How long a writer waits for another writer of the same destination before failing.
+LOCK_TIMEOUT_S = 600.0
+
+_KINDS = {
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+_HINTS = {
+    errno.ENOSPC: "the disk is full: free space or choose another destination",
+    errno.EDQUOT: "the disk quota is exhausted: free space or choose another destination",
+    errno.EROFS: "the file system is read-only: choose another destination",
+    errno.EACCES: "no permission to write there: choose another destination or fix its permissions",
+    errno.EPERM: "the operation is not permitted there: choose another destination",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another destination",
+    errno.EISDIR: "the destination is a folder where a file was expected",
+    errno.ENAMETOOLONG: "the file name is too long",
+}
+
+
+def _kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+@contextlib.contextmanager
+def typed_os_errors(dest: Path) -> Iterator[None]:
+    """Turn an ``OSError`` raised inside into :class:`WriteError` naming ``dest`` (our own errors pass)."""
+    try:
+        yield
+    except FvTransformError:
+        raise
+    except OSError as e:
+        hint = _HINTS.get(e.errno or 0, "check the destination")
+        where = f" at {e.filename}" if e.filename else ""
+        raise WriteError(
+            f"{dest}: writing failed{where}: {e.strerror or e} ({errno.errorcode.get(e.errno or 0, 'OSError')}); {hint}. "
+            "The previous version, if any, is intact and no temporary file is left."
+        ) from e
+
+
+def check_destination(dest: Path, *, folder: bool) -> None:
+    """Refuse a destination that is a symlink, FIFO, device or socket, or a file where a folder goes (and back)."""
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        return
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        raise UnsafeFileError(
+            f"{dest}: the destination is a symbolic link (to {os.readlink(dest)!r}); refusing to write through or "
+            "replace it; pass the real path"
+        )
+    if stat.S_ISDIR(mode):
+        if not folder:
+            raise FormatError(f"{dest} is a folder; pass a file path")
+        return
+    if not stat.S_ISREG(mode):
+        raise UnsafeFileError(f"{dest}: the destination is {_kind(mode)}, not a regular file or folder; refusing to open or replace it")
+    if folder:
+        raise FormatError(f"{dest} is a file; this writer writes a folder there")
+
+
+@contextlib.contextmanager
+def writer_lock(dest: Path, timeout: float | None = None) -> Iterator[None]:
+    """Hold the lock of ``dest`` (``.<name>.fvt-lock`` beside it) for the block; wait at most ``timeout`` seconds."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (not POSIX: no lock; the writes stay atomic)
+        yield
+        return
+    lock = dest.parent / f".{dest.name}{LOCK_MARK}"
+    deadline = time.monotonic() + (LOCK_TIMEOUT_S if timeout is None else timeout)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        try:
+            fd = os.open(lock, flags, 0o600)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UnsafeFileError(f"{lock}: the lock file of {dest} is a symbolic link; refusing to follow it; remove it") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise UnsafeFileError(f"{lock}: the lock file of {dest} is {_kind(st.st_mode)}; refusing to use it; remove it")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() > deadline:
+                raise WriteError(
+                    f"{dest}: another writer has held {lock.name} for longer than {LOCK_TIMEOUT_S if timeout is None else timeout:g} s; "
+                    "wait for it to finish, or remove the lock file if no fvtransform process is running"
+                ) from None
+            time.sleep(0.005)
+            continue
+        try:  # the previous holder may have removed the file between our open and our lock
+            now = os.stat(lock, follow_symlinks=False)
+            same = (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; when the block ends, fsync it and rename it onto ``dest``.
+
+    The lock of ``dest`` is held throughout. On any error the temporary is
+    removed, ``dest`` is untouched, and an ``OSError`` becomes :class:`WriteError`.
+    """
+    dest = Path(dest)
+    with typed_os_errors(dest):
+        check_destination(dest, folder=False)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with writer_lock(dest):
+            check_destination(dest, folder=False)
+            clean_stale_temps(dest.parent, dest.name)
+            tmp = dest.parent / f".{dest.name}{TMP_MARK}{secrets.token_hex(6)}"
+            try:
+                yield tmp
+                fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, dest)
+                fsync_dir(dest.parent)
+            finally:
+                _remove_ours(tmp)
+
+
+def write_json_atomic(path: Path, doc: Mapping[str, Any]) -> None:
+    """Write ``doc`` as indented, key-sorted JSON to ``path``, atomically."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _remove_ours(path: Path) -> None:
+    """Remove a temporary this process made (a file or a folder), never following a link."""
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            path.unlink()
+
+
+def write_folder(
+    dest: str | os.PathLike[str],
+    names: Collection[str],
+    build: Callable[[Path], None],
+    *,
+    owned: Callable[[Path], set[str] | None],
+    overwrite: bool = False,
+    require_own: bool = False,
+    what: str = "output",
+) -> None:
+    """Write the files ``names`` into folder ``dest`` as one unit, keeping every other entry.
+
+    ``build(tmp)`` writes exactly ``names`` into an empty temporary folder.
+    ``owned(dest)`` lists the entries of the existing ``dest`` that this writer
+    wrote before (from its own record), or None when ``dest`` is not a previous
+    output of this kind. Owned entries are replaced or dropped; every other entry
+    is carried into the new folder as a hard link. An entry not owned whose name
+    the writer needs is refused unless ``overwrite``; with ``require_own``, so is
+    any non-empty folder that is not a previous output. Nothing is deleted that
+    the writer cannot account for.
+
+    Raises:
+        WriteError: a refused destination, a full disk, a read-only folder, a lock held too long.
+        UnsafeFileError: ``dest`` is a symlink, FIFO, device or socket.
+        FormatError: ``dest`` is a file.
+    """
+    dest = Path(dest)
+    with typed_os_errors(dest):
+        check_destination(dest, folder=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with writer_lock(dest):
+            check_destination(dest, folder=True)
+            recover_swap(dest)
+            clean_stale_temps(dest.parent, dest.name)
+            keep = _entries_to_keep(dest, set(names), owned, overwrite=overwrite, require_own=require_own, what=what)
+            tmp = dest.parent / f".{dest.name}{TMP_MARK}{secrets.token_hex(6)}"
+            tmp.mkdir()
+            try:
+                build(tmp)
+                for name in keep:
+                    _carry(dest / name, tmp / name, dest)
+                fsync_dir(tmp)
+                swap_in(tmp, dest)
+            finally:
+                _remove_ours(tmp)
+
+
+def _entries_to_keep(dest: Path, names: set[str], owned: Callable[[Path], set[str] | None], *, overwrite: bool,
+                     require_own: bool, what: str) -> list[str]:
+    if not dest.is_dir():
+        return []
+    entries = sorted(e for e in os.listdir(dest) if TMP_MARK not in e and not e.endswith(LOCK_MARK))
+    if not entries:
+        return []
+    mine = owned(dest)
+    if mine is None and require_own and not overwrite:
+        raise WriteError(
+            f"{dest}: the folder is not empty ({format_keys(entries, 6)}) and is not a previous {what}; refusing to "
+            "write into it. Choose a new or empty folder, or pass --overwrite (overwrite=True), which replaces "
+            "only the files this writer writes and keeps every other file"
+        )
+    mine = mine or set()
+    clash = [e for e in entries if e in names and e not in mine]
+    if clash and not overwrite:
+        raise WriteError(
+            f"{dest}: {format_keys(clash, 6)} would be replaced, but this {what} did not write them; refusing. "
+            "Choose another folder, or pass --overwrite (overwrite=True) to replace them"
+        )
+    return [e for e in entries if e not in mine and e not in names]
+
+
+def _carry(src: Path, dst: Path, dest: Path) -> None:
+    """Keep ``src`` under ``dst``: hard links (no byte read, nothing lost), a copy only where a link fails."""
+    st = os.lstat(src)
+    if stat.S_ISDIR(st.st_mode):
+        os.mkdir(dst, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
+        for child in sorted(os.listdir(src)):
+            _carry(src / child, dst / child, dest)
+        shutil.copystat(src, dst, follow_symlinks=False)
+        return
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(src), dst)
+        elif stat.S_ISREG(st.st_mode):
+            shutil.copy2(src, dst, follow_symlinks=False)
+        else:
+            raise WriteError(
+                f"{dest}: cannot keep {src.relative_to(dest)} ({_kind(st.st_mode)}) in the new version of the folder "
+                "(no hard link possible); move it away, then write again"
+            ) from None
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def swap_in(tmp: Path, folder: Path) -> None:
+    """Put the complete folder ``tmp`` at ``folder``: an atomic exchange, else two renames repaired by :func:`recover_swap`."""
+    if not os.path.lexists(folder):
+        os.rename(tmp, folder)
+    elif exchange(tmp, folder):
+        pass  # tmp now holds the old version; the caller removes it
+    else:
+        old = folder.parent / f".{folder.name}{OLD_MARK}{secrets.token_hex(4)}"
+        os.rename(folder, old)
+        os.rename(tmp, folder)
+        fsync_dir(folder.parent)
+        _remove_ours(old)
+    fsync_dir(folder.parent)
+
+
+def recover_swap(folder: Path) -> None:
+    """Repair a swap cut between its two renames: put the old version back where nothing replaced it.
+
+    Called with the lock held. When ``folder`` is missing, the newest
+    ``.<name>.fvt-old-*`` is renamed back (the next write, not a deletion,
+    then replaces it); when ``folder`` exists, leftovers are removed.
+    """
+    prefix = f".{folder.name}{OLD_MARK}"
+    olds = [p for p in folder.parent.iterdir() if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink()]
+    if not olds:
+        return
+    olds.sort(key=lambda p: p.stat().st_mtime_ns)
+    if not os.path.lexists(folder):
+        os.rename(olds.pop(), folder)
+        fsync_dir(folder.parent)
+    for p in olds:
+        _remove_ours(p)
+
+
+def file_writer(write: Callable[[BinaryIO], Any]) -> Callable[[Path], None]:
+    """A ``build`` step writing one file through ``write(f)``, flushed and fsynced."""
+
+    def run(path: Path) -> None:
+        with open(path, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return run
+
+
+def write_files(folder: str | os.PathLike[str], files: Mapping[str, Callable[[BinaryIO], Any]], *, what: str = "output") -> None:
+    """Write several files into ``folder`` as one unit (all old or all new), keeping the folder's other files.
+
+    ``files`` maps each file name to ``write(f)``. Files of the same names are
+    replaced; nothing else in the folder is touched.
+    """
+
+    def build(tmp: Path) -> None:
+        for name, write in files.items():
+            file_writer(write)(tmp / name)
+
+    write_folder(folder, list(files), build, owned=lambda _d: set(), overwrite=True, what=what)
+
+
+def json_bytes(doc: Mapping[str, Any]) -> Callable[[BinaryIO], Any]:
+    """A writer of ``doc`` as indented, key-sorted JSON (the library's JSON style)."""
+    return lambda f: f.write((json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8"))
