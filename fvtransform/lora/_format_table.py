@@ -109,7 +109,7 @@ _PEFT_WRITE = {"A": ".lora_A.weight", "B": ".lora_B.weight", "magnitude": ".lora
 TABLE: tuple[LoraFormat, ...] = (
     LoraFormat(
         "peft", "PEFT save_pretrained", ("base_model.model.",), "prefix", _LORA_ROLES, "config",
-        write_roles=_PEFT_WRITE, write_prefix="base_model.model.", holds=frozenset({"lowrank", "dora"}),
+        write_roles=_PEFT_WRITE, write_prefix="base_model.model.", holds=frozenset({"lowrank", "dora", "replace"}),
     ),
     LoraFormat(
         "diffusers", "diffusers save_lora_weights (pipeline)", DIFFUSERS_COMPONENTS, "component", _LORA_ROLES, "metadata",
