@@ -330,3 +330,31 @@ def test_lycoris_keys_reach_the_single_lycoris_dispatch():
     sd = {"lora_unet_blocks_0_self_attn_q.hada_w1_a": torch.zeros(8, 2), "lora_unet_blocks_0_self_attn_q.hada_w1_b": torch.zeros(2, 8)}
     with pytest.raises(FormatError, match=r"<mapping>: 'lora_unet_blocks_0_self_attn_q.hada_w1_.' is a LyCORIS LoHa/LoKr factor"):
         fvt.lora.load(sd, base=_wan_base())
+
+
+# ----------------------------------------------------------------------------- item 9: inspect's exit code
+def test_inspect_with_a_base_that_matches_nothing_exits_1(tmp_path, capsys):
+    from fvtransform.cli._main import main
+
+    A, B = _ab(2)
+    lora = _file(tmp_path, {"blocks.0.attn1.to_q.lora_A.weight": A, "blocks.0.attn1.to_q.lora_B.weight": B})
+    fvt.save(_wan_base(), tmp_path / "base.safetensors")
+    fvt.save(fvt.ParamTree({"other.weight": torch.zeros(3, 3)}), tmp_path / "other.safetensors")
+    assert main(["inspect", str(lora), "--base", str(tmp_path / "base.safetensors")]) == 0
+    assert main(["--json", "inspect", str(lora), "--base", str(tmp_path / "other.safetensors")]) == 1
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [s["key"] for s in doc["skipped"]] == ["blocks.0.attn1.to_q.lora_A.weight", "blocks.0.attn1.to_q.lora_B.weight"]
+
+
+def test_convert_lora_to_kohya_writes_wan_names(tmp_path, capsys):
+    from fvtransform.cli._main import main
+
+    A, B = _ab(2)
+    lora = _file(tmp_path, {"transformer.blocks.1.attn2.to_v.lora_A.weight": A, "transformer.blocks.1.attn2.to_v.lora_B.weight": B})
+    fvt.save(_wan_base(), tmp_path / "base.safetensors")
+    assert main(["convert-lora", str(lora), "-o", str(tmp_path / "k.safetensors"), "--to", "kohya", "--base", str(tmp_path / "base.safetensors")]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "k.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["lora_unet_blocks_1_cross_attn_v.alpha", "lora_unet_blocks_1_cross_attn_v.lora_down.weight",
+                                    "lora_unet_blocks_1_cross_attn_v.lora_up.weight"]
