@@ -118,12 +118,14 @@ def test_videox_fun_double_underscore_names_resolve_with_its_scale():
 
 
 # ----------------------------------------------------------------------------- item 5: modulation deltas
-@pytest.mark.parametrize("suffix", [".diff", ".diff_m"])
+@pytest.mark.parametrize("suffix", [".modulation.diff", ".diff_m"])
 def test_modulation_deltas_target_scale_shift_table(suffix):
+    # ComfyUI: diffusion_model.<param>.diff patches that parameter; lightx2v's extractor writes <module>.diff_m
+    # for <module>.modulation (and ComfyUI-WanVideoWrapper reads it so)
     base = _wan_base()
     g = torch.Generator().manual_seed(5)
     d_block, d_head = torch.randn(1, 6, 8, generator=g), torch.randn(1, 2, 8, generator=g)
-    sd = {f"diffusion_model.blocks.1.modulation{suffix}": d_block, f"diffusion_model.head.modulation{suffix}": d_head}
+    sd = {f"diffusion_model.blocks.1{suffix}": d_block, f"diffusion_model.head{suffix}": d_head}
     adapter = fvt.lora.load(sd, base=base)
     assert set(adapter) == {"blocks.1.scale_shift_table", "scale_shift_table"}
     merged = fvt.lora.merge(base, adapter, scale=0.5)
@@ -142,6 +144,11 @@ def test_modulation_delta_written_as_comfy_reads_back(tmp_path):
     with safe_open(str(path), "pt") as f:
         assert list(f.keys()) == ["diffusion_model.blocks.0.modulation.diff"]
     assert torch.equal(fvt.lora.load(path, base=base)["blocks.0.scale_shift_table"].D, d)
+
+
+def test_diff_m_names_the_module_not_the_modulation():
+    with pytest.raises(KeyMismatchError, match=r"diffusion_model.blocks.1.modulation.diff_m: no base module matches"):
+        fvt.lora.load({"diffusion_model.blocks.1.modulation.diff_m": torch.zeros(1, 6, 8)}, base=_wan_base())
 
 
 def test_modulation_delta_of_the_wrong_shape_is_refused():

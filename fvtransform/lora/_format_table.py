@@ -20,8 +20,8 @@ __all__ = [
 
 #: Key suffix -> role, longest first where one suffix ends another.
 #: A, B: the LoRA factors; alpha: a scalar alpha tensor; magnitude: DoRA's vector;
-#: diff / diff_b: a full delta of the weight / bias; diff_param: a full delta of the
-#: parameter the module name itself names (Wan's ``modulation``); fv_rank / fv_alpha:
+#: diff / diff_b: a full delta of the weight / bias; diff_param: ``<m>.diff_m``, a full delta of
+#: the parameter ``<m>.modulation`` (Wan; lightx2v's extractor writes it); fv_rank / fv_alpha:
 #: FastVideo's per-module rank and alpha tensors; lycoris: LoHa / LoKr factors (see
 #: :data:`LYCORIS_SUFFIXES`).
 ROLES: tuple[tuple[str, str], ...] = (

@@ -540,7 +540,9 @@ def _build_targets(
     name = _resolve_module(fmt, module, base_modules, kohya)
     param = None
     if "diff_param" in roles or (name is None and set(roles) == {"diff"}) or (base is None and "diff" in roles and _resolve_param(module, None)):
-        param = _resolve_param(module, base) if fmt.strip != "underscored" else None
+        # ``<module>.diff_m`` is the delta of ``<module>.modulation`` (lightx2v's extractor, ComfyUI-WanVideoWrapper)
+        owner = module + ".modulation" if "diff_param" in roles else module
+        param = _resolve_param(owner, base) if fmt.strip != "underscored" else None
         if param is None:
             return None
     elif name is None:
