@@ -57,7 +57,9 @@ def test_every_format_is_one_frozen_table_entry_and_formats_lists_them():
     assert FORMATS == tuple(f.name for f in TABLE)
     assert {"peft", "diffusers", "diffusers-model", "kohya", "comfy", "plain", "fastvideo"} == set(FORMATS)
     assert fvt.lora.FORMATS == FORMATS
-    with pytest.raises(Exception):
+    import attrs
+
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
         BY_NAME["peft"].name = "x"  # type: ignore[misc]
     writable = {f.name for f in TABLE if f.write_roles}
     assert writable == {"peft", "diffusers", "diffusers-model", "kohya", "comfy"}
@@ -365,3 +367,17 @@ def test_convert_lora_to_kohya_writes_wan_names(tmp_path, capsys):
     with safe_open(str(tmp_path / "k.safetensors"), "pt") as f:
         assert sorted(f.keys()) == ["lora_unet_blocks_1_cross_attn_v.alpha", "lora_unet_blocks_1_cross_attn_v.lora_down.weight",
                                     "lora_unet_blocks_1_cross_attn_v.lora_up.weight"]
+
+
+def test_modules_to_save_on_the_fly_uses_the_replacement():
+    from fvtransform.lora._adapter import Replace
+
+    lin = torch.nn.Linear(3, 4)
+    tree = fvt.ParamTree({"weight": torch.randn(4, 3), "bias": torch.randn(4)})
+    new_w, new_b = torch.randn(4, 3), torch.randn(4)
+    adapter = fvt.lora.LoraAdapter({"weight": Replace(new_w), "bias": Replace(new_b)})
+    x = torch.randn(2, 3)
+    assert torch.equal(fvt.lora.call(lin, tree, adapter, x), torch.nn.functional.linear(x, new_w, new_b))
+    assert torch.equal(fvt.lora.call(lin, tree, adapter, x), fvt.call(lin, fvt.lora.merge(tree, adapter), x))
+    with pytest.raises(FormatError, match=r"'weight': a full replacement .* at scale 1 \(found scale 0.5\)"):
+        fvt.lora.call(lin, tree, [(adapter, 0.5)], x)

@@ -125,7 +125,7 @@ def test_dora_merge_and_on_the_fly_match_peft(tmp_path):
 
 
 # ----------------------------------------------------------------------------- golden fixtures (issue 14)
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
 FIX = Path(__file__).parent / "fixtures" / "lora"
 
