@@ -381,3 +381,27 @@ def test_modules_to_save_on_the_fly_uses_the_replacement():
     assert torch.equal(fvt.lora.call(lin, tree, adapter, x), fvt.call(lin, fvt.lora.merge(tree, adapter), x))
     with pytest.raises(FormatError, match=r"'weight': a full replacement .* at scale 1 \(found scale 0.5\)"):
         fvt.lora.call(lin, tree, [(adapter, 0.5)], x)
+
+
+def test_merge_checkpoint_writes_modules_to_save_replacements(tmp_path):
+    from fvtransform.lora._adapter import Replace
+
+    base = _wan_base()
+    fvt.save(base, tmp_path / "base.safetensors")
+    adapter = fvt.lora.LoraAdapter({"proj_out.weight": Replace(torch.randn(4, 8)),
+                                    "blocks.0.attn1.to_q.weight": fvt.lora.LowRank(*_ab(2), scale=0.5),
+                                    "blocks.1.scale_shift_table": fvt.lora.FullDelta(torch.randn(1, 6, 8))})
+    out = fvt.lora.merge_checkpoint(tmp_path / "base.safetensors", adapter, tmp_path / "merged.safetensors")
+    assert fvt.load(out) == fvt.lora.merge(base, adapter)
+
+
+def test_replacements_are_refused_where_a_scale_or_factors_are_needed():
+    from fvtransform.lora._adapter import Replace
+
+    adapter = fvt.lora.LoraAdapter({"proj_out.weight": Replace(torch.zeros(4, 8))})
+    with pytest.raises(FormatError, match=r"'proj_out.weight': a Replace target does not combine linearly"):
+        fvt.lora.combine([(adapter, 1.0)])
+    with pytest.raises(FormatError, match=r"'proj_out.weight': a Replace target has no scale to change"):
+        fvt.lora.scale_adapter(adapter, 2.0)
+    with pytest.raises(FormatError, match=r"'proj_out.weight': factors\(\) takes plain low-rank targets"):
+        fvt.lora.factors(adapter)
