@@ -108,11 +108,11 @@ _PEFT_WRITE = {"A": ".lora_A.weight", "B": ".lora_B.weight", "magnitude": ".lora
 
 TABLE: tuple[LoraFormat, ...] = (
     LoraFormat(
-        "peft", "PEFT save_pretrained", ("base_model.model.",), "prefix", _LORA_ROLES, "config",
+        "peft", "PEFT save_pretrained", ("base_model.model.",), "prefix", _LORA_ROLES | _FULL_ROLES, "config",
         write_roles=_PEFT_WRITE, write_prefix="base_model.model.", holds=frozenset({"lowrank", "dora", "replace"}),
     ),
     LoraFormat(
-        "diffusers", "diffusers save_lora_weights (pipeline)", DIFFUSERS_COMPONENTS, "component", _LORA_ROLES, "metadata",
+        "diffusers", "diffusers save_lora_weights (pipeline)", DIFFUSERS_COMPONENTS, "component", _LORA_ROLES | _FULL_ROLES, "metadata",
         write_roles=_PEFT_WRITE, write_prefix="{component}.", holds=frozenset({"lowrank"}),
     ),
     LoraFormat(
@@ -129,7 +129,7 @@ TABLE: tuple[LoraFormat, ...] = (
         write_prefix="diffusion_model.", write_names="original", holds=frozenset({"lowrank", "full"}),
     ),
     LoraFormat(
-        "diffusers-model", "diffusers save_lora_adapter (one model)", (), "prefix", _LORA_ROLES, "metadata-unprefixed",
+        "diffusers-model", "diffusers save_lora_adapter (one model)", (), "prefix", _LORA_ROLES | _FULL_ROLES, "metadata-unprefixed",
         needs_meta="lora_adapter_metadata",
         write_roles=_PEFT_WRITE, holds=frozenset({"lowrank"}),
     ),
