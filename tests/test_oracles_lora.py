@@ -122,3 +122,96 @@ def test_dora_merge_and_on_the_fly_match_peft(tmp_path):
     # kohya's dora_scale holds the same magnitudes
     back = fvt.lora.load(fvt.lora.save(adapter, tmp_path / "kohya", format="kohya"), base=base_tree)
     assert all(torch.equal(back[k].magnitude, adapter[k].magnitude) for k in adapter)
+
+
+# ----------------------------------------------------------------------------- golden fixtures (issue 14)
+from pathlib import Path
+
+FIX = Path(__file__).parent / "fixtures" / "lora"
+
+
+def _ulps(ours: torch.Tensor, theirs: torch.Tensor, base: torch.Tensor, d) -> float:
+    """The largest difference in float32 ulps of the operands' magnitude ``|W| + |s| |B| @ |A|``.
+
+    That is the scale of the rounding errors of any order of the float32 sums (a rounded product
+    of a nearly cancelling sum is off by ulps of its terms, not of its tiny result).
+    """
+    terms = abs(d.scale) * (d.B.abs().reshape(d.B.shape[0], -1) @ d.A.abs().reshape(d.A.shape[0], -1)).reshape(base.shape)
+    ref = (base.abs() + terms).clamp_min(torch.finfo(theirs.dtype).tiny)
+    return float(((ours - theirs).abs() / (torch.finfo(theirs.dtype).eps * ref)).max())
+
+
+def _agrees(ours, theirs, base, adapter, keys, ulps: float = 2.0) -> None:
+    # the tools (peft's get_delta_weight + add, diffusers' fuse_lora) round B@A, the scaled product and the
+    # sum in float32 (three roundings, <= 1.5 ulp); ours rounds a fused W + (sB)@A once (<= 0.5 ulp): the same
+    # float32 math in another order, so not bit for bit but within 2 ulps of the operands (measured: <= 1.43)
+    for k in keys:
+        assert _ulps(ours[k], theirs[k], base[k], adapter[k]) <= ulps, (k, _ulps(ours[k], theirs[k], base[k], adapter[k]))
+
+
+@pytest.mark.parametrize("name,weights,fmt,scales", [
+    ("diffusers_model", "pytorch_lora_weights.safetensors", "diffusers-model", {2.0, 3.0}),
+    ("diffusers_pipeline", "pytorch_lora_weights.safetensors", "diffusers", {0.5}),
+    ("peft_modules_to_save", "adapter_model.safetensors", "peft", {2.0, 1.0}),
+])
+def test_golden_fixture_loads_strictly_and_merges_as_its_tool(name, weights, fmt, scales):
+    base = fvt.load(FIX / name / "base.safetensors")
+    adapter = fvt.lora.load(FIX / name / weights, base=base)
+    assert adapter.format == fmt and set(adapter.scales.values()) == scales
+    theirs = fvt.load(FIX / name / "merged.safetensors")
+    assert set(theirs) == set(adapter)
+    ours = fvt.lora.merge(base, adapter)
+    _agrees(ours, theirs, base, adapter, [k for k in theirs if not k.startswith("proj_out.")])
+    for k in ("proj_out.weight", "proj_out.bias"):  # modules_to_save: replaced bit for bit
+        if k in theirs:
+            assert torch.equal(ours[k], theirs[k]), k
+
+
+def _random_wan_adapter(tree, ranks=(4, 2)):
+    a = fvt.lora.random_adapter(tree, targets="blocks.*.attn[12].to_*.weight", rank=ranks[0], alpha=8, seed=1, scale_b=0.3)
+    b = fvt.lora.random_adapter(tree, targets="blocks.*.ffn.net.*.weight", rank=ranks[1], alpha=3, seed=2, scale_b=0.3)
+    return fvt.lora.LoraAdapter({**a, **b})
+
+
+def _diffusers_fused(model, keys):
+    model.fuse_lora(lora_scale=1.0)
+    sd = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    return {k: sd[k] for k in keys}
+
+
+@pytest.mark.parametrize("fmt", ["diffusers-model", "diffusers", "kohya", "comfy"])
+def test_every_file_we_write_loads_in_its_tool_with_the_same_merge(tmp_path, fmt):
+    """diffusers reads its own layouts and, through its converters, musubi-tuner (kohya) and ComfyUI files."""
+    torch.manual_seed(0)
+    tree = fvt.ParamTree.from_module(diffusers.WanTransformer3DModel(**WAN_CONFIG))
+    tree = fvt.map_tensors(tree, lambda t: t.detach().clone())
+    adapter = _random_wan_adapter(tree)
+    path = fvt.lora.save(adapter, tmp_path / ("out" if fmt.startswith("diffusers") else "out.safetensors"), format=fmt)
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(**WAN_CONFIG).eval()
+    if fmt == "diffusers-model":
+        model.load_lora_adapter(str(path.parent), weight_name=path.name, prefix=None, adapter_name="x")
+        assert model.peft_config["x"].lora_alpha == 8  # the header was read
+    else:  # what WanPipeline.load_lora_weights does: lora_state_dict (with its format converters), then the transformer
+        state, meta = diffusers.WanPipeline.lora_state_dict(str(path), return_lora_metadata=True)
+        diffusers.WanPipeline.load_lora_into_transformer(state, transformer=model, adapter_name="x", metadata=meta)
+    theirs = _diffusers_fused(model, list(adapter))
+    ours = fvt.lora.merge(tree, adapter)
+    _agrees(ours, theirs, tree, adapter, list(adapter))
+
+
+def test_peft_reads_our_peft_file_with_modules_to_save(tmp_path):
+    torch.manual_seed(0)
+    tree = fvt.map_tensors(fvt.ParamTree.from_module(diffusers.WanTransformer3DModel(**WAN_CONFIG)), lambda t: t.detach().clone())
+    from fvtransform.lora._adapter import Replace
+
+    g = torch.Generator().manual_seed(4)
+    adapter = fvt.lora.LoraAdapter({**_random_wan_adapter(tree), "proj_out.weight": Replace(torch.randn(tree["proj_out.weight"].shape, generator=g)),
+                                    "proj_out.bias": Replace(torch.randn(tree["proj_out.bias"].shape, generator=g))})
+    path = fvt.lora.save(adapter, tmp_path / "p", format="peft")
+    torch.manual_seed(0)
+    model = peft.PeftModel.from_pretrained(diffusers.WanTransformer3DModel(**WAN_CONFIG).eval(), str(path.parent))
+    theirs = fvt.ParamTree.from_module(model.merge_and_unload())
+    ours = fvt.lora.merge(tree, adapter)
+    _agrees(ours, theirs, tree, adapter, [k for k in adapter if not k.startswith("proj_out.")])
+    assert torch.equal(ours["proj_out.weight"], theirs["proj_out.weight"]) and torch.equal(ours["proj_out.bias"], theirs["proj_out.bias"])

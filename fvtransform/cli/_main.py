@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("src")
     cv.add_argument("-o", "--output", required=True)
     cv.add_argument("--overwrite", action="store_true", help="write into an existing output that fvtransform did not write (files of other names are kept)")
-    cv.add_argument("--to", required=True, choices=["peft", "diffusers", "kohya", "comfy"])
+    cv.add_argument("--to", required=True, choices=["peft", "diffusers", "diffusers-model", "kohya", "comfy"])
     cv.add_argument("--base", default=None, help="the base checkpoint (kohya names need it)")
     ex = sub.add_parser("extract-lora", help="the LoRA that best approximates TUNED - BASE")
     ex.add_argument("base")
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="write into an existing output that fvtransform did not write (files of other names are kept)")
     ex.add_argument("--rank", type=int, default=None)
     ex.add_argument("--energy", type=float, default=None)
-    ex.add_argument("--to", default="peft", choices=["peft", "diffusers", "kohya", "comfy"])
+    ex.add_argument("--to", default="peft", choices=["peft", "diffusers", "diffusers-model", "kohya", "comfy"])
     ex.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -132,7 +132,7 @@ def _inspect_lora(p, base: str | None, as_json: bool) -> int:
             print(f"  {r['target']:<56} {r['kind']:<9} rank {r['rank']}  alpha {r['alpha']}  scale {r['scale']}{'  DoRA' if r['dora'] else ''}")
         for s in doc["skipped"]:
             print(f"  not matched: {s['key']} ({s['why']})")
-    return 0
+    return 1 if report.skipped else 0  # keys that match nothing: a failed check, for scripts
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import torch
 from fvtransform.errors import FormatError, NumericError, ShapeMismatchError
 from fvtransform.tree import _pytree
 
-__all__ = ["LowRank", "FullDelta", "LoraAdapter", "Delta"]
+__all__ = ["LowRank", "FullDelta", "Replace", "LoraAdapter", "Delta"]
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
@@ -92,7 +92,31 @@ class FullDelta:
         return f"FullDelta({list(self.D.shape)}, scale={self.scale:g})"
 
 
-Delta = LowRank | FullDelta
+@attrs.frozen(repr=False)
+class Replace:
+    """A full replacement tensor (PEFT ``modules_to_save``): merging sets the weight to ``T``."""
+
+    T: torch.Tensor
+
+    @property
+    def scale(self) -> float:
+        """A replacement is applied whole (PEFT ignores adapter scales for ``modules_to_save``)."""
+        return 1.0
+
+    def validate(self, where: str) -> None:
+        _check_finite(self.T, where)
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        return tuple(self.T.shape) == tuple(shape)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.T]
+
+    def __repr__(self) -> str:
+        return f"Replace({list(self.T.shape)})"
+
+
+Delta = LowRank | FullDelta | Replace
 
 
 class LoraAdapter(Mapping[str, Delta]):
@@ -114,8 +138,8 @@ class LoraAdapter(Mapping[str, Delta]):
     def __init__(self, targets: Mapping[str, Delta], *, format: str = "memory", metadata: Mapping[str, Any] | None = None) -> None:
         data = dict(targets)
         for k, d in data.items():
-            if not isinstance(d, (LowRank, FullDelta)):
-                raise FormatError(f"adapter target {k!r}: expected LowRank or FullDelta, found {type(d).__name__}")
+            if not isinstance(d, (LowRank, FullDelta, Replace)):
+                raise FormatError(f"adapter target {k!r}: expected LowRank, FullDelta or Replace, found {type(d).__name__}")
             d.validate(f"adapter target {k!r}")
         object.__setattr__(self, "_targets", types.MappingProxyType(data))
         object.__setattr__(self, "format", format)
@@ -186,6 +210,9 @@ def _flatten(a: LoraAdapter) -> tuple[list[torch.Tensor], Any]:
         if isinstance(d, LowRank):
             leaves += [d.A, d.B] + ([d.magnitude] if d.magnitude is not None else [])
             spec.append((k, "lr", d.scale, d.alpha, d.magnitude is not None))
+        elif isinstance(d, Replace):
+            leaves.append(d.T)
+            spec.append((k, "replace", None, None, False))
         else:
             leaves.append(d.D)
             spec.append((k, "full", d.scale, None, False))
@@ -200,6 +227,8 @@ def _unflatten(leaves: Any, ctx: Any) -> LoraAdapter:
         if kind == "lr":
             A, B = next(it), next(it)
             out[k] = LowRank(A, B, scale, alpha, next(it) if has_m else None)
+        elif kind == "replace":
+            out[k] = Replace(next(it))
         else:
             out[k] = FullDelta(next(it), scale)
     adapter = object.__new__(LoraAdapter)

@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from fvtransform.call._call import _prepare
 from fvtransform.errors import FormatError, KeyMismatchError, format_keys
-from fvtransform.lora._adapter import FullDelta, LowRank
+from fvtransform.lora._adapter import FullDelta, LowRank, Replace
 from fvtransform.lora._dora import dora_factor
 from fvtransform.lora._merge import AdapterSet, _is_dtensor, normalize_adapters
 
@@ -158,12 +158,18 @@ def call(
     """
     params, _ = _prepare(module, tree)
     pairs = normalize_adapters(adapters)
+    replaced = _replacements(pairs, params)
+    params = {**params, **replaced}
     by_weight: dict[int, tuple[str, list[tuple[float, Any]]]] = {}
     bias_of: dict[str, str] = {}
     for adapter, s in pairs:
         for key, d in adapter.items():
             if key not in params:
                 raise KeyMismatchError(f"adapter target {key!r} is not in the tree; load the adapter with base=")
+            if isinstance(d, Replace):
+                continue
+            if key in replaced:
+                raise FormatError(f"{key!r}: a full replacement (modules_to_save) cannot be combined with other deltas on that weight")
             if isinstance(d, LowRank) and d.magnitude is not None:
                 entry = by_weight.setdefault(id(params[key]), (key, []))
                 if entry[1]:
@@ -196,4 +202,19 @@ def call(
             f"adapter targets not used by any linear or convolution call: {format_keys(unused)}; "
             "on-the-fly LoRA cannot reach them. Merge the adapter with fvt.lora.merge instead."
         )
+    return out
+
+
+def _replacements(pairs: list[tuple[Any, float]], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT ``modules_to_save``: the tensors that stand in for base parameters (at scale 1, one per key)."""
+    out: dict[str, torch.Tensor] = {}
+    for adapter, s in pairs:
+        for key, d in adapter.items():
+            if not isinstance(d, Replace):
+                continue
+            if key not in params:
+                raise KeyMismatchError(f"adapter target {key!r} is not in the tree; load the adapter with base=")
+            if key in out or s != 1.0:
+                raise FormatError(f"{key!r}: a full replacement (modules_to_save) is used whole, once, at scale 1 (found scale {s:g})")
+            out[key] = d.T.to(device=params[key].device, dtype=params[key].dtype)
     return out

@@ -50,6 +50,8 @@ def combine(pairs: Sequence[tuple[LoraAdapter, float]]) -> LoraAdapter:
                     out[key] = LowRank(torch.cat([prev.A, A]), torch.cat([prev.B, B], dim=1), 1.0)
                 else:
                     raise FormatError(f"{key!r}: cannot combine a full delta with a low-rank one; merge them instead")
+            elif not isinstance(d, FullDelta):
+                raise FormatError(f"{key!r}: a {type(d).__name__} target does not combine linearly; merge it instead")
             else:
                 D = d.D.float() * (w * d.scale)
                 if prev is None:
@@ -67,8 +69,10 @@ def scale_adapter(adapter: LoraAdapter, weight: float) -> LoraAdapter:
     for k, d in adapter.items():
         if isinstance(d, LowRank):
             out[k] = LowRank(d.A, d.B, d.scale * weight, d.alpha, d.magnitude)
-        else:
+        elif isinstance(d, FullDelta):
             out[k] = FullDelta(d.D, d.scale * weight)
+        else:
+            raise FormatError(f"{k!r}: a {type(d).__name__} target has no scale to change (modules_to_save are used whole)")
     return adapter.replace(out)
 
 

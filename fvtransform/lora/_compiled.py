@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError
-from fvtransform.lora._adapter import FullDelta, LoraAdapter, LowRank
+from fvtransform.lora._adapter import LoraAdapter, LowRank
 from fvtransform.lora._merge import AdapterSet, normalize_adapters
 
 __all__ = ["pad_rank", "factors", "call_factors", "Factors"]
@@ -71,7 +71,7 @@ def factors(adapters: AdapterSet, *, rank: int | None = None, scale: float = 1.0
     per_key: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
     for adapter, s in normalize_adapters(adapters, scale):
         for key, d in adapter.items():
-            if isinstance(d, FullDelta) or (isinstance(d, LowRank) and d.magnitude is not None):
+            if not isinstance(d, LowRank) or d.magnitude is not None:
                 raise FormatError(f"{key!r}: factors() takes plain low-rank targets; merge DoRA and full deltas with fvt.lora.merge")
             per_key.setdefault(key, []).append((d.A, d.B, s * d.scale))
     out: Factors = {}

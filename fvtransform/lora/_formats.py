@@ -1,8 +1,11 @@
-"""LoRA file formats: PEFT, diffusers, kohya / musubi, ComfyUI / original names.
+"""LoRA file formats: reading and writing loop over the format table (:mod:`._format_table`).
 
-Reading classifies every key (A, B, alpha, full delta, bias delta, magnitude),
-detects the format by scoring all of them, and (with ``base=``) resolves each
-target against the base tree's names and shapes, strictly.
+Reading classifies every key by its role suffix (A, B, alpha, full delta, bias
+delta, magnitude, ...), detects the format by scoring every table entry on all
+keys, validates the scale's source (adapter_config.json, the diffusers header,
+alpha tensors), and (with ``base=``) resolves each target against the base
+tree's names and shapes, strictly: a key that resolves to nothing, or two keys
+that claim one target, is an error naming them.
 """
 
 from __future__ import annotations
@@ -21,37 +24,22 @@ import torch
 from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, ShapeMismatchError, close_matches, format_keys
 from fvtransform.io._mappings import WAN_MODULE_RENAMES
 from fvtransform.lora._adapter import Delta, FullDelta, LoraAdapter, LowRank
+from fvtransform.lora._format_table import (
+    BY_NAME, CLAIMED_PREFIXES, FORMATS, LYCORIS_SUFFIXES, PARAM_RENAMES, ROLES, TABLE, LoraFormat,
+)
+from fvtransform.lora._patterns import compile_patterns, pattern_value
 from fvtransform.tree._rename import RenameRules
 
 __all__ = ["load", "save", "FORMATS", "ResolutionReport", "detect_format", "split_role"]
 
-FORMATS = ("peft", "diffusers", "kohya", "comfy", "plain")
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 DIFFUSERS_META = "lora_adapter_metadata"
 FVT_SCALES = "fvt.scales"
-_DIFFUSERS_PREFIXES = ("transformer.", "text_encoder.", "text_encoder_2.", "unet.")
-_KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_", "lora_te1_", "lora_te2_", "lora_te_")
-
-_ROLES = (
-    (".lora_A.default.weight", "A"),
-    (".lora_B.default.weight", "B"),
-    (".lora_A.weight", "A"),
-    (".lora_B.weight", "B"),
-    (".lora_down.weight", "A"),
-    (".lora_up.weight", "B"),
-    (".lora_magnitude_vector", "magnitude"),
-    (".dora_scale", "magnitude"),
-    (".alpha", "alpha"),
-    (".diff_b", "diff_b"),
-    (".diff", "diff"),
-)
-_ROLE_NAMES = {
-    "peft": {"A": ".lora_A.weight", "B": ".lora_B.weight", "magnitude": ".lora_magnitude_vector"},
-    "kohya": {"A": ".lora_down.weight", "B": ".lora_up.weight", "alpha": ".alpha", "magnitude": ".dora_scale", "diff": ".diff", "diff_b": ".diff_b"},
-    "comfy": {"A": ".lora_A.weight", "B": ".lora_B.weight", "alpha": ".alpha", "diff": ".diff", "diff_b": ".diff_b"},
-}
+#: Bounds on untrusted config values (a rank above this is not a LoRA).
+MAX_RANK = 1 << 16
+MAX_PATTERNS = 4096
 
 
 def split_role(key: str) -> tuple[str, str] | None:
@@ -61,43 +49,48 @@ def split_role(key: str) -> tuple[str, str] | None:
     ('base_model.model.blocks.0.attn1.to_q', 'A')
     >>> split_role("diffusion_model.blocks.1.cross_attn.v_img.diff_b")
     ('diffusion_model.blocks.1.cross_attn.v_img', 'diff_b')
+    >>> split_role("lora_unet_blocks_0_self_attn_q.hada_w1_a")
+    ('lora_unet_blocks_0_self_attn_q', 'lycoris')
     """
-    for suffix, role in _ROLES:
+    for suffix, role in ROLES:
         if key.endswith(suffix):
             return key[: -len(suffix)], role
+    for suffix in LYCORIS_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], "lycoris"
     return None
 
 
-def _module_of(fmt: str, module: str) -> str | None:
-    """Strip the format's prefix; None when the key does not belong to the format."""
-    if fmt == "peft":
-        return module[len("base_model.model."):] if module.startswith("base_model.model.") else None
-    if fmt == "diffusers":
-        for p in _DIFFUSERS_PREFIXES:
-            if module.startswith(p):
-                return module
-        return None
-    if fmt == "kohya":
-        return module if module.startswith(_KOHYA_PREFIXES) else None
-    if fmt == "comfy":
-        return module[len("diffusion_model."):] if module.startswith("diffusion_model.") else None
-    if fmt == "plain":
-        bad = ("base_model.model.", "diffusion_model.", *_DIFFUSERS_PREFIXES, *_KOHYA_PREFIXES)
-        return None if module.startswith(bad) else module
-    raise FormatError(f"unknown LoRA format {fmt!r}; known: {list(FORMATS)}")
+def _strip(fmt: LoraFormat, module: str) -> str | None:
+    """The module name without the format's prefix; None when the key does not belong to the format."""
+    if not fmt.prefixes:
+        return None if module.startswith(CLAIMED_PREFIXES) else module
+    for p in fmt.prefixes:
+        if module.startswith(p):
+            return module if fmt.strip == "component" else module[len(p):]
+    return None
 
 
-def detect_format(keys: list[str]) -> tuple[str, dict[str, float]]:
-    """Score every format on all keys; return the best and the scores.
+def _eligible(fmt: LoraFormat, roles: set[str], meta: Mapping[str, str]) -> bool:
+    return (fmt.needs_meta is None or fmt.needs_meta in meta) and (fmt.needs_role is None or fmt.needs_role in roles)
+
+
+def detect_format(keys: list[str], metadata: Mapping[str, str] | None = None) -> tuple[str, dict[str, float]]:
+    """Score every format on all keys (and the file's header); return the best and the scores.
 
     >>> detect_format(["lora_unet_blocks_0_attn1_to_q.lora_down.weight", "lora_unet_blocks_0_attn1_to_q.alpha"])[0]
     'kohya'
     """
+    meta = metadata or {}
     parsed = [split_role(k) for k in keys]
-    scores = {}
-    for fmt in FORMATS:
-        hits = sum(1 for p in parsed if p is not None and _module_of(fmt, p[0]) is not None)
-        scores[fmt] = hits / max(1, len(keys))
+    roles = {p[1] for p in parsed if p is not None}
+    scores: dict[str, float] = {}
+    for fmt in TABLE:
+        if not _eligible(fmt, roles, meta):
+            scores[fmt.name] = 0.0
+            continue
+        hits = sum(1 for p in parsed if p is not None and (p[1] in fmt.reads or p[1] == "lycoris") and _strip(fmt, p[0]) is not None)
+        scores[fmt.name] = hits / max(1, len(keys))
     best = max(FORMATS, key=lambda f: (scores[f], -FORMATS.index(f)))
     if scores[best] == 0:
         raise FormatError(
@@ -121,10 +114,10 @@ class ResolutionReport:
 
 
 # ----------------------------------------------------------------------------- reading
-def _read_source(source: Any, weight_name: str | None) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any] | None, str]:
-    """Tensors, safetensors metadata, adapter_config.json (if any), and a label for messages."""
+def _read_source(source: Any, weight_name: str | None) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any] | None, str, str]:
+    """Tensors, safetensors metadata, adapter_config.json (if any), a label for messages, and the config's label."""
     if isinstance(source, Mapping):
-        return dict(source), {}, None, "<mapping>"
+        return dict(source), {}, None, "<mapping>", ""
     path = Path(source)
     if not path.exists():
         from fvtransform.hub import maybe_download_lora
@@ -161,39 +154,109 @@ def _read_source(source: Any, weight_name: str | None) -> tuple[dict[str, torch.
     if config_path is not None:
         from fvtransform.io._model import read_json
 
-        config = read_json(config_path)
-    return tensors, ckpt.metadata, config, str(file)
+        try:
+            config = read_json(config_path)
+        except ValueError as e:  # e.g. an integer of more digits than Python converts
+            if isinstance(e, FormatError):
+                raise
+            raise FormatError(f"{config_path}: not valid JSON ({e})") from None
+    return tensors, ckpt.metadata, config, str(file), str(config_path or "")
 
 
-def _pattern_value(module: str, patterns: Mapping[str, Any], default: Any) -> Any:
-    for pat, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?(?:{pat})", module):
-            return value
-    return default
+@attrs.frozen
+class _ScaleConfig:
+    """A validated PEFT-style config: where it came from, r, alpha, rsLoRA, patterns, modules_to_save."""
+
+    where: str
+    r: int
+    alpha: float
+    rslora: bool
+    rank_patterns: list[tuple[Any, Any]]
+    alpha_patterns: list[tuple[Any, Any]]
+    modules_to_save: tuple[str, ...]
 
 
-def _peft_scale(module: str, rank: int, config: Mapping[str, Any] | None, where: str) -> tuple[float, float]:
-    if not config:
-        return 1.0, float(rank)
-    r = _pattern_value(module, config.get("rank_pattern") or {}, config.get("r", rank))
-    alpha = float(_pattern_value(module, config.get("alpha_pattern") or {}, config.get("lora_alpha", r)))
-    if int(r) != rank:
-        raise ShapeMismatchError(f"{where}: {module!r} has rank {rank} in the file, but its config says r={r}")
-    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return scale, alpha
+def _rank_value(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FormatError(f"{where}: expected a whole number (the LoRA rank); found {value!r} ({type(value).__name__})")
+    if not 1 <= value <= MAX_RANK:
+        raise FormatError(f"{where}: rank {value} is out of range; a LoRA rank is between 1 and {MAX_RANK}")
+    return value
 
 
-def _diffusers_config(meta: Mapping[str, str], component: str) -> dict[str, Any] | None:
+def _alpha_value(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FormatError(f"{where}: expected a number (the LoRA alpha); found {value!r} ({type(value).__name__})")
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise FormatError(f"{where}: alpha {value!r} is not a finite number; fix the config")
+    return out
+
+
+def _patterns(doc: Mapping[str, Any], key: str, check: Callable[[Any, str], Any], where: str) -> list[tuple[Any, Any]]:
+    value = doc.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        raise FormatError(f"{where}: {key!r} must be an object of pattern -> value; found {type(value).__name__}")
+    if len(value) > MAX_PATTERNS:
+        raise FormatError(f"{where}: {key!r} has {len(value)} patterns, more than {MAX_PATTERNS}")
+    checked = {p: check(v, f"{where}: {key}[{str(p)[:60]!r}]") for p, v in value.items()}
+    return compile_patterns(checked, f"{where}: {key!r}")
+
+
+def _scale_config(doc: Any, where: str) -> _ScaleConfig:
+    """Validate a PEFT-style config (types, ranges, patterns); PEFT's defaults (r=8, lora_alpha=8) fill gaps."""
+    if not isinstance(doc, dict):
+        raise FormatError(f"{where}: expected a JSON object; found {type(doc).__name__}")
+    r = _rank_value(doc.get("r", 8), f"{where}: 'r'")
+    alpha = _alpha_value(doc.get("lora_alpha", 8), f"{where}: 'lora_alpha'")
+    rslora = doc.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise FormatError(f"{where}: 'use_rslora' must be true or false; found {rslora!r}")
+    mts = doc.get("modules_to_save") or []
+    if not isinstance(mts, list) or not all(isinstance(m, str) and m for m in mts):
+        raise FormatError(f"{where}: 'modules_to_save' must be a list of module names; found {mts!r:.80}")
+    return _ScaleConfig(
+        where, r, alpha, rslora,
+        _patterns(doc, "rank_pattern", _rank_value, where),
+        _patterns(doc, "alpha_pattern", _alpha_value, where),
+        tuple(mts),
+    )
+
+
+def _header_config(meta: Mapping[str, str], prefix: str, label: str) -> _ScaleConfig | None:
+    """The PEFT config diffusers keeps in the header, with ``prefix`` (``transformer.``) or none."""
     raw = meta.get(DIFFUSERS_META)
-    if not raw:
+    if raw is None:
         return None
+    where = f"{label}: header {DIFFUSERS_META!r}"
     try:
         packed = json.loads(raw)
-    except json.JSONDecodeError:
-        raise FormatError(f"safetensors metadata {DIFFUSERS_META!r} is not JSON") from None
-    prefix = component.rstrip(".") + "."
-    out = {k[len(prefix):]: v for k, v in packed.items() if k.startswith(prefix)}
-    return out or None
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"{where} is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(packed, dict):
+        raise FormatError(f"{where}: expected a JSON object; found {type(packed).__name__}")
+    if prefix:
+        packed = {k[len(prefix):]: v for k, v in packed.items() if k.startswith(prefix)}
+        if not packed:
+            return None
+    return _scale_config(packed, where)
+
+
+def _config_for(fmt: LoraFormat, config: Any, config_label: str, meta: Mapping[str, str], component: str, label: str) -> _ScaleConfig | None:
+    if fmt.scale == "config" and config is not None:
+        return _scale_config(config, config_label)
+    if fmt.scale == "metadata":
+        if config is not None:
+            return _scale_config(config, config_label)
+        return _header_config(meta, component.rstrip(".") + ".", label)
+    if fmt.scale == "metadata-unprefixed":
+        return _header_config(meta, "", label)
+    return None
 
 
 def _base_modules(base: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -207,6 +270,14 @@ def _base_modules(base: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
 
 def _original_names() -> RenameRules:
     return RenameRules.of([(dst, src) for src, dst in WAN_MODULE_RENAMES])
+
+
+def _original_params() -> RenameRules:
+    return RenameRules.of([(dst, src) for src, dst in PARAM_RENAMES])
+
+
+def _rename(rules: list[tuple[str, str]] | tuple[tuple[str, str], ...], name: str) -> str:
+    return RenameRules.of(list(rules)).plan([name])[name]
 
 
 def _kohya_table(modules: list[str]) -> dict[str, str]:
@@ -223,10 +294,6 @@ def _kohya_table(modules: list[str]) -> dict[str, str]:
     for u in clash:
         table.pop(u, None)
     return table
-
-
-def _to_diffusers_module(module: str) -> str:
-    return RenameRules.of(list(WAN_MODULE_RENAMES)).plan([module])[module]
 
 
 def load(
@@ -253,61 +320,81 @@ def load(
         from fvtransform.tree._paramtree import ParamTree
 
         base = ParamTree.from_module(base)
-    tensors, meta, config, label = _read_source(source, weight_name)
+    tensors, meta, config, label, config_label = _read_source(source, weight_name)
     keys = list(tensors)
     if not keys:
         raise FormatError(f"{label}: the LoRA file holds no tensors")
     if format == "auto":
         try:
-            fmt, scores = detect_format(keys)
+            name, scores = detect_format(keys, meta)
         except FormatError as e:
             raise FormatError(f"{label}: {e}") from None
     else:
-        if format not in FORMATS:
+        if format not in BY_NAME:
             raise FormatError(f"unknown LoRA format {format!r}; known: {list(FORMATS)}")
-        fmt, scores = format, {}
-    exact_scales = json.loads(meta[FVT_SCALES]) if FVT_SCALES in meta else {}
-    if fmt == "diffusers":
-        config = config or _diffusers_config(meta, component)
+        name, scores = format, {}
+    fmt = BY_NAME[name]
+    exact_scales = _exact_scales(meta, label)
+    cfg = _config_for(fmt, config, config_label, meta, component, label)
+    if fmt.strip == "underscored" and base is None:
+        raise FormatError(
+            f"{label}: kohya names replace dots with underscores, which is ambiguous; pass base= (the model's tree) to resolve them"
+        )
     skipped: list[tuple[str, str]] = []
     groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    replaced: dict[str, tuple[str, torch.Tensor]] = {}
     for key in keys:
         parsed = split_role(key)
-        if parsed is None:
-            skipped.append((key, "not a LoRA key (expected lora_A/lora_B/lora_down/lora_up/alpha/diff/diff_b)"))
+        if parsed is None or parsed[1] not in fmt.reads | {"lycoris"}:
+            full = _replacement(fmt, key, cfg)
+            if full is not None:
+                replaced[full] = (key, tensors[key])
+                continue
+            why = "not a LoRA key (expected lora_A/lora_B/lora_down/lora_up/alpha/diff/diff_b)"
+            skipped.append((key, why if parsed is None else f"a {parsed[1]!r} key, which format {name!r} does not hold"))
             continue
-        module = _module_of(fmt, parsed[0])
+        module = _strip(fmt, parsed[0])
         if module is None:
-            skipped.append((key, f"does not belong to the detected format {fmt!r}"))
+            skipped.append((key, f"does not belong to the detected format {name!r}"))
             continue
-        if fmt == "diffusers":
+        if fmt.strip == "component":
             prefix = component.rstrip(".") + "."
             if not module.startswith(prefix):
                 skipped.append((key, f"belongs to another component than {component!r}"))
                 continue
             module = module[len(prefix):]
-        groups.setdefault(module, {})[parsed[1]] = (key, tensors[key])
+        roles = groups.setdefault(module, {})
+        role = parsed[1] if parsed[1] != "lycoris" else key[len(parsed[0]):]
+        if role in roles:
+            raise KeyMismatchError(
+                f"{label}: keys {roles[role][0]!r} and {key!r} both give the {parsed[1]} of {module!r}; "
+                "one target given twice would make one of them silently win. Fix: keep one of them in the file."
+            )
+        roles[role] = (key, tensors[key])
     base_modules = _base_modules(base) if base is not None else None
-    kohya = _kohya_table(list(base_modules)) if (fmt == "kohya" and base_modules is not None) else None
-    if fmt == "kohya" and base is None:
-        raise FormatError(
-            f"{label}: kohya names replace dots with underscores, which is ambiguous; pass base= (the model's tree) to resolve them"
-        )
+    kohya = _kohya_table(list(base_modules)) if (fmt.strip == "underscored" and base_modules is not None) else None
     targets: dict[str, Delta] = {}
+    claimed: dict[str, str] = {}
     for module, roles in groups.items():
-        name = _resolve_module(fmt, module, base_modules, kohya)
-        if name is None:
-            for key, _ in roles.values():
-                skipped.append((key, "no base module matches" + _hint(module, base_modules)))
-            continue
         try:
-            new = _build_targets(name, roles, fmt, config, exact_scales, label)
+            new = _build_targets(fmt, module, roles, cfg, exact_scales, label, base, base_modules, kohya)
         except (ShapeMismatchError, FormatError) as e:
             if strict:
                 raise
             skipped += [(k, str(e)) for k, _ in roles.values()]
             continue
+        if new is None:
+            for key, _ in roles.values():
+                skipped.append((key, "no base module matches" + _hint(module, base_modules)))
+            continue
         for tkey, delta in new.items():
+            first = next(iter(roles.values()))[0]
+            if tkey in claimed:
+                raise KeyMismatchError(
+                    f"{label}: keys {claimed[tkey]!r} and {first!r} both target {tkey!r} (two names for one module); "
+                    "one would silently win. Fix: keep one of them in the file."
+                )
+            claimed[tkey] = first
             if base is not None:
                 if tkey not in base:
                     skipped.append((tkey, "the base has no such key" + _hint(tkey, base)))
@@ -316,21 +403,37 @@ def load(
                     got = f"A {list(delta.A.shape)}, B {list(delta.B.shape)}" if isinstance(delta, LowRank) else f"delta {list(delta.D.shape)}"
                     msg = f"{got} does not fit the base weight {list(base[tkey].shape)}"
                     if strict:
-                        raise ShapeMismatchError(f"{label}: target {tkey!r}: {msg}")
+                        raise ShapeMismatchError(f"{label}: target {tkey!r} (from {first!r}): {msg}")
                     skipped.append((tkey, msg))
                     continue
             targets[tkey] = delta
+    for tkey, (key, tensor) in replaced.items():
+        _add_replacement(targets, claimed, tkey, key, tensor, base, label, skipped)
     if skipped and strict:
         lines = "\n".join(f"  {k}: {why}" for k, why in sorted(skipped)[:20])
         more = f"\n  ... ({len(skipped) - 20} more)" if len(skipped) > 20 else ""
         raise KeyMismatchError(
-            f"{label}: {len(skipped)} LoRA keys do not resolve (format {fmt!r}):\n{lines}{more}\n"
+            f"{label}: {len(skipped)} LoRA keys do not resolve (format {name!r}):\n{lines}{more}\n"
             "Fix: pass the right base= or format=, or strict=False to load the rest and get a report."
         )
-    adapter = LoraAdapter(targets, format=fmt, metadata={"source": label})
+    adapter = LoraAdapter(targets, format=name, metadata={"source": label})
     if strict:
         return adapter
-    return adapter, ResolutionReport(tuple(skipped), fmt, scores)
+    return adapter, ResolutionReport(tuple(skipped), name, scores)
+
+
+def _exact_scales(meta: Mapping[str, str], label: str) -> dict[str, float]:
+    """fvtransform's own exact scales (``fvt.scales`` in the header), checked."""
+    if FVT_SCALES not in meta:
+        return {}
+    where = f"{label}: header {FVT_SCALES!r}"
+    try:
+        doc = json.loads(meta[FVT_SCALES])
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"{where} is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(doc, dict):
+        raise FormatError(f"{where}: expected an object of target -> scale; found {type(doc).__name__}")
+    return {k: _alpha_value(v, f"{where}[{k!r}]") for k, v in doc.items()}
 
 
 def _hint(name: str, base: Any) -> str:
@@ -340,32 +443,110 @@ def _hint(name: str, base: Any) -> str:
     return f" (closest base names: {hint})" if hint else ""
 
 
-def _resolve_module(fmt: str, module: str, base_modules: Mapping[str, Any] | None, kohya: Mapping[str, str] | None) -> str | None:
-    if fmt == "kohya":
-        for p in _KOHYA_PREFIXES:
-            if module.startswith(p):
-                return kohya.get(module[len(p):]) if kohya is not None else None
-        return None
+def _resolve_module(fmt: LoraFormat, module: str, base_modules: Mapping[str, Any] | None, kohya: Mapping[str, str] | None) -> str | None:
+    """The base module a file module names: kohya's underscored names via the base, others by name and Wan renames."""
+    if fmt.strip == "underscored":
+        return kohya.get(module) if kohya is not None else None
     candidates = [module]
-    mapped = _to_diffusers_module(module)
+    mapped = _rename(WAN_MODULE_RENAMES, module)
     if mapped != module:
-        candidates = [mapped, module] if fmt == "comfy" else [module, mapped]
+        candidates = [mapped, module] if fmt.write_names == "original" else [module, mapped]
     if base_modules is None:
         return candidates[0]
-    for c in candidates:
-        if c in base_modules:
-            return c
-    return None
+    return next((c for c in candidates if c in base_modules), None)
+
+
+def _resolve_param(module: str, base: Any) -> str | None:
+    """A parameter the file names directly (Wan's ``blocks.N.modulation`` -> ``blocks.N.scale_shift_table``)."""
+    mapped = _rename(PARAM_RENAMES, module)
+    if base is None:
+        return mapped if mapped != module else None
+    return next((c for c in (mapped, module) if c in base and not c.endswith((".weight", ".bias"))), None)
+
+
+def _lycoris_targets(fmt: LoraFormat, module: str, roles: Mapping[str, tuple[str, torch.Tensor]], label: str) -> dict[str, Delta]:
+    """LyCORIS LoHa / LoKr factors (``hada_*``, ``lokr_*``): the one place where a LyCORIS reader plugs in."""
+    key = next(k for r, (k, _) in roles.items() if r.startswith((".hada_", ".lokr_")))
+    raise FormatError(
+        f"{label}: {key!r} is a LyCORIS LoHa/LoKr factor, which this version does not read; "
+        "convert the file to LoRA (lora_down/lora_up) with LyCORIS's tools"
+    )
+
+
+def _scalar(roles: Mapping[str, tuple[str, torch.Tensor]], role: str, label: str) -> tuple[str, float]:
+    key, t = roles[role]
+    if t.numel() != 1:
+        raise FormatError(f"{label}: {key!r} must hold one number; found shape {list(t.shape)} ({t.numel()} elements)")
+    if t.dtype == torch.bool or t.is_complex():
+        raise FormatError(f"{label}: {key!r} must be a real number; found dtype {t.dtype}")
+    value = float(t.reshape(()).item())
+    if not math.isfinite(value):
+        raise FormatError(f"{label}: {key!r} is {value}, not a finite number; fix or drop it")
+    return key, value
+
+
+def _lowrank_scale(
+    fmt: LoraFormat, module: str, rank: int, roles: Mapping[str, tuple[str, torch.Tensor]], cfg: _ScaleConfig | None, label: str,
+) -> tuple[float, float]:
+    """``(scale, alpha)`` as the format's tool computes them."""
+    if fmt.scale == "fastvideo":
+        return _fastvideo_scale(rank, roles, label)
+    if "alpha" in roles:
+        alpha = _scalar(roles, "alpha", label)[1]
+        return alpha / rank, alpha
+    if cfg is None:
+        return 1.0, float(rank)
+    r = pattern_value(module, cfg.rank_patterns, cfg.r)
+    alpha = float(pattern_value(module, cfg.alpha_patterns, cfg.alpha))
+    if r != rank:
+        raise ShapeMismatchError(
+            f"{label}: {module!r} has rank {rank} in the file, but {cfg.where} says r={r}; the config does not belong to these weights"
+        )
+    return (alpha / math.sqrt(rank) if cfg.rslora else alpha / rank), alpha
+
+
+def _fastvideo_scale(rank: int, roles: Mapping[str, tuple[str, torch.Tensor]], label: str) -> tuple[float, float]:
+    """FastVideo: ``alpha / lora_rank`` from the per-module tensors (its merge script and its LoRA layers)."""
+    if "fv_rank" in roles:
+        key, r = _scalar(roles, "fv_rank", label)
+        if r != rank:
+            raise ShapeMismatchError(f"{label}: {key!r} says rank {r:g}, but the factors have rank {rank}")
+    if "fv_alpha" not in roles:
+        return 1.0, float(rank)
+    key, alpha = _scalar(roles, "fv_alpha", label)
+    if alpha == 0 or alpha != int(alpha):
+        # FastVideo's layers use int(alpha) and skip the scale for alpha 0; its merge script uses the float: they disagree
+        raise FormatError(
+            f"{label}: {key!r} is {alpha:g}; FastVideo's LoRA layers and its merge script scale a zero or fractional "
+            "alpha differently, so the intended scale is unknown. Fix: store a whole, non-zero alpha"
+        )
+    return alpha / rank, alpha
 
 
 def _build_targets(
+    fmt: LoraFormat,
     module: str,
     roles: Mapping[str, tuple[str, torch.Tensor]],
-    fmt: str,
-    config: Mapping[str, Any] | None,
+    cfg: _ScaleConfig | None,
     exact: Mapping[str, float],
     label: str,
-) -> dict[str, Delta]:
+    base: Any,
+    base_modules: Mapping[str, Any] | None,
+    kohya: Mapping[str, str] | None,
+) -> dict[str, Delta] | None:
+    """The targets one file module gives, or None when it resolves to nothing in the base."""
+    if any(r.startswith((".hada_", ".lokr_")) for r in roles):
+        return _lycoris_targets(fmt, module, roles, label)
+    name = _resolve_module(fmt, module, base_modules, kohya)
+    param = None
+    if "diff_param" in roles or (name is None and set(roles) == {"diff"}) or (base is None and "diff" in roles and _resolve_param(module, None)):
+        # ``<module>.diff_m`` is the delta of ``<module>.modulation`` (lightx2v's extractor, ComfyUI-WanVideoWrapper)
+        owner = module + ".modulation" if "diff_param" in roles else module
+        param = _resolve_param(owner, base) if fmt.strip != "underscored" else None
+        if param is None:
+            return None
+    elif name is None:
+        return None
     out: dict[str, Delta] = {}
     has_a, has_b = "A" in roles, "B" in roles
     if has_a != has_b:
@@ -380,29 +561,67 @@ def _build_targets(
                 f"{where}: rank mismatch between A {list(A.shape)} and B {list(B.shape)} (A's dim 0 must equal B's dim 1)"
             )
         rank = int(A.shape[0])
-        if "alpha" in roles:
-            alpha = float(roles["alpha"][1].float().item())
-            scale = alpha / rank
-        elif fmt in ("peft", "diffusers", "plain"):
-            scale, alpha = _peft_scale(module, rank, config, label)
-        else:
-            scale, alpha = 1.0, float(rank)
-        if module + ".weight" in exact:
-            scale = float(exact[module + ".weight"])
+        if rank == 0:
+            raise ShapeMismatchError(f"{where}: rank 0 (A {list(A.shape)}); a LoRA needs rank 1 or more. Fix: drop this module")
+        scale, alpha = _lowrank_scale(fmt, module, rank, roles, cfg, label)
+        if name + ".weight" in exact:
+            scale = float(exact[name + ".weight"])
         mag = roles["magnitude"][1].reshape(-1) if "magnitude" in roles else None
-        out[module + ".weight"] = LowRank(A, B, scale, alpha, mag)
-    elif "alpha" in roles or "magnitude" in roles:
-        key = roles.get("alpha", roles.get("magnitude"))[0]
-        raise FormatError(f"{label}: {key!r} has no lora A/B factors to go with")
-    if "diff" in roles:
-        if has_a:
-            raise FormatError(f"{label}: {module!r} has both LoRA factors and a full .diff; keep one")
-        out[module + ".weight"] = FullDelta(roles["diff"][1], float(exact.get(module + ".weight", 1.0)))
+        out[name + ".weight"] = LowRank(A, B, scale, alpha, mag)
+    else:
+        loose = [r for r in ("alpha", "magnitude", "fv_rank", "fv_alpha") if r in roles]
+        if loose:
+            raise FormatError(f"{label}: {roles[loose[0]][0]!r} has no lora A/B factors to go with")
+    for role in ("diff", "diff_param"):
+        if role in roles:
+            if has_a:
+                raise FormatError(f"{label}: {module!r} has both LoRA factors and a full .diff; keep one")
+            target = param if param is not None else name + ".weight"
+            out[target] = FullDelta(roles[role][1], float(exact.get(target, 1.0)))
     if "diff_b" in roles:
-        out[module + ".bias"] = FullDelta(roles["diff_b"][1], float(exact.get(module + ".bias", 1.0)))
+        if name is None:
+            return None
+        out[name + ".bias"] = FullDelta(roles["diff_b"][1], float(exact.get(name + ".bias", 1.0)))
     for d_key, d in out.items():
         d.validate(f"{label}: {d_key!r}")
     return out
+
+
+def _replacement(fmt: LoraFormat, key: str, cfg: _ScaleConfig | None) -> str | None:
+    """PEFT ``modules_to_save``: the base key a full replacement tensor is for, or None.
+
+    peft's ``save_pretrained`` writes ``base_model.model.<module>.<param>``; in memory the
+    key reads ``<module>.modules_to_save.<adapter>.<param>``. A module is saved when its
+    name is, or ends with ``.`` + , an entry of the config's ``modules_to_save``.
+    """
+    if cfg is None or not cfg.modules_to_save or "replace" not in fmt.holds:
+        return None
+    name = _strip(fmt, key)
+    if name is None:
+        return None
+    name = re.sub(r"\.modules_to_save\.[^.]+(?=\.[^.]+$)", "", name)
+    module = name.rpartition(".")[0]
+    if any(module == m or module.endswith("." + m) for m in cfg.modules_to_save):
+        return name
+    return None
+
+
+def _add_replacement(targets: dict[str, Delta], claimed: dict[str, str], tkey: str, key: str, tensor: torch.Tensor,
+                     base: Any, label: str, skipped: list[tuple[str, str]]) -> None:
+    from fvtransform.lora._adapter import Replace
+
+    if tkey in claimed:
+        raise KeyMismatchError(f"{label}: keys {claimed[tkey]!r} and {key!r} both target {tkey!r}; keep one")
+    claimed[tkey] = key
+    if base is not None:
+        if tkey not in base:
+            skipped.append((key, "modules_to_save tensor for a key the base does not have" + _hint(tkey, base)))
+            return
+        if tuple(base[tkey].shape) != tuple(tensor.shape):
+            raise ShapeMismatchError(f"{label}: {key!r} {list(tensor.shape)} does not replace the base's {tkey!r} {list(base[tkey].shape)}")
+    delta = Replace(tensor)
+    delta.validate(f"{label}: {key!r}")
+    targets[tkey] = delta
 
 
 # ----------------------------------------------------------------------------- writing
@@ -410,31 +629,49 @@ def _module_name(target: str) -> tuple[str, str]:
     for suffix in (".weight", ".bias"):
         if target.endswith(suffix):
             return target[: -len(suffix)], suffix
-    raise FormatError(f"adapter target {target!r} does not end in .weight or .bias")
+    return target, ""  # a parameter named directly (Wan's scale_shift_table)
 
 
-def _encode(adapter: LoraAdapter, fmt: str, rename: Callable[[str], str], prefix: str) -> dict[str, torch.Tensor]:
-    roles = _ROLE_NAMES["peft" if fmt in ("peft", "diffusers", "plain") else fmt]
+def _write_name(fmt: LoraFormat, module: str, param: bool) -> str:
+    if fmt.write_names == "as-is":
+        return module
+    original = _original_params() if param else _original_names()
+    name = original.plan([module])[module]
+    return name.replace(".", "_") if fmt.write_names == "underscored" else name
+
+
+def _encode(adapter: LoraAdapter, fmt: LoraFormat, component: str) -> dict[str, torch.Tensor]:
+    from fvtransform.lora._adapter import Replace
+
+    roles = fmt.write_roles
+    prefix = fmt.write_prefix.format(component=component.rstrip("."))
     out: dict[str, torch.Tensor] = {}
     for target, d in adapter.items():
         module, suffix = _module_name(target)
-        name = prefix + rename(module)
+        name = prefix + _write_name(fmt, module, param=not suffix)
         if isinstance(d, LowRank):
             if suffix != ".weight":
                 raise FormatError(f"{target!r}: a low-rank delta must target a weight")
             out[name + roles["A"]] = d.A.contiguous()
             out[name + roles["B"]] = d.B.contiguous()
             if d.magnitude is not None:
-                if "magnitude" not in roles:
-                    raise FormatError(f"format {fmt!r} cannot hold DoRA magnitudes; use peft or kohya")
+                if "dora" not in fmt.holds:
+                    able = [f.name for f in TABLE if "dora" in f.holds]
+                    raise FormatError(f"{target!r}: format {fmt.name!r} cannot hold DoRA magnitudes; use one of {able}")
                 out[name + roles["magnitude"]] = d.magnitude.contiguous()
             if "alpha" in roles:
                 out[name + roles["alpha"]] = torch.tensor(d.scale * d.rank, dtype=torch.float32)
+        elif isinstance(d, Replace):
+            if "replace" not in fmt.holds:
+                able = [f.name for f in TABLE if "replace" in f.holds]
+                raise FormatError(f"{target!r} is a full replacement (modules_to_save), which format {fmt.name!r} cannot hold; use one of {able}")
+            out[prefix + target] = d.T.contiguous()
         else:
-            role = "diff" if suffix == ".weight" else "diff_b"
-            if role not in roles:
+            role = {".weight": "diff", ".bias": "diff_b", "": "diff_param"}[suffix]
+            if role not in roles or "full" not in fmt.holds:
+                able = [f.name for f in TABLE if role in f.write_roles and "full" in f.holds]
                 raise FormatError(
-                    f"{target!r} is a full delta (.diff / .diff_b), which format {fmt!r} cannot hold; save as 'comfy' or 'kohya'"
+                    f"{target!r} is a full delta (.diff / .diff_b), which format {fmt.name!r} cannot hold; save as one of {able}"
                 )
             out[name + roles[role]] = d.D.contiguous()
     return out
@@ -442,6 +679,8 @@ def _encode(adapter: LoraAdapter, fmt: str, rename: Callable[[str], str], prefix
 
 def _peft_config(adapter: LoraAdapter) -> dict[str, Any]:
     from collections import Counter
+
+    from fvtransform.lora._adapter import Replace
 
     lows = {k: d for k, d in adapter.items() if isinstance(d, LowRank)}
     if not lows:
@@ -458,6 +697,7 @@ def _peft_config(adapter: LoraAdapter) -> dict[str, Any]:
             rank_pattern["^" + re.escape(module)] = d.rank
         if d.scale * d.rank != alpha or d.rank != r:
             alpha_pattern["^" + re.escape(module)] = d.scale * d.rank
+    saved = sorted({_module_name(k)[0] for k, d in adapter.items() if isinstance(d, Replace)})
     return {
         "peft_type": "LORA",
         "r": r,
@@ -466,6 +706,7 @@ def _peft_config(adapter: LoraAdapter) -> dict[str, Any]:
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "target_modules": sorted({_module_name(k)[0] for k in lows}),
+        "modules_to_save": saved or None,
         "use_dora": any(d.magnitude is not None for d in lows.values()),
         "bias": "none",
         "fan_in_fan_out": False,
@@ -477,25 +718,31 @@ def _peft_config(adapter: LoraAdapter) -> dict[str, Any]:
 
 
 def save(adapter: LoraAdapter, path: str | os.PathLike[str], *, format: str = "peft", component: str = "transformer") -> Path:
-    """Write an adapter in ``format`` (``peft``, ``diffusers``, ``kohya``, ``comfy``), atomically.
+    """Write an adapter in ``format`` (``peft``, ``diffusers``, ``diffusers-model``, ``kohya``, ``comfy``), atomically.
 
     ``peft`` writes a folder (``adapter_model.safetensors`` + ``adapter_config.json``);
     ``diffusers`` writes ``pytorch_lora_weights.safetensors`` (into ``path`` if it
-    is a folder or has no suffix) with the adapter config in the header; the
-    others write one file. Exact scales are also kept in the header
-    (``fvt.scales``), so reading the file back gives the same adapter.
+    is a folder or has no suffix) with the adapter config in the header, keys and
+    config prefixed by ``component`` (as a pipeline's ``save_lora_weights``);
+    ``diffusers-model`` the same unprefixed (as a model's ``save_lora_adapter``);
+    the others write one file: ``kohya`` and ``comfy`` use the original Wan module
+    names that musubi-tuner and ComfyUI read. Exact scales are also kept in the
+    header (``fvt.scales``), so reading the file back gives the same adapter.
     Returns the path of the weights file.
     """
     from fvtransform.io._save import save as save_tree
 
     if not isinstance(adapter, LoraAdapter):
         raise FormatError(f"lora.save takes a LoraAdapter; found {type(adapter).__name__}")
+    fmt = BY_NAME.get(format)
+    if fmt is None or not fmt.write_roles:
+        raise FormatError(f"unknown LoRA format {format!r}; write one of {[f.name for f in TABLE if f.write_roles]}")
     path = Path(path)
-    scales = json.dumps({k: d.scale for k, d in adapter.items()})
+    scales = json.dumps({k: d.scale for k, d in adapter.items() if hasattr(d, "scale")})
     meta = {FVT_SCALES: scales}
-    if format == "peft":
+    tensors = _encode(adapter, fmt, component)
+    if fmt.scale == "config":
         folder = path
-        tensors = _encode(adapter, "peft", lambda m: m, "base_model.model.")
         config = _peft_config(adapter)
         from fvtransform.io._atomic import json_bytes, write_files
         from fvtransform.io._save import tree_bytes
@@ -503,20 +750,13 @@ def save(adapter: LoraAdapter, path: str | os.PathLike[str], *, format: str = "p
         # both files as one unit: a reader sees the old pair or the new pair
         write_files(folder, {PEFT_WEIGHTS: tree_bytes(tensors, meta), PEFT_CONFIG: json_bytes(config)}, what="PEFT LoRA folder")
         return folder / PEFT_WEIGHTS
-    if format == "diffusers":
+    if fmt.scale in ("metadata", "metadata-unprefixed"):
         file = path / DIFFUSERS_WEIGHTS if (path.is_dir() or not path.suffix) else path
-        tensors = _encode(adapter, "diffusers", lambda m: m, component.rstrip(".") + ".")
-        cfg = {f"{component}.{k}": v for k, v in _peft_config(adapter).items()}
+        prefix = f"{component.rstrip('.')}." if fmt.scale == "metadata" else ""
+        cfg = {f"{prefix}{k}": v for k, v in _peft_config(adapter).items()}
         meta[DIFFUSERS_META] = json.dumps(cfg, sort_keys=True)
-    elif format == "kohya":
-        file = path
-        tensors = _encode(adapter, "kohya", lambda m: m.replace(".", "_"), "lora_unet_")
-    elif format == "comfy":
-        file = path
-        orig = _original_names()
-        tensors = _encode(adapter, "comfy", lambda m: orig.plan([m])[m], "diffusion_model.")
     else:
-        raise FormatError(f"unknown LoRA format {format!r}; write one of peft, diffusers, kohya, comfy")
+        file = path
     save_tree(tensors, file, metadata=meta)
     return file
 

@@ -17,7 +17,7 @@ import attrs
 import torch
 
 from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError, close_matches
-from fvtransform.lora._adapter import FullDelta, LoraAdapter, LowRank
+from fvtransform.lora._adapter import FullDelta, LoraAdapter, LowRank, Replace
 from fvtransform.lora._dora import merge_dora, unmerge_dora
 from fvtransform.tree._paramtree import ParamTree
 
@@ -69,7 +69,7 @@ def _collect(tree: Mapping[str, torch.Tensor], pairs: list[tuple[LoraAdapter, fl
                 continue
             shape = tuple(tree[key].shape)
             if not d.fits(shape):
-                got = f"A {list(d.A.shape)}, B {list(d.B.shape)}" if isinstance(d, LowRank) else f"delta {list(d.D.shape)}"
+                got = f"A {list(d.A.shape)}, B {list(d.B.shape)}" if isinstance(d, LowRank) else f"delta {list(d.tensors()[0].shape)}"
                 raise ShapeMismatchError(f"adapter target {key!r}: {got} does not fit the weight {list(shape)}")
             eff = s * d.scale
             digest = b"".join(_digest(t) for t in d.tensors())
@@ -284,20 +284,25 @@ def merge(
     for key, contribs in per_key.items():
         w = base[key]
         dora = _is_dora(contribs)
+        replace = _is_replace(key, contribs)
         if _is_dtensor(w):
+            if replace:
+                raise FormatError(f"{key!r}: full replacements (modules_to_save) are not merged into sharded (DTensor) weights; unshard first")
             if return_record:
                 raise FormatError(f"{key!r}: return_record=True is not available for sharded (DTensor) weights; unshard first")
             from fvtransform.lora._sharded import merge_sharded
 
             out[key] = merge_sharded(contribs, w, sign=1.0, donate=donate, work=work)
             continue
-        if dora:
+        if replace:
+            new = contribs[0].delta.T.detach().to(device=w.device, dtype=w.dtype).clone()
+        elif dora:
             new, norms[key] = merge_dora(w, contribs)
         else:
             writable = donate and w.is_contiguous() and not getattr(w, "requires_grad", False)
             new = delta_rows(contribs, w, out=w.detach() if writable else None, work=work)
         if return_record:
-            back = unmerge_dora(new, contribs, norms[key]) if dora else delta_rows(contribs, new, sign=-1.0, work=work)
+            back = new if replace else unmerge_dora(new, contribs, norms[key]) if dora else delta_rows(contribs, new, sign=-1.0, work=work)
             corrections[key] = _make_correction(w, back)
             digests[key] = _digest(new)
             target_bytes += w.numel() * w.element_size()
@@ -316,6 +321,17 @@ def _is_dtensor(t: Any) -> bool:
 
 def _is_dora(contribs: list[_Contribution]) -> bool:
     return any(isinstance(c.delta, LowRank) and c.delta.magnitude is not None for c in contribs)
+
+
+def _is_replace(key: str, contribs: list[_Contribution]) -> bool:
+    """A PEFT ``modules_to_save`` replacement: alone on its weight, at scale 1 (as peft's merge_and_unload)."""
+    if not any(isinstance(c.delta, Replace) for c in contribs):
+        return False
+    if len(contribs) != 1:
+        raise FormatError(f"{key!r}: a full replacement (modules_to_save) cannot be merged together with other deltas on that weight")
+    if contribs[0].scale != 1.0:
+        raise FormatError(f"{key!r}: a full replacement (modules_to_save) is applied whole; merge it with scale 1, not {contribs[0].scale:g}")
+    return True
 
 
 def _retie(base: ParamTree, out: dict[str, torch.Tensor], changed: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -345,8 +361,8 @@ def unmerge(
     work = Workspace()
     for key, contribs in per_key.items():
         w = base[key]
-        if _is_dora(contribs):
-            raise FormatError(f"{key!r}: DoRA merges are undone with the record of merge(..., return_record=True)")
+        if _is_dora(contribs) or _is_replace(key, contribs):
+            raise FormatError(f"{key!r}: DoRA and full-replacement merges are undone with the record of merge(..., return_record=True)")
         if _is_dtensor(w):
             from fvtransform.lora._sharded import merge_sharded
 
@@ -373,7 +389,9 @@ def restore(tree: Mapping[str, torch.Tensor], record: MergeRecord) -> ParamTree:
                 f"restore: {key!r} is not the merged weight this record was made for; "
                 "restore takes the tree that merge(..., return_record=True) returned"
             )
-        if key in record.dora_norms:
+        if _is_replace(key, contribs):
+            back = base[key]
+        elif key in record.dora_norms:
             back = unmerge_dora(base[key], contribs, record.dora_norms[key])
         else:
             back = delta_rows(contribs, base[key], sign=-1.0, work=work)

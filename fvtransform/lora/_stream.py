@@ -27,7 +27,7 @@ from fvtransform.io._files import find_weight_files
 from fvtransform.io._header import DTYPE_NAMES, read_header
 from fvtransform.io._load import Checkpoint
 from fvtransform.io._safetensors import TMP_MARK, _tensor_bytes
-from fvtransform.lora._merge import Workspace, _collect, _digest, delta_rows, normalize_adapters
+from fvtransform.lora._merge import Workspace, _collect, _digest, _is_replace, delta_rows, normalize_adapters
 
 __all__ = ["merge_checkpoint", "MERGED_KEY", "FILES_KEY", "OTHER_FILE_LIMIT"]
 
@@ -125,7 +125,9 @@ def merge_checkpoint(
     def produce(k: str) -> torch.Tensor:
         t = ckpt.tensor(k)
         dt = dtype_of(k)
-        if k in per_key:  # rounded once, straight into the output dtype
+        if k in per_key and _is_replace(k, per_key[k]):  # PEFT modules_to_save: the replacement itself
+            t = per_key[k][0].delta.T.to(dtype=dt)
+        elif k in per_key:  # rounded once, straight into the output dtype
             t = delta_rows(per_key[k], t, work=work, out=torch.empty(t.shape, dtype=dt))
         elif t.dtype != dt:
             t = t.to(dt)
