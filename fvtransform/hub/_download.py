@@ -107,8 +107,6 @@ def _translate(e: Exception, repo: str, revision: str | None, offline: bool) -> 
     from huggingface_hub import errors as hf
 
     where = f"{repo}@{revision or 'main'}"
-    if isinstance(e, _guard.Abort):
-        return _snapshot.translate_abort(e, where)
     if isinstance(e, hf.GatedRepoError):
         return HubError(f"{where}: the repo is gated or needs authorization; pass token= or set HF_TOKEN")
     if isinstance(e, hf.RepositoryNotFoundError):
@@ -198,11 +196,7 @@ def maybe_download_model(
         seconds = _guard.timeout_from_env(timeout)
         _guard.install()
         try:
-            folder = _guard.run_with_deadline(
-                lambda: _online_model(repo, sub, revision, patterns, ignore, components, cache_dir, token, verify),
-                seconds,
-                on_timeout=lambda: _timed_out(where, seconds),
-            )
+            folder = _bounded(lambda: _online_model(repo, sub, revision, patterns, ignore, components, cache_dir, token, verify), where, seconds)
         except _Unreachable as e:  # as snapshot_download does: the cache serves what it holds
             try:
                 folder = _offline_model(repo, sub, revision, patterns, ignore, components, cache_dir, token)
@@ -235,6 +229,14 @@ def _listing(repo: str, revision: str | None, token: str | None) -> tuple[str, d
             f"{where}: the hub is unreachable and nothing is cached ({type(e).__name__}: {str(e).splitlines()[0]}); "
             "check the network, or run offline (HF_HUB_OFFLINE=1) from a cache filled earlier"
         )) from None
+
+
+def _bounded(fn: Callable[[], T], where: str, seconds: float) -> T:
+    """``fn()`` under the download deadline; the guard's aborts as typed errors."""
+    try:
+        return _guard.run_with_deadline(fn, seconds, on_timeout=lambda: _timed_out(where, seconds))
+    except _guard.Abort as e:
+        raise _snapshot.translate_abort(e, where) from None
 
 
 def _timed_out(where: str, seconds: float) -> HubError:
@@ -290,7 +292,7 @@ def _online_model(repo: str, sub: str | None, revision: str | None, patterns: li
         _retrying(lambda: _snapshot.fetch_files(repo, commit, files, **fetch))
         _snapshot.write_ref_and_tree(repo, revision, commit, entries, cache_dir)
         return _snapshot.snapshot_folder(repo, commit, cache_dir)
-    except (FvTransformError, _Unreachable):
+    except (FvTransformError, _Unreachable, _guard.Abort):
         raise
     except Exception as e:  # mapped to our typed errors, keeping repo and revision
         raise _translate(e, repo, revision, False) from e
@@ -366,11 +368,7 @@ def maybe_download_lora(
         seconds = _guard.timeout_from_env(timeout)
         _guard.install()
         try:
-            out = _guard.run_with_deadline(
-                lambda: _online_lora(repo, prefix, weight_name, revision, cache_dir, token, verify),
-                seconds,
-                on_timeout=lambda: _timed_out(where, seconds),
-            )
+            out = _bounded(lambda: _online_lora(repo, prefix, weight_name, revision, cache_dir, token, verify), where, seconds)
         except _Unreachable as e:  # the cache serves what it holds
             try:
                 out, _ = _offline_lora(repo, prefix, weight_name, revision, cache_dir, token)
@@ -398,7 +396,7 @@ def _online_lora(repo: str, prefix: str, weight_name: str | None, revision: str 
         got = _retrying(lambda: _snapshot.fetch_files(repo, commit, [entries[w] for w in wanted], **fetch))
         _snapshot.write_ref_and_tree(repo, revision, commit, entries, cache_dir)
         return got[wanted[0]]
-    except (FvTransformError, _Unreachable):
+    except (FvTransformError, _Unreachable, _guard.Abort):
         raise
     except Exception as e:
         raise _translate(e, repo, revision, False) from e
