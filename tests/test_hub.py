@@ -372,6 +372,28 @@ def test_a_slow_server_ends_in_a_timeout_error_within_the_deadline(fake_hub, tin
     assert not list(_cache(fake_hub).rglob("*.incomplete"))  # its partial files were removed
 
 
+def test_a_pipeline_component_download_has_the_same_deadline(fake_hub, tiny_wan):
+    fake_hub.add_commit("org/tiny-pipe", _pipeline(tiny_wan[1]))
+    fake_hub.faults[("org/tiny-pipe", "transformer/config.json")] = "drip"
+    assert _fast_fail(lambda: maybe_download_model("org/tiny-pipe", components=["transformer"], timeout=0.8), 0.8) < 2.3
+
+
+def test_a_worker_stuck_outside_the_network_is_abandoned_at_the_deadline(fake_hub, tiny_lora, monkeypatch):
+    import threading
+    import time
+
+    from fvtransform.hub import _guard, _snapshot
+
+    release = threading.Event()
+    monkeypatch.setattr(_guard, "GRACE_S", 0.2)
+    monkeypatch.setattr(_snapshot, "list_repo", lambda *a: release.wait(10))  # blocked where no socket can end it
+    t0 = time.monotonic()
+    with pytest.raises(HubError, match=r"deadline of 0.3 s .* it was abandoned and removes its partial files when it ends"):
+        maybe_download_lora("org/tiny-lora", timeout=0.3)
+    assert time.monotonic() - t0 < 1.5
+    release.set()
+
+
 def test_the_deadline_comes_from_the_environment_for_loras_and_load(fake_hub, tiny_lora, monkeypatch):
     fake_hub.add_commit("org/tiny-lora", tiny_lora[1])
     fake_hub.faults[("org/tiny-lora", "adapter_model.safetensors")] = "drip"

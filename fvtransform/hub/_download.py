@@ -234,16 +234,17 @@ def _listing(repo: str, revision: str | None, token: str | None) -> tuple[str, d
 def _bounded(fn: Callable[[], T], where: str, seconds: float) -> T:
     """``fn()`` under the download deadline; the guard's aborts as typed errors."""
     try:
-        return _guard.run_with_deadline(fn, seconds, on_timeout=lambda: _timed_out(where, seconds))
+        return _guard.run_with_deadline(fn, seconds, on_timeout=lambda abandoned: _timed_out(where, seconds, abandoned))
     except _guard.Abort as e:
         raise _snapshot.translate_abort(e, where) from None
 
 
-def _timed_out(where: str, seconds: float) -> HubError:
+def _timed_out(where: str, seconds: float, abandoned: bool) -> HubError:
+    left = ("it was abandoned and removes its partial files when it ends" if abandoned
+            else "its partial files were removed")
     return HubError(
         f"{where}: the download did not finish within its deadline of {seconds:g} s (timeout=, or FVT_HUB_TIMEOUT); "
-        "the server is too slow, stalled or sends without end. Its partial files were removed; try again later or "
-        "raise the deadline"
+        f"the server is too slow, stalled or sends without end, and {left}. Try again later, or raise the deadline"
     )
 
 

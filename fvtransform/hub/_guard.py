@@ -288,13 +288,14 @@ def install() -> None:
         hf_http.set_client_factory(factory)
 
 
-def run_with_deadline(fn: Callable[[], T], timeout_s: float, *, on_timeout: Callable[[], Exception]) -> T:
+def run_with_deadline(fn: Callable[[], T], timeout_s: float, *, on_timeout: Callable[[bool], Exception]) -> T:
     """``fn()`` in a worker thread under a deadline ``timeout_s`` from now.
 
-    The caller gets ``fn``'s result or exception, or ``on_timeout()`` raised at
-    most :data:`GRACE_S` after the deadline, whatever ``fn`` is blocked in. The
-    worker's network operations fail once the deadline passed, so it ends soon
-    after too (it is a daemon thread; nothing waits for it at exit).
+    The caller gets ``fn``'s result or exception, or ``on_timeout(abandoned)``
+    raised at most :data:`GRACE_S` after the deadline, whatever ``fn`` is
+    blocked in (``abandoned``: the worker had not ended by then). The worker's
+    network operations fail once the deadline passed, so it ends soon after
+    too (it is a daemon thread; nothing waits for it at exit).
     """
     deadline = time.monotonic() + timeout_s
     box: dict[str, Any] = {}
@@ -311,10 +312,10 @@ def run_with_deadline(fn: Callable[[], T], timeout_s: float, *, on_timeout: Call
 
     threading.Thread(target=work, name="fvt-hub-download", daemon=True).start()
     if not done.wait(timeout_s + GRACE_S):
-        raise on_timeout()
+        raise on_timeout(True)
     if "error" in box:
         e = box.pop("error")
         if isinstance(e, Abort) and e.kind == "timeout":
-            raise on_timeout() from None
+            raise on_timeout(False) from None
         raise e
     return box["value"]
