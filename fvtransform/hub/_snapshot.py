@@ -17,7 +17,6 @@ and the ``trees/<commit>.json`` listing), so offline calls read it the same way.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -115,12 +114,10 @@ def list_repo(repo: str, revision: str | None, token: str | None, label: str) ->
 
 
 def select(entries: dict[str, Entry], allow: list[str], ignore: list[str]) -> list[Entry]:
-    """The entries whose paths match one of ``allow`` and none of ``ignore`` (fnmatch, as huggingface_hub)."""
-    return [
-        e
-        for p, e in sorted(entries.items())
-        if any(fnmatch.fnmatch(p, a) for a in allow) and not any(fnmatch.fnmatch(p, i) for i in ignore)
-    ]
+    """The entries whose paths match one of ``allow`` and none of ``ignore`` (``snapshot_download``'s own filter)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    return [entries[p] for p in filter_repo_objects(sorted(entries), allow_patterns=allow, ignore_patterns=ignore)]
 
 
 def _storage(repo: str, cache_dir: str | os.PathLike[str] | None) -> Path:
