@@ -3,9 +3,12 @@
 A local path is returned as it is (a local folder shadows a repo id of the
 same name). Anything else is a repo id, optionally with a subfolder
 (``org/repo/sub/dir``); every segment is checked before any request.
-Downloaded weights are verified against the hub's sha256 (see
-:mod:`fvtransform.hub._verify`); the commit a download resolved to is the
-snapshot folder's name, read back with :func:`resolved_commit`.
+Online, the repo's listing is checked and files are fetched one by one
+(:mod:`fvtransform.hub._snapshot`) under one deadline for the whole download
+(:mod:`fvtransform.hub._guard`); every downloaded file is verified against
+the hub's hash (:mod:`fvtransform.hub._verify`); the commit a download
+resolved to is the snapshot folder's name, read back with
+:func:`resolved_commit`.
 """
 
 from __future__ import annotations
