@@ -16,7 +16,8 @@ shorter, the hash of the full file kept), ``"drop"`` (the connection closes mid-
 ``"drip"`` sends the headers, then one body byte every ``drip_s`` seconds; ``"stall"`` sends the
 headers, then nothing; ``"endless"`` sends a body without a length, without end; ``"endless_headers"``
 drips header lines without end (HEAD and GET); ``("etag", value)`` announces ``value`` as the ETag;
-``("commit", value)`` announces ``value`` as X-Repo-Commit. ``listing_extra`` adds raw entries to
+``("commit", value)`` announces ``value`` as X-Repo-Commit. The key ``(repo, "/api")`` makes the
+API answers (revision, tree) ``"stall"``, ``"endless"`` or ``"endless_headers"``. ``listing_extra`` adds raw entries to
 every tree listing (hostile names), ``listing_size`` overrides the size the listing announces for a
 path. Every request is logged in ``requests``.
 """
@@ -158,6 +159,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         parts = path.strip("/").split("/")
         if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("revision", "tree"):
             repo_id, kind, rev = f"{parts[2]}/{parts[3]}", parts[4], parts[5]
+            fault = self.fake.faults.get((repo_id, "/api"))
+            if fault == "endless_headers":
+                self._endless_headers()
+                return
+            if fault in ("stall", "endless"):
+                self._slow(200, {"Content-Type": "application/json"}, b"[]", fault)
+                return
             found = self._repo(repo_id, rev)
             if found is None:
                 return

@@ -159,7 +159,7 @@ def bounded(fn: Callable[[], T]) -> Callable[[], T]:
 def budget(n_bytes: int | None, what: str) -> Iterator[None]:
     """Within the block, the socket reads of this thread may deliver at most ``n_bytes`` bytes in all."""
     old = getattr(_local, "budget", None)
-    _local.budget = None if n_bytes is None else [n_bytes, what]
+    _local.budget = None if n_bytes is None else [n_bytes, what, n_bytes]
     try:
         yield
     finally:
@@ -172,7 +172,7 @@ def _spend(n: int) -> None:
         return
     b[0] -= n
     if b[0] < 0:
-        raise Abort("size", f"{b[1]}: the server sent more bytes than it announced; refused before reading on")
+        raise Abort("size", f"{b[1]}: the server sent more bytes than announced or allowed ({b[2]}); refused before reading on")
 
 
 def _bounded_timeout(timeout: float | None) -> float | None:
