@@ -16,7 +16,8 @@ shorter, the hash of the full file kept), ``"drop"`` (the connection closes mid-
 ``"drip"`` sends the headers, then one body byte every ``drip_s`` seconds; ``"stall"`` sends the
 headers, then nothing; ``"endless"`` sends a body without a length, without end; ``"endless_headers"``
 drips header lines without end (HEAD and GET); ``("etag", value)`` announces ``value`` as the ETag;
-``("commit", value)`` announces ``value`` as X-Repo-Commit. The key ``(repo, "/api")`` makes the
+``("commit", value)`` announces ``value`` as X-Repo-Commit. ``("gzip", layers, n)`` sends ``n`` zero bytes gzipped ``layers`` times (a decompression bomb).
+The key ``(repo, "/api")`` makes the
 API answers (revision, tree) ``"stall"``, ``"endless"`` or ``"endless_headers"``. ``listing_extra`` adds raw entries to
 every tree listing (hostile names), ``listing_size`` overrides the size the listing announces for a
 path. Every request is logged in ``requests``.
@@ -240,6 +241,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         if fault in ("drip", "stall", "endless"):
             self._slow(status, headers, body, fault)
+            return
+        if isinstance(fault, tuple) and fault[0] == "gzip":  # ("gzip", n_layers, decoded size)
+            import gzip
+
+            bomb = b"\0" * fault[2]
+            for _ in range(fault[1]):
+                bomb = gzip.compress(bomb, compresslevel=9)
+            self._send(status, bomb, dict(headers, **{"Content-Encoding": ", ".join(["gzip"] * fault[1])}))
             return
         if fault == "drop":
             self.send_response(status)

@@ -435,6 +435,16 @@ def test_an_endless_body_is_cut_off_at_the_announced_size(fake_hub, tiny_wan, wh
     assert not list(_cache(fake_hub).rglob("*.incomplete"))
 
 
+@pytest.mark.parametrize(("layers", "said"), [(1, "compressed body decodes to more than"), (2, "stacks content encodings")])
+def test_a_compressed_body_may_not_decode_past_the_announced_size(fake_hub, tiny_wan, layers, said):
+    files = tiny_wan[1]
+    fake_hub.add_commit("org/tiny-wan", files)
+    fake_hub.faults[("org/tiny-wan", "config.json")] = ("gzip", layers, 24 * 2**20)
+    with pytest.raises(IntegrityError, match=rf"config.json \(announced {len(files['config.json'])} bytes\): the server('s)? {said}"):
+        maybe_download_model("org/tiny-wan", timeout=30)
+    assert not [p for p in _cache(fake_hub).rglob("*") if p.is_file() and p.stat().st_size > 2**20]  # no bomb on disk
+
+
 def _entry(path: str, data: bytes = b"{}") -> dict[str, object]:
     from _fakehub import git_blob_sha1
 

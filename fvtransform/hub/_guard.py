@@ -9,9 +9,10 @@ module adds, for the downloads fvtransform starts:
   client does: back-off sleeps, DNS, Xet), and every socket read, write and
   connect of the worker is bounded by the time left and fails once it is
   spent, so the worker ends too instead of dripping on forever;
-- a byte budget per request: a file announced as ``n`` bytes may not make the
-  socket deliver much more than ``n`` (an endless body or endless headers
-  end early);
+- a byte budget per file: a file announced as ``n`` bytes may not make the
+  socket deliver, nor its compressed body decode to, much more than ``n`` (an
+  endless body, endless headers or a gzip bomb end early; stacked content
+  encodings are refused);
 - checks of the hub's response headers before ``huggingface_hub`` uses them:
   ``ETag`` / ``X-Linked-Etag`` name the cache blob and ``X-Repo-Commit`` the
   snapshot folder, so each must be a hash (40 or 64 hex digits), never a path
@@ -234,11 +235,46 @@ class _Backend:
         self._inner.sleep(seconds)
 
 
+class _BoundedDecoder:
+    """A content decoder (gzip, br, ...) that may produce at most ``limit`` bytes: no decompression bombs."""
+
+    def __init__(self, inner: Any, limit: int, what: str) -> None:
+        self._inner, self._left, self._limit, self._what = inner, limit, limit, what
+
+    def _count(self, parts: Any) -> Iterator[bytes]:
+        for part in parts:
+            self._left -= len(part)
+            if self._left < 0:
+                raise Abort("size", f"{self._what}: the server's compressed body decodes to more than {self._limit} bytes; "
+                                    "refused before reading on")
+            yield part
+
+    def decode(self, data: bytes) -> Iterator[bytes]:
+        return self._count(self._inner.decode(data))
+
+    def flush(self) -> Iterator[bytes]:
+        return self._count(self._inner.flush())
+
+
+def _bound_decoding(response: Any) -> None:
+    """Within a byte budget, a compressed body may decode to no more than the budget either."""
+    b = getattr(_local, "budget", None)
+    if b is None:
+        return
+    codings = [c.strip().lower() for c in response.headers.get_list("content-encoding", split_commas=True)]
+    codings = [c for c in codings if c not in ("", "identity")]
+    if len(codings) > 1:
+        raise Abort("size", f"{b[1]}: the server stacks content encodings {codings[:8]}; refused (a decompression bomb)")
+    if codings and hasattr(response, "_get_content_decoder"):
+        response._decoder = _BoundedDecoder(response._get_content_decoder(), b[2], b[1])
+
+
 def _check_response(response: Any) -> None:
-    """Refuse hub response headers that would become paths in the cache unless they are hashes."""
+    """Refuse hub response headers that would become paths in the cache unless they are hashes; bound decoding."""
     left = remaining()
     if left is not None and left <= 0:
         raise Abort("timeout", "the download deadline passed")
+    _bound_decoding(response)
     url = urlparse(str(response.request.url))
     from huggingface_hub import constants
 
