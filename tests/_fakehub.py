@@ -11,7 +11,16 @@ The real ``huggingface_hub`` client talks to it end to end. It answers:
 
 Faults are injected per file: ``"corrupt"`` (same size, other bytes), ``"short"`` (announced and served
 shorter, the hash of the full file kept), ``"drop"`` (the connection closes mid-body), or an int ``n``
-(answer 500 to the first ``n`` GETs of the file, then serve it). Every request is logged in ``requests``.
+(answer 500 to the first ``n`` GETs of the file, then serve it). A hostile or broken server:
+``("tamper", data)`` serves ``data`` instead, announcing the hash and size of the real file;
+``"drip"`` sends the headers, then one body byte every ``drip_s`` seconds; ``"stall"`` sends the
+headers, then nothing; ``"endless"`` sends a body without a length, without end; ``"endless_headers"``
+drips header lines without end (HEAD and GET); ``("etag", value)`` announces ``value`` as the ETag;
+``("commit", value)`` announces ``value`` as X-Repo-Commit. ``("gzip", layers, n)`` sends ``n`` zero bytes gzipped ``layers`` times (a decompression bomb).
+The key ``(repo, "/api")`` makes the
+API answers (revision, tree) ``"stall"``, ``"endless"`` or ``"endless_headers"``. ``listing_extra`` adds raw entries to
+every tree listing (hostile names), ``listing_size`` overrides the size the listing announces for a
+path. Every request is logged in ``requests``.
 """
 
 from __future__ import annotations
@@ -46,6 +55,10 @@ class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[str, FakeRepo] = {}
         self.faults: dict[tuple[str, str], object] = {}
+        self.listing_extra: list[dict[str, object]] = []
+        self.listing_size: dict[str, int] = {}
+        self.drip_s = 0.2
+        self.stopping = threading.Event()
         self.requests: list[tuple[str, str]] = []
         self._server: http.server.ThreadingHTTPServer | None = None
 
@@ -82,6 +95,7 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        self.stopping.set()  # ends dripping and stalled answers
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -146,6 +160,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         parts = path.strip("/").split("/")
         if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("revision", "tree"):
             repo_id, kind, rev = f"{parts[2]}/{parts[3]}", parts[4], parts[5]
+            fault = self.fake.faults.get((repo_id, "/api"))
+            if fault == "endless_headers":
+                self._endless_headers()
+                return
+            if fault in ("stall", "endless"):
+                self._slow(200, {"Content-Type": "application/json"}, b"[]", fault)
+                return
             found = self._repo(repo_id, rev)
             if found is None:
                 return
@@ -156,7 +177,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return
             under = "/".join(parts[6:])
             recursive = parse_qs(url.query).get("recursive", ["false"])[0].lower() == "true"
-            self._json(_tree(files, under, recursive), sha)
+            tree = _tree(files, under, recursive)
+            for entry in tree:
+                if entry["path"] in self.fake.listing_size:
+                    entry["size"] = self.fake.listing_size[entry["path"]]
+                    if "lfs" in entry:
+                        entry["lfs"] = dict(entry["lfs"], size=entry["size"])  # type: ignore[arg-type]
+            self._json(tree + self.fake.listing_extra, sha)
             return
         if len(parts) >= 5 and parts[2] == "resolve":
             repo_id, rev, filename = f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:])
@@ -175,13 +202,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         fault = self.fake.faults.get((repo_id, filename))
         lfs = filename.endswith(LFS_SUFFIXES)
         etag = hashlib.sha256(data).hexdigest() if lfs else git_blob_sha1(data)
+        if fault == "endless_headers":
+            self._endless_headers()
+            return
+        real = data
+        if isinstance(fault, tuple) and fault[0] == "tamper":
+            data = fault[1]
         if fault == "corrupt":
             data = bytes(b ^ 0xFF for b in data[:64]) + data[64:]
         elif fault == "short":
             data = data[: len(data) // 2]
+        size = len(data) if not (isinstance(fault, tuple) and fault[0] == "tamper") else len(real)
+        if isinstance(fault, tuple) and fault[0] == "etag":
+            etag = fault[1]
+        if isinstance(fault, tuple) and fault[0] == "commit":
+            sha = fault[1]
         headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
         if lfs:
-            headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(data))})
+            headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(size)})
         if not head and isinstance(fault, int) and fault > 0:
             self.fake.faults[(repo_id, filename)] = fault - 1
             self._error(500, "InternalError", "temporary failure")
@@ -201,6 +239,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         status = 206 if start else 200
         if start:
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        if fault in ("drip", "stall", "endless"):
+            self._slow(status, headers, body, fault)
+            return
+        if isinstance(fault, tuple) and fault[0] == "gzip":  # ("gzip", n_layers, decoded size)
+            import gzip
+
+            bomb = b"\0" * fault[2]
+            for _ in range(fault[1]):
+                bomb = gzip.compress(bomb, compresslevel=9)
+            self._send(status, bomb, dict(headers, **{"Content-Encoding": ", ".join(["gzip"] * fault[1])}))
+            return
         if fault == "drop":
             self.send_response(status)
             for k, v in headers.items():
@@ -212,6 +261,45 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self._send(status, body, headers)
+
+    def _slow(self, status: int, headers: dict[str, str], body: bytes, fault: object) -> None:
+        """Headers, then the body one byte at a time (drip), nothing (stall) or without end (endless)."""
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        if fault != "endless":
+            self.send_header("Content-Length", str(len(body)))
+        self.close_connection = True
+        self.end_headers()
+        self.wfile.flush()
+        try:
+            if fault == "stall":
+                self.fake.stopping.wait(60)
+            elif fault == "drip":
+                for i in range(len(body)):
+                    if self.fake.stopping.wait(self.fake.drip_s):
+                        return
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
+            else:
+                chunk = b"\0" * 65536
+                while not self.fake.stopping.is_set():
+                    self.wfile.write(chunk)
+        except OSError:
+            pass  # the client hung up: what it should do
+
+    def _endless_headers(self) -> None:
+        """A status line, then one header line every ``drip_s`` seconds, without end."""
+        try:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            i = 0
+            while not self.fake.stopping.wait(self.fake.drip_s):
+                self.wfile.write(b"X-Pad-%d: x\r\n" % i)
+                self.wfile.flush()
+                i += 1
+        except OSError:
+            pass
+        self.close_connection = True
 
 
 def _tree(files: dict[str, bytes], under: str, recursive: bool) -> list[dict[str, object]]:

@@ -92,7 +92,7 @@ def test_pipeline_component_fetches_index_first_then_that_folder_only(fake_hub, 
     module, tree = fvt.load_model("org/tiny-pipe", component="transformer")
     fetched = _fetched(fake_hub)
     assert "model_index.json" in fetched and not any(f.startswith("scheduler/") for f in fetched)
-    first = next(p for m, p in fake_hub.requests if "/resolve/" in p or "/api/" in p)
+    first = next(p for m, p in fake_hub.requests if "/resolve/" in p)  # after the listing, the index comes first
     assert first.endswith("/model_index.json")
     with torch.no_grad():
         assert torch.equal(fvt.call(module, tree, **wan_inputs())[0], model(**wan_inputs())[0])
@@ -181,7 +181,9 @@ def test_bad_bytes_are_caught_named_and_removed(fake_hub, tiny_wan, fault):
     shard = next(k for k in files if k.endswith("-of-00002.safetensors") or k.endswith(".safetensors"))
     fake_hub.add_commit("org/tiny-wan", files)
     fake_hub.faults[("org/tiny-wan", shard)] = fault
-    with pytest.raises(IntegrityError, match=rf"{shard}: the sha256 of the downloaded bytes is [0-9a-f]{{64}}, but the hub announced"):
+    said = {"corrupt": "the sha256 of the downloaded bytes is [0-9a-f]{64}, but the hub announced",
+            "short": f"{len(files[shard]) // 2} bytes arrived, but the repo listing announced {len(files[shard])}"}[fault]
+    with pytest.raises(IntegrityError, match=rf"{shard}: {said}"):
         maybe_download_model("org/tiny-wan")
     cache = Path(__import__("huggingface_hub").constants.HF_HUB_CACHE)
     assert not list(cache.rglob(shard))  # the bad file is gone: nothing later can load it
@@ -297,3 +299,245 @@ def test_files_outside_the_cache_layout_cannot_be_verified(tmp_path):
     f.write_bytes(b"x")
     with pytest.raises(IntegrityError, match="cannot be verified: it is not a link to a hash-named blob.*verify=False"):
         verify_file(f, label="org/x@main")
+
+
+# ------------------------------------------------------------------------------------------ issue 13: security
+def _tamper_config(text: bytes) -> bytes:
+    """The same bytes but for ``lora_alpha``'s first digit (8 -> 9, as in the issue): same length, other scale."""
+    import re
+
+    out = re.sub(rb'("lora_alpha": )(\d)', lambda m: m[1] + str((int(m[2]) + 1) % 10).encode(), text, count=1)
+    assert len(out) == len(text) and out != text
+    return out
+
+
+def _cache(fake_hub) -> Path:
+    return Path(__import__("huggingface_hub").constants.HF_HUB_CACHE)
+
+
+def test_tampered_adapter_config_is_caught_named_and_removed(fake_hub, tiny_lora, tiny_wan):
+    adapter, files = tiny_lora
+    fake_hub.add_commit("org/tiny-lora", files)
+    fake_hub.faults[("org/tiny-lora", "adapter_config.json")] = ("tamper", _tamper_config(files["adapter_config.json"]))
+    with pytest.raises(IntegrityError, match=r"adapter_config.json: the git-sha1 of the downloaded bytes is [0-9a-f]{40}, but the hub announced"):
+        maybe_download_lora("org/tiny-lora")
+    assert not [p for p in _cache(fake_hub).rglob("adapter_config.json") if p.exists()]  # nothing later can read it
+    base = fvt.ParamTree.from_module(tiny_wan[0])
+    with pytest.raises(IntegrityError, match="adapter_config.json"):
+        fvt.lora.load("org/tiny-lora", base=base)  # the loader never sees the tampered scale
+    del fake_hub.faults[("org/tiny-lora", "adapter_config.json")]
+    loaded = fvt.lora.load("org/tiny-lora", base=base)
+    k = next(iter(adapter))
+    assert loaded[k].alpha == adapter[k].alpha
+
+
+def test_tampered_model_config_is_caught_and_the_verification_is_remembered(fake_hub, tiny_wan, monkeypatch):
+    from fvtransform.hub import _verify
+
+    files = tiny_wan[1]
+    fake_hub.add_commit("org/tiny-wan", files)
+    bad = files["config.json"].replace(b'"num_layers": 2', b'"num_layers": 9')
+    assert bad != files["config.json"]
+    fake_hub.faults[("org/tiny-wan", "config.json")] = ("tamper", bad)
+    with pytest.raises(IntegrityError, match=r"config.json: the git-sha1 of the downloaded bytes is [0-9a-f]{40}, but the hub announced"):
+        maybe_download_model("org/tiny-wan")
+    del fake_hub.faults[("org/tiny-wan", "config.json")]
+    folder = maybe_download_model("org/tiny-wan")
+    assert (folder / "config.json").read_bytes() == files["config.json"]
+    hashed: list[Path] = []
+    real_hash = _verify._hash
+    monkeypatch.setattr(_verify, "_hash", lambda p, *a: hashed.append(p) or real_hash(p, *a))
+    assert maybe_download_model("org/tiny-wan", local_files_only=True) == folder
+    assert hashed == []  # configs too: verified once, remembered in the cache
+
+
+def _fast_fail(fn, timeout_s: float) -> float:
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(HubError, match=rf"did not finish within its deadline of {timeout_s:g} s \(timeout=, or FVT_HUB_TIMEOUT\)"):
+        fn()
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("fault", ["drip", "stall", "endless_headers"])
+@pytest.mark.parametrize("which", ["config.json", "weights"])
+def test_a_slow_server_ends_in_a_timeout_error_within_the_deadline(fake_hub, tiny_wan, fault, which):
+    files = tiny_wan[1]
+    name = which if which != "weights" else next(k for k in files if k.endswith(".safetensors"))
+    fake_hub.add_commit("org/tiny-wan", files)
+    fake_hub.faults[("org/tiny-wan", name)] = fault
+    took = _fast_fail(lambda: maybe_download_model("org/tiny-wan", timeout=0.8), 0.8)
+    assert took < 0.8 + 1.5  # the worker noticed at the deadline; the caller did not wait out the grace period
+    assert not list(_cache(fake_hub).rglob("*.incomplete"))  # its partial files were removed
+
+
+@pytest.mark.parametrize("fault", ["stall", "endless_headers"])
+def test_a_slow_repo_listing_ends_in_a_timeout_error(fake_hub, tiny_lora, fault):
+    fake_hub.add_commit("org/tiny-lora", tiny_lora[1])
+    fake_hub.faults[("org/tiny-lora", "/api")] = fault
+    assert _fast_fail(lambda: maybe_download_lora("org/tiny-lora", timeout=0.8), 0.8) < 2.3
+
+
+def test_an_endless_repo_listing_is_cut_off(fake_hub, tiny_lora, monkeypatch):
+    from fvtransform.hub import _snapshot
+
+    monkeypatch.setattr(_snapshot, "MAX_LISTING_BYTES", 1 << 20)
+    fake_hub.add_commit("org/tiny-lora", tiny_lora[1])
+    fake_hub.faults[("org/tiny-lora", "/api")] = "endless"
+    with pytest.raises(IntegrityError, match=r"org/tiny-lora@main: the repo listing: the server sent more bytes than announced or allowed"):
+        maybe_download_lora("org/tiny-lora", timeout=30)
+
+
+def test_a_pipeline_component_download_has_the_same_deadline(fake_hub, tiny_wan):
+    fake_hub.add_commit("org/tiny-pipe", _pipeline(tiny_wan[1]))
+    fake_hub.faults[("org/tiny-pipe", "transformer/config.json")] = "drip"
+    assert _fast_fail(lambda: maybe_download_model("org/tiny-pipe", components=["transformer"], timeout=0.8), 0.8) < 2.3
+
+
+def test_a_worker_stuck_outside_the_network_is_abandoned_at_the_deadline(fake_hub, tiny_lora, monkeypatch):
+    import threading
+    import time
+
+    from fvtransform.hub import _guard, _snapshot
+
+    release = threading.Event()
+    monkeypatch.setattr(_guard, "GRACE_S", 0.2)
+    monkeypatch.setattr(_snapshot, "list_repo", lambda *a: release.wait(10))  # blocked where no socket can end it
+    t0 = time.monotonic()
+    with pytest.raises(HubError, match=r"deadline of 0.3 s .* it was abandoned and removes its partial files when it ends"):
+        maybe_download_lora("org/tiny-lora", timeout=0.3)
+    assert time.monotonic() - t0 < 1.5
+    release.set()
+
+
+def test_the_deadline_comes_from_the_environment_for_loras_and_load(fake_hub, tiny_lora, monkeypatch):
+    fake_hub.add_commit("org/tiny-lora", tiny_lora[1])
+    fake_hub.faults[("org/tiny-lora", "adapter_model.safetensors")] = "drip"
+    monkeypatch.setenv("FVT_HUB_TIMEOUT", "0.5")
+    assert _fast_fail(lambda: maybe_download_lora("org/tiny-lora"), 0.5) < 2.0
+    assert _fast_fail(lambda: fvt.lora.load("org/tiny-lora"), 0.5) < 2.0
+    monkeypatch.setenv("FVT_HUB_TIMEOUT", "soon")
+    with pytest.raises(HubError, match=r"FVT_HUB_TIMEOUT='soon' is not a number of seconds"):
+        maybe_download_lora("org/tiny-lora")
+    with pytest.raises(HubError, match=r"download timeout -1 must be a positive"):
+        maybe_download_lora("org/tiny-lora", timeout=-1)
+
+
+@pytest.mark.parametrize("which", ["config.json", "weights"])
+def test_an_endless_body_is_cut_off_at_the_announced_size(fake_hub, tiny_wan, which):
+    files = tiny_wan[1]
+    name = which if which != "weights" else next(k for k in files if k.endswith(".safetensors"))
+    fake_hub.add_commit("org/tiny-wan", files)
+    fake_hub.faults[("org/tiny-wan", name)] = "endless"
+    with pytest.raises(IntegrityError, match=rf"{name} \(announced {len(files[name])} bytes\): the server sent more bytes than announced or allowed"):
+        maybe_download_model("org/tiny-wan", timeout=30)
+    assert not list(_cache(fake_hub).rglob("*.incomplete"))
+
+
+@pytest.mark.parametrize(("layers", "said"), [(1, "compressed body decodes to more than"), (2, "stacks content encodings")])
+def test_a_compressed_body_may_not_decode_past_the_announced_size(fake_hub, tiny_wan, layers, said):
+    files = tiny_wan[1]
+    fake_hub.add_commit("org/tiny-wan", files)
+    fake_hub.faults[("org/tiny-wan", "config.json")] = ("gzip", layers, 24 * 2**20)
+    with pytest.raises(IntegrityError, match=rf"config.json \(announced {len(files['config.json'])} bytes\): the server('s)? {said}"):
+        maybe_download_model("org/tiny-wan", timeout=30)
+    assert not [p for p in _cache(fake_hub).rglob("*") if p.is_file() and p.stat().st_size > 2**20]  # no bomb on disk
+
+
+def _entry(path: str, data: bytes = b"{}") -> dict[str, object]:
+    from _fakehub import git_blob_sha1
+
+    return {"type": "file", "path": path, "size": len(data), "oid": git_blob_sha1(data)}
+
+
+@pytest.mark.parametrize(
+    ("path", "said"),
+    [
+        ("../../../escaped.json", r"segment '\.\.'"),
+        ("sub/../../escaped.json", r"segment '\.\.'"),
+        ("/tmp/escaped.json", "is absolute"),
+        ("a\x00b.json", r"segment 'a\\x00b.json'"),
+        ("a\\..\\..\\escaped.json", "segment"),
+        ("x" * 300 + ".json", "a segment longer than 255 bytes"),
+        ("a/" * 600 + "b.json", "longer than 1024 characters"),
+    ],
+)
+def test_hostile_names_in_the_repo_listing_are_refused_before_any_file(fake_hub, tiny_wan, tiny_lora, tmp_path, path, said):
+    fake_hub.add_commit("org/tiny-wan", tiny_wan[1])
+    fake_hub.add_commit("org/tiny-lora", tiny_lora[1])
+    fake_hub.listing_extra = [_entry(path)]
+    with pytest.raises(UnsafeFileError, match=rf"org/tiny-wan@main: tree listing: repo path .* {said}"):
+        maybe_download_model("org/tiny-wan", allow_patterns=["*"])
+    with pytest.raises(UnsafeFileError, match=rf"org/tiny-lora@main: tree listing: repo path .* {said}"):
+        maybe_download_lora("org/tiny-lora")
+    assert not _fetched(fake_hub)  # refused before any file was fetched
+    assert not [p for p in tmp_path.rglob("*escaped*")]
+
+
+def test_a_listing_of_tens_of_thousands_of_files_is_refused(fake_hub, tiny_lora):
+    from fvtransform.hub import _snapshot
+
+    fake_hub.add_commit("org/tiny-lora", tiny_lora[1])
+    fake_hub.listing_extra = [_entry(f"junk/{i}.json") for i in range(_snapshot.MAX_REPO_FILES)]
+    with pytest.raises(FormatError, match=r"org/tiny-lora@main: the repo lists more than 10000 files; refused"):
+        maybe_download_lora("org/tiny-lora")
+    assert not _fetched(fake_hub)
+
+
+@pytest.mark.parametrize("key", ["../../x", "a/b", "..", "a\x00"])
+def test_a_model_index_naming_a_component_outside_the_repo_is_refused(fake_hub, tiny_wan, key):
+    files = _pipeline(tiny_wan[1])
+    index = json.loads(files["model_index.json"])
+    index[key] = ["diffusers", "WanTransformer3DModel"]
+    files["model_index.json"] = json.dumps(index).encode()
+    fake_hub.add_commit("org/tiny-pipe", files)
+    with pytest.raises(UnsafeFileError, match=r"org/tiny-pipe@[0-9a-f]{40}: model_index.json (names )?component"):
+        maybe_download_model("org/tiny-pipe", components=["transformer"])
+    assert _fetched(fake_hub) == {"model_index.json"}
+
+
+@pytest.mark.parametrize("header", ["etag", "commit"])
+def test_hub_headers_that_would_become_cache_paths_must_be_hashes(fake_hub, tiny_wan, tmp_path, header):
+    files = tiny_wan[1]
+    fake_hub.add_commit("org/tiny-wan", files)
+    fake_hub.faults[("org/tiny-wan", "config.json")] = (header, "../../../../escaped")
+    with pytest.raises(UnsafeFileError, match=rf"org/tiny-wan@main: the hub's (ETag|X-Repo-Commit) header '.*escaped.*' is not a"):
+        maybe_download_model("org/tiny-wan")
+    assert not [p for p in tmp_path.rglob("*escaped*")]  # nothing written outside (or inside) the cache for it
+
+
+def test_a_config_announced_over_its_cap_is_refused_before_download(fake_hub, tiny_wan):
+    fake_hub.add_commit("org/tiny-wan", tiny_wan[1])
+    fake_hub.listing_size["config.json"] = 16 * 1024 * 1024 + 1
+    with pytest.raises(FormatError, match=r"config.json is announced as 16777217 bytes, more than the 16777216-byte cap"):
+        maybe_download_model("org/tiny-wan")
+    assert not _fetched(fake_hub)
+
+
+def test_weights_whose_announced_size_differs_from_what_arrives_are_refused(fake_hub, tiny_wan):
+    files = tiny_wan[1]
+    shard = next(k for k in files if k.endswith(".safetensors"))
+    fake_hub.add_commit("org/tiny-wan", files)
+    fake_hub.listing_size[shard] = len(files[shard]) - 8
+    with pytest.raises(IntegrityError, match=rf"{shard}: {len(files[shard])} bytes arrived, but the repo listing announced {len(files[shard]) - 8}"):
+        maybe_download_model("org/tiny-wan")
+    assert not [p for p in _cache(fake_hub).rglob(shard) if p.exists()]
+
+
+@pytest.mark.parametrize(
+    ("entry", "said"),
+    [
+        (dict(_entry("junk.json"), size=-1), r"tree listing entry 'junk.json': size -1 is not a non-negative integer"),
+        (dict(_entry("junk.json"), size="12"), r"tree listing entry 'junk.json': size '12' is not a non-negative integer"),
+        (dict(_entry("junk.json"), oid="../../x"), r"tree listing entry 'junk.json': blob id '../../x' is not a 40-hex git sha1"),
+        (dict(_entry("junk.safetensors"), lfs={"oid": "nope", "size": 2, "pointerSize": 1}), r"tree listing entry 'junk.safetensors': LFS sha256 'nope' is not 64 hex"),
+        (_entry("config.json"), r"tree listing entry 'config.json': listed twice"),
+    ],
+)
+def test_listing_entries_with_bad_sizes_hashes_or_duplicates_are_refused(fake_hub, tiny_wan, entry, said):
+    fake_hub.add_commit("org/tiny-wan", tiny_wan[1])
+    fake_hub.listing_extra = [entry]
+    with pytest.raises(FormatError, match=rf"org/tiny-wan@main: {said}"):
+        maybe_download_model("org/tiny-wan", allow_patterns=["*"])
+    assert not _fetched(fake_hub)

@@ -3,9 +3,12 @@
 A local path is returned as it is (a local folder shadows a repo id of the
 same name). Anything else is a repo id, optionally with a subfolder
 (``org/repo/sub/dir``); every segment is checked before any request.
-Downloaded weights are verified against the hub's sha256 (see
-:mod:`fvtransform.hub._verify`); the commit a download resolved to is the
-snapshot folder's name, read back with :func:`resolved_commit`.
+Online, the repo's listing is checked and files are fetched one by one
+(:mod:`fvtransform.hub._snapshot`) under one deadline for the whole download
+(:mod:`fvtransform.hub._guard`); every downloaded file is verified against
+the hub's hash (:mod:`fvtransform.hub._verify`); the commit a download
+resolved to is the snapshot folder's name, read back with
+:func:`resolved_commit`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import logging
 import time
 from typing import Callable, TypeVar
 
-from fvtransform.errors import FormatError, FvTransformError, HubError, NotFoundError, UnsafeFileError
+from fvtransform.errors import FormatError, FvTransformError, HubError, NotFoundError, UnsafeFileError, format_keys
+from fvtransform.hub import _guard, _snapshot
 from fvtransform.hub._verify import resolved_commit, verify_file, verify_snapshot
 
 __all__ = ["maybe_download_model", "maybe_download_lora", "split_repo_id", "DEFAULT_PATTERNS", "NEVER_PATTERNS"]
@@ -52,6 +56,9 @@ def _retrying(fn: Callable[[], T]) -> T:
             if not _transient(e):
                 raise
             delay = BACKOFF_S * 2**attempt
+            left = _guard.remaining()
+            if left is not None and left <= delay:
+                raise _guard.Abort("timeout", "the download deadline passed") from e
             log.warning("download failed (%s: %s); retrying in %.1f s", type(e).__name__, str(e).splitlines()[0], delay)
             time.sleep(delay)
     return fn()
@@ -64,6 +71,7 @@ PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt"]
 NEVER_PATTERNS = ["*.onnx", "*.onnx_data", "*.msgpack", "*.h5", "*.tflite", "*.ot"]
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _LORA_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
+_ADAPTER_CONFIG = "adapter_config.json"
 
 
 def split_repo_id(name: str) -> tuple[str, str | None]:
@@ -145,6 +153,7 @@ def maybe_download_model(
     token: str | None = None,
     allow_pickle: bool = False,
     verify: bool = True,
+    timeout: float | None = None,
 ) -> Path:
     """A local folder for a model: the path itself, or a snapshot of a Hub repo.
 
@@ -157,15 +166,20 @@ def maybe_download_model(
     A commit hash as ``revision`` pins the download; a branch name follows the
     branch, and :func:`resolved_commit` of the returned path says which commit
     it was. With ``verify=True`` every weights file is checked against the
-    hub's sha256 (once; remembered in the cache) and every safetensors header
-    against the file's size; a bad file is removed from the cache and named in
-    the error.
+    hub's sha256, every other file (configs, tokenizers) against its git blob
+    sha1 (once; remembered in the cache), and every safetensors header against
+    the file's size; a bad file is removed from the cache and named in the
+    error. Every path, hash and size the server lists is checked before
+    anything is fetched (see :mod:`fvtransform.hub._snapshot`), and the whole
+    download has a deadline of ``timeout`` seconds (default ``FVT_HUB_TIMEOUT``,
+    else 4 hours), enforced even against a server that drips bytes.
 
     Raises:
         UnsafeFileError: a repo id segment that could escape the download folder.
         NotFoundError: repo, revision, file or component not found; nothing cached offline.
-        HubError: gated or unauthorized repo, unreachable hub, other HTTP errors.
-        IntegrityError: downloaded bytes that do not match the hub's hash.
+        HubError: gated or unauthorized repo, unreachable hub, other HTTP errors, the deadline passed.
+        IntegrityError: downloaded bytes that do not match the hub's hash, listing or announced size.
+        FormatError: a listing that is not one (too many files, bad hashes), a file over its size cap.
     """
     path = Path(name_or_path)
     if path.exists():
@@ -174,26 +188,23 @@ def maybe_download_model(
     patterns = list(allow_patterns) if allow_patterns is not None else list(DEFAULT_PATTERNS)
     if allow_pickle:
         patterns += PICKLE_PATTERNS
-    prefix = f"{sub}/" if sub else ""
+    for c in components or []:
+        split_repo_id(f"x/y/{c}")
+    ignore = NEVER_PATTERNS + ([] if allow_pickle else PICKLE_PATTERNS)
     offline = _offline(local_files_only)
-    common = dict(revision=revision, local_files_only=offline, cache_dir=cache_dir, token=token)
-    from huggingface_hub import hf_hub_download, snapshot_download
-
-    try:
-        if components:
-            for c in components:
-                split_repo_id(f"x/y/{c}")
-            index = Path(_retrying(lambda: hf_hub_download(repo, f"{prefix}model_index.json", **common)))
-            _check_components(index, components, f"{repo}@{revision or 'main'}")
-            patterns = [f"{prefix}{c}/{p}" for c in components for p in patterns] + [f"{prefix}model_index.json"]
-        elif sub:
-            patterns = [f"{prefix}{p}" for p in patterns]
-        ignore = NEVER_PATTERNS + ([] if allow_pickle else PICKLE_PATTERNS)
-        folder = Path(_retrying(lambda: snapshot_download(repo, allow_patterns=patterns, ignore_patterns=ignore, **common)))
-    except FvTransformError:
-        raise
-    except Exception as e:  # mapped to our typed errors, keeping repo and revision
-        raise _translate(e, repo, revision, offline) from e
+    where = f"{repo}@{revision or 'main'}"
+    if offline:
+        folder = _offline_model(repo, sub, revision, patterns, ignore, components, cache_dir, token)
+    else:
+        seconds = _guard.timeout_from_env(timeout)
+        _guard.install()
+        try:
+            folder = _bounded(lambda: _online_model(repo, sub, revision, patterns, ignore, components, cache_dir, token, verify), where, seconds)
+        except _Unreachable as e:  # as snapshot_download does: the cache serves what it holds
+            try:
+                folder = _offline_model(repo, sub, revision, patterns, ignore, components, cache_dir, token)
+            except NotFoundError:
+                raise e.error from None
     label = f"{repo}@{resolved_commit(folder) or revision or 'main'}"
     if verify:
         verify_snapshot(folder, label=label)
@@ -201,13 +212,112 @@ def maybe_download_model(
     return _inside(folder, sub)
 
 
-def _check_components(index: Path, components: list[str], label: str) -> None:
+class _Unreachable(Exception):
+    """The hub could not be reached for the listing; ``error`` is the typed error to raise if nothing is cached."""
+
+    def __init__(self, error: HubError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _listing(repo: str, revision: str | None, token: str | None) -> tuple[str, dict[str, _snapshot.Entry]]:
+    """:func:`_snapshot.list_repo`, retried; a hub that cannot be reached is :class:`_Unreachable`."""
+    import httpx2
+
+    where = f"{repo}@{revision or 'main'}"
     try:
+        return _retrying(lambda: _snapshot.list_repo(repo, revision, token, where))
+    except (httpx2.ConnectError, httpx2.ConnectTimeout) as e:
+        raise _Unreachable(HubError(
+            f"{where}: the hub is unreachable and nothing is cached ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            "check the network, or run offline (HF_HUB_OFFLINE=1) from a cache filled earlier"
+        )) from None
+
+
+def _bounded(fn: Callable[[], T], where: str, seconds: float) -> T:
+    """``fn()`` under the download deadline; the guard's aborts as typed errors."""
+    try:
+        return _guard.run_with_deadline(fn, seconds, on_timeout=lambda abandoned: _timed_out(where, seconds, abandoned))
+    except _guard.Abort as e:
+        raise _snapshot.translate_abort(e, where) from None
+
+
+def _timed_out(where: str, seconds: float, abandoned: bool) -> HubError:
+    left = ("it was abandoned and removes its partial files when it ends" if abandoned
+            else "its partial files were removed")
+    return HubError(
+        f"{where}: the download did not finish within its deadline of {seconds:g} s (timeout=, or FVT_HUB_TIMEOUT); "
+        f"the server is too slow, stalled or sends without end, and {left}. Try again later, or raise the deadline"
+    )
+
+
+def _offline_model(repo: str, sub: str | None, revision: str | None, patterns: list[str], ignore: list[str],
+                   components: list[str] | None, cache_dir: str | os.PathLike[str] | None, token: str | None) -> Path:
+    """The cached snapshot for a model, without touching the network."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    prefix = f"{sub}/" if sub else ""
+    common = dict(revision=revision, local_files_only=True, cache_dir=cache_dir, token=token)
+    try:
+        if components:
+            index = Path(hf_hub_download(repo, f"{prefix}model_index.json", **common))
+            verify_file(index, label=f"{repo}@{resolved_commit(index) or revision or 'main'}")
+            _check_components(index, components, f"{repo}@{revision or 'main'}")
+            patterns = [f"{prefix}{c}/{p}" for c in components for p in patterns] + [f"{prefix}model_index.json"]
+        elif sub:
+            patterns = [f"{prefix}{p}" for p in patterns]
+        return Path(snapshot_download(repo, allow_patterns=patterns, ignore_patterns=ignore, **common))
+    except FvTransformError:
+        raise
+    except Exception as e:  # mapped to our typed errors, keeping repo and revision
+        raise _translate(e, repo, revision, True) from e
+
+
+def _online_model(repo: str, sub: str | None, revision: str | None, patterns: list[str], ignore: list[str],
+                  components: list[str] | None, cache_dir: str | os.PathLike[str] | None, token: str | None,
+                  verify: bool) -> Path:
+    """List the repo, check it, then fetch and verify the files asked for (runs under the download deadline)."""
+    prefix = f"{sub}/" if sub else ""
+    where = f"{repo}@{revision or 'main'}"
+    try:
+        commit, entries = _listing(repo, revision, token)
+        label = f"{repo}@{commit}"
+        fetch = dict(cache_dir=cache_dir, token=token, label=label, verify=verify)
+        if components:
+            name = f"{prefix}model_index.json"
+            if name not in entries:
+                raise NotFoundError(f"{label}: {name} not found; the repo is not a pipeline (pass the component's folder as repo id instead)")
+            index = _retrying(lambda: _snapshot.fetch_files(repo, commit, [entries[name]], **fetch))[name]
+            _check_components(index, components, label)
+            patterns = [f"{prefix}{c}/{p}" for c in components for p in patterns] + [name]
+        elif sub:
+            patterns = [f"{prefix}{p}" for p in patterns]
+        files = _snapshot.select(entries, patterns, ignore)
+        _retrying(lambda: _snapshot.fetch_files(repo, commit, files, **fetch))
+        _snapshot.write_ref_and_tree(repo, revision, commit, entries, cache_dir)
+        return _snapshot.snapshot_folder(repo, commit, cache_dir)
+    except (FvTransformError, _Unreachable, _guard.Abort):
+        raise
+    except Exception as e:  # mapped to our typed errors, keeping repo and revision
+        raise _translate(e, repo, revision, False) from e
+
+
+def _check_components(index: Path, components: list[str], label: str) -> None:
+    """Check the components asked for against ``model_index.json``; every key it names must be a safe folder name."""
+    try:
+        size = index.stat().st_size
+        if size > _snapshot.MAX_CONFIG_BYTES:
+            raise FormatError(f"{label}: model_index.json is {size} bytes, more than the {_snapshot.MAX_CONFIG_BYTES}-byte cap")
         doc = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{label}: model_index.json is not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: bad JSON, or an integer of too many digits
+        raise FormatError(f"{label}: model_index.json is not valid JSON ({str(e)[:200]})") from None
     if not isinstance(doc, dict):
         raise FormatError(f"{label}: model_index.json must be an object of component -> [library, class]")
+    for key in doc:
+        if not key.startswith("_") and ("/" in key or not key):
+            raise UnsafeFileError(f"{label}: model_index.json names component {key[:200]!r}, which is not a folder name; refused")
+        if not key.startswith("_"):
+            _guard.check_repo_path(key, what=f"{label}: model_index.json component")
     def absent(v: object) -> bool:  # diffusers writes an unused component as null or [null, null]
         return v is None or (isinstance(v, list) and None in v)
 
@@ -228,6 +338,7 @@ def maybe_download_lora(
     cache_dir: str | os.PathLike[str] | None = None,
     token: str | None = None,
     verify: bool = True,
+    timeout: float | None = None,
 ) -> Path:
     """The path of one LoRA weights file: a file as is, or found in a folder or repo.
 
@@ -236,8 +347,9 @@ def maybe_download_lora(
     the only ``*.safetensors``; several candidates is an error listing them
     and naming ``weight_name=``; none is an error too. From a repo only that
     file and ``adapter_config.json`` (when there is one) are downloaded,
-    verified like :func:`maybe_download_model`'s weights; offline, the cache
-    serves them the same way.
+    both verified like :func:`maybe_download_model`'s files (a tampered
+    ``adapter_config.json`` would change the scale), under the same deadline
+    ``timeout``; offline, the cache serves them the same way.
     """
     path = Path(name_or_path)
     if path.is_file():
@@ -248,34 +360,72 @@ def maybe_download_lora(
     if weight_name is not None:
         split_repo_id(f"x/y/{weight_name}")  # the same checks as every repo path segment
     prefix = f"{sub}/" if sub else ""
-    offline = _offline(local_files_only)
-    common = dict(revision=revision, cache_dir=cache_dir, token=token)
-    from huggingface_hub import HfApi, hf_hub_download
+    where = f"{repo}@{revision or 'main'}"
+    if _offline(local_files_only):
+        out, config = _offline_lora(repo, prefix, weight_name, revision, cache_dir, token)
+        label = f"{repo}@{resolved_commit(out) or revision or 'main'}"
+        if verify:
+            for f in (out, config):
+                if f is not None:
+                    verify_file(f, label=label)
+    else:
+        seconds = _guard.timeout_from_env(timeout)
+        _guard.install()
+        try:
+            out = _bounded(lambda: _online_lora(repo, prefix, weight_name, revision, cache_dir, token, verify), where, seconds)
+        except _Unreachable as e:  # the cache serves what it holds
+            try:
+                out, _ = _offline_lora(repo, prefix, weight_name, revision, cache_dir, token)
+            except NotFoundError:
+                raise e.error from None
+        label = f"{repo}@{resolved_commit(out) or revision or 'main'}"
+    log.info("%s: LoRA file %s", label, out)
+    return out
+
+
+def _online_lora(repo: str, prefix: str, weight_name: str | None, revision: str | None,
+                 cache_dir: str | os.PathLike[str] | None, token: str | None, verify: bool) -> Path:
+    """List the repo, pick the LoRA file, fetch it and its ``adapter_config.json``, each verified."""
+    where = f"{repo}@{revision or 'main'}"
+    try:
+        commit, entries = _listing(repo, revision, token)
+        label = f"{repo}@{commit}"
+        names = sorted(p[len(prefix):] for p in entries if p.startswith(prefix))
+        if weight_name is None:
+            weight_name = _pick(Path("."), [n for n in names if "/" not in n], None, repo).name
+        elif weight_name not in names:
+            raise NotFoundError(f"{where}: file not found: {prefix}{weight_name!r} is not in the repo; files: {format_keys(names)}")
+        wanted = [f"{prefix}{weight_name}"] + [f"{prefix}{_ADAPTER_CONFIG}"] * (f"{prefix}{_ADAPTER_CONFIG}" in entries)
+        fetch = dict(cache_dir=cache_dir, token=token, label=label, verify=verify)
+        got = _retrying(lambda: _snapshot.fetch_files(repo, commit, [entries[w] for w in wanted], **fetch))
+        _snapshot.write_ref_and_tree(repo, revision, commit, entries, cache_dir)
+        return got[wanted[0]]
+    except (FvTransformError, _Unreachable, _guard.Abort):
+        raise
+    except Exception as e:
+        raise _translate(e, repo, revision, False) from e
+
+
+def _offline_lora(repo: str, prefix: str, weight_name: str | None, revision: str | None,
+                  cache_dir: str | os.PathLike[str] | None, token: str | None) -> tuple[Path, Path | None]:
+    """The cached LoRA file and its cached ``adapter_config.json`` (if any), without touching the network."""
+    from huggingface_hub import hf_hub_download
     from huggingface_hub import errors as hf
 
+    common = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=True)
     try:
         if weight_name is None:
-            if offline:
-                weight_name = _cached_lora_name(repo, prefix, common)
-            else:
-                files = _retrying(lambda: HfApi(token=token).list_repo_files(repo, revision=revision))
-                names = [f[len(prefix):] for f in files if f.startswith(prefix) and "/" not in f[len(prefix):]]
-                weight_name = _pick(Path("."), names, None, repo).name
-        name = f"{prefix}{weight_name}"
-        out = Path(_retrying(lambda: hf_hub_download(repo, name, local_files_only=offline, **common)))
+            weight_name = _cached_lora_name(repo, prefix, dict(revision=revision, cache_dir=cache_dir, token=token))
+        out = Path(hf_hub_download(repo, f"{prefix}{weight_name}", **common))
         try:
-            _retrying(lambda: hf_hub_download(repo, f"{prefix}adapter_config.json", local_files_only=offline, **common))
+            config: Path | None = Path(hf_hub_download(repo, f"{prefix}{_ADAPTER_CONFIG}", **common))
         except (hf.EntryNotFoundError, hf.LocalEntryNotFoundError):
-            pass  # an adapter_config.json is optional
+            config = None  # an adapter_config.json is optional
     except FvTransformError:
         raise
     except Exception as e:
-        raise _translate(e, repo, revision, offline) from e
-    label = f"{repo}@{resolved_commit(out) or revision or 'main'}"
-    if verify:
-        verify_file(out, label=label)
-    log.info("%s: LoRA file %s", label, out)
-    return out
+        raise _translate(e, repo, revision, True) from e
+    return out, config
 
 
 def _cached_lora_name(repo: str, prefix: str, common: dict) -> str:

@@ -1,9 +1,16 @@
-"""Content checks for downloaded files: sha256 against the hub's hash, safetensors headers against sizes.
+"""Content checks for downloaded files: every file against the hub's hash, safetensors headers against sizes.
 
 ``huggingface_hub`` checks only sizes. In its cache every snapshot file is a
 symlink to ``blobs/<etag>``, and the etag is what the hub announced for the
-file: the sha256 for LFS files (all weights), the git blob sha1 for small
-ones. This module hashes the bytes actually on disk and compares. A file that
+file: the sha256 for LFS files (all weights), the git blob sha1
+(``sha1(b"blob <size>\0" + bytes)``) for small ones (configs, tokenizers).
+This module hashes the bytes actually on disk and compares, for every file
+the library reads afterwards, not only weights: a tampered
+``adapter_config.json`` changes a LoRA's scale as surely as a tampered
+weight changes the model. Online, the blob name is also compared with the
+repo listing's hash and size (``trees/<commit>.json``, the same metadata
+``snapshot_download`` caches), so a ``HEAD`` answer that disagrees with the
+listing is caught too. A file that
 passed is remembered in ``<repo cache>/.fvt-verified/<etag>.json`` with its
 size, inode and modification time, so later loads do not hash it again; a
 file that fails is removed from the cache (its snapshot link and its blob) so
@@ -70,12 +77,15 @@ def _remove(file: Path, blob: Path | None) -> None:
                 p.unlink()
 
 
-def verify_file(file: Path, *, label: str) -> None:
+def verify_file(file: Path, *, label: str, expected: tuple[str, int] | None = None) -> None:
     """Check one snapshot file of the hub cache; remove it from the cache and raise if it is bad.
 
+    ``expected`` is the repo listing's ``(hash, size)`` for the file, when known.
+
     Raises:
-        IntegrityError: the bytes do not hash to what the hub announced, or the
-            file cannot be checked (not a link into the cache's blobs).
+        IntegrityError: the bytes do not hash to what the hub announced (or
+            not to what its listing says, or have another size), or the file
+            cannot be checked (not a link into the cache's blobs).
         FormatError: a safetensors file whose header does not fit its size.
     """
     blob = _blob_of(file)
@@ -87,8 +97,22 @@ def verify_file(file: Path, *, label: str) -> None:
     if not file.exists():
         _remove(file, None)
         raise IntegrityError(f"{label}: {file.name}: its blob {blob.name} is missing from the cache; download again")
-    record = blob.parent.parent / ".fvt-verified" / f"{blob.name}.json"
     stamp = _stamp(file)
+    if expected is not None:
+        want, size = expected
+        if blob.name != want:
+            _remove(file, blob)
+            raise IntegrityError(
+                f"{label}: {file.name}: the hub announced hash {blob.name} when downloading it, but its repo listing says "
+                f"{want}; the file was removed from the cache. Download again; if this repeats, the server is not consistent"
+            )
+        if stamp["size"] != size:
+            _remove(file, blob)
+            raise IntegrityError(
+                f"{label}: {file.name}: {stamp['size']} bytes arrived, but the repo listing announced {size}; "
+                "the file was removed from the cache. Download again"
+            )
+    record = blob.parent.parent / ".fvt-verified" / f"{blob.name}.json"
     with contextlib.suppress(OSError, ValueError):
         if json.loads(record.read_text()) == stamp:
             return
@@ -116,8 +140,8 @@ def verify_file(file: Path, *, label: str) -> None:
 
 
 def verify_snapshot(folder: Path, *, label: str) -> list[Path]:
-    """Verify every weights file under a snapshot folder; returns the files checked (sorted)."""
-    files = sorted(p for p in folder.rglob("*") if p.name.endswith(WEIGHT_SUFFIXES) and (p.is_file() or p.is_symlink()))
+    """Verify every file under a snapshot folder (weights, configs, tokenizers); returns the files checked (sorted)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink())
     for f in files:
         verify_file(f, label=label)
     return files
