@@ -20,7 +20,10 @@ import torch
 
 from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, ShapeMismatchError, close_matches, format_keys
 from fvtransform.io._mappings import WAN_MODULE_RENAMES
-from fvtransform.lora._adapter import Delta, FullDelta, LoraAdapter, LowRank
+from fvtransform.lora._adapter import DORA_EPS, GENERATED, Delta, FullDelta, LoraAdapter, LowRank
+from fvtransform.lora._dora import canonical_magnitude
+from fvtransform.lora._lycoris import LYCORIS_ROLES, is_lycoris, lycoris_targets, lycoris_tensors
+from fvtransform.lora._merge import describe
 from fvtransform.tree._rename import RenameRules
 
 __all__ = ["load", "save", "FORMATS", "ResolutionReport", "detect_format", "split_role"]
@@ -46,7 +49,7 @@ _ROLES = (
     (".alpha", "alpha"),
     (".diff_b", "diff_b"),
     (".diff", "diff"),
-)
+) + LYCORIS_ROLES  # LyCORIS LoHa/LoKr tensors: read by lora/_lycoris.py
 _ROLE_NAMES = {
     "peft": {"A": ".lora_A.weight", "B": ".lora_B.weight", "magnitude": ".lora_magnitude_vector"},
     "kohya": {"A": ".lora_down.weight", "B": ".lora_up.weight", "alpha": ".alpha", "magnitude": ".dora_scale", "diff": ".diff", "diff_b": ".diff_b"},
@@ -313,8 +316,7 @@ def load(
                     skipped.append((tkey, "the base has no such key" + _hint(tkey, base)))
                     continue
                 if not delta.fits(tuple(base[tkey].shape)):
-                    got = f"A {list(delta.A.shape)}, B {list(delta.B.shape)}" if isinstance(delta, LowRank) else f"delta {list(delta.D.shape)}"
-                    msg = f"{got} does not fit the base weight {list(base[tkey].shape)}"
+                    msg = f"{describe(delta)} does not fit the base weight {list(base[tkey].shape)}"
                     if strict:
                         raise ShapeMismatchError(f"{label}: target {tkey!r}: {msg}")
                     skipped.append((tkey, msg))
@@ -366,6 +368,8 @@ def _build_targets(
     exact: Mapping[str, float],
     label: str,
 ) -> dict[str, Delta]:
+    if is_lycoris(roles):
+        return lycoris_targets(module, roles, label, exact)
     out: dict[str, Delta] = {}
     has_a, has_b = "A" in roles, "B" in roles
     if has_a != has_b:
@@ -389,8 +393,9 @@ def _build_targets(
             scale, alpha = 1.0, float(rank)
         if module + ".weight" in exact:
             scale = float(exact[module + ".weight"])
-        mag = roles["magnitude"][1].reshape(-1) if "magnitude" in roles else None
-        out[module + ".weight"] = LowRank(A, B, scale, alpha, mag)
+        mag = canonical_magnitude(roles["magnitude"][1], int(B.shape[0]), int(A.shape[1]), f"{label}: {roles['magnitude'][0]!r}") if "magnitude" in roles else None
+        eps = DORA_EPS if mag is not None and roles["magnitude"][0].endswith(".dora_scale") else 0.0  # LyCORIS/ComfyUI
+        out[module + ".weight"] = LowRank(A, B, scale, alpha, mag, eps)
     elif "alpha" in roles or "magnitude" in roles:
         key = roles.get("alpha", roles.get("magnitude"))[0]
         raise FormatError(f"{label}: {key!r} has no lora A/B factors to go with")
@@ -419,7 +424,11 @@ def _encode(adapter: LoraAdapter, fmt: str, rename: Callable[[str], str], prefix
     for target, d in adapter.items():
         module, suffix = _module_name(target)
         name = prefix + rename(module)
-        if isinstance(d, LowRank):
+        if isinstance(d, GENERATED):
+            if fmt not in ("kohya", "comfy"):
+                raise FormatError(f"{target!r} is a LyCORIS {type(d).__name__}, which format {fmt!r} cannot hold; save as 'kohya' or 'comfy'")
+            out.update({name + k: t for k, t in lycoris_tensors(d).items()})
+        elif isinstance(d, LowRank):
             if suffix != ".weight":
                 raise FormatError(f"{target!r}: a low-rank delta must target a weight")
             out[name + roles["A"]] = d.A.contiguous()

@@ -26,7 +26,8 @@ from fvtransform.io._files import find_weight_files
 from fvtransform.io._header import DTYPE_NAMES
 from fvtransform.io._load import Checkpoint
 from fvtransform.io._safetensors import TMP_MARK, _tensor_bytes, atomic_path, clean_stale_temps, fsync_dir
-from fvtransform.lora._merge import Workspace, _collect, _digest, delta_rows, normalize_adapters
+from fvtransform.lora._dora import merge_dora
+from fvtransform.lora._merge import Workspace, _collect, _digest, _is_dora, delta_rows, normalize_adapters
 
 __all__ = ["merge_checkpoint", "MERGED_KEY"]
 
@@ -109,8 +110,10 @@ def merge_checkpoint(
     def produce(k: str) -> torch.Tensor:
         t = ckpt.tensor(k)
         dt = dtype_of(k)
-        if k in per_key:  # rounded once, straight into the output dtype
-            t = delta_rows(per_key[k], t, work=work, out=torch.empty(t.shape, dtype=dt))
+        if k in per_key and _is_dora(per_key[k]):  # row tiles; input-axis norms take a first pass over the tiles
+            t = merge_dora(t, per_key[k], out=torch.empty(t.shape, dtype=dt), where=f"{k!r}")[0]
+        elif k in per_key:  # rounded once, straight into the output dtype
+            t = delta_rows(per_key[k], t, work=work, out=torch.empty(t.shape, dtype=dt), where=f"{k!r}")
         elif t.dtype != dt:
             t = t.to(dt)
         done[0] += 1
