@@ -111,9 +111,9 @@ def merge_checkpoint(
         t = ckpt.tensor(k)
         dt = dtype_of(k)
         if k in per_key and _is_dora(per_key[k]):  # row tiles; input-axis norms take a first pass over the tiles
-            t = merge_dora(t, per_key[k], out=torch.empty(t.shape, dtype=dt), where=f"{k!r}")[0]
+            t = merge_dora(t, per_key[k], out=torch.empty(t.shape, dtype=dt), where=f"{ckpt.file_of(k)}: {k!r}")[0]
         elif k in per_key:  # rounded once, straight into the output dtype
-            t = delta_rows(per_key[k], t, work=work, out=torch.empty(t.shape, dtype=dt), where=f"{k!r}")
+            t = delta_rows(per_key[k], t, work=work, out=torch.empty(t.shape, dtype=dt), where=f"{ckpt.file_of(k)}: {k!r}")
         elif t.dtype != dt:
             t = t.to(dt)
         done[0] += 1
