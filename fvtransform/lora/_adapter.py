@@ -319,10 +319,8 @@ class LoKr:
         for n, t in present.items():
             _check_finite(t, f"{where} {n}")
         if self.magnitude is not None:
-            w2 = self._w2_shape()
-            in_exact = len(w2) > 2
-            cols = self._w1_shape()[1] * (w2[1] if in_exact else w2[1])
-            _check_magnitude(self.magnitude, self.out_features, cols, in_exact, where)
+            w2 = self._w2_shape()  # [b, d, k...]: d input channels; [b, d * k...]: the input width is not known
+            _check_magnitude(self.magnitude, self.out_features, self._w1_shape()[1] * w2[1], len(w2) > 2, where)
 
     def _all(self) -> tuple[torch.Tensor | None, ...]:
         return (self.w1, self.w1_a, self.w1_b, self.w2, self.w2_a, self.w2_b, self.t2)

@@ -22,7 +22,7 @@ import attrs
 import torch
 
 from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError
-from fvtransform.lora._adapter import FullDelta, LoraAdapter, LowRank
+from fvtransform.lora._adapter import LoraAdapter, LowRank
 from fvtransform.lora._merge import AdapterSet, normalize_adapters
 
 __all__ = ["pad_rank", "factors", "call_factors", "Factors"]

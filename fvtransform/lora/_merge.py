@@ -18,7 +18,7 @@ import torch
 
 from fvtransform.errors import FormatError, KeyMismatchError, NumericError, PlanError, ShapeMismatchError, close_matches
 from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LoraAdapter, LoHa, LoKr, LowRank
-from fvtransform.lora._dora import merge_dora, unmerge_dora
+from fvtransform.lora._dora import merge_dora, overflow_limit, overflows, unmerge_dora
 from fvtransform.tree._paramtree import ParamTree
 
 __all__ = ["merge", "unmerge", "restore", "MergeRecord", "normalize_adapters", "delta_rows", "describe", "AdapterSet", "Workspace"]
@@ -160,8 +160,11 @@ def delta_rows(
 
     LoHa and LoKr deltas are built tile by tile (only the tile's rows of the
     dense delta, in a second tile buffer), scaled and added as LyCORIS does
-    (``W + (scale * delta)``). Each tile of the result is checked for Inf/NaN
-    as it is stored (a cached pass over the tile, not over the model).
+    (``W + (scale * delta)``). Each float32 tile is checked before it is
+    rounded into the output: no NaN/Inf and nothing that rounds to Inf in the
+    output dtype (one ``amax`` over a cached tile, not a pass over the model),
+    unless a bound from the factors shows that no finite weight can overflow
+    (then nothing is checked: the common case costs nothing).
 
     Raises:
         NumericError: the result is not finite in the output dtype (an fp16 overflow); ``where`` names the key.
@@ -177,7 +180,9 @@ def delta_rows(
     gens = [(sign * c.scale, c.delta.row_source(weight.device)) for c in contribs if isinstance(c.delta, GENERATED)]
     if gens and columns is not None:
         raise PlanError(f"{where}: LoHa/LoKr deltas do not merge into column shards; merge them before sharding")
-    check = out.dtype.is_floating_point and out.element_size() > 1
+    limit = overflow_limit(out.dtype)
+    if limit is not None and weight.dtype.is_floating_point and torch.finfo(weight.dtype).max + _delta_bound(contribs) < limit:
+        limit = None  # no finite weight plus these deltas can reach Inf: the per-tile check is skipped
     work = work if work is not None else Workspace()
     width = A.shape[1] if A is not None else cols
     tile = max(1, TILE_BYTES // max(1, width * 4))
@@ -198,13 +203,31 @@ def delta_rows(
             acc.add_(D[start:stop].to(device=acc.device, dtype=torch.float32), alpha=s)
         for s, rows_of in gens:
             acc.add_(rows_of(start, stop).mul_(s))
-        flat_out[start:stop].copy_(acc)
-        if check and not bool(torch.isfinite(flat_out[start:stop]).all()):
+        if overflows(acc, limit):
             raise NumericError(
                 f"{where}: the merged weight holds Inf/NaN in {out.dtype} (rows {start}:{stop}); the deltas overflow it "
                 "(or the base already held Inf/NaN). Lower the scale or merge into a wider dtype (dtype=torch.float32)."
             )
+        flat_out[start:stop].copy_(acc)
     return out
+
+
+def _delta_bound(contribs: list[_Contribution]) -> float:
+    """An upper bound of ``|sum s * delta|`` per element, from the factors (inf where none is cheap: LoHa/LoKr).
+
+    ``|s B A|_ij <= |s| * max_i sum_k |B_ik| * max |A|``.
+    """
+    total = 0.0
+    for c in contribs:
+        d = c.delta
+        if isinstance(d, LowRank) and d.A.numel() and d.B.numel():
+            b = float(d.B.detach().double().abs().reshape(d.B.shape[0], -1).sum(dim=1).max())
+            total += abs(c.scale) * b * float(d.A.detach().double().abs().max())
+        elif isinstance(d, FullDelta) and d.D.numel():
+            total += abs(c.scale) * float(d.D.detach().double().abs().max())
+        elif not isinstance(d, (LowRank, FullDelta)):
+            return float("inf")
+    return total
 
 
 @attrs.frozen
