@@ -345,3 +345,23 @@ def test_dora_on_the_input_axis_merges_calls_and_restores(model, tree, inputs):
     got = fvt.lora.call(model, tree, adapter, *inputs)
     ref = torch.func.functional_call(model, dict(merged), inputs)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_merge_streams_peft_dora_as_fvt_lora_merge(tmp_path, tree):
+    """``fvtransform merge`` used to refuse every DoRA file; it streams them now, row tile by row tile."""
+    from fvtransform.cli._main import main
+
+    base = adapter_for(tree, rank=2)
+    norms = {k: (tree[k].float() + d.scale * (d.B @ d.A)).norm(dim=1) for k, d in base.items()}
+    dora = LoraAdapter({k: LowRank(d.A, d.B, d.scale, magnitude=norms[k] * 1.2) for k, d in base.items()})
+    fvt.lora.save(dora, tmp_path / "dora", format="peft")
+    fvt.save(tree, tmp_path / "base.safetensors")
+    args = ["merge", str(tmp_path / "base.safetensors"), str(tmp_path / "dora"), "--quiet", "-o"]
+    assert main([*args, str(tmp_path / "out.safetensors")]) == 0
+    loaded = fvt.lora.load(tmp_path / "dora", base=tree)
+    assert all(d.dora_eps == 0.0 for d in loaded.values())  # PEFT adds no epsilon to the norms
+    assert fvt.load(tmp_path / "out.safetensors") == fvt.lora.merge(tree, loaded)
+    assert main([*args, str(tmp_path / "bf16.safetensors"), "--dtype", "bf16"]) == 0
+    merged = fvt.lora.merge(tree.cast(torch.float32), loaded)
+    for k in dora:  # rounded once from float32 into bf16
+        assert torch.equal(fvt.load(tmp_path / "bf16.safetensors")[k], merged[k].to(torch.bfloat16))
