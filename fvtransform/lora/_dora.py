@@ -27,7 +27,7 @@ import torch
 
 from fvtransform.errors import FormatError, NumericError, ShapeMismatchError
 
-__all__ = ["merge_dora", "unmerge_dora", "dora_factor", "canonical_magnitude", "magnitude_axis", "dense_delta", "overflow_limit", "overflows"]
+__all__ = ["merge_dora", "unmerge_dora", "dora_factor", "canonical_magnitude", "magnitude_axis", "dora_scale_layout", "dense_delta", "overflow_limit", "overflows"]
 
 #: Bytes of float32 work space per DoRA tile.
 TILE_BYTES = 4 * 1024 * 1024
@@ -52,6 +52,22 @@ def canonical_magnitude(raw: torch.Tensor, out: int, in_features: int, where: st
         f"{where}: DoRA magnitude of shape {list(raw.shape)} fits neither the output axis ([{out}] or [{out}, 1...]) "
         f"nor the input axis ([1, {in_features}, 1...]) of its weight; the file's dora_scale does not belong to this module"
     )
+
+
+def dora_scale_layout(mag: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A canonical magnitude in the layout LyCORIS writes and ComfyUI reads: ``[out, 1...]`` or ``[1, in, 1...]``.
+
+    ``ndim`` is the weight's number of dims (4 for a Conv2d): ComfyUI divides
+    ``dora_scale`` by a norm of that many dims, so a 1-D or 2-D magnitude on a
+    convolution would broadcast wrongly there.
+
+    >>> dora_scale_layout(torch.ones(3), 4).shape, dora_scale_layout(torch.ones(1, 5), 3).shape
+    (torch.Size([3, 1, 1, 1]), torch.Size([1, 5, 1]))
+    """
+    ndim = max(2, ndim)
+    if mag.dim() == 1:
+        return mag.reshape(mag.shape[0], *([1] * (ndim - 1)))
+    return mag.reshape(1, mag.shape[-1], *([1] * (ndim - 2)))
 
 
 def magnitude_axis(mag: torch.Tensor) -> int:

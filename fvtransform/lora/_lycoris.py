@@ -28,7 +28,7 @@ import torch
 
 from fvtransform.errors import FormatError, NumericError, ShapeMismatchError
 from fvtransform.lora._adapter import DORA_EPS, Delta, FullDelta, LoHa, LoKr
-from fvtransform.lora._dora import canonical_magnitude
+from fvtransform.lora._dora import canonical_magnitude, dora_scale_layout
 
 __all__ = ["LYCORIS_ROLES", "is_lycoris", "lycoris_targets", "lycoris_tensors"]
 
@@ -138,7 +138,9 @@ def lycoris_tensors(delta: LoHa | LoKr) -> dict[str, torch.Tensor]:
 
     ``alpha`` is written as ``scale * rank`` (so any reader gets the scale
     back); a LoKr with both sides full gets no alpha (its scale must be 1).
-    The magnitude is written as LyCORIS does: ``[out, 1]`` or ``[1, in]``.
+    The magnitude is written as LyCORIS does: ``[out, 1...]`` or ``[1, in, 1...]``
+    (:func:`fvtransform.lora._dora.dora_scale_layout`; with the weight's dims
+    where the factors tell them, else 2-D).
     """
     names, fields = (_LOHA, _loha_fields()) if isinstance(delta, LoHa) else (_LOKR, _lokr_fields())
     out = {f".{n}": getattr(delta, f).contiguous() for n, f in zip(names, fields) if getattr(delta, f) is not None}
@@ -147,6 +149,11 @@ def lycoris_tensors(delta: LoHa | LoKr) -> dict[str, torch.Tensor]:
     elif delta.scale != 1.0:
         raise FormatError(f"a LoKr with both sides full has scale 1 in every reader; its scale {delta.scale} cannot be written")
     if delta.magnitude is not None:
-        m = delta.magnitude
-        out[".dora_scale"] = (m.reshape(-1, 1) if m.dim() == 1 else m).contiguous()
+        out[".dora_scale"] = dora_scale_layout(delta.magnitude, _weight_ndim(delta)).contiguous()
     return out
+
+
+def _weight_ndim(delta: LoHa | LoKr) -> int:
+    """The weight's dims where the factors tell them (Tucker cores, a full conv ``lokr_w2``), else 2."""
+    core = delta.t1 if isinstance(delta, LoHa) else (delta.t2 if delta.t2 is not None else delta.w2)
+    return core.dim() if core is not None else 2
