@@ -231,3 +231,68 @@ def test_no_public_function_mutates_its_inputs(setup):
         assert_unchanged(tree, snap)
         for f, s in zip(factor_trees, factor_snaps):
             assert_unchanged(f, s)
+
+
+# ---- LyCORIS LoHa / LoKr (and DoRA on either axis over them)
+@st.composite
+def lycoris_setups(draw):
+    """A linear weight ``[a*b, c*d]`` with a random LoHa or LoKr delta (any LoKr layout), maybe DoRA on either axis."""
+    from fvtransform.lora._adapter import LoHa, LoKr
+
+    dtype = draw(st.sampled_from(FLOATS))
+    a, b, c, d = (draw(st.integers(1, 4)) for _ in range(4))
+    out_f, in_f = a * b, c * d
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    r = draw(st.integers(1, 3))
+    alpha = draw(st.floats(0.25, 4, allow_nan=False, width=32))
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g) * 0.5
+
+    if draw(st.booleans()):
+        kw = dict(w1_a=rnd(out_f, r), w1_b=rnd(r, in_f), w2_a=rnd(out_f, r), w2_b=rnd(r, in_f))
+        cls, rank = LoHa, r
+    else:
+        kw = dict(w1=rnd(a, c)) if draw(st.booleans()) else dict(w1_a=rnd(a, r), w1_b=rnd(r, c))
+        kw.update(dict(w2=rnd(b, d)) if draw(st.booleans()) else dict(w2_a=rnd(b, r), w2_b=rnd(r, d)))
+        cls, rank = LoKr, (r if ("w1_a" in kw or "w2_a" in kw) else None)
+    scale = alpha / rank if rank is not None else 1.0
+    w = torch.randn(out_f, in_f, generator=g)
+    axis = draw(st.sampled_from([None, 0, 1]))
+    mag = None
+    if axis is not None:
+        full = w + scale * cls(**kw, scale=1.0).row_source(torch.device("cpu"))(0, out_f)
+        n = full.norm(dim=1) if axis == 0 else full.norm(dim=0).reshape(1, -1)
+        mag = n * (1.0 + 0.1 * torch.rand(n.shape, generator=g))
+    delta = cls(**kw, scale=scale, alpha=alpha, magnitude=mag)
+    tree = fvt.ParamTree({"l.weight": w.to(dtype), "l.bias": torch.randn(out_f, generator=g).to(dtype)})
+    return tree, LoraAdapter({"l.weight": delta}), draw(st.floats(-1.5, 1.5, allow_nan=False, width=32))
+
+
+@given(lycoris_setups(), st.integers(1, 3))
+def test_lycoris_restore_is_exact_and_unmerge_within_one_ulp(setup, cycles):
+    tree, a, s = setup
+    snap = snapshot(tree)
+    t = tree
+    for _ in range(cycles):
+        merged, record = fvt.lora.merge(t, a, s, return_record=True)
+        t = fvt.lora.restore(merged, record)
+    assert t == tree
+    if a["l.weight"].magnitude is None:
+        back = fvt.lora.unmerge(merged, a, s)
+        w, wm = tree["l.weight"], merged["l.weight"]
+        bound = torch.maximum(ulp(w), ulp(wm))
+        fp32 = (w.double().abs() + wm.double().abs()) * 2.0**-22
+        assert ((back["l.weight"].double() - w.double()).abs() <= bound + fp32).all()
+    assert_unchanged(tree, snap)
+
+
+@given(lycoris_setups())
+def test_lycoris_on_the_fly_matches_merge(setup):
+    tree, a, s = setup
+    f32 = tree.cast(torch.float32)
+    module = _linear(f32)
+    x = torch.randn(3, f32["l.weight"].shape[1], generator=torch.Generator().manual_seed(1))
+    fly = fvt.lora.call(module, f32, [(a, s)], x)
+    ref = fvt.call(module, fvt.lora.merge(f32, a, s), x)
+    assert torch.allclose(fly, ref, atol=1e-4, rtol=1e-4)

@@ -263,3 +263,105 @@ def test_factors_and_pad_rank_errors(model, tree, inputs):
         fvt.lora.factors(dora)
     with pytest.raises(FormatError, match="a DoRA target takes one adapter alone"):
         fvt.lora.call(model, tree, [dora, a], *inputs)
+
+
+# ---- numeric and shape safety (issue 13): each a typed error naming the key
+def test_conv_lora_whose_kernel_does_not_fit_is_refused(tmp_path):
+    tree = fvt.ParamTree({"c.weight": torch.zeros(4, 2, 3, 3)})
+    bad = LoraAdapter({"c.weight": LowRank(torch.ones(2, 2, 1, 9), torch.ones(4, 2, 1, 1), 1.0)})  # 18 elements, not 3x3
+    with pytest.raises(ShapeMismatchError, match=r"'c\.weight'.*A \[2, 2, 1, 9\].*does not fit the weight \[4, 2, 3, 3\]"):
+        fvt.lora.merge(tree, bad)
+    fvt.lora.save(bad, tmp_path / "bad.safetensors", format="comfy")
+    with pytest.raises(ShapeMismatchError, match=r"bad\.safetensors.*c\.weight.*does not fit"):
+        fvt.lora.load(tmp_path / "bad.safetensors", base=tree)
+    flat = LoraAdapter({"c.weight": LowRank(torch.ones(2, 18), torch.ones(4, 2, 1, 1), 1.0)})  # a flat A is fine
+    assert fvt.lora.merge(tree, flat)["c.weight"].shape == (4, 2, 3, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int8])
+def test_complex_and_integer_factors_are_refused(dtype):
+    with pytest.raises(ShapeMismatchError, match=rf"'w' A .*{str(dtype).split('.')[1]}.*floating point"):
+        LoraAdapter({"w": LowRank(torch.ones(2, 3, dtype=dtype), torch.ones(4, 2), 1.0)})
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_factors_are_checked_for_nan_after_upcast(dtype):
+    A = torch.full((2, 3), float("nan")).to(dtype)
+    with pytest.raises(NumericError, match=r"'w' A holds NaN or Inf"):
+        LoraAdapter({"w": LowRank(A, torch.ones(4, 2), 1.0)})
+    ok = LoraAdapter({"w": LowRank(torch.ones(2, 3).to(dtype), torch.ones(4, 2).to(dtype), 1.0)})
+    assert torch.equal(fvt.lora.merge({"w": torch.zeros(4, 3)}, ok)["w"], torch.full((4, 3), 2.0))
+
+
+def test_fp16_overflow_is_a_numeric_error_naming_the_key(tmp_path):
+    tree = fvt.ParamTree({"a.weight": torch.full((4, 3), 60000.0, dtype=torch.float16), "b.weight": torch.zeros(4, 3, dtype=torch.float16)})
+    big = LoraAdapter({"a.weight": LowRank(torch.full((1, 3), 100.0), torch.full((4, 1), 100.0), 1.0)})
+    with pytest.raises(NumericError, match=r"'a\.weight'.*Inf/NaN in torch\.float16"):
+        fvt.lora.merge(tree, big)
+    fvt.save(tree, tmp_path / "base.safetensors")
+    with pytest.raises(NumericError, match=r"'a\.weight'.*overflow"):
+        fvt.lora.merge_checkpoint(tmp_path / "base.safetensors", big, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+    # the same merge into float32 is fine
+    assert torch.isfinite(fvt.lora.merge_checkpoint(tmp_path / "base.safetensors", big, tmp_path / "f32.safetensors", dtype=torch.float32)
+                          and fvt.load(tmp_path / "f32.safetensors")["a.weight"]).all()
+
+
+def test_dora_magnitude_of_the_wrong_length_and_zero_norm_rows(model, tree, inputs):
+    A, B = torch.ones(2, 3), torch.ones(4, 2)
+    for mag in (torch.ones(5), torch.ones(1, 4), torch.ones(2, 2)):
+        with pytest.raises(ShapeMismatchError, match=r"'w'.*DoRA magnitude of shape .* fits neither"):
+            LoraAdapter({"w": LowRank(A, B, 1.0, magnitude=mag)})
+    key = "blocks.0.attn1.to_q.weight"
+    w = tree[key].clone()
+    w[1] = 0
+    zero = fvt.ParamTree({**tree, key: w})
+    d = LowRank(torch.ones(1, w.shape[1]), torch.zeros(w.shape[0], 1), 1.0, magnitude=torch.ones(w.shape[0]))
+    adapter = LoraAdapter({key: d})
+    with pytest.raises(NumericError, match=rf"'{key}'.*row 1 has norm 0"):
+        fvt.lora.merge(zero, adapter)
+    with pytest.raises(NumericError, match=rf"'{key}'.*row 1 has norm 0"):
+        fvt.lora.call(model, zero, adapter, *inputs)
+    col = LowRank(torch.ones(1, w.shape[1]), torch.zeros(w.shape[0], 1), 1.0, magnitude=torch.ones(1, w.shape[1]))
+    w2 = tree[key].clone()
+    w2[:, 2] = 0
+    with pytest.raises(NumericError, match=rf"'{key}'.*input column 2 has norm 0"):
+        fvt.lora.merge(fvt.ParamTree({**tree, key: w2}), LoraAdapter({key: col}))
+
+
+def test_dora_on_the_input_axis_merges_calls_and_restores(model, tree, inputs):
+    """A ``[1, in]`` magnitude scales columns: ``W' = (W + sBA) * m / ||W + sBA||_col`` (LyCORIS wd_on_output=False)."""
+    key = "blocks.0.attn1.to_q.weight"
+    w = tree[key]
+    g = torch.Generator().manual_seed(3)
+    A, B = torch.randn(2, w.shape[1], generator=g), torch.randn(w.shape[0], 2, generator=g) * 0.1
+    m = torch.rand(1, w.shape[1], generator=g) + 0.5
+    adapter = LoraAdapter({key: LowRank(A, B, 0.5, magnitude=m)})
+    full = w.double() + 0.5 * (B.double() @ A.double())
+    want = full * (m.double() / full.norm(dim=0, keepdim=True))
+    merged, record = fvt.lora.merge(tree, adapter, return_record=True)
+    torch.testing.assert_close(merged[key].double(), want, rtol=1e-6, atol=1e-6)
+    assert fvt.lora.restore(merged, record) == tree
+    got = fvt.lora.call(model, tree, adapter, *inputs)
+    ref = torch.func.functional_call(model, dict(merged), inputs)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_merge_streams_peft_dora_as_fvt_lora_merge(tmp_path, tree):
+    """``fvtransform merge`` used to refuse every DoRA file; it streams them now, row tile by row tile."""
+    from fvtransform.cli._main import main
+
+    base = adapter_for(tree, rank=2)
+    norms = {k: (tree[k].float() + d.scale * (d.B @ d.A)).norm(dim=1) for k, d in base.items()}
+    dora = LoraAdapter({k: LowRank(d.A, d.B, d.scale, magnitude=norms[k] * 1.2) for k, d in base.items()})
+    fvt.lora.save(dora, tmp_path / "dora", format="peft")
+    fvt.save(tree, tmp_path / "base.safetensors")
+    args = ["merge", str(tmp_path / "base.safetensors"), str(tmp_path / "dora"), "--quiet", "-o"]
+    assert main([*args, str(tmp_path / "out.safetensors")]) == 0
+    loaded = fvt.lora.load(tmp_path / "dora", base=tree)
+    assert all(d.dora_eps == 0.0 for d in loaded.values())  # PEFT adds no epsilon to the norms
+    assert fvt.load(tmp_path / "out.safetensors") == fvt.lora.merge(tree, loaded)
+    assert main([*args, str(tmp_path / "bf16.safetensors"), "--dtype", "bf16"]) == 0
+    merged = fvt.lora.merge(tree.cast(torch.float32), loaded)
+    for k in dora:  # rounded once from float32 into bf16
+        assert torch.equal(fvt.load(tmp_path / "bf16.safetensors")[k], merged[k].to(torch.bfloat16))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 import math
 import types
 from typing import Any
@@ -14,19 +14,53 @@ import torch
 from fvtransform.errors import FormatError, NumericError, ShapeMismatchError
 from fvtransform.tree import _pytree
 
-__all__ = ["LowRank", "FullDelta", "Replace", "LoraAdapter", "Delta"]
+__all__ = ["LowRank", "FullDelta", "Replace", "LoHa", "LoKr", "LoraAdapter", "Delta", "GENERATED", "DORA_EPS"]
+
+#: What LyCORIS and ComfyUI add to DoRA's norms (``torch.finfo(torch.float32).eps``); PEFT adds nothing.
+DORA_EPS = float(torch.finfo(torch.float32).eps)
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
-    if t.is_floating_point() and t.device.type != "meta" and t.numel() and not bool(torch.isfinite(t).all()):
+    """Refuse NaN/Inf in a factor of any dtype: complex and integer factors are refused, float8 is upcast first."""
+    if t.is_complex():
+        raise ShapeMismatchError(f"{what} is complex ({t.dtype}); LoRA factors must be real floating point. Re-export the adapter.")
+    if not t.is_floating_point():
+        raise ShapeMismatchError(f"{what} has dtype {t.dtype}; LoRA factors must be floating point. Re-export the adapter.")
+    if t.device.type == "meta" or not t.numel():
+        return
+    if t.element_size() == 1:  # float8: isfinite has no kernel for it; the upcast is exact
+        t = t.float()
+    if not bool(torch.isfinite(t).all()):
         raise NumericError(f"{what} holds NaN or Inf; refusing to use it. Re-export the adapter or drop this target.")
+
+
+def _check_magnitude(m: torch.Tensor, out: int, cols: int, in_exact: bool, where: str) -> None:
+    """DoRA's magnitude: ``[out]`` (per output row) or ``[1, in]`` (per input column, LyCORIS ``wd_on_output=False``)."""
+    ok = (m.dim() == 1 and m.shape[0] == out) or (
+        m.dim() == 2 and m.shape[0] == 1 and (m.shape[1] == cols if in_exact else m.shape[1] > 0 and cols % m.shape[1] == 0)
+    )
+    if not ok:
+        raise ShapeMismatchError(
+            f"{where}: DoRA magnitude of shape {list(m.shape)} fits neither the output axis ([{out}]) nor the input axis "
+            f"([1, in]) of this delta; the file's dora_scale / lora_magnitude_vector does not belong to it"
+        )
+    _check_finite(m, f"{where} magnitude")
+
+
+def _fits_magnitude(m: torch.Tensor | None, shape: tuple[int, ...]) -> bool:
+    return m is None or (m.dim() == 1 and m.shape[0] == shape[0]) or (m.dim() == 2 and m.shape[1] == shape[1])
 
 
 @attrs.frozen(repr=False)
 class LowRank:
     """``delta = scale * B @ A`` (conv: B ``[out, r, 1...]``, A ``[r, in, k...]``).
 
-    ``magnitude`` is DoRA's per-output-row magnitude vector, when present.
+    ``magnitude`` is DoRA's magnitude, when present: ``[out]`` per output row
+    (PEFT, LyCORIS' default) or ``[1, in]`` per input column (LyCORIS
+    ``wd_on_output=False``); :func:`fvtransform.lora._dora.canonical_magnitude`
+    brings a file's tensor to one of these. ``dora_eps`` is added to DoRA's
+    norms: 0 for PEFT, float32's epsilon for LyCORIS/ComfyUI ``dora_scale``
+    files (``DORA_EPS``), as each tool computes it.
     ``alpha`` is what the file said (for writing it back); ``scale`` is what counts.
     """
 
@@ -35,6 +69,7 @@ class LowRank:
     scale: float
     alpha: float | None = None
     magnitude: torch.Tensor | None = None
+    dora_eps: float = 0.0
 
     @property
     def rank(self) -> int:
@@ -55,15 +90,15 @@ class LowRank:
         _check_finite(self.A, f"{where} A")
         _check_finite(self.B, f"{where} B")
         if self.magnitude is not None:
-            _check_finite(self.magnitude, f"{where} magnitude")
+            _check_magnitude(self.magnitude, int(self.B.shape[0]), int(self.A.shape[1]), self.A.dim() > 2, where)
 
     def fits(self, shape: tuple[int, ...]) -> bool:
-        return (
-            len(shape) >= 2
-            and self.B.shape[0] == shape[0]
-            and math.prod(self.A.shape[1:]) == math.prod(shape[1:])
-            and (len(self.A.shape) == len(shape) or self.A.dim() == 2)
-        )
+        """Same output rows, and A's full shape past the rank is the weight's (a flat 2-D A: the same element count)."""
+        if len(shape) < 2 or self.B.shape[0] != shape[0] or not _fits_magnitude(self.magnitude, shape):
+            return False
+        if self.A.dim() == 2:
+            return self.A.shape[1] == math.prod(shape[1:])
+        return tuple(self.A.shape[1:]) == tuple(shape[1:])
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.A, self.B] + ([self.magnitude] if self.magnitude is not None else [])
@@ -103,6 +138,11 @@ class Replace:
         """A replacement is applied whole (PEFT ignores adapter scales for ``modules_to_save``)."""
         return 1.0
 
+    @property
+    def magnitude(self) -> None:
+        """A replacement carries no DoRA magnitude."""
+        return None
+
     def validate(self, where: str) -> None:
         _check_finite(self.T, where)
 
@@ -116,7 +156,251 @@ class Replace:
         return f"Replace({list(self.T.shape)})"
 
 
-Delta = LowRank | FullDelta | Replace
+
+def _f32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.detach().to(device=device, dtype=torch.float32)
+
+
+def _need(cond: bool, where: str, what: str) -> None:
+    if not cond:
+        raise ShapeMismatchError(f"{where}: {what}; the file's LyCORIS factors do not belong together")
+
+
+def _shape(t: torch.Tensor | None) -> list[int] | None:
+    return None if t is None else list(t.shape)
+
+
+RowSource = Callable[[int, int], torch.Tensor]
+
+
+@attrs.frozen(repr=False)
+class LoHa:
+    """LyCORIS LoHa: ``delta = scale * (w1_a @ w1_b) * (w2_a @ w2_b)`` (Hadamard product).
+
+    Plain: ``w1_a``/``w2_a`` ``[out, r]``, ``w1_b``/``w2_b`` ``[r, in * k...]``.
+    Tucker (``t1``, ``t2`` ``[r, r, k...]``): ``w*_a`` ``[r, out]``, ``w*_b``
+    ``[r, in]``, each half ``einsum('ijk, jr, ip -> prk', t, w_b, w_a)``.
+    ``scale = alpha / r`` with ``r = w1_b.shape[0]`` (LyCORIS, ComfyUI).
+    """
+
+    w1_a: torch.Tensor
+    w1_b: torch.Tensor
+    w2_a: torch.Tensor
+    w2_b: torch.Tensor
+    t1: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+    scale: float = 1.0
+    alpha: float | None = None
+    magnitude: torch.Tensor | None = None
+    dora_eps: float = 0.0
+
+    @property
+    def rank(self) -> int:
+        return int(self.w1_b.shape[0])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.w1_a.shape[1] if self.t1 is not None else self.w1_a.shape[0])
+
+    @property
+    def columns(self) -> int:
+        """Width of the flattened delta (``in * prod(kernel)``)."""
+        k = math.prod(self.t1.shape[2:]) if self.t1 is not None else 1
+        return int(self.w1_b.shape[1]) * k
+
+    def validate(self, where: str) -> None:
+        ws = (self.w1_a, self.w1_b, self.w2_a, self.w2_b)
+        _need(all(w.dim() == 2 for w in ws), where, f"LoHa factors must be 2-D; found {[list(w.shape) for w in ws]}")
+        _need((self.t1 is None) == (self.t2 is None), where, "a Tucker LoHa needs both hada_t1 and hada_t2")
+        if self.t1 is None:
+            _need(self.w1_a.shape[1] == self.w1_b.shape[0] and self.w2_a.shape[1] == self.w2_b.shape[0], where,
+                  f"rank mismatch: hada_w1_a {list(self.w1_a.shape)} @ hada_w1_b {list(self.w1_b.shape)}, "
+                  f"hada_w2_a {list(self.w2_a.shape)} @ hada_w2_b {list(self.w2_b.shape)}")
+            halves = ((self.w1_a.shape[0], self.w1_b.shape[1]), (self.w2_a.shape[0], self.w2_b.shape[1]))
+        else:
+            assert self.t2 is not None
+            _need(self.t1.dim() >= 2 and self.t1.shape[2:] == self.t2.shape[2:], where,
+                  f"hada_t1 {list(self.t1.shape)} and hada_t2 {list(self.t2.shape)} must share their kernel dims")
+            _need(tuple(self.t1.shape[:2]) == (self.w1_a.shape[0], self.w1_b.shape[0])
+                  and tuple(self.t2.shape[:2]) == (self.w2_a.shape[0], self.w2_b.shape[0]), where,
+                  f"Tucker ranks: hada_t1 {list(self.t1.shape)} with hada_w1_a {list(self.w1_a.shape)}, hada_w1_b "
+                  f"{list(self.w1_b.shape)}; hada_t2 {list(self.t2.shape)} with hada_w2_a {list(self.w2_a.shape)}, "
+                  f"hada_w2_b {list(self.w2_b.shape)}")
+            halves = ((self.w1_a.shape[1], self.w1_b.shape[1]), (self.w2_a.shape[1], self.w2_b.shape[1]))
+        _need(halves[0] == halves[1], where, f"the Hadamard halves have shapes {list(halves[0])} and {list(halves[1])}")
+        _check_scale(self.scale, where)
+        for name, t in zip(("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"), self._all()):
+            if t is not None:
+                _check_finite(t, f"{where} {name}")
+        if self.magnitude is not None:
+            in_exact = self.t1 is not None
+            _check_magnitude(self.magnitude, self.out_features, int(self.w1_b.shape[1]), in_exact, where)
+
+    def _all(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.w1_a, self.w1_b, self.w2_a, self.w2_b, self.t1, self.t2)
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        if len(shape) < 2 or shape[0] != self.out_features or not _fits_magnitude(self.magnitude, shape):
+            return False
+        if self.t1 is None:
+            return self.w1_b.shape[1] == math.prod(shape[1:])
+        return self.w1_b.shape[1] == shape[1] and tuple(self.t1.shape[2:]) == tuple(shape[2:])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in self._all() if t is not None] + ([self.magnitude] if self.magnitude is not None else [])
+
+    def row_source(self, device: torch.device) -> RowSource:
+        """``rows(start, stop)``: rows of the unscaled delta, float32 ``[stop - start, columns]``, as LyCORIS computes them."""
+        w1a, w1b, w2a, w2b = (_f32(t, device) for t in (self.w1_a, self.w1_b, self.w2_a, self.w2_b))
+        if self.t1 is None:
+            def rows(start: int, stop: int) -> torch.Tensor:
+                return (w1a[start:stop] @ w1b) * (w2a[start:stop] @ w2b)
+            return rows
+        assert self.t2 is not None
+        t1, t2 = _f32(self.t1, device), _f32(self.t2, device)
+
+        def tucker_rows(start: int, stop: int) -> torch.Tensor:
+            h1 = torch.einsum("i j ..., j r, i p -> p r ...", t1, w1b, w1a[:, start:stop])
+            h2 = torch.einsum("i j ..., j r, i p -> p r ...", t2, w2b, w2a[:, start:stop])
+            return (h1 * h2).reshape(stop - start, -1)
+        return tucker_rows
+
+    def __repr__(self) -> str:
+        return f"LoHa(r={self.rank}{', tucker' if self.t1 is not None else ''}, scale={self.scale:g})"
+
+
+@attrs.frozen(repr=False)
+class LoKr:
+    """LyCORIS LoKr: ``delta = scale * kron(W1, W2)``.
+
+    ``W1`` is ``w1`` ``[a, c]`` or ``w1_a @ w1_b``; ``W2`` is ``w2``
+    ``[b, d, k...]``, ``w2_a @ w2_b`` (``[b, d * k...]``) or, with ``t2``,
+    ``einsum('ijk, ip, jr -> prk', t2, w2_a, w2_b)``. The weight is
+    ``[a * b, c * d, k...]``. ``scale = alpha / r`` with ``r`` the rank of the
+    factorized side (``w1_b.shape[0]``, else ``w2_b.shape[0]``); with both
+    sides full, ``scale = 1`` whatever the alpha (LyCORIS, ComfyUI).
+    """
+
+    w1: torch.Tensor | None = None
+    w1_a: torch.Tensor | None = None
+    w1_b: torch.Tensor | None = None
+    w2: torch.Tensor | None = None
+    w2_a: torch.Tensor | None = None
+    w2_b: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+    scale: float = 1.0
+    alpha: float | None = None
+    magnitude: torch.Tensor | None = None
+    dora_eps: float = 0.0
+
+    @property
+    def rank(self) -> int | None:
+        """The rank of the factorized side; None when both sides are full matrices."""
+        if self.w1_b is not None:
+            return int(self.w1_b.shape[0])
+        return int(self.w2_b.shape[0]) if self.w2_b is not None else None
+
+    def _w1_shape(self) -> tuple[int, int]:
+        if self.w1 is not None:
+            return int(self.w1.shape[0]), int(self.w1.shape[1])
+        assert self.w1_a is not None and self.w1_b is not None
+        return int(self.w1_a.shape[0]), int(self.w1_b.shape[1])
+
+    def _w2_shape(self) -> tuple[int, ...]:
+        """W2's shape: ``[b, d, k...]`` (full or Tucker) or ``[b, d * k...]`` (plain factors)."""
+        if self.w2 is not None:
+            return tuple(int(x) for x in self.w2.shape)
+        assert self.w2_a is not None and self.w2_b is not None
+        if self.t2 is not None:
+            return (int(self.w2_a.shape[1]), int(self.w2_b.shape[1]), *(int(x) for x in self.t2.shape[2:]))
+        return (int(self.w2_a.shape[0]), int(self.w2_b.shape[1]))
+
+    @property
+    def out_features(self) -> int:
+        return self._w1_shape()[0] * self._w2_shape()[0]
+
+    @property
+    def columns(self) -> int:
+        return self._w1_shape()[1] * math.prod(self._w2_shape()[1:])
+
+    def validate(self, where: str) -> None:
+        names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+        present = {n: t for n, t in zip(names, self._all()) if t is not None}
+        _need((self.w1 is None) != (self.w1_a is None and self.w1_b is None) and (self.w1_a is None) == (self.w1_b is None),
+              where, f"LoKr needs lokr_w1, or lokr_w1_a with lokr_w1_b; found {sorted(present)}")
+        _need((self.w2 is None) != (self.w2_a is None and self.w2_b is None) and (self.w2_a is None) == (self.w2_b is None),
+              where, f"LoKr needs lokr_w2, or lokr_w2_a with lokr_w2_b; found {sorted(present)}")
+        _need(self.t2 is None or self.w2 is None, where, "lokr_t2 goes with lokr_w2_a/lokr_w2_b, not with a full lokr_w2")
+        for n in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"):
+            if n in present:
+                _need(present[n].dim() == 2, where, f"{n} must be 2-D; found {list(present[n].shape)}")
+        if self.w2 is not None:
+            _need(self.w2.dim() >= 2, where, f"lokr_w2 must have at least 2 dims; found {list(self.w2.shape)}")
+        if self.w1_a is not None:
+            _need(self.w1_a.shape[1] == self.w1_b.shape[0], where,  # type: ignore[union-attr]
+                  f"rank mismatch: lokr_w1_a {_shape(self.w1_a)} @ lokr_w1_b {_shape(self.w1_b)}")
+        if self.w2_a is not None and self.t2 is None:
+            _need(self.w2_a.shape[1] == self.w2_b.shape[0], where,  # type: ignore[union-attr]
+                  f"rank mismatch: lokr_w2_a {_shape(self.w2_a)} @ lokr_w2_b {_shape(self.w2_b)}")
+        if self.t2 is not None:
+            _need(self.t2.dim() >= 2 and tuple(self.t2.shape[:2]) == (self.w2_a.shape[0], self.w2_b.shape[0]), where,  # type: ignore[union-attr]
+                  f"Tucker ranks: lokr_t2 {list(self.t2.shape)} with lokr_w2_a {_shape(self.w2_a)}, lokr_w2_b {_shape(self.w2_b)}")
+        _check_scale(self.scale, where)
+        for n, t in present.items():
+            _check_finite(t, f"{where} {n}")
+        if self.magnitude is not None:
+            w2 = self._w2_shape()  # [b, d, k...]: d input channels; [b, d * k...]: the input width is not known
+            _check_magnitude(self.magnitude, self.out_features, self._w1_shape()[1] * w2[1], len(w2) > 2, where)
+
+    def _all(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.w1, self.w1_a, self.w1_b, self.w2, self.w2_a, self.w2_b, self.t2)
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        if len(shape) < 2 or shape[0] != self.out_features or not _fits_magnitude(self.magnitude, shape):
+            return False
+        c, w2 = self._w1_shape()[1], self._w2_shape()
+        if len(w2) > 2:  # W2 keeps its kernel dims: kron(w1[..., None...], w2)
+            return len(shape) == len(w2) and c * w2[1] == shape[1] and tuple(w2[2:]) == tuple(shape[2:])
+        k = math.prod(shape[2:])
+        return w2[1] % k == 0 and c * (w2[1] // k) == shape[1]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in self._all() if t is not None] + ([self.magnitude] if self.magnitude is not None else [])
+
+    def row_source(self, device: torch.device) -> RowSource:
+        """``rows(start, stop)`` of the unscaled ``kron(W1, W2)`` flattened to ``[out, columns]``, float32.
+
+        Row ``i`` is ``W1[i // b]`` (outer) ``W2[i % b]``: each element one
+        product, as ``torch.kron`` makes it; only the tile's rows are built.
+        """
+        w1 = _f32(self.w1, device) if self.w1 is not None else _f32(self.w1_a, device) @ _f32(self.w1_b, device)  # type: ignore[arg-type]
+        if self.w2 is not None:
+            w2 = _f32(self.w2, device)
+        elif self.t2 is not None:
+            w2 = torch.einsum("i j ..., i p, j r -> p r ...", _f32(self.t2, device), _f32(self.w2_a, device), _f32(self.w2_b, device))  # type: ignore[arg-type]
+        else:
+            w2 = _f32(self.w2_a, device) @ _f32(self.w2_b, device)  # type: ignore[arg-type]
+        b = w2.shape[0]
+        w2 = w2.reshape(b, -1)
+
+        def rows(start: int, stop: int) -> torch.Tensor:
+            idx = torch.arange(start, stop, device=device)
+            return (w1[idx // b].unsqueeze(2) * w2[idx % b].unsqueeze(1)).reshape(stop - start, -1)
+        return rows
+
+    def __repr__(self) -> str:
+        return f"LoKr(r={self.rank}, scale={self.scale:g})"
+
+
+def _check_scale(scale: float, where: str) -> None:
+    if not math.isfinite(scale):
+        raise NumericError(f"{where}: scale {scale} is not finite")
+
+
+#: Deltas computed densely, tile by tile, from their factors.
+GENERATED = (LoHa, LoKr)
+
+Delta = LowRank | FullDelta | Replace | LoHa | LoKr
 
 
 class LoraAdapter(Mapping[str, Delta]):
@@ -138,8 +422,8 @@ class LoraAdapter(Mapping[str, Delta]):
     def __init__(self, targets: Mapping[str, Delta], *, format: str = "memory", metadata: Mapping[str, Any] | None = None) -> None:
         data = dict(targets)
         for k, d in data.items():
-            if not isinstance(d, (LowRank, FullDelta, Replace)):
-                raise FormatError(f"adapter target {k!r}: expected LowRank, FullDelta or Replace, found {type(d).__name__}")
+            if not isinstance(d, (LowRank, FullDelta, Replace, LoHa, LoKr)):
+                raise FormatError(f"adapter target {k!r}: expected LowRank, FullDelta, Replace, LoHa or LoKr, found {type(d).__name__}")
             d.validate(f"adapter target {k!r}")
         object.__setattr__(self, "_targets", types.MappingProxyType(data))
         object.__setattr__(self, "format", format)
@@ -165,7 +449,7 @@ class LoraAdapter(Mapping[str, Delta]):
 
     @property
     def ranks(self) -> dict[str, int]:
-        return {k: d.rank for k, d in self._targets.items() if isinstance(d, LowRank)}
+        return {k: d.rank for k, d in self._targets.items() if isinstance(d, (LowRank, LoHa, LoKr)) and d.rank is not None}
 
     @property
     def scales(self) -> dict[str, float]:
@@ -173,7 +457,7 @@ class LoraAdapter(Mapping[str, Delta]):
 
     @property
     def alphas(self) -> dict[str, float | None]:
-        return {k: d.alpha for k, d in self._targets.items() if isinstance(d, LowRank)}
+        return {k: d.alpha for k, d in self._targets.items() if isinstance(d, (LowRank, LoHa, LoKr))}
 
     @property
     def nbytes(self) -> int:
@@ -209,10 +493,14 @@ def _flatten(a: LoraAdapter) -> tuple[list[torch.Tensor], Any]:
     for k, d in a._targets.items():
         if isinstance(d, LowRank):
             leaves += [d.A, d.B] + ([d.magnitude] if d.magnitude is not None else [])
-            spec.append((k, "lr", d.scale, d.alpha, d.magnitude is not None))
+            spec.append((k, "lr", d.scale, (d.alpha, d.dora_eps), d.magnitude is not None))
         elif isinstance(d, Replace):
             leaves.append(d.T)
             spec.append((k, "replace", None, None, False))
+        elif isinstance(d, (LoHa, LoKr)):
+            fields = [f.name for f in attrs.fields(type(d)) if isinstance(getattr(d, f.name), torch.Tensor)]
+            leaves += [getattr(d, f) for f in fields]
+            spec.append((k, type(d).__name__, d.scale, (d.alpha, d.dora_eps), tuple(fields)))
         else:
             leaves.append(d.D)
             spec.append((k, "full", d.scale, None, False))
@@ -226,9 +514,12 @@ def _unflatten(leaves: Any, ctx: Any) -> LoraAdapter:
     for k, kind, scale, alpha, has_m in spec:
         if kind == "lr":
             A, B = next(it), next(it)
-            out[k] = LowRank(A, B, scale, alpha, next(it) if has_m else None)
+            out[k] = LowRank(A, B, scale, alpha[0], next(it) if has_m else None, alpha[1])
         elif kind == "replace":
             out[k] = Replace(next(it))
+        elif kind in ("LoHa", "LoKr"):
+            cls = LoHa if kind == "LoHa" else LoKr
+            out[k] = cls(**{f: next(it) for f in has_m}, scale=scale, alpha=alpha[0], dora_eps=alpha[1])
         else:
             out[k] = FullDelta(next(it), scale)
     adapter = object.__new__(LoraAdapter)

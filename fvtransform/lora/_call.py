@@ -18,8 +18,8 @@ from torch.overrides import TorchFunctionMode
 
 from fvtransform.call._call import _prepare
 from fvtransform.errors import FormatError, KeyMismatchError, format_keys
-from fvtransform.lora._adapter import FullDelta, LowRank, Replace
-from fvtransform.lora._dora import dora_factor
+from fvtransform.lora._adapter import GENERATED, FullDelta, LowRank, Replace
+from fvtransform.lora._dora import dense_delta, dora_factor
 from fvtransform.lora._merge import AdapterSet, _is_dtensor, normalize_adapters
 
 __all__ = ["call"]
@@ -49,11 +49,21 @@ class _ShardedLowRank:
 
 
 class _DoraPart:
-    """A DoRA target: its low-rank factors and the per-row factor ``m / ||W + s B A||`` (computed once per call)."""
+    """A DoRA target: its delta and the factor ``m / ||W + s delta||`` (computed once per call).
 
-    def __init__(self, d: LowRank, factor: torch.Tensor) -> None:
+    ``axis`` 0: one factor per output row (scales the output); 1: one per
+    input channel (scales the input: ``(x * f) (W + s delta)^T``).
+    """
+
+    def __init__(self, d: Any, factor: torch.Tensor, axis: int) -> None:
         self.d = d
         self.factor = factor
+        self.axis = axis
+
+
+def _dense(d: Any, weight: torch.Tensor) -> FullDelta:
+    """A LoHa/LoKr delta as its dense, unscaled float32 delta (built once per call, like LyCORIS' conv bypass)."""
+    return FullDelta(dense_delta(d, tuple(weight.shape), weight.device), 1.0)
 
 
 class _LoraMode(TorchFunctionMode):
@@ -64,10 +74,21 @@ class _LoraMode(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        hit = None
         if func in _LINEAR or func in _CONV:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             hit = self.by_weight.get(id(weight)) if weight is not None else None
+        in_axis = [p for p in hit[1] if isinstance(p[1], _DoraPart) and p[1].axis == 1] if hit is not None else []
+        if in_axis:  # the input is rescaled: the base call itself changes
+            self.used.add(hit[0])
+            out = self._dora_input_axis(func, in_axis[0][0], in_axis[0][1], args, kwargs)
+            x = args[0] if args else kwargs["input"]
+            for scale, d in hit[1]:
+                if not isinstance(d, _DoraPart):
+                    out = out + scale * self._delta(func, x, d, args, kwargs)
+            return out
+        out = func(*args, **kwargs)
+        if func in _LINEAR or func in _CONV:
             if hit is not None:
                 key, parts = hit
                 self.used.add(key)
@@ -100,6 +121,23 @@ class _LoraMode(TorchFunctionMode):
         lora = self._delta(func, x, part.d, args, kwargs)
         return out + (f - 1) * base + f * (scale * lora)
 
+    def _dora_input_axis(self, func: Any, scale: float, part: _DoraPart, args: Any, kwargs: Any) -> torch.Tensor:
+        """``W' = (W + s delta) * f`` per input channel, so ``y = op(x * f, W) + s * delta(x * f)`` (+ bias once)."""
+        args = list(args)
+        x = args[0] if args else kwargs["input"]
+        weight = args[1] if len(args) > 1 else kwargs["weight"]
+        f = part.factor.to(x.dtype)
+        if func in _LINEAR:
+            xs = x * f
+        else:
+            groups = x.shape[1] // weight.shape[1]
+            xs = x * f.repeat(groups).reshape(1, -1, *([1] * (x.dim() - 2)))
+        if args:
+            args[0] = xs
+        else:
+            kwargs = {**kwargs, "input": xs}
+        return func(*args, **kwargs) + scale * self._delta(func, xs, part.d, args, kwargs)
+
     @staticmethod
     def _delta(func: Any, x: torch.Tensor, d: Any, args: Any, kwargs: Any) -> torch.Tensor:
         if isinstance(d, _BiasDelta):
@@ -131,10 +169,15 @@ def call(
 ) -> Any:
     """Run ``module`` on ``tree`` with adapters applied on the fly: ``base(x) + s * B(A(x))``.
 
+    LyCORIS LoHa/LoKr targets are applied as their dense delta, built once
+    per call (``base(x) + s * op(x, delta)``, as LyCORIS' own bypass does for
+    convolutions).
+
     ``adapters`` is an adapter or ``[(adapter, scale), ...]``. Nothing is
     merged; the module and the trees are not changed. Full deltas and bias
     deltas are applied too (bias deltas through the weight's call), and DoRA
-    targets as PEFT computes them (``m / ||W + sBA||`` per row, worked out
+    targets as PEFT and LyCORIS compute them (``m / ||W + s delta||`` per
+    output row, or per input channel for LyCORIS ``wd_on_output=False``, worked out
     once per call). Every target must be used by a linear or convolution
     call of the forward pass, or the call raises. Under tensor parallelism
     (DTensor weights of a ``parallelize_module``-prepared module), the
@@ -170,11 +213,15 @@ def call(
                 continue
             if key in replaced:
                 raise FormatError(f"{key!r}: a full replacement (modules_to_save) cannot be combined with other deltas on that weight")
-            if isinstance(d, LowRank) and d.magnitude is not None:
+            if not isinstance(d, FullDelta) and d.magnitude is not None:
                 entry = by_weight.setdefault(id(params[key]), (key, []))
                 if entry[1]:
                     raise FormatError(f"{key!r}: a DoRA target takes one adapter alone (its magnitude rescales the whole weight)")
-                entry[1].append((s * d.scale, _DoraPart(d, dora_factor(params[key], d, s * d.scale))))
+                if _is_dtensor(params[key]):
+                    raise FormatError(f"{key!r}: on-the-fly DoRA needs whole rows and columns; merge DoRA adapters before sharding")
+                factor, axis = dora_factor(params[key], d, s * d.scale, where=f"{key!r}")
+                lin = _dense(d, params[key]) if isinstance(d, GENERATED) else d
+                entry[1].append((s * d.scale, _DoraPart(lin, factor, axis)))
                 continue
             hit = by_weight.get(id(params[key]))
             if hit is not None and any(isinstance(p, _DoraPart) for _, p in hit[1]):
@@ -190,7 +237,11 @@ def call(
                 continue
             entry = by_weight.setdefault(id(params[key]), (key, []))
             effective = s * d.scale
-            if _is_dtensor(params[key]) and isinstance(d, LowRank):
+            if isinstance(d, GENERATED):
+                if _is_dtensor(params[key]):
+                    raise FormatError(f"{key!r}: on-the-fly LoHa/LoKr on a sharded weight is not supported; merge it before sharding")
+                d = _dense(d, params[key])
+            elif _is_dtensor(params[key]) and isinstance(d, LowRank):
                 d = _ShardedLowRank(d, params[key])
             entry[1].append((effective, d))
     mode = _LoraMode(by_weight)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import attrs
 import torch
 
 from fvtransform.errors import FormatError
-from fvtransform.lora._adapter import Delta, FullDelta, LoraAdapter, LowRank
+from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LoraAdapter, LowRank, Replace
 from fvtransform.tree._match import Pattern, matcher
 
 __all__ = ["combine", "random_adapter", "scale_adapter"]
@@ -38,6 +39,8 @@ def combine(pairs: Sequence[tuple[LoraAdapter, float]]) -> LoraAdapter:
         w = float(weight)
         for key, d in adapter.items():
             prev = out.get(key)
+            if isinstance(d, GENERATED):
+                raise FormatError(f"{key!r}: LyCORIS {type(d).__name__} deltas do not combine by rank concatenation; merge them instead")
             if isinstance(d, LowRank):
                 if d.magnitude is not None:
                     raise FormatError(f"{key!r}: DoRA adapters do not combine linearly (their magnitude rescales the weight)")
@@ -67,12 +70,9 @@ def scale_adapter(adapter: LoraAdapter, weight: float) -> LoraAdapter:
     """The same adapter with every scale multiplied by ``weight``."""
     out: dict[str, Delta] = {}
     for k, d in adapter.items():
-        if isinstance(d, LowRank):
-            out[k] = LowRank(d.A, d.B, d.scale * weight, d.alpha, d.magnitude)
-        elif isinstance(d, FullDelta):
-            out[k] = FullDelta(d.D, d.scale * weight)
-        else:
+        if isinstance(d, Replace):
             raise FormatError(f"{k!r}: a {type(d).__name__} target has no scale to change (modules_to_save are used whole)")
+        out[k] = attrs.evolve(d, scale=d.scale * weight)
     return adapter.replace(out)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
 import torch
 
 from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError
@@ -55,7 +56,7 @@ def pad_rank(adapter: LoraAdapter, rank: int) -> LoraAdapter:
         extra = rank - d.rank
         A = torch.cat([d.A, d.A.new_zeros((extra, *d.A.shape[1:]))], dim=0)
         B = torch.cat([d.B, d.B.new_zeros((d.B.shape[0], extra, *d.B.shape[2:]))], dim=1)
-        out[key] = LowRank(A, B, d.scale, d.alpha, d.magnitude)
+        out[key] = attrs.evolve(d, A=A, B=B)
     return LoraAdapter(out, format=adapter.format, metadata=adapter.metadata)
 
 
@@ -72,7 +73,9 @@ def factors(adapters: AdapterSet, *, rank: int | None = None, scale: float = 1.0
     for adapter, s in normalize_adapters(adapters, scale):
         for key, d in adapter.items():
             if not isinstance(d, LowRank) or d.magnitude is not None:
-                raise FormatError(f"{key!r}: factors() takes plain low-rank targets; merge DoRA and full deltas with fvt.lora.merge")
+                raise FormatError(
+                    f"{key!r}: factors() takes plain low-rank targets; merge DoRA, LoHa/LoKr and full deltas with fvt.lora.merge"
+                )
             per_key.setdefault(key, []).append((d.A, d.B, s * d.scale))
     out: Factors = {}
     width = max((sum(A.shape[0] for A, _, _ in parts) for parts in per_key.values()), default=0)

@@ -44,7 +44,7 @@ ROLES: tuple[tuple[str, str], ...] = (
 )
 
 #: LyCORIS LoHa / LoKr tensors. They are dispatched in ONE place
-#: (``_formats._lycoris_targets``), where a LyCORIS reader plugs in.
+#: (``_formats._build_targets``), which hands them to :mod:`fvtransform.lora._lycoris`.
 LYCORIS_SUFFIXES: tuple[str, ...] = (
     ".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2",
     ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".lokr_w1", ".lokr_w2", ".lokr_t2",
@@ -120,13 +120,13 @@ TABLE: tuple[LoraFormat, ...] = (
         "tensor",
         write_roles={"A": ".lora_down.weight", "B": ".lora_up.weight", "alpha": ".alpha", "magnitude": ".dora_scale",
                      "diff": ".diff", "diff_b": ".diff_b"},
-        write_prefix="lora_unet_", write_names="underscored", holds=frozenset({"lowrank", "dora", "full"}),
+        write_prefix="lora_unet_", write_names="underscored", holds=frozenset({"lowrank", "dora", "full", "lycoris"}),
     ),
     LoraFormat(
         "comfy", "ComfyUI / original checkpoint names", ("diffusion_model.",), "prefix", _LORA_ROLES | _FULL_ROLES, "tensor",
         write_roles={"A": ".lora_A.weight", "B": ".lora_B.weight", "alpha": ".alpha", "diff": ".diff", "diff_b": ".diff_b",
                      "diff_param": ".diff"},
-        write_prefix="diffusion_model.", write_names="original", holds=frozenset({"lowrank", "full"}),
+        write_prefix="diffusion_model.", write_names="original", holds=frozenset({"lowrank", "full", "lycoris"}),
     ),
     LoraFormat(
         "diffusers-model", "diffusers save_lora_adapter (one model)", (), "prefix", _LORA_ROLES | _FULL_ROLES, "metadata-unprefixed",

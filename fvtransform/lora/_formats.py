@@ -23,10 +23,13 @@ import torch
 
 from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, ShapeMismatchError, close_matches, format_keys
 from fvtransform.io._mappings import WAN_MODULE_RENAMES
-from fvtransform.lora._adapter import Delta, FullDelta, LoraAdapter, LowRank
+from fvtransform.lora._adapter import DORA_EPS, GENERATED, Delta, FullDelta, LoraAdapter, LowRank
+from fvtransform.lora._dora import canonical_magnitude, dora_scale_layout
 from fvtransform.lora._format_table import (
     BY_NAME, CLAIMED_PREFIXES, FORMATS, LYCORIS_SUFFIXES, PARAM_RENAMES, ROLES, TABLE, LoraFormat,
 )
+from fvtransform.lora._lycoris import is_lycoris, lycoris_targets, lycoris_tensors
+from fvtransform.lora._merge import describe
 from fvtransform.lora._patterns import compile_patterns, pattern_value
 from fvtransform.tree._rename import RenameRules
 
@@ -364,7 +367,7 @@ def load(
                 continue
             module = module[len(prefix):]
         roles = groups.setdefault(module, {})
-        role = parsed[1] if parsed[1] != "lycoris" else key[len(parsed[0]):]
+        role = parsed[1] if parsed[1] != "lycoris" else key[len(parsed[0]) + 1:]  # the LyCORIS tensor name
         if role in roles:
             raise KeyMismatchError(
                 f"{label}: keys {roles[role][0]!r} and {key!r} both give the {parsed[1]} of {module!r}; "
@@ -400,8 +403,7 @@ def load(
                     skipped.append((tkey, "the base has no such key" + _hint(tkey, base)))
                     continue
                 if not delta.fits(tuple(base[tkey].shape)):
-                    got = f"A {list(delta.A.shape)}, B {list(delta.B.shape)}" if isinstance(delta, LowRank) else f"delta {list(delta.D.shape)}"
-                    msg = f"{got} does not fit the base weight {list(base[tkey].shape)}"
+                    msg = f"{describe(delta)} does not fit the base weight {list(base[tkey].shape)}"
                     if strict:
                         raise ShapeMismatchError(f"{label}: target {tkey!r} (from {first!r}): {msg}")
                     skipped.append((tkey, msg))
@@ -462,15 +464,6 @@ def _resolve_param(module: str, base: Any) -> str | None:
     if base is None:
         return mapped if mapped != module else None
     return next((c for c in (mapped, module) if c in base and not c.endswith((".weight", ".bias"))), None)
-
-
-def _lycoris_targets(fmt: LoraFormat, module: str, roles: Mapping[str, tuple[str, torch.Tensor]], label: str) -> dict[str, Delta]:
-    """LyCORIS LoHa / LoKr factors (``hada_*``, ``lokr_*``): the one place where a LyCORIS reader plugs in."""
-    key = next(k for r, (k, _) in roles.items() if r.startswith((".hada_", ".lokr_")))
-    raise FormatError(
-        f"{label}: {key!r} is a LyCORIS LoHa/LoKr factor, which this version does not read; "
-        "convert the file to LoRA (lora_down/lora_up) with LyCORIS's tools"
-    )
 
 
 def _scalar(roles: Mapping[str, tuple[str, torch.Tensor]], role: str, label: str) -> tuple[str, float]:
@@ -535,9 +528,9 @@ def _build_targets(
     kohya: Mapping[str, str] | None,
 ) -> dict[str, Delta] | None:
     """The targets one file module gives, or None when it resolves to nothing in the base."""
-    if any(r.startswith((".hada_", ".lokr_")) for r in roles):
-        return _lycoris_targets(fmt, module, roles, label)
     name = _resolve_module(fmt, module, base_modules, kohya)
+    if is_lycoris(roles):  # LyCORIS LoHa / LoKr: read by lora/_lycoris.py
+        return None if name is None else lycoris_targets(name, roles, label, exact)
     param = None
     if "diff_param" in roles or (name is None and set(roles) == {"diff"}) or (base is None and "diff" in roles and _resolve_param(module, None)):
         # ``<module>.diff_m`` is the delta of ``<module>.modulation`` (lightx2v's extractor, ComfyUI-WanVideoWrapper)
@@ -566,8 +559,10 @@ def _build_targets(
         scale, alpha = _lowrank_scale(fmt, module, rank, roles, cfg, label)
         if name + ".weight" in exact:
             scale = float(exact[name + ".weight"])
-        mag = roles["magnitude"][1].reshape(-1) if "magnitude" in roles else None
-        out[name + ".weight"] = LowRank(A, B, scale, alpha, mag)
+        mag = (canonical_magnitude(roles["magnitude"][1], int(B.shape[0]), int(A.shape[1]), f"{label}: {roles['magnitude'][0]!r}")
+               if "magnitude" in roles else None)
+        eps = DORA_EPS if mag is not None and roles["magnitude"][0].endswith(".dora_scale") else 0.0  # LyCORIS/ComfyUI
+        out[name + ".weight"] = LowRank(A, B, scale, alpha, mag, eps)
     else:
         loose = [r for r in ("alpha", "magnitude", "fv_rank", "fv_alpha") if r in roles]
         if loose:
@@ -649,7 +644,11 @@ def _encode(adapter: LoraAdapter, fmt: LoraFormat, component: str) -> dict[str, 
     for target, d in adapter.items():
         module, suffix = _module_name(target)
         name = prefix + _write_name(fmt, module, param=not suffix)
-        if isinstance(d, LowRank):
+        if isinstance(d, GENERATED):
+            if "lycoris" not in fmt.holds:
+                raise FormatError(f"{target!r} is a LyCORIS {type(d).__name__}, which format {fmt.name!r} cannot hold; save as 'kohya' or 'comfy'")
+            out.update({name + k: t for k, t in lycoris_tensors(d).items()})
+        elif isinstance(d, LowRank):
             if suffix != ".weight":
                 raise FormatError(f"{target!r}: a low-rank delta must target a weight")
             out[name + roles["A"]] = d.A.contiguous()
@@ -658,7 +657,13 @@ def _encode(adapter: LoraAdapter, fmt: LoraFormat, component: str) -> dict[str, 
                 if "dora" not in fmt.holds:
                     able = [f.name for f in TABLE if "dora" in f.holds]
                     raise FormatError(f"{target!r}: format {fmt.name!r} cannot hold DoRA magnitudes; use one of {able}")
-                out[name + roles["magnitude"]] = d.magnitude.contiguous()
+                if roles["magnitude"].endswith(".dora_scale"):  # LyCORIS's layout, which ComfyUI broadcasts against the weight
+                    out[name + roles["magnitude"]] = dora_scale_layout(d.magnitude, d.A.dim()).contiguous()
+                elif d.magnitude.dim() != 1:
+                    raise FormatError(f"{target!r}: a DoRA magnitude on the input axis (LyCORIS wd_on_output=False) cannot be "
+                                      f"written as {fmt.name!r}, which holds per-output magnitudes; save as 'kohya'")
+                else:
+                    out[name + roles["magnitude"]] = d.magnitude.contiguous()
             if "alpha" in roles:
                 out[name + roles["alpha"]] = torch.tensor(d.scale * d.rank, dtype=torch.float32)
         elif isinstance(d, Replace):

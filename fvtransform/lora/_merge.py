@@ -16,12 +16,12 @@ from typing import Any, Union
 import attrs
 import torch
 
-from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError, close_matches
-from fvtransform.lora._adapter import FullDelta, LoraAdapter, LowRank, Replace
-from fvtransform.lora._dora import merge_dora, unmerge_dora
+from fvtransform.errors import FormatError, KeyMismatchError, NumericError, PlanError, ShapeMismatchError, close_matches
+from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LoraAdapter, LoHa, LoKr, LowRank, Replace
+from fvtransform.lora._dora import merge_dora, overflow_limit, overflows, unmerge_dora
 from fvtransform.tree._paramtree import ParamTree
 
-__all__ = ["merge", "unmerge", "restore", "MergeRecord", "normalize_adapters", "delta_rows", "AdapterSet", "Workspace"]
+__all__ = ["merge", "unmerge", "restore", "MergeRecord", "normalize_adapters", "delta_rows", "describe", "AdapterSet", "Workspace"]
 
 AdapterSet = Union[LoraAdapter, Sequence[tuple[LoraAdapter, float]]]
 
@@ -52,10 +52,21 @@ def _digest(t: torch.Tensor) -> bytes:
     return hashlib.blake2b(raw, digest_size=16).digest()
 
 
+def describe(d: Delta) -> str:
+    """A delta's factor shapes, for messages."""
+    if isinstance(d, LowRank):
+        mag = f", magnitude {list(d.magnitude.shape)}" if d.magnitude is not None else ""
+        return f"A {list(d.A.shape)}, B {list(d.B.shape)}{mag}"
+    if isinstance(d, FullDelta):
+        return f"delta {list(d.D.shape)}"
+    names = [f.name for f in attrs.fields(type(d)) if isinstance(getattr(d, f.name), torch.Tensor)]
+    return f"{type(d).__name__} " + ", ".join(f"{n} {list(getattr(d, n).shape)}" for n in names)
+
+
 @attrs.frozen
 class _Contribution:
     scale: float  # effective: adapter scale * user scale
-    delta: LowRank | FullDelta
+    delta: Delta
     order_key: tuple[float, bytes]
 
 
@@ -69,8 +80,7 @@ def _collect(tree: Mapping[str, torch.Tensor], pairs: list[tuple[LoraAdapter, fl
                 continue
             shape = tuple(tree[key].shape)
             if not d.fits(shape):
-                got = f"A {list(d.A.shape)}, B {list(d.B.shape)}" if isinstance(d, LowRank) else f"delta {list(d.tensors()[0].shape)}"
-                raise ShapeMismatchError(f"adapter target {key!r}: {got} does not fit the weight {list(shape)}")
+                raise ShapeMismatchError(f"adapter target {key!r}: {describe(d)} does not fit the weight {list(shape)}")
             eff = s * d.scale
             digest = b"".join(_digest(t) for t in d.tensors())
             per_key.setdefault(key, []).append(_Contribution(eff, d, (eff, digest)))
@@ -91,6 +101,10 @@ def _factors(contribs: list[_Contribution], device: torch.device, sign: float) -
     bs, as_, fulls = [], [], []
     for c in contribs:
         d = c.delta
+        if isinstance(d, GENERATED):
+            if d.magnitude is not None:
+                raise FormatError("DoRA targets merge through fvt.lora.merge's DoRA path, not the linear one")
+            continue  # computed per tile by delta_rows
         if isinstance(d, LowRank):
             if d.magnitude is not None:
                 raise FormatError("DoRA targets merge through fvt.lora.merge's DoRA path, not the linear one")
@@ -132,6 +146,7 @@ def delta_rows(
     out: torch.Tensor | None = None,
     work: Workspace | None = None,
     columns: tuple[int, int] | None = None,
+    where: str = "merged weight",
 ) -> torch.Tensor:
     """``round(W + sign * sum deltas)`` computed in float32 tile by tile; writes into ``out`` if given.
 
@@ -142,6 +157,17 @@ def delta_rows(
     the sum is made full width (other columns zero) and sliced, so the
     element bits equal an unsharded merge's (a product's bits can depend on
     its width, measured).
+
+    LoHa and LoKr deltas are built tile by tile (only the tile's rows of the
+    dense delta, in a second tile buffer), scaled and added as LyCORIS does
+    (``W + (scale * delta)``). Each float32 tile is checked before it is
+    rounded into the output: no NaN/Inf and nothing that rounds to Inf in the
+    output dtype (one ``amax`` over a cached tile, not a pass over the model),
+    unless a bound from the factors shows that no finite weight can overflow
+    (then nothing is checked: the common case costs nothing).
+
+    Raises:
+        NumericError: the result is not finite in the output dtype (an fp16 overflow); ``where`` names the key.
     """
     rows = weight.shape[0]
     flat_w = weight.detach().reshape(rows, -1)
@@ -151,6 +177,12 @@ def delta_rows(
     flat_out = out.view(rows, -1)
     B, A, fulls = _factors(contribs, weight.device, sign)
     flat_fulls = [(s, D.detach().reshape(rows, -1)) for s, D in fulls]
+    gens = [(sign * c.scale, c.delta.row_source(weight.device)) for c in contribs if isinstance(c.delta, GENERATED)]
+    if gens and columns is not None:
+        raise PlanError(f"{where}: LoHa/LoKr deltas do not merge into column shards; merge them before sharding")
+    limit = overflow_limit(out.dtype)
+    if limit is not None and weight.dtype.is_floating_point and torch.finfo(weight.dtype).max + _delta_bound(contribs) < limit:
+        limit = None  # no finite weight plus these deltas can reach Inf: the per-tile check is skipped
     work = work if work is not None else Workspace()
     width = A.shape[1] if A is not None else cols
     tile = max(1, TILE_BYTES // max(1, width * 4))
@@ -169,8 +201,33 @@ def delta_rows(
                 acc.addmm_(B[start:stop], A)
         for s, D in flat_fulls:
             acc.add_(D[start:stop].to(device=acc.device, dtype=torch.float32), alpha=s)
+        for s, rows_of in gens:
+            acc.add_(rows_of(start, stop).mul_(s))
+        if overflows(acc, limit):
+            raise NumericError(
+                f"{where}: the merged weight holds Inf/NaN in {out.dtype} (rows {start}:{stop}); the deltas overflow it "
+                "(or the base already held Inf/NaN). Lower the scale or merge into a wider dtype (dtype=torch.float32)."
+            )
         flat_out[start:stop].copy_(acc)
     return out
+
+
+def _delta_bound(contribs: list[_Contribution]) -> float:
+    """An upper bound of ``|sum s * delta|`` per element, from the factors (inf where none is cheap: LoHa/LoKr).
+
+    ``|s B A|_ij <= |s| * max_i sum_k |B_ik| * max |A|``.
+    """
+    total = 0.0
+    for c in contribs:
+        d = c.delta
+        if isinstance(d, LowRank) and d.A.numel() and d.B.numel():
+            b = float(d.B.detach().double().abs().reshape(d.B.shape[0], -1).sum(dim=1).max())
+            total += abs(c.scale) * b * float(d.A.detach().double().abs().max())
+        elif isinstance(d, FullDelta) and d.D.numel():
+            total += abs(c.scale) * float(d.D.detach().double().abs().max())
+        elif not isinstance(d, (LowRank, FullDelta)):
+            return float("inf")
+    return total
 
 
 @attrs.frozen
@@ -233,7 +290,7 @@ class MergeRecord:
     corrections: Mapping[str, _Correction]
     merged_digest: Mapping[str, bytes]
     targets_nbytes: int
-    dora_norms: Mapping[str, torch.Tensor] = attrs.field(factory=dict)  # DoRA targets: row norms of W + sBA
+    dora_norms: Mapping[str, torch.Tensor] = attrs.field(factory=dict)  # DoRA targets: row (or input-column) norms of W + s delta
 
     @property
     def nbytes(self) -> int:
@@ -290,19 +347,18 @@ def merge(
                 raise FormatError(f"{key!r}: full replacements (modules_to_save) are not merged into sharded (DTensor) weights; unshard first")
             if return_record:
                 raise FormatError(f"{key!r}: return_record=True is not available for sharded (DTensor) weights; unshard first")
-            from fvtransform.lora._sharded import merge_sharded
-
-            out[key] = merge_sharded(contribs, w, sign=1.0, donate=donate, work=work)
+            out[key] = _merge_sharded(key, contribs, w, sign=1.0, donate=donate, work=work)
             continue
         if replace:
             new = contribs[0].delta.T.detach().to(device=w.device, dtype=w.dtype).clone()
         elif dora:
-            new, norms[key] = merge_dora(w, contribs)
+            new, norms[key] = merge_dora(w, contribs, where=f"{key!r}")
         else:
             writable = donate and w.is_contiguous() and not getattr(w, "requires_grad", False)
-            new = delta_rows(contribs, w, out=w.detach() if writable else None, work=work)
+            new = delta_rows(contribs, w, out=w.detach() if writable else None, work=work, where=f"{key!r}")
         if return_record:
-            back = new if replace else unmerge_dora(new, contribs, norms[key]) if dora else delta_rows(contribs, new, sign=-1.0, work=work)
+            back = (new if replace else unmerge_dora(new, contribs, norms[key], where=f"{key!r}") if dora
+                    else delta_rows(contribs, new, sign=-1.0, work=work, where=f"{key!r}"))
             corrections[key] = _make_correction(w, back)
             digests[key] = _digest(new)
             target_bytes += w.numel() * w.element_size()
@@ -320,7 +376,19 @@ def _is_dtensor(t: Any) -> bool:
 
 
 def _is_dora(contribs: list[_Contribution]) -> bool:
-    return any(isinstance(c.delta, LowRank) and c.delta.magnitude is not None for c in contribs)
+    return any(not isinstance(c.delta, FullDelta) and c.delta.magnitude is not None for c in contribs)
+
+
+def _merge_sharded(key: str, contribs: list[_Contribution], w: Any, *, sign: float, donate: bool, work: Workspace) -> Any:
+    """merge_sharded, with LoHa/LoKr refused up front and numeric errors naming the key."""
+    from fvtransform.lora._sharded import merge_sharded
+
+    if any(isinstance(c.delta, (LoHa, LoKr)) for c in contribs):
+        raise PlanError(f"{key!r}: LoHa/LoKr deltas are merged before sharding (fvt.lora.merge on the full weight, then shard)")
+    try:
+        return merge_sharded(contribs, w, sign=sign, donate=donate, work=work)
+    except NumericError as e:
+        raise NumericError(f"{key!r}: {e}") from None
 
 
 def _is_replace(key: str, contribs: list[_Contribution]) -> bool:
@@ -364,12 +432,10 @@ def unmerge(
         if _is_dora(contribs) or _is_replace(key, contribs):
             raise FormatError(f"{key!r}: DoRA and full-replacement merges are undone with the record of merge(..., return_record=True)")
         if _is_dtensor(w):
-            from fvtransform.lora._sharded import merge_sharded
-
-            out[key] = merge_sharded(contribs, w, sign=-1.0, donate=donate, work=work)
+            out[key] = _merge_sharded(key, contribs, w, sign=-1.0, donate=donate, work=work)
             continue
         writable = donate and w.is_contiguous()
-        out[key] = delta_rows(contribs, w, sign=-1.0, out=w.detach() if writable else None, work=work)
+        out[key] = delta_rows(contribs, w, sign=-1.0, out=w.detach() if writable else None, work=work, where=f"{key!r}")
     return ParamTree._wrap(_retie(base, out, per_key))
 
 
@@ -392,8 +458,8 @@ def restore(tree: Mapping[str, torch.Tensor], record: MergeRecord) -> ParamTree:
         if _is_replace(key, contribs):
             back = base[key]
         elif key in record.dora_norms:
-            back = unmerge_dora(base[key], contribs, record.dora_norms[key])
+            back = unmerge_dora(base[key], contribs, record.dora_norms[key], where=f"{key!r}")
         else:
-            back = delta_rows(contribs, base[key], sign=-1.0, work=work)
+            back = delta_rows(contribs, base[key], sign=-1.0, work=work, where=f"{key!r}")
         out[key] = _apply_correction(back, record.corrections[key])
     return ParamTree._wrap(_retie(base, out, per_key))

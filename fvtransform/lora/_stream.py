@@ -27,7 +27,8 @@ from fvtransform.io._files import find_weight_files
 from fvtransform.io._header import DTYPE_NAMES, read_header
 from fvtransform.io._load import Checkpoint
 from fvtransform.io._safetensors import TMP_MARK, _tensor_bytes
-from fvtransform.lora._merge import Workspace, _collect, _digest, _is_replace, delta_rows, normalize_adapters
+from fvtransform.lora._dora import merge_dora
+from fvtransform.lora._merge import Workspace, _collect, _digest, _is_dora, _is_replace, delta_rows, normalize_adapters
 
 __all__ = ["merge_checkpoint", "MERGED_KEY", "FILES_KEY", "OTHER_FILE_LIMIT"]
 
@@ -127,8 +128,10 @@ def merge_checkpoint(
         dt = dtype_of(k)
         if k in per_key and _is_replace(k, per_key[k]):  # PEFT modules_to_save: the replacement itself
             t = per_key[k][0].delta.T.to(dtype=dt)
+        elif k in per_key and _is_dora(per_key[k]):  # row tiles; input-axis norms take a first pass over the tiles
+            t = merge_dora(t, per_key[k], out=torch.empty(t.shape, dtype=dt), where=f"{ckpt.file_of(k)}: {k!r}")[0]
         elif k in per_key:  # rounded once, straight into the output dtype
-            t = delta_rows(per_key[k], t, work=work, out=torch.empty(t.shape, dtype=dt))
+            t = delta_rows(per_key[k], t, work=work, out=torch.empty(t.shape, dtype=dt), where=f"{ckpt.file_of(k)}: {k!r}")
         elif t.dtype != dt:
             t = t.to(dt)
         done[0] += 1
