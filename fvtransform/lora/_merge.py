@@ -429,8 +429,10 @@ def unmerge(
     work = Workspace()
     for key, contribs in per_key.items():
         w = base[key]
-        if _is_dora(contribs) or _is_replace(key, contribs):
-            raise FormatError(f"{key!r}: DoRA and full-replacement merges are undone with the record of merge(..., return_record=True)")
+        if _is_dora(contribs):
+            raise FormatError(f"{key!r}: DoRA merges are undone with the record of merge(..., return_record=True)")
+        if _is_replace(key, contribs):
+            raise FormatError(f"{key!r}: full-replacement (modules_to_save) merges are undone with the record of merge(..., return_record=True)")
         if _is_dtensor(w):
             out[key] = _merge_sharded(key, contribs, w, sign=-1.0, donate=donate, work=work)
             continue
