@@ -18,9 +18,11 @@ from typing import Any
 import attrs
 import torch
 
-from fvtransform.errors import FormatError
+from fvtransform.errors import FormatError, NotFoundError
+from fvtransform.io._open import open_regular
 
-__all__ = ["TensorInfo", "Header", "read_header", "DTYPES", "DTYPE_NAMES", "MAX_HEADER_BYTES"]
+__all__ = ["TensorInfo", "Header", "read_header", "DTYPES", "DTYPE_NAMES", "MAX_HEADER_BYTES", "MAX_RANK", "MAX_INT_DIGITS",
+           "bounded_int", "no_constant"]
 
 #: safetensors dtype names -> torch dtypes (those this torch has).
 DTYPES: dict[str, torch.dtype] = {
@@ -49,6 +51,10 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 #: The largest header we accept (safetensors' own limit is 100 MB).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: The most dims a tensor may have (torch's kernels handle up to 25; real weights have at most 5).
+MAX_RANK = 16
+#: The most digits of an integer in a header (offsets and sizes fit in 20).
+MAX_INT_DIGITS = 20
 
 
 @attrs.frozen
@@ -89,6 +95,43 @@ def _reject_duplicates(path: Path) -> Any:
     return hook
 
 
+def bounded_int(where: object, limit: int = MAX_INT_DIGITS) -> Any:
+    """A ``json.loads(parse_int=...)`` hook refusing integers of more than ``limit`` digits (before int() runs)."""
+
+    def parse(text: str) -> int:
+        if len(text.lstrip("-")) > limit:
+            raise FormatError(f"{where}: an integer of {len(text)} digits ({text[:12]}...) is over the {limit}-digit limit")
+        return int(text)
+
+    return parse
+
+
+def no_constant(where: object) -> Any:
+    """A ``json.loads(parse_constant=...)`` hook refusing ``NaN`` and ``Infinity`` (not JSON)."""
+
+    def parse(text: str) -> float:
+        raise FormatError(f"{where}: {text} is not JSON (NaN and Infinity are not allowed)")
+
+    return parse
+
+
+def _check_lookalikes(path: Path, names: list[str]) -> None:
+    """Refuse two keys that are the same text in another Unicode normal form (NFC vs NFD): they print alike."""
+    import unicodedata
+
+    if all(name.isascii() for name in names):
+        return
+    seen: dict[str, str] = {}
+    for name in names:
+        norm = unicodedata.normalize("NFC", name)
+        other = seen.setdefault(norm, name)
+        if other != name:
+            raise FormatError(
+                f"{path}: keys {other!r} and {name!r} are the same text in two Unicode normal forms; "
+                "refusing an ambiguous file"
+            )
+
+
 def read_header(path: str | os.PathLike[str]) -> Header:
     """Read and validate the header of a safetensors file (no tensor bytes are read).
 
@@ -98,7 +141,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "safetensors file") as f:
             size = os.fstat(f.fileno()).st_size
             if size < 8:
                 raise FormatError(
@@ -114,17 +157,22 @@ def read_header(path: str | os.PathLike[str]) -> Header:
                     "the file is truncated or not safetensors"
                 )
             raw = f.read(n)
+            if len(raw) != n:
+                raise FormatError(f"{path}: the file shrank while its header was read; it is being written — try again")
+    except NotFoundError:
+        raise
     except OSError as e:
-        from fvtransform.errors import NotFoundError
-
-        if isinstance(e, FileNotFoundError):
-            raise NotFoundError(f"{path}: no such file") from None
         raise FormatError(f"{path}: cannot read: {e}") from e
     try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates(path))
+        doc = json.loads(
+            raw.decode("utf-8"),
+            object_pairs_hook=_reject_duplicates(path),
+            parse_int=bounded_int(path),
+            parse_constant=no_constant(path),
+        )
     except FormatError:
         raise
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"{path}: the header is not valid JSON ({type(e).__name__}: {e}); not a safetensors file") from None
     if not isinstance(doc, dict):
         raise FormatError(f"{path}: the header is JSON {type(doc).__name__}, expected an object of tensors")
@@ -137,6 +185,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     for name, entry in doc.items():
         tensors[name] = _tensor_info(path, name, entry, data_start, data_size)
     _check_overlaps(path, tensors)
+    _check_lookalikes(path, list(tensors))
     return Header(path, tensors, dict(metadata_raw), data_start, size)
 
 
@@ -150,6 +199,12 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int, data_size: 
     shape = entry["shape"]
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise FormatError(f"{where}: shape must be a list of non-negative ints; found {str(shape)[:80]}")
+    if len(shape) > MAX_RANK:
+        raise FormatError(f"{where}: shape has {len(shape)} dims, over the limit of {MAX_RANK}; the file is corrupt")
+    # torch sizes and strides are int64: each dim, and the product of the dims taken as >= 1 (a
+    # zero-size tensor still has strides), must fit, whatever the byte count says
+    if math.prod(max(d, 1) for d in shape) * DTYPES[dt].itemsize >= 2**63:
+        raise FormatError(f"{where}: shape {str(shape)[:80]} overflows a 64-bit size; the file is corrupt")
     offsets = entry["data_offsets"]
     if (
         not isinstance(offsets, list)
