@@ -18,7 +18,7 @@ from fvtransform.errors import (
     format_keys,
 )
 from fvtransform.io._header import bounded_int, no_constant
-from fvtransform.io._open import check_regular, contained, read_text
+from fvtransform.io._open import allowed_root, check_regular, contained, read_text
 
 __all__ = ["WeightFiles", "find_weight_files", "read_index", "PICKLE_SUFFIXES", "INDEX_SUFFIX", "MAX_SHARDS"]
 
@@ -68,18 +68,20 @@ def read_index(index: Path) -> WeightFiles:
     if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
         raise FormatError(f"{index}: expected an object with a 'weight_map' object of key -> shard file name")
     folder = index.parent
+    shards = {name for name in doc["weight_map"].values() if isinstance(name, str)}
+    if len(shards) > MAX_SHARDS:
+        raise FormatError(
+            f"{index}: the index names {len(shards)} shard files, over the limit of {MAX_SHARDS}; "
+            "refusing an index that large — it is corrupt or hostile"
+        )
+    root = allowed_root(folder)
     weight_map: dict[str, Path] = {}
     files: dict[Path, None] = {}
     checked: dict[object, Path] = {}  # each shard name is checked once, not once per key
     for key, name in doc["weight_map"].items():
         path = checked.get(name) if isinstance(name, str) else None
         if path is None:
-            if len(checked) >= MAX_SHARDS:
-                raise FormatError(
-                    f"{index}: the index names more than {MAX_SHARDS} shard files (at key {key!r}); "
-                    "refusing an index that large — it is corrupt or hostile"
-                )
-            path = checked[name] = contained(folder, name, "shard", index)  # type: ignore[index]
+            path = checked[name] = contained(folder, name, "shard", index, root=root)  # type: ignore[index]
         weight_map[key] = path
         files[path] = None
     missing = []

@@ -81,6 +81,8 @@ class Header:
     metadata: dict[str, str]
     data_start: int
     file_size: int
+    #: (device, inode, size, mtime_ns) of the file the header was read from: a later map checks it is the same file
+    identity: tuple[int, ...] = ()
 
 
 def _reject_duplicates(path: Path) -> Any:
@@ -142,7 +144,8 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     path = Path(path)
     try:
         with open_regular(path, "safetensors file") as f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
             if size < 8:
                 raise FormatError(
                     f"{path}: {size} bytes is too short for a safetensors file (at least 8 needed); "
@@ -186,7 +189,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         tensors[name] = _tensor_info(path, name, entry, data_start, data_size)
     _check_overlaps(path, tensors)
     _check_lookalikes(path, list(tensors))
-    return Header(path, tensors, dict(metadata_raw), data_start, size)
+    return Header(path, tensors, dict(metadata_raw), data_start, size, (st.st_dev, st.st_ino, size, st.st_mtime_ns))
 
 
 def _tensor_info(path: Path, name: str, entry: Any, data_start: int, data_size: int) -> TensorInfo:

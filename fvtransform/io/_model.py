@@ -60,7 +60,7 @@ def _resolve_folder(path_or_repo_id: str | os.PathLike[str], component: str | No
         )
     if not folder.is_dir():
         raise FormatError(f"{folder}: load_model takes a model folder (with config.json) or a pipeline folder")
-    if (folder / "model_index.json").is_file():
+    if os.path.lexists(folder / "model_index.json"):  # a FIFO or link is refused by the reader, not skipped
         comps = pipeline_components(folder)
         if component is None:
             present = sorted(k for k, v in comps.items() if v is not None)
@@ -78,10 +78,10 @@ def _resolve_folder(path_or_repo_id: str | os.PathLike[str], component: str | No
             raise NotFoundError(f"{folder}: the component's folder is missing")
     elif component is not None:
         sub = contained(folder, component, "component folder")
-        if not (sub / "config.json").is_file():
+        if not os.path.lexists(sub / "config.json"):
             raise NotFoundError(f"{folder}: no pipeline (model_index.json) and no {component}/config.json")
         folder = sub
-    if not (folder / "config.json").is_file():
+    if not os.path.lexists(folder / "config.json"):
         raise NotFoundError(f"{folder}: no config.json; load_model needs the model's config to build it")
     return folder
 

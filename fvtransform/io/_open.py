@@ -148,12 +148,20 @@ def allowed_root(folder: str | os.PathLike[str]) -> Path:
     return real
 
 
-def contained(folder: str | os.PathLike[str], name: object, what: str, source: str | os.PathLike[str] | None = None) -> Path:
+def contained(
+    folder: str | os.PathLike[str],
+    name: object,
+    what: str,
+    source: str | os.PathLike[str] | None = None,
+    *,
+    root: Path | None = None,
+) -> Path:
     """``folder / name`` for a plain ``name``, refused unless it resolves inside :func:`allowed_root` of ``folder``.
 
     ``source`` is the file or folder that named the path (for the message). The
     returned path is ``folder / name`` (not resolved), so messages keep the
-    user's spelling. The target need not exist.
+    user's spelling. The target need not exist. ``root`` is :func:`allowed_root`
+    of ``folder``, when the caller checks many names in one folder.
 
     Raises:
         UnsafeFileError: ``name`` is not a plain file name (separators, ``..``,
@@ -167,7 +175,7 @@ def contained(folder: str | os.PathLike[str], name: object, what: str, source: s
             f"{src}: {what} name {name!r} is not a plain file name in {folder}; refusing to follow it"
         )
     candidate = folder / name
-    root = allowed_root(folder)
+    root = root if root is not None else allowed_root(folder)
     try:
         real = candidate.resolve()
     except (OSError, RuntimeError) as e:  # a symlink loop
@@ -186,13 +194,15 @@ def fd_path(fd: int) -> str | None:
     return proc if os.path.exists(proc) else None
 
 
-def map_checked(path: str | os.PathLike[str], size: int) -> "torch.UntypedStorage":
-    """Map a regular file privately (copy-on-write), refusing it if its size is no longer ``size``.
+def map_checked(path: str | os.PathLike[str], size: int, identity: tuple[int, ...] = ()) -> "torch.UntypedStorage":
+    """Map a regular file privately (copy-on-write), refusing it unless it is the file its header came from.
 
-    The file is opened and checked (:func:`open_regular`), its size compared with
-    the size its header was validated against, and the mapping made from that
-    very descriptor, so a file swapped or truncated after its header was read
-    is a typed error rather than a crash. A file truncated *after* it is mapped
+    The file is opened and checked (:func:`open_regular`), its size and
+    ``identity`` (device, inode, size, mtime in ns, as :class:`Header` records
+    them) compared with those its header was validated against, and the
+    mapping made from that very descriptor, so a file replaced, rewritten or
+    truncated after its header was read is a typed error rather than a crash
+    or another file's bytes read with this header. A file truncated *after* it is mapped
     can still make the process fail on touching the lost pages (``SIGBUS``), as
     with every memory map; see docs/security.md.
     """
@@ -202,10 +212,15 @@ def map_checked(path: str | os.PathLike[str], size: int) -> "torch.UntypedStorag
 
     path = Path(path)
     with open_regular(path, "safetensors file") as f:
-        now = os.fstat(f.fileno()).st_size
-        if now != size:
+        st = os.fstat(f.fileno())
+        if st.st_size != size:
             raise IntegrityError(
-                f"{path}: the file is {now} bytes now but was {size} bytes when its header was read; it changed "
+                f"{path}: the file is {st.st_size} bytes now but was {size} bytes when its header was read; it changed "
                 "while in use (being written or truncated) — load it again once it is complete"
+            )
+        if identity and (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != identity:
+            raise IntegrityError(
+                f"{path}: the file was replaced or rewritten after its header was read; its tensors would be read "
+                "with the old header — load it again"
             )
         return torch.UntypedStorage.from_file(fd_path(f.fileno()) or str(path), shared=False, nbytes=size)

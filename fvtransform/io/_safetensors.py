@@ -38,7 +38,7 @@ class MappedFile:
         if self._storage is None:
             from fvtransform.io._open import map_checked
 
-            self._storage = map_checked(self.path, self.header.file_size)
+            self._storage = map_checked(self.path, self.header.file_size, self.header.identity)
         return self._storage
 
     def _all_bytes(self) -> torch.Tensor:
