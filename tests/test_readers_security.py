@@ -25,12 +25,16 @@ from fvtransform.errors import FormatError, FvTransformError, IntegrityError, No
 from fvtransform.io import open_checkpoint, read_header
 
 
+class Hung(BaseException):
+    """Raised by the deadline: a BaseException, so no ``except OSError``/``except Exception`` in the code under test hides it."""
+
+
 @contextlib.contextmanager
 def deadline(seconds: float = 2.0) -> Iterator[None]:
     """Fail (instead of hanging) when the block blocks: SIGALRM interrupts a blocking open()."""
 
     def fire(_sig: int, _frame: Any) -> None:
-        raise TimeoutError(f"blocked for {seconds} s")
+        raise Hung(f"blocked for {seconds} s")
 
     old = signal.signal(signal.SIGALRM, fire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
