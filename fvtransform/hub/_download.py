@@ -21,6 +21,7 @@ from typing import Callable, TypeVar
 
 from fvtransform.errors import FormatError, FvTransformError, HubError, NotFoundError, UnsafeFileError
 from fvtransform.hub._verify import resolved_commit, verify_file, verify_snapshot
+from fvtransform.io._open import read_text
 
 __all__ = ["maybe_download_model", "maybe_download_lora", "split_repo_id", "DEFAULT_PATTERNS", "NEVER_PATTERNS"]
 
@@ -203,7 +204,7 @@ def maybe_download_model(
 
 def _check_components(index: Path, components: list[str], label: str) -> None:
     try:
-        doc = json.loads(index.read_text(encoding="utf-8"))
+        doc = json.loads(read_text(index, "model_index.json"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{label}: model_index.json is not valid JSON ({e})") from None
     if not isinstance(doc, dict):

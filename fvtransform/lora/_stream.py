@@ -25,6 +25,7 @@ from fvtransform.errors import FormatError
 from fvtransform.io._files import find_weight_files
 from fvtransform.io._header import DTYPE_NAMES
 from fvtransform.io._load import Checkpoint
+from fvtransform.io._open import read_text
 from fvtransform.io._safetensors import TMP_MARK, _tensor_bytes, atomic_path, clean_stale_temps, fsync_dir
 from fvtransform.lora._merge import Workspace, _collect, _digest, delta_rows, normalize_adapters
 
@@ -144,7 +145,7 @@ def merge_checkpoint(
             meta[MERGED_KEY] = merged_meta
             total_size += _write_file(tmp_dir / f.name, keys, ckpt, produce, dtype_of, meta)
         if files.index is not None:
-            doc = json.loads(files.index.read_text(encoding="utf-8"))
+            doc = json.loads(read_text(files.index, "index file"))
             doc.setdefault("metadata", {})
             doc["metadata"]["total_size"] = total_size
             doc["metadata"][MERGED_KEY] = merged_meta
