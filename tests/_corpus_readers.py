@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -160,6 +159,8 @@ def cases(root: Path) -> list[Case]:
        r"nfc_nfd_lookalike_keys\.safetensors: keys 'caf", b"\0" * 8)
     st("kelvin_sign_lookalike_keys", {"K": _entry(shape=[1], offsets=[0, 4]), "\u212a": _entry(shape=[1], offsets=[4, 8])},
        r"kelvin_sign_lookalike_keys\.safetensors: keys 'K' and", b"\0" * 8)
+    st("metadata_empty_list", {"__metadata__": [], "a": _entry(shape=[1], offsets=[0, 4])}, r"metadata_empty_list\.safetensors: '__metadata__' must map",
+       b"\0" * 4)
     d = _dir(root, "idx_digits")
     (d / "model.safetensors.index.json").write_text('{"metadata": {"total_size": ' + "9" * 5000 + '}, "weight_map": {}}')
     add("an index with a 5000-digit integer", d, E.FormatError, r"idx_digits/model\.safetensors\.index\.json: an integer of 5000 digits")

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import fvtransform as fvt
-from fvtransform.errors import FormatError, FvTransformError, IntegrityError, NotFoundError, UnsafeFileError
+from fvtransform.errors import FormatError, FvTransformError, IntegrityError, UnsafeFileError
 from fvtransform.io import open_checkpoint, read_header
 
 

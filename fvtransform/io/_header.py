@@ -181,7 +181,8 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         raise FormatError(f"{path}: the header is JSON {type(doc).__name__}, expected an object of tensors")
     data_start = 8 + n
     data_size = size - data_start
-    metadata_raw = doc.pop("__metadata__", None) or {}
+    metadata_raw = doc.pop("__metadata__", None)
+    metadata_raw = {} if metadata_raw is None else metadata_raw  # an empty list or string is not "no metadata"
     if not isinstance(metadata_raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata_raw.items()):
         raise FormatError(f"{path}: '__metadata__' must map str to str")
     tensors: dict[str, TensorInfo] = {}

@@ -32,9 +32,12 @@ import io
 import os
 from pathlib import Path
 import stat
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from fvtransform.errors import FormatError, NotFoundError, UnsafeFileError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["check_regular", "open_regular", "read_bytes", "read_text", "contained", "allowed_root", "fd_path",
            "MAX_JSON_BYTES", "map_checked"]
@@ -194,7 +197,7 @@ def fd_path(fd: int) -> str | None:
     return proc if os.path.exists(proc) else None
 
 
-def map_checked(path: str | os.PathLike[str], size: int, identity: tuple[int, ...] = ()) -> "torch.UntypedStorage":
+def map_checked(path: str | os.PathLike[str], size: int, identity: tuple[int, ...] = ()) -> torch.UntypedStorage:
     """Map a regular file privately (copy-on-write), refusing it unless it is the file its header came from.
 
     The file is opened and checked (:func:`open_regular`), its size and
