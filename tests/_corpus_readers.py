@@ -161,6 +161,18 @@ def cases(root: Path) -> list[Case]:
        r"kelvin_sign_lookalike_keys\.safetensors: keys 'K' and", b"\0" * 8)
     st("metadata_empty_list", {"__metadata__": [], "a": _entry(shape=[1], offsets=[0, 4])}, r"metadata_empty_list\.safetensors: '__metadata__' must map",
        b"\0" * 4)
+    bomb = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":[' + b",".join([b"[]"] * 1_500_000) + b"]}"
+    st("header_full_of_empty_lists", None, r"header_full_of_empty_lists\.safetensors: the header holds \d+ JSON objects and \d+ lists",
+       b"\0" * 4, raw_header=bomb)
+    bomb = b'{"__metadata__":{},' + b",".join(b'"%d":{}' % i for i in range(400_000)) + b"}"
+    st("header_full_of_empty_objects", None, r"header_full_of_empty_objects\.safetensors: the header holds \d+ JSON objects and \d+ lists",
+       raw_header=bomb)
+    d = _dir(root, "idx_bomb")
+    (d / "model.safetensors.index.json").write_text('{"weight_map": {"a": "s.safetensors"}, "metadata": {"x": [' + ",".join(["[]"] * 1_500_000) + "]}}")
+    add("an index full of empty lists", d, E.FormatError, r"model\.safetensors\.index\.json: the index holds \d+ JSON objects and \d+ lists")
+    d = _dir(root, "idx_empty")
+    (d / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    add("an index listing no tensors", d, E.FormatError, r"idx_empty/model\.safetensors\.index\.json: the index's 'weight_map' lists no tensors")
     d = _dir(root, "idx_digits")
     (d / "model.safetensors.index.json").write_text('{"metadata": {"total_size": ' + "9" * 5000 + '}, "weight_map": {}}')
     add("an index with a 5000-digit integer", d, E.FormatError, r"idx_digits/model\.safetensors\.index\.json: an integer of 5000 digits")

@@ -17,7 +17,7 @@ from fvtransform.errors import (
     UnsafeFileError,
     format_keys,
 )
-from fvtransform.io._header import bounded_int, no_constant
+from fvtransform.io._header import bounded_int, check_containers, no_constant
 from fvtransform.io._open import allowed_root, check_regular, contained, read_text
 
 __all__ = ["WeightFiles", "find_weight_files", "read_index", "PICKLE_SUFFIXES", "INDEX_SUFFIX", "MAX_SHARDS"]
@@ -49,6 +49,10 @@ MAX_SHARDS = 4096
 def read_index(index: Path) -> WeightFiles:
     """Parse a ``*.safetensors.index.json`` strictly (duplicates, escapes, missing shards, size caps)."""
 
+    index = Path(index)
+    text = read_text(index, "index file")
+    check_containers(text, index, "index")
+
     def hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
         out: dict[str, object] = {}
         for k, v in pairs:
@@ -57,8 +61,6 @@ def read_index(index: Path) -> WeightFiles:
             out[k] = v
         return out
 
-    index = Path(index)
-    text = read_text(index, "index file")
     try:
         doc = json.loads(text, object_pairs_hook=hook, parse_int=bounded_int(index), parse_constant=no_constant(index))
     except FvTransformError:
@@ -67,6 +69,8 @@ def read_index(index: Path) -> WeightFiles:
         raise FormatError(f"{index}: not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
         raise FormatError(f"{index}: expected an object with a 'weight_map' object of key -> shard file name")
+    if not doc["weight_map"]:
+        raise FormatError(f"{index}: the index's 'weight_map' lists no tensors; the index is broken — save the checkpoint again")
     folder = index.parent
     shards = {name for name in doc["weight_map"].values() if isinstance(name, str)}
     if len(shards) > MAX_SHARDS:

@@ -22,7 +22,7 @@ from fvtransform.errors import FormatError, NotFoundError
 from fvtransform.io._open import open_regular
 
 __all__ = ["TensorInfo", "Header", "read_header", "DTYPES", "DTYPE_NAMES", "MAX_HEADER_BYTES", "MAX_RANK", "MAX_INT_DIGITS",
-           "bounded_int", "no_constant"]
+           "bounded_int", "no_constant", "check_containers", "OBJECT_BYTES"]
 
 #: safetensors dtype names -> torch dtypes (those this torch has).
 DTYPES: dict[str, torch.dtype] = {
@@ -55,6 +55,9 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_RANK = 16
 #: The most digits of an integer in a header (offsets and sizes fit in 20).
 MAX_INT_DIGITS = 20
+#: At most one JSON object (and two lists) per this many bytes of a header or index: the smallest real
+#: header entry, ``"a":{"dtype":"F32","shape":[],"data_offsets":[0,0]},``, is 48 bytes.
+OBJECT_BYTES = 40
 
 
 @attrs.frozen
@@ -117,6 +120,22 @@ def no_constant(where: object) -> Any:
     return parse
 
 
+def check_containers(raw: bytes | str, where: object, what: str = "header") -> None:
+    """Refuse JSON holding far more objects and lists than a real header or index could (a memory bomb).
+
+    Parsed, each ``{}`` or ``[]`` (2-3 bytes) costs Python about 60 bytes. A
+    real header entry (47 bytes or more) holds one object and two lists, a real
+    index entry none. Counted on the raw text before parsing (brackets inside
+    strings too, which only makes the count larger), so the bomb is never built.
+    """
+    braces, brackets = (raw.count("{"), raw.count("[")) if isinstance(raw, str) else (raw.count(b"{"), raw.count(b"["))
+    if braces > len(raw) // OBJECT_BYTES + 16 or brackets > 2 * (len(raw) // OBJECT_BYTES) + 16:
+        raise FormatError(
+            f"{where}: the {what} holds {braces} JSON objects and {brackets} lists in {len(raw)} bytes, far more than "
+            f"any real {what} (one object and two lists per {OBJECT_BYTES} bytes at most); refusing to parse it"
+        )
+
+
 def _check_lookalikes(path: Path, names: list[str]) -> None:
     """Refuse two keys that are the same text in another Unicode normal form (NFC vs NFD): they print alike."""
     import unicodedata
@@ -166,6 +185,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         raise
     except OSError as e:
         raise FormatError(f"{path}: cannot read: {e}") from e
+    check_containers(raw, path)
     try:
         doc = json.loads(
             raw.decode("utf-8"),
