@@ -170,6 +170,13 @@ def cases(root: Path) -> list[Case]:
     d = _dir(root, "idx_bomb")
     (d / "model.safetensors.index.json").write_text('{"weight_map": {"a": "s.safetensors"}, "metadata": {"x": [' + ",".join(["[]"] * 1_500_000) + "]}}")
     add("an index full of empty lists", d, E.FormatError, r"model\.safetensors\.index\.json: the index holds \d+ JSON objects and \d+ lists")
+    st("data_gap_between_tensors", {"a": _entry(shape=[1], offsets=[0, 4]), "b": _entry(shape=[1], offsets=[8, 12])},
+       r"data_gap_between_tensors\.safetensors: bytes 4\.\.8 of the data, between tensors 'a' and 'b', belong to no tensor",
+       b"\0" * 12)
+    st("data_hidden_after_tensors", {"a": _entry(shape=[1], offsets=[0, 4])},
+       r"data_hidden_after_tensors\.safetensors: the tensors cover data bytes 0\.\.4 of 1028", b"\0" * 1028)
+    st("data_hidden_before_tensors", {"a": _entry(shape=[1], offsets=[4, 8])},
+       r"data_hidden_before_tensors\.safetensors: the tensors cover data bytes 4\.\.8 of 8", b"\0" * 8)
     d = _dir(root, "idx_empty")
     (d / "model.safetensors.index.json").write_text('{"weight_map": {}}')
     add("an index listing no tensors", d, E.FormatError, r"idx_empty/model\.safetensors\.index\.json: the index's 'weight_map' lists no tensors")

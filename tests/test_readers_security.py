@@ -424,3 +424,19 @@ def test_the_real_entry_point_prints_one_line_for_a_fifo(tmp_path):
                          timeout=60)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
     assert "m.safetensors" in out.stderr and "FIFO" in out.stderr
+
+
+@pytest.mark.parametrize(("header", "data"), [
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}, 12),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, 1028),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, 8),
+    ({"a": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}, 4),
+])
+def test_bytes_that_belong_to_no_tensor_are_refused_as_the_safetensors_library_does(tmp_path, header, data):
+    """Oracle: safetensors (the reference reader) refuses gaps and trailing bytes; we did not (hidden payloads)."""
+    import safetensors.torch
+
+    path = _st(tmp_path / "hidden.safetensors", header, b"\0" * data)
+    with pytest.raises(Exception):  # noqa: B017 (the reference's own error type)
+        safetensors.torch.load_file(path)
+    _refused(lambda: fvt.load(path), FormatError, r"hidden\.safetensors: .*belong")

@@ -208,7 +208,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     tensors: dict[str, TensorInfo] = {}
     for name, entry in doc.items():
         tensors[name] = _tensor_info(path, name, entry, data_start, data_size)
-    _check_overlaps(path, tensors)
+    _check_overlaps(path, tensors, data_start, size)
     _check_lookalikes(path, list(tensors))
     return Header(path, tensors, dict(metadata_raw), data_start, size, (st.st_dev, st.st_ino, size, st.st_mtime_ns))
 
@@ -251,8 +251,20 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int, data_size: 
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
-def _check_overlaps(path: Path, tensors: dict[str, TensorInfo]) -> None:
+def _check_overlaps(path: Path, tensors: dict[str, TensorInfo], data_start: int, file_size: int) -> None:
+    """Tensors tile the data exactly, as the safetensors format requires: no overlap, no gap, nothing after."""
     spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
     for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
         if s1 < e0:
             raise FormatError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file; the file is corrupt")
+        if s1 > e0:
+            raise FormatError(
+                f"{path}: bytes {e0 - data_start}..{s1 - data_start} of the data, between tensors {n0!r} and {n1!r}, "
+                "belong to no tensor; safetensors files hold their tensors back to back — the file is corrupt"
+            )
+    first, last = (spans[0][0], spans[-1][1]) if spans else (data_start, data_start)
+    if first != data_start or last != file_size:
+        raise FormatError(
+            f"{path}: the tensors cover data bytes {first - data_start}..{last - data_start} of "
+            f"{file_size - data_start}; the rest belongs to no tensor — the file is corrupt or carries hidden bytes"
+        )
