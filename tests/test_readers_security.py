@@ -440,3 +440,13 @@ def test_bytes_that_belong_to_no_tensor_are_refused_as_the_safetensors_library_d
     with pytest.raises(Exception):  # noqa: B017 (the reference's own error type)
         safetensors.torch.load_file(path)
     _refused(lambda: fvt.load(path), FormatError, r"hidden\.safetensors: .*belong")
+
+
+def test_lookalike_keys_across_shards_and_aliases_are_refused(tmp_path):
+    _good(tmp_path / "s1.safetensors", **{"caf\u00e9": torch.ones(1)})
+    _good(tmp_path / "s2.safetensors", **{"cafe\u0301": torch.ones(1)})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"caf\u00e9": "s1.safetensors", "cafe\u0301": "s2.safetensors"}}))
+    _refused(lambda: fvt.load(tmp_path), FormatError, r"model\.safetensors\.index\.json: keys .* two Unicode normal forms")
+    path = _aliased(tmp_path / "al.safetensors", {"\u212a": "a"}, None, K=[1.0], a=[2.0])  # KELVIN SIGN vs K
+    _refused(lambda: fvt.load(path), FormatError, r"al\.safetensors: keys 'K' and .* two Unicode normal forms")

@@ -12,7 +12,7 @@ import torch
 
 from fvtransform.errors import FormatError, FvTransformError, KeyMismatchError, PlanError, format_keys
 from fvtransform.io._files import WeightFiles, find_weight_files
-from fvtransform.io._header import Header, bounded_int, no_constant, read_header
+from fvtransform.io._header import Header, _check_lookalikes, bounded_int, no_constant, read_header
 from fvtransform.io._open import fd_path, open_regular
 from fvtransform.io._keymap import ComposedKeyMap, KeyMap
 from fvtransform.io._safetensors import MappedFile
@@ -67,6 +67,7 @@ class Checkpoint:
                 )
             self.aliases = _aliases(files.metadata.get(ALIASES_KEY), index, self._where)
         self.headers = headers
+        _check_lookalikes(files.index or files.files[0], [*self._where, *self.aliases])  # across shards and aliases
         if self.aliases:
             meta = headers[files.files[0]].metadata if files.weight_map is None else files.metadata
             self._order = _order(meta.get("fvt.order"), list(self._where), self.aliases, files.index or files.files[0])
