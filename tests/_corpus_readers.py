@@ -149,7 +149,7 @@ def cases(root: Path) -> list[Case]:
     st("shape_2_62_squared_by_0", {"a": _entry(shape=[2**62, 2**62, 0], offsets=[0, 0])},
        r"shape_2_62_squared_by_0\.safetensors: tensor 'a': shape .* overflows")
     st("rank_17", {"a": _entry(shape=[1] * 17, offsets=[0, 4])}, r"rank_17\.safetensors: tensor 'a': shape has 17 dims", b"\0" * 4)
-    st("rank_100000", {"a": _entry(shape=[1] * 100000, offsets=[0, 4])}, r"rank_100000\.safetensors: tensor 'a': shape has 100000 dims",
+    st("rank_20000", {"a": _entry(shape=[1] * 20000, offsets=[0, 4])}, r"rank_20000\.safetensors: tensor 'a': shape has 20000 dims",
        b"\0" * 4)
     st("int_5000_digits", None, r"int_5000_digits\.safetensors: an integer of 5000 digits",
        raw_header=b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,' + b"1" * 5000 + b"]}}")
