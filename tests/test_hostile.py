@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -117,6 +118,120 @@ def test_fuzzed_indexes_raise_only_our_errors(tmp_path_factory, doc):
         return
     for f in files.files:
         assert f.parent == folder
+
+
+class Hung(BaseException):
+    """Raised by the deadline: a BaseException, so no ``except OSError``/``except Exception`` in the code under test hides it."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float = 5.0):
+    """Turn a hang into a failure: SIGALRM interrupts a blocking open() or a long loop."""
+
+    def fire(_sig, _frame):
+        raise Hung(f"hung for {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+_FOLDER_NAMES = ["model.safetensors", "diffusion_pytorch_model.safetensors", "extra.safetensors",
+                 "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors", "adapter_config.json"]
+_FOLDER_KINDS = ["good", "lora", "garbage", "fifo", "link_in", "link_out", "dangling", "loop", "dir", "index_good",
+                 "index_escape", "config"]
+_SECRET = 666.0
+
+
+def _make_entry(folder: Path, outside: Path, name: str, kind: str) -> None:
+    path = folder / name
+    if kind == "good":
+        if name.endswith(".bin"):
+            torch.save({"a": torch.ones(2)}, path)
+        else:
+            fvt.save(fvt.ParamTree({"a": torch.ones(2)}), path)
+    elif kind == "lora":
+        fvt.save(fvt.ParamTree({"l.lora_A.weight": torch.ones(2, 3), "l.lora_B.weight": torch.ones(4, 2)}), path)
+    elif kind == "garbage":
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "link_in":
+        (folder / "real").mkdir(exist_ok=True)
+        fvt.save(fvt.ParamTree({"a": torch.ones(2)}), folder / "real" / "w.safetensors")
+        path.symlink_to(folder / "real" / "w.safetensors")
+    elif kind == "link_out":
+        path.symlink_to(outside / ("s.json" if name.endswith(".json") else "s.safetensors"))
+    elif kind == "dangling":
+        path.symlink_to(folder / "gone")
+    elif kind == "loop":
+        path.symlink_to(path)
+    elif kind == "dir":
+        path.mkdir()
+    elif kind in ("index_good", "index_escape"):
+        shard = "extra.safetensors" if kind == "index_good" else "../out/s.safetensors"
+        path.write_text(json.dumps({"weight_map": {"a": shard}}))
+    elif kind == "config":
+        path.write_text(json.dumps({"r": 2, "lora_alpha": 4, "target_modules": ["l"]}))
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
+@given(entries=st.dictionaries(st.sampled_from(_FOLDER_NAMES), st.sampled_from(_FOLDER_KINDS), max_size=4),
+       allow_pickle=st.booleans())
+def test_fuzzed_model_and_lora_folders_never_hang_escape_or_raise_raw(tmp_path_factory, entries, allow_pickle):
+    """Folders of good, broken, special and linked files: our errors only, never a hang, never a byte from outside."""
+    top = tmp_path_factory.mktemp("fuzzfolder")
+    folder, outside = top / "m", top / "out"
+    folder.mkdir()
+    outside.mkdir()
+    fvt.save(fvt.ParamTree({"a": torch.full((2,), _SECRET), "l.lora_A.weight": torch.full((2, 3), _SECRET),
+                            "l.lora_B.weight": torch.full((4, 2), _SECRET)}), outside / "s.safetensors")
+    (outside / "s.json").write_text(json.dumps({"r": 2, "lora_alpha": 666}))
+    for name, kind in entries.items():
+        _make_entry(folder, outside, name, kind)
+    base = fvt.ParamTree({"l.weight": torch.zeros(4, 3)})
+    for read in (lambda: fvt.load(folder, allow_pickle=allow_pickle), lambda: fvt.lora.load(folder, base=base)):
+        try:
+            with _deadline():
+                got = read()
+        except FvTransformError as e:
+            assert str(folder) in str(e) or "m/" in str(e), str(e)
+            continue
+        deltas = [] if isinstance(got, fvt.ParamTree) else list(got.values())
+        values = list(got.values()) if isinstance(got, fvt.ParamTree) else [
+            t for d in deltas for t in (getattr(d, "A", None), getattr(d, "B", None), getattr(d, "D", None)) if t is not None]
+        assert not any(bool((v == _SECRET).any()) for v in values), "a value was read from outside the folder"
+        assert all(getattr(d, "alpha", None) != 666 for d in deltas), "a config was read from outside the folder"
+
+
+_LORA_KEYS = ["l.lora_A.weight", "l.lora_B.weight", "l.alpha", "l.lora_down.weight", "l.lora_up.weight",
+              "lora_unet_l.lora_down.weight", "lora_unet_l.lora_up.weight", "lora_unet_l.alpha", "l.lora_magnitude_vector",
+              "l.diff", "l.diff_b", "transformer.l.lora_A.weight"]
+_LORA_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool, torch.uint8, torch.float64]
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
+@given(tensors=st.dictionaries(st.sampled_from(_LORA_KEYS),
+                               st.tuples(st.lists(st.integers(0, 5), max_size=3), st.sampled_from(_LORA_DTYPES)),
+                               min_size=1, max_size=5),
+       config=st.none() | st.dictionaries(st.sampled_from(["r", "lora_alpha", "use_rslora", "target_modules"]),
+                                          st.integers(-2, 8) | st.booleans() | st.none(), max_size=3))
+def test_fuzzed_lora_files_raise_only_our_errors(tmp_path_factory, tensors, config):
+    """LoRA files of any key set, shape and dtype (alphas of 0 or 2 elements too): loaded, or our error naming the file."""
+    folder = tmp_path_factory.mktemp("fuzzlora")
+    fvt.save(fvt.ParamTree({k: torch.ones(shape).to(dtype) for k, (shape, dtype) in tensors.items()}),
+             folder / "adapter_model.safetensors")
+    if config is not None:
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    try:
+        with _deadline():
+            fvt.lora.load(folder, base=fvt.ParamTree({"l.weight": torch.zeros(4, 3)}))
+    except FvTransformError:
+        return
 
 
 # ----------------------------------------------------------------------------- crash safety

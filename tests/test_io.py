@@ -274,3 +274,35 @@ def test_selecting_one_tensor_does_not_read_the_others(tmp_path):
     out = subprocess.run([sys.executable, "-c", LAZY_SCRIPT, str(tmp_path / "m.safetensors")], capture_output=True, text=True, check=True)
     grow = int(out.stdout.strip().splitlines()[-1])
     assert grow < 16 * 1024 * 1024, f"resident memory grew by {grow} bytes"
+
+
+# ----------------------------------------------------------------------------- the untrusted-file helper
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "/etc/passwd", "a\x00b", 5, None])
+def test_contained_refuses_names_that_are_not_plain(tmp_path, name):
+    from fvtransform.io._open import contained
+
+    with pytest.raises(UnsafeFileError, match=r"idx\.json: shard name .* is not a plain file name"):
+        contained(tmp_path, name, "shard", tmp_path / "idx.json")
+
+
+def test_read_text_caps_size_and_requires_utf8(tmp_path):
+    from fvtransform.io._open import read_text
+
+    big = tmp_path / "big.json"
+    big.write_bytes(b"1" * 100)
+    with pytest.raises(FormatError, match=r"big\.json: the config is 100 bytes, over the 64-byte limit"):
+        read_text(big, "config", limit=64)
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(FormatError, match=r"bad\.json: the config is not UTF-8 text \(byte 7\)"):
+        read_text(bad, "config")
+    assert read_text(big, "config", limit=100) == "1" * 100
+
+
+def test_a_loaded_tree_survives_the_file_being_replaced_by_a_save(tmp_path):
+    """Guarantee: fvt.load maps at load time and saves replace by rename, so a loaded tree keeps its values."""
+    path = tmp_path / "m.safetensors"
+    fvt.save(fvt.ParamTree({"w": torch.full((1024,), 1.0)}), path)
+    tree = fvt.load(path)
+    fvt.save(fvt.ParamTree({"w": torch.full((1024,), 2.0)}), path)
+    assert tree["w"].eq(1.0).all() and fvt.load(path)["w"].eq(2.0).all()

@@ -12,10 +12,37 @@ import torch
 
 from fvtransform.errors import FormatError
 
-__all__ = ["merge_command", "convert_command", "extract_command", "parse_lora_arg", "parse_dtype", "progress_bar"]
+__all__ = ["merge_command", "convert_command", "extract_command", "parse_lora_arg", "parse_dtype", "progress_bar",
+           "printable", "one_line"]
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
+
+
+def _escape(ch: str) -> str:
+    o = ord(ch)
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+
+def printable(text: object) -> str:
+    """``text`` safe for a terminal: every non-printable character escaped as ``\\xNN``/``\\uNNNN``.
+
+    Names in files are untrusted: control characters (ANSI escape sequences,
+    ``\\r``), bidi overrides and other format characters, lone surrogates and
+    line separators would let a file rewrite the terminal, hide text, or crash
+    the printer (a lone surrogate cannot be encoded). Printable text, spaces
+    and non-ASCII letters are kept.
+
+    >>> printable("blocks.0\\x1b[2J\\u202e.weight")
+    'blocks.0\\\\x1b[2J\\\\u202e.weight'
+    """
+    s = str(text)
+    return s if s.isprintable() else "".join(c if c.isprintable() else _escape(c) for c in s)
+
+
+def one_line(text: object) -> str:
+    """An error message as one printable line: its lines joined with `` | ``, the rest as :func:`printable`."""
+    return " | ".join(printable(line) for line in str(text).splitlines() if line.strip()) or printable(text)
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:

@@ -61,6 +61,7 @@ def _report(doc: dict, as_json: bool) -> int:
 def _inspect(path: str, as_json: bool, base: str | None = None) -> int:
     from pathlib import Path
 
+    from fvtransform.cli._commands import printable
     from fvtransform.io import open_checkpoint
 
     p = Path(path)
@@ -76,7 +77,7 @@ def _inspect(path: str, as_json: bool, base: str | None = None) -> int:
             print(json.dumps({"path": str(p), "pipeline": comps}))
         else:
             for k, v in comps.items():
-                print(f"{k:<20} {'/'.join(v) if v else '(absent)'}")
+                print(f"{printable(k):<20} {printable('/'.join(v)) if v else '(absent)'}")
         return 0
     if base is not None or (p.is_dir() and (p / "adapter_config.json").is_file()):
         return _inspect_lora(p, base, as_json)
@@ -107,14 +108,15 @@ def _inspect(path: str, as_json: bool, base: str | None = None) -> int:
             if r["group"] not in shown:
                 shown.add(r["group"])
                 g = groups[r["group"]]
-                print(f"{r['group']}  ({g['tensors']} tensors, {human_bytes(g['bytes'])})")
-            print(f"  {r['key']:<60} {r['dtype']:<10} {r['shape']}  {human_bytes(r['bytes'])}")
+                print(f"{printable(r['group'])}  ({g['tensors']} tensors, {human_bytes(g['bytes'])})")
+            print(f"  {printable(r['key']):<60} {r['dtype']:<10} {r['shape']}  {human_bytes(r['bytes'])}")
         print(f"{len(rows)} tensors, {human_bytes(sum(r['bytes'] for r in rows))}")
     return 0
 
 
 def _inspect_lora(p, base: str | None, as_json: bool) -> int:
     import fvtransform as fvt
+    from fvtransform.cli._commands import printable
 
     from fvtransform.hub import maybe_download_model
 
@@ -129,15 +131,28 @@ def _inspect_lora(p, base: str | None, as_json: bool) -> int:
     else:
         print(f"LoRA, format {adapter.format}, {len(rows)} targets")
         for r in rows:
-            print(f"  {r['target']:<56} {r['kind']:<9} rank {r['rank']}  alpha {r['alpha']}  scale {r['scale']}{'  DoRA' if r['dora'] else ''}")
+            print(f"  {printable(r['target']):<56} {r['kind']:<9} rank {r['rank']}  alpha {r['alpha']}  scale {r['scale']}{'  DoRA' if r['dora'] else ''}")
         for s in doc["skipped"]:
-            print(f"  not matched: {s['key']} ({s['why']})")
+            print(f"  not matched: {printable(s['key'])} ({printable(s['why'])})")
     return 1 if report.skipped else 0  # keys that match nothing: a failed check, for scripts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (2 for errors, 1 for failed checks)."""
+    """Entry point; returns the exit code (2 for errors, 1 for failed checks).
+
+    Every :class:`FvTransformError` (a bad input, a refused file) and every
+    ``OSError`` (a user's path: missing, unreadable, a full disk) prints ONE
+    line, ``fvtransform: error: ...``, to stderr and exits 2; names from files
+    are escaped (:func:`printable`). Any other exception is a bug in
+    fvtransform and keeps its traceback (exit 1), so it gets reported;
+    ``--debug`` shows the traceback of the errors above too.
+    """
+    from fvtransform.cli._commands import one_line
     from fvtransform.errors import FormatError, FvTransformError
+
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a name gets it escaped, not a crash
+        if callable(getattr(stream, "reconfigure", None)):
+            stream.reconfigure(errors="backslashreplace")
 
     args = _parser().parse_args(argv)
     try:
@@ -167,10 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "extract-lora":
             return _report(c.extract_command(args.base, args.tuned, args.output, rank=args.rank, energy=args.energy, to=args.to,
                                              quiet=args.quiet or args.json, overwrite=args.overwrite), args.json)
-    except FvTransformError as e:
+    except (FvTransformError, OSError) as e:
         if args.debug:
             raise
-        print(f"fvtransform: error: {e}", file=sys.stderr)
+        print(f"fvtransform: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 2  # pragma: no cover
 

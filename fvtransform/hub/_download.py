@@ -25,6 +25,7 @@ from typing import Callable, TypeVar
 from fvtransform.errors import FormatError, FvTransformError, HubError, NotFoundError, UnsafeFileError, format_keys
 from fvtransform.hub import _guard, _snapshot
 from fvtransform.hub._verify import resolved_commit, verify_file, verify_snapshot
+from fvtransform.io._open import read_text
 
 __all__ = ["maybe_download_model", "maybe_download_lora", "split_repo_id", "DEFAULT_PATTERNS", "NEVER_PATTERNS"]
 
@@ -308,7 +309,7 @@ def _check_components(index: Path, components: list[str], label: str) -> None:
         size = index.stat().st_size
         if size > _snapshot.MAX_CONFIG_BYTES:
             raise FormatError(f"{label}: model_index.json is {size} bytes, more than the {_snapshot.MAX_CONFIG_BYTES}-byte cap")
-        doc = json.loads(index.read_text(encoding="utf-8"))
+        doc = json.loads(read_text(index, "model_index.json"))
     except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: bad JSON, or an integer of too many digits
         raise FormatError(f"{label}: model_index.json is not valid JSON ({str(e)[:200]})") from None
     if not isinstance(doc, dict):

@@ -27,6 +27,7 @@ from pathlib import Path
 import re
 
 from fvtransform.errors import FormatError, IntegrityError
+from fvtransform.io._open import open_regular, read_text
 
 __all__ = ["verify_snapshot", "verify_file", "resolved_commit", "WEIGHT_SUFFIXES"]
 
@@ -59,7 +60,7 @@ def _blob_of(file: Path) -> Path | None:
 
 def _hash(path: Path, algo: str, size: int) -> str:
     h = hashlib.sha256() if algo == "sha256" else hashlib.sha1(b"blob %d\0" % size)
-    with open(path, "rb") as f:
+    with open_regular(path, "downloaded file") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
@@ -114,7 +115,7 @@ def verify_file(file: Path, *, label: str, expected: tuple[str, int] | None = No
             )
     record = blob.parent.parent / ".fvt-verified" / f"{blob.name}.json"
     with contextlib.suppress(OSError, ValueError):
-        if json.loads(record.read_text()) == stamp:
+        if json.loads(read_text(record, "verification record", 65536)) == stamp:
             return
     algo = "sha256" if len(blob.name) == 64 else "git-sha1"
     got = _hash(file, algo, stamp["size"])

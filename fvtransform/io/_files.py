@@ -5,12 +5,22 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+import stat
 
 import attrs
 
-from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, UnsafeFileError, format_keys
+from fvtransform.errors import (
+    FormatError,
+    FvTransformError,
+    KeyMismatchError,
+    NotFoundError,
+    UnsafeFileError,
+    format_keys,
+)
+from fvtransform.io._header import bounded_int, check_containers, no_constant
+from fvtransform.io._open import allowed_root, check_regular, contained, read_text
 
-__all__ = ["WeightFiles", "find_weight_files", "read_index", "PICKLE_SUFFIXES", "INDEX_SUFFIX"]
+__all__ = ["WeightFiles", "find_weight_files", "read_index", "PICKLE_SUFFIXES", "INDEX_SUFFIX", "MAX_SHARDS"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -32,35 +42,16 @@ class WeightFiles:
     metadata: dict[str, object] = attrs.field(factory=dict)
 
 
-def _inside(folder: Path, name: str, index: Path) -> Path:
-    if not isinstance(name, str) or not name or name != os.path.basename(name) or name in (".", "..") or "\x00" in name:
-        raise UnsafeFileError(
-            f"{index}: shard name {name!r} is not a plain file name in the index's folder; refusing to follow it"
-        )
-    candidate = folder / name
-    real = candidate.resolve()
-    root = _allowed_root(folder)
-    if not str(real).startswith(str(root) + os.sep):
-        raise UnsafeFileError(f"{index}: shard {name!r} resolves to {real}, outside {root}; refusing to follow it")
-    return candidate
-
-
-def _allowed_root(folder: Path) -> Path:
-    """Where a shard may resolve: the index's folder, or the whole repo folder of a hub cache snapshot.
-
-    In the huggingface_hub cache, ``<repo>/snapshots/<commit>/x`` is a link to
-    ``<repo>/blobs/<hash>``: links into the same repo's cache are its layout.
-    """
-    real = folder.resolve()
-    parts = real.parts
-    for i in range(len(parts) - 2, 0, -1):
-        if parts[i] == "snapshots" and len(parts[i + 1]) == 40 and (Path(*parts[:i]) / "blobs").is_dir():
-            return Path(*parts[:i])
-    return real
+#: The most shard files an index may name (the largest public checkpoints have a few hundred).
+MAX_SHARDS = 4096
 
 
 def read_index(index: Path) -> WeightFiles:
-    """Parse a ``*.safetensors.index.json`` strictly (duplicates, escapes, missing shards)."""
+    """Parse a ``*.safetensors.index.json`` strictly (duplicates, escapes, missing shards, size caps)."""
+
+    index = Path(index)
+    text = read_text(index, "index file")
+    check_containers(text, index, "index")
 
     def hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
         out: dict[str, object] = {}
@@ -71,30 +62,61 @@ def read_index(index: Path) -> WeightFiles:
         return out
 
     try:
-        doc = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=hook)
-    except KeyMismatchError:
+        doc = json.loads(text, object_pairs_hook=hook, parse_int=bounded_int(index), parse_constant=no_constant(index))
+    except FvTransformError:
         raise
-    except FileNotFoundError:
-        raise NotFoundError(f"{index}: no such index file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:
         raise FormatError(f"{index}: not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
         raise FormatError(f"{index}: expected an object with a 'weight_map' object of key -> shard file name")
+    if not doc["weight_map"]:
+        raise FormatError(f"{index}: the index's 'weight_map' lists no tensors; the index is broken — save the checkpoint again")
     folder = index.parent
+    shards = {name for name in doc["weight_map"].values() if isinstance(name, str)}
+    if len(shards) > MAX_SHARDS:
+        raise FormatError(
+            f"{index}: the index names {len(shards)} shard files, over the limit of {MAX_SHARDS}; "
+            "refusing an index that large — it is corrupt or hostile"
+        )
+    root = allowed_root(folder)
     weight_map: dict[str, Path] = {}
     files: dict[Path, None] = {}
     checked: dict[object, Path] = {}  # each shard name is checked once, not once per key
     for key, name in doc["weight_map"].items():
         path = checked.get(name) if isinstance(name, str) else None
         if path is None:
-            path = checked[name] = _inside(folder, name, index)  # type: ignore[arg-type]
+            path = checked[name] = contained(folder, name, "shard", index, root=root)  # type: ignore[index]
         weight_map[key] = path
         files[path] = None
-    missing = [p.name for p in files if not p.is_file()]
+    missing = []
+    for p in files:
+        try:
+            check_regular(p, "shard")
+        except NotFoundError:
+            missing.append(p.name)
     if missing:
         raise NotFoundError(f"{index}: shard files listed in the index are missing: {format_keys(missing)}")
     meta = doc.get("metadata") or {}
     return WeightFiles(tuple(files), index, weight_map, metadata=dict(meta) if isinstance(meta, dict) else {})
+
+
+def _entries(folder: Path) -> list[str]:
+    """Names in ``folder`` that are not folders (FIFOs and dangling links included: picking one is an error)."""
+    with os.scandir(folder) as it:
+        names = []
+        for e in it:
+            try:
+                if not e.is_dir():
+                    names.append(e.name)
+            except OSError:
+                names.append(e.name)
+    return sorted(names)
+
+
+def _pick(folder: Path, name: str, what: str) -> Path:
+    path = contained(folder, name, what)
+    check_regular(path, what)
+    return path
 
 
 def find_weight_files(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> WeightFiles:
@@ -105,31 +127,34 @@ def find_weight_files(path: str | os.PathLike[str], *, allow_pickle: bool = Fals
     considered only when no safetensors exist, and only with ``allow_pickle``.
     """
     path = Path(path)
-    if path.is_file():
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise NotFoundError(f"{path}: no such file or folder") from None
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not stat.S_ISDIR(mode):
+        check_regular(path, "weights file")  # a FIFO, socket or device: refused before any open
         if path.name.endswith(INDEX_SUFFIX):
             return read_index(path)
         if path.suffix in PICKLE_SUFFIXES:
             return _pickle(path, allow_pickle)
         return WeightFiles((path,))
-    if not path.exists():
-        raise NotFoundError(f"{path}: no such file or folder")
-    if not path.is_dir():
-        raise FormatError(f"{path}: not a file or folder")
-    names = sorted(p.name for p in path.iterdir() if p.is_file())
+    names = _entries(path)
     indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
     for stem in _PREFERRED:
         if f"{stem}{INDEX_SUFFIX}" in indexes:
-            return read_index(path / f"{stem}{INDEX_SUFFIX}")
+            return read_index(_pick(path, f"{stem}{INDEX_SUFFIX}", "index file"))
     if len(indexes) == 1:
-        return read_index(path / indexes[0])
+        return read_index(_pick(path, indexes[0], "index file"))
     if len(indexes) > 1:
         raise FormatError(f"{path}: several index files {indexes}; pass the one to load")
     singles = [n for n in names if n.endswith(".safetensors")]
     for stem in _PREFERRED:
         if f"{stem}.safetensors" in singles:
-            return WeightFiles((path / f"{stem}.safetensors",))
+            return WeightFiles((_pick(path, f"{stem}.safetensors", "weights file"),))
     if len(singles) == 1:
-        return WeightFiles((path / singles[0],))
+        return WeightFiles((_pick(path, singles[0], "weights file"),))
     if len(singles) > 1:
         raise FormatError(
             f"{path}: several unrelated safetensors files and no index: {format_keys(singles)}; "
@@ -137,7 +162,7 @@ def find_weight_files(path: str | os.PathLike[str], *, allow_pickle: bool = Fals
         )
     pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
     if len(pickles) == 1:
-        return _pickle(path / pickles[0], allow_pickle)
+        return _pickle(_pick(path, pickles[0], "weights file"), allow_pickle)
     if pickles:
         raise FormatError(f"{path}: several pickle files {format_keys(pickles)} and no safetensors; pass one")
     raise NotFoundError(

@@ -18,9 +18,11 @@ from typing import Any
 import attrs
 import torch
 
-from fvtransform.errors import FormatError
+from fvtransform.errors import FormatError, NotFoundError
+from fvtransform.io._open import open_regular
 
-__all__ = ["TensorInfo", "Header", "read_header", "DTYPES", "DTYPE_NAMES", "MAX_HEADER_BYTES"]
+__all__ = ["TensorInfo", "Header", "read_header", "DTYPES", "DTYPE_NAMES", "MAX_HEADER_BYTES", "MAX_RANK", "MAX_INT_DIGITS",
+           "bounded_int", "no_constant", "check_containers", "OBJECT_BYTES"]
 
 #: safetensors dtype names -> torch dtypes (those this torch has).
 DTYPES: dict[str, torch.dtype] = {
@@ -49,6 +51,13 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 #: The largest header we accept (safetensors' own limit is 100 MB).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: The most dims a tensor may have (torch's kernels handle up to 25; real weights have at most 5).
+MAX_RANK = 16
+#: The most digits of an integer in a header (offsets and sizes fit in 20).
+MAX_INT_DIGITS = 20
+#: At most one JSON object (and two lists) per this many bytes of a header or index: the smallest real
+#: header entry, ``"a":{"dtype":"F32","shape":[],"data_offsets":[0,0]},``, is 48 bytes.
+OBJECT_BYTES = 40
 
 
 @attrs.frozen
@@ -75,6 +84,8 @@ class Header:
     metadata: dict[str, str]
     data_start: int
     file_size: int
+    #: (device, inode, size, mtime_ns) of the file the header was read from: a later map checks it is the same file
+    identity: tuple[int, ...] = ()
 
 
 def _reject_duplicates(path: Path) -> Any:
@@ -89,6 +100,59 @@ def _reject_duplicates(path: Path) -> Any:
     return hook
 
 
+def bounded_int(where: object, limit: int = MAX_INT_DIGITS) -> Any:
+    """A ``json.loads(parse_int=...)`` hook refusing integers of more than ``limit`` digits (before int() runs)."""
+
+    def parse(text: str) -> int:
+        if len(text.lstrip("-")) > limit:
+            raise FormatError(f"{where}: an integer of {len(text)} digits ({text[:12]}...) is over the {limit}-digit limit")
+        return int(text)
+
+    return parse
+
+
+def no_constant(where: object) -> Any:
+    """A ``json.loads(parse_constant=...)`` hook refusing ``NaN`` and ``Infinity`` (not JSON)."""
+
+    def parse(text: str) -> float:
+        raise FormatError(f"{where}: {text} is not JSON (NaN and Infinity are not allowed)")
+
+    return parse
+
+
+def check_containers(raw: bytes | str, where: object, what: str = "header") -> None:
+    """Refuse JSON holding far more objects and lists than a real header or index could (a memory bomb).
+
+    Parsed, each ``{}`` or ``[]`` (2-3 bytes) costs Python about 60 bytes. A
+    real header entry (47 bytes or more) holds one object and two lists, a real
+    index entry none. Counted on the raw text before parsing (brackets inside
+    strings too, which only makes the count larger), so the bomb is never built.
+    """
+    braces, brackets = (raw.count("{"), raw.count("[")) if isinstance(raw, str) else (raw.count(b"{"), raw.count(b"["))
+    if braces > len(raw) // OBJECT_BYTES + 16 or brackets > 2 * (len(raw) // OBJECT_BYTES) + 16:
+        raise FormatError(
+            f"{where}: the {what} holds {braces} JSON objects and {brackets} lists in {len(raw)} bytes, far more than "
+            f"any real {what} (one object and two lists per {OBJECT_BYTES} bytes at most); refusing to parse it"
+        )
+
+
+def _check_lookalikes(path: Path, names: list[str]) -> None:
+    """Refuse two keys that are the same text in another Unicode normal form (NFC vs NFD): they print alike."""
+    import unicodedata
+
+    if all(name.isascii() for name in names):
+        return
+    seen: dict[str, str] = {}
+    for name in names:
+        norm = unicodedata.normalize("NFC", name)
+        other = seen.setdefault(norm, name)
+        if other != name:
+            raise FormatError(
+                f"{path}: keys {other!r} and {name!r} are the same text in two Unicode normal forms; "
+                "refusing an ambiguous file"
+            )
+
+
 def read_header(path: str | os.PathLike[str]) -> Header:
     """Read and validate the header of a safetensors file (no tensor bytes are read).
 
@@ -98,8 +162,9 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        with open_regular(path, "safetensors file") as f:
+            st = os.fstat(f.fileno())
+            size = st.st_size
             if size < 8:
                 raise FormatError(
                     f"{path}: {size} bytes is too short for a safetensors file (at least 8 needed); "
@@ -114,30 +179,38 @@ def read_header(path: str | os.PathLike[str]) -> Header:
                     "the file is truncated or not safetensors"
                 )
             raw = f.read(n)
+            if len(raw) != n:
+                raise FormatError(f"{path}: the file shrank while its header was read; it is being written — try again")
+    except NotFoundError:
+        raise
     except OSError as e:
-        from fvtransform.errors import NotFoundError
-
-        if isinstance(e, FileNotFoundError):
-            raise NotFoundError(f"{path}: no such file") from None
         raise FormatError(f"{path}: cannot read: {e}") from e
+    check_containers(raw, path)
     try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates(path))
+        doc = json.loads(
+            raw.decode("utf-8"),
+            object_pairs_hook=_reject_duplicates(path),
+            parse_int=bounded_int(path),
+            parse_constant=no_constant(path),
+        )
     except FormatError:
         raise
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"{path}: the header is not valid JSON ({type(e).__name__}: {e}); not a safetensors file") from None
     if not isinstance(doc, dict):
         raise FormatError(f"{path}: the header is JSON {type(doc).__name__}, expected an object of tensors")
     data_start = 8 + n
     data_size = size - data_start
-    metadata_raw = doc.pop("__metadata__", None) or {}
+    metadata_raw = doc.pop("__metadata__", None)
+    metadata_raw = {} if metadata_raw is None else metadata_raw  # an empty list or string is not "no metadata"
     if not isinstance(metadata_raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata_raw.items()):
         raise FormatError(f"{path}: '__metadata__' must map str to str")
     tensors: dict[str, TensorInfo] = {}
     for name, entry in doc.items():
         tensors[name] = _tensor_info(path, name, entry, data_start, data_size)
-    _check_overlaps(path, tensors)
-    return Header(path, tensors, dict(metadata_raw), data_start, size)
+    _check_overlaps(path, tensors, data_start, size)
+    _check_lookalikes(path, list(tensors))
+    return Header(path, tensors, dict(metadata_raw), data_start, size, (st.st_dev, st.st_ino, size, st.st_mtime_ns))
 
 
 def _tensor_info(path: Path, name: str, entry: Any, data_start: int, data_size: int) -> TensorInfo:
@@ -150,6 +223,12 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int, data_size: 
     shape = entry["shape"]
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise FormatError(f"{where}: shape must be a list of non-negative ints; found {str(shape)[:80]}")
+    if len(shape) > MAX_RANK:
+        raise FormatError(f"{where}: shape has {len(shape)} dims, over the limit of {MAX_RANK}; the file is corrupt")
+    # torch sizes and strides are int64: each dim, and the product of the dims taken as >= 1 (a
+    # zero-size tensor still has strides), must fit, whatever the byte count says
+    if math.prod(max(d, 1) for d in shape) * DTYPES[dt].itemsize >= 2**63:
+        raise FormatError(f"{where}: shape {str(shape)[:80]} overflows a 64-bit size; the file is corrupt")
     offsets = entry["data_offsets"]
     if (
         not isinstance(offsets, list)
@@ -172,8 +251,20 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int, data_size: 
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
-def _check_overlaps(path: Path, tensors: dict[str, TensorInfo]) -> None:
+def _check_overlaps(path: Path, tensors: dict[str, TensorInfo], data_start: int, file_size: int) -> None:
+    """Tensors tile the data exactly, as the safetensors format requires: no overlap, no gap, nothing after."""
     spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
     for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
         if s1 < e0:
             raise FormatError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file; the file is corrupt")
+        if s1 > e0:
+            raise FormatError(
+                f"{path}: bytes {e0 - data_start}..{s1 - data_start} of the data, between tensors {n0!r} and {n1!r}, "
+                "belong to no tensor; safetensors files hold their tensors back to back — the file is corrupt"
+            )
+    first, last = (spans[0][0], spans[-1][1]) if spans else (data_start, data_start)
+    if first != data_start or last != file_size:
+        raise FormatError(
+            f"{path}: the tensors cover data bytes {first - data_start}..{last - data_start} of "
+            f"{file_size - data_start}; the rest belongs to no tensor — the file is corrupt or carries hidden bytes"
+        )

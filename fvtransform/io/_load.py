@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import json
 import os
 from pathlib import Path
@@ -9,9 +10,10 @@ from typing import Any
 
 import torch
 
-from fvtransform.errors import FormatError, KeyMismatchError, PlanError, format_keys
+from fvtransform.errors import FormatError, FvTransformError, KeyMismatchError, PlanError, format_keys
 from fvtransform.io._files import WeightFiles, find_weight_files
-from fvtransform.io._header import Header, read_header
+from fvtransform.io._header import Header, _check_lookalikes, bounded_int, no_constant, read_header
+from fvtransform.io._open import fd_path, open_regular
 from fvtransform.io._keymap import ComposedKeyMap, KeyMap
 from fvtransform.io._safetensors import MappedFile
 from fvtransform.tree._match import Pattern, matcher
@@ -41,7 +43,7 @@ class Checkpoint:
         if files.weight_map is None:
             (path,) = files.files
             self._where = {k: path for k in headers[path].tensors}
-            self.aliases = _aliases(headers[path].metadata.get(ALIASES_KEY), path)
+            self.aliases = _aliases(headers[path].metadata.get(ALIASES_KEY), path, headers[path].tensors)
         else:
             index = files.index
             owners: dict[str, list[Path]] = {}
@@ -63,12 +65,14 @@ class Checkpoint:
                 raise KeyMismatchError(
                     f"{index}: shards hold keys the index does not list: {format_keys(extra)}; the index is stale"
                 )
-            self.aliases = _aliases(files.metadata.get(ALIASES_KEY), index)  # type: ignore[arg-type]
+            self.aliases = _aliases(files.metadata.get(ALIASES_KEY), index, self._where)
         self.headers = headers
-        for alias, canon in self.aliases.items():
-            if canon not in self._where:
-                raise FormatError(f"{files.index or files.files[0]}: alias {alias!r} points to missing key {canon!r}")
-        self._order = list(self._where) if not self.aliases else _with_aliases(list(self._where), self.aliases, files)
+        _check_lookalikes(files.index or files.files[0], [*self._where, *self.aliases])  # across shards and aliases
+        if self.aliases:
+            meta = headers[files.files[0]].metadata if files.weight_map is None else files.metadata
+            self._order = _order(meta.get("fvt.order"), list(self._where), self.aliases, files.index or files.files[0])
+        else:
+            self._order = list(self._where)
 
     def keys(self) -> list[str]:
         return list(self._order)
@@ -98,32 +102,67 @@ class Checkpoint:
         return {k: str(v) for k, v in self.files.metadata.items()}
 
 
-def _aliases(raw: object, where: Path | None) -> dict[str, str]:
+#: The most aliases a checkpoint may declare (tied groups are few; a map this large is hostile).
+MAX_ALIASES = 100_000
+
+
+def _json_value(raw: str, where: object, field: str) -> Any:
+    """A metadata field's JSON value: duplicates, long integers and NaN refused, errors typed."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise FormatError(f"{where}: metadata {field!r} lists {k!r} twice")
+            out[k] = v
+        return out
+
+    try:
+        return json.loads(raw, object_pairs_hook=hook, parse_int=bounded_int(where), parse_constant=no_constant(where))
+    except FormatError:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"{where}: metadata {field!r} is not JSON ({type(e).__name__})") from None
+
+
+def _aliases(raw: object, where: Path | None, stored: Mapping[str, object]) -> dict[str, str]:
+    """The alias map (alias -> stored key), checked against the keys the file really stores.
+
+    An alias must not name a stored key (it would shadow real bytes), and must
+    point straight at a stored key (no chains, no cycles, nothing missing).
+    """
     if raw is None:
         return {}
-    try:
-        value = json.loads(raw) if isinstance(raw, str) else raw
-    except json.JSONDecodeError:
-        raise FormatError(f"{where}: metadata {ALIASES_KEY!r} is not JSON") from None
+    value = _json_value(raw, where, ALIASES_KEY) if isinstance(raw, str) else raw
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise FormatError(f"{where}: metadata {ALIASES_KEY!r} must map alias -> key")
-    return value
+        raise FormatError(f"{where}: metadata {ALIASES_KEY!r} must map alias -> key (strings)")
+    if len(value) > MAX_ALIASES:
+        raise FormatError(f"{where}: metadata {ALIASES_KEY!r} declares {len(value)} aliases, over the limit of {MAX_ALIASES}")
+    for alias, canon in value.items():
+        if alias in stored:
+            raise FormatError(
+                f"{where}: metadata {ALIASES_KEY!r} makes {alias!r} an alias of {canon!r}, but the file stores "
+                f"{alias!r} itself; refusing a file whose metadata would hide a stored tensor"
+            )
+        if canon not in stored:
+            what = "another alias (aliases must point to a stored key)" if canon in value else "a key the file does not store"
+            raise FormatError(f"{where}: alias {alias!r} points to missing key {canon!r}: {what}")
+    return dict(value)
 
 
-def _with_aliases(keys: list[str], aliases: dict[str, str], files: WeightFiles) -> list[str]:
-    order_raw = None
-    if files.weight_map is None:
-        order_raw = read_header(files.files[0]).metadata.get("fvt.order")
-    else:
-        order_raw = files.metadata.get("fvt.order")
-    if isinstance(order_raw, str):
-        try:
-            order = json.loads(order_raw)
-            if sorted(order) == sorted(keys + list(aliases)):
-                return order
-        except json.JSONDecodeError:
-            pass
-    return keys + [a for a in aliases if a not in keys]
+def _order(raw: object, keys: list[str], aliases: dict[str, str], where: object) -> list[str]:
+    """The saved key order (``fvt.order``) when it lists exactly the keys and aliases; else stored keys, then aliases."""
+    default = keys + list(aliases)
+    if not isinstance(raw, str):
+        return default
+    try:
+        order = _json_value(raw, where, "fvt.order")
+    except FormatError:
+        return default  # only the order is lost; every key is still there
+    if isinstance(order, list) and len(order) == len(default) and all(isinstance(k, str) for k in order) \
+            and set(order) == set(default):
+        return order
+    return default
 
 
 def open_checkpoint(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Checkpoint:
@@ -136,7 +175,10 @@ def open_checkpoint(path: str | os.PathLike[str], *, allow_pickle: bool = False)
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with open_regular(path, "pickle weights file") as f:  # the very file checked is the one read
+            obj = torch.load(fd_path(f.fileno()) or path, map_location="cpu", weights_only=True, mmap=True)
+    except FvTransformError:
+        raise
     except Exception as e:  # the weights-only unpickler refuses code; say so
         from fvtransform.errors import UnsafeFileError
 

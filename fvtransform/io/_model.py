@@ -14,6 +14,7 @@ from torch import nn
 from fvtransform.errors import FormatError, NotFoundError, ShapeMismatchError, format_keys
 from fvtransform.io._check import check
 from fvtransform.io._load import load
+from fvtransform.io._open import contained, read_text
 from fvtransform.registry._registry import build
 from fvtransform.tree._paramtree import ParamTree
 
@@ -23,7 +24,7 @@ __all__ = ["load_model", "read_json", "pipeline_components"]
 def read_json(path: Path) -> dict[str, Any]:
     """Read a JSON object, with errors that name the file."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(read_text(path, "JSON file"))
     except FileNotFoundError:
         raise NotFoundError(f"{path}: no such file") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -35,7 +36,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def pipeline_components(folder: Path) -> dict[str, tuple[str, str] | None]:
     """Components of a diffusers pipeline folder: name -> (library, class), or None when absent."""
-    index = read_json(folder / "model_index.json")
+    index = read_json(contained(folder, "model_index.json", "pipeline index"))
     out: dict[str, tuple[str, str] | None] = {}
     for name, entry in index.items():
         if name.startswith("_"):
@@ -59,7 +60,7 @@ def _resolve_folder(path_or_repo_id: str | os.PathLike[str], component: str | No
         )
     if not folder.is_dir():
         raise FormatError(f"{folder}: load_model takes a model folder (with config.json) or a pipeline folder")
-    if (folder / "model_index.json").is_file():
+    if os.path.lexists(folder / "model_index.json"):  # a FIFO or link is refused by the reader, not skipped
         comps = pipeline_components(folder)
         if component is None:
             present = sorted(k for k, v in comps.items() if v is not None)
@@ -72,15 +73,15 @@ def _resolve_folder(path_or_repo_id: str | os.PathLike[str], component: str | No
             )
         if comps[component] is None:
             raise NotFoundError(f"{folder}: component {component!r} is absent in this pipeline (its entry is null)")
-        folder = folder / component
+        folder = contained(folder, component, "pipeline component folder", folder / "model_index.json")
         if not folder.is_dir():
             raise NotFoundError(f"{folder}: the component's folder is missing")
     elif component is not None:
-        sub = folder / component
-        if not (sub / "config.json").is_file():
+        sub = contained(folder, component, "component folder")
+        if not os.path.lexists(sub / "config.json"):
             raise NotFoundError(f"{folder}: no pipeline (model_index.json) and no {component}/config.json")
         folder = sub
-    if not (folder / "config.json").is_file():
+    if not os.path.lexists(folder / "config.json"):
         raise NotFoundError(f"{folder}: no config.json; load_model needs the model's config to build it")
     return folder
 
@@ -120,7 +121,7 @@ def load_model(
     ``dtype=None`` keeps the checkpoint's dtypes (no copies).
     """
     folder = _resolve_folder(path_or_repo_id, component, revision)
-    config = read_json(folder / "config.json")
+    config = read_json(contained(folder, "config.json", "model config"))
     module = build(config, dtype=dtype)
     tree = _complete_ties(load(folder, dtype=dtype, device=device), module)
     report = check(tree, module, strict=False)

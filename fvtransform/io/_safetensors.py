@@ -36,7 +36,9 @@ class MappedFile:
 
     def _mapped(self) -> torch.UntypedStorage:
         if self._storage is None:
-            self._storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=self.header.file_size)
+            from fvtransform.io._open import map_checked
+
+            self._storage = map_checked(self.path, self.header.file_size, self.header.identity)
         return self._storage
 
     def _all_bytes(self) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 
 from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, ShapeMismatchError, close_matches, format_keys
 from fvtransform.io._mappings import WAN_MODULE_RENAMES
+from fvtransform.io._open import contained
 from fvtransform.lora._adapter import DORA_EPS, GENERATED, Delta, FullDelta, LoraAdapter, LowRank
 from fvtransform.lora._dora import canonical_magnitude, dora_scale_layout
 from fvtransform.lora._format_table import (
@@ -138,11 +139,11 @@ def _read_source(source: Any, weight_name: str | None) -> tuple[dict[str, torch.
                 raise FormatError(f"{path}: several LoRA files {[p.name for p in singles]}; pass weight_name=")
             else:
                 raise NotFoundError(f"{path}: no LoRA weights (*.safetensors) in this folder")
-        file = found[0]
+        file = found[0] if weight_name else contained(path, found[0].name, "LoRA file")  # weight_name: the user's choice
     else:
         file = path
-    if (file.parent / PEFT_CONFIG).is_file():
-        config_path = file.parent / PEFT_CONFIG
+    if os.path.lexists(file.parent / PEFT_CONFIG):  # a FIFO or dangling link is refused by the reader, not skipped
+        config_path = contained(file.parent, PEFT_CONFIG, "LoRA config", file)
     from fvtransform.io._files import PICKLE_SUFFIXES
     from fvtransform.io._load import Checkpoint
     from fvtransform.io._files import WeightFiles

@@ -26,6 +26,7 @@ from fvtransform.io._atomic import LOCK_MARK, OLD_MARK, atomic_file, check_desti
 from fvtransform.io._files import find_weight_files
 from fvtransform.io._header import DTYPE_NAMES, read_header
 from fvtransform.io._load import Checkpoint
+from fvtransform.io._open import read_text
 from fvtransform.io._safetensors import TMP_MARK, _tensor_bytes
 from fvtransform.lora._dora import merge_dora
 from fvtransform.lora._merge import Workspace, _collect, _digest, _is_dora, _is_replace, delta_rows, normalize_adapters
@@ -174,7 +175,7 @@ def merge_checkpoint(
                 meta[FILES_KEY] = merged_meta_files
             total_size += _write_file(tmp_dir / f.name, keys, ckpt, produce, dtype_of, meta)
         if files.index is not None:
-            doc = json.loads(files.index.read_text(encoding="utf-8"))
+            doc = json.loads(read_text(files.index, "index file"))
             doc.setdefault("metadata", {})
             doc["metadata"]["total_size"] = total_size
             doc["metadata"][MERGED_KEY] = merged_meta
