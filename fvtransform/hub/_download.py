@@ -279,7 +279,6 @@ def _online_model(repo: str, sub: str | None, revision: str | None, patterns: li
                   verify: bool) -> Path:
     """List the repo, check it, then fetch and verify the files asked for (runs under the download deadline)."""
     prefix = f"{sub}/" if sub else ""
-    where = f"{repo}@{revision or 'main'}"
     try:
         commit, entries = _listing(repo, revision, token)
         label = f"{repo}@{commit}"
