@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ import warnings
 import torch
 from torch import nn
 
+from fvtransform._json import read_json_file
 from fvtransform.errors import FormatError, NotFoundError, ShapeMismatchError, format_keys
 from fvtransform.io._check import check
 from fvtransform.io._load import load
@@ -21,16 +21,13 @@ __all__ = ["load_model", "read_json", "pipeline_components"]
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """Read a JSON object, with errors that name the file."""
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise NotFoundError(f"{path}: no such file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(doc, dict):
-        raise FormatError(f"{path}: expected a JSON object, found {type(doc).__name__}")
-    return doc
+    """Read a JSON object (config.json, model_index.json) with the bounds of :mod:`fvtransform._json`.
+
+    Errors name the file (and the key): :class:`NotFoundError` when it is missing,
+    :class:`~fvtransform.errors.UnsafeFileError` when it is not a regular file (a FIFO never blocks),
+    :class:`FormatError` for anything else (size, depth, digits, duplicates, not an object).
+    """
+    return read_json_file(path, expect=dict)
 
 
 def pipeline_components(folder: Path) -> dict[str, tuple[str, str] | None]:
@@ -121,7 +118,7 @@ def load_model(
     """
     folder = _resolve_folder(path_or_repo_id, component, revision)
     config = read_json(folder / "config.json")
-    module = build(config, dtype=dtype)
+    module = build(config, dtype=dtype, source=folder / "config.json")
     tree = _complete_ties(load(folder, dtype=dtype, device=device), module)
     report = check(tree, module, strict=False)
     if report.shape_mismatches or (strict and not report.ok):
