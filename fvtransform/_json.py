@@ -30,6 +30,7 @@ from collections.abc import Mapping
 import json
 import os
 from pathlib import Path
+import re
 import stat
 from typing import Any
 
@@ -183,14 +184,18 @@ def loads_json(
         raise FormatError(f"{source}: not valid UTF-8 at byte {e.start}; JSON files are UTF-8") from None
 
     def parse_int(digits: str) -> int:
-        if len(digits.lstrip("-")) > limits.max_int_digits:
+        n = len(digits.lstrip("-"))
+        if n > limits.max_int_digits:
+            where = _key_before(raw, rb"-?[0-9]{%d}" % (limits.max_int_digits + 1))
             raise FormatError(
-                f"{source}: an integer of {len(digits)} digits (more than {limits.max_int_digits}, JsonLimits.max_int_digits)"
+                f"{source}: {where}an integer of {n} digits, more than {limits.max_int_digits} "
+                "(JsonLimits.max_int_digits)"
             )
         return int(digits)
 
     def parse_constant(name: str) -> Any:
-        raise FormatError(f"{source}: {name} is not JSON; a config value must be a finite number")
+        where = _key_before(raw, rb"-?(?:NaN|Infinity)")
+        raise FormatError(f"{source}: {where}{name} is not JSON; a value must be a finite number")
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -214,6 +219,22 @@ def loads_json(
     if expect is not None:
         check_type(doc, expect, source=source, key=())
     return doc
+
+
+def _key_before(raw: bytes, value: bytes) -> str:
+    """``"key 'k': "`` for the key just before the first match of ``value`` in the raw text, else ``""``."""
+    found = re.search(value, raw)
+    if found is None:
+        return ""
+    before = raw[max(0, found.start() - 300):found.start()]
+    m = re.search(rb'"((?:[^"\\]|\\.)*)"\s*:\s*\Z', before)
+    if m is None:
+        return ""
+    try:
+        key = json.loads(b'"' + m.group(1) + b'"')
+    except ValueError:
+        return ""
+    return f"key {key!r}: "
 
 
 def _walk(doc: Any, source: str, limits: JsonLimits) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 import contextlib
 import contextvars
+import math
 import threading
 import time
 from typing import Any
@@ -51,7 +52,7 @@ class BuildLimits:
             pages are never touched (meta builds only).
     """
 
-    max_modules: int = 20_000
+    max_modules: int = 10_000
     max_seconds: float = 60.0
     max_computed_bytes: int = 1 << 30
     max_tensor_bytes: int = 16 << 30
@@ -61,6 +62,7 @@ class BuildLimits:
 DEFAULT_BUILD_LIMITS = BuildLimits()
 
 #: Ops that allocate without writing: their pages are never touched, so only ``max_tensor_bytes`` applies.
+_EMPTY = torch.ops.aten.empty.memory_format
 _UNINITIALISED = frozenset({
     torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default, torch.ops.aten.empty_like.default,
     torch.ops.aten.new_empty.default, torch.ops.aten.new_empty_strided.default,
@@ -180,12 +182,28 @@ def _tensors(x: Any) -> Iterator[torch.Tensor]:
 def _out_device(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.device:
     dev = kwargs.get("device")
     if dev is not None:
-        return torch.device(dev)
-    for t in _tensors(args):
-        return t.device
+        return dev if isinstance(dev, torch.device) else torch.device(dev)
+    for a in args:  # the first tensor argument (flat, or the first of a list: cat, stack)
+        if isinstance(a, torch.Tensor):
+            return a.device
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return a[0].device
     for t in _tensors(kwargs):
         return t.device
-    return torch.device("cpu")
+    return _CPU
+
+
+_CPU = torch.device("cpu")
+_WRITTEN: dict[Any, tuple[int, ...]] = {}
+
+
+def _written(func: Any) -> tuple[int, ...]:
+    """Positions of the arguments an op writes in place (cached per op)."""
+    found = _WRITTEN.get(func)
+    if found is None:
+        found = tuple(i for i, a in enumerate(func._schema.arguments) if a.alias_info is not None and a.alias_info.is_write)
+        _WRITTEN[func] = found
+    return found
 
 
 def _to_meta(x: Any) -> Any:
@@ -209,12 +227,15 @@ class _BudgetMode(TorchDispatchMode):
         state.tick()
         if func.is_view or _out_device(args, kwargs).type == "meta":
             return func(*args, **kwargs)
-        written = [args[i] for i, a in enumerate(func._schema.arguments)
-                   if i < len(args) and a.alias_info is not None and a.alias_info.is_write]
+        written = [args[i] for i in _written(func) if i < len(args)]
         if written:  # an in-place op writes (touches) the tensors it mutates and creates none
             for t in written:
                 if isinstance(t, torch.Tensor):
                     state.charge(func, _nbytes(t), touched=True)
+            return func(*args, **kwargs)
+        if func is _EMPTY:  # the commonest op (every parameter starts as one): sized from its arguments
+            dtype = kwargs.get("dtype") or torch.get_default_dtype()
+            state.charge(func, math.prod(args[0]) * dtype.itemsize, touched=False)
             return func(*args, **kwargs)
         touched = func not in _UNINITIALISED
         try:
