@@ -17,7 +17,7 @@ import fvtransform as fvt
 from fvtransform._json import JsonLimits, check_type, get_field, loads_json, read_json_file
 from fvtransform.errors import FormatError, FvTransformError, NotFoundError, RegistryError, UnsafeFileError
 from fvtransform.io._model import read_json
-from fvtransform.registry import BuildLimits, DEFAULT_BUILD_LIMITS, meta_parameters
+from fvtransform.registry import DEFAULT_BUILD_LIMITS, BuildLimits, meta_parameters
 
 # ----------------------------------------------------------------------------- payloads
 _PAYLOAD = """
@@ -101,11 +101,11 @@ def test_no_config_runs_code_through_any_entry_point(tmp_path, monkeypatch, caps
     for name, config in _attack_configs(evil).items():
         folder = _model_folder(tmp_path, name, config)
         for route, call in {
-            "resolve": lambda: fvt.resolve(dict(config)),
-            "build": lambda: fvt.build(dict(config)),
-            "load_model": lambda: fvt.load_model(folder),
-            "CLI demo --model": lambda: main(["demo", "--model", str(folder), "--lora", str(lora)]) == 2 or 1 / 0,
-            "CLI inspect": lambda: main(["inspect", str(folder)]),  # reads headers only: must not build either
+            "resolve": lambda c=config: fvt.resolve(dict(c)),
+            "build": lambda c=config: fvt.build(dict(c)),
+            "load_model": lambda f=folder: fvt.load_model(f),
+            "CLI demo --model": lambda f=folder: main(["demo", "--model", str(f), "--lora", str(lora)]) == 2 or 1 / 0,
+            "CLI inspect": lambda f=folder: main(["inspect", str(f)]),  # reads headers only: must not build either
         }.items():
             try:
                 call()
@@ -113,7 +113,7 @@ def test_no_config_runs_code_through_any_entry_point(tmp_path, monkeypatch, caps
                     problems.append(f"{name} via {route}: no error")
             except FvTransformError:
                 pass
-            except Exception as e:  # noqa: BLE001 (the test sorts the exceptions)
+            except Exception as e:
                 problems.append(f"{name} via {route}: {type(e).__name__}: {str(e)[:120]}")
             if marker.exists():
                 problems.append(f"{name} via {route}: RAN CODE ({marker.read_text()})")
@@ -295,7 +295,7 @@ def _read_in_thread(path: Path, seconds: float = 5.0) -> BaseException | object:
     def run() -> None:
         try:
             box.append(read_json(path))
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             box.append(e)
 
     t = threading.Thread(target=run, daemon=True)

@@ -83,7 +83,7 @@ def library_class(package: str, name: str, *, source: str, key: str, registered:
     base = getattr(lib, base_name)
     try:
         obj = getattr(lib, name, None)
-    except Exception as e:  # noqa: BLE001 (a lazy import of the library failed: typed, chained)
+    except Exception as e:  # a lazy import of the library failed: typed, chained
         raise RegistryError(f"{source}: key {key!r}: {package}.{name} cannot be imported ({type(e).__name__}: {e})") from e
     if obj is None:
         hint = close_matches(name, registered)

@@ -318,7 +318,7 @@ def build(
                 module = call()
     except FvTransformError:
         raise
-    except Exception as e:  # noqa: BLE001 (a constructor's own error: typed, chained, with the file)
+    except Exception as e:  # a constructor's own error: typed, chained, with the file
         raise FormatError(
             f"{src}: building {name} failed: {type(e).__name__}: {str(e)[:500]}. Fix: check the config's values "
             "against the class's parameters."
