@@ -194,6 +194,11 @@ def _out_device(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.devic
 
 
 _CPU = torch.device("cpu")
+_META = torch.device("meta")
+
+
+def _takes_device(func: Any) -> bool:
+    return any(a.name == "device" for a in func._schema.arguments)
 _WRITTEN: dict[Any, tuple[int, ...]] = {}
 
 
@@ -239,7 +244,9 @@ class _BudgetMode(TorchDispatchMode):
             return func(*args, **kwargs)
         touched = func not in _UNINITIALISED
         try:
-            meta_kwargs = {k: (torch.device("meta") if k == "device" else _to_meta(v)) for k, v in kwargs.items()}
+            meta_kwargs = {k: (_META if k == "device" else _to_meta(v)) for k, v in kwargs.items()}
+            if "device" not in kwargs and next(_tensors(args), None) is None and _takes_device(func):
+                meta_kwargs["device"] = _META  # a factory on the default device
             predicted = func(*_to_meta(args), **meta_kwargs)
         except Exception:  # noqa: BLE001 (no meta kernel, or a data-dependent shape: measured after instead)
             predicted = None
