@@ -50,6 +50,9 @@ class BuildLimits:
             tables, position ids, initial values of parameters before they move to meta).
         max_tensor_bytes: bytes of any one real tensor, even an uninitialised ``torch.empty`` whose
             pages are never touched (meta builds only).
+
+    Not bounded: work a constructor does in pure Python or NumPy without creating a torch tensor
+    or a module (the deadline is checked only at torch ops and module / parameter registrations).
     """
 
     max_modules: int = 10_000
