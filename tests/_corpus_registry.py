@@ -132,6 +132,10 @@ def cases(root: Path) -> list[Case]:
                     _component()))
     out.append(Case("registry: model_index.json as a list", _pipeline(root, "idx_list", [["diffusers", "WanTransformer3DModel"]]),
                     E.FormatError, r"idx_list/model_index\.json: the document must be an object", _component()))
+    out.append(Case("registry: model_index.json component entry of the wrong shape",
+                    _pipeline(root, "idx_entry_shape", {"transformer": ["diffusers", 5, "x"]}),
+                    E.FormatError, r"idx_entry_shape/model_index\.json: key 'transformer' must be \[library, class\]",
+                    _component()))
     out.append(Case("registry: model_index.json with a duplicate component",
                     _pipeline(root, "idx_duplicate", None, raw='{"transformer": ["diffusers", "A"], "transformer": ["diffusers", "B"]}'),
                     E.FormatError, r"idx_duplicate/model_index\.json: key 'transformer' appears twice", _component()))

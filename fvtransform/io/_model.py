@@ -37,10 +37,15 @@ def pipeline_components(folder: Path) -> dict[str, tuple[str, str] | None]:
     for name, entry in index.items():
         if name.startswith("_"):
             continue
-        if entry is None or (isinstance(entry, list) and (len(entry) != 2 or entry[0] is None or entry[1] is None)):
+        if entry is None or (isinstance(entry, list) and len(entry) == 2 and (entry[0] is None or entry[1] is None)):
             out[name] = None
-        elif isinstance(entry, list) and all(isinstance(e, str) for e in entry):
+        elif isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry):
             out[name] = (entry[0], entry[1])
+        elif isinstance(entry, list):
+            raise FormatError(
+                f"{folder / 'model_index.json'}: key {name!r} must be [library, class] (two strings, or two nulls "
+                f"for an absent component); found {entry!r:.80}"
+            )
     return out
 
 
