@@ -336,10 +336,46 @@ def test_writers_killed_at_random_moments_leave_old_or_new_never_partial(tmp_pat
 
 
 # ----------------------------------------------------------------------------- no remote code
-def test_no_trust_remote_code_anywhere_in_the_library():
-    root = Path(fvt.__file__).parent
-    hits = [str(p.relative_to(root)) for p in root.rglob("*.py") if "trust_remote_code" in p.read_text()]
-    assert hits == []
+def test_no_config_makes_the_library_run_code(tmp_path, monkeypatch):
+    """Behavioural: configs that name remote code, a pipeline factory, an Auto class or any callable load nothing.
+
+    Each config's payload (a ``conf.py`` next to its own config.json, a module on ``sys.path``) writes a marker
+    when imported; every config must give a typed error from ``load_model`` and the marker must never appear.
+    (Every route, the hub and the CLI: ``tests/test_security_registry.py``.)
+    """
+    marker = tmp_path / "MARKER"
+    payload = f"import pathlib\npathlib.Path({str(marker)!r}).write_text(__name__)\n"
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "conf.py").write_text(payload + (
+        "from transformers import PretrainedConfig, PreTrainedModel\n"
+        "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n"
+        "class EvilModel(PreTrainedModel):\n    config_class = EvilConfig\n"))
+    auto_map = {"AutoConfig": "conf.EvilConfig", "AutoModel": "conf.EvilModel"}
+    (remote / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": auto_map}))
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "fvt_hostile_payload.py").write_text(payload + "Model = object\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    import transformers.dynamic_module_utils as dmu
+
+    monkeypatch.setattr(dmu, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # should the library ever try
+    configs = [
+        {"architectures": ["pipeline"], "model": str(remote), "task": "feature-extraction", "trust_remote_code": True},
+        {"architectures": ["pipeline"], "model": str(remote), "task": "feature-extraction"},
+        {"architectures": ["AutoModel"], "model_type": "evil", "auto_map": auto_map},
+        {"_class_name": "AutoModel", "auto_map": auto_map},
+        {"_class_name": "DiffusionPipeline", "custom_pipeline": str(remote)},
+        {"_class_name": "fvt_hostile_payload:Model"},
+        {"_class_name": ["fvt_hostile_payload", "Model"]},
+    ]
+    for i, config in enumerate(configs):
+        folder = tmp_path / f"m{i}"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+        fvt.save(fvt.ParamTree({"w": torch.zeros(2)}), folder / "model.safetensors")
+        with pytest.raises(FvTransformError, match=rf"m{i}/config\.json"):
+            fvt.load_model(folder)
+        assert not marker.exists(), f"config {config} ran code: {marker.read_text()}"
 
 
 @pytest.mark.parametrize("sharded", [False, True])

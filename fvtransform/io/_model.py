@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -11,10 +10,11 @@ import warnings
 import torch
 from torch import nn
 
+from fvtransform._json import read_json_file
 from fvtransform.errors import FormatError, NotFoundError, ShapeMismatchError, format_keys
 from fvtransform.io._check import check
 from fvtransform.io._load import load
-from fvtransform.io._open import contained, read_text
+from fvtransform.io._open import contained
 from fvtransform.registry._registry import build
 from fvtransform.tree._paramtree import ParamTree
 
@@ -22,16 +22,13 @@ __all__ = ["load_model", "read_json", "pipeline_components"]
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """Read a JSON object, with errors that name the file."""
-    try:
-        doc = json.loads(read_text(path, "JSON file"))
-    except FileNotFoundError:
-        raise NotFoundError(f"{path}: no such file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(doc, dict):
-        raise FormatError(f"{path}: expected a JSON object, found {type(doc).__name__}")
-    return doc
+    """Read a JSON object (config.json, model_index.json) with the bounds of :mod:`fvtransform._json`.
+
+    Errors name the file (and the key): :class:`NotFoundError` when it is missing,
+    :class:`~fvtransform.errors.UnsafeFileError` when it is not a regular file (a FIFO never blocks),
+    :class:`FormatError` for anything else (size, depth, digits, duplicates, not an object).
+    """
+    return read_json_file(path, expect=dict)
 
 
 def pipeline_components(folder: Path) -> dict[str, tuple[str, str] | None]:
@@ -41,10 +38,15 @@ def pipeline_components(folder: Path) -> dict[str, tuple[str, str] | None]:
     for name, entry in index.items():
         if name.startswith("_"):
             continue
-        if entry is None or (isinstance(entry, list) and (len(entry) != 2 or entry[0] is None or entry[1] is None)):
+        if entry is None or (isinstance(entry, list) and len(entry) == 2 and (entry[0] is None or entry[1] is None)):
             out[name] = None
-        elif isinstance(entry, list) and all(isinstance(e, str) for e in entry):
+        elif isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry):
             out[name] = (entry[0], entry[1])
+        elif isinstance(entry, list):
+            raise FormatError(
+                f"{folder / 'model_index.json'}: key {name!r} must be [library, class] (two strings, or two nulls "
+                f"for an absent component); found {entry!r:.80}"
+            )
     return out
 
 
@@ -121,8 +123,9 @@ def load_model(
     ``dtype=None`` keeps the checkpoint's dtypes (no copies).
     """
     folder = _resolve_folder(path_or_repo_id, component, revision)
-    config = read_json(contained(folder, "config.json", "model config"))
-    module = build(config, dtype=dtype)
+    config_path = contained(folder, "config.json", "model config")
+    config = read_json(config_path)
+    module = build(config, dtype=dtype, source=config_path)
     tree = _complete_ties(load(folder, dtype=dtype, device=device), module)
     report = check(tree, module, strict=False)
     if report.shape_mismatches or (strict and not report.ok):

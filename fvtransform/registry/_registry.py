@@ -7,16 +7,20 @@ The registry is the library's one piece of global state, and it is explicit:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-import contextlib
 import importlib
+import os
+import re
 from typing import Any, Union
 
 import torch
 from torch import nn
 
-from fvtransform.errors import FormatError, MissingDependencyError, RegistryError, close_matches
+from fvtransform.errors import FormatError, FvTransformError, MissingDependencyError, RegistryError, close_matches
+from fvtransform.registry._budget import DEFAULT_BUILD_LIMITS, BuildLimits, budgeted, meta_parameters
+from fvtransform.registry._construct import check_config_types, constructor_call, library_class
 
-__all__ = ["Registry", "REGISTRY", "register", "resolve", "build", "Constructor", "meta_parameters"]
+__all__ = ["Registry", "REGISTRY", "register", "resolve", "build", "Constructor", "meta_parameters", "BuildLimits",
+           "DEFAULT_BUILD_LIMITS"]
 
 Constructor = Callable[..., nn.Module]
 Target = Union[Constructor, str]
@@ -105,8 +109,13 @@ class Registry:
             return _import_target(target, name=name)
         return target
 
-    def resolve(self, name_or_config: str | Mapping[str, Any]) -> Constructor:
-        """The constructor for a name or a diffusers / transformers config dict."""
+    def resolve(self, name_or_config: str | Mapping[str, Any], *, source: str | None = None) -> Constructor:
+        """The constructor for a name or a diffusers / transformers config dict.
+
+        ``source`` (the config's file) is named in errors. A config never makes anything but a
+        registered constructor or a checked model class of diffusers / transformers
+        (:func:`~fvtransform.registry._construct.library_class`).
+        """
         if isinstance(name_or_config, str):
             found = self.lookup(name_or_config)
             if found is None:
@@ -117,12 +126,14 @@ class Registry:
                 f"resolve takes a name or a config dict; found {type(name_or_config).__name__}"
             )
         config = name_or_config
+        src = source or "config"
+        check_config_types(config, source=src)
         if "_class_name" in config:
             name = config["_class_name"]
             found = self.lookup(name)
             if found is not None:
                 return found
-            return _fallback("diffusers", name, self)
+            return library_class("diffusers", name, source=src, key="_class_name", registered=self.names())
         if "architectures" in config:
             archs = config["architectures"] or []
             if isinstance(archs, str):
@@ -132,19 +143,20 @@ class Registry:
                 if found is not None:
                     return found
             errors = []
-            for name in archs:
+            for i, name in enumerate(archs):
                 try:
-                    return _fallback("transformers", name, self)
+                    return library_class("transformers", name, source=src, key=f"architectures[{i}]",
+                                         registered=self.names())
                 except MissingDependencyError:
                     raise
                 except RegistryError as e:
-                    errors.append(str(e))
+                    errors.append(str(e).removeprefix(f"{src}: "))
             raise RegistryError(
-                f"no architecture of {list(archs)} is registered or found in transformers"
+                f"{src}: no architecture of {list(archs)} is registered or found in transformers"
                 + (": " + "; ".join(errors) if errors else "")
             )
         raise FormatError(
-            "config has neither '_class_name' (diffusers) nor 'architectures' (transformers); "
+            f"{src} has neither '_class_name' (diffusers) nor 'architectures' (transformers); "
             "pass the architecture name explicitly: fvt.build(name, config)"
         )
 
@@ -155,25 +167,6 @@ class Registry:
             + (f"; close matches: {hint}" if hint else f"; {len(self._entries)} names are registered")
             + f". Register it with fvt.register({name!r}, constructor)."
         )
-
-
-def _fallback(package: str, name: str, registry: Registry) -> Constructor:
-    try:
-        module = importlib.import_module(package)
-    except ModuleNotFoundError as e:
-        raise MissingDependencyError(
-            f"{name!r} is not registered, and the {package} config it comes from needs the package "
-            f"{package!r}. Install it with: pip install 'fvtransform[{_EXTRAS[package]}]'"
-        ) from e
-    obj = getattr(module, name, None)
-    if obj is None or not callable(obj):
-        hint = close_matches(name, registry.names())
-        raise RegistryError(
-            f"unknown architecture {name!r}: not registered and not a class of {package}"
-            + (f"; close matches: {hint}" if hint else "")
-            + f". Register it with fvt.register({name!r}, constructor)."
-        )
-    return obj
 
 
 #: The default registry (the one explicit piece of global state).
@@ -206,40 +199,23 @@ def register(
     return constructor
 
 
-def resolve(name_or_config: str | Mapping[str, Any], *, registry: Registry | None = None) -> Constructor:
+def resolve(
+    name_or_config: str | Mapping[str, Any], *, registry: Registry | None = None, source: str | None = None
+) -> Constructor:
     """The constructor for a name, or for a diffusers / transformers config dict.
 
     A diffusers config resolves by ``_class_name``, a transformers config by
     the first resolvable entry of ``architectures``; names not registered fall
-    back to the class of the same name in diffusers / transformers.
+    back to the model class of the same name in diffusers / transformers: only
+    a subclass of ``ModelMixin`` / ``PreTrainedModel`` defined there, never an
+    ``Auto*`` class, a pipeline or any other callable. ``source`` names the
+    config's file in errors.
 
     >>> import fvtransform as fvt
     >>> fvt.resolve("fvt-video-dit").__name__
     'VideoDiT'
     """
-    return (registry if registry is not None else REGISTRY).resolve(name_or_config)
-
-
-@contextlib.contextmanager
-def meta_parameters() -> Any:
-    """Inside this context, new parameters are created on the meta device.
-
-    Buffers are created for real, so non-persistent buffers (rotary tables,
-    position ids), which no checkpoint holds, have their true values.
-    """
-    original = nn.Module.register_parameter
-
-    def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(self, name, param)
-        if param is not None and param.device.type != "meta":
-            kwargs = {"requires_grad": param.requires_grad}
-            self._parameters[name] = type(param)(param.to("meta"), **kwargs)
-
-    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
+    return (registry if registry is not None else REGISTRY).resolve(name_or_config, source=source)
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
@@ -253,17 +229,39 @@ def _config_dict(config: Any) -> dict[str, Any]:
     raise FormatError(f"config must be a dict; found {type(config).__name__}")
 
 
-def _instantiate(ctor: Constructor, config: dict[str, Any]) -> nn.Module:
-    # diffusers models: ConfigMixin.from_config
-    if isinstance(ctor, type) and hasattr(ctor, "from_config") and hasattr(ctor, "config_name"):
-        return ctor.from_config(config)
-    # transformers models: a config class, then the model class on it
-    config_class = getattr(ctor, "config_class", None)
-    if isinstance(ctor, type) and config_class is not None and hasattr(config_class, "from_dict"):
-        cfg = config_class.from_dict(config)
-        return ctor(cfg)
-    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
-    return ctor(**kwargs)
+#: Config keys that usually count repeated work (layers, blocks): named first when the module budget trips.
+_COUNT_KEY = re.compile(r"layers?|blocks?|depth|num_|stages?|experts?", re.IGNORECASE)
+
+
+def _suspects(config: Mapping[str, Any]) -> Callable[[str], str]:
+    """For a budget error: the config keys whose values most likely drive that kind of work."""
+
+    def numbers() -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        stack: list[tuple[Any, str]] = [(config, "")]
+        while stack and len(out) < 10_000:
+            value, path = stack.pop()
+            if isinstance(value, Mapping):
+                stack.extend((v, f"{path}.{k}" if path else str(k)) for k, v in value.items())
+            elif isinstance(value, list):
+                stack.extend((v, f"{path}[{i}]") for i, v in enumerate(value[:1000]))
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                out.append((path, value))
+        return out
+
+    def describe(kind: str) -> str:
+        found = numbers()
+        if kind == "modules":
+            found.sort(key=lambda kv: (not _COUNT_KEY.search(kv[0]), -kv[1]))
+        else:
+            found.sort(key=lambda kv: -kv[1])
+        if not found:
+            return ". Fix: check the config, or raise the limit with limits=fvt.registry.BuildLimits(...)"
+        shown = ", ".join(f"{k!r}: {v!r}" for k, v in found[:3])
+        return (f". The config values that most likely drive it: {shown}. Fix: check these keys, or raise the limit "
+                "with limits=fvt.registry.BuildLimits(...)")
+
+    return describe
 
 
 def build(
@@ -273,6 +271,8 @@ def build(
     device: torch.device | str = "meta",
     dtype: torch.dtype | None = None,
     registry: Registry | None = None,
+    limits: BuildLimits | None = None,
+    source: str | os.PathLike[str] | None = None,
 ) -> nn.Module:
     """Build a module; on the meta device (the default) no parameter memory is used.
 
@@ -282,26 +282,47 @@ def build(
     a tree is bound with :func:`fvtransform.call`. Persistent buffers are left
     on meta: they come from the checkpoint.
 
+    A config is untrusted: it can name only a registered constructor or a
+    model class of diffusers / transformers, never loads code, and building is
+    bounded by ``limits`` (:data:`~fvtransform.registry.DEFAULT_BUILD_LIMITS`:
+    modules, time and real memory, the last two on meta only); exceeding one
+    raises :class:`~fvtransform.errors.FormatError` naming the config keys that
+    most likely drive the work. ``source`` (the config's file) is named in errors.
+
     >>> import fvtransform as fvt
     >>> m = fvt.build("fvt-video-dit")
     >>> next(m.parameters()).device
     device(type='meta')
     """
+    src = str(source) if source is not None else "config"
     if isinstance(name_or_config, Mapping):
         if config is not None:
             raise FormatError("pass either a config dict or a name and a config, not a config and a config")
         cfg = _config_dict(name_or_config)
     else:
         cfg = _config_dict(config)
-    ctor = resolve(name_or_config, registry=registry)
+        check_config_types(cfg, source=src)
+    ctor = resolve(name_or_config, registry=registry, source=src)
+    call = constructor_call(ctor, cfg, source=src)
     dev = torch.device(device)
-    if dev.type == "meta":
-        with meta_parameters():
-            module = _instantiate(ctor, cfg)
-        _persistent_buffers_to_meta(module)
-    else:
-        with torch.device(dev):
-            module = _instantiate(ctor, cfg)
+    name = getattr(ctor, "__name__", repr(ctor))
+    budget = budgeted(limits or DEFAULT_BUILD_LIMITS, meta=dev.type == "meta",
+                      what=f"{src}: building {name}", suspects=_suspects(cfg))
+    try:
+        if dev.type == "meta":
+            with budget:  # parameters go to meta in this thread, as in meta_parameters()
+                module = call()
+            _persistent_buffers_to_meta(module)
+        else:
+            with budget, torch.device(dev):
+                module = call()
+    except FvTransformError:
+        raise
+    except Exception as e:  # a constructor's own error: typed, chained, with the file
+        raise FormatError(
+            f"{src}: building {name} failed: {type(e).__name__}: {str(e)[:500]}. Fix: check the config's values "
+            "against the class's parameters."
+        ) from e
     if not isinstance(module, nn.Module):
         raise RegistryError(f"constructor {ctor!r} returned {type(module).__name__}, not an nn.Module")
     if dtype is not None:
