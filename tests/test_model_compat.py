@@ -23,12 +23,12 @@ from fvtransform.errors import KeyMismatchError
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 
-from test_oracles_models import WAN_CONFIG, wan_inputs  # noqa: E402
+from test_oracles_models import WAN_CONFIG, wan_inputs
 
 IDS = torch.tensor([[2, 7, 11, 3]])
 
 
-def _bert_cfg(arch: str, **kw) -> "transformers.BertConfig":
+def _bert_cfg(arch: str, **kw) -> transformers.BertConfig:
     return transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                    intermediate_size=32, max_position_embeddings=12, architectures=[arch], **kw)
 

@@ -27,10 +27,10 @@ The rules (transformers 5.x ``PreTrainedModel._adjust_missing_and_unexpected_key
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 import contextlib
 import re
-from typing import Any, Iterator
+from typing import Any
 
 import attrs
 import torch
@@ -38,7 +38,7 @@ from torch import nn
 
 from fvtransform.errors import FormatError, format_keys
 
-__all__ = ["LoadNote", "LoadReport", "LoadedModel", "library_of", "ignore_rules", "keep_float32_rule", "default_dtype"]
+__all__ = ["LoadNote", "LoadReport", "LoadedModel", "default_dtype", "ignore_rules", "keep_float32_rule", "library_of"]
 
 #: library -> (module prefix, base class name) that marks a model class of that library.
 _LIBRARIES: dict[str, tuple[str, str]] = {

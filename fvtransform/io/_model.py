@@ -27,10 +27,10 @@ from fvtransform.io._declared import (
     non_persistent_buffers,
 )
 from fvtransform.io._load import load
-from fvtransform.registry._registry import build, resolve
+from fvtransform.registry._registry import build, meta_parameters, resolve
 from fvtransform.tree._paramtree import ParamTree, state_keys, tensors_equal
 
-__all__ = ["load_model", "read_json", "pipeline_components", "LoadReport", "LoadNote", "LoadedModel"]
+__all__ = ["LoadNote", "LoadReport", "LoadedModel", "load_model", "pipeline_components", "read_json"]
 
 log = logging.getLogger("fvtransform.io")
 
@@ -111,12 +111,19 @@ def _build(config: dict[str, Any], dtype: torch.dtype | None, lib: str | None, d
     return build(config, device=device, dtype=dtype)
 
 
+def _build_with_buffers(config: dict[str, Any], dtype: torch.dtype | None, lib: str | None) -> nn.Module:
+    """The module with parameters on meta and every buffer, persistent ones too, as constructed (no weight memory)."""
+    with meta_parameters():
+        return _build(config, dtype, lib, device="cpu")
+
+
 def _untie(module: nn.Module, key: str) -> None:
     """Give the module's tensor at ``key`` its own (meta) parameter, and drop the tie transformers records for it."""
     path, _, name = key.rpartition(".")
     owner = module.get_submodule(path)
-    old = owner._parameters[name]
-    assert old is not None
+    old = owner._parameters.get(name)
+    if old is None:
+        raise KeyMismatchError(f"{type(module).__name__}: tied {key!r} is not a parameter; it cannot be untied")
     owner._parameters[name] = nn.Parameter(torch.empty_like(old, device="meta"), requires_grad=old.requires_grad)
     declared = getattr(module, "all_tied_weights_keys", None)
     if isinstance(declared, dict):
@@ -182,7 +189,7 @@ def _reconcile(
         )
     buffers = [k for k in allowed if expected[k][0] == "buffer"]
     if buffers:
-        initial = fill().state_dict()
+        initial = dict(fill().named_buffers(remove_duplicate=False))
         for k in buffers:
             data[k] = initial[k]
             notes.append(LoadNote(k, "filled", f"{allowed[k]}; the module's initial value, as its library does"))
@@ -271,7 +278,7 @@ def load_model(
     lib = library_of(ctor)
     module = _build(config, dtype, lib)
     notes: list[LoadNote] = []
-    data = _reconcile(load(folder), module, lib, folder, notes, lambda: _build(config, dtype, lib, "cpu"), strict)
+    data = _reconcile(load(folder), module, lib, folder, notes, lambda: _build_with_buffers(config, dtype, lib), strict)
     tree = _place(data, module, lib, dtype, torch.device(device), keep_fp32, notes)
     if dtype is not None:
         _retype_meta(module, tree)
