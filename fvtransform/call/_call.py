@@ -21,26 +21,24 @@ _FIX_KEYS = (
 )
 
 
-def _module_state(module: nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
-    """Every state key of ``module`` (tied names included): ``{key: (kind, tensor)}``, in ``state_dict`` order."""
+def _module_state(module: nn.Module) -> tuple[dict[str, tuple[str, torch.Tensor]], list[list[str]]]:
+    """Every state key of ``module`` (tied names included) -> ``(kind, tensor)``, in ``state_dict`` order,
+    and the groups of keys that name one tensor (tied weights)."""
     out: dict[str, tuple[str, torch.Tensor]] = {}
+    first: dict[int, str] = {}
+    tied: dict[int, list[str]] = {}
     for path, mod in module.named_modules(remove_duplicate=False):
         prefix = f"{path}." if path else ""
-        for name, param in mod._parameters.items():
-            if param is not None:
-                out[prefix + name] = ("parameter", param)
-        for name, buf in mod._buffers.items():
-            if buf is not None and name not in mod._non_persistent_buffers_set:
-                out[prefix + name] = ("buffer", buf)
-    return out
-
-
-def _tie_groups(state: Mapping[str, tuple[str, torch.Tensor]]) -> list[list[str]]:
-    """Groups of keys that name one tensor of the module (tied weights), each in state order."""
-    by_id: dict[int, list[str]] = {}
-    for key, (_kind, t) in state.items():
-        by_id.setdefault(id(t), []).append(key)
-    return [g for g in by_id.values() if len(g) > 1]
+        for kind, slots in (("parameter", mod._parameters), ("buffer", mod._buffers)):
+            for name, t in slots.items():
+                if t is None or (kind == "buffer" and name in mod._non_persistent_buffers_set):
+                    continue
+                key = prefix + name
+                out[key] = (kind, t)
+                seen = first.setdefault(id(t), key)
+                if seen is not key:
+                    tied.setdefault(id(t), [seen]).append(key)
+    return out, list(tied.values())
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -76,7 +74,7 @@ def check_keys(module: nn.Module, tree: Mapping[str, torch.Tensor], *, what: str
     given under one of their names only: the module ties the others.
     """
     expected = state_keys(module)
-    tied = _tie_groups(_module_state(module))
+    _, tied = _module_state(module)
     optional = {k for g in tied if any(n in tree for n in g) for k in g}
     missing = [k for k in expected if k not in tree and k not in optional]
     unexpected = [k for k in tree if k not in expected]
@@ -109,19 +107,21 @@ def _complete_ties(
 def _check_tensors(module: nn.Module, params: Mapping[str, torch.Tensor], state: Mapping[str, tuple[str, torch.Tensor]], what: str) -> None:
     """Raise :class:`ShapeMismatchError` for any shape (or floating/integer kind) the module does not expect."""
     bad: list[str] = []
-    devices: dict[bool, str] = {}
+    meta: tuple[bool, str] | None = None
+    mixed: str | None = None
     for key, value in params.items():
         ref = state[key][1]
         if value.shape != ref.shape:
             bad.append(f"  {key!r}: expected shape {list(ref.shape)}, found {list(value.shape)}")
-        elif value.dtype != ref.dtype and value.dtype.is_floating_point != ref.dtype.is_floating_point:
+        elif value.dtype is not ref.dtype and value.dtype.is_floating_point is not ref.dtype.is_floating_point:
             bad.append(f"  {key!r}: expected a {ref.dtype} tensor (or another of its kind), found {value.dtype}")
-        devices.setdefault(value.device.type == "meta", key)
-    if len(devices) > 1:
-        bad.append(
-            f"  {devices[True]!r} is on the meta device (no data) while {devices[False]!r} is not: "
-            "the tree was never loaded for real"
-        )
+        if meta is None:
+            meta = (value.is_meta, key)
+        elif mixed is None and value.is_meta is not meta[0]:
+            mixed = key
+    if meta is not None and mixed is not None:
+        on_meta, off_meta = (meta[1], mixed) if meta[0] else (mixed, meta[1])
+        bad.append(f"  {on_meta!r} is on the meta device (no data) while {off_meta!r} is not: the tree was never loaded for real")
     if bad:
         shown = bad[:12] + ([f"  ... ({len(bad) - 12} more)"] if len(bad) > 12 else [])
         raise ShapeMismatchError(
@@ -132,8 +132,7 @@ def _check_tensors(module: nn.Module, params: Mapping[str, torch.Tensor], state:
 
 
 def _prepare(module: nn.Module, tree: Mapping[str, torch.Tensor], what: str = "tree") -> tuple[dict[str, torch.Tensor], list[str]]:
-    state = _module_state(module)
-    groups = _tie_groups(state)
+    state, groups = _module_state(module)
     tied = _complete_ties(module, tree, groups, what) if groups else {}
     missing = [k for k in state if k not in tree and k not in tied]
     unexpected = [k for k in tree if k not in state]
