@@ -47,14 +47,17 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
         return True
     if type(a) not in _PLAIN or type(b) not in _PLAIN or a.device.type == "meta":
         return False
-    return (
-        a.device == b.device
-        and a.dtype == b.dtype
-        and a.shape == b.shape
-        and a.stride() == b.stride()
-        and a.storage_offset() == b.storage_offset()
-        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-    )
+    try:
+        return (
+            a.device == b.device
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and a.stride() == b.stride()
+            and a.storage_offset() == b.storage_offset()
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        )
+    except (RuntimeError, NotImplementedError):  # functorch wrappers (vmap, grad) have no storage to compare
+        return False
 
 
 def _key_error(module: nn.Module, what: str, missing: list[str], unexpected: list[str]) -> KeyMismatchError:
