@@ -76,6 +76,23 @@ def test_old_bert_with_persistent_position_ids_loads_like_transformers(tmp_path,
     assert not result.report.exact
 
 
+def test_old_bert_layer_norm_gamma_beta_names_load_like_transformers(tmp_path, bert):
+    def old_names(sd):
+        return {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+                for k, v in sd.items()}
+
+    folder = _edit(_saved(tmp_path, bert, "bert"), old_names)
+    assert "embeddings.LayerNorm.gamma" in load_file(folder / "model.safetensors")
+    ref = transformers.BertModel.from_pretrained(folder).eval()
+    result = fvt.load_model(folder)
+    _same_tree(result.tree, ref)
+    with torch.no_grad():
+        out = fvt.call(result.module, result.tree, input_ids=IDS).last_hidden_state
+        assert torch.equal(out, ref(input_ids=IDS).last_hidden_state)
+    assert "embeddings.LayerNorm.gamma" in result.report.keys("renamed")
+    assert "an old name of 'embeddings.LayerNorm.weight', which transformers renames" in str(result.report)
+
+
 def test_other_unexpected_keys_still_raise(tmp_path, bert):
     folder = _edit(_saved(tmp_path, bert, "bert"), lambda sd: {
         **sd, "embeddings.position_ids": torch.arange(12).unsqueeze(0), "pooler.extra.weight": torch.zeros(2)})

@@ -17,7 +17,9 @@ The rules (transformers 5.x ``PreTrainedModel._adjust_missing_and_unexpected_key
   ignores such checkpoint keys (older versions saved them). Float32 is kept
   for ``_keep_in_fp32_modules`` only when ``dtype=torch.float16`` and for
   ``_keep_in_fp32_modules_strict`` when ``dtype`` is float16 or bfloat16;
-  those names are patterns (``*`` is any text) searched in the key.
+  those names are patterns (``*`` is any text) searched in the key. Old
+  names (``LayerNorm.gamma``/``beta``, ``weight_g``/``weight_v``) are renamed
+  as its "legacy" conversion renames them.
 - diffusers: unexpected-key patterns are searched in the key; a key is kept
   in float32 when one of ``_keep_in_fp32_modules`` is one of its dotted
   parts, for any ``dtype``.
@@ -38,7 +40,16 @@ from torch import nn
 
 from fvtransform.errors import FormatError, format_keys
 
-__all__ = ["LoadNote", "LoadReport", "LoadedModel", "default_dtype", "ignore_rules", "keep_float32_rule", "library_of"]
+__all__ = [
+    "LoadNote",
+    "LoadReport",
+    "LoadedModel",
+    "default_dtype",
+    "ignore_rules",
+    "keep_float32_rule",
+    "legacy_rename",
+    "library_of",
+]
 
 #: library -> (module prefix, base class name) that marks a model class of that library.
 _LIBRARIES: dict[str, tuple[str, str]] = {
@@ -52,8 +63,17 @@ _TRANSFORMERS_OLD_BUFFERS: dict[str, str] = {
     "position_ids": r"(^|\.)position_ids$",
 }
 
+#: transformers' "legacy" key renames (conversion_mapping.py, 5.x), applied to every model: pattern -> replacement.
+_TRANSFORMERS_LEGACY_RENAMES: dict[str, str] = {
+    "LayerNorm.gamma": "LayerNorm.weight",
+    "LayerNorm.beta": "LayerNorm.bias",
+    ".weight_g": ".parametrizations.weight.original0",
+    ".weight_v": ".parametrizations.weight.original1",
+}
+
 #: What each action of a :class:`LoadNote` means.
 ACTIONS: dict[str, str] = {
+    "renamed": "in the checkpoint under an older name (the note's key is the old one)",
     "ignored": "in the checkpoint, not loaded",
     "tied": "not in the checkpoint (or saved twice, equal): the module ties it to another key",
     "untied": "tied by the class, saved twice with different values: loaded separately",
@@ -183,6 +203,17 @@ def ignore_rules(module: nn.Module) -> tuple[list[Rule], list[Rule]]:
                     (re.compile(pattern), f"an old {suffix} buffer key, which transformers ignores (the model computes it)")
                 )
     return out[0], out[1]
+
+
+def legacy_rename(module: nn.Module, key: str) -> str | None:
+    """The current name transformers gives an old checkpoint key (``LayerNorm.gamma`` ...), or None."""
+    if library_of(module) != "transformers":
+        return None
+    for pattern, replacement in _TRANSFORMERS_LEGACY_RENAMES.items():
+        m = re.search(pattern, key)
+        if m is not None:
+            return key.replace(m.group(0), replacement, 1)
+    return None
 
 
 def non_persistent_buffers(module: nn.Module) -> dict[str, str]:
