@@ -181,6 +181,23 @@ def test_umt5_keep_in_fp32_follows_transformers(tmp_path, dtype):
         assert torch.equal(fvt.call(module, tree, input_ids=ids).last_hidden_state, ref(input_ids=ids).last_hidden_state)
 
 
+def test_llama_bf16_buffers_are_built_as_transformers_builds_them(tmp_path):
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                   architectures=["LlamaModel"])
+    torch.manual_seed(0)
+    folder = _saved(tmp_path, transformers.LlamaModel(cfg), "llama")
+    ref = transformers.LlamaModel.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    module, tree = fvt.load_model(folder, dtype=torch.bfloat16)
+    _same_tree(tree, ref)
+    # the rotary tables stay float32 (transformers builds under the default dtype; a blanket .to() would round them)
+    assert {k: v.dtype for k, v in module.named_buffers()} == {k: v.dtype for k, v in ref.named_buffers()}
+    assert ref.rotary_emb.inv_freq.dtype == torch.float32
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(fvt.call(module, tree, input_ids=ids).last_hidden_state, ref(input_ids=ids).last_hidden_state)
+
+
 def test_missing_buffer_allowed_by_the_class_gets_its_initial_value(tmp_path):
     cfg = transformers.BartConfig(vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1,
                                   encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
