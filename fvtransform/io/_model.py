@@ -268,8 +268,11 @@ def load_model(
     ``.report`` (the result unpacks as ``module, tree``): keys the class
     declares ignorable (``_keys_to_ignore_on_load_unexpected``, transformers'
     old ``position_ids`` / ``rotary_emb.inv_freq``) or that name a
-    non-persistent buffer are ignored; tied weights saved once are tied;
-    buffers the class allows to be missing get the module's initial value.
+    non-persistent buffer are ignored; transformers' old names
+    (``LayerNorm.gamma``) are renamed; tied weights saved once are tied (saved
+    twice with different values: untied for transformers, as it does; an
+    error otherwise); buffers the class allows to be missing get the module's
+    initial value.
     Everything else is strict: with ``strict=True`` any other missing or
     unexpected key raises; with ``strict=False`` they are warned about and
     listed in the report. Shape mismatches always raise.
