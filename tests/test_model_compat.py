@@ -90,7 +90,7 @@ def test_old_bert_layer_norm_gamma_beta_names_load_like_transformers(tmp_path, b
         out = fvt.call(result.module, result.tree, input_ids=IDS).last_hidden_state
         assert torch.equal(out, ref(input_ids=IDS).last_hidden_state)
     assert "embeddings.LayerNorm.gamma" in result.report.keys("renamed")
-    assert "an old name of 'embeddings.LayerNorm.weight', which transformers renames" in str(result.report)
+    assert "an old name of 'embeddings.LayerNorm.weight' (transformers' legacy rename)" in str(result.report)
 
 
 def test_other_unexpected_keys_still_raise(tmp_path, bert):
@@ -271,6 +271,33 @@ def test_diffusers_ignore_unexpected_pattern(tmp_path, wan_folder):
     _same_tree(result.tree, ref)
     assert result.report.keys("ignored") == ("blocks.0.attn2.norm_added_q.weight",)
     assert "WanTransformer3DModel._keys_to_ignore_on_load_unexpected pattern 'norm_added_q'" in str(result.report)
+
+
+def test_vae_with_deprecated_attention_names_loads_like_diffusers(tmp_path):
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=2, layers_per_block=1,
+                                  down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    folder = _saved(tmp_path, vae, "vae")
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+    def deprecated(sd):
+        out = {}
+        for k, v in sd.items():
+            for new, was in old.items():
+                k = k.replace(f".attentions.0.{new}.", f".attentions.0.{was}.")
+            out[k] = v
+        return out
+
+    _edit(folder, deprecated, "diffusion_pytorch_model.safetensors")
+    assert "encoder.mid_block.attentions.0.proj_attn.weight" in load_file(folder / "diffusion_pytorch_model.safetensors")
+    ref = diffusers.AutoencoderKL.from_pretrained(folder).eval()
+    result = fvt.load_model(folder)
+    _same_tree(result.tree, ref)
+    assert len(result.report.keys("renamed")) == 16  # 4 linears x weight and bias, in encoder and decoder
+    assert "(diffusers' rename of a deprecated attention block)" in str(result.report)
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(fvt.call(result.module, result.tree, x).sample, ref(x).sample)
 
 
 # ---- any module: buffers saved as persistent, ties the class does not declare ------------------------

@@ -22,7 +22,9 @@ The rules (transformers 5.x ``PreTrainedModel._adjust_missing_and_unexpected_key
   as its "legacy" conversion renames them.
 - diffusers: unexpected-key patterns are searched in the key; a key is kept
   in float32 when one of ``_keep_in_fp32_modules`` is one of its dotted
-  parts, for any ``dtype``.
+  parts, for any ``dtype``. Keys of deprecated attention blocks (``query``,
+  ``proj_attn``, ...) are renamed (diffusers does so for single-file
+  checkpoints only; here for every checkpoint).
 - any module: a checkpoint key naming a non-persistent buffer (which the
   module computes; older versions saved it) is ignored.
 """
@@ -47,7 +49,7 @@ __all__ = [
     "default_dtype",
     "ignore_rules",
     "keep_float32_rule",
-    "legacy_rename",
+    "legacy_renames",
     "library_of",
 ]
 
@@ -69,6 +71,14 @@ _TRANSFORMERS_LEGACY_RENAMES: dict[str, str] = {
     "LayerNorm.beta": "LayerNorm.bias",
     ".weight_g": ".parametrizations.weight.original0",
     ".weight_v": ".parametrizations.weight.original1",
+}
+
+#: diffusers' names in attention blocks saved before the Attention rewrite (``_fix_state_dict_keys_on_load``).
+_DIFFUSERS_DEPRECATED_ATTENTION: dict[str, str] = {
+    "query": "to_q",
+    "key": "to_k",
+    "value": "to_v",
+    "proj_attn": "to_out.0",
 }
 
 #: What each action of a :class:`LoadNote` means.
@@ -205,15 +215,35 @@ def ignore_rules(module: nn.Module) -> tuple[list[Rule], list[Rule]]:
     return out[0], out[1]
 
 
-def legacy_rename(module: nn.Module, key: str) -> str | None:
-    """The current name transformers gives an old checkpoint key (``LayerNorm.gamma`` ...), or None."""
-    if library_of(module) != "transformers":
-        return None
-    for pattern, replacement in _TRANSFORMERS_LEGACY_RENAMES.items():
-        m = re.search(pattern, key)
-        if m is not None:
-            return key.replace(m.group(0), replacement, 1)
-    return None
+def legacy_renames(module: nn.Module) -> Callable[[str], tuple[str, str] | None]:
+    """``key -> (current name, reason)`` for old checkpoint names the class's library renames, else None.
+
+    transformers renames ``LayerNorm.gamma``/``beta`` and ``weight_g``/``weight_v``
+    for every model; diffusers renames the keys of attention blocks built
+    ``_from_deprecated_attn_block`` (``query`` -> ``to_q``, ``proj_attn`` ->
+    ``to_out.0``, ...).
+    """
+    lib = library_of(module)
+    if lib == "transformers":
+        def transformers_rename(key: str) -> tuple[str, str] | None:
+            for pattern, replacement in _TRANSFORMERS_LEGACY_RENAMES.items():
+                m = re.search(pattern, key)
+                if m is not None:
+                    return key.replace(m.group(0), replacement, 1), "transformers' legacy rename"
+            return None
+
+        return transformers_rename
+    if lib == "diffusers":
+        old_names: dict[str, str] = {}
+        for path, mod in module.named_modules():
+            if getattr(mod, "_from_deprecated_attn_block", False) is True:
+                prefix = f"{path}." if path else ""
+                for old, new in _DIFFUSERS_DEPRECATED_ATTENTION.items():
+                    for leaf in ("weight", "bias"):
+                        old_names[f"{prefix}{old}.{leaf}"] = f"{prefix}{new}.{leaf}"
+        why = "diffusers' rename of a deprecated attention block"
+        return lambda key: (old_names[key], why) if key in old_names else None
+    return lambda _key: None
 
 
 def non_persistent_buffers(module: nn.Module) -> dict[str, str]:

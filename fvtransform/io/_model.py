@@ -23,7 +23,7 @@ from fvtransform.io._declared import (
     first_match,
     ignore_rules,
     keep_float32_rule,
-    legacy_rename,
+    legacy_renames,
     library_of,
     non_persistent_buffers,
 )
@@ -172,12 +172,13 @@ def _reconcile(
     expected = state_keys(module)
     unexpected_rules, missing_rules = ignore_rules(module)
     computed = non_persistent_buffers(module)
+    rename = legacy_renames(module)
     data: dict[str, torch.Tensor] = {}
     for k, t in raw.items():
-        new = legacy_rename(module, k) if k not in expected else None
-        if new is not None and new in expected and new not in raw:
-            notes.append(LoadNote(k, "renamed", f"an old name of {new!r}, which transformers renames"))
-            k = new
+        hit = rename(k) if k not in expected else None
+        if hit is not None and hit[0] in expected and hit[0] not in raw:
+            notes.append(LoadNote(k, "renamed", f"an old name of {hit[0]!r} ({hit[1]})"))
+            k = hit[0]
         data[k] = t
     for k in [k for k in data if k not in expected]:
         why = first_match(k, unexpected_rules) or computed.get(k)
