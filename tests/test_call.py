@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fvtransform as fvt
-from fvtransform.errors import KeyMismatchError
+from fvtransform.errors import KeyMismatchError, ShapeMismatchError
 
 from _helpers import TiedEmbedding, assert_unchanged, snapshot
 
@@ -42,6 +42,74 @@ def test_tied_weights_work():
     m = TiedEmbedding()
     t = fvt.ParamTree.from_module(m)
     w = torch.randn(5, 3)
-    t2 = t.map(lambda _: w)
+    t2 = t.update({"emb.weight": w, "head.weight": w})
     ids = torch.tensor([0, 3])
     assert torch.equal(fvt.call(m, t2, ids), (w[ids] @ w.T))
+
+
+# --- shapes, kinds and ties are checked before the call (issue 15, item 8) -------------------------
+
+
+def test_wrong_shape_names_key_expected_and_found(model, tree, inputs):
+    bad = fvt.update(tree, {"proj_out.weight": tree["proj_out.weight"][:, :-1]})
+    exp, got = list(tree["proj_out.weight"].shape), list(bad["proj_out.weight"].shape)
+    with pytest.raises(ShapeMismatchError, match=rf"'proj_out.weight': expected shape {exp}, found {got}".replace("[", r"\[")):
+        fvt.call(model, bad, *inputs)
+
+
+def test_every_wrong_shape_is_listed_at_once():
+    lin = torch.nn.Linear(3, 2)
+    tree = {"weight": torch.zeros(2, 4), "bias": torch.zeros(3)}
+    with pytest.raises(ShapeMismatchError, match=r"Linear \(2 tensors\):\n  'weight': .*\[2, 3\].*\[2, 4\]\n  'bias'"):
+        fvt.call(lin, tree, torch.zeros(1, 3))
+
+
+class Mixed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.b(self.a(x).to(self.b.weight.dtype))
+
+
+def test_float_for_an_integer_buffer_is_refused_but_float32_next_to_bfloat16_is_not():
+    bn = torch.nn.BatchNorm1d(2)
+    tree = fvt.ParamTree.from_module(bn)
+    bad = fvt.update(tree, {"num_batches_tracked": torch.tensor(0.0)})
+    with pytest.raises(ShapeMismatchError, match=r"'num_batches_tracked': expected a torch.int64 tensor .*found torch.float32"):
+        fvt.call(bn, bad, torch.randn(4, 2))
+    mixed = Mixed()  # a float32 module next to a bfloat16 one: legitimate (keep-in-float32 modules)
+    tree = fvt.cast(fvt.ParamTree.from_module(mixed), torch.bfloat16, only="b.*")
+    out = fvt.call(mixed, tree, torch.ones(1, 2))
+    assert out.dtype == torch.bfloat16 and tree["a.weight"].dtype == torch.float32
+
+
+def test_meta_tensors_next_to_real_ones_are_refused():
+    lin = torch.nn.Linear(2, 2)
+    tree = {"weight": torch.zeros(2, 2), "bias": torch.zeros(2, device="meta")}
+    with pytest.raises(ShapeMismatchError, match=r"'bias' is on the meta device .* while 'weight' is not"):
+        fvt.call(lin, tree, torch.zeros(1, 2))
+
+
+def test_state_dict_of_a_tied_model_runs_and_matches_eager():
+    torch.manual_seed(0)
+    m = TiedEmbedding()
+    ids = torch.tensor([0, 3, 4])
+    sd = fvt.ParamTree(m.state_dict())  # both tied names, as detached views of one tensor
+    assert "head.weight" in sd and sd["head.weight"] is not sd["emb.weight"]
+    assert torch.equal(fvt.call(m, sd, ids), m(ids))
+    once = fvt.drop(sd, "head.weight")  # the tie saved once: the module re-ties it
+    assert torch.equal(fvt.call(m, once, ids), m(ids))
+    assert torch.equal(fvt.call(m, fvt.drop(sd, "emb.weight"), ids), m(ids))
+    _, new = fvt.call_with_buffers(m, once, ids)
+    assert "head.weight" not in new
+
+
+def test_tied_names_holding_different_tensors_are_refused():
+    m = TiedEmbedding()
+    sd = fvt.ParamTree(m.state_dict())
+    split = fvt.update(sd, {"head.weight": sd["head.weight"].clone()})
+    with pytest.raises(KeyMismatchError, match=r"ties \['emb.weight', 'head.weight'\].*different tensors for 'emb.weight' and 'head.weight'"):
+        fvt.call(m, split, torch.tensor([0]))
+

@@ -96,6 +96,18 @@ def test_bert_position_ids_are_real_after_load_model(tmp_path):
     with torch.no_grad():
         ref = ref_model(input_ids=ids).last_hidden_state
         out = fvt.call(module, tree, input_ids=ids).last_hidden_state
-    assert torch.allclose(out, ref, atol=1e-6)
+    assert torch.equal(out, ref)
     config = json.loads((tmp_path / "bert" / "config.json").read_text())
     assert fvt.resolve(config) is transformers.BertModel
+
+
+def test_call_on_state_dict_of_tied_bert_mlm():
+    cfg = transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=16, max_position_embeddings=8)
+    torch.manual_seed(0)
+    ref = transformers.BertForMaskedLM(cfg).eval()
+    module = fvt.build(dict(cfg.to_dict(), architectures=["BertForMaskedLM"]))
+    ids = torch.tensor([[1, 4, 7]])
+    with torch.no_grad():
+        out = fvt.call(module.eval(), fvt.ParamTree(ref.state_dict()), input_ids=ids).logits
+        assert torch.equal(out, ref(input_ids=ids).logits)

@@ -8,38 +8,146 @@ from typing import Any
 import torch
 from torch import nn
 
-from fvtransform.errors import KeyMismatchError, format_keys
+from fvtransform.errors import KeyMismatchError, ShapeMismatchError, format_keys
 from fvtransform.tree._paramtree import ParamTree, state_keys
 
 __all__ = ["call", "call_with_buffers", "check_keys"]
 
+#: Tensor types whose bytes can be compared by address (a DTensor's or a fake tensor's cannot).
+_PLAIN = (torch.Tensor, nn.Parameter)
+_FIX_KEYS = (
+    "Fix: load the checkpoint that belongs to this model, rename keys with fvt.rename, "
+    "or select the keys you need with fvt.select."
+)
+
+
+def _module_state(module: nn.Module) -> tuple[dict[str, tuple[str, torch.Tensor]], list[list[str]]]:
+    """Every state key of ``module`` (tied names included) -> ``(kind, tensor)``, in ``state_dict`` order,
+    and the groups of keys that name one tensor (tied weights)."""
+    out: dict[str, tuple[str, torch.Tensor]] = {}
+    first: dict[int, str] = {}
+    tied: dict[int, list[str]] = {}
+    for path, mod in module.named_modules(remove_duplicate=False):
+        prefix = f"{path}." if path else ""
+        for kind, slots in (("parameter", mod._parameters), ("buffer", mod._buffers)):
+            for name, t in slots.items():
+                if t is None or (kind == "buffer" and name in mod._non_persistent_buffers_set):
+                    continue
+                key = prefix + name
+                out[key] = (kind, t)
+                seen = first.setdefault(id(t), key)
+                if seen is not key:
+                    tied.setdefault(id(t), [seen]).append(key)
+    return out, list(tied.values())
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` are one tensor: the same object, or the same view of the same bytes (``state_dict()`` detaches)."""
+    if a is b:
+        return True
+    if type(a) not in _PLAIN or type(b) not in _PLAIN or a.device.type == "meta":
+        return False
+    try:
+        return (
+            a.device == b.device
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and a.stride() == b.stride()
+            and a.storage_offset() == b.storage_offset()
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        )
+    except (RuntimeError, NotImplementedError):  # functorch wrappers (vmap, grad) have no storage to compare
+        return False
+
+
+def _key_error(module: nn.Module, what: str, missing: list[str], unexpected: list[str]) -> KeyMismatchError:
+    lines = [f"{what} does not fit {type(module).__name__}:"]
+    if missing:
+        lines.append(f"  missing ({len(missing)}): {format_keys(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected ({len(unexpected)}): {format_keys(unexpected)}")
+    lines.append(_FIX_KEYS)
+    return KeyMismatchError("\n".join(lines))
+
 
 def check_keys(module: nn.Module, tree: Mapping[str, torch.Tensor], *, what: str = "tree") -> dict[str, tuple[str, str]]:
-    """Raise :class:`KeyMismatchError` unless ``tree`` has exactly the module's state keys."""
+    """Raise :class:`KeyMismatchError` unless ``tree`` has exactly the module's state keys.
+
+    Keys of weights the module ties (one tensor under several names) may be
+    given under one of their names only: the module ties the others.
+    """
     expected = state_keys(module)
-    missing = [k for k in expected if k not in tree]
+    _, tied = _module_state(module)
+    optional = {k for g in tied if any(n in tree for n in g) for k in g}
+    missing = [k for k in expected if k not in tree and k not in optional]
     unexpected = [k for k in tree if k not in expected]
     if missing or unexpected:
-        lines = [f"{what} does not fit {type(module).__name__}:"]
-        if missing:
-            lines.append(f"  missing ({len(missing)}): {format_keys(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected ({len(unexpected)}): {format_keys(unexpected)}")
-        lines.append(
-            "Fix: load the checkpoint that belongs to this model, rename keys with fvt.rename, "
-            "or select the keys you need with fvt.select."
-        )
-        raise KeyMismatchError("\n".join(lines))
+        raise _key_error(module, what, missing, unexpected)
     return expected
 
 
-def _prepare(module: nn.Module, tree: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    expected = check_keys(module, tree)
+def _complete_ties(
+    module: nn.Module, tree: Mapping[str, torch.Tensor], groups: list[list[str]], what: str
+) -> dict[str, torch.Tensor]:
+    """The tree's tensor for every name of each tied group (given under one name, or under several as one tensor)."""
+    extra: dict[str, torch.Tensor] = {}
+    for group in groups:
+        given = [k for k in group if k in tree]
+        if not given:
+            continue
+        first = tree[given[0]]
+        other = next((k for k in given[1:] if not _same_tensor(tree[k], first)), None)
+        if other is not None:
+            raise KeyMismatchError(
+                f"{what}: {type(module).__name__} ties {group} (one weight), but the {what} holds different tensors "
+                f"for {given[0]!r} and {other!r}. Fix: give the tied weight once (fvt.drop the other names) or as one "
+                f"tensor under each name (tree.update({{{other!r}: tree[{given[0]!r}]}}))."
+            )
+        extra.update({k: first for k in group})
+    return extra
+
+
+def _check_tensors(module: nn.Module, params: Mapping[str, torch.Tensor], state: Mapping[str, tuple[str, torch.Tensor]], what: str) -> None:
+    """Raise :class:`ShapeMismatchError` for any shape (or floating/integer kind) the module does not expect."""
+    bad: list[str] = []
+    meta: tuple[bool, str] | None = None
+    mixed: str | None = None
+    for key, value in params.items():
+        ref = state[key][1]
+        if value.shape != ref.shape:
+            bad.append(f"  {key!r}: expected shape {list(ref.shape)}, found {list(value.shape)}")
+        elif value.dtype is not ref.dtype and value.dtype.is_floating_point is not ref.dtype.is_floating_point:
+            bad.append(f"  {key!r}: expected a {ref.dtype} tensor (or another of its kind), found {value.dtype}")
+        if meta is None:
+            meta = (value.is_meta, key)
+        elif mixed is None and value.is_meta is not meta[0]:
+            mixed = key
+    if meta is not None and mixed is not None:
+        on_meta, off_meta = (meta[1], mixed) if meta[0] else (mixed, meta[1])
+        bad.append(f"  {on_meta!r} is on the meta device (no data) while {off_meta!r} is not: the tree was never loaded for real")
+    if bad:
+        shown = bad[:12] + ([f"  ... ({len(bad) - 12} more)"] if len(bad) > 12 else [])
+        raise ShapeMismatchError(
+            f"{what} does not fit {type(module).__name__} ({len(bad)} tensors):\n" + "\n".join(shown) + "\n"
+            "Fix: check that the checkpoint and config.json belong together (the model built from the config "
+            "expects these shapes), or convert the tree (fvt.rename / fvt.io.KeyMap) before calling."
+        )
+
+
+def _prepare(module: nn.Module, tree: Mapping[str, torch.Tensor], what: str = "tree") -> tuple[dict[str, torch.Tensor], list[str]]:
+    state, groups = _module_state(module)
+    tied = _complete_ties(module, tree, groups, what) if groups else {}
+    missing = [k for k in state if k not in tree and k not in tied]
+    unexpected = [k for k in tree if k not in state]
+    if missing or unexpected:
+        raise _key_error(module, what, missing, unexpected)
     params: dict[str, torch.Tensor] = {}
     buffer_keys: list[str] = []
     clones: dict[int, torch.Tensor] = {}
-    for key, (kind, _owner) in expected.items():
-        value = tree[key]
+    for key, (kind, _ref) in state.items():
+        value = tied.get(key)
+        if value is None:
+            value = tree[key]
         if kind == "buffer":
             # A module may update buffers in place (BatchNorm): never the caller's tensor.
             if id(value) not in clones:
@@ -47,6 +155,7 @@ def _prepare(module: nn.Module, tree: Mapping[str, torch.Tensor]) -> tuple[dict[
             value = clones[id(value)]
             buffer_keys.append(key)
         params[key] = value
+    _check_tensors(module, params, state, what)
     return params, buffer_keys
 
 
@@ -55,7 +164,11 @@ def call(module: nn.Module, tree: Mapping[str, torch.Tensor], /, *args: Any, **k
 
     The tree must hold exactly the module's parameters and persistent buffers
     (``torch.func.functional_call`` alone silently falls back to the module's
-    own tensors for missing keys). Non-persistent buffers (rotary tables,
+    own tensors for missing keys), each of the shape the module expects and
+    of its kind (floating point or not; float32 next to bfloat16 is fine, as
+    models keep some modules in float32). Weights the module ties may be given
+    under one of their names, or under each as one tensor (as
+    ``module.state_dict()`` has them). Non-persistent buffers (rotary tables,
     position ids) come from the module. Buffers are cloned at the boundary, so
     a module that updates them in place does not change the tree; use
     :func:`call_with_buffers` to get the updated buffers back. The module
@@ -72,6 +185,12 @@ def call(module: nn.Module, tree: Mapping[str, torch.Tensor], /, *args: Any, **k
     fvtransform.errors.KeyMismatchError: tree does not fit Linear:
       missing (1): ['bias']
     Fix: load the checkpoint that belongs to this model, rename keys with fvt.rename, or select the keys you need with fvt.select.
+    >>> fvt.call(lin, {"weight": torch.ones(1, 3), "bias": torch.zeros(1)}, torch.zeros(1, 2))
+    Traceback (most recent call last):
+    ...
+    fvtransform.errors.ShapeMismatchError: tree does not fit Linear (1 tensors):
+      'weight': expected shape [1, 2], found [1, 3]
+    Fix: check that the checkpoint and config.json belong together (the model built from the config expects these shapes), or convert the tree (fvt.rename / fvt.io.KeyMap) before calling.
     """
     params, _ = _prepare(module, tree)
     return torch.func.functional_call(module, params, args, kwargs, tie_weights=True, strict=False)
@@ -92,4 +211,4 @@ def call_with_buffers(
     params, buffer_keys = _prepare(module, tree)
     out = torch.func.functional_call(module, params, args, kwargs, tie_weights=True, strict=False)
     base = tree if isinstance(tree, ParamTree) else ParamTree(tree)
-    return out, base.update({k: params[k] for k in buffer_keys})
+    return out, base.update({k: params[k] for k in buffer_keys if k in base})

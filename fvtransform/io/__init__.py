@@ -6,7 +6,7 @@ from fvtransform.io._header import Header, TensorInfo, read_header
 from fvtransform.io._keymap import ComposedKeyMap, Fuse, KeyMap, MappingPlan, Split, Step
 from fvtransform.io._load import Checkpoint, load, open_checkpoint
 from fvtransform.io._mappings import REFERENCE_QKV_FUSE, WAN_DIFFUSERS_TO_ORIGINAL, WAN_ORIGINAL_TO_DIFFUSERS
-from fvtransform.io._model import load_model, pipeline_components
+from fvtransform.io._model import LoadedModel, LoadNote, LoadReport, load_model, pipeline_components
 from fvtransform.io._save import parse_size, save
 
 __all__ = [
@@ -16,6 +16,9 @@ __all__ = [
     "Fuse",
     "Header",
     "KeyMap",
+    "LoadNote",
+    "LoadReport",
+    "LoadedModel",
     "MappingPlan",
     "REFERENCE_QKV_FUSE",
     "Split",
