@@ -372,3 +372,13 @@ def test_typed_fields():
     with pytest.raises(FormatError, match=r"key 'target_modules' must be an array; found an object"):
         check_type({"q": 1}, list, source="a.json", key="target_modules")
     assert loads_json(b'{"a": 1}', source="m", expect=dict) == {"a": 1}
+
+
+def test_autoencoder_classes_are_models_not_auto_loaders():
+    """``AutoencoderKL`` starts with "Auto" but is a diffusers model: it builds; ``AutoModel`` stays refused."""
+    module = fvt.build({"_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0", "block_out_channels": [8],
+                        "down_block_types": ["DownEncoderBlock2D"], "up_block_types": ["UpDecoderBlock2D"],
+                        "latent_channels": 2, "norm_num_groups": 8, "layers_per_block": 1})
+    assert type(module).__name__ == "AutoencoderKL"
+    with pytest.raises(RegistryError, match=r"'AutoModel'.*an Auto class"):
+        fvt.build({"_class_name": "AutoModel", "_diffusers_version": "0.30.0"})

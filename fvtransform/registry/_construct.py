@@ -49,7 +49,10 @@ _LIBRARIES: dict[str, tuple[str, str]] = {
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
 
-#: Names that are factories or loaders, refused before any lookup (``Auto*`` is refused by prefix).
+#: ``AutoModel``, ``AutoModelForCausalLM``, ``AutoPipelineForText2Image``, ``AutoConfig``...: the Auto
+#: loaders (which may load code), refused by name. Not ``AutoencoderKL`` and its kin: those are models.
+_AUTO = re.compile(r"Auto(?!encoder)[A-Z]")
+#: Names that are factories or loaders, refused before any lookup (``Auto*`` loaders by :data:`_AUTO`).
 _FACTORIES: frozenset[str] = frozenset({"pipeline", "DiffusionPipeline", "ModelMixin", "PreTrainedModel"})
 
 
@@ -70,7 +73,7 @@ def library_class(package: str, name: str, *, source: str, key: str, registered:
     """
     if not _NAME.match(name) or keyword.iskeyword(name):
         raise _refuse(package, name, "not a class name", source, key)
-    if name.startswith("Auto") or name in _FACTORIES or name.endswith("Pipeline"):
+    if _AUTO.match(name) or name in _FACTORIES or name.endswith("Pipeline"):
         raise _refuse(package, name, "an Auto class, a pipeline or a factory, which may load code", source, key)
     try:
         lib = importlib.import_module(package)
