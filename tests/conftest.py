@@ -6,6 +6,10 @@ import torch
 import fvtransform as fvt
 from fvtransform.models import init_weights
 
+#: fixtures/ holds golden files and the dev-time scripts that made them with the real tools
+#: (LyCORIS, diffusers, peft); those scripts are run by hand, never collected.
+collect_ignore = ["fixtures"]
+
 
 @pytest.fixture
 def model() -> torch.nn.Module:
