@@ -17,6 +17,7 @@ import attrs
 import torch
 
 from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError, close_matches
+from fvtransform.io._safetensors import _tensor_bytes
 from fvtransform.lora._adapter import FullDelta, LoraAdapter, LowRank
 from fvtransform.lora._dora import merge_dora, unmerge_dora
 from fvtransform.tree._paramtree import ParamTree
@@ -45,11 +46,7 @@ def normalize_adapters(adapters: AdapterSet, scale: float = 1.0) -> list[tuple[L
 
 
 def _digest(t: torch.Tensor) -> bytes:
-    t = t.detach().contiguous()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    raw = t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return hashlib.blake2b(raw, digest_size=16).digest()
+    return hashlib.blake2b(_tensor_bytes(t), digest_size=16).digest()
 
 
 @attrs.frozen
