@@ -18,7 +18,7 @@ import torch
 
 from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError, close_matches
 from fvtransform.io._safetensors import _tensor_bytes
-from fvtransform.lora._adapter import FullDelta, LoraAdapter, LowRank
+from fvtransform.lora._adapter import Delta, FullDelta, LoraAdapter, LowRank
 from fvtransform.lora._dora import merge_dora, unmerge_dora
 from fvtransform.tree._paramtree import ParamTree
 
@@ -49,6 +49,22 @@ def _digest(t: torch.Tensor) -> bytes:
     return hashlib.blake2b(_tensor_bytes(t), digest_size=16).digest()
 
 
+def _drop_zero_ranks(d: Delta) -> Delta:
+    """``d`` without the ranks whose A row and B column are both all zero (the padding of ``pad_rank``).
+
+    They add exact zeros, but a longer product may be summed in another grouping (BLAS), a
+    last-bits difference; dropped first, merging ``pad_rank(a, r)`` gives the bits of merging ``a``.
+    DoRA targets are kept as they are.
+    """
+    if not isinstance(d, LowRank) or d.magnitude is not None or d.rank == 0:
+        return d
+    used = d.A.reshape(d.rank, -1).ne(0).any(dim=1) | d.B.reshape(d.B.shape[0], d.rank).ne(0).any(dim=0)
+    if bool(used.all()):
+        return d
+    keep = used.nonzero().flatten()
+    return LowRank(d.A.index_select(0, keep), d.B.index_select(1, keep), d.scale, d.alpha)
+
+
 @attrs.frozen
 class _Contribution:
     scale: float  # effective: adapter scale * user scale
@@ -69,6 +85,7 @@ def _collect(tree: Mapping[str, torch.Tensor], pairs: list[tuple[LoraAdapter, fl
                 got = f"A {list(d.A.shape)}, B {list(d.B.shape)}" if isinstance(d, LowRank) else f"delta {list(d.D.shape)}"
                 raise ShapeMismatchError(f"adapter target {key!r}: {got} does not fit the weight {list(shape)}")
             eff = s * d.scale
+            d = _drop_zero_ranks(d)
             digest = b"".join(_digest(t) for t in d.tensors())
             per_key.setdefault(key, []).append(_Contribution(eff, d, (eff, digest)))
     if missing:
