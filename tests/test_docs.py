@@ -206,7 +206,7 @@ def ran(tmp_path_factory) -> dict[str, str | None]:
     tmp = tmp_path_factory.mktemp("docs")
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "HF_HUB_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp)}  # what a block leaves in a temp folder goes with tmp
     out = subprocess.run([sys.executable, "-c", _RUNNER, str(tmp / "jobs.json"), str(tmp)], capture_output=True,
                          text=True, timeout=600, env=env, cwd=tmp)
     assert out.returncode == 0, out.stderr[-4000:]
