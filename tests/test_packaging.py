@@ -117,3 +117,23 @@ def test_every_import_of_the_package_and_the_tests_is_declared():
 
 def _local_test_modules() -> set[str]:
     return {p.stem for folder in ("tests", "property_tests") for p in (ROOT / folder).glob("*.py")}
+
+
+def test_tensor_bytes_outlive_the_contiguous_copy_they_were_read_from():
+    """The writer's byte view of a non-contiguous tensor keeps its private copy alive (no numpy, no dangling view)."""
+    import gc
+
+    import torch
+
+    from fvtransform.io._safetensors import _tensor_bytes
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(64, 64, generator=g).to(torch.bfloat16)[:, ::2]  # .contiguous() inside makes a copy
+    want = t.contiguous().view(torch.uint8).reshape(-1).tolist()
+    view = _tensor_bytes(t)
+    gc.collect()
+    junk = [torch.full((64, 32), 7.0, dtype=torch.bfloat16) for _ in range(64)]  # reuse of freed memory shows
+    assert view.nbytes == 64 * 32 * 2 and view.format == "B" and len(junk) == 64
+    assert list(view) == want
+    assert _tensor_bytes(torch.empty(0, 3)).nbytes == 0
+    assert bytes(_tensor_bytes(torch.tensor(1.5))) == bytes(_tensor_bytes(torch.tensor([1.5])))
