@@ -49,22 +49,6 @@ def _digest(t: torch.Tensor) -> bytes:
     return hashlib.blake2b(_tensor_bytes(t), digest_size=16).digest()
 
 
-def _drop_zero_ranks(d: Delta) -> Delta:
-    """``d`` without the ranks whose A row and B column are both all zero (the padding of ``pad_rank``).
-
-    They add exact zeros, but a longer product may be summed in another grouping (BLAS), a
-    last-bits difference; dropped first, merging ``pad_rank(a, r)`` gives the bits of merging ``a``.
-    DoRA targets are kept as they are.
-    """
-    if not isinstance(d, LowRank) or d.magnitude is not None or d.rank == 0:
-        return d
-    used = d.A.reshape(d.rank, -1).ne(0).any(dim=1) | d.B.reshape(d.B.shape[0], d.rank).ne(0).any(dim=0)
-    if bool(used.all()):
-        return d
-    keep = used.nonzero().flatten()
-    return LowRank(d.A.index_select(0, keep), d.B.index_select(1, keep), d.scale, d.alpha)
-
-
 @attrs.frozen
 class _Contribution:
     scale: float  # effective: adapter scale * user scale
@@ -98,6 +82,22 @@ def _collect(tree: Mapping[str, torch.Tensor], pairs: list[tuple[LoraAdapter, fl
     for contribs in per_key.values():
         contribs.sort(key=lambda c: c.order_key)
     return per_key
+
+
+def _drop_zero_ranks(d: Delta) -> Delta:
+    """``d`` without the ranks whose A row and B column are both all zero (the padding of ``pad_rank``).
+
+    They add exact zeros, but a longer product may be summed in another grouping (BLAS), a
+    last-bits difference; dropped first, merging ``pad_rank(a, r)`` gives the bits of merging ``a``.
+    DoRA targets are kept as they are.
+    """
+    if not isinstance(d, LowRank) or d.magnitude is not None or d.rank == 0:
+        return d
+    used = d.A.reshape(d.rank, -1).ne(0).any(dim=1) | d.B.reshape(d.B.shape[0], d.rank).ne(0).any(dim=0)
+    if bool(used.all()):
+        return d
+    keep = used.nonzero().flatten()
+    return LowRank(d.A.index_select(0, keep), d.B.index_select(1, keep), d.scale, d.alpha)
 
 
 def _factors(contribs: list[_Contribution], device: torch.device, sign: float) -> tuple[torch.Tensor | None, torch.Tensor | None, list[tuple[float, torch.Tensor]]]:
