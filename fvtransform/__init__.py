@@ -13,7 +13,7 @@ and shares the tensors it did not change. Models run on trees through
 torch.Size([1, 4, 2, 4, 4])
 """
 
-from fvtransform import errors, lora, transforms
+from fvtransform import errors, hub, io, lora, models, registry, transforms, tree
 from fvtransform.call import call, call_with_buffers
 from fvtransform.io import CheckReport, Fuse, KeyMap, MappingPlan, check, load, load_model, save
 from fvtransform.registry import REGISTRY, Registry, build, register, resolve
@@ -70,13 +70,17 @@ __all__ = [
     "drop",
     "check",
     "errors",
+    "hub",
+    "io",
     "load",
     "load_model",
     "lora",
     "save",
     "map_tensors",
+    "models",
     "partition",
     "register",
+    "registry",
     "rename",
     "resolve",
     "select",
@@ -84,6 +88,7 @@ __all__ = [
     "tensors_equal",
     "to",
     "transforms",
+    "tree",
     "unshard",
     "update",
 ]

@@ -64,7 +64,9 @@ def test_chain_is_composition(tree, i, j):
 
 @given(st.integers(1, 3), st.integers(0, 1000))
 def test_call_on_from_module_equals_forward(layers, seed):
-    torch.manual_seed(seed)
-    m = fvt.build("fvt-video-dit", {"num_layers": layers}, device="cpu").eval()
-    x = (torch.randn(1, 4, 2, 4, 4), torch.tensor([seed]), torch.randn(1, 3, 16))
+    with torch.random.fork_rng():  # the module's own init draws from torch's RNG: seeded, and left as it was
+        torch.manual_seed(seed)
+        m = fvt.build("fvt-video-dit", {"num_layers": layers}, device="cpu").eval()
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(1, 4, 2, 4, 4, generator=g), torch.tensor([seed]), torch.randn(1, 3, 16, generator=g))
     assert torch.equal(fvt.call(m, fvt.ParamTree.from_module(m), *x), m(*x))

@@ -1,12 +1,257 @@
-"""The docs build offline (mkdocs, strict: every nav entry, link and API reference resolves)."""
+"""The docs: every code block of README.md and docs/**/*.md runs as written, and the site builds offline.
 
+Conventions for a fenced block (the marker is an HTML comment on the line(s) just before the fence; mkdocs
+and GitHub show nothing of it):
+
+- ```` ```python ````: a complete program. It runs in a fresh namespace, in a new empty folder (its cwd).
+- ```` ```bash ````: ``fvtransform`` commands, one per line (``# comments`` allowed), run in order in a new
+  folder; each must exit 0.
+- ``<!-- docs-test: fragment=NAME -->``: the block needs what the test prepares first: ``FRAGMENTS[NAME]``
+  (Python, run in the block's folder and namespace, for files, environment or names), then the block.
+- ``<!-- docs-test: skip=REASON -->``: not run, for a REASON of ``SKIPS`` only: ``network`` (a Hub repo id)
+  or ``install`` (``pip install``). ``<!-- fresh-check: NAME -->`` marks the README's install commands,
+  which scripts/fresh_check.sh runs in a new virtual environment: the same as ``skip=install``.
+- Any other language (``mermaid``, ``text``, ``json``) is not code and is not run; a fence with no language
+  is an error (say what it is).
+
+All blocks run in ONE subprocess (one import of torch), each in its own folder and namespace, with its
+environment, ``sys.path`` and cwd restored after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+RUN_LANGS = {"python": "python", "py": "python", "bash": "cli", "sh": "cli", "console": "cli"}
+TEXT_LANGS = {"mermaid", "text", "json", "toml", "yaml"}
+SKIPS = {
+    "network": re.compile(r"""["'][\w.-]+/[\w.-]+["']"""),  # a Hub repo id in quotes
+    "install": re.compile(r"\bpip install\b"),
+}
+
+_CLI_FILES = r'''
+import json, shutil
+import torch, fvtransform as fvt
+from fvtransform.models import init_weights
+
+_tree = fvt.ParamTree(init_weights(fvt.build("fvt-video-dit"), seed=0))
+for _name in ("ckpt", "base"):
+    fvt.save(_tree, _name, max_shard_size="20KB")
+    with open(f"{_name}/config.json", "w") as _f:
+        json.dump({"_class_name": "fvt-video-dit"}, _f)
+_a = fvt.lora.random_adapter(_tree, targets="blocks.*.attn1.to_*.weight", rank=4, seed=1)
+fvt.lora.save(_a, "my_lora.safetensors", format="kohya")
+fvt.lora.save(_a, "a.safetensors", format="diffusers")
+fvt.lora.save(fvt.lora.random_adapter(_tree, targets="blocks.*.attn2.to_*.weight", rank=2, seed=2), "b", format="peft")
+fvt.save(fvt.lora.merge(_tree, fvt.lora.random_adapter(_tree, targets="blocks.*.attn1.to_q.weight", rank=2, seed=3, scale_b=1.0)), "tuned")
+'''
+
+_GLOO_ONE_PROCESS = r'''
+import os, socket
+import fvtransform as fvt
+from fvtransform.models import init_weights
+
+with socket.socket() as _s:
+    _s.bind(("127.0.0.1", 0))
+    _port = _s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+fvt.save(fvt.ParamTree(init_weights(fvt.build("fvt-video-dit"), seed=0)), "ckpt", max_shard_size="20KB")
+'''
+
+_MY_PACKAGE = r'''
+import os, sys
+os.makedirs("my_package", exist_ok=True)
+open("my_package/__init__.py", "w").close()
+with open("my_package/models.py", "w") as _f:
+    _f.write(
+        "import torch\n"
+        "class MyDiT(torch.nn.Module):\n"
+        "    def __init__(self, dim: int = 8):\n"
+        "        super().__init__()\n"
+        "        self.proj = torch.nn.Linear(dim, dim)\n"
+    )
+sys.path.insert(0, os.getcwd())
+'''
+
+#: What a fragment needs before it runs (files, environment), and after (clean-up), by name.
+FRAGMENTS: dict[str, tuple[str, str]] = {
+    "cli-files": (_CLI_FILES, ""),
+    "gloo-one-process": (_GLOO_ONE_PROCESS, "import torch.distributed as _d\nif _d.is_initialized():\n    _d.destroy_process_group()\n"),
+    "my-package": (_MY_PACKAGE, "sys.modules.pop('my_package.models', None); sys.modules.pop('my_package', None)\n"),
+}
+
+_MARKER = re.compile(r"<!--\s*(docs-test|fresh-check):\s*(.*?)\s*-->")
+_FENCE = re.compile(r"^```(\S*)\s*$")
+
+
+def _blocks(page: Path, name: str | None = None) -> list[dict]:
+    """Every fenced block of a page: where, language, code, and its marker (the comment just above)."""
+    name = name or str(page.relative_to(ROOT))
+    lines = page.read_text(encoding="utf-8").splitlines()
+    out, i = [], 0
+    while i < len(lines):
+        m = _FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        start, lang = i, m.group(1).lower()
+        j = i + 1
+        while j < len(lines) and lines[j].strip() != "```":
+            j += 1
+        k = start - 1
+        while k >= 0 and not lines[k].strip():
+            k -= 1
+        marker = _MARKER.search(lines[k]) if k >= 0 else None
+        out.append({
+            "id": f"{name}:{start + 1}", "lang": lang, "code": "\n".join(lines[start + 1 : j]) + "\n",
+            "marker": (marker.group(1), marker.group(2)) if marker else None,
+        })
+        i = j + 1
+    return out
+
+
+ALL_BLOCKS = [b for page in PAGES for b in _blocks(page)]
+
+
+def _plan(block: dict) -> tuple[str, str | None]:
+    """``("run", fragment or None)``, ``("skip", reason)`` or ``("text", None)``; raises on a misuse."""
+    lang, marker = block["lang"], block["marker"]
+    if not lang:
+        raise AssertionError(f"{block['id']}: a fence without a language; say what it is (```python, ```bash, ```text)")
+    if lang in TEXT_LANGS:
+        return "text", None
+    if lang not in RUN_LANGS:
+        raise AssertionError(f"{block['id']}: unknown block language {lang!r}; known: {sorted(RUN_LANGS) + sorted(TEXT_LANGS)}")
+    if marker is None:
+        return "run", None
+    kind, value = marker
+    if kind == "fresh-check":
+        kind, value = "docs-test", "skip=install"
+    key, _, name = value.partition("=")
+    if key == "fragment":
+        if name not in FRAGMENTS:
+            raise AssertionError(f"{block['id']}: fragment {name!r} has no completion in tests/test_docs.py FRAGMENTS")
+        return "run", name
+    if key == "skip":
+        if name not in SKIPS:
+            raise AssertionError(f"{block['id']}: skip reason {name!r} is not one of {sorted(SKIPS)}")
+        if not SKIPS[name].search(block["code"]):
+            raise AssertionError(f"{block['id']}: marked skip={name} but shows no {name} use; run it instead")
+        return "skip", name
+    raise AssertionError(f"{block['id']}: unknown marker {value!r}; use fragment=NAME or skip=REASON")
+
+
+_RUNNER = r'''
+import contextlib, io, json, os, shlex, sys, tempfile, traceback
+jobs = json.load(open(sys.argv[1]))
+results = {}
+for job in jobs:
+    folder = tempfile.mkdtemp(prefix="doc-", dir=sys.argv[2])
+    cwd, env, path = os.getcwd(), dict(os.environ), list(sys.path)
+    out = io.StringIO()
+    ns = {"__name__": "__main__"}
+    try:
+        os.chdir(folder)
+        with contextlib.redirect_stdout(out):
+            exec(compile(job["setup"], job["id"] + " (setup)", "exec"), ns)
+            try:
+                if job["kind"] == "python":
+                    exec(compile(job["code"], job["id"], "exec"), ns)
+                else:
+                    from fvtransform.cli import main
+                    for n, line in enumerate(job["code"].splitlines(), 1):
+                        argv = shlex.split(line, comments=True)
+                        if not argv:
+                            continue
+                        if argv[0] != "fvtransform":
+                            raise AssertionError(f"line {n}: {line!r} is not an fvtransform command")
+                        try:
+                            rc = main(argv[1:])
+                        except SystemExit as e:
+                            rc = e.code
+                        if rc != 0:
+                            raise AssertionError(f"line {n}: {line!r} exited {rc}")
+            finally:
+                exec(compile(job["teardown"], job["id"] + " (teardown)", "exec"), ns)
+        results[job["id"]] = None
+    except BaseException:
+        results[job["id"]] = traceback.format_exc()[-4000:] + "\n--- output ---\n" + out.getvalue()[-2000:]
+    finally:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        sys.path[:] = path
+print(json.dumps(results))
+'''
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory) -> dict[str, str | None]:
+    """Run every block to be run, in one subprocess; ``{id: None or the error}``."""
+    jobs = []
+    for b in ALL_BLOCKS:
+        what, fragment = _plan(b)
+        if what == "run":
+            setup, teardown = FRAGMENTS[fragment] if fragment else ("", "")
+            jobs.append({"id": b["id"], "kind": RUN_LANGS[b["lang"]], "code": b["code"], "setup": setup, "teardown": teardown})
+    tmp = tmp_path_factory.mktemp("docs")
+    (tmp / "jobs.json").write_text(json.dumps(jobs))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp)}  # what a block leaves in a temp folder goes with tmp
+    out = subprocess.run([sys.executable, "-c", _RUNNER, str(tmp / "jobs.json"), str(tmp)], capture_output=True,
+                         text=True, timeout=600, env=env, cwd=tmp)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("block", ALL_BLOCKS, ids=[b["id"] for b in ALL_BLOCKS])
+def test_code_block_runs_as_written(block, ran):
+    what, detail = _plan(block)
+    if what != "run":
+        assert what in ("skip", "text")  # checked by _plan: a known reason that the block really shows
+        return
+    assert block["id"] in ran, f"{block['id']} did not run"
+    assert ran[block["id"]] is None, f"{block['id']} failed:\n{ran[block['id']]}"
+
+
+def test_the_pages_hold_code_blocks_that_run():
+    runnable = [b for b in ALL_BLOCKS if _plan(b)[0] == "run"]
+    pages = {b["id"].split(":")[0] for b in runnable}
+    assert {"README.md", "docs/concepts.md", "docs/guides/load-and-run.md", "docs/guides/lora.md", "docs/guides/cli.md"} <= pages
+    assert sum(b["lang"] == "bash" for b in runnable) >= 1
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("```\nx = 1\n```\n", "without a language"),
+    ("```rust\nfn main() {}\n```\n", "unknown block language"),
+    ("<!-- docs-test: fragment=nope -->\n```python\nx\n```\n", "has no completion"),
+    ("<!-- docs-test: skip=slow -->\n```python\nx\n```\n", "is not one of"),
+    ("<!-- docs-test: skip=network -->\n```python\nx = 1\n```\n", "shows no network use"),
+    ("<!-- docs-test: run-it -->\n```python\nx = 1\n```\n", "unknown marker"),
+])
+def test_a_misused_marker_or_fence_is_an_error(tmp_path, text, problem):
+    page = tmp_path / "page.md"
+    page.write_text(text)
+    block = _blocks(page, "page.md")[0]
+    with pytest.raises(AssertionError, match=problem):
+        _plan(block)
+
+
+def test_the_readme_commands_of_the_fresh_check_are_marked():
+    """scripts/fresh_check.sh reads its two commands from these markers."""
+    marked = {b["marker"][1]: b["code"].strip() for b in _blocks(ROOT / "README.md") if b["marker"] and b["marker"][0] == "fresh-check"}
+    assert set(marked) == {"demo", "test"}
+    assert marked["demo"].endswith("fvtransform demo") and "pytest" in marked["test"]
+    assert all(c.startswith("python3 -m pip install -q -c constraints.txt -e ") for c in marked.values())
 
 
 def test_docs_build_strict_without_network(tmp_path):

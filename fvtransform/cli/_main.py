@@ -10,10 +10,18 @@ from typing import Sequence
 __all__ = ["main"]
 
 
+#: Options of every command, accepted before or after the subcommand (as in git or pip): flag -> help.
+GLOBAL_OPTIONS = {"--debug": "show tracebacks", "--json": "machine-readable output"}
+
+
+def _global_options(p: argparse.ArgumentParser, default: object) -> argparse.ArgumentParser:
+    for flag, text in GLOBAL_OPTIONS.items():
+        p.add_argument(flag, action="store_true", default=default, help=text)
+    return p
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fvtransform", description="Pure weight transforms for video diffusion models.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = _global_options(argparse.ArgumentParser(prog="fvtransform", description="Pure weight transforms for video diffusion models."), False)
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the library end to end on the reference model")
     demo.add_argument("--workdir", default=None, help="folder for the files the demo writes")
@@ -46,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--energy", type=float, default=None)
     ex.add_argument("--to", default="peft", choices=["peft", "diffusers", "diffusers-model", "kohya", "comfy"])
     ex.add_argument("--quiet", action="store_true", help="no progress bar")
+    for command in sub.choices.values():  # a subcommand's copy is left unset unless given (SUPPRESS): "--json inspect X" keeps it
+        _global_options(command, argparse.SUPPRESS)
     return p
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import contextlib
+import ctypes
 import json
 import os
 from pathlib import Path
@@ -77,13 +78,22 @@ def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor (moved to CPU, made contiguous), without a copy where possible.
+
+    No numpy: torch does not depend on it. The view reads the tensor's memory in place
+    (``ctypes``); the returned memoryview keeps the tensor alive. Any dtype works (bf16, fp8,
+    bool: the bytes are those of the storage) and a 0-element tensor gives ``b""``.
+    """
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
-    if t.numel() == 0:
+    n = t.numel() * t.element_size()
+    if n == 0:
         return memoryview(b"")
-    return memoryview(t.view(-1).view(torch.uint8).numpy())
+    buf = (ctypes.c_ubyte * n).from_address(t.data_ptr())
+    buf._fvt_owner = t  # type: ignore[attr-defined]  # the memory lives as long as the view
+    return memoryview(buf).cast("B")
 
 
 def write_safetensors(

@@ -19,6 +19,7 @@ import torch
 from fvtransform.errors import FormatError, KeyMismatchError, NumericError, PlanError, ShapeMismatchError, close_matches
 from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LoraAdapter, LoHa, LoKr, LowRank, Replace
 from fvtransform.lora._dora import merge_dora, overflow_limit, overflows, unmerge_dora
+from fvtransform.io._safetensors import _tensor_bytes
 from fvtransform.tree._paramtree import ParamTree
 
 __all__ = ["merge", "unmerge", "restore", "MergeRecord", "normalize_adapters", "delta_rows", "describe", "AdapterSet", "Workspace"]
@@ -45,11 +46,7 @@ def normalize_adapters(adapters: AdapterSet, scale: float = 1.0) -> list[tuple[L
 
 
 def _digest(t: torch.Tensor) -> bytes:
-    t = t.detach().contiguous()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    raw = t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return hashlib.blake2b(raw, digest_size=16).digest()
+    return hashlib.blake2b(_tensor_bytes(t), digest_size=16).digest()
 
 
 def describe(d: Delta) -> str:
@@ -82,6 +79,7 @@ def _collect(tree: Mapping[str, torch.Tensor], pairs: list[tuple[LoraAdapter, fl
             if not d.fits(shape):
                 raise ShapeMismatchError(f"adapter target {key!r}: {describe(d)} does not fit the weight {list(shape)}")
             eff = s * d.scale
+            d = _drop_zero_ranks(d)
             digest = b"".join(_digest(t) for t in d.tensors())
             per_key.setdefault(key, []).append(_Contribution(eff, d, (eff, digest)))
     if missing:
@@ -94,6 +92,22 @@ def _collect(tree: Mapping[str, torch.Tensor], pairs: list[tuple[LoraAdapter, fl
     for contribs in per_key.values():
         contribs.sort(key=lambda c: c.order_key)
     return per_key
+
+
+def _drop_zero_ranks(d: Delta) -> Delta:
+    """``d`` without the ranks whose A row and B column are both all zero (the padding of ``pad_rank``).
+
+    They add exact zeros, but a longer product may be summed in another grouping (BLAS), a
+    last-bits difference; dropped first, merging ``pad_rank(a, r)`` gives the bits of merging ``a``.
+    DoRA targets are kept as they are.
+    """
+    if not isinstance(d, LowRank) or d.magnitude is not None or d.rank == 0:
+        return d
+    used = d.A.reshape(d.rank, -1).ne(0).any(dim=1) | d.B.reshape(d.B.shape[0], d.rank).ne(0).any(dim=0)
+    if bool(used.all()):
+        return d
+    keep = used.nonzero().flatten()
+    return LowRank(d.A.index_select(0, keep), d.B.index_select(1, keep), d.scale, d.alpha)
 
 
 def _factors(contribs: list[_Contribution], device: torch.device, sign: float) -> tuple[torch.Tensor | None, torch.Tensor | None, list[tuple[float, torch.Tensor]]]:
