@@ -4,7 +4,10 @@ import sys
 import pytest
 from hypothesis import HealthCheck, settings
 
+# property_tests is a package (its conftest must not share the module name "conftest" with tests/'s when
+# pytest collects conftest files as doctest modules); its helpers and tests/'s are imported by bare name.
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 settings.register_profile(
     "ci", max_examples=25, deadline=None, derandomize=True, print_blob=True,
