@@ -73,10 +73,11 @@ def test_merge_refuses_a_foreign_folder_and_overwrite_keeps_its_other_files(tmp_
     fvt.lora.merge_checkpoint(tmp_path / "base", adapter, out, overwrite=True)
     assert (out / "user.txt").read_text() == "keep me"
     assert fvt.load(out) == fvt.lora.merge(tree, adapter)
-    # a previous merge output is recognised from its record and replaced without --overwrite; user files stay
+    # a previous merge output is recognised from its record and replaced without --overwrite; user files stay,
+    # and so does the old config.json: a record alone (it may be forged) never deletes a file this merge does not write
     (tmp_path / "base" / "config.json").unlink()
     fvt.lora.merge_checkpoint(tmp_path / "base", _adapter(tree, seed=2), out)
-    assert sorted(os.listdir(out)) == sorted([*os.listdir(tmp_path / "base"), "user.txt"])  # the old config.json went
+    assert sorted(os.listdir(out)) == sorted([*os.listdir(tmp_path / "base"), "user.txt", "config.json"])
     assert fvt.load(out) == fvt.lora.merge(tree, _adapter(tree, seed=2))
     # a file of a name the merge writes, but not written by it, is refused
     (tmp_path / "base" / "README.md").write_text("base readme")
