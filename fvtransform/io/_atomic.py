@@ -365,13 +365,21 @@ def _entries_to_keep(dest: Path, names: set[str], owned: Callable[[Path], set[st
 
     Only stale temporaries of the exact shape this module makes are left behind
     (no writer of an entry of ``dest`` runs: each holds ``dest``'s lock, which
-    this writer holds). Owned entries are dropped only if they are regular files.
+    this writer holds). Owned entries are dropped only if they are regular files;
+    a folder (or FIFO, device, socket) where a file goes is refused, never removed.
     """
     if not dest.is_dir():
         return []
     entries = sorted(e for e in os.listdir(dest) if not _is_any_temp(e))
     if not entries:
         return []
+    mine = owned(dest)
+    if mine is None and require_own and not overwrite:
+        raise WriteError(
+            f"{dest}: the folder is not empty ({format_keys(entries, 6)}) and is not a previous {what}; refusing to "
+            "write into it. Choose a new or empty folder, or pass --overwrite (overwrite=True), which replaces "
+            "only the files this writer writes and keeps every other file"
+        )
     modes = {e: os.lstat(dest / e).st_mode for e in entries}
     blocked = [e for e in entries if e in names and not (stat.S_ISREG(modes[e]) or stat.S_ISLNK(modes[e]))]
     if blocked:
@@ -380,16 +388,8 @@ def _entries_to_keep(dest: Path, names: set[str], owned: Callable[[Path], set[st
             f"{dest / e} is {_kind(modes[e])} where this {what} writes a file; refusing to replace it (a writer never "
             "removes a folder or special file it did not create). Move it away or choose another destination"
         )
-    mine = owned(dest)
-    if mine is not None:  # a record names files; only regular files of this folder are ever dropped
-        mine = {e for e in mine if e in modes and stat.S_ISREG(modes[e])}
-    if mine is None and require_own and not overwrite:
-        raise WriteError(
-            f"{dest}: the folder is not empty ({format_keys(entries, 6)}) and is not a previous {what}; refusing to "
-            "write into it. Choose a new or empty folder, or pass --overwrite (overwrite=True), which replaces "
-            "only the files this writer writes and keeps every other file"
-        )
-    mine = mine or set()
+    # a record names files; only regular files of this folder are ever dropped
+    mine = {e for e in (mine or set()) if e in modes and stat.S_ISREG(modes[e])}
     clash = [e for e in entries if e in names and e not in mine]
     if clash and not overwrite:
         raise WriteError(
