@@ -536,3 +536,19 @@ def test_extract_lora_rank_below_one_is_a_typed_error(tmp_path, capsys):
                      "-o", str(tmp_path / "x.safetensors"), "--to", "kohya", "--quiet"]) == 2
         assert "the rank must be a whole number of at least 1" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_merge_of_another_layout_into_its_previous_output_drops_the_old_index_and_shards(tmp_path):
+    tree = _base(tmp_path / "sharded")
+    _base(tmp_path / "single", sharded=False)
+    out = tmp_path / "out"
+    fvt.lora.merge_checkpoint(tmp_path / "sharded", _adapter(tree), out)
+    fvt.lora.merge_checkpoint(tmp_path / "single", _adapter(tree), out)
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert fvt.load(out) == fvt.lora.merge(tree, _adapter(tree))
+    deep = tmp_path / "deep"  # a record nested too deep to parse is no record: a typed refusal, not a RecursionError
+    deep.mkdir()
+    (deep / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"fvt.merged": "[]", "fvt.files": "[" * 100000},
+                                                                  "weight_map": {}}))
+    with pytest.raises(E.WriteError, match=r"deep: the folder is not empty .* is not a previous merge output"):
+        fvt.lora.merge_checkpoint(tmp_path / "sharded", _adapter(tree), deep)

@@ -214,8 +214,11 @@ def merge_checkpoint(
                 os.fsync(fh.fileno())
 
     def owned(folder: Path) -> set[str] | None:
-        recorded = _merged_folder_files(folder)
-        return None if recorded is None else {n for n in recorded if n in written or _SHARD.fullmatch(n)}
+        found = _merge_record_of(folder)
+        if found is None:
+            return None
+        recorded, record_file = found  # the record's own file (its index or weights file) is the merge's
+        return {n for n in recorded if n in written or n == record_file or _SHARD.fullmatch(n)}
 
     write_folder(out_path, written, build, owned=owned, overwrite=overwrite, require_own=True, what="merge output")
     return out_path
@@ -284,6 +287,12 @@ def _merge_record(weights: Path) -> dict[str, Any] | None:
 
 def _merged_folder_files(folder: Path) -> set[str] | None:
     """The files a previous merge wrote into ``folder``, from its record (None when it is not a merge output)."""
+    found = _merge_record_of(folder)
+    return None if found is None else found[0]
+
+
+def _merge_record_of(folder: Path) -> tuple[set[str], str] | None:
+    """The names a previous merge's record in ``folder`` lists and the file holding the record (None: no record)."""
     entries = sorted(folder.iterdir())
     candidates = [p for p in entries if p.name.endswith(".safetensors.index.json")] or \
         [p for p in entries if p.name.endswith(".safetensors")]
@@ -291,11 +300,11 @@ def _merged_folder_files(folder: Path) -> set[str] | None:
         meta = _merge_record(c)
         try:
             names = json.loads(meta[FILES_KEY]) if meta is not None and isinstance(meta.get(FILES_KEY), str) else None
-        except ValueError:
+        except (ValueError, RecursionError):
             names = None
         if isinstance(names, list):
             plain = {n for n in names if isinstance(n, str) and n == os.path.basename(n) and n not in ("", ".", "..") and "\0" not in n}
-            return plain | {c.name}
+            return plain | {c.name}, c.name
     return None
 
 
