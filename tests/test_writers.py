@@ -552,3 +552,13 @@ def test_a_merge_of_another_layout_into_its_previous_output_drops_the_old_index_
                                                                   "weight_map": {}}))
     with pytest.raises(E.WriteError, match=r"deep: the folder is not empty .* is not a previous merge output"):
         fvt.lora.merge_checkpoint(tmp_path / "sharded", _adapter(tree), deep)
+
+
+def test_merge_copies_user_files_whose_names_merely_contain_a_writer_mark(tmp_path):
+    tree = _base(tmp_path / "base")
+    (tmp_path / "base" / "notes.fvt-tmp-draft.txt").write_text("mine")
+    (tmp_path / "base" / ".config.json.fvt-tmp-0123456789ab").write_text("a killed writer's temporary")
+    skipped: list[tuple[str, str]] = []
+    fvt.lora.merge_checkpoint(tmp_path / "base", _adapter(tree), tmp_path / "out", on_skip=lambda n, w: skipped.append((n, w)))
+    assert (tmp_path / "out" / "notes.fvt-tmp-draft.txt").read_text() == "mine"
+    assert not (tmp_path / "out" / ".config.json.fvt-tmp-0123456789ab").exists() and skipped == []

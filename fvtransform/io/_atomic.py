@@ -66,6 +66,7 @@ __all__ = [
     "check_path",
     "side_name",
     "is_temp_name",
+    "is_any_temp",
 ]
 
 #: The lock file of destination ``x`` is ``.x.fvt-lock`` beside it (present only while a writer holds it).
@@ -121,7 +122,7 @@ def is_temp_name(entry: str, name: str) -> bool:
     return re.fullmatch(re.escape(side_name(name, TMP_MARK)) + f"[0-9a-f]{{{_TMP_HEX}}}", entry) is not None
 
 
-def _is_any_temp(entry: str) -> bool:
+def is_any_temp(entry: str) -> bool:
     """Whether ``entry`` has the exact shape of one of this module's temporaries, for any name."""
     return re.fullmatch(r"\..+" + re.escape(TMP_MARK) + f"[0-9a-f]{{{_TMP_HEX}}}", entry, flags=re.DOTALL) is not None
 
@@ -370,7 +371,7 @@ def _entries_to_keep(dest: Path, names: set[str], owned: Callable[[Path], set[st
     """
     if not dest.is_dir():
         return []
-    entries = sorted(e for e in os.listdir(dest) if not _is_any_temp(e))
+    entries = sorted(e for e in os.listdir(dest) if not is_any_temp(e))
     if not entries:
         return []
     mine = owned(dest)

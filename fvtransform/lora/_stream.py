@@ -23,12 +23,12 @@ from typing import Any
 import torch
 
 from fvtransform.errors import FormatError, FvTransformError, UnsafeFileError, WriteError
-from fvtransform.io._atomic import LOCK_MARK, OLD_MARK, atomic_file, check_destination, check_path, write_folder
+from fvtransform.io._atomic import LOCK_MARK, OLD_MARK, atomic_file, check_destination, check_path, is_any_temp, write_folder
 from fvtransform.io._files import find_weight_files
 from fvtransform.io._header import DTYPE_NAMES, read_header
 from fvtransform.io._load import Checkpoint
 from fvtransform.io._open import read_text
-from fvtransform.io._safetensors import TMP_MARK, _tensor_bytes
+from fvtransform.io._safetensors import _tensor_bytes
 from fvtransform.lora._dora import merge_dora
 from fvtransform.lora._merge import Workspace, _collect, _digest, _is_dora, _is_replace, delta_rows, normalize_adapters
 
@@ -323,7 +323,10 @@ def _other_files(src: Path, weights: set[str]) -> tuple[dict[str, Path], list[tu
     skipped: list[tuple[str, str]] = []
     for entry in sorted(src.iterdir()):
         name = entry.name
-        if name in weights or TMP_MARK in name or name.endswith(LOCK_MARK) or OLD_MARK in name:
+        if name in weights or is_any_temp(name):  # a writer's temporary, exactly of the shape it makes: not data
+            continue
+        if re.fullmatch(r"\..+(" + re.escape(LOCK_MARK) + "|" + re.escape(OLD_MARK) + r"[0-9a-f]{8})", name, flags=re.DOTALL):
+            skipped.append((name, "a writer's lock file or old folder, not data"))
             continue
         real = Path(os.path.realpath(entry))
         if entry.is_symlink() and root not in real.parents:
