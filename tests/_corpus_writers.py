@@ -107,4 +107,28 @@ def cases(root: Path) -> list[Case]:
     os.mkfifo(p / "model.safetensors.index.json")
     out.append(Case("an output folder whose 'index' is a FIFO (never opened)", p, E.WriteError,
                     r"prev_out_fifo: the folder is not empty \(\['model.safetensors.index.json'\]\)", _merge_into(base)))
+
+    # issue 13 follow-up: a folder where a file goes, names that escape, records that lie, untyped errors
+    p = root / "dir_where_shard_goes"
+    (p / "model-00002-of-00002.safetensors" / "deep").mkdir(parents=True)
+    out.append(Case("sharded save where a shard name is a user folder", p, E.FormatError,
+                    r"dir_where_shard_goes/model-00002-of-00002.safetensors is a folder where this sharded save writes a file",
+                    lambda q: fvt.save(fvt.ParamTree(_TREE), q, max_shard_size="50B")))
+    p = root / "dir_where_config_goes"
+    (p / "adapter_config.json").mkdir(parents=True)
+    out.append(Case("PEFT save where adapter_config.json is a user folder", p, E.FormatError,
+                    r"dir_where_config_goes/adapter_config.json is a folder where this PEFT LoRA folder writes a file",
+                    lambda q: fvt.lora.save(_adapter(), q)))
+    p = root / "escaping_weights_name"
+    out.append(Case("a weights_name that leaves the folder", p, E.FormatError, r"weights_name '../esc' is not a plain file-name stem",
+                    lambda q: fvt.save(fvt.ParamTree(_TREE), q, max_shard_size="40B", weights_name="../esc")))
+    p = root / "foreign_kohya.safetensors"
+    _save(p)
+    out.append(Case("a LoRA save onto a file fvtransform did not write", p, E.WriteError,
+                    r"foreign_kohya.safetensors: exists and was not written by fvtransform", lambda q: fvt.lora.save(_adapter(), q, format="kohya")))
+    p = root / "sparse.safetensors"
+    out.append(Case("a sparse tensor", p, E.FormatError, r"'s': a torch.sparse_coo tensor cannot be saved",
+                    lambda q: fvt.save({"s": torch.eye(2).to_sparse()}, q)))
+    out.append(Case("a merge output inside the base folder", base / "sub", E.FormatError,
+                    r"base/sub: the output must differ .* lie inside an input folder", _merge_into(base)))
     return out

@@ -73,10 +73,11 @@ def test_merge_refuses_a_foreign_folder_and_overwrite_keeps_its_other_files(tmp_
     fvt.lora.merge_checkpoint(tmp_path / "base", adapter, out, overwrite=True)
     assert (out / "user.txt").read_text() == "keep me"
     assert fvt.load(out) == fvt.lora.merge(tree, adapter)
-    # a previous merge output is recognised from its record and replaced without --overwrite; user files stay
+    # a previous merge output is recognised from its record and replaced without --overwrite; user files stay,
+    # and so does the old config.json: a record alone (it may be forged) never deletes a file this merge does not write
     (tmp_path / "base" / "config.json").unlink()
     fvt.lora.merge_checkpoint(tmp_path / "base", _adapter(tree, seed=2), out)
-    assert sorted(os.listdir(out)) == sorted([*os.listdir(tmp_path / "base"), "user.txt"])  # the old config.json went
+    assert sorted(os.listdir(out)) == sorted([*os.listdir(tmp_path / "base"), "user.txt", "config.json"])
     assert fvt.load(out) == fvt.lora.merge(tree, _adapter(tree, seed=2))
     # a file of a name the merge writes, but not written by it, is refused
     (tmp_path / "base" / "README.md").write_text("base readme")
@@ -416,3 +417,148 @@ def test_convert_and_extract_refuse_an_output_fvtransform_did_not_write(tmp_path
     assert main(["extract-lora", str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"), "-o",
                  str(tmp_path / "tuned.safetensors"), "--rank", "2", "--to", "kohya", "--quiet"]) == 2
     assert "must differ from the base" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- issue 13 follow-up (writers)
+def test_a_file_saved_into_a_folder_takes_the_lock_a_swap_of_that_folder_takes(tmp_path, monkeypatch):
+    ck = tmp_path / "ck"
+    fvt.save(_tree(), ck, max_shard_size="300B")
+    monkeypatch.setattr(_atomic, "LOCK_TIMEOUT_S", 0.05)
+    with _atomic.writer_lock(ck):  # what a sharded save (a folder swap) of ck holds
+        with pytest.raises(E.WriteError, match=r"another writer has held .ck.fvt-lock"):
+            fvt.save(_tree(2.0), ck / "extra.safetensors")
+        with pytest.raises(E.WriteError, match=r"another writer has held .ck.fvt-lock"):
+            fvt.lora.save(_adapter(_tree()), ck / "sub")  # a folder written into ck: ck's lock too
+    assert not (ck / "extra.safetensors").exists() and not (ck / "sub").exists()
+    fvt.save(_tree(2.0), ck / "extra.safetensors")
+    assert fvt.load(ck / "extra.safetensors") == _tree(2.0) and not _no_temps(tmp_path)
+
+
+def test_names_too_long_for_the_marks_use_hashed_lock_and_temporary_names(tmp_path):
+    file, folder = tmp_path / ("f" * 240 + ".safetensors"), tmp_path / ("d" * 250)
+    for _ in range(2):  # the second write finds the first one's output
+        fvt.save(_tree(), file)
+        fvt.save(_tree(), folder, max_shard_size="300B")
+    assert fvt.load(file) == _tree() and fvt.load(folder) == _tree()
+    assert sorted(os.listdir(tmp_path)) == sorted([file.name, folder.name])
+    assert len(_atomic.side_name(file.name, _atomic.LOCK_MARK)) < 64
+
+
+def test_only_exact_temporary_shapes_are_cleaned_and_user_files_with_the_mark_are_carried(tmp_path):
+    ck = tmp_path / "ck"
+    fvt.save(_tree(), ck, max_shard_size="300B")
+    (ck / "notes.fvt-tmp-mine.txt").write_text("mine")  # a user file inside the folder, not a temporary
+    stale = tmp_path / ".ck.fvt-tmp-0123456789ab"  # a killed writer's temporary: exactly the shape we make
+    stale.mkdir()
+    fvt.save(_tree(2.0), ck, max_shard_size="300B")
+    assert (ck / "notes.fvt-tmp-mine.txt").read_text() == "mine"
+    assert not stale.exists() and fvt.load(ck) == _tree(2.0)
+
+
+@pytest.mark.parametrize("name, why", [("", "not a plain file-name stem"), (".hidden", "not a plain file-name stem"),
+                                       ("a/b", "not a plain file-name stem"), ("x" * 151, "at most 150 bytes"),
+                                       ("m.fvt-tmp-", "not a plain file-name stem")])
+def test_a_weights_name_must_be_a_plain_stem(tmp_path, name, why):
+    with pytest.raises(E.FormatError, match=rf"weights_name .* {why}" if why.startswith("not") else why):
+        fvt.save(_tree(), tmp_path / "ck", max_shard_size="300B", weights_name=name)
+    assert os.listdir(tmp_path) == []
+
+
+def test_sparse_tensors_and_nul_paths_are_format_errors_naming_the_key_or_path(tmp_path):
+    with pytest.raises(E.FormatError, match=r"'s.weight': a torch.sparse_coo tensor cannot be saved"):
+        fvt.save({"s.weight": torch.eye(2).to_sparse()}, tmp_path / "s.safetensors")
+    with pytest.raises(E.FormatError, match=r"holds a NUL character"):
+        fvt.lora.save(_adapter(_tree()), str(tmp_path / "a\0b"), format="kohya")
+    assert os.listdir(tmp_path) == []
+
+
+def test_merge_checkpoint_takes_the_cli_dtype_names_and_refuses_others(tmp_path):
+    tree = _tree()
+    fvt.save(tree, tmp_path / "b.safetensors")
+    out = fvt.lora.merge_checkpoint(tmp_path / "b.safetensors", _adapter(tree), tmp_path / "o.safetensors", dtype="bf16")
+    assert {t.dtype for t in fvt.load(out).values()} == {torch.bfloat16}
+    for bad in ("int8", torch.int8, "float64x"):
+        with pytest.raises(E.FormatError, match=r"dtype .*: expected a floating torch.dtype or one of \['bf16', 'bfloat16'"):
+            fvt.lora.merge_checkpoint(tmp_path / "b.safetensors", _adapter(tree), tmp_path / "p.safetensors", dtype=bad)
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_merge_reports_a_hard_linked_other_file_instead_of_copying_it(tmp_path):
+    tree = _base(tmp_path / "base")
+    (tmp_path / "base" / "card.md").write_text("inside only")
+    os.link(tmp_path / "base" / "config.json", tmp_path / "config-elsewhere.json")
+    skipped: list[tuple[str, str]] = []
+    fvt.lora.merge_checkpoint(tmp_path / "base", _adapter(tree), tmp_path / "out", on_skip=lambda n, w: skipped.append((n, w)))
+    assert skipped == [("config.json", "a file with 2 hard links: another link may lie outside the base folder")]
+    assert not (tmp_path / "out" / "config.json").exists() and (tmp_path / "out" / "card.md").read_text() == "inside only"
+
+
+def test_lora_save_replaces_only_its_own_outputs_unless_overwrite(tmp_path):
+    tree = _tree()
+    f = tmp_path / "k.safetensors"
+    fvt.save(_tree(5.0), f)  # a foreign file (no fvt.scales)
+    with pytest.raises(E.WriteError, match=r"k.safetensors: exists and was not written by fvtransform; .*overwrite=True"):
+        fvt.lora.save(_adapter(tree), f, format="kohya")
+    assert fvt.load(f) == _tree(5.0)
+    fvt.lora.save(_adapter(tree), f, format="kohya", overwrite=True)
+    fvt.lora.save(_adapter(tree, seed=4), f, format="kohya")  # its own output now: replaced without asking
+    assert fvt.lora.load(f, base=tree).keys() == _adapter(tree).keys()
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text("{}")
+    (peft / "README.md").write_text("card")
+    with pytest.raises(E.WriteError, match=r"peft: \['adapter_config.json'\] would be replaced, but this PEFT LoRA folder did not write"):
+        fvt.lora.save(_adapter(tree), peft)
+    fvt.lora.save(_adapter(tree), peft, overwrite=True)
+    assert (peft / "README.md").read_text() == "card"
+
+
+def test_cli_outputs_inside_an_input_are_refused_through_links_and_hard_links(tmp_path, capsys):
+    tree = _tree()
+    fvt.lora.save(_adapter(tree), tmp_path / "k.safetensors", format="kohya")
+    (tmp_path / "lora").mkdir()
+    fvt.lora.save(_adapter(tree), tmp_path / "lora" / "k.safetensors", format="kohya")
+    os.symlink(tmp_path / "lora", tmp_path / "via")
+    os.link(tmp_path / "k.safetensors", tmp_path / "hard.safetensors")
+    before = (tmp_path / "k.safetensors").read_bytes()
+    for src, out in ((tmp_path / "lora", tmp_path / "via" / "new.safetensors"),
+                     (tmp_path / "k.safetensors", tmp_path / "hard.safetensors")):
+        assert main(["convert-lora", str(src), "--to", "kohya", "-o", str(out), "--overwrite"]) == 2
+        assert "must not contain them or lie inside an input folder" in capsys.readouterr().err
+    assert not (tmp_path / "lora" / "new.safetensors").exists() and (tmp_path / "k.safetensors").read_bytes() == before
+
+
+def test_extract_lora_rank_below_one_is_a_typed_error(tmp_path, capsys):
+    fvt.save(_tree(), tmp_path / "a.safetensors")
+    fvt.save(_tree(2.0), tmp_path / "b.safetensors")
+    for rank in ("0", "-3"):
+        assert main(["extract-lora", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--rank", rank,
+                     "-o", str(tmp_path / "x.safetensors"), "--to", "kohya", "--quiet"]) == 2
+        assert "the rank must be a whole number of at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_merge_of_another_layout_into_its_previous_output_drops_the_old_index_and_shards(tmp_path):
+    tree = _base(tmp_path / "sharded")
+    _base(tmp_path / "single", sharded=False)
+    out = tmp_path / "out"
+    fvt.lora.merge_checkpoint(tmp_path / "sharded", _adapter(tree), out)
+    fvt.lora.merge_checkpoint(tmp_path / "single", _adapter(tree), out)
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert fvt.load(out) == fvt.lora.merge(tree, _adapter(tree))
+    deep = tmp_path / "deep"  # a record nested too deep to parse is no record: a typed refusal, not a RecursionError
+    deep.mkdir()
+    (deep / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"fvt.merged": "[]", "fvt.files": "[" * 100000},
+                                                                  "weight_map": {}}))
+    with pytest.raises(E.WriteError, match=r"deep: the folder is not empty .* is not a previous merge output"):
+        fvt.lora.merge_checkpoint(tmp_path / "sharded", _adapter(tree), deep)
+
+
+def test_merge_copies_user_files_whose_names_merely_contain_a_writer_mark(tmp_path):
+    tree = _base(tmp_path / "base")
+    (tmp_path / "base" / "notes.fvt-tmp-draft.txt").write_text("mine")
+    (tmp_path / "base" / ".config.json.fvt-tmp-0123456789ab").write_text("a killed writer's temporary")
+    skipped: list[tuple[str, str]] = []
+    fvt.lora.merge_checkpoint(tmp_path / "base", _adapter(tree), tmp_path / "out", on_skip=lambda n, w: skipped.append((n, w)))
+    assert (tmp_path / "out" / "notes.fvt-tmp-draft.txt").read_text() == "mine"
+    assert not (tmp_path / "out" / ".config.json.fvt-tmp-0123456789ab").exists() and skipped == []

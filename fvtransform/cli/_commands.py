@@ -15,8 +15,7 @@ from fvtransform.errors import FormatError
 __all__ = ["merge_command", "convert_command", "extract_command", "parse_lora_arg", "parse_dtype", "progress_bar",
            "printable", "one_line"]
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+from fvtransform.lora._stream import DTYPES as _DTYPES
 
 
 def _escape(ch: str) -> str:
@@ -103,9 +102,11 @@ def _local_inputs(args: list[str]) -> list[Path]:
 
 
 def _refuse_inputs(out: str, inputs: list[str]) -> None:
-    from fvtransform.lora._stream import _check_not_input
+    """Refuse an output that is, holds or lies inside a local input (real paths and inodes compared)."""
+    from fvtransform.io._atomic import check_path
+    from fvtransform.lora._stream import check_not_input
 
-    _check_not_input(Path(out), _local_inputs(inputs))
+    check_not_input(check_path(out, "output"), _local_inputs(inputs))
 
 
 def merge_command(base: str, loras: list[str], out: str, *, dtype: str | None, quiet: bool,
@@ -170,7 +171,7 @@ def convert_command(src: str, out: str, *, to: str, base: str | None, overwrite:
     _check_lora_output(out, to, [src] + ([base] if base else []), overwrite)
     tree = _base_tree(base)[0] if base else None
     adapter = fvt.lora.load(src, base=tree)
-    written = fvt.lora.save(adapter, out, format=to)
+    written = fvt.lora.save(adapter, out, format=to, overwrite=overwrite)
     return {"output": str(written), "from": adapter.format, "to": to, "targets": len(adapter)}
 
 
@@ -180,6 +181,10 @@ def extract_command(base: str, tuned: str, out: str, *, rank: int | None, energy
 
     if (rank is None) == (energy is None):
         raise FormatError("extract-lora needs exactly one of --rank R or --energy E")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise FormatError(f"extract-lora --rank {rank!r}: the rank must be a whole number of at least 1")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise FormatError(f"extract-lora --energy {energy!r}: the energy must be in (0, 1]")
     _check_lora_output(out, to, [base, tuned], overwrite)
     base_tree, tuned_tree = _base_tree(base)[0], _base_tree(tuned)[0]
     update, close = progress_bar(not quiet, "extract")
@@ -187,7 +192,7 @@ def extract_command(base: str, tuned: str, out: str, *, rank: int | None, energy
         adapter, report = fvt.lora.extract(base_tree, tuned_tree, rank=rank, energy=energy, return_report=True, progress=update)
     finally:
         close()
-    written = fvt.lora.save(adapter, out, format=to)
+    written = fvt.lora.save(adapter, out, format=to, overwrite=overwrite)
     worst = max(report.errors.values()) if report.errors else 0.0
     return {"output": str(written), "targets": len(adapter), "ranks": sorted({d.rank for d in adapter.values()}),
             "max_relative_error": worst}

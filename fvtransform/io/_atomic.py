@@ -4,7 +4,18 @@ Every writer of the library goes through this module:
 
 * :func:`writer_lock` serialises writers of one destination (a ``flock`` on
   ``.<name>.fvt-lock`` beside it, removed on release); a second writer waits,
-  and after :data:`LOCK_TIMEOUT_S` fails with :class:`WriteError`.
+  and after :data:`LOCK_TIMEOUT_S` fails with :class:`WriteError`. Every
+  writer of a path ``p`` (a file or a folder) takes two locks, outer first:
+  the lock of its folder ``p.parent`` (the one a swap of that folder takes)
+  and the lock of ``p``. So a file saved into folder ``d`` and a folder swap
+  of ``d`` are serialised (the swap cannot put back a copy without the new
+  file), and two writers never deadlock (locks are taken shallow to deep).
+  Writes two or more levels below a folder being swapped (``d/sub/x``) are not
+  serialised with that swap. Where the parent's lock cannot be created (a
+  read-only or foreign grand-parent), no swap of the parent is possible
+  either, and only the path's own lock is taken. Names too long to carry the
+  marks (over 200 bytes) use a hash of the name in their lock, temporary and
+  old-folder names.
 * :func:`atomic_file` writes one file: bytes to a temporary beside it,
   fsync, rename.
 * :func:`write_folder` writes a set of files as one unit: a new folder is
@@ -26,9 +37,11 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import json
 import os
 from pathlib import Path
+import re
 import secrets
 import shutil
 import stat
@@ -36,7 +49,7 @@ import time
 from typing import Any, BinaryIO
 
 from fvtransform.errors import FormatError, FvTransformError, UnsafeFileError, WriteError, format_keys
-from fvtransform.io._safetensors import TMP_MARK, clean_stale_temps, fsync_dir
+from fvtransform.io._safetensors import TMP_MARK, fsync_dir
 
 __all__ = [
     "LOCK_MARK",
@@ -50,6 +63,10 @@ __all__ = [
     "typed_os_errors",
     "swap_in",
     "recover_swap",
+    "check_path",
+    "side_name",
+    "is_temp_name",
+    "is_any_temp",
 ]
 
 #: The lock file of destination ``x`` is ``.x.fvt-lock`` beside it (present only while a writer holds it).
@@ -60,6 +77,7 @@ OLD_MARK = ".fvt-old-"
 LOCK_TIMEOUT_S = 600.0
 
 _KINDS = {
+    stat.S_IFDIR: "a folder",
     stat.S_IFLNK: "a symbolic link",
     stat.S_IFIFO: "a FIFO",
     stat.S_IFCHR: "a character device",
@@ -80,6 +98,54 @@ _HINTS = {
 
 def _kind(mode: int) -> str:
     return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+#: Names longer than this (in bytes) are hashed in the names of their lock, temporaries and old folders.
+_LONG_NAME = 200
+#: The random suffix of a temporary (``secrets.token_hex(6)``) and of an old folder (``token_hex(4)``).
+_TMP_HEX, _OLD_HEX = 12, 8
+
+
+def _tag(name: str) -> str:
+    """``name``, or a 32-hex-digit hash of it when it is too long to carry a mark within 255 bytes."""
+    raw = os.fsencode(name)
+    return name if len(raw) <= _LONG_NAME else hashlib.sha256(raw).hexdigest()[:32]
+
+
+def side_name(name: str, mark: str, suffix: str = "") -> str:
+    """The name of a lock, temporary or old folder of ``name``: ``.<name><mark><suffix>`` (hashed when long)."""
+    return f".{_tag(name)}{mark}{suffix}"
+
+
+def is_temp_name(entry: str, name: str) -> bool:
+    """Whether ``entry`` is exactly a temporary this module makes for ``name`` (``.<name>.fvt-tmp-`` + 12 hex digits)."""
+    return re.fullmatch(re.escape(side_name(name, TMP_MARK)) + f"[0-9a-f]{{{_TMP_HEX}}}", entry) is not None
+
+
+def is_any_temp(entry: str) -> bool:
+    """Whether ``entry`` has the exact shape of one of this module's temporaries, for any name."""
+    return re.fullmatch(r"\..+" + re.escape(TMP_MARK) + f"[0-9a-f]{{{_TMP_HEX}}}", entry, flags=re.DOTALL) is not None
+
+
+def check_path(path: str | os.PathLike[str], what: str = "destination") -> Path:
+    """``path`` as a :class:`Path`; a NUL character or an empty path is a :class:`FormatError`."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if "\0" in text or not text:
+        raise FormatError(f"{text!r}: the {what} path is empty or holds a NUL character; pass a real path")
+    return Path(text)
+
+
+def _clean_stale(folder: Path, name: str) -> None:
+    """Remove temporaries a killed writer of ``name`` left in ``folder``: only names of their exact shape."""
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return
+    for entry in entries:
+        if is_temp_name(entry, name):
+            _remove_ours(folder / entry)
 
 
 @contextlib.contextmanager
@@ -120,21 +186,32 @@ def check_destination(dest: Path, *, folder: bool) -> None:
         raise FormatError(f"{dest} is a file; this writer writes a folder there")
 
 
+#: Where the lock of a parent folder cannot be made, no writer can swap that folder either (it writes there too).
+_NO_PARENT_LOCK = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT)
+
+
 @contextlib.contextmanager
-def writer_lock(dest: Path, timeout: float | None = None) -> Iterator[None]:
-    """Hold the lock of ``dest`` (``.<name>.fvt-lock`` beside it) for the block; wait at most ``timeout`` seconds."""
+def writer_lock(dest: Path, timeout: float | None = None, *, optional: bool = False) -> Iterator[None]:
+    """Hold the lock of ``dest`` (``.<name>.fvt-lock`` beside it) for the block; wait at most ``timeout`` seconds.
+
+    With ``optional``, a lock file that cannot be created for lack of permission
+    (or on a read-only file system) is skipped instead of failing.
+    """
     try:
         import fcntl
     except ImportError:  # pragma: no cover (not POSIX: no lock; the writes stay atomic)
         yield
         return
-    lock = dest.parent / f".{dest.name}{LOCK_MARK}"
+    lock = dest.parent / side_name(dest.name, LOCK_MARK)
     deadline = time.monotonic() + (LOCK_TIMEOUT_S if timeout is None else timeout)
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     while True:
         try:
             fd = os.open(lock, flags, 0o600)
         except OSError as e:
+            if optional and e.errno in _NO_PARENT_LOCK:
+                yield
+                return
             if e.errno == errno.ELOOP:
                 raise UnsafeFileError(f"{lock}: the lock file of {dest} is a symbolic link; refusing to follow it; remove it") from None
             raise
@@ -170,20 +247,41 @@ def writer_lock(dest: Path, timeout: float | None = None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_file(dest: str | os.PathLike[str]) -> Iterator[Path]:
+def unit_locks(dest: Path) -> Iterator[Path]:
+    """Hold the lock of ``dest``'s folder (as a swap of that folder takes it), then the lock of ``dest``.
+
+    Yields ``dest`` with its folder's real path, so that every spelling of one
+    destination (through a symlinked parent, relative) takes the same locks.
+    """
+    parent = Path(os.path.realpath(dest.parent))
+    dest = parent / dest.name
+    with contextlib.ExitStack() as stack:
+        if parent.parent != parent:
+            stack.enter_context(writer_lock(parent, optional=True))
+        stack.enter_context(writer_lock(dest))
+        yield dest
+
+
+@contextlib.contextmanager
+def atomic_file(dest: str | os.PathLike[str], *, replace_check: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; when the block ends, fsync it and rename it onto ``dest``.
 
-    The lock of ``dest`` is held throughout. On any error the temporary is
-    removed, ``dest`` is untouched, and an ``OSError`` becomes :class:`WriteError`.
+    The locks of ``dest`` and of its folder are held throughout; ``replace_check(dest)``,
+    if given, is called under them when ``dest`` exists (it raises to refuse
+    replacing it). On any error the temporary is removed, ``dest`` is untouched,
+    and an ``OSError`` becomes :class:`WriteError`.
     """
-    dest = Path(dest)
+    dest = check_path(dest)
     with typed_os_errors(dest):
         check_destination(dest, folder=False)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with writer_lock(dest):
+        with unit_locks(dest) as real:
             check_destination(dest, folder=False)
-            clean_stale_temps(dest.parent, dest.name)
-            tmp = dest.parent / f".{dest.name}{TMP_MARK}{secrets.token_hex(6)}"
+            if replace_check is not None and os.path.lexists(real):
+                replace_check(dest)
+            _clean_stale(real.parent, real.name)
+            tmp = real.parent / side_name(real.name, TMP_MARK, secrets.token_hex(_TMP_HEX // 2))
+            dest = real
             try:
                 yield tmp
                 fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
@@ -240,16 +338,17 @@ def write_folder(
         UnsafeFileError: ``dest`` is a symlink, FIFO, device or socket.
         FormatError: ``dest`` is a file.
     """
-    dest = Path(dest)
+    dest = check_path(dest)
     with typed_os_errors(dest):
         check_destination(dest, folder=True)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with writer_lock(dest):
+        with unit_locks(dest) as real:
             check_destination(dest, folder=True)
+            dest = real
             recover_swap(dest)
-            clean_stale_temps(dest.parent, dest.name)
+            _clean_stale(dest.parent, dest.name)
             keep = _entries_to_keep(dest, set(names), owned, overwrite=overwrite, require_own=require_own, what=what)
-            tmp = dest.parent / f".{dest.name}{TMP_MARK}{secrets.token_hex(6)}"
+            tmp = dest.parent / side_name(dest.name, TMP_MARK, secrets.token_hex(_TMP_HEX // 2))
             tmp.mkdir()
             try:
                 build(tmp)
@@ -263,9 +362,16 @@ def write_folder(
 
 def _entries_to_keep(dest: Path, names: set[str], owned: Callable[[Path], set[str] | None], *, overwrite: bool,
                      require_own: bool, what: str) -> list[str]:
+    """The entries of ``dest`` to carry into the new version; refuses what the write would destroy.
+
+    Only stale temporaries of the exact shape this module makes are left behind
+    (no writer of an entry of ``dest`` runs: each holds ``dest``'s lock, which
+    this writer holds). Owned entries are dropped only if they are regular files;
+    a folder (or FIFO, device, socket) where a file goes is refused, never removed.
+    """
     if not dest.is_dir():
         return []
-    entries = sorted(e for e in os.listdir(dest) if TMP_MARK not in e and not e.endswith(LOCK_MARK))
+    entries = sorted(e for e in os.listdir(dest) if not is_any_temp(e))
     if not entries:
         return []
     mine = owned(dest)
@@ -275,7 +381,16 @@ def _entries_to_keep(dest: Path, names: set[str], owned: Callable[[Path], set[st
             "write into it. Choose a new or empty folder, or pass --overwrite (overwrite=True), which replaces "
             "only the files this writer writes and keeps every other file"
         )
-    mine = mine or set()
+    modes = {e: os.lstat(dest / e).st_mode for e in entries}
+    blocked = [e for e in entries if e in names and not (stat.S_ISREG(modes[e]) or stat.S_ISLNK(modes[e]))]
+    if blocked:
+        e = blocked[0]
+        raise FormatError(
+            f"{dest / e} is {_kind(modes[e])} where this {what} writes a file; refusing to replace it (a writer never "
+            "removes a folder or special file it did not create). Move it away or choose another destination"
+        )
+    # a record names files; only regular files of this folder are ever dropped
+    mine = {e for e in (mine or set()) if e in modes and stat.S_ISREG(modes[e])}
     clash = [e for e in entries if e in names and e not in mine]
     if clash and not overwrite:
         raise WriteError(
@@ -332,7 +447,7 @@ def swap_in(tmp: Path, folder: Path) -> None:
     elif exchange(tmp, folder):
         pass  # tmp now holds the old version; the caller removes it
     else:
-        old = folder.parent / f".{folder.name}{OLD_MARK}{secrets.token_hex(4)}"
+        old = folder.parent / side_name(folder.name, OLD_MARK, secrets.token_hex(_OLD_HEX // 2))
         os.rename(folder, old)
         os.rename(tmp, folder)
         fsync_dir(folder.parent)
@@ -344,11 +459,12 @@ def recover_swap(folder: Path) -> None:
     """Repair a swap cut between its two renames: put the old version back where nothing replaced it.
 
     Called with the lock held. When ``folder`` is missing, the newest
-    ``.<name>.fvt-old-*`` is renamed back (the next write, not a deletion,
-    then replaces it); when ``folder`` exists, leftovers are removed.
+    ``.<name>.fvt-old-<8 hex>`` is renamed back (the next write, not a deletion,
+    then replaces it); when ``folder`` exists, leftovers are removed. Only
+    names of that exact shape are touched.
     """
-    prefix = f".{folder.name}{OLD_MARK}"
-    olds = [p for p in folder.parent.iterdir() if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink()]
+    shape = re.compile(re.escape(side_name(folder.name, OLD_MARK)) + f"[0-9a-f]{{{_OLD_HEX}}}")
+    olds = [p for p in folder.parent.iterdir() if shape.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
     if not olds:
         return
     olds.sort(key=lambda p: p.stat().st_mtime_ns)
@@ -371,18 +487,20 @@ def file_writer(write: Callable[[BinaryIO], Any]) -> Callable[[Path], None]:
     return run
 
 
-def write_files(folder: str | os.PathLike[str], files: Mapping[str, Callable[[BinaryIO], Any]], *, what: str = "output") -> None:
+def write_files(folder: str | os.PathLike[str], files: Mapping[str, Callable[[BinaryIO], Any]], *, what: str = "output",
+                owned: Callable[[Path], set[str] | None] = lambda _d: set(), overwrite: bool = True) -> None:
     """Write several files into ``folder`` as one unit (all old or all new), keeping the folder's other files.
 
     ``files`` maps each file name to ``write(f)``. Files of the same names are
-    replaced; nothing else in the folder is touched.
+    replaced when ``owned(folder)`` lists them or with ``overwrite`` (else a
+    :class:`WriteError`); nothing else in the folder is touched.
     """
 
     def build(tmp: Path) -> None:
         for name, write in files.items():
             file_writer(write)(tmp / name)
 
-    write_folder(folder, list(files), build, owned=lambda _d: set(), overwrite=True, what=what)
+    write_folder(folder, list(files), build, owned=owned, overwrite=overwrite, what=what)
 
 
 def json_bytes(doc: Mapping[str, Any]) -> Callable[[BinaryIO], Any]:

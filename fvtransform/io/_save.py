@@ -12,9 +12,9 @@ from typing import BinaryIO
 import torch
 
 from fvtransform.errors import FormatError
-from fvtransform.io._atomic import atomic_file, check_destination, exchange, swap_in, write_folder
+from fvtransform.io._atomic import LOCK_MARK, OLD_MARK, atomic_file, check_destination, check_path, exchange, swap_in, write_folder
 from fvtransform.io._load import ALIASES_KEY
-from fvtransform.io._safetensors import write_safetensors
+from fvtransform.io._safetensors import TMP_MARK, write_safetensors
 from fvtransform.tree._paramtree import ParamTree
 
 __all__ = ["save", "parse_size", "tree_bytes", "previous_save"]
@@ -40,11 +40,33 @@ def parse_size(size: int | str) -> int:
     return value
 
 
+#: The longest ``weights_name`` (bytes): with ``-00001-of-00002.safetensors.index.json`` it stays a valid file name.
+_MAX_WEIGHTS_NAME = 150
+
+
+def _check_weights_name(name: object) -> str:
+    """``name`` if it is a plain file-name stem (no folder part, no NUL, not hidden, not one of the writers' marks)."""
+    if not isinstance(name, str):
+        raise FormatError(f"weights_name must be a str file-name stem such as 'model'; found {type(name).__name__}")
+    bad = (not name or name != os.path.basename(name) or "/" in name or "\\" in name or "\0" in name or name.startswith(".")
+           or len(os.fsencode(name)) > _MAX_WEIGHTS_NAME or any(m in name for m in (TMP_MARK, LOCK_MARK, OLD_MARK)))
+    if bad:
+        raise FormatError(
+            f"weights_name {name!r} is not a plain file-name stem: the shards go inside the folder as "
+            f"'<weights_name>-00001-of-0000N.safetensors'; pass a name such as 'model' or 'diffusion_pytorch_model' "
+            f"(no '/', '\\', NUL or leading '.', at most {_MAX_WEIGHTS_NAME} bytes)"
+        )
+    return name
+
+
 def _dedupe(tree: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     first: dict[int, str] = {}
     unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     for k, v in tree.items():
+        if isinstance(v, torch.Tensor) and v.layout != torch.strided:
+            raise FormatError(f"{k!r}: a {v.layout} tensor cannot be saved as safetensors (dense tensors only); "
+                              "convert it with .to_dense() first")
         if id(v) in first:
             aliases[k] = first[id(v)]
         else:
@@ -84,7 +106,11 @@ def save(
     versions. Only the files of the previous save of the same ``weights_name``
     (its index and the shards it names, or its single file) are replaced;
     every other file of the folder, ``model_ema.safetensors`` included, is kept.
-    Concurrent writers of one path are serialised by a lock file.
+    Like ``torch.save`` and ``safetensors.torch.save_file``, the file at
+    ``path`` (or, sharded, a file of one of the names written) is replaced:
+    naming it is the consent (``fvt.lora.save`` and the CLI ask for ``overwrite``).
+    Concurrent writers of one path, and of a folder and the files saved into
+    it, are serialised by lock files.
     Tied tensors are written once and come back tied from :func:`load`.
 
     >>> import torch, tempfile, os, fvtransform as fvt
@@ -97,7 +123,9 @@ def save(
     True
 
     Raises:
-        FormatError: not a tree, a bad size, a folder where a file goes (or back).
+        FormatError: not a tree, a bad size, a ``weights_name`` that is not a plain file-name stem, a sparse
+            tensor, a NUL in ``path``, a folder where a file goes (or back: a folder named like one of the shards,
+            the index or the single file is refused, never removed).
         UnsafeFileError: ``path`` is a symlink, FIFO, device or socket.
         WriteError: a full disk, a read-only destination, a lock held too long (the old data is intact).
     """
@@ -105,7 +133,9 @@ def save(
         raise FormatError(f"save takes a ParamTree or a mapping of str -> Tensor; found {type(tree).__name__}")
     if not isinstance(tree, ParamTree):
         tree = ParamTree(tree)
-    path = Path(path)
+    path = check_path(path)
+    if max_shard_size is not None:
+        _check_weights_name(weights_name)
     unique, aliases = _dedupe(tree)
     meta = _meta(metadata, aliases, list(tree))
     if max_shard_size is None:

@@ -723,7 +723,26 @@ def _peft_config(adapter: LoraAdapter) -> dict[str, Any]:
     }
 
 
-def save(adapter: LoraAdapter, path: str | os.PathLike[str], *, format: str = "peft", component: str = "transformer") -> Path:
+def _written_by_us(weights: Path) -> bool:
+    """Whether ``weights`` is a regular safetensors file an fvtransform LoRA writer wrote (``fvt.scales`` in its header)."""
+    from fvtransform.errors import FvTransformError
+    from fvtransform.io._header import read_header
+
+    try:
+        return weights.is_file() and not weights.is_symlink() and FVT_SCALES in read_header(weights).metadata
+    except (FvTransformError, OSError):
+        return False
+
+
+def _refuse_foreign(dest: Path) -> None:
+    from fvtransform.errors import WriteError
+
+    raise WriteError(f"{dest}: exists and was not written by fvtransform; refusing to replace it. "
+                     "Choose another output, or pass overwrite=True (--overwrite)")
+
+
+def save(adapter: LoraAdapter, path: str | os.PathLike[str], *, format: str = "peft", component: str = "transformer",
+         overwrite: bool = False) -> Path:
     """Write an adapter in ``format`` (``peft``, ``diffusers``, ``diffusers-model``, ``kohya``, ``comfy``), atomically.
 
     ``peft`` writes a folder (``adapter_model.safetensors`` + ``adapter_config.json``);
@@ -735,26 +754,36 @@ def save(adapter: LoraAdapter, path: str | os.PathLike[str], *, format: str = "p
     names that musubi-tuner and ComfyUI read. Exact scales are also kept in the
     header (``fvt.scales``), so reading the file back gives the same adapter.
     Returns the path of the weights file.
+
+    An existing weights file (or PEFT config) is replaced only if an
+    fvtransform LoRA writer wrote it (its header records ``fvt.scales``) or
+    ``overwrite=True``, as the CLI's ``--overwrite``; other files of a folder
+    are always kept, and a folder where a file goes is refused.
+
+    Raises:
+        FormatError: not an adapter, an unknown format, a NUL in ``path``, a folder where a file goes.
+        WriteError: a file fvtransform did not write is in the way (without ``overwrite``), a full disk.
+        UnsafeFileError: the destination is a symlink, FIFO, device or socket.
     """
-    from fvtransform.io._save import save as save_tree
+    from fvtransform.io._atomic import atomic_file, check_path, json_bytes, write_files
+    from fvtransform.io._save import tree_bytes
 
     if not isinstance(adapter, LoraAdapter):
         raise FormatError(f"lora.save takes a LoraAdapter; found {type(adapter).__name__}")
     fmt = BY_NAME.get(format)
     if fmt is None or not fmt.write_roles:
         raise FormatError(f"unknown LoRA format {format!r}; write one of {[f.name for f in TABLE if f.write_roles]}")
-    path = Path(path)
+    path = check_path(path)
     scales = json.dumps({k: d.scale for k, d in adapter.items() if hasattr(d, "scale")})
     meta = {FVT_SCALES: scales}
     tensors = _encode(adapter, fmt, component)
     if fmt.scale == "config":
         folder = path
         config = _peft_config(adapter)
-        from fvtransform.io._atomic import json_bytes, write_files
-        from fvtransform.io._save import tree_bytes
-
-        # both files as one unit: a reader sees the old pair or the new pair
-        write_files(folder, {PEFT_WEIGHTS: tree_bytes(tensors, meta), PEFT_CONFIG: json_bytes(config)}, what="PEFT LoRA folder")
+        files = {PEFT_WEIGHTS: tree_bytes(tensors, meta), PEFT_CONFIG: json_bytes(config)}
+        # both files as one unit: a reader sees the old pair or the new pair; a previous fvtransform pair is replaced
+        write_files(folder, files, what="PEFT LoRA folder", overwrite=overwrite,
+                    owned=lambda d: set(files) if _written_by_us(d / PEFT_WEIGHTS) else set())
         return folder / PEFT_WEIGHTS
     if fmt.scale in ("metadata", "metadata-unprefixed"):
         file = path / DIFFUSERS_WEIGHTS if (path.is_dir() or not path.suffix) else path
@@ -763,7 +792,12 @@ def save(adapter: LoraAdapter, path: str | os.PathLike[str], *, format: str = "p
         meta[DIFFUSERS_META] = json.dumps(cfg, sort_keys=True)
     else:
         file = path
-    save_tree(tensors, file, metadata=meta)
+    write = tree_bytes(tensors, meta)
+    with atomic_file(file, replace_check=None if overwrite else (lambda p: None if _written_by_us(p) else _refuse_foreign(p))) as tmp, \
+            open(tmp, "xb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     return file
 
 

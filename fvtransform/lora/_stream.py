@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+import re
 import shutil
 import stat
 import warnings
@@ -22,21 +23,39 @@ from typing import Any
 import torch
 
 from fvtransform.errors import FormatError, FvTransformError, UnsafeFileError, WriteError
-from fvtransform.io._atomic import LOCK_MARK, OLD_MARK, atomic_file, check_destination, write_folder
+from fvtransform.io._atomic import LOCK_MARK, OLD_MARK, atomic_file, check_destination, check_path, is_any_temp, write_folder
 from fvtransform.io._files import find_weight_files
 from fvtransform.io._header import DTYPE_NAMES, read_header
 from fvtransform.io._load import Checkpoint
 from fvtransform.io._open import read_text
-from fvtransform.io._safetensors import TMP_MARK, _tensor_bytes
+from fvtransform.io._safetensors import _tensor_bytes
 from fvtransform.lora._dora import merge_dora
 from fvtransform.lora._merge import Workspace, _collect, _digest, _is_dora, _is_replace, delta_rows, normalize_adapters
 
-__all__ = ["merge_checkpoint", "MERGED_KEY", "FILES_KEY", "OTHER_FILE_LIMIT"]
+__all__ = ["merge_checkpoint", "MERGED_KEY", "FILES_KEY", "OTHER_FILE_LIMIT", "DTYPES", "as_dtype", "check_not_input"]
 
 #: Metadata key listing what was merged: ``[{"adapter": label, "scale": s, "digest": hex}, ...]``.
 MERGED_KEY = "fvt.merged"
 #: Metadata key (index, or the weights file of a one-file folder) listing every file a merge wrote into its folder.
 FILES_KEY = "fvt.files"
+
+#: The output dtypes a merge accepts by name (the CLI's ``--dtype``), besides the ``torch.dtype`` values themselves.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def as_dtype(dtype: object, what: str = "dtype") -> torch.dtype | None:
+    """``dtype`` as a floating ``torch.dtype`` (from a name in :data:`DTYPES` or a dtype); None stays None.
+
+    Raises:
+        FormatError: an unknown name, or a dtype that is not a floating one.
+    """
+    if dtype is None:
+        return None
+    found = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if isinstance(found, torch.dtype) and found.is_floating_point and found in DTYPE_NAMES:
+        return found
+    raise FormatError(f"{what} {dtype!r}: expected a floating torch.dtype or one of {sorted(DTYPES)}")
 
 
 def _write_file(path: Path, keys: Sequence[str], ckpt: Checkpoint, produce: Callable[[str], torch.Tensor],
@@ -87,23 +106,32 @@ def merge_checkpoint(
     or weights file records the files the merge wrote, under ``fvt.files``);
     only those files are replaced, every other file is kept. ``overwrite=True``
     also writes into another folder, replacing files of the names it writes and
-    still keeping every other file. The other files of a base folder are copied
+    still keeping every other file. A previous output's record is trusted only
+    for regular files named like what this merge writes now or like a shard
+    (``<name>-00001-of-00002.safetensors``): a forged record never makes a merge
+    drop a user's other file or a folder. The other files of a base folder are copied
     only when they are regular files (or links to regular files) inside the
-    base folder and at most :data:`OTHER_FILE_LIMIT` bytes; each file skipped is
+    base folder and at most :data:`OTHER_FILE_LIMIT` bytes, and have one link
+    only (a hard link may be a second name of a file outside the folder, which
+    cannot be told cheaply, so it is skipped); each file skipped is
     reported to ``on_skip(name, why)`` (default: a warning), never opened.
+    ``dtype`` is a floating ``torch.dtype`` or one of :data:`DTYPES`' names.
 
     Raises:
         KeyMismatchError / ShapeMismatchError: an adapter that does not fit the base.
-        FormatError: ``out`` is (or holds) the base, or the base holds no safetensors.
+        FormatError: ``out`` is (or holds, or lies inside a base folder of) the base, the base holds no
+            safetensors, an unknown ``dtype``, a folder where an output file goes.
         WriteError: ``out`` holds files the merge did not write, a full disk, a read-only destination.
         UnsafeFileError: ``out`` is a symlink, FIFO, device or socket.
     """
-    base_path, out_path = Path(base), Path(out)
+    base_path, out_path = check_path(base, "base"), check_path(out, "output")
+    dtype = as_dtype(dtype)
     files = find_weight_files(base_path)
     if files.pickle:
         raise FormatError(f"{base_path}: merging streams safetensors only; convert the pickle checkpoint first")
     src = files.index.parent if files.index is not None else (base_path if base_path.is_dir() else files.files[0].parent)
-    _check_not_input(out_path, [base_path, src, *files.files, *([files.index] if files.index else [])])
+    lone = files.index is None and not base_path.is_dir()
+    check_not_input(out_path, [base_path, *files.files, *([files.index] if files.index else [])] + ([] if lone else [src]))
     ckpt = Checkpoint(files)
     if ckpt.aliases:
         raise FormatError(f"{base_path}: checkpoints with tied (aliased) keys are merged in memory: fvt.lora.merge + fvt.save")
@@ -144,7 +172,7 @@ def merge_checkpoint(
         meta = dict(ckpt.headers[files.files[0]].metadata)
         meta[MERGED_KEY] = merged_meta
         target = out_path if out_path.suffix == ".safetensors" else out_path / files.files[0].name
-        _check_not_input(target, [base_path])
+        check_not_input(target, [base_path])
         check_destination(target, folder=False)  # a FIFO, device or link: refused before it is read
         if not overwrite and _is_file(target) and _merge_record(target) is None:
             raise WriteError(f"{target}: exists and is not a previous merge output; refusing to replace it. "
@@ -185,19 +213,52 @@ def merge_checkpoint(
                 fh.flush()
                 os.fsync(fh.fileno())
 
-    write_folder(out_path, written, build, owned=_merged_folder_files, overwrite=overwrite, require_own=True,
-                 what="merge output")
+    def owned(folder: Path) -> set[str] | None:
+        found = _merge_record_of(folder)
+        if found is None:
+            return None
+        recorded, record_file = found  # the record's own file (its index or weights file) is the merge's
+        return {n for n in recorded if n in written or n == record_file or _SHARD.fullmatch(n)}
+
+    write_folder(out_path, written, build, owned=owned, overwrite=overwrite, require_own=True, what="merge output")
     return out_path
 
 
-def _check_not_input(out: Path, inputs: Sequence[Path]) -> None:
-    """Refuse an output that is an input, or a folder that holds one (a folder swap would move it away)."""
+#: The shape of a shard name: what a merge of a sharded base writes (``<name>-00001-of-00002.safetensors``).
+_SHARD = re.compile(r"[^/\0]+-\d{5,}-of-\d{5,}\.safetensors")
+
+
+def _identity(p: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(p)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def check_not_input(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output that is an input, holds one, or lies inside an input folder.
+
+    Paths are compared by their real paths (symlinked parents resolved) and by
+    inode (a hard link to an input is that input). An output inside an input
+    folder is refused, ``--overwrite`` or not: the reader would see it change.
+
+    Raises:
+        FormatError: naming the output and the input.
+    """
     real = Path(os.path.realpath(out))
+    ident = _identity(real)
     for p in inputs:
         rp = Path(os.path.realpath(p))
-        if real == rp or real in rp.parents:
+        inside = rp.is_dir() and rp in real.parents
+        if real == rp or real in rp.parents or inside or (ident is not None and ident == _identity(rp)):
+            how = "lies inside" if inside else "is or holds"
             raise FormatError(f"{out}: the output must differ from the base checkpoint and the other inputs and must not contain them "
-                              f"({p} is read while writing and would be replaced); choose another output")
+                              f"or lie inside an input folder (it {how} {p}, which is read while writing and must stay as it is); "
+                              "choose another output")
+
+
+_check_not_input = check_not_input  # the former private name
 
 
 def _is_file(p: Path) -> bool:
@@ -226,6 +287,12 @@ def _merge_record(weights: Path) -> dict[str, Any] | None:
 
 def _merged_folder_files(folder: Path) -> set[str] | None:
     """The files a previous merge wrote into ``folder``, from its record (None when it is not a merge output)."""
+    found = _merge_record_of(folder)
+    return None if found is None else found[0]
+
+
+def _merge_record_of(folder: Path) -> tuple[set[str], str] | None:
+    """The names a previous merge's record in ``folder`` lists and the file holding the record (None: no record)."""
     entries = sorted(folder.iterdir())
     candidates = [p for p in entries if p.name.endswith(".safetensors.index.json")] or \
         [p for p in entries if p.name.endswith(".safetensors")]
@@ -233,11 +300,11 @@ def _merged_folder_files(folder: Path) -> set[str] | None:
         meta = _merge_record(c)
         try:
             names = json.loads(meta[FILES_KEY]) if meta is not None and isinstance(meta.get(FILES_KEY), str) else None
-        except ValueError:
+        except (ValueError, RecursionError):
             names = None
         if isinstance(names, list):
             plain = {n for n in names if isinstance(n, str) and n == os.path.basename(n) and n not in ("", ".", "..") and "\0" not in n}
-            return plain | {c.name}
+            return plain | {c.name}, c.name
     return None
 
 
@@ -256,7 +323,10 @@ def _other_files(src: Path, weights: set[str]) -> tuple[dict[str, Path], list[tu
     skipped: list[tuple[str, str]] = []
     for entry in sorted(src.iterdir()):
         name = entry.name
-        if name in weights or TMP_MARK in name or name.endswith(LOCK_MARK) or OLD_MARK in name:
+        if name in weights or is_any_temp(name):  # a writer's temporary, exactly of the shape it makes: not data
+            continue
+        if re.fullmatch(r"\..+(" + re.escape(LOCK_MARK) + "|" + re.escape(OLD_MARK) + r"[0-9a-f]{8})", name, flags=re.DOTALL):
+            skipped.append((name, "a writer's lock file or old folder, not data"))
             continue
         real = Path(os.path.realpath(entry))
         if entry.is_symlink() and root not in real.parents:
@@ -271,6 +341,8 @@ def _other_files(src: Path, weights: set[str]) -> tuple[dict[str, Path], list[tu
             skipped.append((name, "a folder (only the files of the base folder are copied)"))
         elif not stat.S_ISREG(st.st_mode):
             skipped.append((name, "not a regular file (a FIFO, device or socket is never opened)"))
+        elif st.st_nlink > 1:
+            skipped.append((name, f"a file with {st.st_nlink} hard links: another link may lie outside the base folder"))
         elif st.st_size > OTHER_FILE_LIMIT:
             skipped.append((name, f"{st.st_size} bytes, over the {OTHER_FILE_LIMIT}-byte limit for copied files"))
         else:
@@ -283,9 +355,9 @@ def _copy_regular(src: Path, dst: Path) -> None:
     fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > OTHER_FILE_LIMIT:
-            raise UnsafeFileError(f"{src}: changed into {'a larger file' if stat.S_ISREG(st.st_mode) else 'a non-regular file'} "
-                                  "while the merge ran; refusing to copy it")
+        if not stat.S_ISREG(st.st_mode) or st.st_size > OTHER_FILE_LIMIT or st.st_nlink > 1:
+            change = "a non-regular file" if not stat.S_ISREG(st.st_mode) else "a hard link" if st.st_nlink > 1 else "a larger file"
+            raise UnsafeFileError(f"{src}: changed into {change} while the merge ran; refusing to copy it")
         with os.fdopen(os.dup(fd), "rb") as fin, open(dst, "xb") as fout:
             shutil.copyfileobj(fin, fout, 2**20)
             fout.flush()
