@@ -8,15 +8,14 @@ import ctypes
 import json
 import os
 from pathlib import Path
-import secrets
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 import torch
 
 from fvtransform.errors import FormatError
 from fvtransform.io._header import DTYPE_NAMES, Header, TensorInfo, read_header
 
-__all__ = ["MappedFile", "write_safetensors", "atomic_path", "TMP_MARK", "fsync_dir", "clean_stale_temps"]
+__all__ = ["MappedFile", "write_safetensors", "TMP_MARK", "fsync_dir"]
 
 #: Every temporary file or folder fvtransform writes has this in its name.
 TMP_MARK = ".fvt-tmp-"
@@ -128,49 +127,3 @@ def fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def clean_stale_temps(folder: Path, stem: str) -> None:
-    """Remove temporaries a killed writer left for ``stem`` in ``folder``."""
-    import shutil
-
-    if not folder.is_dir():
-        return
-    prefix = f".{stem}{TMP_MARK}"
-    for entry in folder.iterdir():
-        if entry.name.startswith(prefix):
-            with contextlib.suppress(OSError):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
-
-
-@contextlib.contextmanager
-def atomic_path(dest: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``dest``; on success, fsync and rename it into place.
-
-    On failure the temporary is removed and ``dest`` is untouched. The name of
-    the temporary is ``.<name>.fvt-tmp-<random>``, recognisable by the next
-    writer, which removes stale ones.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(dest.parent, dest.name)
-    tmp = dest.parent / f".{dest.name}{TMP_MARK}{secrets.token_hex(6)}"
-    try:
-        yield tmp
-        if tmp.is_file():
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-        fsync_dir(dest.parent)
-    except BaseException:
-        import shutil
-
-        with contextlib.suppress(OSError):
-            if tmp.is_dir():
-                shutil.rmtree(tmp)
-            else:
-                tmp.unlink()
-        raise
