@@ -157,7 +157,7 @@ def make_corpus(root: Path) -> list[Case]:
         cases.append(Case(name, path, error, match, _lora_load(base)))
 
     lora("lora_rank_mismatch", {"l.lora_A.weight": torch.zeros(2, 3), "l.lora_B.weight": torch.zeros(4, 3)}, E.ShapeMismatchError, r"rank mismatch")
-    lora("lora_shape_misfit", {"l.lora_A.weight": torch.zeros(2, 5), "l.lora_B.weight": torch.zeros(4, 2)}, E.FvTransformError, r"l\.")
+    lora("lora_shape_misfit", {"l.lora_A.weight": torch.zeros(2, 5), "l.lora_B.weight": torch.zeros(4, 2)}, E.ShapeMismatchError, r"lora_shape_misfit.safetensors: target .l\.weight.*A \[2, 5\], B \[4, 2\] does not fit the base weight \[4, 3\]")
     lora("lora_nan", {"l.lora_A.weight": torch.full((2, 3), float("nan")), "l.lora_B.weight": torch.zeros(4, 2)}, E.NumericError, r"NaN or Inf")
     lora("lora_inf", {"l.lora_A.weight": torch.zeros(2, 3), "l.lora_B.weight": torch.full((4, 2), float("inf"))}, E.NumericError, r"NaN or Inf")
     lora("lora_unmatched_key", {"nothing.here.lora_A.weight": torch.zeros(2, 3), "nothing.here.lora_B.weight": torch.zeros(4, 2)}, E.KeyMismatchError, r"nothing\.here")

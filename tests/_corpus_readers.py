@@ -116,7 +116,7 @@ def cases(root: Path) -> list[Case]:
     add("a model file linking to a device", d, E.UnsafeFileError, r"'model\.safetensors' resolves to /dev/zero")
     d = _dir(root, "link_loop")
     (d / "model.safetensors").symlink_to(d / "model.safetensors")
-    add("a model file that is a symlink loop", d, E.FvTransformError, r"model\.safetensors")
+    add("a model file that is a symlink loop", d, E.UnsafeFileError, r"link_loop: weights file .model\.safetensors. cannot be resolved \(Symlink loop")
     d = _dir(root, "link_dangling")
     (d / "model.safetensors").symlink_to(d / "gone.safetensors")
     add("a model file that is a dangling link", d, E.NotFoundError, r"model\.safetensors: no such weights file")

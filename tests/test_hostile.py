@@ -41,7 +41,10 @@ def _status_kb(field: str) -> int:
 
 def test_every_hostile_file_gives_a_specific_error_naming_it_fast_and_small(tmp_path):
     cases = make_corpus(tmp_path / "corpus")
-    assert len(cases) >= 30
+    assert len(cases) >= 90
+    assert len({c.name for c in cases}) == len(cases), "corpus case names must be unique"
+    vague = [c.name for c in cases if c.error is FvTransformError]
+    assert not vague, f"each case names a specific FvTransformError subclass, not the base class: {vague}"
     for case in cases:  # first pass: imports and caches that a real program pays once
         with pytest.raises(FvTransformError):
             case.action(case.path)
