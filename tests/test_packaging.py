@@ -96,7 +96,7 @@ def _declared(*groups: str) -> set[str]:
 
 
 # import name -> distribution name, where they differ
-_DIST_OF = {"huggingface_hub": "huggingface-hub", "yaml": "pyyaml", "_pytest": "pytest"}
+_DIST_OF = {"huggingface_hub": "huggingface-hub", "yaml": "pyyaml", "_pytest": "pytest", "lycoris": "lycoris-lora"}
 # the project's own modules and the test suites' local helpers
 _LOCAL = {"fvtransform", "_corpus", "_fakehub", "_helpers", "strategies", "conftest", "benchmarks"}
 
@@ -107,12 +107,19 @@ def test_every_import_of_the_package_and_the_tests_is_declared():
     missing = {m for m in package if _DIST_OF.get(m, m).replace("_", "-") not in _declared("diffusers", "transformers", "peft")}
     assert not missing, f"pyproject.toml: the package imports {sorted(missing)} but does not declare them"
     suites = set()
+    fixture_scripts = ROOT / "tests" / "fixtures"  # dev-time scripts that run the real tools (never collected)
     for folder in ("tests", "property_tests"):
-        suites |= _imported_modules(ROOT / folder)
+        for path in (ROOT / folder).rglob("*.py"):
+            if fixture_scripts not in path.parents:
+                suites |= _imported_modules(path)
     suites |= _imported_modules(ROOT / "conftest.py")
+    fixtures = _imported_modules(fixture_scripts)
     suites -= stdlib | _LOCAL | _local_test_modules()
     missing = {m for m in suites if _DIST_OF.get(m, m).replace("_", "-") not in _declared("test")}
     assert not missing, f"pyproject.toml: the tests import {sorted(missing)} but the 'test' extra lacks them"
+    tools = fixtures - stdlib - _LOCAL - {"make_fixtures"}
+    missing = {m for m in tools if _DIST_OF.get(m, m).replace("_", "-") not in _declared("test", "fixtures")}
+    assert not missing, f"pyproject.toml: tests/fixtures/ scripts import {sorted(missing)} but the 'fixtures' extra lacks them"
 
 
 def _local_test_modules() -> set[str]:
