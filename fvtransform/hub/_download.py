@@ -27,7 +27,7 @@ from fvtransform.hub import _guard, _snapshot
 from fvtransform.hub._verify import resolved_commit, verify_file, verify_snapshot
 from fvtransform.io._open import read_text
 
-__all__ = ["maybe_download_model", "maybe_download_lora", "split_repo_id", "DEFAULT_PATTERNS", "NEVER_PATTERNS"]
+__all__ = ["maybe_download_model", "maybe_download_lora", "split_repo_id", "check_revision", "DEFAULT_PATTERNS", "NEVER_PATTERNS"]
 
 log = logging.getLogger("fvtransform.hub")
 T = TypeVar("T")
@@ -67,10 +67,23 @@ def _retrying(fn: Callable[[], T]) -> T:
 
 #: Configs, tokenizers and safetensors weights; never ONNX, Flax, TF or pickles by default.
 DEFAULT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+#: PyTorch pickle weights: added to the default patterns with ``allow_pickle=True``.
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt"]
-#: Never downloaded, whatever the patterns: other frameworks' weights.
-NEVER_PATTERNS = ["*.onnx", "*.onnx_data", "*.msgpack", "*.h5", "*.tflite", "*.ot"]
+#: Every pickle format (torch, pickle, joblib, dill, numpy object arrays, NeMo/TorchServe archives): never
+#: downloaded without ``allow_pickle=True``, whatever the patterns.
+ANY_PICKLE_PATTERNS = PICKLE_PATTERNS + [
+    "*.pkl", "*.pickle", "*.joblib", "*.dill", "*.npy", "*.npz", "*.pt2", "*.pth.tar", "*.nemo", "*.mar",
+]
+#: Never downloaded, whatever the patterns and ``allow_pickle``: other frameworks' weights, and code
+#: (Python, native libraries, executables, scripts, TensorRT engines) that fvtransform never runs.
+NEVER_PATTERNS = [
+    "*.onnx", "*.onnx_data", "*.msgpack", "*.h5", "*.keras", "*.tflite", "*.pb", "*.ot", "*.gguf", "*.ggml",
+    "*.mlmodel", "*.engine", "*.plan", "*.trt",
+    "*.py", "*.pyc", "*.pyo", "*.pyd", "*.pyw", "*.pyz", "*.ipynb", "*.so", "*.so.*", "*.dylib", "*.dll", "*.exe",
+    "*.sh", "*.bash", "*.bat", "*.cmd", "*.ps1", "*.jar", "*.whl", "*.egg",
+]
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LORA_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 _ADAPTER_CONFIG = "adapter_config.json"
 
@@ -97,6 +110,36 @@ def split_repo_id(name: str) -> tuple[str, str | None]:
         raise NotFoundError(f"{name!r} is neither an existing path nor a repo id of the form 'org/name'")
     sub = "/".join(parts[2:]) or None
     return "/".join(parts[:2]), sub
+
+
+def check_revision(revision: object) -> str | None:
+    """``revision`` if it is ``None`` or a safe branch, tag or commit name; checked before any request.
+
+    It names ``refs/<revision>`` in the cache, so it is held to repo-path rules:
+    relative, no ``.``, ``..`` or empty segments, no control characters or
+    backslashes.
+
+    >>> check_revision("refs/pr/1")
+    'refs/pr/1'
+    >>> check_revision("..")
+    Traceback (most recent call last):
+    ...
+    fvtransform.errors.UnsafeFileError: revision '..' is not allowed: segment '..' (a branch, tag or commit name is relative, with no '.', '..' or empty segments, no control characters or backslashes); nothing was requested
+    """
+    if revision is None:
+        return None
+    if not isinstance(revision, str):
+        raise FormatError(f"revision={str(revision)[:100]!r} is a {type(revision).__name__}; pass a branch, tag or commit hash as a string")
+    shown = revision[:200]
+    if not revision or revision.startswith("/") or len(revision) > _guard.MAX_PATH_CHARS:
+        raise UnsafeFileError(f"revision {shown!r} is not allowed (empty, absolute or over {_guard.MAX_PATH_CHARS} characters); nothing was requested")
+    for seg in revision.split("/"):
+        if seg in ("", ".", "..") or "\\" in seg or _CONTROL.search(seg) or len(seg.encode("utf-8", "surrogatepass")) > _guard.MAX_SEGMENT_BYTES:
+            raise UnsafeFileError(
+                f"revision {shown!r} is not allowed: segment {seg[:100]!r} (a branch, tag or commit name is relative, with no "
+                "'.', '..' or empty segments, no control characters or backslashes); nothing was requested"
+            )
+    return revision
 
 
 def _offline(local_files_only: bool) -> bool:
@@ -186,12 +229,13 @@ def maybe_download_model(
     if path.exists():
         return path
     repo, sub = split_repo_id(str(name_or_path))
+    check_revision(revision)
     patterns = list(allow_patterns) if allow_patterns is not None else list(DEFAULT_PATTERNS)
     if allow_pickle:
         patterns += PICKLE_PATTERNS
     for c in components or []:
         split_repo_id(f"x/y/{c}")
-    ignore = NEVER_PATTERNS + ([] if allow_pickle else PICKLE_PATTERNS)
+    ignore = NEVER_PATTERNS + ([] if allow_pickle else ANY_PICKLE_PATTERNS)
     offline = _offline(local_files_only)
     where = f"{repo}@{revision or 'main'}"
     if offline:
@@ -357,6 +401,7 @@ def maybe_download_lora(
     if path.is_dir():
         return _pick(path, sorted(p.name for p in path.iterdir() if p.is_file()), weight_name, str(path))
     repo, sub = split_repo_id(str(name_or_path))
+    check_revision(revision)
     if weight_name is not None:
         split_repo_id(f"x/y/{weight_name}")  # the same checks as every repo path segment
     prefix = f"{sub}/" if sub else ""
