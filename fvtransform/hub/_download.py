@@ -27,7 +27,8 @@ from fvtransform.hub import _guard, _snapshot
 from fvtransform.hub._verify import resolved_commit, verify_file, verify_snapshot
 from fvtransform.io._open import read_text
 
-__all__ = ["maybe_download_model", "maybe_download_lora", "split_repo_id", "check_revision", "DEFAULT_PATTERNS", "NEVER_PATTERNS"]
+__all__ = ["maybe_download_model", "maybe_download_lora", "split_repo_id", "check_revision", "DEFAULT_PATTERNS",
+           "ANY_PICKLE_PATTERNS", "NEVER_PATTERNS"]
 
 log = logging.getLogger("fvtransform.hub")
 T = TypeVar("T")
@@ -202,13 +203,14 @@ def maybe_download_model(
     """A local folder for a model: the path itself, or a snapshot of a Hub repo.
 
     Default patterns take configs, tokenizer files and safetensors weights;
-    pickle weights only with ``allow_pickle=True``; ONNX, Flax and TF files
-    never. ``components=[...]`` on a pipeline repo fetches
+    whatever the patterns, pickles of any kind only with ``allow_pickle=True``
+    (:data:`ANY_PICKLE_PATTERNS`), code and other frameworks' weights never
+    (:data:`NEVER_PATTERNS`). ``components=[...]`` on a pipeline repo fetches
     ``model_index.json`` first, checks the components are in it, then fetches
     those folders only. Offline (``local_files_only=True`` or
     ``HF_HUB_OFFLINE=1``) the cache is used and nothing touches the network.
-    A commit hash as ``revision`` pins the download; a branch name follows the
-    branch, and :func:`resolved_commit` of the returned path says which commit
+    A full commit hash as ``revision`` pins the download (a hub answering
+    another commit is refused); a branch name follows the branch, and :func:`resolved_commit` of the returned path says which commit
     it was. With ``verify=True`` every weights file is checked against the
     hub's sha256, every other file (configs, tokenizers) against its git blob
     sha1 (once; remembered in the cache), and every safetensors header against
@@ -219,10 +221,12 @@ def maybe_download_model(
     else 4 hours), enforced even against a server that drips bytes.
 
     Raises:
-        UnsafeFileError: a repo id segment that could escape the download folder.
+        UnsafeFileError: a repo id segment or revision that could escape the download folder.
         NotFoundError: repo, revision, file or component not found; nothing cached offline.
-        HubError: gated or unauthorized repo, unreachable hub, other HTTP errors, the deadline passed.
-        IntegrityError: downloaded bytes that do not match the hub's hash, listing or announced size.
+        HubError: gated or unauthorized repo, unreachable hub, other HTTP errors, the deadline passed,
+            a ``timeout`` that is not a number.
+        IntegrityError: downloaded bytes that do not match the hub's hash, listing or announced size;
+            response headers naming another commit or blob than the listing; another commit than pinned.
         FormatError: a listing that is not one (too many files, bad hashes), a file over its size cap.
     """
     path = Path(name_or_path)
