@@ -592,7 +592,7 @@ def test_a_full_commit_hash_pins_even_when_the_server_answers_another(fake_hub, 
 
 def test_pickles_and_code_are_never_fetched_whatever_the_patterns(fake_hub, tiny_wan):
     """allow_patterns=['*'] fetches no pickle (any suffix, any case) without allow_pickle, and never code."""
-    pickles = ["x.pkl", "X.PKL", "sub/y.pickle", "z.joblib", "arr.npy", "arr.npz", "w.pt", "w.PTH", "m.ckpt"]
+    pickles = ["x.pkl", "X.PKL", "sub/y.pickle", "z.joblib", "arr.npy", "arr.npz", "w.pt", "w.PTH", "m.ckpt", "a.dat", "w.pth.tar"]
     code = ["pipeline.py", "sub/helper.pyc", "ext.so", "libx.so.1", "x.dll", "run.sh", "m.gguf", "model.onnx"]
     files = dict(tiny_wan[1], **{n: n.encode() for n in pickles + code})  # distinct blobs: each one a GET
     fake_hub.add_commit("org/x", files)

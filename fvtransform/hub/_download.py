@@ -70,10 +70,11 @@ def _retrying(fn: Callable[[], T]) -> T:
 DEFAULT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 #: PyTorch pickle weights: added to the default patterns with ``allow_pickle=True``.
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt"]
-#: Every pickle format (torch, pickle, joblib, dill, numpy object arrays, NeMo/TorchServe archives): never
-#: downloaded without ``allow_pickle=True``, whatever the patterns.
+#: Every pickle format (torch, pickle, joblib, dill, numpy object arrays, and the archives picklescan opens,
+#: NeMo/TorchServe ones too): never downloaded without ``allow_pickle=True``, whatever the patterns.
 ANY_PICKLE_PATTERNS = PICKLE_PATTERNS + [
-    "*.pkl", "*.pickle", "*.joblib", "*.dill", "*.npy", "*.npz", "*.pt2", "*.pth.tar", "*.nemo", "*.mar",
+    "*.pkl", "*.pickle", "*.joblib", "*.dill", "*.dat", "*.data", "*.npy", "*.npz", "*.pt2", "*.tar", "*.zip",
+    "*.7z", "*.nemo", "*.mar",
 ]
 #: Never downloaded, whatever the patterns and ``allow_pickle``: other frameworks' weights, and code
 #: (Python, native libraries, executables, scripts, TensorRT engines) that fvtransform never runs.
