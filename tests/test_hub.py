@@ -577,16 +577,18 @@ def test_a_blob_named_other_than_the_listing_says_is_refused_and_left_alone(tmp_
     assert blob.read_bytes() == data and link.is_symlink()
 
 
-def test_a_full_commit_hash_pins_even_when_the_server_answers_another(fake_hub, tiny_lora):
+@pytest.mark.parametrize("upper", [False, True])
+def test_a_full_commit_hash_pins_even_when_the_server_answers_another(fake_hub, tiny_lora, upper):
     files = tiny_lora[1]
     a = fake_hub.add_commit("org/tiny-lora", files)
     b = fake_hub.add_commit("org/tiny-lora", dict(files, **{"README.md": b"moved on"}))
     repo = fake_hub.repos["org/tiny-lora"]
     del repo.commits[a]
-    repo.refs[a] = b  # a proxy that ignores the revision
-    with pytest.raises(IntegrityError, match=rf"org/tiny-lora@{a}: asked for commit {a} \(a full hash pins the download\), "
+    asked = a.upper() if upper else a
+    repo.refs[asked] = b  # a proxy that ignores the revision
+    with pytest.raises(IntegrityError, match=rf"org/tiny-lora@{asked}: asked for commit {asked} \(a full hash pins the download\), "
                                              rf"but the hub answered commit {b}; refused before any file was fetched"):
-        maybe_download_lora("org/tiny-lora", revision=a)
+        maybe_download_lora("org/tiny-lora", revision=asked)
     assert not [p for _, p in fake_hub.requests if "/resolve/" in p]
 
 

@@ -90,7 +90,7 @@ def list_repo(repo: str, revision: str | None, token: str | None, label: str) ->
         commit = api.repo_info(repo, revision=revision or "main").sha
         if not isinstance(commit, str) or not re.fullmatch(r"[0-9a-f]{40}", commit):
             raise FormatError(f"{label}: the hub answered commit {str(commit)[:100]!r}, not a 40-hex commit hash")
-        if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision) and commit != revision:
+        if revision is not None and re.fullmatch(r"[0-9a-fA-F]{40}", revision) and commit != revision.lower():
             raise IntegrityError(
                 f"{label}: asked for commit {revision} (a full hash pins the download), but the hub answered commit "
                 f"{commit}; refused before any file was fetched. The server or a proxy ignores the revision"
