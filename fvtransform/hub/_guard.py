@@ -26,6 +26,7 @@ download started here nothing changes (no deadline, no budget).
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import re
 import threading
@@ -125,7 +126,7 @@ def timeout_from_env(timeout: float | None) -> float:
             timeout = float(raw)
         except ValueError:
             raise HubError(f"FVT_HUB_TIMEOUT={raw!r} is not a number of seconds; set it to e.g. 3600") from None
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+    if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool):
         raise HubError(f"download timeout={str(timeout)[:100]!r} ({type(timeout).__name__}) is not a number of seconds; pass e.g. timeout=3600")
     if not (timeout > 0 and timeout < float("inf")):
         raise HubError(f"download timeout {timeout!r} must be a positive, finite number of seconds")
