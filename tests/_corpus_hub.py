@@ -46,6 +46,29 @@ def _verify(name: str, announced: bytes, served: bytes, **kw: Any) -> Callable[[
     return lambda p: verify_file(_cached(p, name, announced, served, **kw), label="org/m@main", expected=expected)
 
 
+def _rewritten_in_place(name: str, data: bytes) -> Callable[[Path], Any]:
+    """A verified blob rewritten in place (same inode and size) with its mtime put back: ctime tells."""
+
+    def run(p: Path) -> Any:
+        import time
+
+        from fvtransform.hub._verify import _stamp
+
+        link = _cached(p, name, data, data)
+        blob = link.resolve()
+        record = p / ".fvt-verified" / f"{blob.name}.json"
+        record.parent.mkdir(exist_ok=True)
+        record.write_text(json.dumps(_stamp(link)))  # as a verification leaves it
+        st = blob.stat()
+        time.sleep(0.02)  # past the file system's coarse clock tick, so the rewrite gets a later ctime
+        with open(blob, "r+b") as f:
+            f.write(bytes([data[0] ^ 0xFF]))
+        os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return verify_file(link, label="org/m@main")
+
+    return run
+
+
 def _index(doc: str) -> Callable[[Path], Any]:
     def run(p: Path) -> Any:
         p.mkdir(parents=True, exist_ok=True)
@@ -72,6 +95,9 @@ def cases(root: Path) -> list[Case]:
         Case("hub: size disagrees with the repo listing", root / "size", E.IntegrityError,
              rf"config\.json: {len(config)} bytes arrived, but the repo listing announced {len(config) + 1}",
              _verify("config.json", config, config, expected=(_sha1(config), len(config) + 1))),
+        Case("hub: verified blob rewritten in place, its mtime put back", root / "inplace", E.IntegrityError,
+             r"adapter_config\.json: the git-sha1 of the downloaded bytes is [0-9a-f]{40}, but the hub announced",
+             _rewritten_in_place("adapter_config.json", config)),
         Case("hub: model_index.json names component '../../x'", root / "index-escape", E.UnsafeFileError,
              r"org/pipe@main: model_index\.json names component '\.\./\.\./x'",
              _index(json.dumps(dict(pipe, **{"../../x": ["diffusers", "AutoencoderKLWan"]})))),

@@ -541,3 +541,86 @@ def test_listing_entries_with_bad_sizes_hashes_or_duplicates_are_refused(fake_hu
     with pytest.raises(FormatError, match=rf"org/tiny-wan@main: {said}"):
         maybe_download_model("org/tiny-wan", allow_patterns=["*"])
     assert not _fetched(fake_hub)
+
+
+# ------------------------------------------------------------------------------------------ headers vs listing (issue 13)
+@pytest.mark.parametrize("lie", ["commit", "etag"])
+def test_headers_that_disagree_with_the_listing_are_refused_before_anything_is_written(fake_hub, tiny_lora, tmp_path, lie):
+    """A valid-looking X-Repo-Commit or ETag other than the listing's is refused on the HEAD answer: no GET, no blob, no link."""
+    files = tiny_lora[1]
+    commit = fake_hub.add_commit("org/tiny-lora", files)
+    fake_hub.faults[("org/tiny-lora", "adapter_config.json")] = ("commit", "f" * 40) if lie == "commit" else ("etag", "e" * 40)
+    header, named = ("X-Repo-Commit", "commit f{40}") if lie == "commit" else ("ETag", "blob e{40}")
+    with pytest.raises(IntegrityError, match=rf"org/tiny-lora@main: adapter_config\.json: the hub's {header} header names "
+                                             rf"{named}, but the repo listing (is of {commit}|says [0-9a-f]{{40}}); refused before anything"):
+        maybe_download_lora("org/tiny-lora")
+    assert ("GET", f"/org/tiny-lora/resolve/{commit}/adapter_config.json") not in fake_hub.requests
+    storage = tmp_path / "hf-cache" / "models--org--tiny-lora"
+    assert not (storage / "snapshots" / ("f" * 40)).exists()
+    assert not (storage / "blobs" / ("e" * 40)).exists()
+    assert not (storage / "snapshots" / commit / "adapter_config.json").exists()
+
+
+def test_a_blob_named_other_than_the_listing_says_is_refused_and_left_alone(tmp_path):
+    """The blob may be another snapshot's verified file: refusing it must not delete it (nor its link)."""
+    data = b'{"r": 4}'
+    blob = tmp_path / "blobs" / ("a" * 40)
+    blob.parent.mkdir()
+    blob.write_bytes(data)
+    link = tmp_path / "snapshots" / ("c" * 40) / "config.json"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(f"../../blobs/{'a' * 40}")
+    from fvtransform.hub._verify import verify_file
+
+    with pytest.raises(IntegrityError, match=r"config\.json: the hub announced hash a{40} .* listing says b{40}; refused, nothing removed"):
+        verify_file(link, label="org/m@main", expected=("b" * 40, len(data)))
+    assert blob.read_bytes() == data and link.is_symlink()
+
+
+@pytest.mark.parametrize("upper", [False, True])
+def test_a_full_commit_hash_pins_even_when_the_server_answers_another(fake_hub, tiny_lora, upper):
+    files = tiny_lora[1]
+    a = fake_hub.add_commit("org/tiny-lora", files)
+    b = fake_hub.add_commit("org/tiny-lora", dict(files, **{"README.md": b"moved on"}))
+    repo = fake_hub.repos["org/tiny-lora"]
+    del repo.commits[a]
+    asked = a.upper() if upper else a
+    repo.refs[asked] = b  # a proxy that ignores the revision
+    with pytest.raises(IntegrityError, match=rf"org/tiny-lora@{asked}: asked for commit {asked} \(a full hash pins the download\), "
+                                             rf"but the hub answered commit {b}; refused before any file was fetched"):
+        maybe_download_lora("org/tiny-lora", revision=asked)
+    assert not [p for _, p in fake_hub.requests if "/resolve/" in p]
+
+
+def test_pickles_and_code_are_never_fetched_whatever_the_patterns(fake_hub, tiny_wan):
+    """allow_patterns=['*'] fetches no pickle (any suffix, any case) without allow_pickle, and never code."""
+    pickles = ["x.pkl", "X.PKL", "sub/y.pickle", "z.joblib", "arr.npy", "arr.npz", "w.pt", "w.PTH", "m.ckpt", "a.dat", "w.pth.tar"]
+    code = ["pipeline.py", "sub/helper.pyc", "ext.so", "libx.so.1", "x.dll", "run.sh", "m.gguf", "model.onnx"]
+    files = dict(tiny_wan[1], **{n: n.encode() for n in pickles + code})  # distinct blobs: each one a GET
+    fake_hub.add_commit("org/x", files)
+    maybe_download_model("org/x", allow_patterns=["*"])
+    assert _fetched(fake_hub).isdisjoint(pickles + code)
+    fake_hub.requests.clear()
+    maybe_download_model("org/x", allow_patterns=["*"], allow_pickle=True)
+    fetched = _fetched(fake_hub)
+    assert set(pickles) <= fetched | {"diffusion_pytorch_model.bin"} and fetched.isdisjoint(code)
+
+
+@pytest.mark.parametrize("timeout", ["2", True, [1]])
+def test_a_timeout_that_is_not_a_number_is_a_typed_error_before_any_request(fake_hub, timeout):
+    with pytest.raises(HubError, match=r"download timeout=.* is not a number of seconds; pass e\.g\. timeout=3600"):
+        maybe_download_model("org/tiny-wan", timeout=timeout)
+    with pytest.raises(HubError, match="is not a number of seconds"):
+        maybe_download_lora("org/tiny-lora", timeout=timeout)
+    assert fake_hub.requests == []
+
+
+@pytest.mark.parametrize("revision", ["..", "../../x", "main/../..", "a//b", "/abs", "x\x00y", "a\\b", ""])
+def test_revisions_that_could_escape_the_cache_are_refused_before_any_request(fake_hub, tiny_lora, revision):
+    fake_hub.add_commit("org/tiny-lora", tiny_lora[1])
+    for call in (lambda: maybe_download_model("org/tiny-lora", revision=revision),
+                 lambda: maybe_download_lora("org/tiny-lora", revision=revision),
+                 lambda: maybe_download_lora("org/tiny-lora", revision=revision, local_files_only=True)):
+        with pytest.raises(UnsafeFileError, match=r"revision .* is not allowed.*nothing was requested"):
+            call()
+    assert fake_hub.requests == []

@@ -27,7 +27,8 @@ from fvtransform.hub import _guard, _snapshot
 from fvtransform.hub._verify import resolved_commit, verify_file, verify_snapshot
 from fvtransform.io._open import read_text
 
-__all__ = ["maybe_download_model", "maybe_download_lora", "split_repo_id", "DEFAULT_PATTERNS", "NEVER_PATTERNS"]
+__all__ = ["maybe_download_model", "maybe_download_lora", "split_repo_id", "check_revision", "DEFAULT_PATTERNS",
+           "ANY_PICKLE_PATTERNS", "NEVER_PATTERNS"]
 
 log = logging.getLogger("fvtransform.hub")
 T = TypeVar("T")
@@ -67,10 +68,24 @@ def _retrying(fn: Callable[[], T]) -> T:
 
 #: Configs, tokenizers and safetensors weights; never ONNX, Flax, TF or pickles by default.
 DEFAULT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+#: PyTorch pickle weights: added to the default patterns with ``allow_pickle=True``.
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt"]
-#: Never downloaded, whatever the patterns: other frameworks' weights.
-NEVER_PATTERNS = ["*.onnx", "*.onnx_data", "*.msgpack", "*.h5", "*.tflite", "*.ot"]
+#: Every pickle format (torch, pickle, joblib, dill, numpy object arrays, and the archives picklescan opens,
+#: NeMo/TorchServe ones too): never downloaded without ``allow_pickle=True``, whatever the patterns.
+ANY_PICKLE_PATTERNS = PICKLE_PATTERNS + [
+    "*.pkl", "*.pickle", "*.joblib", "*.dill", "*.dat", "*.data", "*.npy", "*.npz", "*.pt2", "*.tar", "*.zip",
+    "*.7z", "*.nemo", "*.mar",
+]
+#: Never downloaded, whatever the patterns and ``allow_pickle``: other frameworks' weights, and code
+#: (Python, native libraries, executables, scripts, TensorRT engines) that fvtransform never runs.
+NEVER_PATTERNS = [
+    "*.onnx", "*.onnx_data", "*.msgpack", "*.h5", "*.keras", "*.tflite", "*.pb", "*.ot", "*.gguf", "*.ggml",
+    "*.mlmodel", "*.engine", "*.plan", "*.trt",
+    "*.py", "*.pyc", "*.pyo", "*.pyd", "*.pyw", "*.pyz", "*.ipynb", "*.so", "*.so.*", "*.dylib", "*.dll", "*.exe",
+    "*.sh", "*.bash", "*.bat", "*.cmd", "*.ps1", "*.jar", "*.whl", "*.egg",
+]
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LORA_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 _ADAPTER_CONFIG = "adapter_config.json"
 
@@ -97,6 +112,36 @@ def split_repo_id(name: str) -> tuple[str, str | None]:
         raise NotFoundError(f"{name!r} is neither an existing path nor a repo id of the form 'org/name'")
     sub = "/".join(parts[2:]) or None
     return "/".join(parts[:2]), sub
+
+
+def check_revision(revision: object) -> str | None:
+    """``revision`` if it is ``None`` or a safe branch, tag or commit name; checked before any request.
+
+    It names ``refs/<revision>`` in the cache, so it is held to repo-path rules:
+    relative, no ``.``, ``..`` or empty segments, no control characters or
+    backslashes.
+
+    >>> check_revision("refs/pr/1")
+    'refs/pr/1'
+    >>> check_revision("..")
+    Traceback (most recent call last):
+    ...
+    fvtransform.errors.UnsafeFileError: revision '..' is not allowed: segment '..' (a branch, tag or commit name is relative, with no '.', '..' or empty segments, no control characters or backslashes); nothing was requested
+    """
+    if revision is None:
+        return None
+    if not isinstance(revision, str):
+        raise FormatError(f"revision={str(revision)[:100]!r} is a {type(revision).__name__}; pass a branch, tag or commit hash as a string")
+    shown = revision[:200]
+    if not revision or revision.startswith("/") or len(revision) > _guard.MAX_PATH_CHARS:
+        raise UnsafeFileError(f"revision {shown!r} is not allowed (empty, absolute or over {_guard.MAX_PATH_CHARS} characters); nothing was requested")
+    for seg in revision.split("/"):
+        if seg in ("", ".", "..") or "\\" in seg or _CONTROL.search(seg) or len(seg.encode("utf-8", "surrogatepass")) > _guard.MAX_SEGMENT_BYTES:
+            raise UnsafeFileError(
+                f"revision {shown!r} is not allowed: segment {seg[:100]!r} (a branch, tag or commit name is relative, with no "
+                "'.', '..' or empty segments, no control characters or backslashes); nothing was requested"
+            )
+    return revision
 
 
 def _offline(local_files_only: bool) -> bool:
@@ -159,13 +204,14 @@ def maybe_download_model(
     """A local folder for a model: the path itself, or a snapshot of a Hub repo.
 
     Default patterns take configs, tokenizer files and safetensors weights;
-    pickle weights only with ``allow_pickle=True``; ONNX, Flax and TF files
-    never. ``components=[...]`` on a pipeline repo fetches
+    whatever the patterns, pickles of any kind only with ``allow_pickle=True``
+    (:data:`ANY_PICKLE_PATTERNS`), code and other frameworks' weights never
+    (:data:`NEVER_PATTERNS`). ``components=[...]`` on a pipeline repo fetches
     ``model_index.json`` first, checks the components are in it, then fetches
     those folders only. Offline (``local_files_only=True`` or
     ``HF_HUB_OFFLINE=1``) the cache is used and nothing touches the network.
-    A commit hash as ``revision`` pins the download; a branch name follows the
-    branch, and :func:`resolved_commit` of the returned path says which commit
+    A full commit hash as ``revision`` pins the download (a hub answering
+    another commit is refused); a branch name follows the branch, and :func:`resolved_commit` of the returned path says which commit
     it was. With ``verify=True`` every weights file is checked against the
     hub's sha256, every other file (configs, tokenizers) against its git blob
     sha1 (once; remembered in the cache), and every safetensors header against
@@ -176,22 +222,25 @@ def maybe_download_model(
     else 4 hours), enforced even against a server that drips bytes.
 
     Raises:
-        UnsafeFileError: a repo id segment that could escape the download folder.
+        UnsafeFileError: a repo id segment or revision that could escape the download folder.
         NotFoundError: repo, revision, file or component not found; nothing cached offline.
-        HubError: gated or unauthorized repo, unreachable hub, other HTTP errors, the deadline passed.
-        IntegrityError: downloaded bytes that do not match the hub's hash, listing or announced size.
+        HubError: gated or unauthorized repo, unreachable hub, other HTTP errors, the deadline passed,
+            a ``timeout`` that is not a number.
+        IntegrityError: downloaded bytes that do not match the hub's hash, listing or announced size;
+            response headers naming another commit or blob than the listing; another commit than pinned.
         FormatError: a listing that is not one (too many files, bad hashes), a file over its size cap.
     """
     path = Path(name_or_path)
     if path.exists():
         return path
     repo, sub = split_repo_id(str(name_or_path))
+    check_revision(revision)
     patterns = list(allow_patterns) if allow_patterns is not None else list(DEFAULT_PATTERNS)
     if allow_pickle:
         patterns += PICKLE_PATTERNS
     for c in components or []:
         split_repo_id(f"x/y/{c}")
-    ignore = NEVER_PATTERNS + ([] if allow_pickle else PICKLE_PATTERNS)
+    ignore = NEVER_PATTERNS + ([] if allow_pickle else ANY_PICKLE_PATTERNS)
     offline = _offline(local_files_only)
     where = f"{repo}@{revision or 'main'}"
     if offline:
@@ -357,6 +406,7 @@ def maybe_download_lora(
     if path.is_dir():
         return _pick(path, sorted(p.name for p in path.iterdir() if p.is_file()), weight_name, str(path))
     repo, sub = split_repo_id(str(name_or_path))
+    check_revision(revision)
     if weight_name is not None:
         split_repo_id(f"x/y/{weight_name}")  # the same checks as every repo path segment
     prefix = f"{sub}/" if sub else ""

@@ -26,6 +26,7 @@ download started here nothing changes (no deadline, no budget).
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import re
 import threading
@@ -45,6 +46,7 @@ __all__ = [
     "timeout_from_env",
     "run_with_deadline",
     "budget",
+    "expect",
     "remaining",
     "install",
 ]
@@ -124,6 +126,8 @@ def timeout_from_env(timeout: float | None) -> float:
             timeout = float(raw)
         except ValueError:
             raise HubError(f"FVT_HUB_TIMEOUT={raw!r} is not a number of seconds; set it to e.g. 3600") from None
+    if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool):
+        raise HubError(f"download timeout={str(timeout)[:100]!r} ({type(timeout).__name__}) is not a number of seconds; pass e.g. timeout=3600")
     if not (timeout > 0 and timeout < float("inf")):
         raise HubError(f"download timeout {timeout!r} must be a positive, finite number of seconds")
     return float(timeout)
@@ -165,6 +169,24 @@ def budget(n_bytes: int | None, what: str) -> Iterator[None]:
         yield
     finally:
         _local.budget = old
+
+
+@contextlib.contextmanager
+def expect(commit: str, etag: str, what: str) -> Iterator[None]:
+    """Within the block, the hub's resolve answers in this thread must name ``commit`` and ``etag``.
+
+    ``X-Repo-Commit`` names the snapshot folder and ``ETag`` / ``X-Linked-Etag``
+    the blob ``huggingface_hub`` links the file to; a value other than the
+    listing's (another commit, another file's blob) would make it reuse or
+    overwrite a file of another snapshot, so the answer is refused
+    (:class:`Abort` of kind ``"listing"``) before anything is written.
+    """
+    old = getattr(_local, "expect", None)
+    _local.expect = (commit, etag, what)
+    try:
+        yield
+    finally:
+        _local.expect = old
 
 
 def _spend(n: int) -> None:
@@ -280,16 +302,21 @@ def _check_response(response: Any) -> None:
 
     if url.netloc != urlparse(constants.ENDPOINT).netloc or "/resolve/" not in url.path:
         return  # only the hub's resolve answers carry the headers the cache layout is built from
+    want = getattr(_local, "expect", None)
     for name in ("X-Linked-Etag", "ETag"):
         value = response.headers.get(name)
         if value is not None:
             etag = value.removeprefix("W/").strip('"')
             if not _HASH.fullmatch(etag):
                 raise Abort("header", f"the hub's {name} header {value[:100]!r} is not a hash (40 or 64 hex digits)")
+            if want is not None and etag != want[1]:
+                raise Abort("listing", f"{want[2]}: the hub's {name} header names blob {etag}, but the repo listing says {want[1]}")
             break  # huggingface_hub uses the first one present
     commit = response.headers.get("X-Repo-Commit")
     if commit is not None and not _COMMIT.fullmatch(commit):
         raise Abort("header", f"the hub's X-Repo-Commit header {commit[:100]!r} is not a 40-hex commit hash")
+    if commit is not None and want is not None and commit != want[0]:
+        raise Abort("listing", f"{want[2]}: the hub's X-Repo-Commit header names commit {commit}, but the repo listing is of {want[0]}")
 
 
 def _wrap_client(client: Any) -> Any:

@@ -23,9 +23,9 @@ from pathlib import Path
 import re
 import attrs
 
-from fvtransform.errors import FormatError, HubError, UnsafeFileError
+from fvtransform.errors import FormatError, HubError, IntegrityError, UnsafeFileError
 from fvtransform.hub import _guard
-from fvtransform.hub._verify import WEIGHT_SUFFIXES, verify_file
+from fvtransform.hub._verify import WEIGHT_SUFFIXES, resolved_commit, verify_file
 
 __all__ = ["Entry", "list_repo", "select", "fetch_files", "snapshot_folder", "write_ref_and_tree", "translate_abort", "MAX_REPO_FILES", "MAX_CONFIG_BYTES", "MAX_OTHER_BYTES"]
 
@@ -79,6 +79,7 @@ def list_repo(repo: str, revision: str | None, token: str | None, label: str) ->
 
     Raises:
         UnsafeFileError: a listed path that could escape the cache (``..``, absolute, NUL, too long).
+        IntegrityError: ``revision`` is a full commit hash and the hub answered another commit.
         FormatError: more than :data:`MAX_REPO_FILES` files, a size or hash that is not one.
     """
     from huggingface_hub import HfApi
@@ -89,6 +90,11 @@ def list_repo(repo: str, revision: str | None, token: str | None, label: str) ->
         commit = api.repo_info(repo, revision=revision or "main").sha
         if not isinstance(commit, str) or not re.fullmatch(r"[0-9a-f]{40}", commit):
             raise FormatError(f"{label}: the hub answered commit {str(commit)[:100]!r}, not a 40-hex commit hash")
+        if revision is not None and re.fullmatch(r"[0-9a-fA-F]{40}", revision) and commit != revision.lower():
+            raise IntegrityError(
+                f"{label}: asked for commit {revision} (a full hash pins the download), but the hub answered commit "
+                f"{commit}; refused before any file was fetched. The server or a proxy ignores the revision"
+            )
         entries: dict[str, Entry] = {}
         for n, f in enumerate(api.list_repo_tree(repo, revision=commit, recursive=True)):
             if n >= MAX_REPO_FILES:
@@ -114,10 +120,17 @@ def list_repo(repo: str, revision: str | None, token: str | None, label: str) ->
 
 
 def select(entries: dict[str, Entry], allow: list[str], ignore: list[str]) -> list[Entry]:
-    """The entries whose paths match one of ``allow`` and none of ``ignore`` (``snapshot_download``'s own filter)."""
+    """The entries whose paths match one of ``allow`` (``snapshot_download``'s own filter) and none of ``ignore``.
+
+    ``ignore`` is matched case-insensitively (``X.PKL`` is a pickle too).
+    """
+    from fnmatch import fnmatchcase
+
     from huggingface_hub.utils import filter_repo_objects
 
-    return [entries[p] for p in filter_repo_objects(sorted(entries), allow_patterns=allow, ignore_patterns=ignore)]
+    lowered = [i.lower() for i in ignore]
+    return [entries[p] for p in filter_repo_objects(sorted(entries), allow_patterns=allow)
+            if not any(fnmatchcase(p.lower(), i) for i in lowered)]
 
 
 def _storage(repo: str, cache_dir: str | os.PathLike[str] | None) -> Path:
@@ -181,8 +194,14 @@ def fetch_files(
     def one(e: Entry) -> Path:
         from huggingface_hub import hf_hub_download
 
-        with _guard.budget(e.size + SLACK_BYTES, f"{label}: {e.path} (announced {e.size} bytes)"):
+        with _guard.budget(e.size + SLACK_BYTES, f"{label}: {e.path} (announced {e.size} bytes)"), \
+                _guard.expect(commit, e.etag, e.path):
             out = Path(hf_hub_download(repo, e.path, revision=commit, cache_dir=cache_dir, token=token))
+        if resolved_commit(out) != commit or not out.as_posix().endswith(f"/{commit}/{e.path}"):
+            raise IntegrityError(  # nothing removed: the file is not this download's
+                f"{label}: {e.path} landed at {out}, not in the snapshot of commit {commit}; refused, nothing removed. "
+                "The server is not consistent; download again later"
+            )
         if verify:
             verify_file(out, label=label, expected=(e.etag, e.size))
         return out
@@ -238,10 +257,13 @@ def write_ref_and_tree(repo: str, revision: str | None, commit: str, entries: di
 
 def translate_abort(e: _guard.Abort, label: str) -> Exception:
     """A typed error for a download the guard ended."""
-    from fvtransform.errors import IntegrityError
-
     if e.kind == "size":
         return IntegrityError(f"{e}")
     if e.kind == "header":
         return UnsafeFileError(f"{label}: {e}; the server is not a trustworthy hub (nothing was written for it)")
+    if e.kind == "listing":
+        return IntegrityError(
+            f"{label}: {e}; refused before anything was written or removed (the server is not consistent, or not a "
+            "trustworthy hub). Download again later; other snapshots in the cache are untouched"
+        )
     return HubError(f"{label}: {e}")

@@ -12,9 +12,12 @@ repo listing's hash and size (``trees/<commit>.json``, the same metadata
 ``snapshot_download`` caches), so a ``HEAD`` answer that disagrees with the
 listing is caught too. A file that
 passed is remembered in ``<repo cache>/.fvt-verified/<etag>.json`` with its
-size, inode and modification time, so later loads do not hash it again; a
-file that fails is removed from the cache (its snapshot link and its blob) so
-no later load can pick it up.
+size, device, inode, modification and change times (``os.utime`` cannot set
+the change time back), so later loads do not hash it again; a file whose
+bytes do not hash to its blob's name is removed from the cache (its snapshot
+link and its blob) so no later load can pick it up. A blob whose *name*
+disagrees with the listing is refused but left alone: it may be another
+file's, of another snapshot, and a download never deletes what it did not write.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ def _hash(path: Path, algo: str, size: int) -> str:
 
 def _stamp(path: Path) -> dict[str, int]:
     st = path.stat()
-    return {"size": st.st_size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns}
+    # ctime cannot be set back (os.utime restores only atime and mtime): a blob rewritten in place is re-hashed
+    return {"size": st.st_size, "dev": st.st_dev, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
 
 
 def _remove(file: Path, blob: Path | None) -> None:
@@ -101,11 +105,11 @@ def verify_file(file: Path, *, label: str, expected: tuple[str, int] | None = No
     stamp = _stamp(file)
     if expected is not None:
         want, size = expected
-        if blob.name != want:
-            _remove(file, blob)
+        if blob.name != want:  # the blob may be another file's, of another snapshot: nothing is removed
             raise IntegrityError(
                 f"{label}: {file.name}: the hub announced hash {blob.name} when downloading it, but its repo listing says "
-                f"{want}; the file was removed from the cache. Download again; if this repeats, the server is not consistent"
+                f"{want}; refused, nothing removed (the blob may be another file's). Download again; if this repeats, "
+                "the server is not consistent"
             )
         if stamp["size"] != size:
             _remove(file, blob)
