@@ -25,18 +25,34 @@ def _delta(tree, adapter):
     return merged[Q].double() - tree[Q].double()
 
 
-def test_lokr_with_both_factors_decomposed_takes_its_rank_from_w2_as_comfyui_does(tree, tmp_path):
+def test_lokr_with_both_factors_decomposed_of_different_ranks_is_refused_as_ambiguous(tree, tmp_path):
     # ComfyUI (weight_adapter/lokr.py), Forge and kin: dim = w1_b.shape[0], then overridden by
     # w2_b.shape[0] when w2 is decomposed; scale = alpha / dim. Here w1 rank 1, w2 rank 2, alpha 2:
-    # the reference scale is 2 / 2 = 1. fvtransform takes w1's rank and merges twice the delta.
+    # ComfyUI's scale is 2 / 2 = 1. fvtransform took w1's rank and merged twice the delta.
+    # Adjusted by fix-lora: LyCORIS 4.1.3 itself divides by w1's rank (kernels/autograd/lokr.py
+    # rank_scale: w1a.shape[1]; LokrModule.make_module_from_state_dict: lora_dim = w1a.size(1)), so
+    # the two reference tools disagree here: refused (like alpha 0), naming file, key and both ranks.
     g = torch.Generator().manual_seed(0)
     w1a, w1b = torch.randn(4, 1, generator=g), torch.randn(1, 4, generator=g)
     w2a, w2b = torch.randn(4, 2, generator=g), torch.randn(2, 4, generator=g)
     p = tmp_path / "lokr.safetensors"
     save_file({HK + ".lokr_w1_a": w1a, HK + ".lokr_w1_b": w1b, HK + ".lokr_w2_a": w2a,
                HK + ".lokr_w2_b": w2b, HK + ".alpha": torch.tensor(2.0)}, str(p))
+    with pytest.raises(FvTransformError, match=r"ranks 1 .*and 2 .*LyCORIS divides alpha by 1, ComfyUI by 2") as e:
+        fvt.lora.load(str(p), base=tree)
+    assert str(p) in str(e.value) and HK in str(e.value)
+
+
+def test_lokr_with_both_factors_decomposed_of_equal_ranks_scales_by_that_rank(tree, tmp_path):
+    # Equal ranks (what LyCORIS writes): LyCORIS and ComfyUI agree, scale = alpha / rank.
+    g = torch.Generator().manual_seed(0)
+    w1a, w1b = torch.randn(4, 2, generator=g), torch.randn(2, 4, generator=g)
+    w2a, w2b = torch.randn(4, 2, generator=g), torch.randn(2, 4, generator=g)
+    p = tmp_path / "lokr.safetensors"
+    save_file({HK + ".lokr_w1_a": w1a, HK + ".lokr_w1_b": w1b, HK + ".lokr_w2_a": w2a,
+               HK + ".lokr_w2_b": w2b, HK + ".alpha": torch.tensor(3.0)}, str(p))
     adapter = fvt.lora.load(str(p), base=tree)
-    expected = torch.kron(w1a @ w1b, w2a @ w2b).double() * (2.0 / w2b.shape[0])
+    expected = torch.kron(w1a @ w1b, w2a @ w2b).double() * (3.0 / 2)
     assert torch.allclose(_delta(tree, adapter), expected, rtol=1e-5, atol=1e-6)
 
 

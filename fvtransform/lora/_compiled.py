@@ -39,6 +39,14 @@ def pad_rank(adapter: LoraAdapter, rank: int) -> LoraAdapter:
     differently, a last-bit float32 difference); scales, alphas and
     magnitudes are kept. The input is not mutated.
 
+    ``rank`` is a whole number from 1 to ``max(out, in)`` of every padded
+    target (a rank above ``min(out, in)`` never adds anything; the bound lets
+    an absurd rank fail before any allocation).
+
+    Raises:
+        ShapeMismatchError: a target's rank is above ``rank``, or ``rank`` is
+            not a whole number in range.
+
     >>> import torch, fvtransform as fvt
     >>> from fvtransform.lora import LoraAdapter, LowRank
     >>> a = LoraAdapter({"w": LowRank(torch.ones(1, 3), torch.ones(2, 1), scale=0.5)})
@@ -46,6 +54,25 @@ def pad_rank(adapter: LoraAdapter, rank: int) -> LoraAdapter:
     >>> p["w"].rank, torch.equal(p["w"].B @ p["w"].A, a["w"].B @ a["w"].A)
     (4, True)
     """
+    _check_rank(rank, "pad_rank")
+    for key, d in adapter.items():
+        if isinstance(d, LowRank) and rank > d.rank:
+            dims = max(int(d.B.shape[0]), d.A[0].numel())
+            if rank > dims:
+                raise ShapeMismatchError(
+                    f"pad_rank: rank {rank} is more than max(out, in) = {dims} of {key!r} (A {list(d.A.shape)}, "
+                    f"B {list(d.B.shape)}); a LoRA rank above min(out, in) adds nothing. Fix: pad to at most {dims}"
+                )
+    return _pad(adapter, rank)
+
+
+def _check_rank(rank: Any, where: str) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ShapeMismatchError(f"{where}: rank must be a whole number of at least 1; found {rank!r}")
+
+
+def _pad(adapter: LoraAdapter, rank: int) -> LoraAdapter:
+    """``pad_rank`` without the bound (``factors`` pads concatenations to their own total rank)."""
     out: dict[str, Any] = {}
     for key, d in adapter.items():
         if not isinstance(d, LowRank) or d.rank == rank:
@@ -79,7 +106,16 @@ def factors(adapters: AdapterSet, *, rank: int | None = None, scale: float = 1.0
             per_key.setdefault(key, []).append((d.A, d.B, s * d.scale))
     out: Factors = {}
     width = max((sum(A.shape[0] for A, _, _ in parts) for parts in per_key.values()), default=0)
-    rank = width if rank is None else rank
+    if rank is None:
+        rank = width
+    else:
+        _check_rank(rank, "factors")
+        bound = max([width] + [max(int(B.shape[0]), A[0].numel()) for parts in per_key.values() for A, B, _ in parts])
+        if rank > bound:
+            raise ShapeMismatchError(
+                f"factors: rank {rank} is more than {bound}, the largest of the summed ranks ({width}) and the targets' "
+                "max(out, in); a larger padding adds nothing. Fix: pass a smaller rank, or rank=None"
+            )
     for key, parts in per_key.items():
         if len(parts) == 1:
             A, B, s = parts[0]
@@ -87,7 +123,7 @@ def factors(adapters: AdapterSet, *, rank: int | None = None, scale: float = 1.0
             A = torch.cat([p[0].float() for p in parts], dim=0)
             B = torch.cat([p[1].float() * p[2] for p in parts], dim=1)
             s = 1.0
-        padded = pad_rank(LoraAdapter({key: LowRank(A, B, 1.0)}), rank)[key]
+        padded = _pad(LoraAdapter({key: LowRank(A, B, 1.0)}), rank)[key]
         out[key] = (padded.A, padded.B, torch.tensor(s, dtype=torch.float32))
     return out
 
