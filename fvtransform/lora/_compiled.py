@@ -39,9 +39,10 @@ def pad_rank(adapter: LoraAdapter, rank: int) -> LoraAdapter:
     differently, a last-bit float32 difference); scales, alphas and
     magnitudes are kept. The input is not mutated.
 
-    ``rank`` is a whole number from 1 to ``max(out, in)`` of every padded
-    target (a rank above ``min(out, in)`` never adds anything; the bound lets
-    an absurd rank fail before any allocation).
+    ``rank`` is a whole number from 1 to :data:`MAX_PAD_RANK` (65536, the
+    largest rank a LoRA config may declare): padding past ``min(out, in)``
+    never adds anything, but a common rank for targets of several sizes is
+    useful, so the bound is absolute; an absurd rank fails before any allocation.
 
     Raises:
         ShapeMismatchError: a target's rank is above ``rank``, or ``rank`` is
@@ -54,21 +55,20 @@ def pad_rank(adapter: LoraAdapter, rank: int) -> LoraAdapter:
     >>> p["w"].rank, torch.equal(p["w"].B @ p["w"].A, a["w"].B @ a["w"].A)
     (4, True)
     """
-    _check_rank(rank, "pad_rank")
-    for key, d in adapter.items():
-        if isinstance(d, LowRank) and rank > d.rank:
-            dims = max(int(d.B.shape[0]), d.A[0].numel())
-            if rank > dims:
-                raise ShapeMismatchError(
-                    f"pad_rank: rank {rank} is more than max(out, in) = {dims} of {key!r} (A {list(d.A.shape)}, "
-                    f"B {list(d.B.shape)}); a LoRA rank above min(out, in) adds nothing. Fix: pad to at most {dims}"
-                )
+    _check_rank(rank, "pad_rank", MAX_PAD_RANK)
     return _pad(adapter, rank)
 
 
-def _check_rank(rank: Any, where: str) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ShapeMismatchError(f"{where}: rank must be a whole number of at least 1; found {rank!r}")
+#: The largest rank :func:`pad_rank` pads to (the config readers' cap on a LoRA rank).
+MAX_PAD_RANK = 1 << 16
+
+
+def _check_rank(rank: Any, where: str, bound: int) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= bound:
+        raise ShapeMismatchError(
+            f"{where}: rank must be a whole number from 1 to {bound} (a LoRA rank above min(out, in) adds nothing); "
+            f"found {rank!r}. Fix: pass a rank within that range"
+        )
 
 
 def _pad(adapter: LoraAdapter, rank: int) -> LoraAdapter:
@@ -109,13 +109,7 @@ def factors(adapters: AdapterSet, *, rank: int | None = None, scale: float = 1.0
     if rank is None:
         rank = width
     else:
-        _check_rank(rank, "factors")
-        bound = max([width] + [max(int(B.shape[0]), A[0].numel()) for parts in per_key.values() for A, B, _ in parts])
-        if rank > bound:
-            raise ShapeMismatchError(
-                f"factors: rank {rank} is more than {bound}, the largest of the summed ranks ({width}) and the targets' "
-                "max(out, in); a larger padding adds nothing. Fix: pass a smaller rank, or rank=None"
-            )
+        _check_rank(rank, "factors", max(width, MAX_PAD_RANK))
     for key, parts in per_key.items():
         if len(parts) == 1:
             A, B, s = parts[0]

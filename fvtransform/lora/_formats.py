@@ -46,6 +46,8 @@ FVT_SCALES = "fvt.scales"
 FVT_DORA_EPS = "fvt.dora_eps"
 #: Bounds on untrusted config values (a rank above this is not a LoRA).
 MAX_RANK = 1 << 16
+#: The largest |alpha / r| a file or config may give: far above any trained LoRA's; larger is a broken or hostile file.
+MAX_SCALE = 1e6
 MAX_PATTERNS = 4096
 
 
@@ -500,28 +502,55 @@ def _scalar(roles: Mapping[str, tuple[str, torch.Tensor]], role: str, label: str
 
 def _lowrank_scale(
     fmt: LoraFormat, module: str, rank: int, roles: Mapping[str, tuple[str, torch.Tensor]], cfg: _ScaleConfig | None, label: str,
+    exact: bool = False,
 ) -> tuple[float, float]:
-    """``(scale, alpha)`` as the format's tool computes them."""
+    """``(scale, alpha)`` as the format's tool computes them; ``|scale|`` is at most :data:`MAX_SCALE`.
+
+    ``exact``: the file is fvtransform's own and records the exact scale (``fvt.scales``), which replaces
+    this one, so an alpha of 0 or a large scale written from it is not ambiguous.
+    """
+    scale, alpha, where = _lowrank_scale_of(fmt, module, rank, roles, cfg, label, exact)
+    if not exact and not abs(scale) <= MAX_SCALE:
+        raise FormatError(
+            f"{where}: alpha {alpha:g} with rank {rank} gives scale {scale:g} for {module!r}, beyond {MAX_SCALE:g}; no trained "
+            "LoRA has such a scale. Fix: correct the alpha"
+        )
+    return scale, alpha
+
+
+def _lowrank_scale_of(
+    fmt: LoraFormat, module: str, rank: int, roles: Mapping[str, tuple[str, torch.Tensor]], cfg: _ScaleConfig | None, label: str,
+    exact: bool = False,
+) -> tuple[float, float, str]:
+    """``(scale, alpha, where the alpha came from)``."""
     if fmt.scale == "fastvideo":
-        return _fastvideo_scale(rank, roles, label)
+        where = f"{label}: {roles['fv_alpha'][0]!r}" if "fv_alpha" in roles else label
+        return (*_fastvideo_scale(rank, roles, label), where)
     if "alpha" in roles:
-        alpha = _scalar(roles, "alpha", label)[1]
-        return alpha / rank, alpha
+        key, alpha = _scalar(roles, "alpha", label)
+        if alpha == 0 and not exact:
+            raise FormatError(
+                f"{label}: {key!r} is 0: sd-scripts and musubi-tuner read alpha 0 as alpha = rank (scale 1), diffusers and "
+                "ComfyUI as scale 0, so the intended scale is unknown. Fix: re-save with the alpha you mean (alpha = rank for scale 1)"
+            )
+        return alpha / rank, alpha, f"{label}: {key!r}"
     if cfg is None:
-        return 1.0, float(rank)
+        return 1.0, float(rank), label
     r = pattern_value(module, cfg.rank_patterns, cfg.r)
     alpha = float(pattern_value(module, cfg.alpha_patterns, cfg.alpha))
     if r != rank:
         raise ShapeMismatchError(
             f"{label}: {module!r} has rank {rank} in the file, but {cfg.where} says r={r}; the config does not belong to these weights"
         )
-    return (alpha / math.sqrt(rank) if cfg.rslora else alpha / rank), alpha
+    return (alpha / math.sqrt(rank) if cfg.rslora else alpha / rank), alpha, f"{cfg.where}: 'lora_alpha'"
 
 
 def _fastvideo_scale(rank: int, roles: Mapping[str, tuple[str, torch.Tensor]], label: str) -> tuple[float, float]:
     """FastVideo: ``alpha / lora_rank`` from the per-module tensors (its merge script and its LoRA layers)."""
     if "fv_rank" in roles:
         key, r = _scalar(roles, "fv_rank", label)
+        if r != int(r):
+            raise FormatError(f"{label}: {key!r} is {r:g}; a LoRA rank is a whole number. Fix: store the factors' rank {rank}")
         if r != rank:
             raise ShapeMismatchError(f"{label}: {key!r} says rank {r:g}, but the factors have rank {rank}")
     if "fv_alpha" not in roles:
@@ -596,7 +625,7 @@ def _build_targets(
             raise ShapeMismatchError(f"{where}: rank 0 (A {list(A.shape)}); a LoRA needs rank 1 or more. Fix: drop this module")
         if cfg is not None:
             _check_config_applies(cfg, module, roles)
-        scale, alpha = _lowrank_scale(fmt, module, rank, roles, cfg, label)
+        scale, alpha = _lowrank_scale(fmt, module, rank, roles, cfg, label, name + ".weight" in exact)
         if name + ".weight" in exact:
             scale = float(exact[name + ".weight"])
         mag = (canonical_magnitude(roles["magnitude"][1], int(B.shape[0]), int(A.shape[1]), f"{label}: {roles['magnitude'][0]!r}")
