@@ -180,15 +180,13 @@ def test_a_dora_merged_with_another_adapter_is_refused_before_any_output_exists(
 
 def test_a_failed_write_removes_only_the_empty_folders_it_made(tmp_path):
     (tmp_path / "kept").mkdir()
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_file(tmp_path / "kept" / "a" / "b" / "f.bin"):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), atomic_file(tmp_path / "kept" / "a" / "b" / "f.bin"):
+        raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and list((tmp_path / "kept").iterdir()) == []
     # a folder that gained a user's file meanwhile is not removed
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_file(tmp_path / "x" / "f.bin"):
-            (tmp_path / "x" / "user.txt").write_text("mine")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), atomic_file(tmp_path / "x" / "f.bin"):
+        (tmp_path / "x" / "user.txt").write_text("mine")
+        raise RuntimeError("boom")
     assert (tmp_path / "x" / "user.txt").read_text() == "mine"
 
 

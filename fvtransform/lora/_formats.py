@@ -183,7 +183,7 @@ class _ScaleConfig:
     rank_patterns: list[tuple[Any, Any]]
     alpha_patterns: list[tuple[Any, Any]]
     modules_to_save: tuple[str, ...]
-    selection: PeftTargets = PeftTargets()
+    selection: PeftTargets = attrs.field(factory=PeftTargets)
     use_dora: bool = False
 
 
