@@ -69,6 +69,16 @@ def cases(root: Path) -> list[Case]:
                     rf"pattern_catastrophic/adapter_model.safetensors: '{long}' has rank 2 in the file, but .*pattern_catastrophic/adapter_config.json says r=5",
                     lambda p: fvt.lora.load(p, base=fvt.ParamTree({f"{long}.weight": torch.zeros(4, 3)}))))
     cfg("config_array", [1, 2], E.FormatError, r"the document must be an object; found an array")
+    # configs that contradict their weights: peft would not load them, so neither does fvtransform
+    cfg("targets_regex_other", {"r": 2, "target_modules": "x|y"}, E.FormatError, r"'target_modules' \(x\|y\) does not match 'l'")
+    cfg("targets_catastrophic", {"r": 2, "target_modules": "(l|l)" * 45 + "x"}, E.FormatError, r"'target_modules' .* does not match 'l'")
+    cfg("targets_backref", {"r": 2, "target_modules": r"(l)\1"}, E.FormatError, r"'target_modules'.*uses groupref")
+    cfg("excluded", {"r": 2, "target_modules": ["l"], "exclude_modules": ["l"]}, E.FormatError, r"'exclude_modules' .* excludes 'l'")
+    cfg("peft_type_loha", {"r": 2, "peft_type": "LOHA"}, E.FormatError, r"'peft_type' is 'LOHA'")
+    cfg("use_dora_no_magnitude", {"r": 2, "use_dora": True}, E.FormatError, r"'use_dora' is true, but .* no lora_magnitude_vector")
+    cfg("layers_pattern_regex", {"r": 2, "target_modules": ["l"], "layers_to_transform": [0], "layers_pattern": "b.*"}, E.FormatError,
+        r"'layers_pattern' must be a plain")
+    cfg("alpha_huge", {"r": 2, "lora_alpha": 1e308}, E.FormatError, r"'lora_alpha'.*alpha 1e\+308 with rank 2 gives scale")
 
     def lora(name: str, tensors: dict[str, torch.Tensor], error: type, key: str, metadata: dict[str, str] | None = None) -> None:
         path = _file(root, name, tensors, metadata)
@@ -94,4 +104,8 @@ def cases(root: Path) -> list[Case]:
          E.ShapeMismatchError, r"'l.lora_rank' says rank 7, but the factors have rank 2")
     lora("fastvideo_alpha_two", {"l.lora_A.weight": A, "l.lora_B.weight": B, "l.lora_rank": torch.tensor([2], dtype=torch.int32),
                                  "l.lora_alpha": torch.ones(2)}, E.FormatError, r"'l.lora_alpha' must hold one number")
+    lora("fastvideo_rank_fraction", {"l.lora_A.weight": A, "l.lora_B.weight": B, "l.lora_rank": torch.tensor(2.5)},
+         E.FormatError, r"'l.lora_rank' is 2.5; a LoRA rank is a whole number")
+    lora("kohya_alpha_zero", {**comfy, "diffusion_model.l.alpha": torch.tensor(0.0)}, E.FormatError,
+         r"'diffusion_model.l.alpha' is 0: sd-scripts and musubi-tuner read alpha 0 as alpha = rank")
     return out

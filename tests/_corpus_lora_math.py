@@ -38,6 +38,12 @@ def cases(root: Path) -> list[Case]:
     lora("lycoris_alpha_zero", {**loha, "l.alpha": torch.tensor(0.0)}, E.FormatError, r"l\.alpha' is 0")
     lora("lycoris_alpha_inf", {**loha, "l.alpha": torch.tensor(float("inf"))}, E.NumericError, r"l\.alpha' is inf")
     lora("lycoris_alpha_vector", {**loha, "l.alpha": ones(3)}, E.FormatError, r"l\.alpha' must be one real number")
+    lora("loha_rank_zero", {**loha, "l.hada_w2_a": ones(4, 0), "l.hada_w2_b": ones(0, 3)}, E.ShapeMismatchError,
+         r"l\.hada_w1_a.*rank 0 in \['hada_w2_b'\]")
+    lora("lokr_rank_zero", {"l.lokr_w1": ones(2, 1), "l.lokr_w2_a": ones(2, 0), "l.lokr_w2_b": ones(0, 3)}, E.ShapeMismatchError,
+         r"l\.lokr_w1.*rank 0 in \['lokr_w2_b'\]")
+    lora("lokr_ranks_differ", {"l.lokr_w1_a": ones(2, 1), "l.lokr_w1_b": ones(1, 1), "l.lokr_w2_a": ones(2, 2), "l.lokr_w2_b": ones(2, 3),
+                               "l.alpha": torch.tensor(2.0)}, E.FormatError, r"ranks 1 .*and 2 .*LyCORIS divides alpha by 1, ComfyUI by 2")
     lora("loha_lokr_mixed", {**loha, "l.lokr_w1": ones(2, 1)}, E.FormatError, r"both LoHa .* and LoKr")
     lora("loha_nan", {**loha, "l.hada_w2_b": torch.full((2, 3), float("nan"))}, E.NumericError, r"hada_w2_b holds NaN")
     lora("dora_wrong_length", {"l.lora_down.weight": ones(2, 3), "l.lora_up.weight": ones(4, 2), "l.dora_scale": ones(5, 1)},

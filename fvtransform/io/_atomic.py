@@ -263,6 +263,28 @@ def unit_locks(dest: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def _parents_made(dest: Path) -> Iterator[None]:
+    """Create ``dest``'s missing parent folders; if the block fails, remove those it created that are still empty.
+
+    A refused write leaves the destination as it was; only empty folders this
+    call made are removed (``rmdir`` never removes anything a user put there).
+    """
+    made: list[Path] = []
+    p = dest.parent
+    while not os.path.lexists(p) and p.parent != p:
+        made.append(p)
+        p = p.parent
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for folder in made:  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_file(dest: str | os.PathLike[str], *, replace_check: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; when the block ends, fsync it and rename it onto ``dest``.
 
@@ -272,9 +294,8 @@ def atomic_file(dest: str | os.PathLike[str], *, replace_check: Callable[[Path],
     and an ``OSError`` becomes :class:`WriteError`.
     """
     dest = check_path(dest)
-    with typed_os_errors(dest):
+    with typed_os_errors(dest), _parents_made(dest):
         check_destination(dest, folder=False)
-        dest.parent.mkdir(parents=True, exist_ok=True)
         with unit_locks(dest) as real:
             check_destination(dest, folder=False)
             if replace_check is not None and os.path.lexists(real):
@@ -339,9 +360,8 @@ def write_folder(
         FormatError: ``dest`` is a file.
     """
     dest = check_path(dest)
-    with typed_os_errors(dest):
+    with typed_os_errors(dest), _parents_made(dest):
         check_destination(dest, folder=True)
-        dest.parent.mkdir(parents=True, exist_ok=True)
         with unit_locks(dest) as real:
             check_destination(dest, folder=True)
             dest = real

@@ -166,6 +166,13 @@ def _need(cond: bool, where: str, what: str) -> None:
         raise ShapeMismatchError(f"{where}: {what}; the file's LyCORIS factors do not belong together")
 
 
+def _no_rank_zero(ranks: Mapping[str, int], where: str) -> None:
+    """A factor pair of rank 0 is refused, as for plain LoRA: it holds no delta, and its scale ``alpha / 0`` is undefined."""
+    zero = sorted(n for n, r in ranks.items() if r == 0)
+    if zero:
+        raise ShapeMismatchError(f"{where}: rank 0 in {zero}; a LyCORIS factor needs rank 1 or more. Fix: drop this module")
+
+
 def _shape(t: torch.Tensor | None) -> list[int] | None:
     return None if t is None else list(t.shape)
 
@@ -212,6 +219,7 @@ class LoHa:
         ws = (self.w1_a, self.w1_b, self.w2_a, self.w2_b)
         _need(all(w.dim() == 2 for w in ws), where, f"LoHa factors must be 2-D; found {[list(w.shape) for w in ws]}")
         _need((self.t1 is None) == (self.t2 is None), where, "a Tucker LoHa needs both hada_t1 and hada_t2")
+        _no_rank_zero({"hada_w1_b": int(self.w1_b.shape[0]), "hada_w2_b": int(self.w2_b.shape[0])}, where)
         if self.t1 is None:
             _need(self.w1_a.shape[1] == self.w1_b.shape[0] and self.w2_a.shape[1] == self.w2_b.shape[0], where,
                   f"rank mismatch: hada_w1_a {list(self.w1_a.shape)} @ hada_w1_b {list(self.w1_b.shape)}, "
@@ -331,6 +339,7 @@ class LoKr:
         _need((self.w2 is None) != (self.w2_a is None and self.w2_b is None) and (self.w2_a is None) == (self.w2_b is None),
               where, f"LoKr needs lokr_w2, or lokr_w2_a with lokr_w2_b; found {sorted(present)}")
         _need(self.t2 is None or self.w2 is None, where, "lokr_t2 goes with lokr_w2_a/lokr_w2_b, not with a full lokr_w2")
+        _no_rank_zero({n: int(present[n].shape[0]) for n in ("lokr_w1_b", "lokr_w2_b") if n in present and present[n].dim()}, where)
         for n in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"):
             if n in present:
                 _need(present[n].dim() == 2, where, f"{n} must be 2-D; found {list(present[n].shape)}")

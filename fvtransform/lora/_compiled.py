@@ -39,6 +39,15 @@ def pad_rank(adapter: LoraAdapter, rank: int) -> LoraAdapter:
     differently, a last-bit float32 difference); scales, alphas and
     magnitudes are kept. The input is not mutated.
 
+    ``rank`` is a whole number from 1 to :data:`MAX_PAD_RANK` (65536, the
+    largest rank a LoRA config may declare): padding past ``min(out, in)``
+    never adds anything, but a common rank for targets of several sizes is
+    useful, so the bound is absolute; an absurd rank fails before any allocation.
+
+    Raises:
+        ShapeMismatchError: a target's rank is above ``rank``, or ``rank`` is
+            not a whole number in range.
+
     >>> import torch, fvtransform as fvt
     >>> from fvtransform.lora import LoraAdapter, LowRank
     >>> a = LoraAdapter({"w": LowRank(torch.ones(1, 3), torch.ones(2, 1), scale=0.5)})
@@ -46,6 +55,24 @@ def pad_rank(adapter: LoraAdapter, rank: int) -> LoraAdapter:
     >>> p["w"].rank, torch.equal(p["w"].B @ p["w"].A, a["w"].B @ a["w"].A)
     (4, True)
     """
+    _check_rank(rank, "pad_rank", MAX_PAD_RANK)
+    return _pad(adapter, rank)
+
+
+#: The largest rank :func:`pad_rank` pads to (the config readers' cap on a LoRA rank).
+MAX_PAD_RANK = 1 << 16
+
+
+def _check_rank(rank: Any, where: str, bound: int) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= bound:
+        raise ShapeMismatchError(
+            f"{where}: rank must be a whole number from 1 to {bound} (a LoRA rank above min(out, in) adds nothing); "
+            f"found {rank!r}. Fix: pass a rank within that range"
+        )
+
+
+def _pad(adapter: LoraAdapter, rank: int) -> LoraAdapter:
+    """``pad_rank`` without the bound (``factors`` pads concatenations to their own total rank)."""
     out: dict[str, Any] = {}
     for key, d in adapter.items():
         if not isinstance(d, LowRank) or d.rank == rank:
@@ -79,7 +106,10 @@ def factors(adapters: AdapterSet, *, rank: int | None = None, scale: float = 1.0
             per_key.setdefault(key, []).append((d.A, d.B, s * d.scale))
     out: Factors = {}
     width = max((sum(A.shape[0] for A, _, _ in parts) for parts in per_key.values()), default=0)
-    rank = width if rank is None else rank
+    if rank is None:
+        rank = width
+    else:
+        _check_rank(rank, "factors", max(width, MAX_PAD_RANK))
     for key, parts in per_key.items():
         if len(parts) == 1:
             A, B, s = parts[0]
@@ -87,7 +117,7 @@ def factors(adapters: AdapterSet, *, rank: int | None = None, scale: float = 1.0
             A = torch.cat([p[0].float() for p in parts], dim=0)
             B = torch.cat([p[1].float() * p[2] for p in parts], dim=1)
             s = 1.0
-        padded = pad_rank(LoraAdapter({key: LowRank(A, B, 1.0)}), rank)[key]
+        padded = _pad(LoraAdapter({key: LowRank(A, B, 1.0)}), rank)[key]
         out[key] = (padded.A, padded.B, torch.tensor(s, dtype=torch.float32))
     return out
 

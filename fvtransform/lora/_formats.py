@@ -32,6 +32,7 @@ from fvtransform.lora._format_table import (
 from fvtransform.lora._lycoris import is_lycoris, lycoris_targets, lycoris_tensors
 from fvtransform.lora._merge import describe
 from fvtransform.lora._patterns import compile_patterns, pattern_value
+from fvtransform.lora._peft_targets import PeftTargets, check_peft_type, check_targeted, peft_targets
 from fvtransform.tree._rename import RenameRules
 
 __all__ = ["load", "save", "FORMATS", "ResolutionReport", "detect_format", "split_role"]
@@ -41,8 +42,12 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 DIFFUSERS_META = "lora_adapter_metadata"
 FVT_SCALES = "fvt.scales"
+#: fvtransform's own DoRA eps per target (a PEFT file cannot hold it: peft reads every DoRA with eps 0).
+FVT_DORA_EPS = "fvt.dora_eps"
 #: Bounds on untrusted config values (a rank above this is not a LoRA).
 MAX_RANK = 1 << 16
+#: The largest |alpha / r| a file or config may give: far above any trained LoRA's; larger is a broken or hostile file.
+MAX_SCALE = 1e6
 MAX_PATTERNS = 4096
 
 
@@ -178,6 +183,8 @@ class _ScaleConfig:
     rank_patterns: list[tuple[Any, Any]]
     alpha_patterns: list[tuple[Any, Any]]
     modules_to_save: tuple[str, ...]
+    selection: PeftTargets = attrs.field(factory=PeftTargets)
+    use_dora: bool = False
 
 
 def _rank_value(value: Any, where: str) -> int:
@@ -221,6 +228,10 @@ def _scale_config(doc: Any, where: str) -> _ScaleConfig:
     rslora = doc.get("use_rslora", False)
     if not isinstance(rslora, bool):
         raise FormatError(f"{where}: 'use_rslora' must be true or false; found {rslora!r}")
+    use_dora = doc.get("use_dora", False)
+    if not isinstance(use_dora, bool):
+        raise FormatError(f"{where}: 'use_dora' must be true or false; found {str(use_dora)[:40]!r}")
+    check_peft_type(doc, where)
     mts = doc.get("modules_to_save") or []
     if not isinstance(mts, list) or not all(isinstance(m, str) and m for m in mts):
         raise FormatError(f"{where}: 'modules_to_save' must be a list of module names; found {mts!r:.80}")
@@ -229,6 +240,8 @@ def _scale_config(doc: Any, where: str) -> _ScaleConfig:
         _patterns(doc, "rank_pattern", _rank_value, where),
         _patterns(doc, "alpha_pattern", _alpha_value, where),
         tuple(mts),
+        peft_targets(doc, where),
+        use_dora,
     )
 
 
@@ -339,6 +352,7 @@ def load(
         name, scores = format, {}
     fmt = BY_NAME[name]
     exact_scales = _exact_scales(meta, label)
+    exact_eps = _exact_scales(meta, label, FVT_DORA_EPS)
     cfg = _config_for(fmt, config, config_label, meta, component, label)
     if fmt.strip == "underscored" and base is None:
         raise FormatError(
@@ -381,7 +395,7 @@ def load(
     claimed: dict[str, str] = {}
     for module, roles in groups.items():
         try:
-            new = _build_targets(fmt, module, roles, cfg, exact_scales, label, base, base_modules, kohya)
+            new = _build_targets(fmt, module, roles, cfg, exact_scales, label, base, base_modules, kohya, exact_eps)
         except (ShapeMismatchError, FormatError) as e:
             if strict:
                 raise
@@ -425,18 +439,25 @@ def load(
     return adapter, ResolutionReport(tuple(skipped), name, scores)
 
 
-def _exact_scales(meta: Mapping[str, str], label: str) -> dict[str, float]:
-    """fvtransform's own exact scales (``fvt.scales`` in the header), checked."""
-    if FVT_SCALES not in meta:
+def _exact_scales(meta: Mapping[str, str], label: str, field: str = FVT_SCALES) -> dict[str, float]:
+    """fvtransform's own exact scales (``fvt.scales`` in the header; or DoRA eps, ``fvt.dora_eps``), checked."""
+    if field not in meta:
         return {}
-    where = f"{label}: header {FVT_SCALES!r}"
+    where = f"{label}: header {field!r}"
     try:
-        doc = json.loads(meta[FVT_SCALES])
+        doc = json.loads(meta[field])
     except (ValueError, RecursionError) as e:
         raise FormatError(f"{where} is not valid JSON ({type(e).__name__})") from None
     if not isinstance(doc, dict):
         raise FormatError(f"{where}: expected an object of target -> scale; found {type(doc).__name__}")
     return {k: _alpha_value(v, f"{where}[{k!r}]") for k, v in doc.items()}
+
+
+def _eps_value(value: float, where: str) -> float:
+    if not 0.0 <= value <= 1e-3:
+        raise FormatError(f"{where}: DoRA eps {value!r} is out of range (0 to 1e-3); fvtransform writes 0 or float32 eps. "
+                          "Fix: drop the header entry")
+    return value
 
 
 def _hint(name: str, base: Any) -> str:
@@ -481,28 +502,55 @@ def _scalar(roles: Mapping[str, tuple[str, torch.Tensor]], role: str, label: str
 
 def _lowrank_scale(
     fmt: LoraFormat, module: str, rank: int, roles: Mapping[str, tuple[str, torch.Tensor]], cfg: _ScaleConfig | None, label: str,
+    exact: bool = False,
 ) -> tuple[float, float]:
-    """``(scale, alpha)`` as the format's tool computes them."""
+    """``(scale, alpha)`` as the format's tool computes them; ``|scale|`` is at most :data:`MAX_SCALE`.
+
+    ``exact``: the file is fvtransform's own and records the exact scale (``fvt.scales``), which replaces
+    this one, so an alpha of 0 or a large scale written from it is not ambiguous.
+    """
+    scale, alpha, where = _lowrank_scale_of(fmt, module, rank, roles, cfg, label, exact)
+    if not exact and not abs(scale) <= MAX_SCALE:
+        raise FormatError(
+            f"{where}: alpha {alpha:g} with rank {rank} gives scale {scale:g} for {module!r}, beyond {MAX_SCALE:g}; no trained "
+            "LoRA has such a scale. Fix: correct the alpha"
+        )
+    return scale, alpha
+
+
+def _lowrank_scale_of(
+    fmt: LoraFormat, module: str, rank: int, roles: Mapping[str, tuple[str, torch.Tensor]], cfg: _ScaleConfig | None, label: str,
+    exact: bool = False,
+) -> tuple[float, float, str]:
+    """``(scale, alpha, where the alpha came from)``."""
     if fmt.scale == "fastvideo":
-        return _fastvideo_scale(rank, roles, label)
+        where = f"{label}: {roles['fv_alpha'][0]!r}" if "fv_alpha" in roles else label
+        return (*_fastvideo_scale(rank, roles, label), where)
     if "alpha" in roles:
-        alpha = _scalar(roles, "alpha", label)[1]
-        return alpha / rank, alpha
+        key, alpha = _scalar(roles, "alpha", label)
+        if alpha == 0 and not exact:
+            raise FormatError(
+                f"{label}: {key!r} is 0: sd-scripts and musubi-tuner read alpha 0 as alpha = rank (scale 1), diffusers and "
+                "ComfyUI as scale 0, so the intended scale is unknown. Fix: re-save with the alpha you mean (alpha = rank for scale 1)"
+            )
+        return alpha / rank, alpha, f"{label}: {key!r}"
     if cfg is None:
-        return 1.0, float(rank)
+        return 1.0, float(rank), label
     r = pattern_value(module, cfg.rank_patterns, cfg.r)
     alpha = float(pattern_value(module, cfg.alpha_patterns, cfg.alpha))
     if r != rank:
         raise ShapeMismatchError(
             f"{label}: {module!r} has rank {rank} in the file, but {cfg.where} says r={r}; the config does not belong to these weights"
         )
-    return (alpha / math.sqrt(rank) if cfg.rslora else alpha / rank), alpha
+    return (alpha / math.sqrt(rank) if cfg.rslora else alpha / rank), alpha, f"{cfg.where}: 'lora_alpha'"
 
 
 def _fastvideo_scale(rank: int, roles: Mapping[str, tuple[str, torch.Tensor]], label: str) -> tuple[float, float]:
     """FastVideo: ``alpha / lora_rank`` from the per-module tensors (its merge script and its LoRA layers)."""
     if "fv_rank" in roles:
         key, r = _scalar(roles, "fv_rank", label)
+        if r != int(r):
+            raise FormatError(f"{label}: {key!r} is {r:g}; a LoRA rank is a whole number. Fix: store the factors' rank {rank}")
         if r != rank:
             raise ShapeMismatchError(f"{label}: {key!r} says rank {r:g}, but the factors have rank {rank}")
     if "fv_alpha" not in roles:
@@ -517,6 +565,23 @@ def _fastvideo_scale(rank: int, roles: Mapping[str, tuple[str, torch.Tensor]], l
     return alpha / rank, alpha
 
 
+def _check_config_applies(cfg: _ScaleConfig, module: str, roles: Mapping[str, tuple[str, torch.Tensor]]) -> None:
+    """Refuse weights the PEFT config would not load as they are: untargeted modules, DoRA flags that contradict the file."""
+    key = roles["A"][0]
+    check_targeted(cfg.selection, module, cfg.where, key)
+    has_mag = "magnitude" in roles
+    if cfg.use_dora and not has_mag:
+        raise FormatError(
+            f"{cfg.where}: 'use_dora' is true, but the file has no lora_magnitude_vector for {module!r} ({key!r}); peft would keep "
+            "the magnitude it initialised from the base, which is not this file's adapter. Fix: add the magnitude, or set use_dora false"
+        )
+    if has_mag and not cfg.use_dora:
+        raise FormatError(
+            f"{cfg.where}: the file holds a DoRA magnitude {roles['magnitude'][0]!r}, but 'use_dora' is not true; peft would ignore it "
+            "and merge plain LoRA. Fix: set \"use_dora\": true (or drop the magnitude)"
+        )
+
+
 def _build_targets(
     fmt: LoraFormat,
     module: str,
@@ -527,6 +592,7 @@ def _build_targets(
     base: Any,
     base_modules: Mapping[str, Any] | None,
     kohya: Mapping[str, str] | None,
+    exact_eps: Mapping[str, float] | None = None,
 ) -> dict[str, Delta] | None:
     """The targets one file module gives, or None when it resolves to nothing in the base."""
     name = _resolve_module(fmt, module, base_modules, kohya)
@@ -557,12 +623,16 @@ def _build_targets(
         rank = int(A.shape[0])
         if rank == 0:
             raise ShapeMismatchError(f"{where}: rank 0 (A {list(A.shape)}); a LoRA needs rank 1 or more. Fix: drop this module")
-        scale, alpha = _lowrank_scale(fmt, module, rank, roles, cfg, label)
+        if cfg is not None:
+            _check_config_applies(cfg, module, roles)
+        scale, alpha = _lowrank_scale(fmt, module, rank, roles, cfg, label, name + ".weight" in exact)
         if name + ".weight" in exact:
             scale = float(exact[name + ".weight"])
         mag = (canonical_magnitude(roles["magnitude"][1], int(B.shape[0]), int(A.shape[1]), f"{label}: {roles['magnitude'][0]!r}")
                if "magnitude" in roles else None)
         eps = DORA_EPS if mag is not None and roles["magnitude"][0].endswith(".dora_scale") else 0.0  # LyCORIS/ComfyUI
+        if mag is not None and exact_eps and name + ".weight" in exact_eps:
+            eps = _eps_value(exact_eps[name + ".weight"], f"{label}: header {FVT_DORA_EPS!r}[{name + '.weight'!r}]")
         out[name + ".weight"] = LowRank(A, B, scale, alpha, mag, eps)
     else:
         loose = [r for r in ("alpha", "magnitude", "fv_rank", "fv_alpha") if r in roles]
@@ -691,6 +761,13 @@ def _peft_config(adapter: LoraAdapter) -> dict[str, Any]:
     lows = {k: d for k, d in adapter.items() if isinstance(d, LowRank)}
     if not lows:
         raise FormatError("a PEFT adapter needs at least one low-rank target")
+    dora = sorted(k for k, d in lows.items() if d.magnitude is not None)
+    if dora and len(dora) != len(lows):
+        plain = sorted(set(lows) - set(dora))
+        raise FormatError(
+            f"a PEFT config has one use_dora for all modules, but {dora[:3]} are DoRA and {plain[:3]} plain LoRA; peft would read "
+            "the plain ones as DoRA. Fix: save as 'kohya' or 'comfy', or split the adapter"
+        )
     ranks = Counter(d.rank for d in lows.values())
     r = ranks.most_common(1)[0][0]
     alphas = Counter(d.scale * d.rank for d in lows.values() if d.rank == r)
@@ -776,6 +853,9 @@ def save(adapter: LoraAdapter, path: str | os.PathLike[str], *, format: str = "p
     path = check_path(path)
     scales = json.dumps({k: d.scale for k, d in adapter.items() if hasattr(d, "scale")})
     meta = {FVT_SCALES: scales}
+    eps = {k: d.dora_eps for k, d in adapter.items() if isinstance(d, LowRank) and d.magnitude is not None and d.dora_eps}
+    if eps:  # exact for fvtransform's own reader; peft itself reads every DoRA with eps 0 (see docs/guides/lora.md)
+        meta[FVT_DORA_EPS] = json.dumps(eps)
     tensors = _encode(adapter, fmt, component)
     if fmt.scale == "config":
         folder = path

@@ -17,6 +17,12 @@ ComfyUI (``comfy/weight_adapter/loha.py``, ``lokr.py``) apply them:
   rank there; ComfyUI ignores it); no alpha: 1.
 * alpha 0 is refused: LyCORIS reads it as ``alpha = rank`` (scale 1) and
   ComfyUI as scale 0, so no single merge would be right.
+* LoKr with *both* sides factorized and an alpha: LyCORIS 4.1.3
+  (``kernels/autograd/lokr.py`` ``rank_scale``, ``LokrModule.make_module_from_state_dict``)
+  divides by ``lokr_w1_a.shape[1]``, ComfyUI and Forge by ``lokr_w2_b.shape[0]``
+  (the later assignment wins). Equal ranks (all LyCORIS ever writes) agree;
+  different ranks are refused as ambiguous, unless the file is fvtransform's own
+  (exact ``fvt.scales``).
 """
 
 from __future__ import annotations
@@ -106,6 +112,8 @@ def lycoris_targets(
     except (AttributeError, TypeError, IndexError):  # shapes too broken to describe
         raise ShapeMismatchError(f"{where}: LyCORIS tensors {sorted((r, list(v.shape)) for r, v in t.items())} do not form a delta") from None
     rank = delta.rank
+    if isinstance(delta, LoKr) and alpha is not None and module + ".weight" not in exact:
+        _check_lokr_ranks(delta, where, roles)
     scale = alpha / rank if (alpha is not None and rank is not None) else 1.0
     scale = float(exact.get(module + ".weight", scale))
     mag = None
@@ -123,6 +131,19 @@ def lycoris_targets(
         bias.validate(f"{label}: {roles['diff_b'][0]!r}")
         out[module + ".bias"] = bias
     return out
+
+
+def _check_lokr_ranks(delta: LoKr, where: str, roles: Mapping[str, tuple[str, torch.Tensor]]) -> None:
+    """Both LoKr sides factorized with different ranks: LyCORIS and ComfyUI divide alpha by different ranks."""
+    if delta.w1_b is None or delta.w2_b is None:
+        return
+    r1, r2 = int(delta.w1_b.shape[0]), int(delta.w2_b.shape[0])
+    if r1 != r2:
+        raise FormatError(
+            f"{where}: LoKr factors of ranks {r1} (lokr_w1_a/b) and {r2} (lokr_w2_a/b) with {roles['alpha'][0]!r}: LyCORIS "
+            f"divides alpha by {r1}, ComfyUI by {r2}, so the intended scale is unknown. Fix: re-save with equal ranks, "
+            "or drop the alpha and fold the scale into the factors"
+        )
 
 
 def _loha_fields() -> tuple[str, ...]:

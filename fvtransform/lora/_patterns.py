@@ -17,7 +17,7 @@ from typing import Any
 
 from fvtransform.errors import FormatError
 
-__all__ = ["pattern_value", "compile_patterns", "check_pattern", "MAX_PATTERN_CHARS"]
+__all__ = ["pattern_value", "compile_patterns", "check_pattern", "full_match", "MAX_PATTERN_CHARS"]
 
 try:  # Python >= 3.11
     from re import _constants as _c, _parser as _p  # type: ignore[attr-defined]
@@ -139,6 +139,11 @@ def _peft_match(parsed: list[Any], module: str) -> bool:
     starts = frozenset([0] + [i + 1 for i, ch in enumerate(module) if ch == "." and "\n" not in module[:i]])
     ends = _run(parsed, module, starts)
     return len(module) in ends or (module.endswith("\n") and len(module) - 1 in ends)
+
+
+def full_match(parsed: list[Any], text: str) -> bool:
+    """``re.fullmatch(pattern, text)`` (PEFT's string ``target_modules`` / ``exclude_modules``) without backtracking."""
+    return len(text) in _run(parsed, text, frozenset([0]))
 
 
 def compile_patterns(patterns: Mapping[str, Any], where: str) -> list[tuple[list[Any], Any]]:

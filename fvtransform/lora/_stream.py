@@ -139,6 +139,7 @@ def merge_checkpoint(
 
     shapes = {k: torch.empty(ckpt.info(k).shape, device="meta") for k in ckpt.keys()}  # what _collect checks
     per_key = _collect(shapes, pairs)
+    _plan(per_key, ckpt)
     labels = list(labels) if labels is not None else [f"adapter{i}" for i in range(len(pairs))]
     merged_meta = json.dumps(
         [{"adapter": lab, "scale": s, "digest": b"".join(_digest(t) for d in a.values() for t in d.tensors()).hex()[:32]}
@@ -222,6 +223,16 @@ def merge_checkpoint(
 
     write_folder(out_path, written, build, owned=owned, overwrite=overwrite, require_own=True, what="merge output")
     return out_path
+
+
+def _plan(per_key: dict[str, Any], ckpt: Checkpoint) -> None:
+    """Refuse, before any output exists, what ``produce`` would refuse half-way (a DoRA or replacement that merges alone)."""
+    for k, contribs in per_key.items():
+        if not _is_replace(k, contribs) and _is_dora(contribs) and len(contribs) != 1:
+            raise FormatError(
+                f"{ckpt.file_of(k)}: {k!r}: {len(contribs)} adapters target this weight and one is DoRA; a DoRA target "
+                "merges alone (its magnitude rescales the whole weight). Fix: merge the DoRA adapter on its own, then the others"
+            )
 
 
 #: The shape of a shard name: what a merge of a sharded base writes (``<name>-00001-of-00002.safetensors``).
