@@ -40,16 +40,16 @@ def _changed(ours: fvt.ParamTree, base: fvt.ParamTree, dtype: torch.dtype) -> se
 
 
 def _assert_matches(ours: fvt.ParamTree, base: fvt.ParamTree, theirs: dict[str, torch.Tensor], dtype: torch.dtype,
-                    exact: bool = True) -> None:
-    """The tool changed exactly the tensors fvtransform changed, to the same values."""
+                    ulps: int = 0) -> None:
+    """The tool changed exactly the tensors fvtransform changed, to the same values (bit for bit when ulps is 0)."""
     assert set(theirs) == _changed(ours, base, dtype)
     for k, t in theirs.items():
         assert ours[k].dtype == t.dtype == dtype, k
-        if exact:
+        if not ulps:
             assert torch.equal(ours[k], t), k
         else:
-            # one float32 ulp at the tensor's scale (see the ComfyUI kohya case)
-            atol = torch.finfo(dtype).eps * float(t.abs().max())
+            # ``ulps`` ulps of the output dtype at the tensor's scale (see the ComfyUI cases)
+            atol = ulps * torch.finfo(dtype).eps * float(t.abs().max())
             assert torch.allclose(ours[k], t, rtol=0, atol=atol), k
 
 
@@ -104,14 +104,22 @@ def test_fastvideo_fractional_alpha_is_refused_because_fastvideo_disagrees_with_
 # ---------------------------------------------------------------- ComfyUI
 
 _COMFY = json.loads((FIX / "comfyui" / "cases.json").read_text())["cases"]
-#: exact unless noted: the kohya files have alpha 3 / rank 4 = 0.75. ComfyUI scales the product
-#: (0.75 * (up @ down)), fvtransform folds the scale into B before the matmul ((0.75 * B) @ A):
-#: a different float32 rounding, within one float32 ulp at the tensor's scale. With a power-of-two
-#: scale (the other files) or a bf16 base (one rounding of the float32 sum) both are bit for bit.
-_COMFY_EXACT = {"kohya": False, "fvt_to_kohya": False}
+#: float32 ulps allowed, bit for bit where not listed. The kohya files have alpha 3 / rank 4 = 0.75:
+#: ComfyUI scales the product (0.75 * (up @ down)), fvtransform folds the scale into B before the
+#: matmul ((0.75 * B) @ A), a different float32 rounding (measured: 0.98 eps x max|W|). Input-axis
+#: DoRA: the column norms are summed in another order (measured: 1.6 eps x max|W|; as against
+#: LyCORIS, tests/fixtures/lycoris). With a power-of-two scale, or on a bf16 base (one rounding of
+#: the float32 result), all are bit for bit.
+_COMFY_ULPS = {"kohya": 1, "fvt_to_kohya": 1, "dora_in": 2}
+_DORA_OUT = pytest.mark.xfail(strict=True, reason=(
+    "ComfyUI a125cd8 comfy/weight_adapter/base.py weight_decompose: for a .dora_scale of shape [out, 1] "
+    "(what fvtransform's kohya writer emits for PEFT DoRA) it divides by the row norms of the BASE weight "
+    "(`weight`), not of the merged one (`weight_calc`) as PEFT, LyCORIS and fvtransform do: ComfyUI's merge "
+    "of such a file is off by up to 0.73 (test_peft_dora_written_as_kohya_still_matches_peft shows ours is PEFT's)"))
 
 
-@pytest.mark.parametrize("tag", sorted(_COMFY))
+@pytest.mark.parametrize("tag", [pytest.param(t, marks=_DORA_OUT) if "dora" in t and "dora_in" not in t else t
+                                 for t in sorted(_COMFY)])
 def test_comfyui_merge_matches_ours(tag):
     case = _COMFY[tag]
     dtype = torch.bfloat16 if case["base_dtype"] == "torch.bfloat16" else torch.float32
@@ -120,7 +128,20 @@ def test_comfyui_merge_matches_ours(tag):
     ours = fvt.lora.merge(fvt.cast(base, dtype), adapter)
     theirs = _diffusers_names(load_file(FIX / "comfyui" / f"{tag}.merged.safetensors"), "diffusion_model.")
     assert len(theirs) == case["merged_keys"]
-    _assert_matches(ours, base, theirs, dtype, exact=_COMFY_EXACT.get(tag.removesuffix("_bf16"), True))
+    ulps = 0 if dtype == torch.bfloat16 else _COMFY_ULPS.get(tag, 0)
+    _assert_matches(ours, base, theirs, dtype, ulps=ulps)
+
+
+def test_peft_dora_written_as_kohya_still_matches_peft():
+    # the file ComfyUI merges wrongly (above) is right: fvtransform's merge of it is PEFT's merge_and_unload
+    base = _base("comfyui")
+    written = load_file(FIX / "comfyui" / "fvt_to_kohya_dora.safetensors")
+    assert {tuple(v.shape) for k, v in written.items() if k.endswith(".dora_scale")} == {(16, 1), (32, 1)}
+    ours = fvt.lora.merge(base, fvt.lora.load(FIX / "comfyui" / "fvt_to_kohya_dora.safetensors", base=base))
+    theirs = load_file(FIX / "comfyui" / "fvt_to_kohya_dora.peft_merged.safetensors")
+    assert set(theirs) == _changed(ours, base, torch.float32)
+    for k, t in theirs.items():  # PEFT's own DoRA arithmetic, in another order: float32 rounding apart
+        assert torch.allclose(ours[k], t, rtol=0, atol=1e-6), k
 
 
 def test_comfyui_maps_wan_modulation_diffs_onto_scale_shift_table():
@@ -131,15 +152,16 @@ def test_comfyui_maps_wan_modulation_diffs_onto_scale_shift_table():
     assert {"proj_out.bias", "blocks.1.ffn.net.2.bias"} <= set(theirs)  # .diff_b
 
 
-@pytest.mark.parametrize("fmt", ["comfy", "kohya"])
-def test_comfyui_applies_every_key_fvtransform_writes(fmt):
+@pytest.mark.parametrize("tag", ["fvt_to_comfy", "fvt_to_kohya", "fvt_to_kohya_dora"])
+def test_comfyui_applies_every_key_fvtransform_writes(tag):
     # ComfyUI's load_lora logs "lora key not loaded" for each key it skips: none for our writers' files
-    case = _COMFY[f"fvt_to_{fmt}"]
+    case = _COMFY[tag]
+    fmt = "comfy" if tag == "fvt_to_comfy" else "kohya"
     assert case["comfy_warnings"] == []
     written = load_file(FIX / "comfyui" / case["file"])
     base = _base("comfyui")
     targets = set(fvt.lora.load(FIX / "comfyui" / case["file"], base=base))
-    theirs = _diffusers_names(load_file(FIX / "comfyui" / f"fvt_to_{fmt}.merged.safetensors"), "diffusion_model.")
+    theirs = _diffusers_names(load_file(FIX / "comfyui" / f"{tag}.merged.safetensors"), "diffusion_model.")
     assert set(theirs) == targets and len(targets) == case["merged_keys"]
     prefix = "diffusion_model." if fmt == "comfy" else "lora_unet_"
     assert all(k.startswith(prefix) for k in written)
