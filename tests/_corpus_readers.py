@@ -210,6 +210,10 @@ def cases(root: Path) -> list[Case]:
     aliased("alias_listed_twice", '{"c": "a", "c": "b"}', r"metadata 'fvt.aliases' lists 'c' twice")
     aliased("alias_long_integer", '{"c": ' + "7" * 5000 + "}", r"an integer of 5000 digits")
     aliased("alias_not_strings", '{"c": ["a"]}', r"metadata 'fvt.aliases' must map alias -> key")
+    aliased("alias_named_metadata", '{"__metadata__": "a"}', r"metadata 'fvt.aliases' declares an alias named '__metadata__'")
+    aliased("alias_named_empty", '{"": "a"}', r"metadata 'fvt.aliases' declares an alias named ''")
+    st("header_length_over_64MiB", None, r"header_length_over_64MiB\.safetensors: header length 67108865 exceeds",
+       raw_header=b"{}", length=64 * 2**20 + 1)
 
     # ---- files that change under the reader
     d = _dir(root, "truncated_after_open")

@@ -450,3 +450,26 @@ def test_lookalike_keys_across_shards_and_aliases_are_refused(tmp_path):
     _refused(lambda: fvt.load(tmp_path), FormatError, r"model\.safetensors\.index\.json: keys .* two Unicode normal forms")
     path = _aliased(tmp_path / "al.safetensors", {"\u212a": "a"}, None, K=[1.0], a=[2.0])  # KELVIN SIGN vs K
     _refused(lambda: fvt.load(path), FormatError, r"al\.safetensors: keys 'K' and .* two Unicode normal forms")
+
+
+# ----------------------------------------------------------------------------- 8. issue 13 follow-up (outside attacker)
+@pytest.mark.parametrize("name", ["__metadata__", ""])
+def test_an_alias_may_not_take_a_reserved_or_empty_name(tmp_path, name):
+    """``__metadata__`` (the header's metadata slot) or "" can be no tensor's name: such an alias loaded silently."""
+    path = _aliased(tmp_path / "res.safetensors", {name: "a"})
+    _refused(lambda: fvt.load(path), FormatError,
+             rf"res\.safetensors: metadata 'fvt.aliases' declares an alias named {name!r} \(of 'a'\)")
+
+
+def test_the_header_cap_is_64_mib_like_every_json_file(tmp_path):
+    """The header length field is refused from 64 MiB + 1 on (it was 100 MiB), before any byte of it is read."""
+    from fvtransform.io._header import MAX_HEADER_BYTES
+    from fvtransform.io._open import MAX_JSON_BYTES
+
+    assert MAX_HEADER_BYTES == MAX_JSON_BYTES == 64 * 2**20
+    over = tmp_path / "over.safetensors"
+    over.write_bytes(struct.pack("<Q", 64 * 2**20 + 1) + b"{}")
+    _refused(lambda: fvt.load(over), FormatError, r"over\.safetensors: header length 67108865 exceeds the 67108864-byte \(64 MiB\)")
+    at_cap = tmp_path / "at_cap.safetensors"  # at the cap, the length is accepted and checked against the file
+    at_cap.write_bytes(struct.pack("<Q", 64 * 2**20) + b"{}")
+    _refused(lambda: fvt.load(at_cap), FormatError, r"at_cap\.safetensors: header length 67108864 is larger than the 2 bytes")

@@ -19,7 +19,7 @@ import attrs
 import torch
 
 from fvtransform.errors import FormatError, NotFoundError
-from fvtransform.io._open import open_regular
+from fvtransform.io._open import MAX_JSON_BYTES, open_regular
 
 __all__ = ["TensorInfo", "Header", "read_header", "DTYPES", "DTYPE_NAMES", "MAX_HEADER_BYTES", "MAX_RANK", "MAX_INT_DIGITS",
            "bounded_int", "no_constant", "check_containers", "OBJECT_BYTES"]
@@ -49,8 +49,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
-#: The largest header we accept (safetensors' own limit is 100 MB).
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: The largest header we accept: the same 64 MiB cap as every JSON file we read (``MAX_JSON_BYTES``);
+#: safetensors' own limit is 100 MB, real headers are well under 10 MB.
+MAX_HEADER_BYTES = MAX_JSON_BYTES
 #: The most dims a tensor may have (torch's kernels handle up to 25; real weights have at most 5).
 MAX_RANK = 16
 #: The most digits of an integer in a header (offsets and sizes fit in 20).
@@ -172,7 +173,10 @@ def read_header(path: str | os.PathLike[str]) -> Header:
                 )
             (n,) = struct.unpack("<Q", f.read(8))
             if n > MAX_HEADER_BYTES:
-                raise FormatError(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit; not a safetensors file")
+                raise FormatError(
+                    f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte (64 MiB) limit; not a real "
+                    "safetensors header (real ones are a few MB) — the file is corrupt or hostile"
+                )
             if n > size - 8:
                 raise FormatError(
                     f"{path}: header length {n} is larger than the {size - 8} bytes after it; "
