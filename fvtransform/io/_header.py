@@ -161,7 +161,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         FormatError: the file is truncated, empty or malformed; the message
             names the file and, where there is one, the key.
     """
-    path = Path(path)
+    path = path if isinstance(path, Path) else Path(path)  # a DerivedPath keeps its root
     try:
         with open_regular(path, "safetensors file") as f:
             st = os.fstat(f.fileno())
