@@ -160,3 +160,57 @@ def test_a_symlink_swapped_in_while_loading_never_escapes_the_folder(tmp_path):
         stop.set()
         racer.join()
     assert not escaped, "a load followed a symlink out of the folder"
+
+
+# ----------------------------------------------------------------------------- regressions of the fixes (in-process, fast)
+def _record_build(make, limits=None):
+    """Build a registered constructor on meta; ``make(seen)`` is the module's body (it may record tensors in seen)."""
+    import torch
+
+    seen: list = []
+
+    class M(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            make(self, seen)
+
+    reg = fvt.Registry()
+    fvt.register("m", M, registry=reg)
+    return fvt.build("m", {}, registry=reg, limits=limits, source="cfg.json"), seen
+
+
+def test_an_uninitialised_tensor_larger_than_the_budget_left_is_a_meta_placeholder_not_an_allocation():
+    """A parameter's torch.empty over max_computed_bytes (1 GiB) was allocated for real (virtual GBs); now it is
+    made on meta, and real uninitialised tensors still alive count against the budget (the third 400 MB one)."""
+    import torch
+
+    def make(m, seen):
+        seen.append(torch.empty(300_000_000))  # 1.2 GB: over the budget
+        seen.extend(torch.empty(100_000_000) for _ in range(3))  # 3 x 400 MB, all alive at once
+        m.emb = torch.nn.Embedding(300_000_000, 1)  # 1.2 GB parameter: built as before, on meta
+
+    module, seen = _record_build(make)
+    assert [t.device.type for t in seen] == ["meta", "cpu", "cpu", "meta"]
+    assert module.emb.weight.device.type == "meta" and module.emb.weight.shape == (300_000_000, 1)
+
+
+@pytest.mark.parametrize(("body", "match"), [
+    ("fill", r"aten\.fill_\.Scalar writes into a tensor of shape \(300000000,\) \(1200000000 bytes\) created uninitialised"),
+    ("buffer", r"registering buffer 'b' of M, which is a tensor of shape \(300000000,\) \(1200000000 bytes\)"),
+    ("huge", r"aten\.empty\.memory_format would create a tensor of 8000000000 bytes .*BuildLimits\.max_tensor_bytes"),
+])
+def test_a_placeholder_is_never_computed_nor_kept_as_a_buffer_and_one_tensor_stays_bounded(body, match):
+    """Writing into a placeholder or keeping it as a (real-valued) buffer is refused as the bytes it would compute;
+    a tensor over max_tensor_bytes (now 6 GiB, UMT5-XXL's 4.2 GB embedding fits) is refused before it exists."""
+    import torch
+
+    def make(m, seen):
+        if body == "fill":
+            torch.empty(300_000_000).fill_(1.0)
+        elif body == "buffer":
+            m.register_buffer("b", torch.empty(300_000_000), persistent=False)
+        else:
+            torch.empty(2_000_000_000)
+
+    with pytest.raises(FormatError, match=r"cfg\.json: building M: " + match):
+        _record_build(make)
