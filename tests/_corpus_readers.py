@@ -212,6 +212,9 @@ def cases(root: Path) -> list[Case]:
     aliased("alias_not_strings", '{"c": ["a"]}', r"metadata 'fvt.aliases' must map alias -> key")
     aliased("alias_named_metadata", '{"__metadata__": "a"}', r"metadata 'fvt.aliases' declares an alias named '__metadata__'")
     aliased("alias_named_empty", '{"": "a"}', r"metadata 'fvt.aliases' declares an alias named ''")
+    many = b"{" + b",".join(b'"%x":{"dtype":"U8","shape":[1],"data_offsets":[%d,%d]}' % (i, i, i + 1) for i in range(100_002)) + b"}"
+    st("header_of_100002_tensors", None, r"header_of_100002_tensors\.safetensors: the header holds 100003 JSON objects, "
+       r"so up to 100002 tensors, over the limit of 100000", b"\0" * 100_002, raw_header=many)
     st("header_length_over_64MiB", None, r"header_length_over_64MiB\.safetensors: header length 67108865 exceeds",
        raw_header=b"{}", length=64 * 2**20 + 1)
 

@@ -546,3 +546,22 @@ def test_guarantee_a_checked_path_that_stays_put_opens_and_prints_as_the_plain_p
     assert derived == tmp_path / "c.json" and str(derived) == str(tmp_path / "c.json")
     assert read_text(derived, "config") == '{"x": 1}'
     assert (derived.parent / "y").root is None  # a path derived from it is plain again
+
+
+def test_a_file_of_more_tensors_than_the_cap_is_refused_before_its_header_is_parsed(tmp_path, monkeypatch):
+    """A valid 64 MiB header of a million 1-byte tensors took 33 s and 1.4 GB to load; the count is capped
+    (MAX_TENSORS, 100 000: ten times a real shard), on the raw header first, then exactly after parsing."""
+    from fvtransform.io import _header
+
+    n = 100_000 + 2  # with the header's own object: one more object than the pre-parse bound allows
+    header = b"{" + b",".join(b'"%x":{"dtype":"U8","shape":[1],"data_offsets":[%d,%d]}' % (i, i, i + 1) for i in range(n)) + b"}"
+    many = tmp_path / "many.safetensors"
+    many.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * n)
+    _refused(lambda: read_header(many), FormatError,
+             rf"many\.safetensors: the header holds {n + 1} JSON objects, so up to {n} tensors, over the limit of 100000")
+    assert _header.MAX_TENSORS == 100_000
+    monkeypatch.setattr(_header, "MAX_TENSORS", 3)  # the exact bound, on small files
+    assert list(fvt.load(_good(tmp_path / "three.safetensors", a=torch.ones(1), b=torch.ones(1), c=torch.ones(1)))) == ["a", "b", "c"]
+    four = _st(tmp_path / "four.safetensors", {k: {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]} for i, k in enumerate("abcd")},
+               b"\0" * 4)
+    _refused(lambda: fvt.load(four), FormatError, r"four\.safetensors: the header lists 4 tensors, over the limit of 3 tensors per file")
