@@ -542,10 +542,10 @@ def test_guarantee_a_checked_path_that_stays_put_opens_and_prints_as_the_plain_p
     (tmp_path / "real" / "c.json").write_text('{"x": 1}')
     (tmp_path / "c.json").symlink_to(tmp_path / "real" / "c.json")  # a link inside the folder: followed
     derived = contained(tmp_path, "c.json", "config")
-    assert isinstance(derived, DerivedPath) and derived.root == tmp_path.resolve()
+    assert isinstance(derived, DerivedPath) and derived.contained_in == tmp_path.resolve()
     assert derived == tmp_path / "c.json" and str(derived) == str(tmp_path / "c.json")
     assert read_text(derived, "config") == '{"x": 1}'
-    assert (derived.parent / "y").root is None  # a path derived from it is plain again
+    assert (derived.parent / "y").contained_in is None and derived.root == "/"  # a path derived from it is plain again
 
 
 def test_a_file_of_more_tensors_than_the_cap_is_refused_before_its_header_is_parsed(tmp_path, monkeypatch):

@@ -74,17 +74,17 @@ def _refuse(path: Path, what: str, mode: int) -> UnsafeFileError:
 
 
 class DerivedPath(type(Path())):  # type: ignore[misc]  # PosixPath (or WindowsPath): pathlib's own subclassing
-    """A path found inside a folder, that :func:`open_regular` opens only if what it opens lies inside ``root``.
+    """A path found inside a folder, that :func:`open_regular` opens only if what it opens lies inside ``contained_in``.
 
     Made by :func:`contained` only. It compares, hashes and prints as the plain path; a path
-    derived from it (``p / "x"``, ``p.parent``) is a plain path again (no root): derive it
+    derived from it (``p / "x"``, ``p.parent``) has no containment root: derive it
     with :func:`contained`, which checks it under the same root.
     """
 
     __slots__ = ("_fvt_root",)
 
     @property
-    def root(self) -> Path | None:
+    def contained_in(self) -> Path | None:
         """The resolved folder the opened file must lie in (None for a path not made by :func:`contained`)."""
         return getattr(self, "_fvt_root", None)
 
@@ -96,7 +96,7 @@ def _derived(path: Path, root: Path) -> DerivedPath:
 
 
 def _root_of(path: object) -> Path | None:
-    return path.root if isinstance(path, DerivedPath) else None
+    return path.contained_in if isinstance(path, DerivedPath) else None
 
 
 def _inside(real: Path, root: Path) -> bool:
