@@ -218,6 +218,16 @@ def cases(root: Path) -> list[Case]:
     st("header_length_over_64MiB", None, r"header_length_over_64MiB\.safetensors: header length 67108865 exceeds",
        raw_header=b"{}", length=64 * 2**20 + 1)
 
+    # ---- builds: one config number may not make a meta build allocate GBs (issue 13 follow-up)
+    d = _dir(root, "t5_buckets_1e9")
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["T5EncoderModel"], "model_type": "t5", "num_layers": 1, "d_model": 8, "d_kv": 4, "d_ff": 8,
+        "num_heads": 2, "vocab_size": 10, "relative_attention_num_buckets": 10**9}))
+    _good(d / "model.safetensors")
+    add("a T5 config asking for an 8 GB relative-attention table", d, E.FormatError,
+        r"t5_buckets_1e9/config\.json: building T5EncoderModel: .*8000000000 bytes.*BuildLimits\.max_tensor_bytes.*"
+        r"'relative_attention_num_buckets': 1000000000", fvt.load_model)
+
     # ---- files that change under the reader
     d = _dir(root, "truncated_after_open")
     add("a file truncated after its header was read", d, E.IntegrityError, r"c\.safetensors: the file is 100 bytes now",
