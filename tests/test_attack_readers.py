@@ -197,6 +197,7 @@ def test_an_uninitialised_tensor_larger_than_the_budget_left_is_a_meta_placehold
 @pytest.mark.parametrize(("body", "match"), [
     ("fill", r"aten\.fill_\.Scalar writes into a tensor of shape \(300000000,\) \(1200000000 bytes\) created uninitialised"),
     ("buffer", r"registering buffer 'b' of M, which is a tensor of shape \(300000000,\) \(1200000000 bytes\)"),
+    ("derived", r"registering buffer 'b' of M, which is a tensor of shape \(3\,\) \(12 bytes\)"),
     ("huge", r"aten\.empty\.memory_format would create a tensor of 8000000000 bytes .*BuildLimits\.max_tensor_bytes"),
 ])
 def test_a_placeholder_is_never_computed_nor_kept_as_a_buffer_and_one_tensor_stays_bounded(body, match):
@@ -209,6 +210,8 @@ def test_a_placeholder_is_never_computed_nor_kept_as_a_buffer_and_one_tensor_sta
             torch.empty(300_000_000).fill_(1.0)
         elif body == "buffer":
             m.register_buffer("b", torch.empty(300_000_000), persistent=False)
+        elif body == "derived":  # computed from a placeholder: its values would be garbage, and it is on meta
+            m.register_buffer("b", (torch.empty(300_000_000) * 2)[:3].sum(0, keepdim=True).expand(3).clone(), persistent=False)
         else:
             torch.empty(2_000_000_000)
 

@@ -72,7 +72,7 @@ class BuildLimits:
 #: The limits :func:`fvtransform.build` uses when none are given.
 DEFAULT_BUILD_LIMITS = BuildLimits()
 
-#: Ops that allocate without writing: their pages are never touched, so only ``max_tensor_bytes`` applies.
+#: Ops that allocate without writing: bounded by ``max_tensor_bytes``; made real only while the rest of the budget could hold them.
 _EMPTY = torch.ops.aten.empty.memory_format
 _UNINITIALISED = frozenset({
     torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default, torch.ops.aten.empty_like.default,
@@ -289,7 +289,11 @@ class _BudgetMode(TorchDispatchMode):
                 if isinstance(t, torch.Tensor) and state.is_placeholder(t):
                     raise state.refuse_placeholder(f"{func} writes into", t)
         if func.is_view or _out_device(args, kwargs).type == "meta":
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if state.placeholders and not func.is_view and any(state.is_placeholder(t) for t in _tensors((args, kwargs))):
+                for t in _tensors(out):  # computed from a placeholder's garbage: no buffer may hold it either
+                    state.add_placeholder(t)
+            return out
         if written:  # an in-place op writes (touches) the tensors it mutates and creates none
             for t in written:
                 if isinstance(t, torch.Tensor):
