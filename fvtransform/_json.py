@@ -120,7 +120,7 @@ def read_json_file(
     """
     from fvtransform.io._open import read_bytes  # the one way to open untrusted files (imported late: io imports us)
 
-    path = Path(path)
+    path = path if isinstance(path, Path) else Path(path)  # a DerivedPath keeps its root
     raw = read_bytes(path, "JSON file", limits.max_bytes)
     return loads_json(raw, source=str(path), limits=limits, expect=expect)
 

@@ -210,6 +210,23 @@ def cases(root: Path) -> list[Case]:
     aliased("alias_listed_twice", '{"c": "a", "c": "b"}', r"metadata 'fvt.aliases' lists 'c' twice")
     aliased("alias_long_integer", '{"c": ' + "7" * 5000 + "}", r"an integer of 5000 digits")
     aliased("alias_not_strings", '{"c": ["a"]}', r"metadata 'fvt.aliases' must map alias -> key")
+    aliased("alias_named_metadata", '{"__metadata__": "a"}', r"metadata 'fvt.aliases' declares an alias named '__metadata__'")
+    aliased("alias_named_empty", '{"": "a"}', r"metadata 'fvt.aliases' declares an alias named ''")
+    many = b"{" + b",".join(b'"%x":{"dtype":"U8","shape":[1],"data_offsets":[%d,%d]}' % (i, i, i + 1) for i in range(100_002)) + b"}"
+    st("header_of_100002_tensors", None, r"header_of_100002_tensors\.safetensors: the header holds 100003 JSON objects, "
+       r"so up to 100002 tensors, over the limit of 100000", b"\0" * 100_002, raw_header=many)
+    st("header_length_over_64MiB", None, r"header_length_over_64MiB\.safetensors: header length 67108865 exceeds",
+       raw_header=b"{}", length=64 * 2**20 + 1)
+
+    # ---- builds: one config number may not make a meta build allocate GBs (issue 13 follow-up)
+    d = _dir(root, "t5_buckets_1e9")
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["T5EncoderModel"], "model_type": "t5", "num_layers": 1, "d_model": 8, "d_kv": 4, "d_ff": 8,
+        "num_heads": 2, "vocab_size": 10, "relative_attention_num_buckets": 10**9}))
+    _good(d / "model.safetensors")
+    add("a T5 config asking for an 8 GB relative-attention table", d, E.FormatError,
+        r"t5_buckets_1e9/config\.json: building T5EncoderModel: .*8000000000 bytes.*BuildLimits\.max_tensor_bytes.*"
+        r"'relative_attention_num_buckets': 1000000000", fvt.load_model)
 
     # ---- files that change under the reader
     d = _dir(root, "truncated_after_open")

@@ -450,3 +450,118 @@ def test_lookalike_keys_across_shards_and_aliases_are_refused(tmp_path):
     _refused(lambda: fvt.load(tmp_path), FormatError, r"model\.safetensors\.index\.json: keys .* two Unicode normal forms")
     path = _aliased(tmp_path / "al.safetensors", {"\u212a": "a"}, None, K=[1.0], a=[2.0])  # KELVIN SIGN vs K
     _refused(lambda: fvt.load(path), FormatError, r"al\.safetensors: keys 'K' and .* two Unicode normal forms")
+
+
+# ----------------------------------------------------------------------------- 8. issue 13 follow-up (outside attacker)
+@pytest.mark.parametrize("name", ["__metadata__", ""])
+def test_an_alias_may_not_take_a_reserved_or_empty_name(tmp_path, name):
+    """``__metadata__`` (the header's metadata slot) or "" can be no tensor's name: such an alias loaded silently."""
+    path = _aliased(tmp_path / "res.safetensors", {name: "a"})
+    _refused(lambda: fvt.load(path), FormatError,
+             rf"res\.safetensors: metadata 'fvt.aliases' declares an alias named {name!r} \(of 'a'\)")
+
+
+def test_the_header_cap_is_64_mib_like_every_json_file(tmp_path):
+    """The header length field is refused from 64 MiB + 1 on (it was 100 MiB), before any byte of it is read."""
+    from fvtransform.io._header import MAX_HEADER_BYTES
+    from fvtransform.io._open import MAX_JSON_BYTES
+
+    assert MAX_HEADER_BYTES == MAX_JSON_BYTES == 64 * 2**20
+    over = tmp_path / "over.safetensors"
+    over.write_bytes(struct.pack("<Q", 64 * 2**20 + 1) + b"{}")
+    _refused(lambda: fvt.load(over), FormatError, r"over\.safetensors: header length 67108865 exceeds the 67108864-byte \(64 MiB\)")
+    at_cap = tmp_path / "at_cap.safetensors"  # at the cap, the length is accepted and checked against the file
+    at_cap.write_bytes(struct.pack("<Q", 64 * 2**20) + b"{}")
+    _refused(lambda: fvt.load(at_cap), FormatError, r"at_cap\.safetensors: header length 67108864 is larger than the 2 bytes")
+
+
+def _swap_for_link(path: Path, target: Path) -> None:
+    """What a racer does between the containment check and the open: rename a symlink over the checked name."""
+    tmp = path.with_name(path.name + ".swap")
+    tmp.symlink_to(target)
+    os.replace(tmp, path)
+
+
+def test_a_weights_file_or_shard_swapped_for_an_outside_link_after_its_check_is_never_read(tmp_path, outside):
+    """The race of test_attack_readers, made deterministic: the check passed on the inside file, then a link
+    to an outside file was renamed over it; the open must refuse what it opened (it read the outside file)."""
+    from fvtransform.io._files import find_weight_files
+    from fvtransform.io._load import Checkpoint
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    _good(folder / "model.safetensors", inside=torch.ones(1))
+    files = find_weight_files(folder)  # checked: inside
+    _swap_for_link(folder / "model.safetensors", outside / "secret.safetensors")
+    _refused(lambda: Checkpoint(files), UnsafeFileError,
+             r"m/model\.safetensors: the safetensors file opened resolves to .*outside/secret\.safetensors, outside .*/m")
+    sharded = tmp_path / "s"
+    sharded.mkdir()
+    _good(sharded / "s1.safetensors", inside=torch.ones(1))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"inside": "s1.safetensors"}}))
+    files = find_weight_files(sharded)
+    _swap_for_link(sharded / "s1.safetensors", outside / "secret.safetensors")
+    _refused(lambda: Checkpoint(files), UnsafeFileError, r"s/s1\.safetensors: the safetensors file opened resolves to .*outside")
+
+
+def test_an_index_or_config_swapped_for_an_outside_link_after_its_check_is_never_read(tmp_path, outside):
+    from fvtransform._json import read_json_file
+    from fvtransform.io._files import read_index
+    from fvtransform.io._open import contained
+
+    (outside / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "secret.safetensors"}}))
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text("{}")
+    (folder / "config.json").write_text("{}")
+    index = contained(folder, "model.safetensors.index.json", "index file")
+    config = contained(folder, "config.json", "model config")
+    _swap_for_link(folder / "model.safetensors.index.json", outside / "model.safetensors.index.json")
+    _swap_for_link(folder / "config.json", outside / "config.json")
+    _refused(lambda: read_index(index), UnsafeFileError, r"model\.safetensors\.index\.json: the index file opened resolves to .*outside")
+    _refused(lambda: read_json_file(config), UnsafeFileError, r"m/config\.json: the JSON file opened resolves to .*outside")
+
+
+def test_a_component_folder_swapped_for_an_outside_link_after_its_check_is_never_followed(tmp_path, outside):
+    from fvtransform.io._open import contained
+
+    pipe = tmp_path / "pipe"
+    (pipe / "transformer").mkdir(parents=True)
+    component = contained(pipe, "transformer", "pipeline component folder")  # checked: a real folder inside
+    os.rename(pipe / "transformer", tmp_path / "moved")
+    (pipe / "transformer").symlink_to(outside, target_is_directory=True)
+    _refused(lambda: contained(component, "config.json", "model config"), UnsafeFileError,
+             r"the folder .*pipe/transformer now resolves to .*outside, outside .*pipe where it was found")
+
+
+def test_guarantee_a_checked_path_that_stays_put_opens_and_prints_as_the_plain_path(tmp_path):
+    """The root a derived path carries changes nothing for a file that stays where it was checked."""
+    from fvtransform.io._open import DerivedPath, contained, read_text
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "c.json").write_text('{"x": 1}')
+    (tmp_path / "c.json").symlink_to(tmp_path / "real" / "c.json")  # a link inside the folder: followed
+    derived = contained(tmp_path, "c.json", "config")
+    assert isinstance(derived, DerivedPath) and derived.contained_in == tmp_path.resolve()
+    assert derived == tmp_path / "c.json" and str(derived) == str(tmp_path / "c.json")
+    assert read_text(derived, "config") == '{"x": 1}'
+    assert (derived.parent / "y").contained_in is None and derived.root == "/"  # a path derived from it is plain again
+
+
+def test_a_file_of_more_tensors_than_the_cap_is_refused_before_its_header_is_parsed(tmp_path, monkeypatch):
+    """A valid 64 MiB header of a million 1-byte tensors took 33 s and 1.4 GB to load; the count is capped
+    (MAX_TENSORS, 100 000: ten times a real shard), on the raw header first, then exactly after parsing."""
+    from fvtransform.io import _header
+
+    n = 100_000 + 2  # with the header's own object: one more object than the pre-parse bound allows
+    header = b"{" + b",".join(b'"%x":{"dtype":"U8","shape":[1],"data_offsets":[%d,%d]}' % (i, i, i + 1) for i in range(n)) + b"}"
+    many = tmp_path / "many.safetensors"
+    many.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * n)
+    _refused(lambda: read_header(many), FormatError,
+             rf"many\.safetensors: the header holds {n + 1} JSON objects, so up to {n} tensors, over the limit of 100000")
+    assert _header.MAX_TENSORS == 100_000
+    monkeypatch.setattr(_header, "MAX_TENSORS", 3)  # the exact bound, on small files
+    assert list(fvt.load(_good(tmp_path / "three.safetensors", a=torch.ones(1), b=torch.ones(1), c=torch.ones(1)))) == ["a", "b", "c"]
+    four = _st(tmp_path / "four.safetensors", {k: {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]} for i, k in enumerate("abcd")},
+               b"\0" * 4)
+    _refused(lambda: fvt.load(four), FormatError, r"four\.safetensors: the header lists 4 tensors, over the limit of 3 tensors per file")

@@ -49,7 +49,7 @@ MAX_SHARDS = 4096
 def read_index(index: Path) -> WeightFiles:
     """Parse a ``*.safetensors.index.json`` strictly (duplicates, escapes, missing shards, size caps)."""
 
-    index = Path(index)
+    index = index if isinstance(index, Path) else Path(index)  # a DerivedPath keeps its root
     text = read_text(index, "index file")
     check_containers(text, index, "index")
 
@@ -126,7 +126,7 @@ def find_weight_files(path: str | os.PathLike[str], *, allow_pickle: bool = Fals
     ``model.safetensors``, then a lone ``*.safetensors``. Pickle files are
     considered only when no safetensors exist, and only with ``allow_pickle``.
     """
-    path = Path(path)
+    path = path if isinstance(path, Path) else Path(path)  # a DerivedPath (component folder) keeps its root
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:

@@ -102,6 +102,12 @@ class Checkpoint:
         return {k: str(v) for k, v in self.files.metadata.items()}
 
 
+#: Names no alias may take, and why (a safetensors file can store no tensor under them).
+_RESERVED_NAMES: dict[str, str] = {
+    "__metadata__": "'__metadata__' is the header's metadata slot",
+    "": "an empty name names nothing",
+}
+
 #: The most aliases a checkpoint may declare (tied groups are few; a map this large is hostile).
 MAX_ALIASES = 100_000
 
@@ -139,6 +145,11 @@ def _aliases(raw: object, where: Path | None, stored: Mapping[str, object]) -> d
     if len(value) > MAX_ALIASES:
         raise FormatError(f"{where}: metadata {ALIASES_KEY!r} declares {len(value)} aliases, over the limit of {MAX_ALIASES}")
     for alias, canon in value.items():
+        if alias in _RESERVED_NAMES:
+            raise FormatError(
+                f"{where}: metadata {ALIASES_KEY!r} declares an alias named {alias!r} (of {canon!r}): "
+                f"{_RESERVED_NAMES[alias]}, so it can be no tensor's name; the file is corrupt or hostile — save it again"
+            )
         if alias in stored:
             raise FormatError(
                 f"{where}: metadata {ALIASES_KEY!r} makes {alias!r} an alias of {canon!r}, but the file stores "

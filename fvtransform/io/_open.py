@@ -13,7 +13,11 @@ Every reader of the library goes through this module, so one rule holds everywhe
   must resolve inside that folder, symlinks included. A Hugging Face cache snapshot
   (``<repo>/snapshots/<commit>/...``) may link into its own repo folder (``blobs/``):
   that is the cache's layout. A path the *user* gives explicitly is the user's choice
-  and is not contained.
+  and is not contained. :func:`contained` checks the name when it is derived and returns a
+  :class:`DerivedPath` that remembers its root; :func:`open_regular` checks it again on
+  *what it opened* (the path resolved after the open must lie inside the root and be the
+  very file behind the descriptor, same device and inode), so a symlink swapped in between
+  the check and the open (a racer renaming links over the file) is refused, never read.
 * **Bounded reads.** Small files (JSON) are read with a byte cap.
 
 API (used by io, lora, hub, registry):
@@ -40,7 +44,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["check_regular", "open_regular", "read_bytes", "read_text", "contained", "allowed_root", "fd_path",
-           "MAX_JSON_BYTES", "map_checked"]
+           "MAX_JSON_BYTES", "map_checked", "DerivedPath"]
 
 #: The largest JSON file (index, config) read whole into memory.
 MAX_JSON_BYTES = 64 * 1024 * 1024
@@ -69,6 +73,60 @@ def _refuse(path: Path, what: str, mode: int) -> UnsafeFileError:
     )
 
 
+class DerivedPath(type(Path())):  # type: ignore[misc]  # PosixPath (or WindowsPath): pathlib's own subclassing
+    """A path found inside a folder, that :func:`open_regular` opens only if what it opens lies inside ``contained_in``.
+
+    Made by :func:`contained` only. It compares, hashes and prints as the plain path; a path
+    derived from it (``p / "x"``, ``p.parent``) has no containment root: derive it
+    with :func:`contained`, which checks it under the same root.
+    """
+
+    __slots__ = ("_fvt_root",)
+
+    @property
+    def contained_in(self) -> Path | None:
+        """The resolved folder the opened file must lie in (None for a path not made by :func:`contained`)."""
+        return getattr(self, "_fvt_root", None)
+
+
+def _derived(path: Path, root: Path) -> DerivedPath:
+    out = DerivedPath(path)
+    out._fvt_root = root
+    return out
+
+
+def _root_of(path: object) -> Path | None:
+    return path.contained_in if isinstance(path, DerivedPath) else None
+
+
+def _inside(real: Path, root: Path) -> bool:
+    return real == root or root in real.parents
+
+
+def _check_opened(path: Path, what: str, root: Path, st: os.stat_result) -> None:
+    """Containment checked on the file actually opened (``st``: its ``fstat``), not on the name checked before.
+
+    The path is resolved after the open; it must lie inside ``root`` and be the very file
+    behind the descriptor (same device and inode). A name swapped for a link between the
+    check and the open resolves outside, or to another file, and is refused.
+    """
+    try:
+        real = path.resolve()
+        now = os.stat(real)
+    except (OSError, RuntimeError):
+        now, real = None, path
+    if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+        raise UnsafeFileError(
+            f"{path}: the {what} was replaced while it was being opened (its name no longer leads to the file "
+            "opened — a link swapped in?); refusing it. Try again once the folder stops changing"
+        )
+    if not _inside(real, root):
+        raise UnsafeFileError(
+            f"{path}: the {what} opened resolves to {real}, outside {root}; refusing to read it (it was swapped "
+            "for a link after it was checked — a symlink in a folder must stay inside the folder)"
+        )
+
+
 def check_regular(path: str | os.PathLike[str], what: str = "file") -> os.stat_result:
     """``stat`` ``path`` (following symlinks) and require a regular file.
 
@@ -92,9 +150,15 @@ def open_regular(path: str | os.PathLike[str], what: str = "file") -> BinaryIO:
     """Open a regular file for binary reading, refusing anything else without blocking.
 
     The returned file is an ordinary buffered reader (blocking mode restored);
-    use it as a context manager.
+    use it as a context manager. A :class:`DerivedPath` (from :func:`contained`) is
+    opened only if the file opened lies inside its root (:func:`_check_opened`).
+
+    Raises:
+        NotFoundError: nothing is there.
+        UnsafeFileError: not a regular file, replaced while opened, or (a derived path) outside its root.
     """
-    path = Path(path)
+    root = _root_of(path)
+    path = path if isinstance(path, Path) else Path(path)
     first = check_regular(path, what)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -108,6 +172,8 @@ def open_regular(path: str | os.PathLike[str], what: str = "file") -> BinaryIO:
             raise _refuse(path, what, st.st_mode)
         if (st.st_dev, st.st_ino) != (first.st_dev, first.st_ino):
             raise UnsafeFileError(f"{path}: the {what} was replaced while it was being opened; try again")
+        if root is not None:
+            _check_opened(path, what, root, st)
         os.set_blocking(fd, True)
         return io.open(fd, "rb", closefd=True)  # type: ignore[return-value]
     except BaseException:
@@ -117,7 +183,7 @@ def open_regular(path: str | os.PathLike[str], what: str = "file") -> BinaryIO:
 
 def read_bytes(path: str | os.PathLike[str], what: str = "file", limit: int = MAX_JSON_BYTES) -> bytes:
     """All bytes of a regular file of at most ``limit`` bytes."""
-    path = Path(path)
+    path = path if isinstance(path, Path) else Path(path)
     with open_regular(path, what) as f:
         size = os.fstat(f.fileno()).st_size
         if size > limit:
@@ -163,14 +229,18 @@ def contained(
 
     ``source`` is the file or folder that named the path (for the message). The
     returned path is ``folder / name`` (not resolved), so messages keep the
-    user's spelling. The target need not exist. ``root`` is :func:`allowed_root`
-    of ``folder``, when the caller checks many names in one folder.
+    user's spelling, as a :class:`DerivedPath` that :func:`open_regular` checks
+    again on what it opens. The target need not exist. ``root`` is :func:`allowed_root`
+    of ``folder``, when the caller checks many names in one folder. A ``folder``
+    that is itself a :class:`DerivedPath` (a pipeline component) must still resolve
+    inside its own root.
 
     Raises:
         UnsafeFileError: ``name`` is not a plain file name (separators, ``..``,
             NUL, empty), or the path resolves (through symlinks) outside.
     """
-    folder = Path(folder)
+    parent_root = _root_of(folder)
+    folder = folder if isinstance(folder, Path) else Path(folder)
     src = source if source is not None else folder
     if (not isinstance(name, str) or not name or name in (".", "..") or "\x00" in name
             or name != os.path.basename(name) or "/" in name or (os.altsep and os.altsep in name)):
@@ -179,16 +249,21 @@ def contained(
         )
     candidate = folder / name
     root = root if root is not None else allowed_root(folder)
+    if parent_root is not None and not _inside(root, parent_root):
+        raise UnsafeFileError(
+            f"{src}: the folder {folder} now resolves to {root}, outside {parent_root} where it was found; refusing "
+            f"to follow {name!r} (a folder swapped for a link after it was checked)"
+        )
     try:
         real = candidate.resolve()
     except (OSError, RuntimeError) as e:  # a symlink loop
         raise UnsafeFileError(f"{src}: {what} {name!r} cannot be resolved ({e}); refusing to follow it") from None
-    if real != root and root not in real.parents:
+    if not _inside(real, root):
         raise UnsafeFileError(
             f"{src}: {what} {name!r} resolves to {real}, outside {root}; refusing to follow it "
             "(a symlink in a folder must stay inside the folder — pass the target's path yourself if you trust it)"
         )
-    return candidate
+    return _derived(candidate, root)
 
 
 def fd_path(fd: int) -> str | None:
@@ -213,7 +288,7 @@ def map_checked(path: str | os.PathLike[str], size: int, identity: tuple[int, ..
 
     from fvtransform.errors import IntegrityError
 
-    path = Path(path)
+    path = path if isinstance(path, Path) else Path(path)
     with open_regular(path, "safetensors file") as f:
         st = os.fstat(f.fileno())
         if st.st_size != size:

@@ -6,6 +6,10 @@ constructor under :class:`BuildLimits`:
 
 - every real (non-meta) tensor an ATen op would create is sized *before* the op runs (by running
   the op on the meta device first), so a table too large is refused without allocating it;
+- on meta, no real tensor larger than what is left of ``max_computed_bytes`` is ever allocated:
+  an uninitialised one (``torch.empty``: how every parameter starts, before it moves to meta) is
+  made on the meta device instead (a *placeholder*; its values were garbage anyway), and writing
+  into a placeholder or registering it as a buffer is refused as computing that many bytes;
 - modules are counted as they are registered on their parents;
 - a wall-clock deadline is checked at every op and registration.
 
@@ -24,6 +28,7 @@ import math
 import threading
 import time
 from typing import Any
+import weakref
 
 import attrs
 import torch
@@ -47,9 +52,12 @@ class BuildLimits:
         max_modules: submodules registered while building.
         max_seconds: wall-clock time of the constructor (meta builds only).
         max_computed_bytes: bytes of real tensors computed while building on meta, in total (rotary
-            tables, position ids, initial values of parameters before they move to meta).
-        max_tensor_bytes: bytes of any one real tensor, even an uninitialised ``torch.empty`` whose
-            pages are never touched (meta builds only).
+            tables, position ids, initial values of parameters before they move to meta). No single
+            real tensor larger than what is left of it is allocated: a larger uninitialised one
+            (``torch.empty``) is made on meta, so a 4 GB embedding costs no memory.
+        max_tensor_bytes: bytes of any one tensor, even an uninitialised ``torch.empty`` made on meta
+            (meta builds only): a sanity bound on config numbers, 1.5 times the largest tensor of the
+            models this library targets (UMT5-XXL's embedding, 4.2 GB in float32).
 
     Not bounded: work a constructor does in pure Python or NumPy without creating a torch tensor
     or a module (the deadline is checked only at torch ops and module / parameter registrations).
@@ -58,13 +66,13 @@ class BuildLimits:
     max_modules: int = 10_000
     max_seconds: float = 60.0
     max_computed_bytes: int = 1 << 30
-    max_tensor_bytes: int = 16 << 30
+    max_tensor_bytes: int = 6 << 30
 
 
 #: The limits :func:`fvtransform.build` uses when none are given.
 DEFAULT_BUILD_LIMITS = BuildLimits()
 
-#: Ops that allocate without writing: their pages are never touched, so only ``max_tensor_bytes`` applies.
+#: Ops that allocate without writing: bounded by ``max_tensor_bytes``; made real only while the rest of the budget could hold them.
 _EMPTY = torch.ops.aten.empty.memory_format
 _UNINITIALISED = frozenset({
     torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default, torch.ops.aten.empty_like.default,
@@ -84,6 +92,10 @@ class _State:
     deadline: float = float("inf")
     modules: int = 0
     computed: int = 0
+    #: uninitialised tensors made on meta instead of for real (too large for what is left of the budget)
+    placeholders: dict[int, weakref.ref[torch.Tensor]] = attrs.field(factory=dict)  # by id: tensors' == is elementwise
+    #: bytes of the real uninitialised tensors still alive (a parameter's ``torch.empty`` until it moves to meta)
+    live: int = 0
 
     def fail(self, kind: str, detail: str) -> FormatError:
         return FormatError(f"{self.what}: {detail}{self.suspects(kind)}")
@@ -98,14 +110,44 @@ class _State:
         limits = self.limits
         if limits is None or not self.bounded_memory:
             return
-        if nbytes > limits.max_tensor_bytes:
-            raise self.fail("bytes", f"{func} would create a tensor of {nbytes} bytes while building, more than "
-                            f"{limits.max_tensor_bytes} (BuildLimits.max_tensor_bytes)")
-        if touched:
+        if touched:  # computed bytes first: a table too large to compute is named by the budget it breaks
             self.computed += nbytes
             if self.computed > limits.max_computed_bytes:
                 raise self.fail("bytes", f"building would compute more than {limits.max_computed_bytes} bytes of "
                                 "real tensors (BuildLimits.max_computed_bytes)")
+        if nbytes > limits.max_tensor_bytes:
+            raise self.fail("bytes", f"{func} would create a tensor of {nbytes} bytes while building, more than "
+                            f"{limits.max_tensor_bytes} (BuildLimits.max_tensor_bytes)")
+
+    def left(self) -> int:
+        """Bytes of real tensors that may still be allocated: the budget less what was computed and what is
+        allocated uninitialised and still alive (unbounded without limits)."""
+        if self.limits is None or not self.bounded_memory:
+            return 1 << 62
+        return self.limits.max_computed_bytes - self.computed - self.live
+
+    def _freed(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def is_placeholder(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is a placeholder or a view of one."""
+        while t is not None:
+            ref = self.placeholders.get(id(t))
+            if ref is not None and ref() is t:
+                return True
+            t = t._base
+        return False
+
+    def add_placeholder(self, t: torch.Tensor) -> None:
+        key = id(t)
+        self.placeholders[key] = weakref.ref(t, lambda _r: self.placeholders.pop(key, None))
+
+    def refuse_placeholder(self, act: str, t: torch.Tensor) -> FormatError:
+        limits = self.limits
+        assert limits is not None
+        return self.fail("bytes", f"{act} a tensor of shape {tuple(t.shape)} ({_nbytes(t)} bytes) created "
+                         f"uninitialised while building; computing it would exceed the {limits.max_computed_bytes} "
+                         f"bytes left of BuildLimits.max_computed_bytes ({self.computed} already computed)")
 
 
 _STATE: contextvars.ContextVar[_State | None] = contextvars.ContextVar("fvtransform_build_state", default=None)
@@ -120,6 +162,13 @@ def _on_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> n
     state.tick()
     if state.meta and param.device.type != "meta":
         return type(param)(param.to("meta"), requires_grad=param.requires_grad)
+    return None
+
+
+def _on_buffer(module: nn.Module, name: str, buffer: torch.Tensor | None) -> None:
+    state = _STATE.get()
+    if state is not None and buffer is not None and state.placeholders and state.is_placeholder(buffer):
+        raise state.refuse_placeholder(f"registering buffer {name!r} of {type(module).__name__}, which is", buffer)
     return None
 
 
@@ -142,6 +191,7 @@ def _install_hooks() -> None:
         if not _installed:
             nn.modules.module.register_module_parameter_registration_hook(_on_parameter)
             nn.modules.module.register_module_module_registration_hook(_on_module)
+            nn.modules.module.register_module_buffer_registration_hook(_on_buffer)
             _installed = True
 
 
@@ -233,9 +283,17 @@ class _BudgetMode(TorchDispatchMode):
         kwargs = kwargs or {}
         state = self.state
         state.tick()
-        if func.is_view or _out_device(args, kwargs).type == "meta":
-            return func(*args, **kwargs)
         written = [args[i] for i in _written(func) if i < len(args)]
+        if state.placeholders:  # writing into a placeholder would compute it: as many bytes as it holds
+            for t in written:
+                if isinstance(t, torch.Tensor) and state.is_placeholder(t):
+                    raise state.refuse_placeholder(f"{func} writes into", t)
+        if func.is_view or _out_device(args, kwargs).type == "meta":
+            out = func(*args, **kwargs)
+            if state.placeholders and not func.is_view and any(state.is_placeholder(t) for t in _tensors((args, kwargs))):
+                for t in _tensors(out):  # computed from a placeholder's garbage: no buffer may hold it either
+                    state.add_placeholder(t)
+            return out
         if written:  # an in-place op writes (touches) the tensors it mutates and creates none
             for t in written:
                 if isinstance(t, torch.Tensor):
@@ -243,8 +301,7 @@ class _BudgetMode(TorchDispatchMode):
             return func(*args, **kwargs)
         if func is _EMPTY:  # the commonest op (every parameter starts as one): sized from its arguments
             dtype = kwargs.get("dtype") or torch.get_default_dtype()
-            state.charge(func, math.prod(args[0]) * dtype.itemsize, touched=False)
-            return func(*args, **kwargs)
+            return self._uninitialised(func, math.prod(args[0]) * dtype.itemsize, args, kwargs)
         touched = func not in _UNINITIALISED
         try:
             meta_kwargs = {k: (_META if k == "device" else _to_meta(v)) for k, v in kwargs.items()}
@@ -253,6 +310,8 @@ class _BudgetMode(TorchDispatchMode):
             predicted = func(*_to_meta(args), **meta_kwargs)
         except Exception:  # noqa: BLE001 (no meta kernel, or a data-dependent shape: measured after instead)
             predicted = None
+        if not touched and isinstance(predicted, torch.Tensor):  # empty_like, new_empty, empty_strided
+            return self._uninitialised(func, _nbytes(predicted), args, kwargs)
         if predicted is not None:
             for t in _tensors(predicted):
                 state.charge(func, _nbytes(t), touched=touched)
@@ -263,6 +322,21 @@ class _BudgetMode(TorchDispatchMode):
             for t in _tensors(out):
                 if t.device.type != "meta":
                     state.charge(func, _nbytes(t), touched=touched)
+        return out
+
+    def _uninitialised(self, func: Any, nbytes: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """An uninitialised tensor: for real if the rest of the budget could compute it, else a meta placeholder."""
+        state = self.state
+        state.charge(func, nbytes, touched=False)  # max_tensor_bytes
+        if nbytes <= state.left():
+            out = func(*args, **kwargs)
+            if nbytes and state.bounded_memory:  # counted while it lives: real memory, even if untouched
+                state.live += nbytes
+                weakref.finalize(out, state._freed, nbytes)
+            return out
+        meta_kwargs = {k: v for k, v in kwargs.items() if k != "pin_memory"}
+        out = func(*args, **{**meta_kwargs, "device": _META})
+        state.add_placeholder(out)
         return out
 
 
