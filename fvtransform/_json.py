@@ -26,7 +26,7 @@ fvtransform.errors.FormatError: x.json: key 'a' appears twice; a JSON object mus
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import json
 import os
 from pathlib import Path
@@ -39,6 +39,7 @@ import attrs
 from fvtransform.errors import FormatError
 
 __all__ = [
+    "unique_keys",
     "JsonLimits",
     "DEFAULT_JSON_LIMITS",
     "read_json_file",
@@ -170,13 +171,7 @@ def loads_json(
         where = _key_before(raw, rb"-?(?:NaN|Infinity)")
         raise FormatError(f"{source}: {where}{name} is not JSON; a value must be a finite number")
 
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in items:
-            if key in out:
-                raise FormatError(f"{source}: key {key!r} appears twice; a JSON object must name each key once")
-            out[key] = value
-        return out
+    pairs = unique_keys(lambda key: FormatError(f"{source}: key {key!r} appears twice; a JSON object must name each key once"))
 
     try:
         doc = json.loads(decoded, parse_int=parse_int, parse_constant=parse_constant, object_pairs_hook=pairs)
@@ -279,3 +274,28 @@ def get_field(
             raise FormatError(f"{source}: the key {key!r} is missing; it must be {_names(types)}")
         return default
     return check_type(doc[key], types, source=source, key=key)
+
+
+def unique_keys(refuse: Callable[[str], Exception]) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """A ``json.loads`` ``object_pairs_hook`` that raises ``refuse(key)`` for a key an object names twice.
+
+    The dict is built in C; only when it comes out shorter than the pairs is the duplicate looked for.
+
+    >>> json.loads('{"a": 1, "b": 2}', object_pairs_hook=unique_keys(KeyError))
+    {'a': 1, 'b': 2}
+    >>> json.loads('{"a": 1, "a": 2}', object_pairs_hook=unique_keys(KeyError))
+    Traceback (most recent call last):
+    KeyError: 'a'
+    """
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    raise refuse(key)
+                seen.add(key)
+        return out
+
+    return hook

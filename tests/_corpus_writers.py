@@ -18,7 +18,6 @@ from fvtransform import errors as E
 from _corpus import Case
 
 _TREE = {"a": torch.ones(4), "b.weight": torch.zeros(4, 3)}
-_SOCKETS: list[socket.socket] = []  # kept open while the corpus runs
 
 
 def _save(p: Path) -> Any:
@@ -57,9 +56,8 @@ def cases(root: Path) -> list[Case]:
                     lambda q: fvt.lora.save(_adapter(), q, format="kohya")))
 
     p = root / "dest_sock.safetensors"
-    s = socket.socket(socket.AF_UNIX)
-    s.bind(str(p))
-    _SOCKETS.append(s)
+    with socket.socket(socket.AF_UNIX) as s:  # the bound socket file stays on disk after the socket closes
+        s.bind(str(p))
     out.append(Case("save onto a socket", p, E.UnsafeFileError, r"dest_sock.safetensors: the destination is a socket", _save))
 
     p = root / "dest_is_file"

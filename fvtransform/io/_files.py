@@ -9,6 +9,7 @@ import stat
 
 import attrs
 
+from fvtransform._json import unique_keys
 from fvtransform.errors import (
     FormatError,
     FvTransformError,
@@ -53,13 +54,7 @@ def read_index(index: Path) -> WeightFiles:
     text = read_text(index, "index file")
     check_containers(text, index, "index")
 
-    def hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
-        out: dict[str, object] = {}
-        for k, v in pairs:
-            if k in out:
-                raise KeyMismatchError(f"{index}: key {k!r} is listed twice; the index is corrupt")
-            out[k] = v
-        return out
+    hook = unique_keys(lambda k: KeyMismatchError(f"{index}: key {k!r} is listed twice; the index is corrupt"))
 
     try:
         doc = json.loads(text, object_pairs_hook=hook, parse_int=bounded_int(index), parse_constant=no_constant(index))

@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 import torch
 
+from fvtransform._json import unique_keys
 from fvtransform.errors import FormatError, NotFoundError
 from fvtransform.io._open import MAX_JSON_BYTES, open_regular
 
@@ -95,17 +96,7 @@ class Header:
 
 
 def _reject_duplicates(path: Path) -> Any:
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out = dict(pairs)  # built in C; a key listed twice makes it shorter than the pairs
-        if len(out) != len(pairs):
-            seen: set[str] = set()
-            for k, _ in pairs:
-                if k in seen:
-                    raise FormatError(f"{path}: the header lists the key {k!r} twice; the file is corrupt")
-                seen.add(k)
-        return out
-
-    return hook
+    return unique_keys(lambda k: FormatError(f"{path}: the header lists the key {k!r} twice; the file is corrupt"))
 
 
 def bounded_int(where: object, limit: int = MAX_INT_DIGITS) -> Any:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from fvtransform._json import unique_keys
 from fvtransform.errors import FormatError, FvTransformError, KeyMismatchError, PlanError, format_keys
 from fvtransform.io._files import WeightFiles, find_weight_files
 from fvtransform.io._header import Header, _check_lookalikes, bounded_int, no_constant, read_header
@@ -115,13 +116,7 @@ MAX_ALIASES = 100_000
 def _json_value(raw: str, where: object, field: str) -> Any:
     """A metadata field's JSON value: duplicates, long integers and NaN refused, errors typed."""
 
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in pairs:
-            if k in out:
-                raise FormatError(f"{where}: metadata {field!r} lists {k!r} twice")
-            out[k] = v
-        return out
+    hook = unique_keys(lambda k: FormatError(f"{where}: metadata {field!r} lists {k!r} twice"))
 
     try:
         return json.loads(raw, object_pairs_hook=hook, parse_int=bounded_int(where), parse_constant=no_constant(where))
