@@ -562,3 +562,24 @@ def test_merge_copies_user_files_whose_names_merely_contain_a_writer_mark(tmp_pa
     fvt.lora.merge_checkpoint(tmp_path / "base", _adapter(tree), tmp_path / "out", on_skip=lambda n, w: skipped.append((n, w)))
     assert (tmp_path / "out" / "notes.fvt-tmp-draft.txt").read_text() == "mine"
     assert not (tmp_path / "out" / ".config.json.fvt-tmp-0123456789ab").exists() and skipped == []
+
+
+def _umask() -> int:
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def test_new_outputs_keep_the_umask_default_and_re_saves_keep_a_changed_mode(tmp_path: Path) -> None:
+    f, d = tmp_path / "w.safetensors", tmp_path / "ck"
+    fvt.save(_tree(), f)
+    fvt.save(_tree(), d, max_shard_size="300B")
+    assert os.stat(f).st_mode & 0o7777 == 0o666 & ~_umask()
+    assert os.stat(d).st_mode & 0o7777 == 0o777 & ~_umask()
+    os.chmod(f, 0o640)
+    os.chmod(d, 0o750)
+    fvt.save(_tree(2.0), f)
+    fvt.save(_tree(2.0), d, max_shard_size="300B")
+    assert os.stat(f).st_mode & 0o7777 == 0o640
+    assert os.stat(d).st_mode & 0o7777 == 0o750
+    assert fvt.load(f) == _tree(2.0) and fvt.load(d) == _tree(2.0)

@@ -307,6 +307,7 @@ def atomic_file(dest: str | os.PathLike[str], *, replace_check: Callable[[Path],
                 yield tmp
                 fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
                 try:
+                    _keep_mode(dest, fd)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -314,6 +315,20 @@ def atomic_file(dest: str | os.PathLike[str], *, replace_check: Callable[[Path],
                 fsync_dir(dest.parent)
             finally:
                 _remove_ours(tmp)
+
+
+def _keep_mode(dest: Path, fd: int) -> None:
+    """Give the new version (open as ``fd``) the permission bits of the ``dest`` it replaces, if any.
+
+    A re-save, like ``open(dest, "wb")``, never changes who may read the
+    destination; a new destination keeps the umask default.
+    """
+    try:
+        old = os.lstat(dest)
+    except FileNotFoundError:
+        return
+    if stat.S_IFMT(old.st_mode) == stat.S_IFMT(os.fstat(fd).st_mode):
+        os.fchmod(fd, stat.S_IMODE(old.st_mode))
 
 
 def write_json_atomic(path: Path, doc: Mapping[str, Any]) -> None:
@@ -374,6 +389,11 @@ def write_folder(
                 build(tmp)
                 for name in keep:
                     _carry(dest / name, tmp / name, dest)
+                fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                try:
+                    _keep_mode(dest, fd)
+                finally:
+                    os.close(fd)
                 fsync_dir(tmp)
                 swap_in(tmp, dest)
             finally:

@@ -362,7 +362,7 @@ def _other_files(src: Path, weights: set[str]) -> tuple[dict[str, Path], list[tu
 
 
 def _copy_regular(src: Path, dst: Path) -> None:
-    """Copy a regular file without following a link planted after the check, never blocking on a FIFO."""
+    """Copy a regular file with its permission bits, not following a link planted after the check, never blocking on a FIFO."""
     fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)
@@ -371,6 +371,7 @@ def _copy_regular(src: Path, dst: Path) -> None:
             raise UnsafeFileError(f"{src}: changed into {change} while the merge ran; refusing to copy it")
         with os.fdopen(os.dup(fd), "rb") as fin, open(dst, "xb") as fout:
             shutil.copyfileobj(fin, fout, 2**20)
+            os.fchmod(fout.fileno(), stat.S_IMODE(st.st_mode) & 0o777)  # the source's bits, never set-id bits
             fout.flush()
             os.fsync(fout.fileno())
         os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
