@@ -583,3 +583,16 @@ def test_new_outputs_keep_the_umask_default_and_re_saves_keep_a_changed_mode(tmp
     assert os.stat(f).st_mode & 0o7777 == 0o640
     assert os.stat(d).st_mode & 0o7777 == 0o750
     assert fvt.load(f) == _tree(2.0) and fvt.load(d) == _tree(2.0)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown a file to another user")
+def test_another_users_lock_file_is_skipped_as_the_parent_lock_and_refused_as_the_own_lock(tmp_path: Path) -> None:
+    mine = tmp_path / "mywork"
+    mine.mkdir()
+    (tmp_path / ".mywork.fvt-lock").write_bytes(b"")
+    os.chmod(tmp_path / ".mywork.fvt-lock", 0o666)
+    os.chown(tmp_path / ".mywork.fvt-lock", 65534, 65534)
+    fvt.save(_tree(), mine / "x.safetensors")  # the parent's lock name is another user's: skipped
+    assert fvt.load(mine / "x.safetensors") == _tree()
+    with pytest.raises(E.UnsafeFileError, match=r"\.mywork\.fvt-lock: the lock file of .*mywork is a file of another user \(uid 65534\)"):
+        fvt.save(_tree(), mine, max_shard_size="300B")  # a swap of mywork takes that lock as its own: refused

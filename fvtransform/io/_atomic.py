@@ -190,12 +190,28 @@ def check_destination(dest: Path, *, folder: bool) -> None:
 _NO_PARENT_LOCK = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT)
 
 
+#: ``open`` errors meaning the lock name is taken by something else than a lock file (a folder, a link).
+_SQUATTED = (errno.EISDIR, errno.ELOOP, errno.ENXIO)
+
+
+def _not_our_lock(st: os.stat_result) -> str | None:
+    """What ``st`` is when it cannot be a lock file of ours (not a regular file, or another user's); else None."""
+    if not stat.S_ISREG(st.st_mode):
+        return _kind(st.st_mode)
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        return f"a file of another user (uid {st.st_uid})"
+    return None
+
+
 @contextlib.contextmanager
 def writer_lock(dest: Path, timeout: float | None = None, *, optional: bool = False) -> Iterator[None]:
     """Hold the lock of ``dest`` (``.<name>.fvt-lock`` beside it) for the block; wait at most ``timeout`` seconds.
 
     With ``optional``, a lock file that cannot be created for lack of permission
-    (or on a read-only file system) is skipped instead of failing.
+    (or on a read-only file system), or whose name holds something else than a
+    regular file of ours (a FIFO, folder, link, another user's file), is skipped
+    instead of failing: the destination's own lock, which refuses such entries,
+    then stops any swap of ``dest`` too.
     """
     try:
         import fcntl
@@ -207,18 +223,29 @@ def writer_lock(dest: Path, timeout: float | None = None, *, optional: bool = Fa
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     while True:
         try:
-            fd = os.open(lock, flags, 0o600)
-        except OSError as e:
-            if optional and e.errno in _NO_PARENT_LOCK:
+            squat = _not_our_lock(os.lstat(lock))  # checked before opening: a device is never opened
+        except FileNotFoundError:
+            squat = None
+        fd = -1
+        if squat is None:
+            try:
+                fd = os.open(lock, flags, 0o600)
+            except OSError as e:
+                if optional and e.errno in _NO_PARENT_LOCK + _SQUATTED:
+                    yield
+                    return
+                if e.errno == errno.ELOOP:
+                    raise UnsafeFileError(f"{lock}: the lock file of {dest} is a symbolic link; refusing to follow it; remove it") from None
+                raise
+            squat = _not_our_lock(os.fstat(fd))
+        if squat is not None:
+            if fd >= 0:
+                os.close(fd)
+            if optional:  # another user's entry on a shared parent's lock name: that lock cannot be taken
                 yield
                 return
-            if e.errno == errno.ELOOP:
-                raise UnsafeFileError(f"{lock}: the lock file of {dest} is a symbolic link; refusing to follow it; remove it") from None
-            raise
+            raise UnsafeFileError(f"{lock}: the lock file of {dest} is {squat}; refusing to use it; remove it")
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise UnsafeFileError(f"{lock}: the lock file of {dest} is {_kind(st.st_mode)}; refusing to use it; remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
