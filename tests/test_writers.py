@@ -18,6 +18,7 @@ import fvtransform as fvt
 from fvtransform import errors as E
 from fvtransform.cli._main import main
 from fvtransform.io import _atomic
+from fvtransform.io._header import read_header
 from fvtransform.io._safetensors import TMP_MARK
 
 
@@ -596,3 +597,29 @@ def test_another_users_lock_file_is_skipped_as_the_parent_lock_and_refused_as_th
     assert fvt.load(mine / "x.safetensors") == _tree()
     with pytest.raises(E.UnsafeFileError, match=r"\.mywork\.fvt-lock: the lock file of .*mywork is a file of another user \(uid 65534\)"):
         fvt.save(_tree(), mine, max_shard_size="300B")  # a swap of mywork takes that lock as its own: refused
+
+
+def test_a_lone_file_merge_into_a_previous_merge_folder_replaces_its_model_and_keeps_other_files(tmp_path: Path) -> None:
+    tree = _base(tmp_path / "sharded")
+    fvt.save(_tree(5.0), tmp_path / "single.safetensors")
+    ad = _adapter(tree)
+    out = tmp_path / "out"
+    fvt.lora.merge_checkpoint(tmp_path / "sharded", ad, out)
+    (out / "notes.txt").write_text("mine")
+    (out / "x-00001-of-00009.safetensors").mkdir()  # a folder of a shard's name, not in any record: kept
+    fvt.lora.merge_checkpoint(tmp_path / "single.safetensors", ad, out)
+    assert sorted(os.listdir(out)) == ["config.json", "notes.txt", "single.safetensors", "x-00001-of-00009.safetensors"]
+    assert fvt.load(out) == fvt.lora.merge(_tree(5.0), ad)
+    assert json.loads(read_header(out / "single.safetensors").metadata["fvt.files"]) == ["single.safetensors"]
+
+
+def test_a_lone_file_merge_refuses_a_non_empty_folder_that_is_not_a_merge_output(tmp_path: Path) -> None:
+    fvt.save(_tree(), tmp_path / "single.safetensors")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(E.WriteError, match=r"out: the folder is not empty \(\['notes.txt'\]\) and is not a previous merge output"):
+        fvt.lora.merge_checkpoint(tmp_path / "single.safetensors", _adapter(_tree()), out)
+    assert os.listdir(out) == ["notes.txt"]
+    fvt.lora.merge_checkpoint(tmp_path / "single.safetensors", _adapter(_tree()), out, overwrite=True)
+    assert sorted(os.listdir(out)) == ["notes.txt", "single.safetensors"]
