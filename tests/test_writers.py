@@ -18,6 +18,7 @@ import fvtransform as fvt
 from fvtransform import errors as E
 from fvtransform.cli._main import main
 from fvtransform.io import _atomic
+from fvtransform.io._header import read_header
 from fvtransform.io._safetensors import TMP_MARK
 
 
@@ -562,3 +563,63 @@ def test_merge_copies_user_files_whose_names_merely_contain_a_writer_mark(tmp_pa
     fvt.lora.merge_checkpoint(tmp_path / "base", _adapter(tree), tmp_path / "out", on_skip=lambda n, w: skipped.append((n, w)))
     assert (tmp_path / "out" / "notes.fvt-tmp-draft.txt").read_text() == "mine"
     assert not (tmp_path / "out" / ".config.json.fvt-tmp-0123456789ab").exists() and skipped == []
+
+
+def _umask() -> int:
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def test_new_outputs_keep_the_umask_default_and_re_saves_keep_a_changed_mode(tmp_path: Path) -> None:
+    f, d = tmp_path / "w.safetensors", tmp_path / "ck"
+    fvt.save(_tree(), f)
+    fvt.save(_tree(), d, max_shard_size="300B")
+    assert os.stat(f).st_mode & 0o7777 == 0o666 & ~_umask()
+    assert os.stat(d).st_mode & 0o7777 == 0o777 & ~_umask()
+    os.chmod(f, 0o640)
+    os.chmod(d, 0o750)
+    fvt.save(_tree(2.0), f)
+    fvt.save(_tree(2.0), d, max_shard_size="300B")
+    assert os.stat(f).st_mode & 0o7777 == 0o640
+    assert os.stat(d).st_mode & 0o7777 == 0o750
+    assert fvt.load(f) == _tree(2.0) and fvt.load(d) == _tree(2.0)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown a file to another user")
+def test_another_users_lock_file_is_skipped_as_the_parent_lock_and_refused_as_the_own_lock(tmp_path: Path) -> None:
+    mine = tmp_path / "mywork"
+    mine.mkdir()
+    (tmp_path / ".mywork.fvt-lock").write_bytes(b"")
+    os.chmod(tmp_path / ".mywork.fvt-lock", 0o666)
+    os.chown(tmp_path / ".mywork.fvt-lock", 65534, 65534)
+    fvt.save(_tree(), mine / "x.safetensors")  # the parent's lock name is another user's: skipped
+    assert fvt.load(mine / "x.safetensors") == _tree()
+    with pytest.raises(E.UnsafeFileError, match=r"\.mywork\.fvt-lock: the lock file of .*mywork is a file of another user \(uid 65534\)"):
+        fvt.save(_tree(), mine, max_shard_size="300B")  # a swap of mywork takes that lock as its own: refused
+
+
+def test_a_lone_file_merge_into_a_previous_merge_folder_replaces_its_model_and_keeps_other_files(tmp_path: Path) -> None:
+    tree = _base(tmp_path / "sharded")
+    fvt.save(_tree(5.0), tmp_path / "single.safetensors")
+    ad = _adapter(tree)
+    out = tmp_path / "out"
+    fvt.lora.merge_checkpoint(tmp_path / "sharded", ad, out)
+    (out / "notes.txt").write_text("mine")
+    (out / "x-00001-of-00009.safetensors").mkdir()  # a folder of a shard's name, not in any record: kept
+    fvt.lora.merge_checkpoint(tmp_path / "single.safetensors", ad, out)
+    assert sorted(os.listdir(out)) == ["config.json", "notes.txt", "single.safetensors", "x-00001-of-00009.safetensors"]
+    assert fvt.load(out) == fvt.lora.merge(_tree(5.0), ad)
+    assert json.loads(read_header(out / "single.safetensors").metadata["fvt.files"]) == ["single.safetensors"]
+
+
+def test_a_lone_file_merge_refuses_a_non_empty_folder_that_is_not_a_merge_output(tmp_path: Path) -> None:
+    fvt.save(_tree(), tmp_path / "single.safetensors")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(E.WriteError, match=r"out: the folder is not empty \(\['notes.txt'\]\) and is not a previous merge output"):
+        fvt.lora.merge_checkpoint(tmp_path / "single.safetensors", _adapter(_tree()), out)
+    assert os.listdir(out) == ["notes.txt"]
+    fvt.lora.merge_checkpoint(tmp_path / "single.safetensors", _adapter(_tree()), out, overwrite=True)
+    assert sorted(os.listdir(out)) == ["notes.txt", "single.safetensors"]

@@ -190,12 +190,28 @@ def check_destination(dest: Path, *, folder: bool) -> None:
 _NO_PARENT_LOCK = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT)
 
 
+#: ``open`` errors meaning the lock name is taken by something else than a lock file (a folder, a link).
+_SQUATTED = (errno.EISDIR, errno.ELOOP, errno.ENXIO)
+
+
+def _not_our_lock(st: os.stat_result) -> str | None:
+    """What ``st`` is when it cannot be a lock file of ours (not a regular file, or another user's); else None."""
+    if not stat.S_ISREG(st.st_mode):
+        return _kind(st.st_mode)
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        return f"a file of another user (uid {st.st_uid})"
+    return None
+
+
 @contextlib.contextmanager
 def writer_lock(dest: Path, timeout: float | None = None, *, optional: bool = False) -> Iterator[None]:
     """Hold the lock of ``dest`` (``.<name>.fvt-lock`` beside it) for the block; wait at most ``timeout`` seconds.
 
     With ``optional``, a lock file that cannot be created for lack of permission
-    (or on a read-only file system) is skipped instead of failing.
+    (or on a read-only file system), or whose name holds something else than a
+    regular file of ours (a FIFO, folder, link, another user's file), is skipped
+    instead of failing: the destination's own lock, which refuses such entries,
+    then stops any swap of ``dest`` too.
     """
     try:
         import fcntl
@@ -207,18 +223,29 @@ def writer_lock(dest: Path, timeout: float | None = None, *, optional: bool = Fa
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     while True:
         try:
-            fd = os.open(lock, flags, 0o600)
-        except OSError as e:
-            if optional and e.errno in _NO_PARENT_LOCK:
+            squat = _not_our_lock(os.lstat(lock))  # checked before opening: a device is never opened
+        except FileNotFoundError:
+            squat = None
+        fd = -1
+        if squat is None:
+            try:
+                fd = os.open(lock, flags, 0o600)
+            except OSError as e:
+                if optional and e.errno in _NO_PARENT_LOCK + _SQUATTED:
+                    yield
+                    return
+                if e.errno == errno.ELOOP:
+                    raise UnsafeFileError(f"{lock}: the lock file of {dest} is a symbolic link; refusing to follow it; remove it") from None
+                raise
+            squat = _not_our_lock(os.fstat(fd))
+        if squat is not None:
+            if fd >= 0:
+                os.close(fd)
+            if optional:  # another user's entry on a shared parent's lock name: that lock cannot be taken
                 yield
                 return
-            if e.errno == errno.ELOOP:
-                raise UnsafeFileError(f"{lock}: the lock file of {dest} is a symbolic link; refusing to follow it; remove it") from None
-            raise
+            raise UnsafeFileError(f"{lock}: the lock file of {dest} is {squat}; refusing to use it; remove it")
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise UnsafeFileError(f"{lock}: the lock file of {dest} is {_kind(st.st_mode)}; refusing to use it; remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -307,6 +334,7 @@ def atomic_file(dest: str | os.PathLike[str], *, replace_check: Callable[[Path],
                 yield tmp
                 fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
                 try:
+                    _keep_mode(dest, fd)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -314,6 +342,20 @@ def atomic_file(dest: str | os.PathLike[str], *, replace_check: Callable[[Path],
                 fsync_dir(dest.parent)
             finally:
                 _remove_ours(tmp)
+
+
+def _keep_mode(dest: Path, fd: int) -> None:
+    """Give the new version (open as ``fd``) the permission bits of the ``dest`` it replaces, if any.
+
+    A re-save, like ``open(dest, "wb")``, never changes who may read the
+    destination; a new destination keeps the umask default.
+    """
+    try:
+        old = os.lstat(dest)
+    except FileNotFoundError:
+        return
+    if stat.S_IFMT(old.st_mode) == stat.S_IFMT(os.fstat(fd).st_mode):
+        os.fchmod(fd, stat.S_IMODE(old.st_mode))
 
 
 def write_json_atomic(path: Path, doc: Mapping[str, Any]) -> None:
@@ -374,6 +416,11 @@ def write_folder(
                 build(tmp)
                 for name in keep:
                     _carry(dest / name, tmp / name, dest)
+                fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                try:
+                    _keep_mode(dest, fd)
+                finally:
+                    os.close(fd)
                 fsync_dir(tmp)
                 swap_in(tmp, dest)
             finally:

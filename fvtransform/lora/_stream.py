@@ -17,7 +17,7 @@ import re
 import shutil
 import stat
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -169,17 +169,28 @@ def merge_checkpoint(
             progress(done[0], total)
         return t
 
-    if files.index is None and not base_path.is_dir():  # a lone file -> one file
+    if files.index is None and not base_path.is_dir():  # a lone file -> one file (in a folder: as one unit)
         meta = dict(ckpt.headers[files.files[0]].metadata)
         meta[MERGED_KEY] = merged_meta
-        target = out_path if out_path.suffix == ".safetensors" else out_path / files.files[0].name
+        into_folder = out_path.suffix != ".safetensors"
+        target = out_path / files.files[0].name if into_folder else out_path
+        meta[FILES_KEY] = json.dumps([target.name])  # the record that makes a folder holding it a merge output
         check_not_input(target, [base_path])
         check_destination(target, folder=False)  # a FIFO, device or link: refused before it is read
-        if not overwrite and _is_file(target) and _merge_record(target) is None:
-            raise WriteError(f"{target}: exists and is not a previous merge output; refusing to replace it. "
-                             "Choose another output, or pass --overwrite (overwrite=True)")
-        with atomic_file(target) as tmp:
-            _write_file(tmp, ckpt.keys(), ckpt, produce, dtype_of, meta)
+        if not into_folder:
+            if not overwrite and _is_file(target) and _merge_record(target) is None:
+                raise WriteError(f"{target}: exists and is not a previous merge output; refusing to replace it. "
+                                 "Choose another output, or pass --overwrite (overwrite=True)")
+            with atomic_file(target) as tmp:
+                _write_file(tmp, ckpt.keys(), ckpt, produce, dtype_of, meta)
+            return target
+
+        def build_one(tmp_dir: Path) -> None:
+            _write_file(tmp_dir / target.name, ckpt.keys(), ckpt, produce, dtype_of, meta)
+
+        # a previous merge's index and shards in the folder are dropped with the swap: what loads is this merge
+        write_folder(out_path, [target.name], build_one, owned=_owned_by_merge([target.name]), overwrite=overwrite,
+                     require_own=True, what="merge output")
         return target
     # a folder (sharded or one file): the same weight files, index and other files, built in a temporary
     # folder and swapped in at the end; the index (or the weights file) records every file written
@@ -214,6 +225,18 @@ def merge_checkpoint(
                 fh.flush()
                 os.fsync(fh.fileno())
 
+    write_folder(out_path, written, build, owned=_owned_by_merge(written), overwrite=overwrite, require_own=True,
+                 what="merge output")
+    return out_path
+
+
+def _owned_by_merge(written: Collection[str]) -> Callable[[Path], set[str] | None]:
+    """``owned`` for :func:`write_folder`: the files a previous merge's record names that a merge writing ``written`` may replace or drop.
+
+    Trusted only for names this merge writes, the record's own file and shard
+    names; write_folder drops regular files only.
+    """
+
     def owned(folder: Path) -> set[str] | None:
         found = _merge_record_of(folder)
         if found is None:
@@ -221,8 +244,7 @@ def merge_checkpoint(
         recorded, record_file = found  # the record's own file (its index or weights file) is the merge's
         return {n for n in recorded if n in written or n == record_file or _SHARD.fullmatch(n)}
 
-    write_folder(out_path, written, build, owned=owned, overwrite=overwrite, require_own=True, what="merge output")
-    return out_path
+    return owned
 
 
 def _plan(per_key: dict[str, Any], ckpt: Checkpoint) -> None:
@@ -362,7 +384,7 @@ def _other_files(src: Path, weights: set[str]) -> tuple[dict[str, Path], list[tu
 
 
 def _copy_regular(src: Path, dst: Path) -> None:
-    """Copy a regular file without following a link planted after the check, never blocking on a FIFO."""
+    """Copy a regular file with its permission bits, not following a link planted after the check, never blocking on a FIFO."""
     fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)
@@ -371,6 +393,7 @@ def _copy_regular(src: Path, dst: Path) -> None:
             raise UnsafeFileError(f"{src}: changed into {change} while the merge ran; refusing to copy it")
         with os.fdopen(os.dup(fd), "rb") as fin, open(dst, "xb") as fout:
             shutil.copyfileobj(fin, fout, 2**20)
+            os.fchmod(fout.fileno(), stat.S_IMODE(st.st_mode) & 0o777)  # the source's bits, never set-id bits
             fout.flush()
             os.fsync(fout.fileno())
         os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
