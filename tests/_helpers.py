@@ -1,4 +1,7 @@
-"""Shared test helpers: prove that nothing was mutated."""
+"""Shared test helpers: prove that nothing was mutated; turn a hang into a failure."""
+
+import contextlib
+import signal
 
 import torch
 
@@ -32,3 +35,23 @@ def assert_unchanged(tree, snap) -> None:
         assert v.data_ptr() == ptr, k
         assert v._version == version, k
         assert fvt.tensors_equal(v.detach(), value), k
+
+
+class Hung(BaseException):
+    """Raised by :func:`deadline`: a BaseException, so no ``except OSError``/``except Exception`` in the code under test hides it."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float = 5.0):
+    """Fail instead of hanging: SIGALRM interrupts a blocking open() or a long loop after ``seconds``."""
+
+    def fire(_sig, _frame):
+        raise Hung(f"hung for {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

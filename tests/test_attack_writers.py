@@ -3,7 +3,6 @@
 # docs/guides/cli.md, the writers' docstrings) and failed on the code it was written against.
 import json
 import os
-import threading
 import time
 
 import pytest

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -22,6 +21,8 @@ from fvtransform.errors import FvTransformError
 from fvtransform.io._files import read_index
 from fvtransform.io._header import read_header
 from fvtransform.io._safetensors import TMP_MARK
+
+from _helpers import deadline
 
 from _corpus import make_corpus
 
@@ -123,26 +124,6 @@ def test_fuzzed_indexes_raise_only_our_errors(tmp_path_factory, doc):
         assert f.parent == folder
 
 
-class Hung(BaseException):
-    """Raised by the deadline: a BaseException, so no ``except OSError``/``except Exception`` in the code under test hides it."""
-
-
-@contextlib.contextmanager
-def _deadline(seconds: float = 5.0):
-    """Turn a hang into a failure: SIGALRM interrupts a blocking open() or a long loop."""
-
-    def fire(_sig, _frame):
-        raise Hung(f"hung for {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
 _FOLDER_NAMES = ["model.safetensors", "diffusion_pytorch_model.safetensors", "extra.safetensors",
                  "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors", "adapter_config.json"]
 _FOLDER_KINDS = ["good", "lora", "garbage", "fifo", "link_in", "link_out", "dangling", "loop", "dir", "index_good",
@@ -199,7 +180,7 @@ def test_fuzzed_model_and_lora_folders_never_hang_escape_or_raise_raw(tmp_path_f
     base = fvt.ParamTree({"l.weight": torch.zeros(4, 3)})
     for read in (lambda: fvt.load(folder, allow_pickle=allow_pickle), lambda: fvt.lora.load(folder, base=base)):
         try:
-            with _deadline():
+            with deadline():
                 got = read()
         except FvTransformError as e:
             assert str(folder) in str(e) or "m/" in str(e), str(e)
@@ -231,7 +212,7 @@ def test_fuzzed_lora_files_raise_only_our_errors(tmp_path_factory, tensors, conf
     if config is not None:
         (folder / "adapter_config.json").write_text(json.dumps(config))
     try:
-        with _deadline():
+        with deadline():
             fvt.lora.load(folder, base=fvt.ParamTree({"l.weight": torch.zeros(4, 3)}))
     except FvTransformError:
         return

@@ -502,7 +502,7 @@ def test_hub_headers_that_would_become_cache_paths_must_be_hashes(fake_hub, tiny
     files = tiny_wan[1]
     fake_hub.add_commit("org/tiny-wan", files)
     fake_hub.faults[("org/tiny-wan", "config.json")] = (header, "../../../../escaped")
-    with pytest.raises(UnsafeFileError, match=rf"org/tiny-wan@main: the hub's (ETag|X-Repo-Commit) header '.*escaped.*' is not a"):
+    with pytest.raises(UnsafeFileError, match=r"org/tiny-wan@main: the hub's (ETag|X-Repo-Commit) header '.*escaped.*' is not a"):
         maybe_download_model("org/tiny-wan")
     assert not [p for p in tmp_path.rglob("*escaped*")]  # nothing written outside (or inside) the cache for it
 

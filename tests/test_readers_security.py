@@ -6,16 +6,14 @@ wrong value or an unescaped name), except those marked "guarantee", which pin be
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import socket
 import struct
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -24,25 +22,7 @@ import fvtransform as fvt
 from fvtransform.errors import FormatError, FvTransformError, IntegrityError, UnsafeFileError
 from fvtransform.io import open_checkpoint, read_header
 
-
-class Hung(BaseException):
-    """Raised by the deadline: a BaseException, so no ``except OSError``/``except Exception`` in the code under test hides it."""
-
-
-@contextlib.contextmanager
-def deadline(seconds: float = 2.0) -> Iterator[None]:
-    """Fail (instead of hanging) when the block blocks: SIGALRM interrupts a blocking open()."""
-
-    def fire(_sig: int, _frame: Any) -> None:
-        raise Hung(f"blocked for {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+from _helpers import deadline
 
 
 def _st(path: Path, header: Any, data: bytes = b"") -> Path:
@@ -57,7 +37,7 @@ def _good(path: Path, **tensors: torch.Tensor) -> Path:
 
 
 def _refused(action: Callable[[], Any], error: type = UnsafeFileError, match: str = "") -> FvTransformError:
-    with deadline(), pytest.raises(error, match=match) as info:
+    with deadline(2.0), pytest.raises(error, match=match) as info:
         action()
     return info.value
 

@@ -1,7 +1,6 @@
 # Second-round black-box attacks on the writers (fvt.save, fvt.lora.save, merge_checkpoint, the merge / convert-lora
 # / extract-lora commands) after the first round of fixes. Each test asserts the documented (or torch.save-like)
 # behaviour and failed on the code it was written against.
-import json
 import os
 import stat
 
