@@ -131,11 +131,12 @@ class _State:
 
     def is_placeholder(self, t: torch.Tensor) -> bool:
         """Whether ``t`` is a placeholder or a view of one."""
-        while t is not None:
-            ref = self.placeholders.get(id(t))
-            if ref is not None and ref() is t:
+        cur: torch.Tensor | None = t
+        while cur is not None:
+            ref = self.placeholders.get(id(cur))
+            if ref is not None and ref() is cur:
                 return True
-            t = t._base
+            cur = cur._base
         return False
 
     def add_placeholder(self, t: torch.Tensor) -> None:
@@ -189,7 +190,8 @@ def _install_hooks() -> None:
     global _installed
     with _INSTALL_LOCK:
         if not _installed:
-            nn.modules.module.register_module_parameter_registration_hook(_on_parameter)
+            # torch annotates the hook as returning None; it documents (and honours) a returned replacement parameter
+            nn.modules.module.register_module_parameter_registration_hook(_on_parameter)  # type: ignore[arg-type]
             nn.modules.module.register_module_module_registration_hook(_on_module)
             nn.modules.module.register_module_buffer_registration_hook(_on_buffer)
             _installed = True
