@@ -128,7 +128,9 @@ def test_a_lying_header_cannot_delete_a_verified_file_of_another_snapshot(fake_h
     config["num_layers"] = 1
     fake_hub.add_commit("org/tiny-wan", dict(wan_files, **{"config.json": json.dumps(config).encode()}))
     fake_hub.faults[("org/tiny-wan", "config.json")] = ("commit", a) if lie == "commit" else ("etag", git_blob_sha1(wan_files["config.json"]))
-    with pytest.raises(FvTransformError):
+    header = "X-Repo-Commit header names commit" if lie == "commit" else "ETag header names blob"
+    with pytest.raises(IntegrityError, match=rf"org/tiny-wan@main: config\.json: the hub's {header} [0-9a-f]{{40}}, but the "
+                       r"repo listing .*; refused before anything was written or removed"):
         maybe_download_model("org/tiny-wan", timeout=30)
     assert (snap_a / "config.json").is_file(), "the verified config.json of pinned commit A was deleted"
     fake_hub.stop()
