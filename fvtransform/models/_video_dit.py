@@ -41,10 +41,11 @@ class VideoDiTConfig:
     def dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
-    def to_dict(self) -> dict[str, Any]:
-        d = attrs.asdict(self)
+    def to_dict(self) -> dict[str, int | float | str | list[int]]:
+        """The ``config.json`` of this model (diffusers' shape: ``_class_name`` and the fields)."""
+        d: dict[str, int | float | str | list[int]] = {"_class_name": "VideoDiT", **attrs.asdict(self)}
         d["patch_size"] = list(self.patch_size)
-        return {"_class_name": "VideoDiT", **d}
+        return d
 
 
 TINY_CONFIG = VideoDiTConfig()
