@@ -92,7 +92,7 @@ def _inspect(path: str, as_json: bool, base: str | None = None) -> int:
     if base is not None or (p.is_dir() and (p / "adapter_config.json").is_file()):
         return _inspect_lora(p, base, as_json)
     ckpt = open_checkpoint(p)
-    from fvtransform.lora._formats import split_role
+    from fvtransform.lora._detect import split_role
 
     if ckpt.keys() and all(split_role(k) is not None for k in ckpt.keys()):  # every key is a LoRA key
         return _inspect_lora(p, None, as_json)

@@ -1,0 +1,160 @@
+"""``fvt.lora.load``: read, detect, resolve every key to a target, and account for every key (strict)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import os
+from typing import Any
+
+import attrs
+import torch
+
+from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError
+from fvtransform.lora._adapter import Delta, LoraAdapter
+from fvtransform.lora._format_table import (
+    BY_NAME, FORMATS, FVT_DORA_EPS,
+)
+from fvtransform.lora._detect import detect_format, split_role, strip_prefix
+from fvtransform.lora._scale_config import config_for, exact_scales
+from fvtransform.lora._source import read_source
+from fvtransform.lora._targets import add_replacement, build_targets, close_hint, kohya_table, module_shapes, replacement_target
+from fvtransform.lora._merge import describe
+
+
+@attrs.frozen
+class ResolutionReport:
+    """What a non-strict load skipped: file keys and why."""
+
+    skipped: tuple[tuple[str, str], ...] = ()
+    format: str = ""
+    scores: Mapping[str, float] = attrs.field(factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.skipped
+
+
+def load(
+    source: str | os.PathLike[str] | Mapping[str, torch.Tensor],
+    *,
+    format: str = "auto",
+    base: Any = None,
+    strict: bool = True,
+    component: str = "transformer",
+    weight_name: str | None = None,
+) -> Any:
+    """Read a LoRA file (or folder, repo id, or mapping) as a :class:`LoraAdapter`.
+
+    ``format="auto"`` scores every format on all keys and picks the best (the
+    adapter's ``format`` says which). With ``base=`` (a tree or a module)
+    every key is matched to a base key with compatible shapes: anything
+    unmatched raises, listing the keys and the closest base names. With
+    ``strict=False`` returns ``(adapter, report)`` with what was skipped.
+
+    Conventions: ``scale = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA);
+    a missing alpha means ``alpha = r``.
+    """
+    if base is not None and isinstance(base, torch.nn.Module):
+        from fvtransform.tree._paramtree import ParamTree
+
+        base = ParamTree.from_module(base)
+    tensors, meta, config, label, config_label = read_source(source, weight_name)
+    keys = list(tensors)
+    if not keys:
+        raise FormatError(f"{label}: the LoRA file holds no tensors")
+    if format == "auto":
+        try:
+            name, scores = detect_format(keys, meta)
+        except FormatError as e:
+            raise FormatError(f"{label}: {e}") from None
+    else:
+        if format not in BY_NAME:
+            raise FormatError(f"unknown LoRA format {format!r}; known: {list(FORMATS)}")
+        name, scores = format, {}
+    fmt = BY_NAME[name]
+    exact = exact_scales(meta, label)
+    exact_eps = exact_scales(meta, label, FVT_DORA_EPS)
+    cfg = config_for(fmt, config, config_label, meta, component, label)
+    if fmt.strip == "underscored" and base is None:
+        raise FormatError(
+            f"{label}: kohya names replace dots with underscores, which is ambiguous; pass base= (the model's tree) to resolve them"
+        )
+    skipped: list[tuple[str, str]] = []
+    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    replaced: dict[str, tuple[str, torch.Tensor]] = {}
+    for key in keys:
+        parsed = split_role(key)
+        if parsed is None or parsed[1] not in fmt.reads | {"lycoris"}:
+            full = replacement_target(fmt, key, cfg)
+            if full is not None:
+                replaced[full] = (key, tensors[key])
+                continue
+            why = "not a LoRA key (expected lora_A/lora_B/lora_down/lora_up/alpha/diff/diff_b)"
+            skipped.append((key, why if parsed is None else f"a {parsed[1]!r} key, which format {name!r} does not hold"))
+            continue
+        module = strip_prefix(fmt, parsed[0])
+        if module is None:
+            skipped.append((key, f"does not belong to the detected format {name!r}"))
+            continue
+        if fmt.strip == "component":
+            prefix = component.rstrip(".") + "."
+            if not module.startswith(prefix):
+                skipped.append((key, f"belongs to another component than {component!r}"))
+                continue
+            module = module[len(prefix):]
+        roles = groups.setdefault(module, {})
+        role = parsed[1] if parsed[1] != "lycoris" else key[len(parsed[0]) + 1:]  # the LyCORIS tensor name
+        if role in roles:
+            raise KeyMismatchError(
+                f"{label}: keys {roles[role][0]!r} and {key!r} both give the {parsed[1]} of {module!r}; "
+                "one target given twice would make one of them silently win. Fix: keep one of them in the file."
+            )
+        roles[role] = (key, tensors[key])
+    base_modules = module_shapes(base) if base is not None else None
+    kohya = kohya_table(list(base_modules)) if (fmt.strip == "underscored" and base_modules is not None) else None
+    targets: dict[str, Delta] = {}
+    claimed: dict[str, str] = {}
+    for module, roles in groups.items():
+        try:
+            new = build_targets(fmt, module, roles, cfg, exact, label, base, base_modules, kohya, exact_eps)
+        except (ShapeMismatchError, FormatError) as e:
+            if strict:
+                raise
+            skipped += [(k, str(e)) for k, _ in roles.values()]
+            continue
+        if new is None:
+            for key, _ in roles.values():
+                skipped.append((key, "no base module matches" + close_hint(module, base_modules)))
+            continue
+        for tkey, delta in new.items():
+            first = next(iter(roles.values()))[0]
+            if tkey in claimed:
+                raise KeyMismatchError(
+                    f"{label}: keys {claimed[tkey]!r} and {first!r} both target {tkey!r} (two names for one module); "
+                    "one would silently win. Fix: keep one of them in the file."
+                )
+            claimed[tkey] = first
+            if base is not None:
+                if tkey not in base:
+                    skipped.append((tkey, "the base has no such key" + close_hint(tkey, base)))
+                    continue
+                if not delta.fits(tuple(base[tkey].shape)):
+                    msg = f"{describe(delta)} does not fit the base weight {list(base[tkey].shape)}"
+                    if strict:
+                        raise ShapeMismatchError(f"{label}: target {tkey!r} (from {first!r}): {msg}")
+                    skipped.append((tkey, msg))
+                    continue
+            targets[tkey] = delta
+    for tkey, (key, tensor) in replaced.items():
+        add_replacement(targets, claimed, tkey, key, tensor, base, label, skipped)
+    if skipped and strict:
+        lines = "\n".join(f"  {k}: {why}" for k, why in sorted(skipped)[:20])
+        more = f"\n  ... ({len(skipped) - 20} more)" if len(skipped) > 20 else ""
+        raise KeyMismatchError(
+            f"{label}: {len(skipped)} LoRA keys do not resolve (format {name!r}):\n{lines}{more}\n"
+            "Fix: pass the right base= or format=, or strict=False to load the rest and get a report."
+        )
+    adapter = LoraAdapter(targets, format=name, metadata={"source": label})
+    if strict:
+        return adapter
+    return adapter, ResolutionReport(tuple(skipped), name, scores)
