@@ -88,8 +88,15 @@ def test_strict_resolution_lists_unmatched_keys(tree):
     bad = {**good, "blocks.0.attn1.to_qq.lora_A.weight": torch.randn(2, 16), "blocks.0.attn1.to_qq.lora_B.weight": torch.randn(16, 2)}
     with pytest.raises(KeyMismatchError, match=r"(?s)2 LoRA keys do not resolve.*to_qq.*closest base names"):
         fvt.lora.load(bad, base=tree)
-    adapter, report = fvt.lora.load(bad, base=tree, strict=False)
-    assert list(adapter) == ["blocks.0.attn1.to_q.weight"] and len(report.skipped) == 2
+    adapter = fvt.lora.load(bad, base=tree, strict=False)
+    assert isinstance(adapter, fvt.lora.LoraAdapter)
+    assert list(adapter) == ["blocks.0.attn1.to_q.weight"]
+    assert sorted(k for k, _ in adapter.report.skipped) == ["blocks.0.attn1.to_qq.lora_A.weight", "blocks.0.attn1.to_qq.lora_B.weight"]
+    assert all("no base module matches" in why for _, why in adapter.report.skipped)
+    assert dict(adapter.report.targets) == {"blocks.0.attn1.to_q.weight": "blocks.0.attn1.to_q.lora_A.weight"}
+    assert not adapter.report.ok and "skipped blocks.0.attn1.to_qq.lora_A.weight" in str(adapter.report)
+    strict = fvt.lora.load(good, base=tree)
+    assert strict.report.ok and strict.report.skipped == () and strict.report.format == adapter.report.format
     with pytest.raises(KeyMismatchError, match="not a LoRA key"):
         fvt.lora.load({**good, "blocks.0.weird": torch.zeros(1)}, base=tree)
 
@@ -365,3 +372,31 @@ def test_cli_merge_streams_peft_dora_as_fvt_lora_merge(tmp_path, tree):
     merged = fvt.lora.merge(tree.cast(torch.float32), loaded)
     for k in dora:  # rounded once from float32 into bf16
         assert torch.equal(fvt.load(tmp_path / "bf16.safetensors")[k], merged[k].to(torch.bfloat16))
+
+
+def test_load_renames_file_modules_with_a_keymap_before_matching_the_base(tree):
+    from fvtransform.io._keymap import Fuse, KeyMap
+
+    file = {"net.blocks.0.attn1.to_q.lora_A.weight": torch.randn(2, 16), "net.blocks.0.attn1.to_q.lora_B.weight": torch.randn(16, 2)}
+    with pytest.raises(KeyMismatchError, match="no base module matches"):
+        fvt.lora.load(file, base=tree)
+    a = fvt.lora.load(file, base=tree, rename=KeyMap.of([("net.{rest*}", "{rest}")]))
+    assert a.targets == ["blocks.0.attn1.to_q.weight"]
+    assert a.report.targets["blocks.0.attn1.to_q.weight"] == "net.blocks.0.attn1.to_q.lora_A.weight"
+    with pytest.raises(KeyMismatchError, match="no mapping rule matches"):
+        fvt.lora.load(file, base=tree, rename=KeyMap.of([("other.{rest*}", "{rest}")]))
+    with pytest.raises(FormatError, match=r"rename= takes a KeyMap \(fvt.KeyMap.of"):
+        fvt.lora.load(file, base=tree, rename={"net.{rest}": "{rest}"})
+    two = {**file, "net.blocks.0.attn1.to_k.lora_A.weight": torch.randn(2, 16), "net.blocks.0.attn1.to_k.lora_B.weight": torch.randn(16, 2)}
+    fuse = KeyMap.of([Fuse(["net.blocks.0.attn1.to_q", "net.blocks.0.attn1.to_k"], "blocks.0.attn1.qk", dim=0)])
+    with pytest.raises(FormatError, match=r"fuses or splits .*a LoRA.s modules are only renamed"):
+        fvt.lora.load(two, base=tree, rename=fuse)
+
+
+def test_the_report_names_the_scale_convention_of_the_format(tmp_path, tree):
+    a = adapter_for(tree, alpha=3.0)
+    kohya = fvt.lora.load(fvt.lora.save(a, tmp_path / "k.safetensors", format="kohya"), base=tree)
+    assert kohya.report.format == "kohya" and "alpha / rank" in kohya.report.convention and "fvt.scales" in kohya.report.convention
+    peft = fvt.lora.load(fvt.lora.save(a, tmp_path / "p", format="peft").parent, base=tree)
+    assert "adapter_config.json" in peft.report.convention and set(peft.report.targets) == set(a)
+    assert "scale:" in str(peft.report)

@@ -131,7 +131,8 @@ def _inspect_lora(p, base: str | None, as_json: bool) -> int:
     from fvtransform.hub import maybe_download_model
 
     base_tree = fvt.load(maybe_download_model(base)) if base else None
-    adapter, report = fvt.lora.load(p, base=base_tree, strict=False)
+    adapter = fvt.lora.load(p, base=base_tree, strict=False)
+    report = adapter.report
     rows = [{"target": k, "kind": type(d).__name__, "rank": getattr(d, "rank", None), "alpha": getattr(d, "alpha", None),
              "scale": getattr(d, "scale", None), "dora": getattr(d, "magnitude", None) is not None} for k, d in adapter.items()]
     doc = {"path": str(p), "format": adapter.format, "targets": rows,

@@ -15,7 +15,8 @@ from fvtransform.lora._combine import combine, random_adapter, scale_adapter
 from fvtransform.lora._extract import ExtractReport, compress, extract
 from fvtransform.lora._detect import detect_format
 from fvtransform.lora._format_table import FORMATS
-from fvtransform.lora._load import ResolutionReport, load
+from fvtransform.lora._load import load
+from fvtransform.lora._report import ResolutionReport
 from fvtransform.lora._write import save
 from fvtransform.lora._merge import MergeRecord, merge, restore, unmerge
 from fvtransform.lora._stream import merge_checkpoint

@@ -12,6 +12,7 @@ import attrs
 import torch
 
 from fvtransform.errors import FormatError, NumericError, ShapeMismatchError
+from fvtransform.lora._report import ResolutionReport
 from fvtransform.tree import _pytree
 
 __all__ = ["LowRank", "FullDelta", "Replace", "LoHa", "LoKr", "LoraAdapter", "Delta", "GENERATED", "DORA_EPS"]
@@ -415,8 +416,11 @@ Delta = LowRank | FullDelta | Replace | LoHa | LoKr
 class LoraAdapter(Mapping[str, Delta]):
     """An immutable adapter: base key (e.g. ``blocks.0.attn1.to_q.weight``) -> delta.
 
-    Knows its ranks, alphas, source format and metadata. A registered pytree
-    (leaves: the factor tensors), so ``tree_map`` works on it.
+    Knows its ranks, alphas, source format and metadata, and ``report`` (a
+    :class:`ResolutionReport`): how :func:`fvtransform.lora.load` resolved
+    its file, what a non-strict load skipped (an adapter built in memory: its
+    own targets, nothing skipped). A registered pytree (leaves: the factor
+    tensors), so ``tree_map`` works on it.
 
     >>> import torch
     >>> a = LoraAdapter({"w": LowRank(torch.zeros(2, 3), torch.zeros(4, 2), scale=0.5)})
@@ -426,9 +430,10 @@ class LoraAdapter(Mapping[str, Delta]):
     {'w': 2}
     """
 
-    __slots__ = ("_targets", "format", "metadata")
+    __slots__ = ("_targets", "format", "metadata", "report")
 
-    def __init__(self, targets: Mapping[str, Delta], *, format: str = "memory", metadata: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, targets: Mapping[str, Delta], *, format: str = "memory", metadata: Mapping[str, Any] | None = None,
+                 report: ResolutionReport | None = None) -> None:
         data = dict(targets)
         for k, d in data.items():
             if not isinstance(d, (LowRank, FullDelta, Replace, LoHa, LoKr)):
@@ -437,6 +442,7 @@ class LoraAdapter(Mapping[str, Delta]):
         object.__setattr__(self, "_targets", types.MappingProxyType(data))
         object.__setattr__(self, "format", format)
         object.__setattr__(self, "metadata", types.MappingProxyType(dict(metadata or {})))
+        object.__setattr__(self, "report", report if report is not None else ResolutionReport(format, targets={k: k for k in data}))
 
     def __setattr__(self, name: str, value: Any) -> None:
         from fvtransform.errors import ImmutableError
@@ -477,6 +483,7 @@ class LoraAdapter(Mapping[str, Delta]):
             self._targets if targets is None else targets,
             format=kw.get("format", self.format),
             metadata=kw.get("metadata", self.metadata),
+            report=kw.get("report", self.report if targets is None else None),
         )
 
     def __repr__(self) -> str:
@@ -513,11 +520,11 @@ def _flatten(a: LoraAdapter) -> tuple[list[torch.Tensor], Any]:
         else:
             leaves.append(d.D)
             spec.append((k, "full", d.scale, None, False))
-    return leaves, (tuple(spec), a.format, tuple(a.metadata.items()))
+    return leaves, (tuple(spec), a.format, tuple(a.metadata.items()), a.report)
 
 
 def _unflatten(leaves: Any, ctx: Any) -> LoraAdapter:
-    spec, fmt, meta = ctx
+    spec, fmt, meta, report = ctx
     it = iter(list(leaves))
     out: dict[str, Delta] = {}
     for k, kind, scale, alpha, has_m in spec:
@@ -535,6 +542,7 @@ def _unflatten(leaves: Any, ctx: Any) -> LoraAdapter:
     object.__setattr__(adapter, "_targets", types.MappingProxyType(out))
     object.__setattr__(adapter, "format", fmt)
     object.__setattr__(adapter, "metadata", types.MappingProxyType(dict(meta)))
+    object.__setattr__(adapter, "report", report)
     return adapter
 
 

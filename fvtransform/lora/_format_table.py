@@ -16,7 +16,7 @@ import attrs
 __all__ = [
     "LoraFormat", "TABLE", "FORMATS", "ROLES", "LYCORIS_SUFFIXES", "BY_NAME", "PARAM_RENAMES",
     "DIFFUSERS_COMPONENTS", "KOHYA_PREFIXES", "PEFT_CONFIG", "PEFT_WEIGHTS", "DIFFUSERS_WEIGHTS", "DIFFUSERS_META",
-    "FVT_SCALES", "FVT_DORA_EPS",
+    "FVT_SCALES", "FVT_DORA_EPS", "SCALE_CONVENTIONS",
 ]
 
 #: File and header names the formats use.
@@ -150,6 +150,17 @@ TABLE: tuple[LoraFormat, ...] = (
         "fastvideo", needs_role="fv_rank",
     ),
 )
+
+#: How each ``scale`` source gives a low-rank target's scale (for reports and docs).
+SCALE_CONVENTIONS: Mapping[str, str] = types.MappingProxyType({
+    "config": "scale = lora_alpha / r from adapter_config.json (rank_pattern / alpha_pattern per module; "
+              "alpha / sqrt(r) with use_rslora); a module's .alpha tensor wins",
+    "metadata": "scale = lora_alpha / r from the header 'lora_adapter_metadata' (component-prefixed), "
+                "else adapter_config.json; no config: scale 1",
+    "metadata-unprefixed": "scale = lora_alpha / r from the header 'lora_adapter_metadata'; no config: scale 1",
+    "tensor": "scale = alpha / rank from each module's .alpha tensor; none: alpha = rank (scale 1)",
+    "fastvideo": "scale = lora_alpha / lora_rank from each module's tensors; none: scale 1",
+})
 
 BY_NAME: Mapping[str, LoraFormat] = types.MappingProxyType({f.name: f for f in TABLE})
 FORMATS: tuple[str, ...] = tuple(f.name for f in TABLE)

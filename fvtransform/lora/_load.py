@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import os
-from typing import Any
 
-import attrs
 import torch
 
 from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError
+from fvtransform.io._keymap import KeyMap
 from fvtransform.lora._adapter import Delta, LoraAdapter
+from fvtransform.lora._report import ResolutionReport
 from fvtransform.lora._format_table import (
-    BY_NAME, FORMATS, FVT_DORA_EPS,
+    BY_NAME, FORMATS, FVT_DORA_EPS, SCALE_CONVENTIONS,
 )
 from fvtransform.lora._detect import detect_format, split_role, strip_prefix
 from fvtransform.lora._scale_config import config_for, exact_scales
@@ -21,38 +21,44 @@ from fvtransform.lora._targets import add_replacement, build_targets, close_hint
 from fvtransform.lora._merge import describe
 
 
-@attrs.frozen
-class ResolutionReport:
-    """What a non-strict load skipped: file keys and why."""
-
-    skipped: tuple[tuple[str, str], ...] = ()
-    format: str = ""
-    scores: Mapping[str, float] = attrs.field(factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not self.skipped
-
-
 def load(
     source: str | os.PathLike[str] | Mapping[str, torch.Tensor],
     *,
     format: str = "auto",
-    base: Any = None,
+    base: Mapping[str, torch.Tensor] | torch.nn.Module | None = None,
     strict: bool = True,
     component: str = "transformer",
     weight_name: str | None = None,
-) -> Any:
+    rename: KeyMap | None = None,
+) -> LoraAdapter:
     """Read a LoRA file (or folder, repo id, or mapping) as a :class:`LoraAdapter`.
 
     ``format="auto"`` scores every format on all keys and picks the best (the
     adapter's ``format`` says which). With ``base=`` (a tree or a module)
-    every key is matched to a base key with compatible shapes: anything
-    unmatched raises, listing the keys and the closest base names. With
-    ``strict=False`` returns ``(adapter, report)`` with what was skipped.
+    every key is matched to a base key with compatible shapes.
+
+    ``strict`` has the library's one meaning (both sides account exactly):
+    with ``strict=True`` every file key must be claimed by a target and every
+    target found in ``base`` (when given), else :class:`KeyMismatchError` lists
+    the leftovers with their reasons and the closest base names. With
+    ``strict=False`` the leftovers are skipped, and listed with their reasons
+    in ``adapter.report`` (a :class:`ResolutionReport`); the return type is
+    the same. ``rename`` (a :class:`~fvtransform.io._keymap.KeyMap` of renames)
+    maps the file's module names (the format's prefix removed) before they are
+    matched to ``base``. A folder holding several weights files is read as
+    :func:`fvtransform.hub.pick_lora_file` picks (or ``weight_name=``).
 
     Conventions: ``scale = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA);
-    a missing alpha means ``alpha = r``.
+    a missing alpha means ``alpha = r``; ``adapter.report.convention`` says
+    where this file's scales came from.
+
+    >>> import torch, fvtransform as fvt
+    >>> base = fvt.ParamTree({"l.weight": torch.zeros(4, 3)})
+    >>> file = {"l.lora_A.weight": torch.zeros(2, 3), "l.lora_B.weight": torch.zeros(4, 2),
+    ...         "other.lora_A.weight": torch.zeros(2, 3), "other.lora_B.weight": torch.zeros(4, 2)}
+    >>> adapter = fvt.lora.load(file, base=base, strict=False)
+    >>> adapter.targets, [key for key, why in adapter.report.skipped]
+    (['l.weight'], ['other.lora_A.weight', 'other.lora_B.weight'])
     """
     if base is not None and isinstance(base, torch.nn.Module):
         from fvtransform.tree._paramtree import ParamTree
@@ -110,6 +116,8 @@ def load(
                 "one target given twice would make one of them silently win. Fix: keep one of them in the file."
             )
         roles[role] = (key, tensors[key])
+    if rename is not None:
+        groups = _renamed(groups, rename, label)
     base_modules = module_shapes(base) if base is not None else None
     kohya = kohya_table(list(base_modules)) if (fmt.strip == "underscored" and base_modules is not None) else None
     targets: dict[str, Delta] = {}
@@ -152,9 +160,23 @@ def load(
         more = f"\n  ... ({len(skipped) - 20} more)" if len(skipped) > 20 else ""
         raise KeyMismatchError(
             f"{label}: {len(skipped)} LoRA keys do not resolve (format {name!r}):\n{lines}{more}\n"
-            "Fix: pass the right base= or format=, or strict=False to load the rest and get a report."
+            "Fix: pass the right base=, format= or rename=, or strict=False to load the rest and read adapter.report."
         )
-    adapter = LoraAdapter(targets, format=name, metadata={"source": label})
-    if strict:
-        return adapter
-    return adapter, ResolutionReport(tuple(skipped), name, scores)
+    convention = SCALE_CONVENTIONS.get(fmt.scale, "") + ("; fvtransform's exact scales (header 'fvt.scales') win" if exact else "")
+    report = ResolutionReport(name, scores, {k: claimed[k] for k in targets}, tuple(skipped), convention)
+    return LoraAdapter(targets, format=name, metadata={"source": label}, report=report)
+
+
+def _renamed(groups: dict[str, dict[str, tuple[str, torch.Tensor]]], rename: KeyMap,
+             label: str) -> dict[str, dict[str, tuple[str, torch.Tensor]]]:
+    """``groups`` with each module renamed by ``rename`` (renames only: a LoRA module is not fused or split)."""
+    if not isinstance(rename, KeyMap):
+        raise FormatError(f"rename= takes a KeyMap (fvt.KeyMap.of({{'old.{{rest}}': 'new.{{rest}}'}})); found {type(rename).__name__}")
+    plan = rename.plan({m: (1,) for m in groups})  # names only: a stand-in shape lets a fuse rule reach the check below
+    out: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for step in plan.steps:
+        if len(step.sources) != 1 or len(step.targets) != 1:
+            raise FormatError(f"{label}: rename= fuses or splits {list(step.sources)} -> {list(step.targets)}; a LoRA's modules "
+                              "are only renamed. Fix: use rename rules only")
+        out[step.targets[0]] = groups[step.sources[0]]
+    return out
