@@ -189,7 +189,7 @@ def extract_command(base: str, tuned: str, out: str, *, rank: int | None, energy
     base_tree, tuned_tree = _base_tree(base)[0], _base_tree(tuned)[0]
     update, close = progress_bar(not quiet, "extract")
     try:
-        adapter, report = fvt.lora.extract(base_tree, tuned_tree, rank=rank, energy=energy, return_report=True, progress=update)
+        adapter, report = fvt.lora.extract_with_report(base_tree, tuned_tree, rank=rank, energy=energy, progress=update)
     finally:
         close()
     written = fvt.lora.save(adapter, out, format=to, overwrite=overwrite)

@@ -157,7 +157,7 @@ def merge_checkpoint(
         t = ckpt.tensor(k)
         dt = dtype_of(k)
         if k in per_key and _is_replace(k, per_key[k]):  # PEFT modules_to_save: the replacement itself
-            t = per_key[k][0].delta.T.to(dtype=dt)
+            t = per_key[k][0].delta.D.to(dtype=dt)
         elif k in per_key and _is_dora(per_key[k]):  # row tiles; input-axis norms take a first pass over the tiles
             t = merge_dora(t, per_key[k], out=torch.empty(t.shape, dtype=dt), where=f"{ckpt.file_of(k)}: {k!r}")[0]
         elif k in per_key:  # rounded once, straight into the output dtype

@@ -178,8 +178,6 @@ def replacement_target(fmt: LoraFormat, key: str, cfg: ScaleConfig | None) -> st
 
 def add_replacement(targets: dict[str, Delta], claimed: dict[str, str], tkey: str, key: str, tensor: torch.Tensor,
                      base: Any, label: str, skipped: list[tuple[str, str]]) -> None:
-    from fvtransform.lora._adapter import Replace
-
     if tkey in claimed:
         raise KeyMismatchError(f"{label}: keys {claimed[tkey]!r} and {key!r} both target {tkey!r}; keep one")
     claimed[tkey] = key
@@ -189,6 +187,6 @@ def add_replacement(targets: dict[str, Delta], claimed: dict[str, str], tkey: st
             return
         if tuple(base[tkey].shape) != tuple(tensor.shape):
             raise ShapeMismatchError(f"{label}: {key!r} {list(tensor.shape)} does not replace the base's {tkey!r} {list(base[tkey].shape)}")
-    delta = Replace(tensor)
+    delta = FullDelta(tensor, replaces=True)
     delta.validate(f"{label}: {key!r}")
     targets[tkey] = delta

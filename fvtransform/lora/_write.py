@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from fvtransform.errors import FormatError
-from fvtransform.lora._adapter import GENERATED, LoraAdapter, LowRank
+from fvtransform.lora._adapter import GENERATED, FullDelta, LoraAdapter, LowRank
 from fvtransform.lora._dora import dora_scale_layout
 from fvtransform.lora._format_table import (
     BY_NAME, DIFFUSERS_META, DIFFUSERS_WEIGHTS, FVT_DORA_EPS, FVT_SCALES, PEFT_CONFIG, PEFT_WEIGHTS, TABLE, LoraFormat,
@@ -38,8 +38,6 @@ def _write_name(fmt: LoraFormat, module: str, param: bool) -> str:
 
 
 def _encode(adapter: LoraAdapter, fmt: LoraFormat, component: str) -> dict[str, torch.Tensor]:
-    from fvtransform.lora._adapter import Replace
-
     roles = fmt.write_roles
     prefix = fmt.write_prefix.format(component=component.rstrip("."))
     out: dict[str, torch.Tensor] = {}
@@ -68,11 +66,11 @@ def _encode(adapter: LoraAdapter, fmt: LoraFormat, component: str) -> dict[str, 
                     out[name + roles["magnitude"]] = d.magnitude.contiguous()
             if "alpha" in roles:
                 out[name + roles["alpha"]] = torch.tensor(d.scale * d.rank, dtype=torch.float32)
-        elif isinstance(d, Replace):
+        elif isinstance(d, FullDelta) and d.replaces:
             if "replace" not in fmt.holds:
                 able = [f.name for f in TABLE if "replace" in f.holds]
                 raise FormatError(f"{target!r} is a full replacement (modules_to_save), which format {fmt.name!r} cannot hold; use one of {able}")
-            out[prefix + target] = d.T.contiguous()
+            out[prefix + target] = d.D.contiguous()
         else:
             role = {".weight": "diff", ".bias": "diff_b", "": "diff_param"}[suffix]
             if role not in roles or "full" not in fmt.holds:
@@ -86,8 +84,6 @@ def _encode(adapter: LoraAdapter, fmt: LoraFormat, component: str) -> dict[str, 
 
 def _peft_config(adapter: LoraAdapter) -> dict[str, Any]:
     from collections import Counter
-
-    from fvtransform.lora._adapter import Replace
 
     lows = {k: d for k, d in adapter.items() if isinstance(d, LowRank)}
     if not lows:
@@ -111,7 +107,7 @@ def _peft_config(adapter: LoraAdapter) -> dict[str, Any]:
             rank_pattern["^" + re.escape(module)] = d.rank
         if d.scale * d.rank != alpha or d.rank != r:
             alpha_pattern["^" + re.escape(module)] = d.scale * d.rank
-    saved = sorted({_module_name(k)[0] for k, d in adapter.items() if isinstance(d, Replace)})
+    saved = sorted({_module_name(k)[0] for k, d in adapter.items() if isinstance(d, FullDelta) and d.replaces})
     return {
         "peft_type": "LORA",
         "r": r,
