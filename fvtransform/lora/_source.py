@@ -9,14 +9,11 @@ from typing import Any
 
 import torch
 
-from fvtransform.errors import FormatError, NotFoundError
+from fvtransform.errors import FormatError
 from fvtransform.io._open import contained
-from fvtransform.lora._format_table import (
-    DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS,
-)
+from fvtransform.lora._format_table import PEFT_CONFIG
 
 
-# ----------------------------------------------------------------------------- reading
 def read_source(source: Any, weight_name: str | None) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any] | None, str, str]:
     """Tensors, safetensors metadata, adapter_config.json (if any), a label for messages, and the config's label."""
     if isinstance(source, Mapping):
@@ -28,17 +25,10 @@ def read_source(source: Any, weight_name: str | None) -> tuple[dict[str, torch.T
         path = maybe_download_lora(str(source), weight_name=weight_name)
     config_path: Path | None = None
     if path.is_dir():
-        candidates = [weight_name] if weight_name else [PEFT_WEIGHTS, DIFFUSERS_WEIGHTS]
-        found = [path / c for c in candidates if c and (path / c).is_file()]
-        if not found:
-            singles = sorted(p for p in path.glob("*.safetensors"))
-            if len(singles) == 1:
-                found = singles
-            elif singles:
-                raise FormatError(f"{path}: several LoRA files {[p.name for p in singles]}; pass weight_name=")
-            else:
-                raise NotFoundError(f"{path}: no LoRA weights (*.safetensors) in this folder")
-        file = found[0] if weight_name else contained(path, found[0].name, "LoRA file")  # weight_name: the user's choice
+        from fvtransform.lora._pick import pick_lora_file
+
+        name = pick_lora_file((p.name for p in path.iterdir() if p.is_file()), str(path), weight_name)
+        file = path / name if weight_name else contained(path, name, "LoRA file")  # weight_name: the user's choice
     else:
         file = path
     if os.path.lexists(file.parent / PEFT_CONFIG):  # a FIFO or dangling link is refused by the reader, not skipped
