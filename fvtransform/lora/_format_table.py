@@ -151,15 +151,17 @@ TABLE: tuple[LoraFormat, ...] = (
     ),
 )
 
-#: How each ``scale`` source gives a low-rank target's scale (for reports and docs).
+#: How each ``scale`` source gives a low-rank target's scale (for reports and docs); ``"none"``: a config
+#: format whose file came without its config. A module's ``.alpha`` tensor, where present, gives its alpha.
 SCALE_CONVENTIONS: Mapping[str, str] = types.MappingProxyType({
     "config": "scale = lora_alpha / r from adapter_config.json (rank_pattern / alpha_pattern per module; "
-              "alpha / sqrt(r) with use_rslora); a module's .alpha tensor wins",
-    "metadata": "scale = lora_alpha / r from the header 'lora_adapter_metadata' (component-prefixed), "
-                "else adapter_config.json; no config: scale 1",
-    "metadata-unprefixed": "scale = lora_alpha / r from the header 'lora_adapter_metadata'; no config: scale 1",
+              "alpha / sqrt(r) with use_rslora)",
+    "metadata": "scale = lora_alpha / r from the config (adapter_config.json, else the header "
+                "'lora_adapter_metadata', component-prefixed)",
+    "metadata-unprefixed": "scale = lora_alpha / r from the header 'lora_adapter_metadata'",
     "tensor": "scale = alpha / rank from each module's .alpha tensor; none: alpha = rank (scale 1)",
     "fastvideo": "scale = lora_alpha / lora_rank from each module's tensors; none: scale 1",
+    "none": "no config: scale = alpha / rank from a module's .alpha tensor, else 1 (alpha = rank)",
 })
 
 BY_NAME: Mapping[str, LoraFormat] = types.MappingProxyType({f.name: f for f in TABLE})

@@ -162,7 +162,8 @@ def load(
             f"{label}: {len(skipped)} LoRA keys do not resolve (format {name!r}):\n{lines}{more}\n"
             "Fix: pass the right base=, format= or rename=, or strict=False to load the rest and read adapter.report."
         )
-    convention = SCALE_CONVENTIONS.get(fmt.scale, "") + ("; fvtransform's exact scales (header 'fvt.scales') win" if exact else "")
+    source = "none" if cfg is None and fmt.scale.startswith(("config", "metadata")) else fmt.scale
+    convention = SCALE_CONVENTIONS[source] + ("; fvtransform's exact scales (header 'fvt.scales') win" if exact else "")
     report = ResolutionReport(name, scores, {k: claimed[k] for k in targets}, tuple(skipped), convention)
     return LoraAdapter(targets, format=name, metadata={"source": label}, report=report)
 

@@ -446,7 +446,7 @@ def check_donatable(base: ParamTree, per_key: Mapping[str, object]) -> None:
         raise ImmutableError(
             f"donate=True would write merged weights into storage that other keys view: {[list(g) for g in shared[:4]]}; "
             "donation consumes the donated tensors, and every view of their storage would change. "
-            "Fix: merge without donate=True, or donate a tree whose targets own their storage (e.g. fvt.map(tree, torch.clone))"
+            "Fix: merge without donate=True, or donate a tree whose targets own their storage (e.g. fvt.map_tensors(tree, torch.clone))"
         )
 
 
