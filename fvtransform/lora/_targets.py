@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError, close_matches
+from fvtransform.io._keymap import KeyMap
 from fvtransform.io._mappings import WAN_MODULE_RENAMES
 from fvtransform.lora._adapter import DORA_EPS, Delta, FullDelta, LowRank
 from fvtransform.lora._dora import canonical_magnitude
@@ -18,7 +19,6 @@ from fvtransform.lora._format_table import (
 from fvtransform.lora._detect import strip_prefix
 from fvtransform.lora._scale_config import ScaleConfig, check_config_applies, eps_value, lowrank_scale
 from fvtransform.lora._lycoris import is_lycoris, lycoris_targets
-from fvtransform.tree._rename import RenameRules
 
 
 def module_shapes(base: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -30,25 +30,29 @@ def module_shapes(base: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def original_names() -> RenameRules:
-    return RenameRules.of([(dst, src) for src, dst in WAN_MODULE_RENAMES])
+#: The format facts as KeyMaps (one rename layer): diffusers -> original Wan module names, and the
+#: parameters original Wan names differently; unmatched names keep theirs.
+DIFFUSERS_NAMES = KeyMap.of(WAN_MODULE_RENAMES, strict=False)
+ORIGINAL_NAMES = DIFFUSERS_NAMES.inverse()
+DIFFUSERS_PARAMS = KeyMap.of(PARAM_RENAMES, strict=False)
+ORIGINAL_PARAMS = DIFFUSERS_PARAMS.inverse()
 
 
-def original_params() -> RenameRules:
-    return RenameRules.of([(dst, src) for src, dst in PARAM_RENAMES])
+def renamed(keymap: KeyMap, name: str) -> str:
+    """``name`` as ``keymap`` (renames only) maps it.
 
-
-def _rename(rules: list[tuple[str, str]] | tuple[tuple[str, str], ...], name: str) -> str:
-    return RenameRules.of(list(rules)).plan([name])[name]
+    >>> renamed(ORIGINAL_NAMES, "blocks.3.attn1.to_q"), renamed(DIFFUSERS_NAMES, "blocks.3.self_attn.q")
+    ('blocks.3.self_attn.q', 'blocks.3.attn1.to_q')
+    """
+    return keymap.plan({name: (1,)}).steps[0].targets[0]
 
 
 def kohya_table(modules: list[str]) -> dict[str, str]:
     """Underscored name -> module, for the base's names and their original-Wan names."""
     table: dict[str, str] = {}
     clash: dict[str, set[str]] = {}
-    orig = original_names()
     for m in modules:
-        for name in {m, orig.plan([m])[m]}:
+        for name in {m, renamed(ORIGINAL_NAMES, m)}:
             u = name.replace(".", "_")
             if u in table and table[u] != m:
                 clash.setdefault(u, {table[u]}).add(m)
@@ -70,7 +74,7 @@ def _resolve_module(fmt: LoraFormat, module: str, base_modules: Mapping[str, Any
     if fmt.strip == "underscored":
         return kohya.get(module) if kohya is not None else None
     candidates = [module]
-    mapped = _rename(WAN_MODULE_RENAMES, module)
+    mapped = renamed(DIFFUSERS_NAMES, module)
     if mapped != module:
         candidates = [mapped, module] if fmt.write_names == "original" else [module, mapped]
     if base_modules is None:
@@ -80,7 +84,7 @@ def _resolve_module(fmt: LoraFormat, module: str, base_modules: Mapping[str, Any
 
 def _resolve_param(module: str, base: Any) -> str | None:
     """A parameter the file names directly (Wan's ``blocks.N.modulation`` -> ``blocks.N.scale_shift_table``)."""
-    mapped = _rename(PARAM_RENAMES, module)
+    mapped = renamed(DIFFUSERS_PARAMS, module)
     if base is None:
         return mapped if mapped != module else None
     return next((c for c in (mapped, module) if c in base and not c.endswith((".weight", ".bias"))), None)

@@ -17,7 +17,7 @@ from fvtransform.lora._dora import dora_scale_layout
 from fvtransform.lora._format_table import (
     BY_NAME, DIFFUSERS_META, DIFFUSERS_WEIGHTS, FVT_DORA_EPS, FVT_SCALES, PEFT_CONFIG, PEFT_WEIGHTS, TABLE, LoraFormat,
 )
-from fvtransform.lora._targets import original_names, original_params
+from fvtransform.lora._targets import ORIGINAL_NAMES, ORIGINAL_PARAMS, renamed
 from fvtransform.lora._lycoris import lycoris_tensors
 
 
@@ -32,8 +32,7 @@ def _module_name(target: str) -> tuple[str, str]:
 def _write_name(fmt: LoraFormat, module: str, param: bool) -> str:
     if fmt.write_names == "as-is":
         return module
-    original = original_params() if param else original_names()
-    name = original.plan([module])[module]
+    name = renamed(ORIGINAL_PARAMS if param else ORIGINAL_NAMES, module)
     return name.replace(".", "_") if fmt.write_names == "underscored" else name
 
 
