@@ -18,7 +18,8 @@ from fvtransform.lora._format_table import FORMATS
 from fvtransform.lora._load import load
 from fvtransform.lora._report import ResolutionReport
 from fvtransform.lora._write import save
-from fvtransform.lora._merge import MergeRecord, merge, merge_with_record, restore, unmerge
+from fvtransform.lora._merge import merge, merge_with_record, restore, unmerge
+from fvtransform.lora._record import MergeRecord
 from fvtransform.lora._stream import merge_checkpoint
 from fvtransform.lora._transforms import merge_transform, unmerge_transform
 

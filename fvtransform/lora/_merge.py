@@ -16,14 +16,16 @@ from typing import Any, Union
 import attrs
 import torch
 
-from fvtransform.errors import FormatError, ImmutableError, KeyMismatchError, NumericError, PlanError, ShapeMismatchError, close_matches
+from fvtransform.errors import FormatError, KeyMismatchError, NumericError, PlanError, ShapeMismatchError, close_matches
 from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LoraAdapter, LoHa, LoKr, LowRank
+from fvtransform.lora._donate import check_donatable
 from fvtransform.lora._moved import moved_keywords
+from fvtransform.lora._record import MergeRecord, _apply_correction, _Correction, _make_correction
 from fvtransform.lora._dora import merge_dora, overflow_limit, overflows, unmerge_dora
 from fvtransform.io._safetensors import _tensor_bytes
 from fvtransform.tree._paramtree import ParamTree
 
-__all__ = ["merge", "merge_with_record", "check_donatable", "unmerge", "restore", "MergeRecord", "normalize_adapters", "delta_rows", "describe", "AdapterSet", "Workspace"]
+__all__ = ["merge", "merge_with_record", "unmerge", "restore", "normalize_adapters", "delta_rows", "describe", "AdapterSet", "Workspace"]
 
 AdapterSet = Union[LoraAdapter, Sequence[tuple[LoraAdapter, float]]]
 
@@ -245,74 +247,6 @@ def _delta_bound(contribs: list[_Contribution]) -> float:
     return total
 
 
-@attrs.frozen
-class _Correction:
-    """Bits to fix after an unmerge: sparse (indices, values) and/or dense int8 steps."""
-
-    indices: torch.Tensor | None
-    values: torch.Tensor | None
-    dense: torch.Tensor | None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.indices, self.values, self.dense) if t is not None)
-
-
-_INT_OF = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(_INT_OF[t.element_size()])
-
-
-def _make_correction(original: torch.Tensor, unmerged: torch.Tensor) -> _Correction:
-    wo, wu = _bits(original).reshape(-1), _bits(unmerged).reshape(-1)
-    wrong = (wo != wu).nonzero().flatten()
-    n, count = wo.numel(), wrong.numel()
-    idx_dtype = torch.int32 if n < 2**31 else torch.int64
-    sparse_cost = count * (torch.empty((), dtype=idx_dtype).element_size() + original.element_size())
-    if sparse_cost <= n:  # cheaper than one int8 per element
-        return _Correction(wrong.to(idx_dtype), wo[wrong].clone(), None)
-    step = wo.to(torch.int64) - wu.to(torch.int64)
-    fits = step.abs() <= 127
-    dense = torch.where(fits, step, torch.zeros_like(step)).to(torch.int8)
-    bad = (~fits).nonzero().flatten()
-    return _Correction(bad.to(idx_dtype), wo[bad].clone(), dense)
-
-
-def _apply_correction(t: torch.Tensor, corr: _Correction) -> torch.Tensor:
-    bits = _bits(t).reshape(-1)
-    if corr.dense is not None:
-        bits = (bits.to(torch.int64) + corr.dense.to(torch.int64)).to(bits.dtype)
-    else:
-        bits = bits.clone()
-    if corr.indices is not None and corr.indices.numel():
-        bits[corr.indices.long()] = corr.values
-    return bits.view(t.dtype).view(t.shape)
-
-
-@attrs.frozen
-class MergeRecord:
-    """What :func:`restore` needs to give back the pre-merge weights bit for bit.
-
-    Holds the adapters and scales (references, not copies) and, per target,
-    the few bits where an unmerge would not land exactly on the original.
-    ``nbytes`` is the record's own memory; ``targets_nbytes`` that of a copy of
-    the targeted weights, for comparison.
-    """
-
-    pairs: tuple[tuple[LoraAdapter, float], ...]
-    corrections: Mapping[str, _Correction]
-    merged_digest: Mapping[str, bytes]
-    targets_nbytes: int
-    dora_norms: Mapping[str, torch.Tensor] = attrs.field(factory=dict)  # DoRA targets: row (or input-column) norms of W + s delta
-
-    @property
-    def nbytes(self) -> int:
-        norms = sum(t.numel() * t.element_size() for t in self.dora_norms.values())
-        return sum(c.nbytes for c in self.corrections.values()) + norms
-
-
 @moved_keywords(return_record="fvt.lora.merge_with_record(tree, adapters, scale) -> (merged, record)")
 def merge(
     tree: Mapping[str, torch.Tensor],
@@ -418,36 +352,6 @@ def _merge(tree: Mapping[str, torch.Tensor], adapters: AdapterSet, scale: float,
     if record:
         return merged, MergeRecord(tuple(pairs), corrections, digests, target_bytes, norms)
     return merged, None
-
-
-def _storage(t: torch.Tensor) -> int | None:
-    """The address of the storage ``t`` views; None where there is none to share (meta, DTensor, a tensor subclass)."""
-    if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter) or t.device.type == "meta":
-        return None
-    return t.untyped_storage().data_ptr()
-
-
-def check_donatable(base: ParamTree, per_key: Mapping[str, object]) -> None:
-    """Refuse a donation that would visibly change tensors other keys hold: tied keys, or views of one storage."""
-    tied = [g for g in base.aliases() if any(k in per_key for k in g)]
-    if tied:
-        raise ImmutableError(
-            f"donate=True would write merged weights into tensors tied to other keys: {[list(g) for g in tied[:4]]}; "
-            "donation consumes the donated tensors, and every key (and module) sharing them would change. "
-            "Fix: merge without donate=True (a new tensor for each target), or untie the weights first"
-        )
-    owners: dict[int, list[str]] = {}
-    for k, v in base.items():
-        ptr = _storage(v)
-        if ptr is not None and v.numel():
-            owners.setdefault(ptr, []).append(k)
-    shared = sorted({tuple(ks) for k in per_key if (p := _storage(base[k])) is not None and len(ks := owners.get(p, [])) > 1})
-    if shared:
-        raise ImmutableError(
-            f"donate=True would write merged weights into storage that other keys view: {[list(g) for g in shared[:4]]}; "
-            "donation consumes the donated tensors, and every view of their storage would change. "
-            "Fix: merge without donate=True, or donate a tree whose targets own their storage (e.g. fvt.map_tensors(tree, torch.clone))"
-        )
 
 
 def _is_dtensor(t: Any) -> bool:
