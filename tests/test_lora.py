@@ -454,3 +454,19 @@ def test_the_report_names_the_scale_convention_of_the_format(tmp_path, tree):
     peft = fvt.lora.load(fvt.lora.save(a, tmp_path / "p", format="peft").parent, base=tree)
     assert "adapter_config.json" in peft.report.convention and set(peft.report.targets) == set(a)
     assert "scale:" in str(peft.report)
+
+
+def test_every_adapter_carries_a_report_through_tree_map_and_replace(tree):
+    import torch.utils._pytree as pytree
+
+    made = adapter_for(tree)
+    assert made.report.ok and dict(made.report.targets) == {k: k for k in made} and made.report.format == "memory"
+    file = {"blocks.0.attn1.to_q.lora_A.weight": torch.randn(2, 16), "blocks.0.attn1.to_q.lora_B.weight": torch.randn(16, 2),
+            "junk": torch.zeros(1)}
+    loaded = fvt.lora.load(file, base=tree, strict=False)
+    assert [k for k, _ in loaded.report.skipped] == ["junk"]
+    mapped = pytree.tree_map(lambda t: t * 2, loaded)
+    assert isinstance(mapped, LoraAdapter) and mapped.report == loaded.report
+    assert loaded.replace(format="renamed").report == loaded.report  # same targets: the same account
+    fewer = loaded.replace({})
+    assert fewer.report.ok and dict(fewer.report.targets) == {}  # new targets: a new (empty) account
