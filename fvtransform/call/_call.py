@@ -130,7 +130,7 @@ def _check_tensors(module: nn.Module, params: Mapping[str, torch.Tensor], state:
         raise ShapeMismatchError(
             f"{what} does not fit {type(module).__name__} ({len(bad)} tensors):\n" + "\n".join(shown) + "\n"
             "Fix: check that the checkpoint and config.json belong together (the model built from the config "
-            "expects these shapes), or convert the tree (fvt.rename / fvt.io.KeyMap) before calling."
+            "expects these shapes), or convert the tree (fvt.rename / fvt.KeyMap) before calling."
         )
 
 
@@ -190,7 +190,7 @@ def call(module: nn.Module, tree: Mapping[str, torch.Tensor], /, *args: Any, **k
     ...
     fvtransform.errors.ShapeMismatchError: tree does not fit Linear (1 tensors):
       'weight': expected shape [1, 2], found [1, 3]
-    Fix: check that the checkpoint and config.json belong together (the model built from the config expects these shapes), or convert the tree (fvt.rename / fvt.io.KeyMap) before calling.
+    Fix: check that the checkpoint and config.json belong together (the model built from the config expects these shapes), or convert the tree (fvt.rename / fvt.KeyMap) before calling.
     """
     params, _ = _prepare(module, tree)
     return torch.func.functional_call(module, params, args, kwargs, tie_weights=True, strict=False)
