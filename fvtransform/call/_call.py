@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fvtransform.errors import KeyMismatchError, ShapeMismatchError, format_keys
+from fvtransform.tree._ops import update
 from fvtransform.tree._paramtree import ParamTree, state_keys
 
 __all__ = ["call", "call_with_buffers", "check_keys"]
@@ -101,7 +102,7 @@ def _complete_ties(
             raise KeyMismatchError(
                 f"{what}: {type(module).__name__} ties {group} (one weight), but the {what} holds different tensors "
                 f"for {given[0]!r} and {other!r}. Fix: give the tied weight once (fvt.drop the other names) or as one "
-                f"tensor under each name (tree.update({{{other!r}: tree[{given[0]!r}]}}))."
+                f"tensor under each name (fvt.update(tree, {{{other!r}: tree[{given[0]!r}]}}))."
             )
         extra.update({k: first for k in group})
     return extra
@@ -211,4 +212,4 @@ def call_with_buffers(
     params, buffer_keys = _prepare(module, tree)
     out = torch.func.functional_call(module, params, args, kwargs, tie_weights=True, strict=False)
     base = tree if isinstance(tree, ParamTree) else ParamTree(tree)
-    return out, base.update({k: params[k] for k in buffer_keys if k in base})
+    return out, update(base, {k: params[k] for k in buffer_keys if k in base})
