@@ -408,9 +408,8 @@ def _plan_stage(rules: tuple[Rule, ...], shape_of: Mapping[str, tuple[int, ...]]
         if unclaimed:
             parts.append(f"no rule claims {len(unclaimed)} keys: {format_keys(unclaimed)}")
         if unused:
-            parts.append(
-                f"rules matched no key: {', '.join(unused)} (the keys look like {format_keys(list(shape_of), limit=4)})"
-            )
+            shown = ", ".join(unused[:6]) + (f", ... ({len(unused) - 6} more)" if len(unused) > 6 else "")
+            parts.append(f"rules matched no key: {shown} (the keys look like {format_keys(list(shape_of), limit=4)})")
         raise KeyMismatchError(
             "; ".join(parts) + ". Add a rule for each key (KeyMap.of(..., keep_rest=True) keeps the rest), "
             "fix each unused rule or mark it optional=True, or pass strict=False to keep leftovers "
