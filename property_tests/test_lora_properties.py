@@ -250,7 +250,7 @@ LORA_OPS = [
     lambda t, p: fvt.lora.factors(p, rank=8),
     lambda t, p: fvt.lora.compress(fvt.lora.combine(p), 1),
     lambda t, p: fvt.lora.extract(fvt.cast(t, torch.float32), fvt.lora.merge(fvt.cast(t, torch.float32), p), rank=2, select="l.weight"),
-    lambda t, p: fvt.lora.merge_transform(p[0][0], scale=p[0][1])(t),
+    lambda t, p: fvt.transforms.merge_lora(p[0][0], scale=p[0][1])(t),
     lambda t, p: fvt.lora.call(_linear(fvt.cast(t, torch.float32)), fvt.cast(t, torch.float32), p, torch.ones(2, t["l.weight"].shape[1])),
     lambda t, p: fvt.lora.call_factors(_linear(t), t, fvt.lora.factors(p), torch.ones(2, t["l.weight"].shape[1], dtype=t["l.weight"].dtype)),
     lambda t, p: fvt.save(t, Path(tempfile.mkdtemp()) / "m.safetensors"),

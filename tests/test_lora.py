@@ -127,7 +127,7 @@ def test_merge_basics_and_sharing(tree):
             assert merged[k] is tree[k]
     zero = fvt.lora.merge(tree, a, 0.0)
     assert zero == tree
-    step = fvt.lora.merge_transform(a, 0.5)
+    step = fvt.transforms.merge_lora(a, 0.5)
     assert fvt.chain(step)(tree) == merged
 
 
