@@ -33,20 +33,20 @@ def _is_tree(value: object) -> bool:
     return isinstance(value, Mapping) and len(value) > 0 and all(isinstance(v, torch.Tensor) for v in value.values())
 
 
-def factory(now: str) -> Callable[[F], F]:
+def factory(now: str, *, takes_tensors: bool = False) -> Callable[[F], F]:
     """Mark a transform factory; a tree passed to it is a :class:`UsageError` that shows the eager call ``now``.
 
     ``now`` is the eager function's dotted name after ``fvt.`` (``"select"``,
-    ``"lora.merge"``).
+    ``"lora.merge"``). ``takes_tensors``: the factory's own argument is a
+    mapping of tensors (``update``), so only a tree *and* that argument is a mix-up.
     """
 
     def wrap(fn: F) -> F:
         positional = [p for p in inspect.signature(fn).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        takes_tree_values = fn.__name__ == "update"  # its argument is a mapping of tensors
 
         @functools.wraps(fn)
         def make(*args: Any, **kwargs: Any) -> Any:
-            if args and _is_tree(args[0]) and (not takes_tree_values or len(args) > len(positional)):
+            if args and _is_tree(args[0]) and (not takes_tensors or len(args) > len(positional)):
                 rest = _ops.show_args(args[1:], kwargs) if (args[1:] or kwargs) else "..."
                 shape = ", ".join(p.name for p in positional)
                 raise UsageError(
@@ -184,7 +184,7 @@ def map_tensors(fn: Callable[..., torch.Tensor], *, only: Pattern | None = None,
     )
 
 
-@factory("update")
+@factory("update", takes_tensors=True)
 def update(other: Mapping[str, torch.Tensor], *, allow_new: bool = False) -> Transform:
     """Transform form of :func:`fvtransform.update`."""
     return Transform(lambda t: _ops.update(t, other, allow_new=allow_new), f"update({len(other)} keys)")

@@ -374,11 +374,13 @@ def _plan_stage(rules: tuple[Rule, ...], shape_of: Mapping[str, tuple[int, ...]]
     unclaimed: list[str] = []
     order: list[Step | tuple[int, str]] = []
     for key in shape_of:
+        claimed: int | None = None
         for ri, rule in enumerate(rules):
             if isinstance(rule, Rename):
                 fields = _match(rule.source, key, _stars(rule.source, rule.target))
                 if fields is not None:
                     order.append(Step((key,), (_fill(rule.target, fields),)))
+                    claimed = ri
                     break
             elif isinstance(rule, Fuse):
                 hit = next(
@@ -391,17 +393,19 @@ def _plan_stage(rules: tuple[Rule, ...], shape_of: Mapping[str, tuple[int, ...]]
                     if not group:
                         order.append((ri, target))
                     group[hit[0]] = key
+                    claimed = ri
                     break
             else:
                 fields = _match(rule.source, key, _stars(rule.source, *rule.targets))
                 if fields is not None:
                     order.append(_split_step(key, tuple(_fill(t, fields) for t in rule.targets), rule, shape_of[key]))
+                    claimed = ri
                     break
-        else:
+        if claimed is None:
             unclaimed.append(key)
             order.append(Step((key,), (key,)))
-            continue
-        used[ri] = True
+        else:
+            used[claimed] = True
     unused = [repr(r) for r, u in zip(rules, used) if not u and not r.optional]
     if strict and (unclaimed or unused):
         parts = []
