@@ -66,6 +66,14 @@ def _same_fields(what: str, templates: Sequence[str]) -> None:
         )
 
 
+def _strs(names: Iterable[str]) -> tuple[str, ...]:
+    return tuple(names)
+
+
+def _sizes(sizes: Iterable[int] | None) -> tuple[int, ...] | None:
+    return None if sizes is None else tuple(sizes)
+
+
 def _opt(optional: bool) -> str:
     return " (optional)" if optional else ""
 
@@ -105,10 +113,10 @@ class Fuse:
     inverse of a :class:`MappingPlan` always splits exactly.
     """
 
-    sources: tuple[str, ...] = attrs.field(converter=tuple)
+    sources: tuple[str, ...] = attrs.field(converter=_strs)
     target: str
     dim: int = 0
-    sizes: tuple[int, ...] | None = attrs.field(default=None, converter=attrs.converters.optional(tuple))
+    sizes: tuple[int, ...] | None = attrs.field(default=None, converter=_sizes)
     optional: bool = False
 
     def __attrs_post_init__(self) -> None:
@@ -131,9 +139,9 @@ class Split:
     """Split ``source`` into ``targets`` along ``dim`` (equal pieces unless ``sizes`` is given); a fuse's inverse."""
 
     source: str
-    targets: tuple[str, ...] = attrs.field(converter=tuple)
+    targets: tuple[str, ...] = attrs.field(converter=_strs)
     dim: int = 0
-    sizes: tuple[int, ...] | None = attrs.field(default=None, converter=attrs.converters.optional(tuple))
+    sizes: tuple[int, ...] | None = attrs.field(default=None, converter=_sizes)
     optional: bool = False
 
     def __attrs_post_init__(self) -> None:
