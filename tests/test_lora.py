@@ -127,7 +127,7 @@ def test_merge_basics_and_sharing(tree):
             assert merged[k] is tree[k]
     zero = fvt.lora.merge(tree, a, 0.0)
     assert zero == tree
-    step = fvt.lora.merge_transform(a, 0.5)
+    step = fvt.transforms.merge_lora(a, 0.5)
     assert fvt.chain(step)(tree) == merged
 
 
@@ -224,7 +224,7 @@ def test_extract_and_compress(tree):
     for k, d in c.items():
         assert small[k].rank == 3
         assert torch.allclose(small[k].B.double() @ small[k].A.double(), d.B.double() @ d.A.double(), atol=1e-5)
-    e, _ = fvt.lora.extract(tree, merged.cast(torch.float32), energy=0.999, return_report=True)
+    e, _ = fvt.lora.extract(tree, fvt.cast(merged, torch.float32), energy=0.999, return_report=True)
     assert all(d.rank <= 16 for d in e.values())
 
 
@@ -362,6 +362,6 @@ def test_cli_merge_streams_peft_dora_as_fvt_lora_merge(tmp_path, tree):
     assert all(d.dora_eps == 0.0 for d in loaded.values())  # PEFT adds no epsilon to the norms
     assert fvt.load(tmp_path / "out.safetensors") == fvt.lora.merge(tree, loaded)
     assert main([*args, str(tmp_path / "bf16.safetensors"), "--dtype", "bf16"]) == 0
-    merged = fvt.lora.merge(tree.cast(torch.float32), loaded)
+    merged = fvt.lora.merge(fvt.cast(tree, torch.float32), loaded)
     for k in dora:  # rounded once from float32 into bf16
         assert torch.equal(fvt.load(tmp_path / "bf16.safetensors")[k], merged[k].to(torch.bfloat16))

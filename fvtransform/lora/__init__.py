@@ -16,7 +16,6 @@ from fvtransform.lora._extract import ExtractReport, compress, extract
 from fvtransform.lora._formats import FORMATS, ResolutionReport, detect_format, load, save
 from fvtransform.lora._merge import MergeRecord, merge, restore, unmerge
 from fvtransform.lora._stream import merge_checkpoint
-from fvtransform.lora._transforms import merge_transform, unmerge_transform
 
 __all__ = [
     "FORMATS",
@@ -37,12 +36,10 @@ __all__ = [
     "load",
     "merge",
     "merge_checkpoint",
-    "merge_transform",
     "pad_rank",
     "random_adapter",
     "restore",
     "save",
     "scale_adapter",
     "unmerge",
-    "unmerge_transform",
 ]

@@ -22,7 +22,7 @@ import attrs
 import torch
 
 from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, ShapeMismatchError, close_matches, format_keys
-from fvtransform.io._mappings import WAN_MODULE_RENAMES
+from fvtransform.tree._mappings import WAN_MODULE_RENAMES
 from fvtransform.io._open import contained
 from fvtransform.lora._adapter import DORA_EPS, GENERATED, Delta, FullDelta, LoraAdapter, LowRank
 from fvtransform.lora._dora import canonical_magnitude, dora_scale_layout
@@ -33,7 +33,7 @@ from fvtransform.lora._lycoris import is_lycoris, lycoris_targets, lycoris_tenso
 from fvtransform.lora._merge import describe
 from fvtransform.lora._patterns import compile_patterns, pattern_value
 from fvtransform.lora._peft_targets import PeftTargets, check_peft_type, check_targeted, peft_targets
-from fvtransform.tree._rename import RenameRules
+from fvtransform.tree._keymap import KeyMap
 
 __all__ = ["load", "save", "FORMATS", "ResolutionReport", "detect_format", "split_role"]
 
@@ -285,16 +285,20 @@ def _base_modules(base: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _original_names() -> RenameRules:
-    return RenameRules.of([(dst, src) for src, dst in WAN_MODULE_RENAMES])
+def _original_names() -> KeyMap:
+    return KeyMap.of([(dst, src) for src, dst in WAN_MODULE_RENAMES])
 
 
-def _original_params() -> RenameRules:
-    return RenameRules.of([(dst, src) for src, dst in PARAM_RENAMES])
+def _original_params() -> KeyMap:
+    return KeyMap.of([(dst, src) for src, dst in PARAM_RENAMES])
+
+
+def _renamed(key_map: KeyMap, name: str) -> str:
+    return key_map.plan({name: ()}, strict=False).steps[0].targets[0]
 
 
 def _rename(rules: list[tuple[str, str]] | tuple[tuple[str, str], ...], name: str) -> str:
-    return RenameRules.of(list(rules)).plan([name])[name]
+    return _renamed(KeyMap.of(list(rules)), name)
 
 
 def _kohya_table(modules: list[str]) -> dict[str, str]:
@@ -303,7 +307,7 @@ def _kohya_table(modules: list[str]) -> dict[str, str]:
     clash: dict[str, set[str]] = {}
     orig = _original_names()
     for m in modules:
-        for name in {m, orig.plan([m])[m]}:
+        for name in {m, _renamed(orig, m)}:
             u = name.replace(".", "_")
             if u in table and table[u] != m:
                 clash.setdefault(u, {table[u]}).add(m)
@@ -702,7 +706,7 @@ def _write_name(fmt: LoraFormat, module: str, param: bool) -> str:
     if fmt.write_names == "as-is":
         return module
     original = _original_params() if param else _original_names()
-    name = original.plan([module])[module]
+    name = _renamed(original, module)
     return name.replace(".", "_") if fmt.write_names == "underscored" else name
 
 
