@@ -134,7 +134,7 @@ def test_merge_basics_and_sharing(tree):
             assert merged[k] is tree[k]
     zero = fvt.lora.merge(tree, a, 0.0)
     assert zero == tree
-    step = fvt.lora.merge_transform(a, 0.5)
+    step = fvt.transforms.merge_lora(a, 0.5)
     assert fvt.chain(step)(tree) == merged
 
 
@@ -285,7 +285,7 @@ def test_extract_and_compress(tree):
     for k, d in c.items():
         assert small[k].rank == 3
         assert torch.allclose(small[k].B.double() @ small[k].A.double(), d.B.double() @ d.A.double(), atol=1e-5)
-    e, _ = fvt.lora.extract_with_report(tree, merged.cast(torch.float32), energy=0.999)
+    e, _ = fvt.lora.extract_with_report(tree, fvt.cast(merged, torch.float32), energy=0.999)
     assert all(d.rank <= 16 for d in e.values())
 
 
@@ -423,13 +423,13 @@ def test_cli_merge_streams_peft_dora_as_fvt_lora_merge(tmp_path, tree):
     assert all(d.dora_eps == 0.0 for d in loaded.values())  # PEFT adds no epsilon to the norms
     assert fvt.load(tmp_path / "out.safetensors") == fvt.lora.merge(tree, loaded)
     assert main([*args, str(tmp_path / "bf16.safetensors"), "--dtype", "bf16"]) == 0
-    merged = fvt.lora.merge(tree.cast(torch.float32), loaded)
+    merged = fvt.lora.merge(fvt.cast(tree, torch.float32), loaded)
     for k in dora:  # rounded once from float32 into bf16
         assert torch.equal(fvt.load(tmp_path / "bf16.safetensors")[k], merged[k].to(torch.bfloat16))
 
 
 def test_load_renames_file_modules_with_a_keymap_before_matching_the_base(tree):
-    from fvtransform.io._keymap import Fuse, KeyMap
+    from fvtransform import Fuse, KeyMap
 
     file = {"net.blocks.0.attn1.to_q.lora_A.weight": torch.randn(2, 16), "net.blocks.0.attn1.to_q.lora_B.weight": torch.randn(16, 2)}
     with pytest.raises(KeyMismatchError, match="no base module matches"):
@@ -437,10 +437,15 @@ def test_load_renames_file_modules_with_a_keymap_before_matching_the_base(tree):
     a = fvt.lora.load(file, base=tree, rename=KeyMap.of([("net.{rest*}", "{rest}")]))
     assert a.targets == ["blocks.0.attn1.to_q.weight"]
     assert a.report.targets["blocks.0.attn1.to_q.weight"] == "net.blocks.0.attn1.to_q.lora_A.weight"
-    with pytest.raises(KeyMismatchError, match="no mapping rule matches"):
-        fvt.lora.load(file, base=tree, rename=KeyMap.of([("other.{rest*}", "{rest}")]))
-    with pytest.raises(FormatError, match=r"rename= takes a KeyMap \(fvt.KeyMap.of"):
-        fvt.lora.load(file, base=tree, rename={"net.{rest}": "{rest}"})
+    assert fvt.lora.load(file, base=tree, rename=[("net.{rest*}", "{rest}")]).targets == a.targets  # what KeyMap.of takes
+    unused = KeyMap.of([("net.{rest*}", "{rest}"), ("other.{rest*}", "{rest}")])
+    with pytest.raises(KeyMismatchError, match=r"rules matched no key: other.\{rest\*\} -> \{rest\}"):
+        fvt.lora.load(file, base=tree, rename=unused)  # strict: every rule the caller named is used
+    assert fvt.lora.load(file, base=tree, rename=unused, strict=False).targets == a.targets
+    from fvtransform.errors import PlanError
+
+    with pytest.raises(PlanError, match="a key map is a KeyMap, a dict of names"):
+        fvt.lora.load(file, base=tree, rename=3)
     two = {**file, "net.blocks.0.attn1.to_k.lora_A.weight": torch.randn(2, 16), "net.blocks.0.attn1.to_k.lora_B.weight": torch.randn(16, 2)}
     fuse = KeyMap.of([Fuse(["net.blocks.0.attn1.to_q", "net.blocks.0.attn1.to_k"], "blocks.0.attn1.qk", dim=0)])
     with pytest.raises(FormatError, match=r"fuses or splits .*a LoRA.s modules are only renamed"):

@@ -21,7 +21,6 @@ from fvtransform.lora._write import save
 from fvtransform.lora._merge import merge, merge_with_record, restore, unmerge
 from fvtransform.lora._record import MergeRecord
 from fvtransform.lora._stream import merge_checkpoint
-from fvtransform.lora._transforms import merge_transform, unmerge_transform
 
 __all__ = [
     "FORMATS",
@@ -45,12 +44,10 @@ __all__ = [
     "merge",
     "merge_checkpoint",
     "merge_with_record",
-    "merge_transform",
     "pad_rank",
     "random_adapter",
     "restore",
     "save",
     "scale_adapter",
     "unmerge",
-    "unmerge_transform",
 ]

@@ -8,7 +8,7 @@ import os
 import torch
 
 from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError
-from fvtransform.io._keymap import KeyMap
+from fvtransform.tree._keymap import KeyMap, KeyMapLike
 from fvtransform.lora._adapter import Delta, LoraAdapter
 from fvtransform.lora._report import ResolutionReport
 from fvtransform.lora._format_table import (
@@ -29,7 +29,7 @@ def load(
     strict: bool = True,
     component: str = "transformer",
     weight_name: str | None = None,
-    rename: KeyMap | None = None,
+    rename: KeyMapLike | None = None,
 ) -> LoraAdapter:
     """Read a LoRA file (or folder, repo id, or mapping) as a :class:`LoraAdapter`.
 
@@ -43,9 +43,10 @@ def load(
     the leftovers with their reasons and the closest base names. With
     ``strict=False`` the leftovers are skipped, and listed with their reasons
     in ``adapter.report`` (a :class:`ResolutionReport`); the return type is
-    the same. ``rename`` (a :class:`~fvtransform.io._keymap.KeyMap` of renames)
-    maps the file's module names (the format's prefix removed) before they are
-    matched to ``base``. A folder holding several weights files is read as
+    the same. ``rename`` (a :class:`~fvtransform.KeyMap` of renames, or what
+    ``KeyMap.of`` takes, as every ``rename=``) maps the file's module names (the
+    format's prefix removed) before they are matched to ``base``; strictly, each
+    of its rules must match a module. A folder holding several weights files is read as
     :func:`fvtransform.hub.pick_lora_file` picks (or ``weight_name=``).
 
     Conventions: ``scale = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA);
@@ -117,7 +118,7 @@ def load(
             )
         roles[role] = (key, tensors[key])
     if rename is not None:
-        groups = _renamed(groups, rename, label)
+        groups = _renamed(groups, rename, strict, label)
     base_modules = module_shapes(base) if base is not None else None
     kohya = kohya_table(list(base_modules)) if (fmt.strip == "underscored" and base_modules is not None) else None
     targets: dict[str, Delta] = {}
@@ -168,12 +169,14 @@ def load(
     return LoraAdapter(targets, format=name, metadata={"source": label}, report=report)
 
 
-def _renamed(groups: dict[str, dict[str, tuple[str, torch.Tensor]]], rename: KeyMap,
+def _renamed(groups: dict[str, dict[str, tuple[str, torch.Tensor]]], rename: KeyMapLike, strict: bool,
              label: str) -> dict[str, dict[str, tuple[str, torch.Tensor]]]:
-    """``groups`` with each module renamed by ``rename`` (renames only: a LoRA module is not fused or split)."""
-    if not isinstance(rename, KeyMap):
-        raise FormatError(f"rename= takes a KeyMap (fvt.KeyMap.of({{'old.{{rest}}': 'new.{{rest}}'}})); found {type(rename).__name__}")
-    plan = rename.plan({m: (1,) for m in groups})  # names only: a stand-in shape lets a fuse rule reach the check below
+    """``groups`` with each module renamed by ``rename`` (renames only: a LoRA module is not fused or split).
+
+    ``strict`` as everywhere: every module claimed by a rule and every rule used (``KeyMap.of`` keeps the rest).
+    """
+    # names only: a stand-in shape lets a fuse rule reach the check below
+    plan = KeyMap.of(rename).plan({m: (1,) for m in groups}, strict=strict)
     out: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for step in plan.steps:
         if len(step.sources) != 1 or len(step.targets) != 1:

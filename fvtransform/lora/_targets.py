@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError, close_matches
-from fvtransform.io._keymap import KeyMap
-from fvtransform.io._mappings import WAN_MODULE_RENAMES
+from fvtransform.tree._keymap import KeyMap
+from fvtransform.tree._mappings import WAN_MODULE_RENAMES
 from fvtransform.lora._adapter import DORA_EPS, Delta, FullDelta, LowRank
 from fvtransform.lora._dora import canonical_magnitude
 from fvtransform.lora._format_table import (
@@ -32,9 +32,9 @@ def module_shapes(base: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
 
 #: The format facts as KeyMaps (one rename layer): diffusers -> original Wan module names, and the
 #: parameters original Wan names differently; unmatched names keep theirs.
-DIFFUSERS_NAMES = KeyMap.of(WAN_MODULE_RENAMES, strict=False)
+DIFFUSERS_NAMES = KeyMap.of(WAN_MODULE_RENAMES)
 ORIGINAL_NAMES = DIFFUSERS_NAMES.inverse()
-DIFFUSERS_PARAMS = KeyMap.of(PARAM_RENAMES, strict=False)
+DIFFUSERS_PARAMS = KeyMap.of(PARAM_RENAMES)
 ORIGINAL_PARAMS = DIFFUSERS_PARAMS.inverse()
 
 
@@ -44,7 +44,7 @@ def renamed(keymap: KeyMap, name: str) -> str:
     >>> renamed(ORIGINAL_NAMES, "blocks.3.attn1.to_q"), renamed(DIFFUSERS_NAMES, "blocks.3.self_attn.q")
     ('blocks.3.self_attn.q', 'blocks.3.attn1.to_q')
     """
-    return keymap.plan({name: (1,)}).steps[0].targets[0]
+    return keymap.plan({name: (1,)}, strict=False).steps[0].targets[0]  # one name: the other rules go unused
 
 
 def kohya_table(modules: list[str]) -> dict[str, str]:
