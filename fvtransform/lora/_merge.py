@@ -334,7 +334,9 @@ def _merge(tree: Mapping[str, torch.Tensor], adapters: AdapterSet, scale: float,
             out[key] = _merge_sharded(key, contribs, w, sign=1.0, donate=donate, work=work)
             continue
         if replace:
-            new = contribs[0].delta.D.detach().to(device=w.device, dtype=w.dtype).clone()
+            full = contribs[0].delta
+            assert isinstance(full, FullDelta)  # _is_replace: a replacing FullDelta, alone on its key
+            new = full.D.detach().to(device=w.device, dtype=w.dtype).clone()
         elif dora:
             new, norms[key] = merge_dora(w, contribs, where=f"{key!r}")
         else:
