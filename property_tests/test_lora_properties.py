@@ -73,7 +73,7 @@ def test_restore_after_cycles_is_bit_exact(setup, cycles):
     tree, [(a, s)] = setup
     t = tree
     for _ in range(cycles):
-        merged, record = fvt.lora.merge(t, a, s, return_record=True)
+        merged, record = fvt.lora.merge_with_record(t, a, s)
         t = fvt.lora.restore(merged, record)
     assert t == tree
 
@@ -209,7 +209,7 @@ def test_compress_to_the_full_rank_is_lossless(setup):
     (a, s), (b, t) = setup[1]
     c = fvt.lora.combine([(a, s), (b, t)])
     full = c["l.weight"].rank
-    small, report = fvt.lora.compress(c, full, return_report=True)
+    small, report = fvt.lora.compress_with_report(c, full)
     want = c["l.weight"].scale * c["l.weight"].B.double() @ c["l.weight"].A.double()
     got = small["l.weight"].scale * small["l.weight"].B.double() @ small["l.weight"].A.double()
     assert torch.allclose(got, want, atol=1e-5 * max(1.0, float(want.abs().max())))
@@ -226,10 +226,10 @@ def test_dora_on_the_fly_matches_merge_and_restore_is_exact(setup, cycles, seed)
     mag = norms * (1.0 + 0.1 * torch.randn(norms.shape, generator=torch.Generator().manual_seed(0)))
     dora = LoraAdapter({"l.weight": LowRank(d.A, d.B, d.scale, magnitude=mag)})
     snap = snapshot(tree)
-    merged, record = fvt.lora.merge(tree, dora, return_record=True)
+    merged, record = fvt.lora.merge_with_record(tree, dora)
     current = merged
     for _ in range(cycles - 1):  # restore, merge again: the record of the last merge restores it
-        current, record = fvt.lora.merge(fvt.lora.restore(current, record), dora, return_record=True)
+        current, record = fvt.lora.merge_with_record(fvt.lora.restore(current, record), dora)
     assert fvt.lora.restore(current, record) == tree
     f32 = fvt.cast(tree, torch.float32)
     module = _linear(f32)
@@ -243,7 +243,7 @@ def test_dora_on_the_fly_matches_merge_and_restore_is_exact(setup, cycles, seed)
 LORA_OPS = [
     lambda t, p: fvt.lora.merge(t, p),
     lambda t, p: fvt.lora.unmerge(t, p),
-    lambda t, p: fvt.lora.restore(*fvt.lora.merge(t, p, return_record=True)),
+    lambda t, p: fvt.lora.restore(*fvt.lora.merge_with_record(t, p)),
     lambda t, p: fvt.lora.combine(p),
     lambda t, p: fvt.lora.scale_adapter(p[0][0], 0.5),
     lambda t, p: fvt.lora.pad_rank(p[0][0], 6),
@@ -313,7 +313,7 @@ def test_lycoris_restore_is_exact_and_unmerge_within_one_ulp(setup, cycles):
     snap = snapshot(tree)
     t = tree
     for _ in range(cycles):
-        merged, record = fvt.lora.merge(t, a, s, return_record=True)
+        merged, record = fvt.lora.merge_with_record(t, a, s)
         t = fvt.lora.restore(merged, record)
     assert t == tree
     if a["l.weight"].magnitude is None:

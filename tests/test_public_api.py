@@ -28,9 +28,9 @@ PUBLIC = {
     },
     "lora": {
         "FORMATS", "Delta", "ExtractReport", "FullDelta", "LoraAdapter", "LowRank", "MergeRecord", "ResolutionReport",
-        "call", "call_factors", "combine", "compress", "detect_format", "extract", "factors", "load", "merge",
-        "merge_checkpoint", "pad_rank", "random_adapter", "restore", "save", "scale_adapter",
-        "unmerge",
+        "call", "call_factors", "combine", "compress", "compress_with_report", "detect_format", "extract",
+        "extract_with_report", "factors", "load", "merge", "merge_checkpoint", "merge_with_record", "pad_rank",
+        "random_adapter", "restore", "save", "scale_adapter", "unmerge",
     },
     "io": {
         "CheckReport", "Checkpoint", "Header", "REFERENCE_QKV_FUSE",
