@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fvtransform as fvt
-from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError
+from fvtransform.errors import KeyMismatchError, ShapeMismatchError, UsageError
 
 from _helpers import TiedEmbedding, assert_unchanged, snapshot
 
@@ -27,10 +27,10 @@ def test_call_rejects_missing_and_unexpected(model, tree, inputs):
 def test_call_with_module_and_tree_swapped_shows_the_call(model, tree, inputs):
     for fn in (fvt.call, fvt.call_with_buffers):
         name = fn.__name__
-        with pytest.raises(FormatError, match=rf"fvt.{name}: the first argument must be an nn.Module; found ParamTree "
+        with pytest.raises(UsageError, match=rf"fvt.{name}: the first argument must be an nn.Module; found ParamTree "
                            rf"\(the module and the tree are swapped\)\. Fix: fvt.{name}\(module, tree, \*args, \*\*kwargs\)"):
             fn(tree, model, *inputs)
-        with pytest.raises(FormatError, match=rf"found dict\. Fix: fvt.{name}\(module, tree"):
+        with pytest.raises(UsageError, match=rf"found dict\. Fix: fvt.{name}\(module, tree"):
             fn({}, dict(tree), *inputs)
 
 
@@ -52,7 +52,7 @@ def test_tied_weights_work():
     m = TiedEmbedding()
     t = fvt.ParamTree.from_module(m)
     w = torch.randn(5, 3)
-    t2 = t.update({"emb.weight": w, "head.weight": w})
+    t2 = fvt.update(t, {"emb.weight": w, "head.weight": w})
     ids = torch.tensor([0, 3])
     assert torch.equal(fvt.call(m, t2, ids), (w[ids] @ w.T))
 

@@ -8,7 +8,8 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import nn
 
-from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError, format_keys
+from fvtransform.errors import KeyMismatchError, ShapeMismatchError, UsageError, format_keys
+from fvtransform.tree._ops import update
 from fvtransform.tree._paramtree import ParamTree, state_keys
 
 __all__ = ["call", "call_with_buffers", "check_keys"]
@@ -36,7 +37,7 @@ def _as_module(module: object, tree: object, fn: str) -> nn.Module:
     if isinstance(module, nn.Module):
         return module
     swapped = " (the module and the tree are swapped)" if isinstance(tree, nn.Module) else ""
-    raise FormatError(
+    raise UsageError(
         f"fvt.{fn}: the first argument must be an nn.Module; found {type(module).__name__}{swapped}. "
         f"Fix: fvt.{fn}(module, tree, *args, **kwargs)."
     )
@@ -122,7 +123,7 @@ def _complete_ties(
             raise KeyMismatchError(
                 f"{what}: {type(module).__name__} ties {group} (one weight), but the {what} holds different tensors "
                 f"for {given[0]!r} and {other!r}. Fix: give the tied weight once (fvt.drop the other names) or as one "
-                f"tensor under each name (tree.update({{{other!r}: tree[{given[0]!r}]}}))."
+                f"tensor under each name (fvt.update(tree, {{{other!r}: tree[{given[0]!r}]}}))."
             )
         extra.update({k: first for k in group})
     return extra
@@ -151,7 +152,7 @@ def _check_tensors(module: nn.Module, params: Mapping[str, torch.Tensor], state:
         raise ShapeMismatchError(
             f"{what} does not fit {type(module).__name__} ({len(bad)} tensors):\n" + "\n".join(shown) + "\n"
             "Fix: check that the checkpoint and config.json belong together (the model built from the config "
-            "expects these shapes), or convert the tree (fvt.rename / fvt.io.KeyMap) before calling."
+            "expects these shapes), or convert the tree (fvt.rename / fvt.KeyMap) before calling."
         )
 
 
@@ -212,7 +213,7 @@ def call(module: _Forward[Out], tree: Mapping[str, torch.Tensor], /, *args: Any,
     ...
     fvtransform.errors.ShapeMismatchError: tree does not fit Linear (1 tensors):
       'weight': expected shape [1, 2], found [1, 3]
-    Fix: check that the checkpoint and config.json belong together (the model built from the config expects these shapes), or convert the tree (fvt.rename / fvt.io.KeyMap) before calling.
+    Fix: check that the checkpoint and config.json belong together (the model built from the config expects these shapes), or convert the tree (fvt.rename / fvt.KeyMap) before calling.
     """
     mod = _as_module(module, tree, "call")
     params, _ = _prepare(mod, tree)
@@ -236,4 +237,4 @@ def call_with_buffers(
     params, buffer_keys = _prepare(mod, tree)
     out: Out = torch.func.functional_call(mod, params, args, kwargs, tie_weights=True, strict=False)
     base = tree if isinstance(tree, ParamTree) else ParamTree(tree)
-    return out, base.update({k: params[k] for k in buffer_keys if k in base})
+    return out, update(base, {k: params[k] for k in buffer_keys if k in base})
