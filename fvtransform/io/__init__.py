@@ -6,7 +6,8 @@ from fvtransform.io._header import Header, TensorInfo, read_header
 from fvtransform.io._keymap import ComposedKeyMap, Fuse, KeyMap, MappingPlan, Split, Step
 from fvtransform.io._load import Checkpoint, load, open_checkpoint
 from fvtransform.io._mappings import REFERENCE_QKV_FUSE, WAN_DIFFUSERS_TO_ORIGINAL, WAN_ORIGINAL_TO_DIFFUSERS
-from fvtransform.io._model import LoadedModel, LoadNote, LoadReport, load_model, pipeline_components
+from fvtransform.io._model import LoadedModel, LoadNote, LoadReport, load_model
+from fvtransform.io._pipeline import pipeline_components
 from fvtransform.io._save import parse_size, save
 
 __all__ = [

@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 import torch
 
+from fvtransform._json import loads_json
 from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, ShapeMismatchError, close_matches, format_keys
 from fvtransform.io._mappings import WAN_MODULE_RENAMES
 from fvtransform.io._open import contained
@@ -251,12 +252,7 @@ def _header_config(meta: Mapping[str, str], prefix: str, label: str) -> _ScaleCo
     if raw is None:
         return None
     where = f"{label}: header {DIFFUSERS_META!r}"
-    try:
-        packed = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise FormatError(f"{where} is not valid JSON ({type(e).__name__})") from None
-    if not isinstance(packed, dict):
-        raise FormatError(f"{where}: expected a JSON object; found {type(packed).__name__}")
+    packed = loads_json(raw, source=where, expect=dict)
     if prefix:
         packed = {k[len(prefix):]: v for k, v in packed.items() if k.startswith(prefix)}
         if not packed:
@@ -444,12 +440,7 @@ def _exact_scales(meta: Mapping[str, str], label: str, field: str = FVT_SCALES) 
     if field not in meta:
         return {}
     where = f"{label}: header {field!r}"
-    try:
-        doc = json.loads(meta[field])
-    except (ValueError, RecursionError) as e:
-        raise FormatError(f"{where} is not valid JSON ({type(e).__name__})") from None
-    if not isinstance(doc, dict):
-        raise FormatError(f"{where}: expected an object of target -> scale; found {type(doc).__name__}")
+    doc = loads_json(meta[field], source=where, expect=dict)
     return {k: _alpha_value(v, f"{where}[{k!r}]") for k, v in doc.items()}
 
 
