@@ -17,7 +17,7 @@ from fvtransform.errors import (
     format_keys,
 )
 from fvtransform.io._header import MAX_INT_DIGITS, OBJECT_BYTES
-from fvtransform.io._open import MAX_JSON_BYTES, allowed_root, check_regular, contained
+from fvtransform.io._open import MAX_JSON_BYTES, allowed_root, check_regular, contained, no_such_path
 
 __all__ = ["WeightFiles", "find_weight_files", "read_index", "PICKLE_SUFFIXES", "INDEX_SUFFIX", "MAX_SHARDS", "INDEX_JSON"]
 
@@ -118,7 +118,7 @@ def find_weight_files(path: str | os.PathLike[str], *, allow_pickle: bool = Fals
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise NotFoundError(f"{path}: no such file or folder") from None
+        raise no_such_path(path) from None
     except OSError as e:
         raise FormatError(f"{path}: cannot read: {e.strerror or e}") from None
     if not stat.S_ISDIR(mode):

@@ -43,7 +43,7 @@ from fvtransform.errors import FormatError, NotFoundError, UnsafeFileError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["check_regular", "open_regular", "read_bytes", "read_text", "contained", "allowed_root", "fd_path",
+__all__ = ["check_regular", "no_such_path", "open_regular", "read_bytes", "read_text", "contained", "allowed_root", "fd_path",
            "MAX_JSON_BYTES", "map_checked", "DerivedPath"]
 
 #: The largest JSON file (index, config) read whole into memory.
@@ -125,6 +125,16 @@ def _check_opened(path: Path, what: str, root: Path, st: os.stat_result) -> None
             f"{path}: the {what} opened resolves to {real}, outside {root}; refusing to read it (it was swapped "
             "for a link after it was checked — a symlink in a folder must stay inside the folder)"
         )
+
+
+def no_such_path(path: str | os.PathLike[str]) -> NotFoundError:
+    """The error for a path the user gave that does not exist: it names the path (a ``~`` is never expanded).
+
+    >>> no_such_path("~/m.safetensors")
+    NotFoundError("~/m.safetensors: no such file or folder ('~' is not expanded: pass os.path.expanduser(path))")
+    """
+    hint = " ('~' is not expanded: pass os.path.expanduser(path))" if os.fspath(path).startswith("~") else ""
+    return NotFoundError(f"{path}: no such file or folder{hint}")
 
 
 def check_regular(path: str | os.PathLike[str], what: str = "file") -> os.stat_result:
