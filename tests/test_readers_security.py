@@ -522,7 +522,7 @@ def test_a_component_folder_swapped_for_an_outside_link_after_its_check_is_never
 
 def test_guarantee_a_checked_path_that_stays_put_opens_and_prints_as_the_plain_path(tmp_path):
     """The root a derived path carries changes nothing for a file that stays where it was checked."""
-    from fvtransform.io._open import DerivedPath, contained, read_text
+    from fvtransform.io._open import DerivedPath, contained, read_bytes
 
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "c.json").write_text('{"x": 1}')
@@ -530,7 +530,7 @@ def test_guarantee_a_checked_path_that_stays_put_opens_and_prints_as_the_plain_p
     derived = contained(tmp_path, "c.json", "config")
     assert isinstance(derived, DerivedPath) and derived.contained_in == tmp_path.resolve()
     assert derived == tmp_path / "c.json" and str(derived) == str(tmp_path / "c.json")
-    assert read_text(derived, "config") == '{"x": 1}'
+    assert read_bytes(derived, "config") == b'{"x": 1}'
     assert (derived.parent / "y").contained_in is None and derived.root == "/"  # a path derived from it is plain again
 
 
