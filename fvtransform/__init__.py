@@ -15,13 +15,16 @@ torch.Size([1, 4, 2, 4, 4])
 
 from fvtransform import errors, hub, io, lora, models, registry, transforms, tree
 from fvtransform.call import call, call_with_buffers
-from fvtransform.io import CheckReport, Fuse, KeyMap, MappingPlan, check, load, load_model, save
+from fvtransform.io import CheckReport, check, load, load_model, save
 from fvtransform.registry import REGISTRY, Registry, build, register, resolve
 from fvtransform.transforms import Transform, chain
 from fvtransform.tree import (
+    Fuse,
+    KeyMap,
+    MappingPlan,
     ParamTree,
     Rename,
-    RenameRules,
+    Split,
     cast,
     combine,
     drop,
@@ -57,7 +60,7 @@ __all__ = [
     "ParamTree",
     "Registry",
     "Rename",
-    "RenameRules",
+    "Split",
     "Transform",
     "__version__",
     "build",

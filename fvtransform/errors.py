@@ -30,6 +30,7 @@ __all__ = [
     "HubError",
     "NumericError",
     "WriteError",
+    "UsageError",
     "close_matches",
     "format_keys",
 ]
@@ -92,6 +93,10 @@ class NumericError(FvTransformError, ValueError):
 
 class WriteError(FvTransformError, OSError):
     """A destination cannot or may not be written (full disk, read-only, not ours, busy); the old data is intact."""
+
+
+class UsageError(FvTransformError, TypeError):
+    """The API was called the wrong way; the message shows the right call."""
 
 
 def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given
 
 import fvtransform as fvt
-from fvtransform.io import Fuse, KeyMap
+from fvtransform import Fuse, KeyMap
 from strategies import trees
 
 

@@ -73,7 +73,7 @@ def test_restore_after_cycles_is_bit_exact(setup, cycles):
     tree, [(a, s)] = setup
     t = tree
     for _ in range(cycles):
-        merged, record = fvt.lora.merge(t, a, s, return_record=True)
+        merged, record = fvt.lora.merge_with_record(t, a, s)
         t = fvt.lora.restore(merged, record)
     assert t == tree
 
@@ -98,8 +98,8 @@ def test_unmerge_within_one_ulp(setup):
 def test_combine_single_is_scaled_adapter(setup):
     tree, [(a, s)] = setup
     c = fvt.lora.combine([(a, s)])
-    x = fvt.lora.merge(tree.cast(torch.float32), c)["l.weight"]
-    y = fvt.lora.merge(tree.cast(torch.float32), a, s)["l.weight"]
+    x = fvt.lora.merge(fvt.cast(tree, torch.float32), c)["l.weight"]
+    y = fvt.lora.merge(fvt.cast(tree, torch.float32), a, s)["l.weight"]
     assert torch.allclose(x, y, atol=1e-5, rtol=1e-5)
 
 
@@ -116,7 +116,7 @@ def test_format_round_trip(setup, fmt):
 @given(setups(n_adapters=2), seeds)
 def test_on_the_fly_matches_merge_and_padding_changes_nothing(setup, seed):
     tree, pairs = setup
-    tree = tree.cast(torch.float32)
+    tree = fvt.cast(tree, torch.float32)
     module = _linear(tree)
     x = _inputs(tree, seed)
     fly = fvt.lora.call(module, tree, pairs, x)
@@ -145,7 +145,7 @@ def _inputs(tree, seed):
 @given(setups(n_adapters=2), seeds)
 def test_zero_scale_is_exact(setup, seed):
     tree, pairs = setup
-    tree = tree.cast(torch.float32)
+    tree = fvt.cast(tree, torch.float32)
     module = _linear(tree)
     x = _inputs(tree, seed)
     snap = snapshot(tree)
@@ -192,7 +192,7 @@ def test_padded_merge_is_bit_exact_where_the_product_length_changes_the_bits():
 def test_extract_reproduces_the_delta_when_rank_suffices(setup, extra):
     tree, pairs = setup
     a, s = pairs[0]
-    base = tree.cast(torch.float32)
+    base = fvt.cast(tree, torch.float32)
     tuned = fvt.lora.merge(base, a, s)
     if fvt.tensors_equal(tuned["l.weight"], base["l.weight"]):
         return  # a delta below float32 resolution: nothing to extract
@@ -209,7 +209,7 @@ def test_compress_to_the_full_rank_is_lossless(setup):
     (a, s), (b, t) = setup[1]
     c = fvt.lora.combine([(a, s), (b, t)])
     full = c["l.weight"].rank
-    small, report = fvt.lora.compress(c, full, return_report=True)
+    small, report = fvt.lora.compress_with_report(c, full)
     want = c["l.weight"].scale * c["l.weight"].B.double() @ c["l.weight"].A.double()
     got = small["l.weight"].scale * small["l.weight"].B.double() @ small["l.weight"].A.double()
     assert torch.allclose(got, want, atol=1e-5 * max(1.0, float(want.abs().max())))
@@ -226,12 +226,12 @@ def test_dora_on_the_fly_matches_merge_and_restore_is_exact(setup, cycles, seed)
     mag = norms * (1.0 + 0.1 * torch.randn(norms.shape, generator=torch.Generator().manual_seed(0)))
     dora = LoraAdapter({"l.weight": LowRank(d.A, d.B, d.scale, magnitude=mag)})
     snap = snapshot(tree)
-    merged, record = fvt.lora.merge(tree, dora, return_record=True)
+    merged, record = fvt.lora.merge_with_record(tree, dora)
     current = merged
     for _ in range(cycles - 1):  # restore, merge again: the record of the last merge restores it
-        current, record = fvt.lora.merge(fvt.lora.restore(current, record), dora, return_record=True)
+        current, record = fvt.lora.merge_with_record(fvt.lora.restore(current, record), dora)
     assert fvt.lora.restore(current, record) == tree
-    f32 = tree.cast(torch.float32)
+    f32 = fvt.cast(tree, torch.float32)
     module = _linear(f32)
     x = _inputs(f32, seed)
     fly = fvt.lora.call(module, f32, dora, x)
@@ -243,15 +243,15 @@ def test_dora_on_the_fly_matches_merge_and_restore_is_exact(setup, cycles, seed)
 LORA_OPS = [
     lambda t, p: fvt.lora.merge(t, p),
     lambda t, p: fvt.lora.unmerge(t, p),
-    lambda t, p: fvt.lora.restore(*fvt.lora.merge(t, p, return_record=True)),
+    lambda t, p: fvt.lora.restore(*fvt.lora.merge_with_record(t, p)),
     lambda t, p: fvt.lora.combine(p),
     lambda t, p: fvt.lora.scale_adapter(p[0][0], 0.5),
     lambda t, p: fvt.lora.pad_rank(p[0][0], 6),
     lambda t, p: fvt.lora.factors(p, rank=8),
     lambda t, p: fvt.lora.compress(fvt.lora.combine(p), 1),
-    lambda t, p: fvt.lora.extract(t.cast(torch.float32), fvt.lora.merge(t.cast(torch.float32), p), rank=2, select="l.weight"),
-    lambda t, p: fvt.lora.merge_transform(p[0][0], scale=p[0][1])(t),
-    lambda t, p: fvt.lora.call(_linear(t.cast(torch.float32)), t.cast(torch.float32), p, torch.ones(2, t["l.weight"].shape[1])),
+    lambda t, p: fvt.lora.extract(fvt.cast(t, torch.float32), fvt.lora.merge(fvt.cast(t, torch.float32), p), rank=2, select="l.weight"),
+    lambda t, p: fvt.transforms.merge_lora(p[0][0], scale=p[0][1])(t),
+    lambda t, p: fvt.lora.call(_linear(fvt.cast(t, torch.float32)), fvt.cast(t, torch.float32), p, torch.ones(2, t["l.weight"].shape[1])),
     lambda t, p: fvt.lora.call_factors(_linear(t), t, fvt.lora.factors(p), torch.ones(2, t["l.weight"].shape[1], dtype=t["l.weight"].dtype)),
     lambda t, p: fvt.save(t, Path(tempfile.mkdtemp()) / "m.safetensors"),
 ]
@@ -313,7 +313,7 @@ def test_lycoris_restore_is_exact_and_unmerge_within_one_ulp(setup, cycles):
     snap = snapshot(tree)
     t = tree
     for _ in range(cycles):
-        merged, record = fvt.lora.merge(t, a, s, return_record=True)
+        merged, record = fvt.lora.merge_with_record(t, a, s)
         t = fvt.lora.restore(merged, record)
     assert t == tree
     if a["l.weight"].magnitude is None:
@@ -328,7 +328,7 @@ def test_lycoris_restore_is_exact_and_unmerge_within_one_ulp(setup, cycles):
 @given(lycoris_setups())
 def test_lycoris_on_the_fly_matches_merge(setup):
     tree, a, s = setup
-    f32 = tree.cast(torch.float32)
+    f32 = fvt.cast(tree, torch.float32)
     module = _linear(f32)
     x = torch.randn(3, f32["l.weight"].shape[1], generator=torch.Generator().manual_seed(1))
     fly = fvt.lora.call(module, f32, [(a, s)], x)

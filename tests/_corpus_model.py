@@ -19,7 +19,7 @@ def _folder(root: Path, name: str, edit: dict[str, torch.Tensor]) -> Path:
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"_class_name": "fvt-video-dit"}))
     tree = fvt.ParamTree(init_weights(fvt.build("fvt-video-dit"), seed=0))
-    fvt.save(tree.update(edit, allow_new=True), folder / "model.safetensors")
+    fvt.save(fvt.update(tree, edit, allow_new=True), folder / "model.safetensors")
     return folder
 
 

@@ -42,7 +42,7 @@ def test_tied_weights_work():
     m = TiedEmbedding()
     t = fvt.ParamTree.from_module(m)
     w = torch.randn(5, 3)
-    t2 = t.update({"emb.weight": w, "head.weight": w})
+    t2 = fvt.update(t, {"emb.weight": w, "head.weight": w})
     ids = torch.tensor([0, 3])
     assert torch.equal(fvt.call(m, t2, ids), (w[ids] @ w.T))
 

@@ -255,6 +255,37 @@ def test_lora_repo_with_several_or_no_candidates(fake_hub, tiny_lora):
         maybe_download_lora("org/none")
 
 
+def test_the_hub_and_lora_load_pick_the_same_lora_file_in_diffusers_order(fake_hub, tiny_lora, tiny_wan, tmp_path):
+    from diffusers.loaders.lora_base import _best_guess_weight_name
+
+    base = fvt.ParamTree.from_module(tiny_wan[0])
+    other = fvt.lora.random_adapter(base, targets=["blocks.*.attn1.to_k.weight"], rank=2, seed=1)
+    diffusers_file = fvt.lora.save(other, tmp_path / "d", format="diffusers").read_bytes()
+    files = {"adapter_model.safetensors": tiny_lora[1]["adapter_model.safetensors"],
+             "pytorch_lora_weights.safetensors": diffusers_file, "optimizer.safetensors": diffusers_file}
+    folder = tmp_path / "both"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    assert _best_guess_weight_name(str(folder)) == "pytorch_lora_weights.safetensors"  # the oracle
+    fake_hub.add_commit("org/both", files)
+    assert maybe_download_lora("org/both").name == "pytorch_lora_weights.safetensors"
+    assert maybe_download_lora(folder).name == "pytorch_lora_weights.safetensors"
+    assert set(fvt.lora.load(folder, base=base)) == set(other)  # not adapter_model.safetensors' to_q targets
+    assert set(fvt.lora.load("org/both", base=base)) == set(other)
+    (folder / "pytorch_lora_weights.safetensors").unlink()  # then PEFT's name, never the optimizer file
+    assert maybe_download_lora(folder).name == "adapter_model.safetensors"
+    assert set(fvt.lora.load(folder, base=base)) == set(tiny_lora[0])
+    (folder / "adapter_model.safetensors").unlink()
+    (folder / "a.safetensors").write_bytes(diffusers_file)
+    (folder / "b.safetensors").write_bytes(diffusers_file)
+    for entry in (maybe_download_lora, fvt.lora.load):
+        with pytest.raises(FormatError, match=r"several LoRA candidates \['a.safetensors', 'b.safetensors'\]; pass weight_name="):
+            entry(folder)
+    with pytest.raises(NotFoundError, match=r"no file 'c.safetensors'; files: .*pass one of them as weight_name="):
+        fvt.lora.load(folder, weight_name="c.safetensors")
+
+
 def test_lora_offline_from_cache(fake_hub, tiny_lora, monkeypatch):
     import huggingface_hub.constants as hf_constants
 

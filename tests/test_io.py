@@ -8,7 +8,6 @@ import torch
 
 import fvtransform as fvt
 from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, ShapeMismatchError, UnsafeFileError
-from fvtransform.io import WAN_DIFFUSERS_TO_ORIGINAL, WAN_ORIGINAL_TO_DIFFUSERS, REFERENCE_QKV_FUSE, Fuse, KeyMap
 
 from _helpers import assert_unchanged, snapshot
 
@@ -176,36 +175,6 @@ def test_save_errors(tmp_path):
         fvt.save({"w": torch.zeros(2)}, tmp_path / "x", max_shard_size="lots")
     with pytest.raises(FormatError, match="mapping"):
         fvt.save([1], tmp_path / "x.safetensors")
-
-
-def test_keymap_fuse_split_with_unequal_sizes():
-    t = fvt.ParamTree({"q.w": torch.randn(4, 3), "k.w": torch.randn(2, 3), "v.w": torch.randn(2, 3), "o.w": torch.randn(3, 3)})
-    m = KeyMap.of([Fuse(["q.{p}", "k.{p}", "v.{p}"], "qkv.{p}"), ("o.{p}", "o.{p}")])
-    plan = m.plan(t)
-    assert "fuse(q.w, k.w, v.w) -> qkv.w dim=0 sizes=[4, 2, 2]" in str(plan)
-    fused = plan.apply(t)
-    assert fused["qkv.w"].shape == (8, 3) and fused["o.w"] is t["o.w"]
-    assert plan.inverse().apply(fused) == t
-    with pytest.raises(KeyMismatchError, match="incomplete fuse group for 'qkv.w'"):
-        m.plan(fvt.drop(t, "k.w"))
-    with pytest.raises(KeyMismatchError, match=r"no mapping rule matches 1 keys: \['extra.w'\]"):
-        m.plan(fvt.update(t, {"extra.w": torch.zeros(1)}, allow_new=True))
-    with pytest.raises(ShapeMismatchError, match="does not divide"):
-        m.inverse()(fused)
-    sized = KeyMap.of([Fuse(["q.{p}", "k.{p}", "v.{p}"], "qkv.{p}", sizes=(4, 2, 2)), ("o.{p}", "o.{p}")])
-    assert sized.inverse()(sized(t)) == t
-    with pytest.raises(ShapeMismatchError, match="cannot fuse"):
-        KeyMap.of([Fuse(["a", "b"], "ab")]).plan({"a": (2, 3), "b": (2, 4)})
-
-
-def test_wan_mapping_round_trip_on_reference_model(tree):
-    orig = WAN_DIFFUSERS_TO_ORIGINAL(tree)
-    assert "blocks.0.self_attn.q.weight" in orig and "blocks.1.ffn.0.weight" in orig
-    assert "blocks.0.norm3.weight" in orig and "head.modulation" in orig and "head.head.weight" in orig
-    back = WAN_ORIGINAL_TO_DIFFUSERS(orig)
-    assert back == tree and back.same_order(tree)
-    plan = REFERENCE_QKV_FUSE.plan(tree)
-    assert plan.inverse().apply(plan.apply(tree)) == tree
 
 
 def test_check_reports_everything(model, tree):

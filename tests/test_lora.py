@@ -88,8 +88,15 @@ def test_strict_resolution_lists_unmatched_keys(tree):
     bad = {**good, "blocks.0.attn1.to_qq.lora_A.weight": torch.randn(2, 16), "blocks.0.attn1.to_qq.lora_B.weight": torch.randn(16, 2)}
     with pytest.raises(KeyMismatchError, match=r"(?s)2 LoRA keys do not resolve.*to_qq.*closest base names"):
         fvt.lora.load(bad, base=tree)
-    adapter, report = fvt.lora.load(bad, base=tree, strict=False)
-    assert list(adapter) == ["blocks.0.attn1.to_q.weight"] and len(report.skipped) == 2
+    adapter = fvt.lora.load(bad, base=tree, strict=False)
+    assert isinstance(adapter, fvt.lora.LoraAdapter)
+    assert list(adapter) == ["blocks.0.attn1.to_q.weight"]
+    assert sorted(k for k, _ in adapter.report.skipped) == ["blocks.0.attn1.to_qq.lora_A.weight", "blocks.0.attn1.to_qq.lora_B.weight"]
+    assert all("no base module matches" in why for _, why in adapter.report.skipped)
+    assert dict(adapter.report.targets) == {"blocks.0.attn1.to_q.weight": "blocks.0.attn1.to_q.lora_A.weight"}
+    assert not adapter.report.ok and "skipped blocks.0.attn1.to_qq.lora_A.weight" in str(adapter.report)
+    strict = fvt.lora.load(good, base=tree)
+    assert strict.report.ok and strict.report.skipped == () and strict.report.format == adapter.report.format
     with pytest.raises(KeyMismatchError, match="not a LoRA key"):
         fvt.lora.load({**good, "blocks.0.weird": torch.zeros(1)}, base=tree)
 
@@ -127,7 +134,7 @@ def test_merge_basics_and_sharing(tree):
             assert merged[k] is tree[k]
     zero = fvt.lora.merge(tree, a, 0.0)
     assert zero == tree
-    step = fvt.lora.merge_transform(a, 0.5)
+    step = fvt.transforms.merge_lora(a, 0.5)
     assert fvt.chain(step)(tree) == merged
 
 
@@ -149,7 +156,7 @@ def test_unmerge_and_exact_restore(tree):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         t = fvt.cast(tree, dtype)
         a = adapter_for(tree)
-        merged, record = fvt.lora.merge(t, a, return_record=True)
+        merged, record = fvt.lora.merge_with_record(t, a)
         assert record.nbytes < record.targets_nbytes
         assert fvt.lora.restore(merged, record) == t
         un = fvt.lora.unmerge(merged, a)
@@ -169,6 +176,60 @@ def test_donate_reuses_storage(tree):
     assert merged == expect
 
 
+def test_donation_consumes_the_donated_tensors_so_a_parent_tree_sees_the_merge(tree):
+    parent = fvt.map_tensors(tree, torch.clone)
+    child = fvt.select(parent, "blocks.0.*")
+    a = fvt.lora.random_adapter(child, targets="blocks.0.attn1.to_q.weight", rank=2, seed=3, scale_b=0.1)
+    before = parent["blocks.0.attn1.to_q.weight"].clone()
+    merged = fvt.lora.merge(child, a, donate=True)
+    # documented: the donated tensors are consumed; the parent holds the same tensor and sees the merged weight
+    assert torch.equal(parent["blocks.0.attn1.to_q.weight"], merged["blocks.0.attn1.to_q.weight"])
+    assert not torch.equal(parent["blocks.0.attn1.to_q.weight"], before)
+
+
+def test_donation_is_refused_for_tied_keys_and_for_views_of_one_storage():
+    from fvtransform.errors import ImmutableError
+
+    w = torch.randn(4, 3)
+    tied = fvt.ParamTree({"embed.weight": w, "head.weight": w, "other.weight": torch.randn(4, 3)})
+    a = LoraAdapter({"head.weight": LowRank(torch.randn(1, 3), torch.randn(4, 1), 0.5)})
+    snap = snapshot(tied)
+    with pytest.raises(ImmutableError, match=r"tied to other keys: \[\['embed.weight', 'head.weight'\]\].*merge without donate=True"):
+        fvt.lora.merge(tied, a, donate=True)
+    with pytest.raises(ImmutableError, match=r"tied to other keys"):
+        fvt.lora.unmerge(tied, a, donate=True)
+    assert_unchanged(tied, snap)
+    assert torch.equal(fvt.lora.merge(tied, a)["embed.weight"], fvt.lora.merge(tied, a)["head.weight"])  # without donation: fine
+    qkv = torch.randn(8, 3)
+    views = fvt.ParamTree({"q.weight": qkv[:4], "k.weight": qkv[4:]})
+    b = LoraAdapter({"q.weight": LowRank(torch.randn(1, 3), torch.randn(4, 1), 0.5)})
+    k_before = views["k.weight"].clone()
+    with pytest.raises(ImmutableError, match=r"storage that other keys view: \[\['q.weight', 'k.weight'\]\].*fvt.map_tensors\(tree, torch.clone\)"):
+        fvt.lora.merge(views, b, donate=True)
+    assert torch.equal(views["k.weight"], k_before)
+    own = fvt.map_tensors(views, torch.clone)  # the fix the message names: targets that own their storage
+    ptr = own["q.weight"].data_ptr()
+    assert fvt.lora.merge(own, b, donate=True)["q.weight"].data_ptr() == ptr
+
+
+def test_flags_that_changed_the_return_type_are_gone_and_name_the_call_to_make(tree):
+    a = adapter_for(tree)
+    with pytest.raises(FormatError, match=r"merge\(\) has no return_record=.*Call fvt.lora.merge_with_record\(tree, adapters, scale\)"):
+        fvt.lora.merge(tree, a, return_record=True)
+    with pytest.raises(FormatError, match=r"extract\(\) has no return_report=.*Call fvt.lora.extract_with_report\("):
+        fvt.lora.extract(tree, tree, rank=2, return_report=True)
+    with pytest.raises(FormatError, match=r"compress\(\) has no return_report=.*Call fvt.lora.compress_with_report\(adapter, rank\)"):
+        fvt.lora.compress(a, 2, return_report=True)
+    merged, record = fvt.lora.merge_with_record(tree, a)
+    assert isinstance(fvt.lora.merge(tree, a), fvt.ParamTree) and merged == fvt.lora.merge(tree, a)
+    assert isinstance(record, fvt.lora.MergeRecord) and fvt.lora.restore(merged, record) == tree
+    with pytest.raises(TypeError, match="donate"):
+        fvt.lora.merge_with_record(tree, a, donate=True)  # the record needs the original weights: nothing to donate
+    c = fvt.lora.compress(a, 2)
+    c2, report = fvt.lora.compress_with_report(a, 2)
+    assert isinstance(c, LoraAdapter) and set(report.errors) == set(a) and c.ranks == c2.ranks
+
+
 def test_conv_lora_on_patch_embedding(tree, model, inputs):
     w = tree["patch_embedding.weight"]  # [16, 4, 1, 2, 2]
     A, B = torch.randn(2, 4, 1, 2, 2) * 0.1, torch.randn(16, 2, 1, 1, 1) * 0.1
@@ -181,7 +242,7 @@ def test_conv_lora_on_patch_embedding(tree, model, inputs):
     # DoRA on the Conv3d: rows are output channels; on the fly, merged and restored agree
     norms = (w.reshape(16, -1) + 0.5 * B.reshape(16, 2) @ A.reshape(2, -1)).norm(dim=1)
     dora = LoraAdapter({"patch_embedding.weight": LowRank(A, B, 0.5, magnitude=norms * 1.3)})
-    merged_dora, record = fvt.lora.merge(tree, dora, return_record=True)
+    merged_dora, record = fvt.lora.merge_with_record(tree, dora)
     assert torch.allclose(merged_dora["patch_embedding.weight"].reshape(16, -1).norm(dim=1), norms * 1.3, rtol=1e-5)
     fly_dora = fvt.lora.call(model, tree, dora, *inputs)
     assert torch.allclose(fly_dora, fvt.call(model, merged_dora, *inputs), atol=1e-5)
@@ -210,7 +271,7 @@ def test_extract_and_compress(tree):
     a = adapter_for(tree, rank=3)
     merged = fvt.lora.merge(fvt.cast(tree, torch.float64), a)
     calls = []
-    ex, report = fvt.lora.extract(fvt.cast(tree, torch.float64), merged, rank=3, return_report=True,
+    ex, report = fvt.lora.extract_with_report(fvt.cast(tree, torch.float64), merged, rank=3,
                                   progress=lambda done, total: calls.append((done, total)))
     assert calls[-1] == (len(tree), len(tree)) and [d for d, _ in calls] == sorted(d for d, _ in calls)
     assert set(ex) == set(a)
@@ -220,11 +281,11 @@ def test_extract_and_compress(tree):
         assert torch.allclose(got, want, atol=1e-5)
         assert report.errors[k] < 1e-5
     c = fvt.lora.combine([(a, 1.0), (a, 0.5)])
-    small, rep = fvt.lora.compress(c, 3, return_report=True)
+    small, rep = fvt.lora.compress_with_report(c, 3)
     for k, d in c.items():
         assert small[k].rank == 3
         assert torch.allclose(small[k].B.double() @ small[k].A.double(), d.B.double() @ d.A.double(), atol=1e-5)
-    e, _ = fvt.lora.extract(tree, merged.cast(torch.float32), energy=0.999, return_report=True)
+    e, _ = fvt.lora.extract_with_report(tree, fvt.cast(merged, torch.float32), energy=0.999)
     assert all(d.rank <= 16 for d in e.values())
 
 
@@ -339,7 +400,7 @@ def test_dora_on_the_input_axis_merges_calls_and_restores(model, tree, inputs):
     adapter = LoraAdapter({key: LowRank(A, B, 0.5, magnitude=m)})
     full = w.double() + 0.5 * (B.double() @ A.double())
     want = full * (m.double() / full.norm(dim=0, keepdim=True))
-    merged, record = fvt.lora.merge(tree, adapter, return_record=True)
+    merged, record = fvt.lora.merge_with_record(tree, adapter)
     torch.testing.assert_close(merged[key].double(), want, rtol=1e-6, atol=1e-6)
     assert fvt.lora.restore(merged, record) == tree
     got = fvt.lora.call(model, tree, adapter, *inputs)
@@ -362,6 +423,55 @@ def test_cli_merge_streams_peft_dora_as_fvt_lora_merge(tmp_path, tree):
     assert all(d.dora_eps == 0.0 for d in loaded.values())  # PEFT adds no epsilon to the norms
     assert fvt.load(tmp_path / "out.safetensors") == fvt.lora.merge(tree, loaded)
     assert main([*args, str(tmp_path / "bf16.safetensors"), "--dtype", "bf16"]) == 0
-    merged = fvt.lora.merge(tree.cast(torch.float32), loaded)
+    merged = fvt.lora.merge(fvt.cast(tree, torch.float32), loaded)
     for k in dora:  # rounded once from float32 into bf16
         assert torch.equal(fvt.load(tmp_path / "bf16.safetensors")[k], merged[k].to(torch.bfloat16))
+
+
+def test_load_renames_file_modules_with_a_keymap_before_matching_the_base(tree):
+    from fvtransform import Fuse, KeyMap
+
+    file = {"net.blocks.0.attn1.to_q.lora_A.weight": torch.randn(2, 16), "net.blocks.0.attn1.to_q.lora_B.weight": torch.randn(16, 2)}
+    with pytest.raises(KeyMismatchError, match="no base module matches"):
+        fvt.lora.load(file, base=tree)
+    a = fvt.lora.load(file, base=tree, rename=KeyMap.of([("net.{rest*}", "{rest}")]))
+    assert a.targets == ["blocks.0.attn1.to_q.weight"]
+    assert a.report.targets["blocks.0.attn1.to_q.weight"] == "net.blocks.0.attn1.to_q.lora_A.weight"
+    assert fvt.lora.load(file, base=tree, rename=[("net.{rest*}", "{rest}")]).targets == a.targets  # what KeyMap.of takes
+    unused = KeyMap.of([("net.{rest*}", "{rest}"), ("other.{rest*}", "{rest}")])
+    with pytest.raises(KeyMismatchError, match=r"rules matched no key: other.\{rest\*\} -> \{rest\}"):
+        fvt.lora.load(file, base=tree, rename=unused)  # strict: every rule the caller named is used
+    assert fvt.lora.load(file, base=tree, rename=unused, strict=False).targets == a.targets
+    from fvtransform.errors import PlanError
+
+    with pytest.raises(PlanError, match="a key map is a KeyMap, a dict of names"):
+        fvt.lora.load(file, base=tree, rename=3)
+    two = {**file, "net.blocks.0.attn1.to_k.lora_A.weight": torch.randn(2, 16), "net.blocks.0.attn1.to_k.lora_B.weight": torch.randn(16, 2)}
+    fuse = KeyMap.of([Fuse(["net.blocks.0.attn1.to_q", "net.blocks.0.attn1.to_k"], "blocks.0.attn1.qk", dim=0)])
+    with pytest.raises(FormatError, match=r"fuses or splits .*a LoRA.s modules are only renamed"):
+        fvt.lora.load(two, base=tree, rename=fuse)
+
+
+def test_the_report_names_the_scale_convention_of_the_format(tmp_path, tree):
+    a = adapter_for(tree, alpha=3.0)
+    kohya = fvt.lora.load(fvt.lora.save(a, tmp_path / "k.safetensors", format="kohya"), base=tree)
+    assert kohya.report.format == "kohya" and "alpha / rank" in kohya.report.convention and "fvt.scales" in kohya.report.convention
+    peft = fvt.lora.load(fvt.lora.save(a, tmp_path / "p", format="peft").parent, base=tree)
+    assert "adapter_config.json" in peft.report.convention and set(peft.report.targets) == set(a)
+    assert "scale:" in str(peft.report)
+
+
+def test_every_adapter_carries_a_report_through_tree_map_and_replace(tree):
+    import torch.utils._pytree as pytree
+
+    made = adapter_for(tree)
+    assert made.report.ok and dict(made.report.targets) == {k: k for k in made} and made.report.format == "memory"
+    file = {"blocks.0.attn1.to_q.lora_A.weight": torch.randn(2, 16), "blocks.0.attn1.to_q.lora_B.weight": torch.randn(16, 2),
+            "junk": torch.zeros(1)}
+    loaded = fvt.lora.load(file, base=tree, strict=False)
+    assert [k for k, _ in loaded.report.skipped] == ["junk"]
+    mapped = pytree.tree_map(lambda t: t * 2, loaded)
+    assert isinstance(mapped, LoraAdapter) and mapped.report == loaded.report
+    assert loaded.replace(format="renamed").report == loaded.report  # same targets: the same account
+    fewer = loaded.replace({})
+    assert fewer.report.ok and dict(fewer.report.targets) == {}  # new targets: a new (empty) account

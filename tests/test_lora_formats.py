@@ -203,10 +203,8 @@ def test_peft_modules_to_save_replace_merge_and_restore(tmp_path):
                    "base_model.model.proj_out.weight": new}, name="adapter_model.safetensors")
     (folder / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 2, "modules_to_save": ["proj_out"]}))
     adapter = fvt.lora.load(folder, base=base)
-    from fvtransform.lora._adapter import Replace
-
-    assert isinstance(adapter["proj_out.weight"], Replace)
-    merged, record = fvt.lora.merge(base, adapter, return_record=True)
+    assert isinstance(adapter["proj_out.weight"], fvt.lora.FullDelta) and adapter["proj_out.weight"].replaces
+    merged, record = fvt.lora.merge_with_record(base, adapter)
     assert torch.equal(merged["proj_out.weight"], new)
     assert fvt.lora.restore(merged, record) == base
     with pytest.raises(FormatError, match=r"'proj_out.weight': a full replacement .* scale 1, not 0.5"):
@@ -217,7 +215,7 @@ def test_peft_modules_to_save_replace_merge_and_restore(tmp_path):
     path = fvt.lora.save(adapter, tmp_path / "out", format="peft")
     cfg = json.loads((path.parent / "adapter_config.json").read_text())
     assert cfg["modules_to_save"] == ["proj_out"]
-    assert torch.equal(fvt.lora.load(path.parent, base=base)["proj_out.weight"].T, new)
+    assert torch.equal(fvt.lora.load(path.parent, base=base)["proj_out.weight"].D, new)
     with pytest.raises(FormatError, match=r"full replacement \(modules_to_save\), which format 'kohya' cannot hold"):
         fvt.lora.save(adapter, tmp_path / "k.safetensors", format="kohya")
 
@@ -370,12 +368,10 @@ def test_convert_lora_to_kohya_writes_wan_names(tmp_path, capsys):
 
 
 def test_modules_to_save_on_the_fly_uses_the_replacement():
-    from fvtransform.lora._adapter import Replace
-
     lin = torch.nn.Linear(3, 4)
     tree = fvt.ParamTree({"weight": torch.randn(4, 3), "bias": torch.randn(4)})
     new_w, new_b = torch.randn(4, 3), torch.randn(4)
-    adapter = fvt.lora.LoraAdapter({"weight": Replace(new_w), "bias": Replace(new_b)})
+    adapter = fvt.lora.LoraAdapter({"weight": fvt.lora.FullDelta(new_w, replaces=True), "bias": fvt.lora.FullDelta(new_b, replaces=True)})
     x = torch.randn(2, 3)
     assert torch.equal(fvt.lora.call(lin, tree, adapter, x), torch.nn.functional.linear(x, new_w, new_b))
     assert torch.equal(fvt.lora.call(lin, tree, adapter, x), fvt.call(lin, fvt.lora.merge(tree, adapter), x))
@@ -384,11 +380,9 @@ def test_modules_to_save_on_the_fly_uses_the_replacement():
 
 
 def test_merge_checkpoint_writes_modules_to_save_replacements(tmp_path):
-    from fvtransform.lora._adapter import Replace
-
     base = _wan_base()
     fvt.save(base, tmp_path / "base.safetensors")
-    adapter = fvt.lora.LoraAdapter({"proj_out.weight": Replace(torch.randn(4, 8)),
+    adapter = fvt.lora.LoraAdapter({"proj_out.weight": fvt.lora.FullDelta(torch.randn(4, 8), replaces=True),
                                     "blocks.0.attn1.to_q.weight": fvt.lora.LowRank(*_ab(2), scale=0.5),
                                     "blocks.1.scale_shift_table": fvt.lora.FullDelta(torch.randn(1, 6, 8))})
     out = fvt.lora.merge_checkpoint(tmp_path / "base.safetensors", adapter, tmp_path / "merged.safetensors")
@@ -396,12 +390,10 @@ def test_merge_checkpoint_writes_modules_to_save_replacements(tmp_path):
 
 
 def test_replacements_are_refused_where_a_scale_or_factors_are_needed():
-    from fvtransform.lora._adapter import Replace
-
-    adapter = fvt.lora.LoraAdapter({"proj_out.weight": Replace(torch.zeros(4, 8))})
-    with pytest.raises(FormatError, match=r"'proj_out.weight': a Replace target does not combine linearly"):
+    adapter = fvt.lora.LoraAdapter({"proj_out.weight": fvt.lora.FullDelta(torch.zeros(4, 8), replaces=True)})
+    with pytest.raises(FormatError, match=r"'proj_out.weight': a replacing FullDelta \(modules_to_save\) target does not combine linearly"):
         fvt.lora.combine([(adapter, 1.0)])
-    with pytest.raises(FormatError, match=r"'proj_out.weight': a Replace target has no scale to change"):
+    with pytest.raises(FormatError, match=r"'proj_out.weight': a replacing FullDelta has no scale to change"):
         fvt.lora.scale_adapter(adapter, 2.0)
     with pytest.raises(FormatError, match=r"'proj_out.weight': factors\(\) takes plain low-rank targets"):
         fvt.lora.factors(adapter)

@@ -112,7 +112,7 @@ def test_comfy_prefixed_keys_merge_the_same(tmp_path, base):
 @pytest.mark.parametrize("name", ["loha_tucker", "lokr", "loha_dora_in", "locon_dora_out"])
 def test_unmerge_and_exact_restore(base, name):
     adapter = fvt.lora.load(FIX / f"{name}.safetensors", base=base)
-    merged, record = fvt.lora.merge(base, adapter, return_record=True)
+    merged, record = fvt.lora.merge_with_record(base, adapter)
     assert fvt.lora.restore(merged, record) == base
     if "dora" in name:
         with pytest.raises(FormatError, match="DoRA merges are undone with the record"):

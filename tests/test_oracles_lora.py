@@ -114,7 +114,7 @@ def test_dora_merge_and_on_the_fly_match_peft(tmp_path):
     with torch.no_grad():
         fly = fvt.lora.call(module, base_tree, adapter, **wan_inputs())[0]
     assert torch.allclose(fly, unmerged_out, atol=1e-5)
-    ours, record = fvt.lora.merge(base_tree, adapter, return_record=True)
+    ours, record = fvt.lora.merge_with_record(base_tree, adapter)
     theirs = fvt.ParamTree.from_module(model.merge_and_unload())
     for k in adapter:
         assert torch.allclose(ours[k], theirs[k], atol=1e-6, rtol=0), k
@@ -203,11 +203,9 @@ def test_every_file_we_write_loads_in_its_tool_with_the_same_merge(tmp_path, fmt
 def test_peft_reads_our_peft_file_with_modules_to_save(tmp_path):
     torch.manual_seed(0)
     tree = fvt.map_tensors(fvt.ParamTree.from_module(diffusers.WanTransformer3DModel(**WAN_CONFIG)), lambda t: t.detach().clone())
-    from fvtransform.lora._adapter import Replace
-
     g = torch.Generator().manual_seed(4)
-    adapter = fvt.lora.LoraAdapter({**_random_wan_adapter(tree), "proj_out.weight": Replace(torch.randn(tree["proj_out.weight"].shape, generator=g)),
-                                    "proj_out.bias": Replace(torch.randn(tree["proj_out.bias"].shape, generator=g))})
+    adapter = fvt.lora.LoraAdapter({**_random_wan_adapter(tree), "proj_out.weight": fvt.lora.FullDelta(torch.randn(tree["proj_out.weight"].shape, generator=g), replaces=True),
+                                    "proj_out.bias": fvt.lora.FullDelta(torch.randn(tree["proj_out.bias"].shape, generator=g), replaces=True)})
     path = fvt.lora.save(adapter, tmp_path / "p", format="peft")
     torch.manual_seed(0)
     model = peft.PeftModel.from_pretrained(diffusers.WanTransformer3DModel(**WAN_CONFIG).eval(), str(path.parent))

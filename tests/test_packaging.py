@@ -59,7 +59,7 @@ base = fvt.ParamTree({f"blocks.{i}.proj.weight": torch.randn(16, 32, generator=g
 fvt.save(base, out + "/ckpt", max_shard_size="3KB")   # sharded: the path that failed in a fresh venv
 assert fvt.load(out + "/ckpt") == base
 adapter = fvt.lora.random_adapter(base, targets="blocks.*.proj.weight", rank=2)
-merged, record = fvt.lora.merge(base, adapter, return_record=True)
+merged, record = fvt.lora.merge_with_record(base, adapter)
 assert fvt.lora.restore(merged, record) == base
 print("ok")
 """

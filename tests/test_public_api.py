@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Public modules, as attributes of ``fvt`` after ``import fvtransform as fvt`` -> their pinned ``__all__``.
 PUBLIC = {
     "": {
-        "CheckReport", "Fuse", "KeyMap", "MappingPlan", "ParamTree", "REGISTRY", "Registry", "Rename", "RenameRules",
+        "CheckReport", "Fuse", "KeyMap", "MappingPlan", "ParamTree", "REGISTRY", "Registry", "Rename", "Split",
         "Transform", "__version__", "build", "call", "call_with_buffers", "cast", "chain", "check", "combine", "drop",
         "errors", "load", "load_model", "lora", "map_tensors", "partition", "register", "rename", "resolve", "save",
         "select", "tensors_equal", "to", "transforms", "update", "shard", "unshard", "distributed",
@@ -28,30 +28,31 @@ PUBLIC = {
     },
     "lora": {
         "FORMATS", "Delta", "ExtractReport", "FullDelta", "LoraAdapter", "LowRank", "MergeRecord", "ResolutionReport",
-        "call", "call_factors", "combine", "compress", "detect_format", "extract", "factors", "load", "merge",
-        "merge_checkpoint", "merge_transform", "pad_rank", "random_adapter", "restore", "save", "scale_adapter",
-        "unmerge", "unmerge_transform",
+        "call", "call_factors", "combine", "compress", "compress_with_report", "detect_format", "extract",
+        "extract_with_report", "factors", "load", "merge", "merge_checkpoint", "merge_with_record", "pad_rank",
+        "random_adapter", "restore", "save", "scale_adapter", "unmerge",
     },
     "io": {
-        "CheckReport", "Checkpoint", "ComposedKeyMap", "Fuse", "Header", "KeyMap", "MappingPlan", "REFERENCE_QKV_FUSE",
-        "Split", "Step", "TensorInfo", "WAN_DIFFUSERS_TO_ORIGINAL", "WAN_ORIGINAL_TO_DIFFUSERS", "WeightFiles", "check",
+        "CheckReport", "Checkpoint", "Header", "REFERENCE_QKV_FUSE",
+        "TensorInfo", "WAN_DIFFUSERS_TO_ORIGINAL", "WAN_ORIGINAL_TO_DIFFUSERS", "WeightFiles", "check",
         "find_weight_files", "load", "load_model", "open_checkpoint", "parse_size", "pipeline_components",
         "read_header", "read_index", "save", "LoadNote", "LoadReport", "LoadedModel",
     },
     "hub": {"maybe_download_lora", "maybe_download_model", "resolved_commit"},
-    "transforms": {"Transform", "as_transform", "cast", "chain", "drop", "map_tensors", "rename", "select", "to", "update"},
+    "transforms": {"Transform", "as_transform", "cast", "chain", "drop", "map_tensors", "merge_lora", "rename", "select", "to",
+                   "unmerge_lora", "update"},
     "registry": {"BUILTIN_ENTRIES", "REGISTRY", "Registry", "build", "install_builtins", "meta_parameters", "register", "resolve",
                  "BuildLimits", "DEFAULT_BUILD_LIMITS"},
     "distributed": {"ShardPlan", "chunk_range", "fsdp_plan", "get_plan", "shard", "tp_plan", "unshard"},
     "errors": {
         "FormatError", "FvTransformError", "HubError", "ImmutableError", "IntegrityError", "KeyMismatchError",
         "MissingDependencyError", "NotFoundError", "NumericError", "PlanError", "RegistryError", "ShapeMismatchError",
-        "UnsafeFileError", "WriteError", "close_matches", "format_keys",
+        "UnsafeFileError", "UsageError", "WriteError", "close_matches", "format_keys",
     },
     "models": {"TINY_CONFIG", "VideoDiT", "VideoDiTConfig", "init_weights"},
     "tree": {
-        "ComposedRename", "ParamTree", "Pattern", "Rename", "RenameRules", "cast", "combine", "drop", "map_tensors",
-        "matcher", "partition", "rename", "select", "state_keys", "tensors_equal", "to", "update",
+        "Fuse", "KeyMap", "MappingPlan", "ParamTree", "Pattern", "Rename", "Split", "cast", "combine", "drop",
+        "map_tensors", "matcher", "partition", "rename", "select", "state_keys", "tensors_equal", "to", "update",
     },
 }
 #: Modules imported by their full name (``fvt.call`` is the function; ``fvtransform.call`` the module).

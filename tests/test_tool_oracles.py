@@ -30,7 +30,9 @@ def _base(folder: str) -> fvt.ParamTree:
 def _diffusers_names(tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
     assert all(k.startswith(prefix) for k in tensors)
     stripped = {k[len(prefix):]: v for k, v in tensors.items()}
-    out = dict(fvt.io.WAN_ORIGINAL_TO_DIFFUSERS.plan(stripped).apply(stripped))
+    plan = fvt.io.WAN_ORIGINAL_TO_DIFFUSERS.plan(stripped, strict=False)  # a partial tree: unused rules are fine
+    assert plan.unclaimed == (), plan.unclaimed  # but every key maps
+    out = dict(plan.apply(stripped))
     assert len(out) == len(stripped)
     return out
 

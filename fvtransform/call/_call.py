@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fvtransform.errors import KeyMismatchError, ShapeMismatchError, format_keys
+from fvtransform.tree._ops import update
 from fvtransform.tree._paramtree import ParamTree, state_keys
 
 __all__ = ["call", "call_with_buffers", "check_keys"]
@@ -101,7 +102,7 @@ def _complete_ties(
             raise KeyMismatchError(
                 f"{what}: {type(module).__name__} ties {group} (one weight), but the {what} holds different tensors "
                 f"for {given[0]!r} and {other!r}. Fix: give the tied weight once (fvt.drop the other names) or as one "
-                f"tensor under each name (tree.update({{{other!r}: tree[{given[0]!r}]}}))."
+                f"tensor under each name (fvt.update(tree, {{{other!r}: tree[{given[0]!r}]}}))."
             )
         extra.update({k: first for k in group})
     return extra
@@ -130,7 +131,7 @@ def _check_tensors(module: nn.Module, params: Mapping[str, torch.Tensor], state:
         raise ShapeMismatchError(
             f"{what} does not fit {type(module).__name__} ({len(bad)} tensors):\n" + "\n".join(shown) + "\n"
             "Fix: check that the checkpoint and config.json belong together (the model built from the config "
-            "expects these shapes), or convert the tree (fvt.rename / fvt.io.KeyMap) before calling."
+            "expects these shapes), or convert the tree (fvt.rename / fvt.KeyMap) before calling."
         )
 
 
@@ -190,7 +191,7 @@ def call(module: nn.Module, tree: Mapping[str, torch.Tensor], /, *args: Any, **k
     ...
     fvtransform.errors.ShapeMismatchError: tree does not fit Linear (1 tensors):
       'weight': expected shape [1, 2], found [1, 3]
-    Fix: check that the checkpoint and config.json belong together (the model built from the config expects these shapes), or convert the tree (fvt.rename / fvt.io.KeyMap) before calling.
+    Fix: check that the checkpoint and config.json belong together (the model built from the config expects these shapes), or convert the tree (fvt.rename / fvt.KeyMap) before calling.
     """
     params, _ = _prepare(module, tree)
     return torch.func.functional_call(module, params, args, kwargs, tie_weights=True, strict=False)
@@ -211,4 +212,4 @@ def call_with_buffers(
     params, buffer_keys = _prepare(module, tree)
     out = torch.func.functional_call(module, params, args, kwargs, tie_weights=True, strict=False)
     base = tree if isinstance(tree, ParamTree) else ParamTree(tree)
-    return out, base.update({k: params[k] for k in buffer_keys if k in base})
+    return out, update(base, {k: params[k] for k in buffer_keys if k in base})

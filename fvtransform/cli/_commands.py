@@ -136,7 +136,7 @@ def merge_command(base: str, loras: list[str], out: str, *, dtype: str | None, q
 
 #: The files ``fvt.lora.save`` writes for each format, from the output path.
 def _lora_targets(out: Path, to: str) -> list[Path]:
-    from fvtransform.lora._formats import DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS
+    from fvtransform.lora._format_table import DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS
 
     if to == "peft":
         return [out / PEFT_WEIGHTS, out / PEFT_CONFIG]
@@ -149,7 +149,7 @@ def _check_lora_output(out: str, to: str, inputs: list[str], overwrite: bool) ->
     """Refuse an output that is an input, or that would replace a file fvtransform did not write (unless ``overwrite``)."""
     from fvtransform.errors import FvTransformError, WriteError
     from fvtransform.io._header import read_header
-    from fvtransform.lora._formats import FVT_SCALES
+    from fvtransform.lora._format_table import FVT_SCALES
 
     _refuse_inputs(out, inputs)
     targets = _lora_targets(Path(out), to)
@@ -189,7 +189,7 @@ def extract_command(base: str, tuned: str, out: str, *, rank: int | None, energy
     base_tree, tuned_tree = _base_tree(base)[0], _base_tree(tuned)[0]
     update, close = progress_bar(not quiet, "extract")
     try:
-        adapter, report = fvt.lora.extract(base_tree, tuned_tree, rank=rank, energy=energy, return_report=True, progress=update)
+        adapter, report = fvt.lora.extract_with_report(base_tree, tuned_tree, rank=rank, energy=energy, progress=update)
     finally:
         close()
     written = fvt.lora.save(adapter, out, format=to, overwrite=overwrite)

@@ -122,7 +122,7 @@ def _lora_steps(step: Callable[..., None], state: dict[str, Any], inputs: tuple[
         return f"on-the-fly vs merged max |diff| {err:.2e}; LoRA changes output: {changed}", err < 1e-4 and changed
 
     def restore() -> tuple[str, bool]:
-        merged, record = lora.merge(state["loaded"], state["adapter"], return_record=True)
+        merged, record = lora.merge_with_record(state["loaded"], state["adapter"])
         restored = lora.restore(merged, record)
         ok = restored == state["loaded"]
         return f"record {record.nbytes} B vs {record.targets_nbytes} B of targets; restored bit for bit: {ok}", ok
@@ -182,7 +182,7 @@ def run_model_demo(*, model: str, lora_path: str, component: str | None = None, 
         return f"targeted layers, on the fly vs merged: max relative diff {worst:.1e}", worst < tol
 
     def restore() -> tuple[str, bool]:
-        merged, record = fvt.lora.merge(state["tree"], state["adapter"], return_record=True)
+        merged, record = fvt.lora.merge_with_record(state["tree"], state["adapter"])
         ok = fvt.lora.restore(merged, record) == state["tree"]
         return f"record {record.nbytes} B vs {record.targets_nbytes} B of targets; bit for bit: {ok}", ok
 

@@ -92,7 +92,7 @@ def _inspect(path: str, as_json: bool, base: str | None = None) -> int:
     if base is not None or (p.is_dir() and (p / "adapter_config.json").is_file()):
         return _inspect_lora(p, base, as_json)
     ckpt = open_checkpoint(p)
-    from fvtransform.lora._formats import split_role
+    from fvtransform.lora._detect import split_role
 
     if ckpt.keys() and all(split_role(k) is not None for k in ckpt.keys()):  # every key is a LoRA key
         return _inspect_lora(p, None, as_json)
@@ -131,7 +131,8 @@ def _inspect_lora(p, base: str | None, as_json: bool) -> int:
     from fvtransform.hub import maybe_download_model
 
     base_tree = fvt.load(maybe_download_model(base)) if base else None
-    adapter, report = fvt.lora.load(p, base=base_tree, strict=False)
+    adapter = fvt.lora.load(p, base=base_tree, strict=False)
+    report = adapter.report
     rows = [{"target": k, "kind": type(d).__name__, "rank": getattr(d, "rank", None), "alpha": getattr(d, "alpha", None),
              "scale": getattr(d, "scale", None), "dora": getattr(d, "magnitude", None) is not None} for k, d in adapter.items()]
     doc = {"path": str(p), "format": adapter.format, "targets": rows,

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from fvtransform.distributed._plan import Placements, PlanLike, get_plan, local_ranges
 from fvtransform.errors import PlanError
-from fvtransform.io._keymap import MappingPlan
+from fvtransform.tree._keymap import MappingPlan
 from fvtransform.io._safetensors import _strides
 from fvtransform.tree._paramtree import ParamTree
 
@@ -99,7 +99,7 @@ def shard_mapped(tree: Mapping[str, torch.Tensor], mapping: MappingPlan, mesh: D
                  dtype: torch.dtype | None = None) -> ParamTree:
     """``shard(mapping.apply(tree), mesh, plan)`` without materialising fused tensors.
 
-    ``mapping`` is a :class:`~fvtransform.io.MappingPlan`. A fused target
+    ``mapping`` is a :class:`~fvtransform.MappingPlan`. A fused target
     (q, k, v -> qkv) that the plan shards along the fuse dimension becomes,
     on each rank, the concatenation of that rank's slices of every piece, as
     a column-parallel fused layer expects; the DTensor says so with

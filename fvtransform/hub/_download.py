@@ -100,7 +100,6 @@ def _not_local(repo: str) -> str:
             f"(for a local path, check the spelling, or write './{repo}' or an absolute path, which is never taken for a repo id)")
 
 
-_LORA_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 _ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -393,10 +392,11 @@ def maybe_download_lora(
 ) -> Path:
     """The path of one LoRA weights file: a file as is, or found in a folder or repo.
 
-    ``weight_name`` when given, else a known name
-    (``pytorch_lora_weights.safetensors``, ``adapter_model.safetensors``), else
-    the only ``*.safetensors``; several candidates is an error listing them
-    and naming ``weight_name=``; none is an error too. From a repo only that
+    ``weight_name`` when given, else the file ``fvt.lora.load`` picks in a
+    folder, in diffusers' order (``pytorch_lora_weights.safetensors``, then
+    PEFT's ``adapter_model.safetensors``, then the only ``*.safetensors``
+    that is no scheduler, optimizer or checkpoint file); several candidates
+    is an error listing them and naming ``weight_name=``; none is an error too. From a repo only that
     file and ``adapter_config.json`` (when there is one) are downloaded,
     both verified like :func:`maybe_download_model`'s files (a tampered
     ``adapter_config.json`` would change the scale), under the same deadline
@@ -484,7 +484,9 @@ def _cached_lora_name(repo: str, prefix: str, common: dict) -> str:
     """Offline: the LoRA file name to use, from what the cache holds."""
     from huggingface_hub import snapshot_download, try_to_load_from_cache
 
-    for known in _LORA_NAMES:
+    from fvtransform.lora._pick import LORA_FILE_NAMES
+
+    for known in LORA_FILE_NAMES:
         hit = try_to_load_from_cache(repo, f"{prefix}{known}", cache_dir=common["cache_dir"], revision=common["revision"])
         if isinstance(hit, str):
             return known
@@ -494,16 +496,7 @@ def _cached_lora_name(repo: str, prefix: str, common: dict) -> str:
 
 
 def _pick(folder: Path, names: list[str], weight_name: str | None, label: str) -> Path:
-    if weight_name is not None:
-        if weight_name not in names:
-            raise NotFoundError(f"{label}: no file {weight_name!r}; files: {names}")
-        return folder / weight_name
-    for known in _LORA_NAMES:
-        if known in names:
-            return folder / known
-    st = [n for n in names if n.endswith(".safetensors")]
-    if len(st) == 1:
-        return folder / st[0]
-    if st:
-        raise FormatError(f"{label}: several LoRA candidates {st}; pass weight_name= to choose one")
-    raise NotFoundError(f"{label}: no LoRA weights (*.safetensors) found")
+    """``folder`` / the LoRA file among ``names``, in the one order ``fvt.lora.load`` uses too (see ``pick_lora_file``)."""
+    from fvtransform.lora._pick import pick_lora_file
+
+    return folder / pick_lora_file(names, label, weight_name)

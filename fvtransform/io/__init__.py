@@ -1,11 +1,10 @@
-"""Checkpoint I/O: lazy safetensors loading, atomic saves, key mappings, model folders."""
+"""Checkpoint I/O: lazy safetensors loading, atomic saves, the shipped key maps, model folders."""
 
 from fvtransform.io._check import CheckReport, check
 from fvtransform.io._files import WeightFiles, find_weight_files, read_index
 from fvtransform.io._header import Header, TensorInfo, read_header
-from fvtransform.io._keymap import ComposedKeyMap, Fuse, KeyMap, MappingPlan, Split, Step
 from fvtransform.io._load import Checkpoint, load, open_checkpoint
-from fvtransform.io._mappings import REFERENCE_QKV_FUSE, WAN_DIFFUSERS_TO_ORIGINAL, WAN_ORIGINAL_TO_DIFFUSERS
+from fvtransform.tree._mappings import REFERENCE_QKV_FUSE, WAN_DIFFUSERS_TO_ORIGINAL, WAN_ORIGINAL_TO_DIFFUSERS
 from fvtransform.io._model import LoadedModel, LoadNote, LoadReport, load_model
 from fvtransform.io._pipeline import pipeline_components
 from fvtransform.io._save import parse_size, save
@@ -13,17 +12,11 @@ from fvtransform.io._save import parse_size, save
 __all__ = [
     "CheckReport",
     "Checkpoint",
-    "ComposedKeyMap",
-    "Fuse",
     "Header",
-    "KeyMap",
     "LoadNote",
     "LoadReport",
     "LoadedModel",
-    "MappingPlan",
     "REFERENCE_QKV_FUSE",
-    "Split",
-    "Step",
     "TensorInfo",
     "WAN_DIFFUSERS_TO_ORIGINAL",
     "WAN_ORIGINAL_TO_DIFFUSERS",

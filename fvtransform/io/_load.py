@@ -14,11 +14,10 @@ from fvtransform.errors import FormatError, FvTransformError, KeyMismatchError, 
 from fvtransform.io._files import WeightFiles, find_weight_files
 from fvtransform.io._header import HEADER_JSON, Header, _check_lookalikes, read_header
 from fvtransform.io._open import fd_path, open_regular
-from fvtransform.io._keymap import ComposedKeyMap, KeyMap
 from fvtransform.io._safetensors import MappedFile
 from fvtransform.tree._match import Pattern, matcher
+from fvtransform.tree._keymap import KeyMap, KeyMapLike
 from fvtransform.tree._paramtree import ParamTree
-from fvtransform.tree._rename import ComposedRename, RenameRules
 
 __all__ = ["load", "open_checkpoint", "Checkpoint", "ALIASES_KEY"]
 
@@ -194,7 +193,7 @@ def load(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     select: Pattern | None = None,
-    rename: Any = None,
+    rename: KeyMapLike | None = None,
     mesh: Any = None,
     plan: Any = None,
     allow_pickle: bool = False,
@@ -206,8 +205,8 @@ def load(
     the tree reads only headers; a tensor's bytes are read when it is used.
     The mapping is private: writing to a returned tensor never changes the
     file. ``select`` keeps only matching keys (the rest stay on disk);
-    ``rename`` (a dict, template pairs, :class:`RenameRules` or
-    :class:`KeyMap`) renames or fuses keys; ``dtype`` casts floating tensors
+    ``rename`` (anything :meth:`KeyMap.of <fvtransform.KeyMap.of>` takes, as
+    :func:`fvtransform.rename` does, strictly) renames, fuses or splits keys; ``dtype`` casts floating tensors
     one by one; ``device`` moves them one by one. With ``mesh`` (a
     ``DeviceMesh``) and ``plan`` (``None``/``"fsdp"``, ``"tp"`` or a
     :class:`~fvtransform.distributed.ShardPlan`) every rank reads only the
@@ -223,6 +222,7 @@ def load(
     >>> fvt.load(os.path.join(d, "m.safetensors"))["w"]
     tensor([1., 1.])
     """
+    key_map = None if rename is None else KeyMap.of(rename)
     if mesh is not None:
         if torch.device(device).type != "cpu":
             raise PlanError("load(..., mesh=) reads slices on the CPU; move the sharded tree with fvt.to afterwards")
@@ -230,10 +230,9 @@ def load(
         from fvtransform.distributed._shard import shard_mapped
 
         # the lazy tree only maps the files; shard slices views of it, so each rank reads its own slices
-        if isinstance(rename, KeyMap):  # fused targets are built from each rank's slices of their pieces
-            lazy = load(path, select=select, allow_pickle=allow_pickle)
-            return shard_mapped(lazy, rename.plan(lazy), mesh, plan, dtype=dtype)
-        lazy = load(path, select=select, rename=rename, allow_pickle=allow_pickle)
+        lazy = load(path, select=select, allow_pickle=allow_pickle)
+        if key_map is not None:  # fused targets are built from each rank's slices of their pieces
+            return shard_mapped(lazy, key_map.plan(lazy), mesh, plan, dtype=dtype)
         return shard(lazy, mesh, plan, dtype=dtype)
     if plan is not None:
         raise FormatError("plan= needs mesh=: pass the DeviceMesh to shard over")
@@ -268,12 +267,4 @@ def load(
         memo[canon] = t
         data_out[k] = t
     tree = ParamTree._wrap(data_out)
-    if rename is not None:
-        if isinstance(rename, (KeyMap, ComposedKeyMap)):
-            tree = rename(tree)
-        else:
-            from fvtransform.tree._ops import rename as rename_tree
-
-            rules = rename if isinstance(rename, (RenameRules, ComposedRename)) else RenameRules.of(rename)
-            tree = rename_tree(tree, rules)
-    return tree
+    return tree if key_map is None else key_map(tree)

@@ -31,6 +31,7 @@ from fvtransform.io._load import load
 from fvtransform.io._open import contained
 from fvtransform.io._pipeline import MODEL_INDEX, pipeline_components, require_components
 from fvtransform.registry._registry import build, meta_parameters, resolve
+from fvtransform.tree._ops import map_tensors
 from fvtransform.tree._paramtree import ParamTree, state_keys, tensors_equal
 
 __all__ = ["LoadNote", "LoadReport", "LoadedModel", "load_model", "read_json"]
@@ -206,7 +207,7 @@ def _place(
             return ref.dtype  # transformers keeps a parameter the class creates in another dtype
         return dtype
 
-    return ParamTree._wrap(data).map(lambda k, t: t.to(device=device, dtype=target(k, t)), with_keys=True)
+    return map_tensors(ParamTree._wrap(data), lambda k, t: t.to(device=device, dtype=target(k, t)), with_keys=True)
 
 
 def _retype_meta(module: nn.Module, tree: ParamTree) -> None:

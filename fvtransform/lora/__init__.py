@@ -3,7 +3,7 @@
 >>> import torch, fvtransform as fvt
 >>> tree = fvt.ParamTree({"l.weight": torch.randn(4, 3), "l.bias": torch.zeros(4)})
 >>> adapter = fvt.lora.random_adapter(tree, targets="*.weight", rank=2)
->>> merged, record = fvt.lora.merge(tree, adapter, return_record=True)
+>>> merged, record = fvt.lora.merge_with_record(tree, adapter)
 >>> fvt.lora.restore(merged, record) == tree
 True
 """
@@ -12,11 +12,15 @@ from fvtransform.lora._adapter import Delta, FullDelta, LoraAdapter, LowRank
 from fvtransform.lora._call import call
 from fvtransform.lora._compiled import call_factors, factors, pad_rank
 from fvtransform.lora._combine import combine, random_adapter, scale_adapter
-from fvtransform.lora._extract import ExtractReport, compress, extract
-from fvtransform.lora._formats import FORMATS, ResolutionReport, detect_format, load, save
-from fvtransform.lora._merge import MergeRecord, merge, restore, unmerge
+from fvtransform.lora._extract import ExtractReport, compress, compress_with_report, extract, extract_with_report
+from fvtransform.lora._detect import detect_format
+from fvtransform.lora._format_table import FORMATS
+from fvtransform.lora._load import load
+from fvtransform.lora._report import ResolutionReport
+from fvtransform.lora._write import save
+from fvtransform.lora._merge import merge, merge_with_record, restore, unmerge
+from fvtransform.lora._record import MergeRecord
 from fvtransform.lora._stream import merge_checkpoint
-from fvtransform.lora._transforms import merge_transform, unmerge_transform
 
 __all__ = [
     "FORMATS",
@@ -31,18 +35,19 @@ __all__ = [
     "call_factors",
     "combine",
     "compress",
+    "compress_with_report",
     "detect_format",
     "extract",
+    "extract_with_report",
     "factors",
     "load",
     "merge",
     "merge_checkpoint",
-    "merge_transform",
+    "merge_with_record",
     "pad_rank",
     "random_adapter",
     "restore",
     "save",
     "scale_adapter",
     "unmerge",
-    "unmerge_transform",
 ]

@@ -12,9 +12,10 @@ import attrs
 import torch
 
 from fvtransform.errors import FormatError, NumericError, ShapeMismatchError
+from fvtransform.lora._report import ResolutionReport
 from fvtransform.tree import _pytree
 
-__all__ = ["LowRank", "FullDelta", "Replace", "LoHa", "LoKr", "LoraAdapter", "Delta", "GENERATED", "DORA_EPS"]
+__all__ = ["LowRank", "FullDelta", "LoHa", "LoKr", "LoraAdapter", "Delta", "GENERATED", "DORA_EPS"]
 
 #: What LyCORIS and ComfyUI add to DoRA's norms (``torch.finfo(torch.float32).eps``); PEFT adds nothing.
 DORA_EPS = float(torch.finfo(torch.float32).eps)
@@ -109,12 +110,32 @@ class LowRank:
 
 @attrs.frozen(repr=False)
 class FullDelta:
-    """A full-size delta (``.diff`` for weights, ``.diff_b`` for biases): ``delta = scale * D``."""
+    """A full-size tensor ``D`` for one key: added to it, or, with ``replaces=True``, put in its place.
+
+    Added (``.diff`` for weights, ``.diff_b`` for biases): ``W + scale * D``.
+    Replacing (PEFT ``modules_to_save``): merging sets the weight to ``D``,
+    whole (``scale`` stays 1: PEFT ignores adapter scales for it), alone on
+    its key.
+
+    >>> import torch
+    >>> FullDelta(torch.zeros(2, 3), 0.5)
+    FullDelta([2, 3], scale=0.5)
+    >>> FullDelta(torch.zeros(2, 3), replaces=True)
+    FullDelta([2, 3], replaces=True)
+    """
 
     D: torch.Tensor
     scale: float = 1.0
+    replaces: bool = False
+
+    @property
+    def magnitude(self) -> None:
+        """A full delta carries no DoRA magnitude."""
+        return None
 
     def validate(self, where: str) -> None:
+        if self.replaces and self.scale != 1.0:
+            raise FormatError(f"{where}: a replacing FullDelta (modules_to_save) is applied whole; its scale must be 1, not {self.scale:g}")
         _check_finite(self.D, where)
 
     def fits(self, shape: tuple[int, ...]) -> bool:
@@ -124,37 +145,7 @@ class FullDelta:
         return [self.D]
 
     def __repr__(self) -> str:
-        return f"FullDelta({list(self.D.shape)}, scale={self.scale:g})"
-
-
-@attrs.frozen(repr=False)
-class Replace:
-    """A full replacement tensor (PEFT ``modules_to_save``): merging sets the weight to ``T``."""
-
-    T: torch.Tensor
-
-    @property
-    def scale(self) -> float:
-        """A replacement is applied whole (PEFT ignores adapter scales for ``modules_to_save``)."""
-        return 1.0
-
-    @property
-    def magnitude(self) -> None:
-        """A replacement carries no DoRA magnitude."""
-        return None
-
-    def validate(self, where: str) -> None:
-        _check_finite(self.T, where)
-
-    def fits(self, shape: tuple[int, ...]) -> bool:
-        return tuple(self.T.shape) == tuple(shape)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.T]
-
-    def __repr__(self) -> str:
-        return f"Replace({list(self.T.shape)})"
-
+        return f"FullDelta({list(self.D.shape)}, {'replaces=True' if self.replaces else f'scale={self.scale:g}'})"
 
 
 def _f32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -409,14 +400,17 @@ def _check_scale(scale: float, where: str) -> None:
 #: Deltas computed densely, tile by tile, from their factors.
 GENERATED = (LoHa, LoKr)
 
-Delta = LowRank | FullDelta | Replace | LoHa | LoKr
+Delta = LowRank | FullDelta | LoHa | LoKr
 
 
 class LoraAdapter(Mapping[str, Delta]):
     """An immutable adapter: base key (e.g. ``blocks.0.attn1.to_q.weight``) -> delta.
 
-    Knows its ranks, alphas, source format and metadata. A registered pytree
-    (leaves: the factor tensors), so ``tree_map`` works on it.
+    Knows its ranks, alphas, source format and metadata, and ``report`` (a
+    :class:`ResolutionReport`): how :func:`fvtransform.lora.load` resolved
+    its file, what a non-strict load skipped (an adapter built in memory: its
+    own targets, nothing skipped). A registered pytree (leaves: the factor
+    tensors), so ``tree_map`` works on it.
 
     >>> import torch
     >>> a = LoraAdapter({"w": LowRank(torch.zeros(2, 3), torch.zeros(4, 2), scale=0.5)})
@@ -426,17 +420,19 @@ class LoraAdapter(Mapping[str, Delta]):
     {'w': 2}
     """
 
-    __slots__ = ("_targets", "format", "metadata")
+    __slots__ = ("_targets", "format", "metadata", "report")
 
-    def __init__(self, targets: Mapping[str, Delta], *, format: str = "memory", metadata: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, targets: Mapping[str, Delta], *, format: str = "memory", metadata: Mapping[str, Any] | None = None,
+                 report: ResolutionReport | None = None) -> None:
         data = dict(targets)
         for k, d in data.items():
-            if not isinstance(d, (LowRank, FullDelta, Replace, LoHa, LoKr)):
-                raise FormatError(f"adapter target {k!r}: expected LowRank, FullDelta, Replace, LoHa or LoKr, found {type(d).__name__}")
+            if not isinstance(d, (LowRank, FullDelta, LoHa, LoKr)):
+                raise FormatError(f"adapter target {k!r}: expected LowRank, FullDelta, LoHa or LoKr, found {type(d).__name__}")
             d.validate(f"adapter target {k!r}")
         object.__setattr__(self, "_targets", types.MappingProxyType(data))
         object.__setattr__(self, "format", format)
         object.__setattr__(self, "metadata", types.MappingProxyType(dict(metadata or {})))
+        object.__setattr__(self, "report", report if report is not None else ResolutionReport(format, targets={k: k for k in data}))
 
     def __setattr__(self, name: str, value: Any) -> None:
         from fvtransform.errors import ImmutableError
@@ -477,6 +473,7 @@ class LoraAdapter(Mapping[str, Delta]):
             self._targets if targets is None else targets,
             format=kw.get("format", self.format),
             metadata=kw.get("metadata", self.metadata),
+            report=kw.get("report", self.report if targets is None else None),
         )
 
     def __repr__(self) -> str:
@@ -503,38 +500,34 @@ def _flatten(a: LoraAdapter) -> tuple[list[torch.Tensor], Any]:
         if isinstance(d, LowRank):
             leaves += [d.A, d.B] + ([d.magnitude] if d.magnitude is not None else [])
             spec.append((k, "lr", d.scale, (d.alpha, d.dora_eps), d.magnitude is not None))
-        elif isinstance(d, Replace):
-            leaves.append(d.T)
-            spec.append((k, "replace", None, None, False))
         elif isinstance(d, (LoHa, LoKr)):
             fields = [f.name for f in attrs.fields(type(d)) if isinstance(getattr(d, f.name), torch.Tensor)]
             leaves += [getattr(d, f) for f in fields]
             spec.append((k, type(d).__name__, d.scale, (d.alpha, d.dora_eps), tuple(fields)))
         else:
             leaves.append(d.D)
-            spec.append((k, "full", d.scale, None, False))
-    return leaves, (tuple(spec), a.format, tuple(a.metadata.items()))
+            spec.append((k, "full", d.scale, None, d.replaces))
+    return leaves, (tuple(spec), a.format, tuple(a.metadata.items()), a.report)
 
 
 def _unflatten(leaves: Any, ctx: Any) -> LoraAdapter:
-    spec, fmt, meta = ctx
+    spec, fmt, meta, report = ctx
     it = iter(list(leaves))
     out: dict[str, Delta] = {}
     for k, kind, scale, alpha, has_m in spec:
         if kind == "lr":
             A, B = next(it), next(it)
             out[k] = LowRank(A, B, scale, alpha[0], next(it) if has_m else None, alpha[1])
-        elif kind == "replace":
-            out[k] = Replace(next(it))
         elif kind in ("LoHa", "LoKr"):
             cls = LoHa if kind == "LoHa" else LoKr
             out[k] = cls(**{f: next(it) for f in has_m}, scale=scale, alpha=alpha[0], dora_eps=alpha[1])
         else:
-            out[k] = FullDelta(next(it), scale)
+            out[k] = FullDelta(next(it), scale, has_m)
     adapter = object.__new__(LoraAdapter)
     object.__setattr__(adapter, "_targets", types.MappingProxyType(out))
     object.__setattr__(adapter, "format", fmt)
     object.__setattr__(adapter, "metadata", types.MappingProxyType(dict(meta)))
+    object.__setattr__(adapter, "report", report)
     return adapter
 
 

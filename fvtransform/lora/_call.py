@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from fvtransform.call._call import _prepare
 from fvtransform.errors import FormatError, KeyMismatchError, format_keys
-from fvtransform.lora._adapter import GENERATED, FullDelta, LowRank, Replace
+from fvtransform.lora._adapter import GENERATED, FullDelta, LowRank
 from fvtransform.lora._dora import dense_delta, dora_factor
 from fvtransform.lora._merge import AdapterSet, _is_dtensor, normalize_adapters
 
@@ -209,7 +209,7 @@ def call(
         for key, d in adapter.items():
             if key not in params:
                 raise KeyMismatchError(f"adapter target {key!r} is not in the tree; load the adapter with base=")
-            if isinstance(d, Replace):
+            if isinstance(d, FullDelta) and d.replaces:
                 continue
             if key in replaced:
                 raise FormatError(f"{key!r}: a full replacement (modules_to_save) cannot be combined with other deltas on that weight")
@@ -261,11 +261,11 @@ def _replacements(pairs: list[tuple[Any, float]], params: dict[str, torch.Tensor
     out: dict[str, torch.Tensor] = {}
     for adapter, s in pairs:
         for key, d in adapter.items():
-            if not isinstance(d, Replace):
+            if not (isinstance(d, FullDelta) and d.replaces):
                 continue
             if key not in params:
                 raise KeyMismatchError(f"adapter target {key!r} is not in the tree; load the adapter with base=")
             if key in out or s != 1.0:
                 raise FormatError(f"{key!r}: a full replacement (modules_to_save) is used whole, once, at scale 1 (found scale {s:g})")
-            out[key] = d.T.to(device=params[key].device, dtype=params[key].dtype)
+            out[key] = d.D.to(device=params[key].device, dtype=params[key].dtype)
     return out

@@ -8,7 +8,7 @@ import attrs
 import torch
 
 from fvtransform.errors import FormatError
-from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LoraAdapter, LowRank, Replace
+from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LoraAdapter, LowRank
 from fvtransform.tree._match import Pattern, matcher
 
 __all__ = ["combine", "random_adapter", "scale_adapter"]
@@ -53,8 +53,9 @@ def combine(pairs: Sequence[tuple[LoraAdapter, float]]) -> LoraAdapter:
                     out[key] = LowRank(torch.cat([prev.A, A]), torch.cat([prev.B, B], dim=1), 1.0)
                 else:
                     raise FormatError(f"{key!r}: cannot combine a full delta with a low-rank one; merge them instead")
-            elif not isinstance(d, FullDelta):
-                raise FormatError(f"{key!r}: a {type(d).__name__} target does not combine linearly; merge it instead")
+            elif not isinstance(d, FullDelta) or d.replaces:
+                what = "replacing FullDelta (modules_to_save)" if isinstance(d, FullDelta) else type(d).__name__
+                raise FormatError(f"{key!r}: a {what} target does not combine linearly; merge it instead")
             else:
                 D = d.D.float() * (w * d.scale)
                 if prev is None:
@@ -70,8 +71,8 @@ def scale_adapter(adapter: LoraAdapter, weight: float) -> LoraAdapter:
     """The same adapter with every scale multiplied by ``weight``."""
     out: dict[str, Delta] = {}
     for k, d in adapter.items():
-        if isinstance(d, Replace):
-            raise FormatError(f"{k!r}: a {type(d).__name__} target has no scale to change (modules_to_save are used whole)")
+        if isinstance(d, FullDelta) and d.replaces:
+            raise FormatError(f"{k!r}: a replacing FullDelta has no scale to change (modules_to_save are used whole)")
         out[k] = attrs.evolve(d, scale=d.scale * weight)
     return adapter.replace(out)
 

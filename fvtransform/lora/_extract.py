@@ -9,10 +9,11 @@ import torch
 
 from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError
 from fvtransform.lora._adapter import Delta, LoraAdapter, LowRank
+from fvtransform.lora._moved import moved_keywords
 from fvtransform.tree._match import Pattern, matcher
 from fvtransform.tree._paramtree import tensors_equal
 
-__all__ = ["extract", "compress", "ExtractReport"]
+__all__ = ["extract", "extract_with_report", "compress", "compress_with_report", "ExtractReport"]
 
 
 @attrs.frozen
@@ -42,6 +43,7 @@ def _factor(delta: torch.Tensor, rank: int | None, energy: float | None) -> tupl
     return A, B, err
 
 
+@moved_keywords(return_report="fvt.lora.extract_with_report(base_tree, tuned_tree, ...) -> (adapter, report)")
 def extract(
     base_tree: Mapping[str, torch.Tensor],
     tuned_tree: Mapping[str, torch.Tensor],
@@ -49,15 +51,35 @@ def extract(
     rank: int | None = None,
     energy: float | None = None,
     select: Pattern | None = None,
-    return_report: bool = False,
     progress: Callable[[int, int], None] | None = None,
-) -> LoraAdapter | tuple[LoraAdapter, ExtractReport]:
+) -> LoraAdapter:
     """The adapter that best approximates ``tuned - base`` per target (SVD in float64).
 
     Targets are the 2-D+ keys whose weights differ (or those matching
     ``select``). Keep ``rank`` singular values, or enough for ``energy`` of the
-    spectrum. ``return_report=True`` also returns each target's relative
-    Frobenius error. ``progress(done, total)`` is called after each key.
+    spectrum. ``progress(done, total)`` is called after each key.
+    :func:`extract_with_report` also returns each target's relative Frobenius error.
+    """
+    return extract_with_report(base_tree, tuned_tree, rank=rank, energy=energy, select=select, progress=progress)[0]
+
+
+def extract_with_report(
+    base_tree: Mapping[str, torch.Tensor],
+    tuned_tree: Mapping[str, torch.Tensor],
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    select: Pattern | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[LoraAdapter, ExtractReport]:
+    """:func:`extract`, and an :class:`ExtractReport` of each target's relative Frobenius error.
+
+    >>> import torch, fvtransform as fvt
+    >>> base = fvt.ParamTree({"w": torch.zeros(4, 4)})
+    >>> tuned = fvt.ParamTree({"w": torch.eye(4)})
+    >>> adapter, report = fvt.lora.extract_with_report(base, tuned, rank=2)
+    >>> adapter.ranks, round(report.errors["w"], 3)
+    ({'w': 2}, 0.707)
     """
     m = matcher(select) if select is not None else None
     targets: dict[str, Delta] = {}
@@ -86,16 +108,23 @@ def extract(
     if not targets:
         raise KeyMismatchError("extract: no weights differ between the trees (and select= chose none)")
     adapter = LoraAdapter(targets, format="extracted")
-    return (adapter, ExtractReport(errors)) if return_report else adapter
+    return adapter, ExtractReport(errors)
 
 
-def compress(adapter: LoraAdapter, rank: int, *, return_report: bool = False) -> LoraAdapter | tuple[LoraAdapter, ExtractReport]:
+@moved_keywords(return_report="fvt.lora.compress_with_report(adapter, rank) -> (adapter, report)")
+def compress(adapter: LoraAdapter, rank: int) -> LoraAdapter:
     """Re-factor each low-rank target to at most ``rank`` by an exact SVD of ``B @ A``.
 
     Never forms ``[out, in]``: QR of the factors first (``B = Qb Rb``,
     ``A^T = Qa Ra``), then the SVD of the small ``Rb Ra^T``. Compressing to
-    the full rank is lossless (to float64 rounding).
+    the full rank is lossless (to float64 rounding). :func:`compress_with_report`
+    also returns each target's relative Frobenius error.
     """
+    return compress_with_report(adapter, rank)[0]
+
+
+def compress_with_report(adapter: LoraAdapter, rank: int) -> tuple[LoraAdapter, ExtractReport]:
+    """:func:`compress`, and an :class:`ExtractReport` of each target's relative Frobenius error (0 where kept as is)."""
     out: dict[str, Delta] = {}
     errors: dict[str, float] = {}
     for key, d in adapter.items():
@@ -115,4 +144,4 @@ def compress(adapter: LoraAdapter, rank: int, *, return_report: bool = False) ->
         errors[key] = float(torch.linalg.norm(S[k:]) / total) if total > 0 else 0.0
         out[key] = LowRank(A.reshape(k, *d.A.shape[1:]), B.reshape(d.B.shape[0], k, *d.B.shape[2:]), 1.0, float(k))
     new = adapter.replace(out, format="compressed")
-    return (new, ExtractReport(errors)) if return_report else new
+    return new, ExtractReport(errors)

@@ -1,6 +1,6 @@
 """The LoRA file formats as data: one frozen :class:`LoraFormat` per format.
 
-Reading and writing in :mod:`fvtransform.lora._formats` loop over this table;
+Reading (:mod:`._detect`, :mod:`._load`, :mod:`._targets`) and writing (:mod:`._write`) loop over this table;
 adding a format is one entry here plus its fixtures. Key suffixes (roles) are
 one table too (:data:`ROLES`), shared by every format; each format says which
 roles it reads and which names it writes.
@@ -15,8 +15,19 @@ import attrs
 
 __all__ = [
     "LoraFormat", "TABLE", "FORMATS", "ROLES", "LYCORIS_SUFFIXES", "BY_NAME", "PARAM_RENAMES",
-    "DIFFUSERS_COMPONENTS", "KOHYA_PREFIXES",
+    "DIFFUSERS_COMPONENTS", "KOHYA_PREFIXES", "PEFT_CONFIG", "PEFT_WEIGHTS", "DIFFUSERS_WEIGHTS", "DIFFUSERS_META",
+    "FVT_SCALES", "FVT_DORA_EPS", "SCALE_CONVENTIONS",
 ]
+
+#: File and header names the formats use.
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+DIFFUSERS_META = "lora_adapter_metadata"
+#: fvtransform's own exact scales per target, kept in the header of every LoRA file it writes.
+FVT_SCALES = "fvt.scales"
+#: fvtransform's own DoRA eps per target (a PEFT file cannot hold it: peft reads every DoRA with eps 0).
+FVT_DORA_EPS = "fvt.dora_eps"
 
 #: Key suffix -> role, longest first where one suffix ends another.
 #: A, B: the LoRA factors; alpha: a scalar alpha tensor; magnitude: DoRA's vector;
@@ -44,7 +55,7 @@ ROLES: tuple[tuple[str, str], ...] = (
 )
 
 #: LyCORIS LoHa / LoKr tensors. They are dispatched in ONE place
-#: (``_formats._build_targets``), which hands them to :mod:`fvtransform.lora._lycoris`.
+#: (``_targets.build_targets``), which hands them to :mod:`fvtransform.lora._lycoris`.
 LYCORIS_SUFFIXES: tuple[str, ...] = (
     ".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2",
     ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".lokr_w1", ".lokr_w2", ".lokr_t2",
@@ -139,6 +150,19 @@ TABLE: tuple[LoraFormat, ...] = (
         "fastvideo", needs_role="fv_rank",
     ),
 )
+
+#: How each ``scale`` source gives a low-rank target's scale (for reports and docs); ``"none"``: a config
+#: format whose file came without its config. A module's ``.alpha`` tensor, where present, gives its alpha.
+SCALE_CONVENTIONS: Mapping[str, str] = types.MappingProxyType({
+    "config": "scale = lora_alpha / r from adapter_config.json (rank_pattern / alpha_pattern per module; "
+              "alpha / sqrt(r) with use_rslora)",
+    "metadata": "scale = lora_alpha / r from the config (adapter_config.json, else the header "
+                "'lora_adapter_metadata', component-prefixed)",
+    "metadata-unprefixed": "scale = lora_alpha / r from the header 'lora_adapter_metadata'",
+    "tensor": "scale = alpha / rank from each module's .alpha tensor; none: alpha = rank (scale 1)",
+    "fastvideo": "scale = lora_alpha / lora_rank from each module's tensors; none: scale 1",
+    "none": "no config: scale = alpha / rank from a module's .alpha tensor, else 1 (alpha = rank)",
+})
 
 BY_NAME: Mapping[str, LoraFormat] = types.MappingProxyType({f.name: f for f in TABLE})
 FORMATS: tuple[str, ...] = tuple(f.name for f in TABLE)

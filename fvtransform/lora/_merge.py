@@ -17,12 +17,15 @@ import attrs
 import torch
 
 from fvtransform.errors import FormatError, KeyMismatchError, NumericError, PlanError, ShapeMismatchError, close_matches
-from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LoraAdapter, LoHa, LoKr, LowRank, Replace
+from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LoraAdapter, LoHa, LoKr, LowRank
+from fvtransform.lora._donate import check_donatable
+from fvtransform.lora._moved import moved_keywords
+from fvtransform.lora._record import MergeRecord, _apply_correction, _Correction, _make_correction
 from fvtransform.lora._dora import merge_dora, overflow_limit, overflows, unmerge_dora
 from fvtransform.io._safetensors import _tensor_bytes
 from fvtransform.tree._paramtree import ParamTree
 
-__all__ = ["merge", "unmerge", "restore", "MergeRecord", "normalize_adapters", "delta_rows", "describe", "AdapterSet", "Workspace"]
+__all__ = ["merge", "merge_with_record", "unmerge", "restore", "normalize_adapters", "delta_rows", "describe", "AdapterSet", "Workspace"]
 
 AdapterSet = Union[LoraAdapter, Sequence[tuple[LoraAdapter, float]]]
 
@@ -55,7 +58,7 @@ def describe(d: Delta) -> str:
         mag = f", magnitude {list(d.magnitude.shape)}" if d.magnitude is not None else ""
         return f"A {list(d.A.shape)}, B {list(d.B.shape)}{mag}"
     if isinstance(d, FullDelta):
-        return f"delta {list(d.D.shape)}"
+        return f"{'replacement' if d.replaces else 'delta'} {list(d.D.shape)}"
     names = [f.name for f in attrs.fields(type(d)) if isinstance(getattr(d, f.name), torch.Tensor)]
     return f"{type(d).__name__} " + ", ".join(f"{n} {list(getattr(d, n).shape)}" for n in names)
 
@@ -244,92 +247,32 @@ def _delta_bound(contribs: list[_Contribution]) -> float:
     return total
 
 
-@attrs.frozen
-class _Correction:
-    """Bits to fix after an unmerge: sparse (indices, values) and/or dense int8 steps."""
-
-    indices: torch.Tensor | None
-    values: torch.Tensor | None
-    dense: torch.Tensor | None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.indices, self.values, self.dense) if t is not None)
-
-
-_INT_OF = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(_INT_OF[t.element_size()])
-
-
-def _make_correction(original: torch.Tensor, unmerged: torch.Tensor) -> _Correction:
-    wo, wu = _bits(original).reshape(-1), _bits(unmerged).reshape(-1)
-    wrong = (wo != wu).nonzero().flatten()
-    n, count = wo.numel(), wrong.numel()
-    idx_dtype = torch.int32 if n < 2**31 else torch.int64
-    sparse_cost = count * (torch.empty((), dtype=idx_dtype).element_size() + original.element_size())
-    if sparse_cost <= n:  # cheaper than one int8 per element
-        return _Correction(wrong.to(idx_dtype), wo[wrong].clone(), None)
-    step = wo.to(torch.int64) - wu.to(torch.int64)
-    fits = step.abs() <= 127
-    dense = torch.where(fits, step, torch.zeros_like(step)).to(torch.int8)
-    bad = (~fits).nonzero().flatten()
-    return _Correction(bad.to(idx_dtype), wo[bad].clone(), dense)
-
-
-def _apply_correction(t: torch.Tensor, corr: _Correction) -> torch.Tensor:
-    bits = _bits(t).reshape(-1)
-    if corr.dense is not None:
-        bits = (bits.to(torch.int64) + corr.dense.to(torch.int64)).to(bits.dtype)
-    else:
-        bits = bits.clone()
-    if corr.indices is not None and corr.indices.numel():
-        bits[corr.indices.long()] = corr.values
-    return bits.view(t.dtype).view(t.shape)
-
-
-@attrs.frozen
-class MergeRecord:
-    """What :func:`restore` needs to give back the pre-merge weights bit for bit.
-
-    Holds the adapters and scales (references, not copies) and, per target,
-    the few bits where an unmerge would not land exactly on the original.
-    ``nbytes`` is the record's own memory; ``targets_nbytes`` that of a copy of
-    the targeted weights, for comparison.
-    """
-
-    pairs: tuple[tuple[LoraAdapter, float], ...]
-    corrections: Mapping[str, _Correction]
-    merged_digest: Mapping[str, bytes]
-    targets_nbytes: int
-    dora_norms: Mapping[str, torch.Tensor] = attrs.field(factory=dict)  # DoRA targets: row (or input-column) norms of W + s delta
-
-    @property
-    def nbytes(self) -> int:
-        norms = sum(t.numel() * t.element_size() for t in self.dora_norms.values())
-        return sum(c.nbytes for c in self.corrections.values()) + norms
-
-
+@moved_keywords(return_record="fvt.lora.merge_with_record(tree, adapters, scale) -> (merged, record)")
 def merge(
     tree: Mapping[str, torch.Tensor],
     adapters: AdapterSet,
     scale: float = 1.0,
     *,
     donate: bool = False,
-    return_record: bool = False,
-) -> Any:
+) -> ParamTree:
     """Merge one adapter, or a set ``[(adapter, scale), ...]``, into a tree.
 
     Returns a new tree: targeted weights are ``round(W + sum s * B @ A)``
     computed in float32 over row tiles (extra memory: one tile) and rounded
     once into the weight's dtype; untouched tensors are shared by identity and
     the input is not mutated. The result does not depend on the order of the
-    set, bit for bit. With ``donate=True`` the caller gives up ``tree``: the
-    merged weights are written into its storage (no second copy of the model).
-    With ``return_record=True`` returns ``(tree, record)``; :func:`restore`
-    uses the record to give back the original bits.
+    set, bit for bit. :func:`merge_with_record` also returns the record that
+    :func:`restore` uses to give back the original bits.
+
+    Donation (``donate=True``), as in JAX: the caller gives up ``tree``, and its
+    targeted tensors are consumed: the merged weights are written into their
+    storage (no second copy of the model). Any other tree or module that holds
+    those tensors sees the merged values, e.g. the parent a tree was derived
+    from with ``fvt.select``, or the module ``ParamTree.from_module`` read.
+    Donate only a tree nothing else uses. What the merge can see it refuses
+    (:class:`~fvtransform.errors.ImmutableError`): a targeted tensor that is
+    tied to other keys (``tree.aliases()``) or shares its storage with another
+    key (views of one buffer).
 
     >>> import torch, fvtransform as fvt
     >>> from fvtransform.lora import LoraAdapter, LowRank
@@ -341,11 +284,37 @@ def merge(
     >>> fvt.lora.merge(tree, a)["b"] is tree["b"]
     True
     """
-    if return_record and donate:
-        raise FormatError("return_record=True needs the original weights; it cannot be combined with donate=True")
+    return _merge(tree, adapters, scale, donate=donate, record=False)[0]
+
+
+def merge_with_record(
+    tree: Mapping[str, torch.Tensor],
+    adapters: AdapterSet,
+    scale: float = 1.0,
+) -> tuple[ParamTree, MergeRecord]:
+    """:func:`merge`, and the :class:`MergeRecord` that :func:`restore` uses to give back the original bits.
+
+    The record needs the original weights, so nothing is donated.
+
+    >>> import torch, fvtransform as fvt
+    >>> tree = fvt.ParamTree({"l.weight": torch.randn(4, 3), "l.bias": torch.zeros(4)})
+    >>> adapter = fvt.lora.random_adapter(tree, targets="*.weight", rank=2)
+    >>> merged, record = fvt.lora.merge_with_record(tree, adapter)
+    >>> fvt.lora.restore(merged, record) == tree
+    True
+    """
+    merged, record = _merge(tree, adapters, scale, donate=False, record=True)
+    assert record is not None
+    return merged, record
+
+
+def _merge(tree: Mapping[str, torch.Tensor], adapters: AdapterSet, scale: float, *, donate: bool,
+           record: bool) -> tuple[ParamTree, MergeRecord | None]:
     base = tree if isinstance(tree, ParamTree) else ParamTree(tree)
     pairs = normalize_adapters(adapters, scale)
     per_key = _collect(base, pairs)
+    if donate:
+        check_donatable(base, per_key)
     out = dict(base.items())
     corrections: dict[str, _Correction] = {}
     digests: dict[str, bytes] = {}
@@ -359,18 +328,21 @@ def merge(
         if _is_dtensor(w):
             if replace:
                 raise FormatError(f"{key!r}: full replacements (modules_to_save) are not merged into sharded (DTensor) weights; unshard first")
-            if return_record:
-                raise FormatError(f"{key!r}: return_record=True is not available for sharded (DTensor) weights; unshard first")
+            if record:
+                raise FormatError(f"{key!r}: merge_with_record is not available for sharded (DTensor) weights; unshard first, "
+                                  "or call fvt.lora.merge and undo it with fvt.lora.unmerge")
             out[key] = _merge_sharded(key, contribs, w, sign=1.0, donate=donate, work=work)
             continue
         if replace:
-            new = contribs[0].delta.T.detach().to(device=w.device, dtype=w.dtype).clone()
+            full = contribs[0].delta
+            assert isinstance(full, FullDelta)  # _is_replace: a replacing FullDelta, alone on its key
+            new = full.D.detach().to(device=w.device, dtype=w.dtype).clone()
         elif dora:
             new, norms[key] = merge_dora(w, contribs, where=f"{key!r}")
         else:
             writable = donate and w.is_contiguous() and not getattr(w, "requires_grad", False)
             new = delta_rows(contribs, w, out=w.detach() if writable else None, work=work, where=f"{key!r}")
-        if return_record:
+        if record:
             back = (new if replace else unmerge_dora(new, contribs, norms[key], where=f"{key!r}") if dora
                     else delta_rows(contribs, new, sign=-1.0, work=work, where=f"{key!r}"))
             corrections[key] = _make_correction(w, back)
@@ -379,9 +351,9 @@ def merge(
         out[key] = new
     # keep tied weights tied: every alias of a merged tensor gets the merged tensor
     merged = ParamTree._wrap(_retie(base, out, per_key))
-    if return_record:
+    if record:
         return merged, MergeRecord(tuple(pairs), corrections, digests, target_bytes, norms)
-    return merged
+    return merged, None
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -407,7 +379,7 @@ def _merge_sharded(key: str, contribs: list[_Contribution], w: Any, *, sign: flo
 
 def _is_replace(key: str, contribs: list[_Contribution]) -> bool:
     """A PEFT ``modules_to_save`` replacement: alone on its weight, at scale 1 (as peft's merge_and_unload)."""
-    if not any(isinstance(c.delta, Replace) for c in contribs):
+    if not any(isinstance(c.delta, FullDelta) and c.delta.replaces for c in contribs):
         return False
     if len(contribs) != 1:
         raise FormatError(f"{key!r}: a full replacement (modules_to_save) cannot be merged together with other deltas on that weight")
@@ -434,19 +406,22 @@ def unmerge(
 
     The error against the pre-merge weights is at most one unit in the last
     place of the larger of ``|W|`` and ``|W'|``. For the exact original, use
-    the record of ``merge(..., return_record=True)`` with :func:`restore`.
+    the record of :func:`merge_with_record` with :func:`restore`. ``donate=True`` means what it means
+    for :func:`merge` (the donated tensors are consumed) and is refused on the same shared tensors.
     """
     base = tree if isinstance(tree, ParamTree) else ParamTree(tree)
     pairs = normalize_adapters(adapters, scale)
     per_key = _collect(base, pairs)
+    if donate:
+        check_donatable(base, per_key)
     out = dict(base.items())
     work = Workspace()
     for key, contribs in per_key.items():
         w = base[key]
         if _is_dora(contribs):
-            raise FormatError(f"{key!r}: DoRA merges are undone with the record of merge(..., return_record=True)")
+            raise FormatError(f"{key!r}: DoRA merges are undone with the record of fvt.lora.merge_with_record")
         if _is_replace(key, contribs):
-            raise FormatError(f"{key!r}: full-replacement (modules_to_save) merges are undone with the record of merge(..., return_record=True)")
+            raise FormatError(f"{key!r}: full-replacement (modules_to_save) merges are undone with the record of fvt.lora.merge_with_record")
         if _is_dtensor(w):
             out[key] = _merge_sharded(key, contribs, w, sign=-1.0, donate=donate, work=work)
             continue
@@ -469,7 +444,7 @@ def restore(tree: Mapping[str, torch.Tensor], record: MergeRecord) -> ParamTree:
         if _digest(base[key]) != record.merged_digest[key]:
             raise FormatError(
                 f"restore: {key!r} is not the merged weight this record was made for; "
-                "restore takes the tree that merge(..., return_record=True) returned"
+                "restore takes the tree that fvt.lora.merge_with_record returned"
             )
         if _is_replace(key, contribs):
             back = base[key]

@@ -32,7 +32,7 @@ from fvtransform.io._header import DTYPE_NAMES, HEADER_JSON, read_header
 from fvtransform.io._load import Checkpoint
 from fvtransform.io._safetensors import TensorSpec, write_safetensors
 from fvtransform.lora._dora import merge_dora
-from fvtransform.lora._merge import Workspace, _collect, _digest, _is_dora, _is_replace, delta_rows, normalize_adapters
+from fvtransform.lora._merge import AdapterSet, Workspace, _collect, _digest, _is_dora, _is_replace, delta_rows, normalize_adapters
 
 __all__ = ["merge_checkpoint", "MERGED_KEY", "FILES_KEY", "OTHER_FILE_LIMIT", "DTYPES", "as_dtype", "check_not_input"]
 
@@ -70,7 +70,7 @@ def _write_file(path: Path, keys: Sequence[str], ckpt: Checkpoint, produce: Call
 
 def merge_checkpoint(
     base: str | os.PathLike[str],
-    adapters: Any,
+    adapters: AdapterSet,
     out: str | os.PathLike[str],
     *,
     dtype: torch.dtype | None = None,
@@ -143,7 +143,7 @@ def merge_checkpoint(
         t = ckpt.tensor(k)
         dt = dtype_of(k)
         if k in per_key and _is_replace(k, per_key[k]):  # PEFT modules_to_save: the replacement itself
-            t = per_key[k][0].delta.T.to(dtype=dt)
+            t = per_key[k][0].delta.D.to(dtype=dt)
         elif k in per_key and _is_dora(per_key[k]):  # row tiles; input-axis norms take a first pass over the tiles
             t = merge_dora(t, per_key[k], out=torch.empty(t.shape, dtype=dt), where=f"{ckpt.file_of(k)}: {k!r}")[0]
         elif k in per_key:  # rounded once, straight into the output dtype

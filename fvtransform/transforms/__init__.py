@@ -1,5 +1,10 @@
-"""Transform factories: each returns a :class:`Transform` for :func:`chain`."""
+"""Transform factories: each returns a :class:`Transform`, a step for :func:`chain`.
 
+Each tree operation has one eager function, ``fvt.X(tree, ...)``, and one
+factory here, ``fvt.transforms.X(...)``: ``fvt.transforms.X(args)(tree) == fvt.X(tree, args)``.
+"""
+
+from fvtransform.transforms._lora import merge_lora, unmerge_lora
 from fvtransform.transforms._transform import (
     Transform,
     as_transform,
@@ -13,4 +18,17 @@ from fvtransform.transforms._transform import (
     update,
 )
 
-__all__ = ["Transform", "as_transform", "cast", "chain", "drop", "map_tensors", "rename", "select", "to", "update"]
+__all__ = [
+    "Transform",
+    "as_transform",
+    "cast",
+    "chain",
+    "drop",
+    "map_tensors",
+    "merge_lora",
+    "rename",
+    "select",
+    "to",
+    "unmerge_lora",
+    "update",
+]

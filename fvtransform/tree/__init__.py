@@ -1,16 +1,18 @@
-"""Parameter trees and the operations on them."""
+"""Parameter trees, the operations on them, and key maps."""
 
+from fvtransform.tree._keymap import Fuse, KeyMap, MappingPlan, Rename, Split
 from fvtransform.tree._match import Pattern, matcher
 from fvtransform.tree._ops import cast, combine, drop, map_tensors, partition, rename, select, to, update
 from fvtransform.tree._paramtree import ParamTree, state_keys, tensors_equal
-from fvtransform.tree._rename import ComposedRename, Rename, RenameRules
 
 __all__ = [
-    "ComposedRename",
+    "Fuse",
+    "KeyMap",
+    "MappingPlan",
     "ParamTree",
     "Pattern",
     "Rename",
-    "RenameRules",
+    "Split",
     "cast",
     "combine",
     "drop",

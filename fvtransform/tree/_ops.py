@@ -7,16 +7,63 @@ tied under several keys stay tied (one result per distinct input tensor).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+import functools
+import inspect
+from typing import Any, TypeVar
 
 import torch
 
-from fvtransform.errors import KeyMismatchError, format_keys
+from fvtransform.errors import KeyMismatchError, UsageError, format_keys
+from fvtransform.tree._keymap import KeyMap, KeyMapLike
 from fvtransform.tree._match import Pattern, matcher
 from fvtransform.tree._paramtree import ParamTree
-from fvtransform.tree._rename import as_rename
 
 __all__ = ["select", "drop", "partition", "combine", "rename", "cast", "to", "map_tensors", "update"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Eager operations that have no transform form (they do not map one tree to one tree).
+_NO_FACTORY = frozenset({"partition", "combine"})
+
+
+def show_args(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    """Arguments as a call shows them, each shortened to one readable piece."""
+
+    def short(v: Any) -> str:
+        r = repr(v)
+        return r if len(r) <= 60 and "\n" not in r else f"<{type(v).__name__}>"
+
+    return ", ".join([short(a) for a in args] + [f"{k}={short(v)}" for k, v in kwargs.items()])
+
+
+def _eager(fn: F) -> F:
+    """Mark a tree operation as eager and turn a factory-style call of it into a :class:`UsageError`.
+
+    ``fvt.select("a.*")`` (no tree) raises an error that shows both the eager
+    call and the factory ``fvt.transforms.select('a.*')``.
+    """
+    name = fn.__name__
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind is p.POSITIONAL_ONLY]
+    required = sum(p.default is p.empty for p in params)
+    shape = ", ".join(p.name for p in params if p.default is p.empty)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if len(args) < required or not isinstance(args[0], Mapping):
+            raise UsageError(eager_misuse(name, shape, args, kwargs))
+        return fn(*args, **kwargs)
+
+    call.__fvt_eager__ = name  # type: ignore[attr-defined]
+    return call  # type: ignore[return-value]
+
+
+def eager_misuse(name: str, shape: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    """The message for an eager operation called without a tree (or passed, uncalled, to chain)."""
+    head = f"fvt.{name}({shape}) runs now, on a tree"
+    if name in _NO_FACTORY:
+        return head + f"; it has no transform form. Call it on trees: fvt.{name}({shape})"
+    given = show_args(args, kwargs) if (args or kwargs) else "..."
+    return head + f"; inside chain use fvt.transforms.{name}({given})"
 
 
 def _as_tree(tree: Mapping[str, torch.Tensor]) -> ParamTree:
@@ -30,6 +77,7 @@ def _no_match(pattern: Any, tree: ParamTree) -> KeyMismatchError:
     )
 
 
+@_eager
 def select(tree: Mapping[str, torch.Tensor], pattern: Pattern, /, *, allow_empty: bool = False) -> ParamTree:
     """The sub-tree of keys that match ``pattern`` (glob, regex, list or predicate).
 
@@ -49,6 +97,7 @@ def select(tree: Mapping[str, torch.Tensor], pattern: Pattern, /, *, allow_empty
     return ParamTree._wrap(out)
 
 
+@_eager
 def drop(tree: Mapping[str, torch.Tensor], pattern: Pattern, /, *, allow_empty: bool = False) -> ParamTree:
     """The tree without the keys that match ``pattern``.
 
@@ -65,6 +114,7 @@ def drop(tree: Mapping[str, torch.Tensor], pattern: Pattern, /, *, allow_empty: 
     return ParamTree._wrap(out)
 
 
+@_eager
 def partition(tree: Mapping[str, torch.Tensor], pattern: Pattern, /) -> tuple[ParamTree, ParamTree]:
     """Split into ``(matching, rest)``; ``combine(*partition(t, p)) == t``.
 
@@ -93,6 +143,12 @@ def combine(*trees: Mapping[str, torch.Tensor]) -> ParamTree:
     ...
     fvtransform.errors.KeyMismatchError: combine: key 'x' is in tree 0 and tree 1; combine takes disjoint trees. Use fvt.update(a, b) to replace values.
     """
+    for t in trees:
+        if not isinstance(t, Mapping):
+            raise UsageError(
+                f"fvt.combine(*trees) joins trees; found {type(t).__name__} {show_args((t,), {})}. "
+                "Pass only trees: fvt.combine(a, b)"
+            )
     out: dict[str, torch.Tensor] = {}
     owner: dict[str, int] = {}
     for i, t in enumerate(trees):
@@ -107,22 +163,27 @@ def combine(*trees: Mapping[str, torch.Tensor]) -> ParamTree:
     return ParamTree._wrap(out)
 
 
-def rename(tree: Mapping[str, torch.Tensor], rules: Any, /, *, strict: bool = True) -> ParamTree:
-    """Rename keys by ordered template rules (first match wins); order is kept.
+combine.__fvt_eager__ = "combine"  # type: ignore[attr-defined]
 
-    ``rules`` is a dict of exact names, ``(source, target)`` template pairs,
-    or a :class:`~fvtransform.RenameRules` (which has ``.inverse()``). With
-    ``strict=True`` a rule that matches no key is an error. Two keys renamed
-    to one name is always an error.
+
+@_eager
+def rename(tree: Mapping[str, torch.Tensor], rules: KeyMapLike, /, *, strict: bool = True) -> ParamTree:
+    """Rename (and fuse or split) keys by a :class:`~fvtransform.KeyMap`; order is kept.
+
+    ``rules`` is anything :meth:`KeyMap.of <fvtransform.KeyMap.of>` takes: a
+    KeyMap, a dict of names or templates, or ``(source, target)`` pairs. A
+    dict or pairs keep the keys they do not name. With ``strict=True`` every
+    rule not marked optional must match a key and every key must be claimed;
+    ``strict=False`` allows both (use ``KeyMap.plan`` to see the leftovers).
+    Two keys renamed to one name is always an error.
 
     >>> import torch, fvtransform as fvt
-    >>> t = fvt.ParamTree({"blocks.0.q.weight": torch.zeros(1)})
+    >>> t = fvt.ParamTree({"blocks.0.q.weight": torch.zeros(1), "head.w": torch.zeros(1)})
     >>> list(fvt.rename(t, [("blocks.{i}.q.{p}", "layers.{i}.to_q.{p}")]))
-    ['layers.0.to_q.weight']
+    ['layers.0.to_q.weight', 'head.w']
     """
     tree = _as_tree(tree)
-    plan = as_rename(rules).plan(list(tree), strict=strict)
-    return ParamTree._wrap({plan[k]: v for k, v in tree.items()})
+    return KeyMap.of(rules)(tree, strict=strict)
 
 
 def _map_distinct(
@@ -142,6 +203,7 @@ def _map_distinct(
     return ParamTree._wrap(out)
 
 
+@_eager
 def cast(tree: Mapping[str, torch.Tensor], dtype: torch.dtype, /, *, only: Pattern | None = None) -> ParamTree:
     """Cast floating-point tensors to ``dtype`` (integer and bool tensors are kept).
 
@@ -163,6 +225,7 @@ def cast(tree: Mapping[str, torch.Tensor], dtype: torch.dtype, /, *, only: Patte
     return _map_distinct(tree, one, only)
 
 
+@_eager
 def to(
     tree: Mapping[str, torch.Tensor],
     device: torch.device | str,
@@ -189,6 +252,7 @@ def to(
     return _map_distinct(tree, one, only)
 
 
+@_eager
 def map_tensors(
     tree: Mapping[str, torch.Tensor],
     fn: Callable[..., torch.Tensor],
@@ -212,6 +276,7 @@ def map_tensors(
     return _map_distinct(tree, lambda _k, v: fn(v), only)
 
 
+@_eager
 def update(
     tree: Mapping[str, torch.Tensor],
     other: Mapping[str, torch.Tensor],

@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
-from fvtransform.errors import FormatError, ImmutableError
+from fvtransform.errors import FormatError, ImmutableError, UsageError
 from fvtransform.tree import _pytree
 
 __all__ = ["ParamTree", "state_keys", "human_bytes"]
@@ -56,9 +56,15 @@ class ParamTree(Mapping[str, torch.Tensor]):
     same tensor object (tied weights): :meth:`aliases` lists such groups and
     every operation keeps them tied.
 
-    ``==`` compares two trees as mappings: the same keys (in any order) whose
-    tensors have equal dtype, shape and bits. :meth:`same_order` also checks
-    the order.
+    ``==`` is exact value equality: the same keys (in any order) whose
+    tensors have equal dtype, shape and *bits* (a NaN equals the same NaN;
+    ``0.0`` and ``-0.0`` differ), which is what a round-trip test wants. It
+    costs a read of every tensor of both trees (for a lazily loaded checkpoint,
+    the whole file); keys, dtypes and shapes are compared first, so trees that
+    differ there answer at once. Trees on the meta device hold no values:
+    comparing them raises :class:`~fvtransform.errors.UsageError`; compare
+    their structure with ``fvt.check`` instead. :meth:`same_order` also checks
+    the order. Use ``torch.allclose`` per key for tolerance.
 
     Example:
         >>> import torch, fvtransform as fvt
@@ -70,7 +76,7 @@ class ParamTree(Mapping[str, torch.Tensor]):
         >>> t["w"] = torch.ones(1)
         Traceback (most recent call last):
         ...
-        fvtransform.errors.ImmutableError: ParamTree is immutable: cannot set 'w'. Build a new tree instead, e.g. tree.update({'w': value}).
+        fvtransform.errors.ImmutableError: ParamTree is immutable: cannot set 'w'. Build a new tree instead, e.g. fvt.update(tree, {'w': value}).
     """
 
     __slots__ = ("_data", "_slots")
@@ -154,13 +160,13 @@ class ParamTree(Mapping[str, torch.Tensor]):
     def __setitem__(self, key: str, value: Any) -> NoReturn:
         raise ImmutableError(
             f"ParamTree is immutable: cannot set {key!r}. "
-            f"Build a new tree instead, e.g. tree.update({{{key!r}: value}})."
+            f"Build a new tree instead, e.g. fvt.update(tree, {{{key!r}: value}})."
         )
 
     def __delitem__(self, key: str) -> NoReturn:
         raise ImmutableError(
             f"ParamTree is immutable: cannot delete {key!r}. "
-            f"Build a new tree instead, e.g. tree.drop({key!r})."
+            f"Build a new tree instead, e.g. fvt.drop(tree, {key!r})."
         )
 
     def __setattr__(self, name: str, value: Any) -> NoReturn:
@@ -192,6 +198,16 @@ class ParamTree(Mapping[str, torch.Tensor]):
             return NotImplemented
         if set(self._data) != set(other.keys()):
             return False
+        if any(not isinstance(other[k], torch.Tensor) or v.dtype != other[k].dtype or v.shape != other[k].shape
+               for k, v in self._data.items()):
+            return False
+        for k, v in self._data.items():
+            w = other[k]
+            if v is not w and "meta" in (v.device.type, w.device.type):
+                raise UsageError(
+                    f"ParamTree == needs tensor values, but {k!r} is on the meta device (it holds no data). "
+                    "Compare structure with fvt.check(tree, other) (keys, shapes, dtypes), or load the values first."
+                )
         return all(tensors_equal(v, other[k]) for k, v in self._data.items())
 
     def __ne__(self, other: object) -> bool:
@@ -252,54 +268,34 @@ class ParamTree(Mapping[str, torch.Tensor]):
             parts.append(f"{n_alias} tied groups")
         return "ParamTree(" + ", ".join(parts) + ")"
 
-    # Convenience methods (each delegates to the function of the same name) ---
-    def select(self, pattern: Any, **kw: Any) -> ParamTree:
-        """See :func:`fvtransform.select`."""
-        from fvtransform.tree._ops import select
+    # No operation methods: one spelling per operation -----------------------
+    def __getattr__(self, name: str) -> NoReturn:
+        eager = _OPERATIONS.get(name)
+        if eager is not None:
+            raise _NoMethodError(
+                f"ParamTree has no method {name!r}: tree operations are functions. "
+                f"Use fvt.{eager}(tree, ...) to run it now, or fvt.transforms.{eager}(...) as a step of fvt.chain."
+            )
+        raise AttributeError(f"'ParamTree' object has no attribute {name!r}")
 
-        return select(self, pattern, **kw)
 
-    def drop(self, pattern: Any, **kw: Any) -> ParamTree:
-        """See :func:`fvtransform.drop`."""
-        from fvtransform.tree._ops import drop
+#: Operation names a reader may look up on a tree -> the eager function that does it.
+_OPERATIONS = {
+    "select": "select",
+    "drop": "drop",
+    "partition": "partition",
+    "combine": "combine",
+    "rename": "rename",
+    "cast": "cast",
+    "to": "to",
+    "map": "map_tensors",
+    "map_tensors": "map_tensors",
+    "update": "update",
+}
 
-        return drop(self, pattern, **kw)
 
-    def partition(self, pattern: Any) -> tuple[ParamTree, ParamTree]:
-        """See :func:`fvtransform.partition`."""
-        from fvtransform.tree._ops import partition
-
-        return partition(self, pattern)
-
-    def rename(self, rules: Any, **kw: Any) -> ParamTree:
-        """See :func:`fvtransform.rename`."""
-        from fvtransform.tree._ops import rename
-
-        return rename(self, rules, **kw)
-
-    def cast(self, dtype: torch.dtype, **kw: Any) -> ParamTree:
-        """See :func:`fvtransform.cast`."""
-        from fvtransform.tree._ops import cast
-
-        return cast(self, dtype, **kw)
-
-    def to(self, device: torch.device | str, **kw: Any) -> ParamTree:
-        """See :func:`fvtransform.to`."""
-        from fvtransform.tree._ops import to
-
-        return to(self, device, **kw)
-
-    def map(self, fn: Any, **kw: Any) -> ParamTree:
-        """See :func:`fvtransform.map_tensors`."""
-        from fvtransform.tree._ops import map_tensors
-
-        return map_tensors(self, fn, **kw)
-
-    def update(self, other: Mapping[str, torch.Tensor], **kw: Any) -> ParamTree:
-        """See :func:`fvtransform.update`."""
-        from fvtransform.tree._ops import update
-
-        return update(self, other, **kw)
+class _NoMethodError(UsageError, AttributeError):
+    """An operation looked up as a ParamTree method (an AttributeError, so ``hasattr`` stays False)."""
 
 
 def tensors_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -315,7 +311,10 @@ def tensors_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     if a.device.type == "meta" or b.device.type == "meta":
-        raise FormatError("cannot compare tensors on the meta device: they hold no values")
+        raise UsageError(
+            "cannot compare the values of tensors on the meta device: they hold none. "
+            "Compare dtype and shape instead, or load the values first."
+        )
     if a.device != b.device:
         b = b.to(a.device)
     if a.dtype.is_floating_point or a.dtype.is_complex:

@@ -3,11 +3,15 @@
 Each mapping is a :class:`KeyMap` value; invert it with ``.inverse()``.
 The reference model uses diffusers' Wan names, so the Wan mappings apply to
 it unchanged.
+
+The Wan maps account for every key (``keep_rest=False``), strictly, on both
+Wan T2V and I2V trees: the rules for the layers only I2V has (the image
+cross-attention and the image embedder) are ``optional=True``.
 """
 
 from __future__ import annotations
 
-from fvtransform.io._keymap import Fuse, KeyMap
+from fvtransform.tree._keymap import Fuse, KeyMap, Rename
 
 __all__ = ["WAN_ORIGINAL_TO_DIFFUSERS", "WAN_DIFFUSERS_TO_ORIGINAL", "REFERENCE_QKV_FUSE", "WAN_MODULE_RENAMES"]
 
@@ -45,12 +49,19 @@ WAN_MODULE_RENAMES: tuple[tuple[str, str], ...] = (
     ("patch_embedding", "patch_embedding"),
 )
 
+#: Modules only the image-to-video variant has: their rules are optional.
+_I2V_ONLY = frozenset(
+    {"blocks.{i}.cross_attn.k_img", "blocks.{i}.cross_attn.v_img", "blocks.{i}.cross_attn.norm_k_img"}
+    | {f"img_emb.proj.{n}" for n in (0, 1, 3, 4)}
+)
+
 WAN_ORIGINAL_TO_DIFFUSERS = KeyMap.of(
-    [(f"{src}.{{p}}", f"{dst}.{{p}}") for src, dst in WAN_MODULE_RENAMES]
+    [Rename(f"{src}.{{p}}", f"{dst}.{{p}}", optional=src in _I2V_ONLY) for src, dst in WAN_MODULE_RENAMES]
     + [
         ("blocks.{i}.modulation", "blocks.{i}.scale_shift_table"),
         ("head.modulation", "scale_shift_table"),
-    ]
+    ],
+    keep_rest=False,
 )
 WAN_DIFFUSERS_TO_ORIGINAL = WAN_ORIGINAL_TO_DIFFUSERS.inverse()
 
@@ -63,6 +74,5 @@ REFERENCE_QKV_FUSE = KeyMap.of(
             "blocks.{i}.attn1.to_qkv.{p}",
             dim=0,
         )
-    ],
-    strict=False,
+    ]
 )

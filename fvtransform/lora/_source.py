@@ -1,0 +1,56 @@
+"""Reading a LoRA source: a file, a folder (one weights file picked), a hub repo, or a mapping."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fvtransform.errors import FormatError
+from fvtransform.io._open import contained
+from fvtransform.lora._format_table import PEFT_CONFIG
+
+
+def read_source(source: Any, weight_name: str | None) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any] | None, str, str]:
+    """Tensors, safetensors metadata, adapter_config.json (if any), a label for messages, and the config's label."""
+    if isinstance(source, Mapping):
+        return dict(source), {}, None, "<mapping>", ""
+    path = Path(source)
+    if not path.exists():
+        from fvtransform.hub import maybe_download_lora
+
+        path = maybe_download_lora(str(source), weight_name=weight_name)
+    config_path: Path | None = None
+    if path.is_dir():
+        from fvtransform.lora._pick import pick_lora_file
+
+        name = pick_lora_file((p.name for p in path.iterdir() if p.is_file()), str(path), weight_name)
+        file = path / name if weight_name else contained(path, name, "LoRA file")  # weight_name: the user's choice
+    else:
+        file = path
+    if os.path.lexists(file.parent / PEFT_CONFIG):  # a FIFO or dangling link is refused by the reader, not skipped
+        config_path = contained(file.parent, PEFT_CONFIG, "LoRA config", file)
+    from fvtransform.io._files import PICKLE_SUFFIXES
+    from fvtransform.io._load import Checkpoint
+    from fvtransform.io._files import WeightFiles
+
+    if file.suffix in PICKLE_SUFFIXES:
+        from fvtransform.errors import UnsafeFileError
+
+        raise UnsafeFileError(f"{file}: pickle-based LoRA files can run code; convert it to safetensors")
+    ckpt = Checkpoint(WeightFiles((file,)))
+    tensors = {k: ckpt.tensor(k) for k in ckpt.keys()}
+    config = None
+    if config_path is not None:
+        from fvtransform.io._model import read_json
+
+        try:
+            config = read_json(config_path)
+        except ValueError as e:  # e.g. an integer of more digits than Python converts
+            if isinstance(e, FormatError):
+                raise
+            raise FormatError(f"{config_path}: not valid JSON ({e})") from None
+    return tensors, ckpt.metadata, config, str(file), str(config_path or "")
