@@ -24,6 +24,7 @@ from typing import Callable, TypeVar
 from fvtransform.errors import FormatError, FvTransformError, HubError, NotFoundError, UnsafeFileError, format_keys
 from fvtransform.hub import _guard, _snapshot
 from fvtransform.hub._verify import resolved_commit, verify_file, verify_snapshot
+from fvtransform.io._files import file_entries
 from fvtransform.io._pipeline import pipeline_components, require_components
 
 __all__ = ["maybe_download_model", "maybe_download_lora", "split_repo_id", "check_revision", "DEFAULT_PATTERNS",
@@ -406,7 +407,7 @@ def maybe_download_lora(
     if path.is_file():
         return path
     if path.is_dir():
-        return _pick(path, sorted(p.name for p in path.iterdir() if p.is_file()), weight_name, str(path))
+        return _pick(path, file_entries(path), weight_name, str(path))  # a FIFO is picked, then refused when opened
     repo, sub = split_repo_id(str(name_or_path))
     check_revision(revision)
     if weight_name is not None:

@@ -19,7 +19,7 @@ from fvtransform.errors import (
 from fvtransform.io._header import MAX_INT_DIGITS, OBJECT_BYTES
 from fvtransform.io._open import MAX_JSON_BYTES, allowed_root, check_regular, contained, no_such_path
 
-__all__ = ["WeightFiles", "find_weight_files", "read_index", "PICKLE_SUFFIXES", "INDEX_SUFFIX", "MAX_SHARDS", "INDEX_JSON"]
+__all__ = ["WeightFiles", "find_weight_files", "file_entries", "read_index", "PICKLE_SUFFIXES", "INDEX_SUFFIX", "MAX_SHARDS", "INDEX_JSON"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -88,7 +88,7 @@ def read_index(index: Path) -> WeightFiles:
     return WeightFiles(tuple(files), index, weight_map, metadata=dict(meta) if isinstance(meta, dict) else {})
 
 
-def _entries(folder: Path) -> list[str]:
+def file_entries(folder: Path) -> list[str]:
     """Names in ``folder`` that are not folders (FIFOs and dangling links included: picking one is an error)."""
     with os.scandir(folder) as it:
         names = []
@@ -128,7 +128,7 @@ def find_weight_files(path: str | os.PathLike[str], *, allow_pickle: bool = Fals
         if path.suffix in PICKLE_SUFFIXES:
             return _pickle(path, allow_pickle)
         return WeightFiles((path,))
-    names = _entries(path)
+    names = file_entries(path)
     indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
     for stem in _PREFERRED:
         if f"{stem}{INDEX_SUFFIX}" in indexes:
