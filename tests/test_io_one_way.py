@@ -38,8 +38,8 @@ def _calls(attr: str, module: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- one JSON reader
-#: The modules that read files (io, hub, the streaming merge); the LoRA format readers are another slice's.
-_READERS = ("fvtransform/io/", "fvtransform/hub/", "fvtransform/lora/_stream.py", "fvtransform/cli/", "fvtransform/registry/")
+#: Every module of the package.
+_READERS = ("fvtransform/",)
 
 
 def test_untrusted_json_is_parsed_only_by_fvtransform_json():
@@ -74,6 +74,17 @@ def test_an_index_keeps_its_error_class_for_a_key_listed_twice(tmp_path):
     index.write_text(text.replace('"weight_map": {', '"weight_map": {\n    "a": "model-00002-of-00002.safetensors",', 1))
     with pytest.raises(KeyMismatchError, match=r"model\.safetensors\.index\.json: key 'a' is listed twice; the index is corrupt"):
         fvt.load(tmp_path / "c")
+
+
+def test_json_in_lora_metadata_is_read_by_the_one_reader_naming_file_and_field(tmp_path):
+    from fvtransform.io._safetensors import tensor_specs, write_safetensors
+
+    tensors = {"l.lora_A.weight": torch.zeros(2, 3), "l.lora_B.weight": torch.zeros(4, 2)}
+    path = tmp_path / "l.safetensors"
+    with open(path, "wb") as f:
+        write_safetensors(f, tensor_specs(tensors, path), tensors.__getitem__, {"fvt.scales": '{"l": 1, "l": 2}'})
+    with pytest.raises(FormatError, match=r"l\.safetensors: header 'fvt\.scales': key 'l' appears twice"):
+        fvt.lora.load(path)
 
 
 # ----------------------------------------------------------------------------- one safetensors writer
