@@ -94,11 +94,11 @@ def cases(root: Path) -> list[Case]:
          r"keys 'l.lora_A(.default)?.weight' and 'l.lora_A(.default)?.weight' both give the A of 'l'")
     lora("down_and_A", {"l.lora_A.weight": A, "l.lora_down.weight": A, "l.lora_B.weight": B}, E.KeyMismatchError,
          r"keys 'l.lora_A.weight' and 'l.lora_down.weight' both give the A")
-    lora("header_not_json", {"l.lora_A.weight": A, "l.lora_B.weight": B}, E.FormatError, r"header 'lora_adapter_metadata' is not valid JSON",
+    lora("header_not_json", {"l.lora_A.weight": A, "l.lora_B.weight": B}, E.FormatError, r"header 'lora_adapter_metadata': not valid JSON",
          metadata={"lora_adapter_metadata": "{nope"})
     lora("header_r_string", {"l.lora_A.weight": A, "l.lora_B.weight": B}, E.FormatError, r"header 'lora_adapter_metadata': 'r': expected a whole number",
          metadata={"lora_adapter_metadata": json.dumps({"r": "2"})})
-    lora("fvt_scales_list", {"l.lora_A.weight": A, "l.lora_B.weight": B}, E.FormatError, r"header 'fvt.scales': expected an object",
+    lora("fvt_scales_list", {"l.lora_A.weight": A, "l.lora_B.weight": B}, E.FormatError, r"header 'fvt.scales': the document must be an object; found an array",
          metadata={"fvt.scales": "[1, 2]"})
     lora("fastvideo_rank_wrong", {"l.lora_A.weight": A, "l.lora_B.weight": B, "l.lora_rank": torch.tensor([7], dtype=torch.int32)},
          E.ShapeMismatchError, r"'l.lora_rank' says rank 7, but the factors have rank 2")

@@ -35,7 +35,7 @@ def test_inspect_and_errors(tmp_path):
     assert groups == {"blocks.0": {"tensors": 1, "bytes": 16}, "blocks.1": {"tensors": 1, "bytes": 16}, "head": {"tensors": 1, "bytes": 8}}
     bad = run("inspect", str(tmp_path / "missing"))
     assert bad.returncode == 2 and bad.stderr.startswith("fvtransform: error:") and "Traceback" not in bad.stderr
-    assert "is not an existing path" in bad.stderr
+    assert "missing: no such file or folder (an absolute path" in bad.stderr
     (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00")
     bad = run("inspect", str(tmp_path / "junk.safetensors"))
     assert bad.returncode == 2 and "too short" in bad.stderr

@@ -217,7 +217,7 @@ def test_500_forever_is_a_clear_error_after_bounded_retries(fake_hub, tiny_lora)
 
 
 @pytest.mark.parametrize(
-    "name", ["org/../x", "/no/such/abs/path", "org/repo/../../x", "org/re*po", "org/repo/sub/*.json", "org//x", "org/./x"]
+    "name", ["org/../x", "org/repo/../../x", "org/re*po", "org/repo/sub/*.json", "org//x", "org/./x"]
 )
 def test_path_segments_that_try_to_escape_are_refused_before_any_request(fake_hub, name):
     with pytest.raises(UnsafeFileError, match="not allowed"):

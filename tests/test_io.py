@@ -254,18 +254,21 @@ def test_contained_refuses_names_that_are_not_plain(tmp_path, name):
         contained(tmp_path, name, "shard", tmp_path / "idx.json")
 
 
-def test_read_text_caps_size_and_requires_utf8(tmp_path):
-    from fvtransform.io._open import read_text
+def test_json_files_are_read_with_a_size_cap_and_must_be_utf8(tmp_path):
+    from fvtransform._json import JsonLimits, read_json_file
+    from fvtransform.io._open import read_bytes
 
     big = tmp_path / "big.json"
     big.write_bytes(b"1" * 100)
     with pytest.raises(FormatError, match=r"big\.json: the config is 100 bytes, over the 64-byte limit"):
-        read_text(big, "config", limit=64)
+        read_bytes(big, "config", limit=64)
+    with pytest.raises(FormatError, match=r"big\.json: the config is 100 bytes, over the 64-byte limit"):
+        read_json_file(big, limits=JsonLimits(max_bytes=64), what="config")
     bad = tmp_path / "bad.json"
     bad.write_bytes(b'{"a": "\xff"}')
-    with pytest.raises(FormatError, match=r"bad\.json: the config is not UTF-8 text \(byte 7\)"):
-        read_text(bad, "config")
-    assert read_text(big, "config", limit=100) == "1" * 100
+    with pytest.raises(FormatError, match=r"bad\.json: not valid UTF-8 at byte 7; JSON files are UTF-8"):
+        read_json_file(bad, what="config")
+    assert read_bytes(big, "config", limit=100) == b"1" * 100
 
 
 def test_a_loaded_tree_survives_the_file_being_replaced_by_a_save(tmp_path):

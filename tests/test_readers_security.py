@@ -215,7 +215,7 @@ def test_integers_with_thousands_of_digits_are_a_format_error(tmp_path):
     idx = tmp_path / "i"
     idx.mkdir()
     (idx / "model.safetensors.index.json").write_text('{"metadata": {"total_size": ' + "9" * 5000 + '}, "weight_map": {}}')
-    _refused(lambda: fvt.load(idx), FormatError, r"model\.safetensors\.index\.json: an integer of 5000 digits")
+    _refused(lambda: fvt.load(idx), FormatError, r"model\.safetensors\.index\.json: key 'total_size': an integer of 5000 digits")
 
 
 def test_an_index_with_tens_of_thousands_of_shards_is_refused_fast(tmp_path):
@@ -260,7 +260,7 @@ def test_an_alias_never_shadows_a_stored_tensor(tmp_path):
     ({"c": "d", "d": "a"}, r"alias 'c' points to missing key 'd': another alias"),
     ({"c": "d", "d": "c"}, r"alias 'c' points to missing key 'd': another alias"),
     ('{"c": "a", "c": "b"}', r"metadata 'fvt.aliases' lists 'c' twice"),
-    ('{"c": ', r"metadata 'fvt.aliases' is not JSON"),
+    ('{"c": ', r"metadata 'fvt.aliases': not valid JSON"),
     ({"c": 5}, r"must map alias -> key"),
 ])
 def test_alias_chains_cycles_missing_and_duplicate_aliases_are_refused(tmp_path, aliases, match):
@@ -320,33 +320,39 @@ def test_nan_and_infinity_in_a_header_are_not_json(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 5. inspect escapes names
-_EVIL = {"\x1b[2J\x1b[31mred": [1.0], "a\u202eb.weight": [2.0], "x\ud800y": [3.0], "cr\rlf\n": [4.0]}
+_EVIL = {"\x1b[2J\x1b[31mred": [1.0], "a\u202eb.weight": [2.0], "cr\rlf\n": [4.0]}
 
 
-def _evil_file(path: Path) -> Path:
+def _evil_file(path: Path, names: dict[str, list[float]] = _EVIL) -> Path:
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     data = b""
-    for i, (k, v) in enumerate(_EVIL.items()):
+    for i, (k, v) in enumerate(names.items()):
         header[k] = {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]}
         data += struct.pack("<f", *v)
-    raw = json.dumps(header).encode()  # ensure_ascii: the lone surrogate travels as \ud800
+    raw = json.dumps(header).encode()  # ensure_ascii: a lone surrogate travels as \ud800
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
     return path
 
 
-def test_inspect_escapes_control_bidi_and_surrogate_names(tmp_path):
+def test_inspect_escapes_control_and_bidi_names(tmp_path):
     path = _evil_file(tmp_path / "evil.safetensors")
     out = subprocess.run([sys.executable, "-m", "fvtransform", "inspect", str(path)], capture_output=True, timeout=120,
                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     assert out.returncode == 0, out.stderr.decode()
     text = out.stdout.decode("utf-8")
     assert "\x1b" not in text and "\u202e" not in text and "\r" not in text
-    assert "\\x1b[2J\\x1b[31mred" in text and "a\\u202eb.weight" in text and "x\\ud800y" in text
+    assert "\\x1b[2J\\x1b[31mred" in text and "a\\u202eb.weight" in text
     js = subprocess.run([sys.executable, "-m", "fvtransform", "--json", "inspect", str(path)], capture_output=True,
                         timeout=120)
     assert js.returncode == 0, js.stderr.decode()
     assert js.stdout.isascii()
     assert sorted(t["key"] for t in json.loads(js.stdout)["tensors"]) == sorted(_EVIL)
+
+
+def test_a_tensor_name_with_a_lone_surrogate_is_refused_as_safetensors_refuses_it(tmp_path):
+    """The one JSON reader refuses a lone surrogate (not Unicode text; safetensors' own parser refuses it too)."""
+    path = _evil_file(tmp_path / "sur.safetensors", {"ok": [1.0], "x\ud800y": [3.0]})
+    _refused(lambda: fvt.load(path), FormatError, r"sur\.safetensors: a key at \(the document\) holds a lone surrogate \('x\\ud800y'\)")
 
 
 # ----------------------------------------------------------------------------- 6. the CLI's error surface
@@ -516,7 +522,7 @@ def test_a_component_folder_swapped_for_an_outside_link_after_its_check_is_never
 
 def test_guarantee_a_checked_path_that_stays_put_opens_and_prints_as_the_plain_path(tmp_path):
     """The root a derived path carries changes nothing for a file that stays where it was checked."""
-    from fvtransform.io._open import DerivedPath, contained, read_text
+    from fvtransform.io._open import DerivedPath, contained, read_bytes
 
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "c.json").write_text('{"x": 1}')
@@ -524,7 +530,7 @@ def test_guarantee_a_checked_path_that_stays_put_opens_and_prints_as_the_plain_p
     derived = contained(tmp_path, "c.json", "config")
     assert isinstance(derived, DerivedPath) and derived.contained_in == tmp_path.resolve()
     assert derived == tmp_path / "c.json" and str(derived) == str(tmp_path / "c.json")
-    assert read_text(derived, "config") == '{"x": 1}'
+    assert read_bytes(derived, "config") == b'{"x": 1}'
     assert (derived.parent / "y").contained_in is None and derived.root == "/"  # a path derived from it is plain again
 
 

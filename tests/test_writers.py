@@ -328,7 +328,7 @@ def test_a_full_disk_mid_merge_is_one_cli_line_and_the_old_output_stays(tmp_path
     args = ["merge", str(tmp_path / "base"), str(tmp_path / "lora"), "-o", str(tmp_path / "out"), "--quiet"]
     assert main(args) == 0
     before = {n: (tmp_path / "out" / n).read_bytes() for n in os.listdir(tmp_path / "out")}
-    monkeypatch.setattr("fvtransform.lora._stream._tensor_bytes", lambda t: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr("fvtransform.io._safetensors._tensor_bytes", lambda t: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("fvtransform: error:") and err.count("\n") == 1 and "ENOSPC" in err and "out" in err

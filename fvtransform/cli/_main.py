@@ -80,7 +80,7 @@ def _inspect(path: str, as_json: bool, base: str | None = None) -> int:
 
         p = maybe_download_model(path)
     if p.is_dir() and (p / "model_index.json").is_file():
-        from fvtransform.io._model import pipeline_components
+        from fvtransform.io._pipeline import pipeline_components
 
         comps = {k: (list(v) if v else None) for k, v in pipeline_components(p).items()}
         if as_json:

@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 import re
 
-import json
 import logging
 import time
 from typing import Callable, TypeVar
@@ -25,7 +24,8 @@ from typing import Callable, TypeVar
 from fvtransform.errors import FormatError, FvTransformError, HubError, NotFoundError, UnsafeFileError, format_keys
 from fvtransform.hub import _guard, _snapshot
 from fvtransform.hub._verify import resolved_commit, verify_file, verify_snapshot
-from fvtransform.io._open import read_text
+from fvtransform.io._files import file_entries
+from fvtransform.io._pipeline import pipeline_components, require_components
 
 __all__ = ["maybe_download_model", "maybe_download_lora", "split_repo_id", "check_revision", "DEFAULT_PATTERNS",
            "ANY_PICKLE_PATTERNS", "NEVER_PATTERNS"]
@@ -86,6 +86,21 @@ NEVER_PATTERNS = [
 ]
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Names written as local paths, never taken for repo ids (test, why): their absence is a NotFoundError.
+_PATH_FORMS: tuple[tuple[Callable[[str], bool], str], ...] = (
+    (os.path.isabs, "an absolute path: it is never taken for a repo id"),
+    (lambda n: n in (".", "..") or n.startswith(("./", "../")), "a path starting with '.' or '..': it is never taken for a repo id"),
+    (lambda n: n.startswith("~"), "'~' is not expanded: pass os.path.expanduser(path); it is never taken for a repo id"),
+    (lambda n: "\\" in n, "a repo id has no backslashes, so it is taken for a local path"),
+)
+
+
+def _not_local(repo: str) -> str:
+    """How to tell a repo id from a mistyped relative path, for errors of a name taken for a repo id."""
+    return (f"; {repo!r} was taken for a repo id because no local file or folder of that name exists in {os.getcwd()} "
+            f"(for a local path, check the spelling, or write './{repo}' or an absolute path, which is never taken for a repo id)")
+
+
 _ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -98,9 +113,18 @@ def split_repo_id(name: str) -> tuple[str, str | None]:
     Traceback (most recent call last):
     ...
     fvtransform.errors.UnsafeFileError: repo id 'org/../x': segment '..' is not allowed (no '.', '..', absolute parts, empty parts or glob characters)
+
+    A name written as a path (absolute, ``./``, ``../``, ``~``, a backslash) is never a repo id: that it
+    does not exist is a :class:`NotFoundError` naming it, not a security error.
+
+    >>> split_repo_id("/no/such/dir")
+    Traceback (most recent call last):
+    ...
+    fvtransform.errors.NotFoundError: /no/such/dir: no such file or folder (an absolute path: it is never taken for a repo id)
     """
-    if name.startswith("/") or "\\" in name:
-        raise UnsafeFileError(f"{name!r} is not an existing path, and as a repo id absolute paths or backslashes are not allowed")
+    for test, why in _PATH_FORMS:
+        if test(name):
+            raise NotFoundError(f"{name}: no such file or folder ({why})")
     parts = name.split("/")
     for p in parts:
         if p in ("", ".", "..") or not _SEGMENT.fullmatch(p) or ".." in p:
@@ -158,7 +182,7 @@ def _translate(e: Exception, repo: str, revision: str | None, offline: bool) -> 
     if isinstance(e, hf.GatedRepoError):
         return HubError(f"{where}: the repo is gated or needs authorization; pass token= or set HF_TOKEN")
     if isinstance(e, hf.RepositoryNotFoundError):
-        return NotFoundError(f"{where}: repository not found (or private: pass token=)")
+        return NotFoundError(f"{where}: repository not found (or private: pass token=){_not_local(repo)}")
     if isinstance(e, hf.RevisionNotFoundError):
         return NotFoundError(f"{where}: revision {revision!r} not found")
     if isinstance(e, hf.IncompleteSnapshotError):
@@ -168,10 +192,10 @@ def _translate(e: Exception, repo: str, revision: str | None, offline: bool) -> 
         )
     if isinstance(e, hf.LocalEntryNotFoundError):
         if offline:
-            return NotFoundError(f"{where}: not in the local cache and offline mode is on; download it once online first")
+            return NotFoundError(f"{where}: not in the local cache and offline mode is on; download it once online first{_not_local(repo)}")
         return HubError(
             f"{where}: the hub is unreachable and nothing is cached ({str(e).splitlines()[0]}); "
-            "check the network, or run offline (HF_HUB_OFFLINE=1) from a cache filled earlier"
+            f"check the network, or run offline (HF_HUB_OFFLINE=1) from a cache filled earlier{_not_local(repo)}"
         )
     if isinstance(e, hf.EntryNotFoundError):
         return NotFoundError(f"{where}: file not found: {e}")
@@ -279,7 +303,7 @@ def _listing(repo: str, revision: str | None, token: str | None) -> tuple[str, d
     except (httpx2.ConnectError, httpx2.ConnectTimeout) as e:
         raise _Unreachable(HubError(
             f"{where}: the hub is unreachable and nothing is cached ({type(e).__name__}: {str(e).splitlines()[0]}); "
-            "check the network, or run offline (HF_HUB_OFFLINE=1) from a cache filled earlier"
+            f"check the network, or run offline (HF_HUB_OFFLINE=1) from a cache filled earlier{_not_local(repo)}"
         )) from None
 
 
@@ -351,30 +375,9 @@ def _online_model(repo: str, sub: str | None, revision: str | None, patterns: li
 
 
 def _check_components(index: Path, components: list[str], label: str) -> None:
-    """Check the components asked for against ``model_index.json``; every key it names must be a safe folder name."""
-    try:
-        size = index.stat().st_size
-        if size > _snapshot.MAX_CONFIG_BYTES:
-            raise FormatError(f"{label}: model_index.json is {size} bytes, more than the {_snapshot.MAX_CONFIG_BYTES}-byte cap")
-        doc = json.loads(read_text(index, "model_index.json"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: bad JSON, or an integer of too many digits
-        raise FormatError(f"{label}: model_index.json is not valid JSON ({str(e)[:200]})") from None
-    if not isinstance(doc, dict):
-        raise FormatError(f"{label}: model_index.json must be an object of component -> [library, class]")
-    for key in doc:
-        if not key.startswith("_") and ("/" in key or not key):
-            raise UnsafeFileError(f"{label}: model_index.json names component {key[:200]!r}, which is not a folder name; refused")
-        if not key.startswith("_"):
-            _guard.check_repo_path(key, what=f"{label}: model_index.json component")
-    def absent(v: object) -> bool:  # diffusers writes an unused component as null or [null, null]
-        return v is None or (isinstance(v, list) and None in v)
-
-    present = sorted(k for k, v in doc.items() if not k.startswith("_") and not absent(v))
-    for c in components:
-        if c not in doc or c.startswith("_"):
-            raise NotFoundError(f"{label}: the pipeline has no component {c!r}; components: {present}")
-        if absent(doc[c]):
-            raise NotFoundError(f"{label}: component {c!r} is absent in this pipeline (its entry is null)")
+    """Check the components asked for against ``model_index.json`` (:mod:`fvtransform.io._pipeline`, as local pipelines)."""
+    source = f"{label}: model_index.json"
+    require_components(pipeline_components(index.parent, source=source), components, source=source)
 
 
 def maybe_download_lora(
@@ -404,7 +407,7 @@ def maybe_download_lora(
     if path.is_file():
         return path
     if path.is_dir():
-        return _pick(path, sorted(p.name for p in path.iterdir() if p.is_file()), weight_name, str(path))
+        return _pick(path, file_entries(path), weight_name, str(path))  # a FIFO is picked, then refused when opened
     repo, sub = split_repo_id(str(name_or_path))
     check_revision(revision)
     if weight_name is not None:

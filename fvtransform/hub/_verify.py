@@ -29,14 +29,17 @@ import os
 from pathlib import Path
 import re
 
-from fvtransform.errors import FormatError, IntegrityError
-from fvtransform.io._open import open_regular, read_text
+from fvtransform._json import JsonLimits, read_json_file
+from fvtransform.errors import FormatError, FvTransformError, IntegrityError
+from fvtransform.io._open import open_regular
 
 __all__ = ["verify_snapshot", "verify_file", "resolved_commit", "WEIGHT_SUFFIXES"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _HEX = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 _CHUNK = 8 * 1024 * 1024
+#: A verification record is one small object of numbers (size, device, inode, times).
+_RECORD_JSON = JsonLimits(max_bytes=65536, max_depth=2, max_containers=16, max_values=64)
 
 
 def resolved_commit(path: str | os.PathLike[str]) -> str | None:
@@ -118,8 +121,8 @@ def verify_file(file: Path, *, label: str, expected: tuple[str, int] | None = No
                 "the file was removed from the cache. Download again"
             )
     record = blob.parent.parent / ".fvt-verified" / f"{blob.name}.json"
-    with contextlib.suppress(OSError, ValueError):
-        if json.loads(read_text(record, "verification record", 65536)) == stamp:
+    with contextlib.suppress(OSError, FvTransformError):  # no record, or a broken one: the file is hashed again
+        if read_json_file(record, limits=_RECORD_JSON, expect=dict, what="verification record") == stamp:
             return
     algo = "sha256" if len(blob.name) == 64 else "git-sha1"
     got = _hash(file, algo, stamp["size"])

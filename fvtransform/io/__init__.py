@@ -5,7 +5,8 @@ from fvtransform.io._files import WeightFiles, find_weight_files, read_index
 from fvtransform.io._header import Header, TensorInfo, read_header
 from fvtransform.io._load import Checkpoint, load, open_checkpoint
 from fvtransform.tree._mappings import REFERENCE_QKV_FUSE, WAN_DIFFUSERS_TO_ORIGINAL, WAN_ORIGINAL_TO_DIFFUSERS
-from fvtransform.io._model import LoadedModel, LoadNote, LoadReport, load_model, pipeline_components
+from fvtransform.io._model import LoadedModel, LoadNote, LoadReport, load_model
+from fvtransform.io._pipeline import pipeline_components
 from fvtransform.io._save import parse_size, save
 
 __all__ = [

@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 import stat
 
 import attrs
 
-from fvtransform._json import unique_keys
+from fvtransform._json import JsonLimits, read_json_file
 from fvtransform.errors import (
     FormatError,
-    FvTransformError,
     KeyMismatchError,
     NotFoundError,
     UnsafeFileError,
     format_keys,
 )
-from fvtransform.io._header import bounded_int, check_containers, no_constant
-from fvtransform.io._open import allowed_root, check_regular, contained, read_text
+from fvtransform.io._header import MAX_INT_DIGITS, OBJECT_BYTES
+from fvtransform.io._open import MAX_JSON_BYTES, allowed_root, check_regular, contained, no_such_path
 
-__all__ = ["WeightFiles", "find_weight_files", "read_index", "PICKLE_SUFFIXES", "INDEX_SUFFIX", "MAX_SHARDS"]
+__all__ = ["WeightFiles", "find_weight_files", "file_entries", "read_index", "PICKLE_SUFFIXES", "INDEX_SUFFIX", "MAX_SHARDS", "INDEX_JSON"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -45,23 +43,18 @@ class WeightFiles:
 
 #: The most shard files an index may name (the largest public checkpoints have a few hundred).
 MAX_SHARDS = 4096
+#: The JSON bounds of a ``*.safetensors.index.json`` (the one reader, :mod:`fvtransform._json`): 64 MiB,
+#: integers of 20 digits (sizes), two million entries, and no denser in objects than a header.
+INDEX_JSON = JsonLimits(max_bytes=MAX_JSON_BYTES, max_depth=8, max_int_digits=MAX_INT_DIGITS, max_values=2_000_000,
+                        object_bytes=OBJECT_BYTES)
 
 
 def read_index(index: Path) -> WeightFiles:
     """Parse a ``*.safetensors.index.json`` strictly (duplicates, escapes, missing shards, size caps)."""
 
     index = index if isinstance(index, Path) else Path(index)  # a DerivedPath keeps its root
-    text = read_text(index, "index file")
-    check_containers(text, index, "index")
-
-    hook = unique_keys(lambda k: KeyMismatchError(f"{index}: key {k!r} is listed twice; the index is corrupt"))
-
-    try:
-        doc = json.loads(text, object_pairs_hook=hook, parse_int=bounded_int(index), parse_constant=no_constant(index))
-    except FvTransformError:
-        raise
-    except (ValueError, RecursionError) as e:
-        raise FormatError(f"{index}: not valid JSON ({type(e).__name__}: {e})") from None
+    doc = read_json_file(index, limits=INDEX_JSON, expect=None, what="index file",
+                         duplicate=lambda k: KeyMismatchError(f"{index}: key {k!r} is listed twice; the index is corrupt"))
     if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
         raise FormatError(f"{index}: expected an object with a 'weight_map' object of key -> shard file name")
     if not doc["weight_map"]:
@@ -95,7 +88,7 @@ def read_index(index: Path) -> WeightFiles:
     return WeightFiles(tuple(files), index, weight_map, metadata=dict(meta) if isinstance(meta, dict) else {})
 
 
-def _entries(folder: Path) -> list[str]:
+def file_entries(folder: Path) -> list[str]:
     """Names in ``folder`` that are not folders (FIFOs and dangling links included: picking one is an error)."""
     with os.scandir(folder) as it:
         names = []
@@ -125,7 +118,7 @@ def find_weight_files(path: str | os.PathLike[str], *, allow_pickle: bool = Fals
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise NotFoundError(f"{path}: no such file or folder") from None
+        raise no_such_path(path) from None
     except OSError as e:
         raise FormatError(f"{path}: cannot read: {e.strerror or e}") from None
     if not stat.S_ISDIR(mode):
@@ -135,7 +128,7 @@ def find_weight_files(path: str | os.PathLike[str], *, allow_pickle: bool = Fals
         if path.suffix in PICKLE_SUFFIXES:
             return _pickle(path, allow_pickle)
         return WeightFiles((path,))
-    names = _entries(path)
+    names = file_entries(path)
     indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
     for stem in _PREFERRED:
         if f"{stem}{INDEX_SUFFIX}" in indexes:

@@ -8,7 +8,6 @@ huge allocation.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -18,12 +17,12 @@ from typing import Any
 import attrs
 import torch
 
-from fvtransform._json import unique_keys
+from fvtransform._json import JsonLimits, loads_json
 from fvtransform.errors import FormatError, NotFoundError
 from fvtransform.io._open import MAX_JSON_BYTES, open_regular
 
 __all__ = ["TensorInfo", "Header", "read_header", "DTYPES", "DTYPE_NAMES", "MAX_HEADER_BYTES", "MAX_RANK", "MAX_INT_DIGITS",
-           "bounded_int", "no_constant", "check_containers", "OBJECT_BYTES", "MAX_TENSORS"]
+           "OBJECT_BYTES", "MAX_TENSORS", "HEADER_JSON"]
 
 #: safetensors dtype names -> torch dtypes (those this torch has).
 DTYPES: dict[str, torch.dtype] = {
@@ -65,6 +64,13 @@ MAX_INT_DIGITS = 20
 #: At most one JSON object (and two lists) per this many bytes of a header or index: the smallest real
 #: header entry, ``"a":{"dtype":"F32","shape":[],"data_offsets":[0,0]},``, is 48 bytes.
 OBJECT_BYTES = 40
+#: The JSON bounds of a header (and of JSON held in its metadata): 64 MiB, integers of 20 digits, at most
+#: one object and two lists per ``OBJECT_BYTES`` bytes (each parsed ``{}`` costs Python about 60 bytes);
+#: the number of objects is bounded by ``MAX_TENSORS`` before parsing.
+HEADER_JSON = JsonLimits(
+    max_bytes=MAX_HEADER_BYTES, max_depth=8, max_int_digits=MAX_INT_DIGITS, max_containers=3 * MAX_TENSORS + 16,
+    max_values=MAX_HEADER_BYTES, object_bytes=OBJECT_BYTES,
+)
 
 
 @attrs.frozen
@@ -93,46 +99,6 @@ class Header:
     file_size: int
     #: (device, inode, size, mtime_ns) of the file the header was read from: a later map checks it is the same file
     identity: tuple[int, ...] = ()
-
-
-def _reject_duplicates(path: Path) -> Any:
-    return unique_keys(lambda k: FormatError(f"{path}: the header lists the key {k!r} twice; the file is corrupt"))
-
-
-def bounded_int(where: object, limit: int = MAX_INT_DIGITS) -> Any:
-    """A ``json.loads(parse_int=...)`` hook refusing integers of more than ``limit`` digits (before int() runs)."""
-
-    def parse(text: str) -> int:
-        if len(text.lstrip("-")) > limit:
-            raise FormatError(f"{where}: an integer of {len(text)} digits ({text[:12]}...) is over the {limit}-digit limit")
-        return int(text)
-
-    return parse
-
-
-def no_constant(where: object) -> Any:
-    """A ``json.loads(parse_constant=...)`` hook refusing ``NaN`` and ``Infinity`` (not JSON)."""
-
-    def parse(text: str) -> float:
-        raise FormatError(f"{where}: {text} is not JSON (NaN and Infinity are not allowed)")
-
-    return parse
-
-
-def check_containers(raw: bytes | str, where: object, what: str = "header") -> None:
-    """Refuse JSON holding far more objects and lists than a real header or index could (a memory bomb).
-
-    Parsed, each ``{}`` or ``[]`` (2-3 bytes) costs Python about 60 bytes. A
-    real header entry (47 bytes or more) holds one object and two lists, a real
-    index entry none. Counted on the raw text before parsing (brackets inside
-    strings too, which only makes the count larger), so the bomb is never built.
-    """
-    braces, brackets = (raw.count("{"), raw.count("[")) if isinstance(raw, str) else (raw.count(b"{"), raw.count(b"["))
-    if braces > len(raw) // OBJECT_BYTES + 16 or brackets > 2 * (len(raw) // OBJECT_BYTES) + 16:
-        raise FormatError(
-            f"{where}: the {what} holds {braces} JSON objects and {brackets} lists in {len(raw)} bytes, far more than "
-            f"any real {what} (one object and two lists per {OBJECT_BYTES} bytes at most); refusing to parse it"
-        )
 
 
 def _check_lookalikes(path: Path, names: list[str]) -> None:
@@ -187,25 +153,18 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         raise
     except OSError as e:
         raise FormatError(f"{path}: cannot read: {e}") from e
-    check_containers(raw, path)
     objects = raw.count(b"{")
-    if objects > MAX_TENSORS + 2:  # the header itself and '__metadata__' are objects too
+    # the header itself and '__metadata__' are objects too; a header denser than real ones is loads_json's to refuse
+    if MAX_TENSORS + 2 < objects <= len(raw) // OBJECT_BYTES + 16:
         raise FormatError(
             f"{path}: the header holds {objects} JSON objects, so up to {objects - 1} tensors, over the limit of "
             f"{MAX_TENSORS} tensors per file (real files hold under 10,000); refusing to parse it — the file is "
             "corrupt or hostile, or save it sharded"
         )
-    try:
-        doc = json.loads(
-            raw.decode("utf-8"),
-            object_pairs_hook=_reject_duplicates(path),
-            parse_int=bounded_int(path),
-            parse_constant=no_constant(path),
-        )
-    except FormatError:
-        raise
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise FormatError(f"{path}: the header is not valid JSON ({type(e).__name__}: {e}); not a safetensors file") from None
+    doc = loads_json(
+        raw, source=str(path), limits=HEADER_JSON, what="header",
+        duplicate=lambda k: FormatError(f"{path}: the header lists the key {k!r} twice; the file is corrupt"),
+    )
     if not isinstance(doc, dict):
         raise FormatError(f"{path}: the header is JSON {type(doc).__name__}, expected an object of tensors")
     data_start = 8 + n

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fvtransform._json import unique_keys
+from fvtransform._json import loads_json
 from fvtransform.errors import FormatError, FvTransformError, KeyMismatchError, PlanError, format_keys
 from fvtransform.io._files import WeightFiles, find_weight_files
-from fvtransform.io._header import Header, _check_lookalikes, bounded_int, no_constant, read_header
+from fvtransform.io._header import HEADER_JSON, Header, _check_lookalikes, read_header
 from fvtransform.io._open import fd_path, open_regular
 from fvtransform.io._safetensors import MappedFile
 from fvtransform.tree._match import Pattern, matcher
@@ -113,16 +112,9 @@ MAX_ALIASES = 100_000
 
 
 def _json_value(raw: str, where: object, field: str) -> Any:
-    """A metadata field's JSON value: duplicates, long integers and NaN refused, errors typed."""
-
-    hook = unique_keys(lambda k: FormatError(f"{where}: metadata {field!r} lists {k!r} twice"))
-
-    try:
-        return json.loads(raw, object_pairs_hook=hook, parse_int=bounded_int(where), parse_constant=no_constant(where))
-    except FormatError:
-        raise
-    except (ValueError, RecursionError) as e:
-        raise FormatError(f"{where}: metadata {field!r} is not JSON ({type(e).__name__})") from None
+    """A metadata field's JSON value, read with the header's bounds (:data:`HEADER_JSON`)."""
+    return loads_json(raw, source=f"{where}: metadata {field!r}", limits=HEADER_JSON,
+                      duplicate=lambda k: FormatError(f"{where}: metadata {field!r} lists {k!r} twice"))
 
 
 def _aliases(raw: object, where: Path | None, stored: Mapping[str, object]) -> dict[str, str]:

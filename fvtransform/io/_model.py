@@ -29,11 +29,12 @@ from fvtransform.io._declared import (
 )
 from fvtransform.io._load import load
 from fvtransform.io._open import contained
+from fvtransform.io._pipeline import MODEL_INDEX, pipeline_components, require_components
 from fvtransform.registry._registry import build, meta_parameters, resolve
 from fvtransform.tree._ops import map_tensors
 from fvtransform.tree._paramtree import ParamTree, state_keys, tensors_equal
 
-__all__ = ["LoadNote", "LoadReport", "LoadedModel", "load_model", "pipeline_components", "read_json"]
+__all__ = ["LoadNote", "LoadReport", "LoadedModel", "load_model", "read_json"]
 
 log = logging.getLogger("fvtransform.io")
 
@@ -48,25 +49,6 @@ def read_json(path: Path) -> dict[str, Any]:
     return read_json_file(path, expect=dict)
 
 
-def pipeline_components(folder: Path) -> dict[str, tuple[str, str] | None]:
-    """Components of a diffusers pipeline folder: name -> (library, class), or None when absent."""
-    index = read_json(contained(folder, "model_index.json", "pipeline index"))
-    out: dict[str, tuple[str, str] | None] = {}
-    for name, entry in index.items():
-        if name.startswith("_"):
-            continue
-        if entry is None or (isinstance(entry, list) and len(entry) == 2 and (entry[0] is None or entry[1] is None)):
-            out[name] = None
-        elif isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry):
-            out[name] = (entry[0], entry[1])
-        elif isinstance(entry, list):
-            raise FormatError(
-                f"{folder / 'model_index.json'}: key {name!r} must be [library, class] (two strings, or two nulls "
-                f"for an absent component); found {entry!r:.80}"
-            )
-    return out
-
-
 def _resolve_folder(path_or_repo_id: str | os.PathLike[str], component: str | None, revision: str | None) -> Path:
     path = Path(path_or_repo_id)
     if path.exists():
@@ -79,20 +61,15 @@ def _resolve_folder(path_or_repo_id: str | os.PathLike[str], component: str | No
         )
     if not folder.is_dir():
         raise FormatError(f"{folder}: load_model takes a model folder (with config.json) or a pipeline folder")
-    if os.path.lexists(folder / "model_index.json"):  # a FIFO or link is refused by the reader, not skipped
+    if os.path.lexists(folder / MODEL_INDEX):  # a FIFO or link is refused by the reader, not skipped
         comps = pipeline_components(folder)
         if component is None:
             present = sorted(k for k, v in comps.items() if v is not None)
             raise FormatError(
                 f"{folder} is a pipeline; choose a component: component= one of {present}"
             )
-        if component not in comps:
-            raise NotFoundError(
-                f"{folder}: the pipeline has no component {component!r}; components: {sorted(comps)}"
-            )
-        if comps[component] is None:
-            raise NotFoundError(f"{folder}: component {component!r} is absent in this pipeline (its entry is null)")
-        folder = contained(folder, component, "pipeline component folder", folder / "model_index.json")
+        require_components(comps, [component], source=str(folder / MODEL_INDEX))
+        folder = contained(folder, component, "pipeline component folder", folder / MODEL_INDEX)
         if not folder.is_dir():
             raise NotFoundError(f"{folder}: the component's folder is missing")
     elif component is not None:

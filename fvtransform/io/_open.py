@@ -24,7 +24,7 @@ API (used by io, lora, hub, registry):
 
 * :func:`check_regular` ``(path, what) -> os.stat_result``
 * :func:`open_regular` ``(path, what) -> BinaryIO`` (a context manager; blocking mode restored)
-* :func:`read_bytes` ``(path, what, limit) -> bytes`` and :func:`read_text` (UTF-8)
+* :func:`read_bytes` ``(path, what, limit) -> bytes`` (JSON is parsed from these bytes by :mod:`fvtransform._json`)
 * :func:`contained` ``(folder, name, what, source) -> Path``
 * :func:`fd_path` ``(fd) -> str``: a name that reopens exactly this descriptor's file
   (``/proc/self/fd/N``), for APIs that take a file name (memory maps, ``torch.load``).
@@ -43,7 +43,7 @@ from fvtransform.errors import FormatError, NotFoundError, UnsafeFileError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["check_regular", "open_regular", "read_bytes", "read_text", "contained", "allowed_root", "fd_path",
+__all__ = ["check_regular", "no_such_path", "open_regular", "read_bytes", "contained", "allowed_root", "fd_path",
            "MAX_JSON_BYTES", "map_checked", "DerivedPath"]
 
 #: The largest JSON file (index, config) read whole into memory.
@@ -127,6 +127,16 @@ def _check_opened(path: Path, what: str, root: Path, st: os.stat_result) -> None
         )
 
 
+def no_such_path(path: str | os.PathLike[str]) -> NotFoundError:
+    """The error for a path the user gave that does not exist: it names the path (a ``~`` is never expanded).
+
+    >>> no_such_path("~/m.safetensors")
+    NotFoundError("~/m.safetensors: no such file or folder ('~' is not expanded: pass os.path.expanduser(path))")
+    """
+    hint = " ('~' is not expanded: pass os.path.expanduser(path))" if os.fspath(path).startswith("~") else ""
+    return NotFoundError(f"{path}: no such file or folder{hint}")
+
+
 def check_regular(path: str | os.PathLike[str], what: str = "file") -> os.stat_result:
     """``stat`` ``path`` (following symlinks) and require a regular file.
 
@@ -192,15 +202,6 @@ def read_bytes(path: str | os.PathLike[str], what: str = "file", limit: int = MA
     if len(data) > limit:  # grew while read
         raise FormatError(f"{path}: the {what} grew past the {limit}-byte limit while it was read")
     return data
-
-
-def read_text(path: str | os.PathLike[str], what: str = "file", limit: int = MAX_JSON_BYTES) -> str:
-    """A regular file of at most ``limit`` bytes, decoded as UTF-8."""
-    data = read_bytes(path, what, limit)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise FormatError(f"{path}: the {what} is not UTF-8 text (byte {e.start}); it is corrupt") from None
 
 
 def allowed_root(folder: str | os.PathLike[str]) -> Path:

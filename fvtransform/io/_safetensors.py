@@ -1,21 +1,41 @@
-"""Reading tensors lazily (copy-on-write memory maps) and writing files atomically."""
+"""Reading tensors lazily (copy-on-write memory maps) and the one safetensors writer.
+
+:func:`write_safetensors` is the only code in the library that writes the safetensors format:
+``fvt.save`` (one file or shards), ``fvt.lora.save`` and the streaming merge
+(``fvt.lora.merge_checkpoint``, the CLI's ``merge``) all write through it. It is our own rather
+than ``safetensors.torch.save_file`` because:
+
+- it **streams**: the header is written from each tensor's dtype and shape (a :class:`TensorSpec`),
+  then ``produce(name)`` makes one tensor at a time, whose bytes are written and dropped, so a merge
+  of a model larger than memory peaks at about one tensor. ``save_file`` takes every tensor at once;
+- it needs **no numpy** (torch does not depend on it): a tensor's bytes are read in place;
+- every error names the **file and the key** (a meta tensor, a dtype safetensors has no name for,
+  a produced tensor that is not what the header declared);
+- it writes into an open file, so the callers keep the **atomic units** of :mod:`fvtransform.io._atomic`
+  (a temporary file fsynced and renamed, or a folder swapped in whole), which ``save_file``'s own
+  ``open(path, "wb")`` would bypass.
+
+The ``safetensors`` package stays a test dependency: the tests read our files with it, as an oracle.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import contextlib
 import ctypes
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import attrs
 import torch
 
 from fvtransform.errors import FormatError
 from fvtransform.io._header import DTYPE_NAMES, Header, TensorInfo, read_header
 
-__all__ = ["MappedFile", "write_safetensors", "TMP_MARK", "fsync_dir"]
+__all__ = ["MappedFile", "TensorSpec", "tensor_specs", "write_safetensors", "TMP_MARK", "fsync_dir"]
 
 #: Every temporary file or folder fvtransform writes has this in its name.
 TMP_MARK = ".fvt-tmp-"
@@ -95,28 +115,68 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(buf).cast("B")
 
 
+@attrs.frozen
+class TensorSpec:
+    """What a safetensors header says of one tensor before its bytes exist: its dtype and shape."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def tensor_specs(tensors: Mapping[str, torch.Tensor], where: object) -> dict[str, TensorSpec]:
+    """The :class:`TensorSpec` of each tensor, refusing what a safetensors file cannot hold (naming file and key)."""
+    out: dict[str, TensorSpec] = {}
+    for name, t in tensors.items():
+        if t.device.type == "meta":
+            raise FormatError(f"{where}: cannot save {name!r}: it is on the meta device and holds no values")
+        out[name] = TensorSpec(t.dtype, tuple(t.shape))
+    return out
+
+
 def write_safetensors(
-    f: BinaryIO, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+    f: BinaryIO,
+    specs: Mapping[str, TensorSpec],
+    produce: Callable[[str], torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    where: object = None,
 ) -> int:
-    """Write tensors (in the given order) as safetensors to an open file; return bytes written."""
+    """Write a safetensors file to the open ``f``, one tensor at a time; return the bytes written.
+
+    The header is made from ``specs`` (in their order); then each tensor is made by ``produce(name)``,
+    checked against its spec, written and dropped. ``where`` names the file in errors (default ``f.name``).
+
+    Raises:
+        FormatError: a dtype safetensors has no name for, or a produced tensor other than its spec.
+    """
+    where = where if where is not None else getattr(f, "name", "safetensors file")
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
-    for name, t in tensors.items():
-        if t.device.type == "meta":
-            raise FormatError(f"cannot save {name!r}: it is on the meta device and holds no values")
-        if t.dtype not in DTYPE_NAMES:
-            raise FormatError(f"cannot save {name!r}: dtype {t.dtype} has no safetensors name")
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+    for name, spec in specs.items():
+        if spec.dtype not in DTYPE_NAMES:
+            raise FormatError(f"{where}: cannot save {name!r}: dtype {spec.dtype} has no safetensors name")
+        n = spec.nbytes
+        header[name] = {"dtype": DTYPE_NAMES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-(len(raw) + 8) % 8)
     f.write(len(raw).to_bytes(8, "little"))
     f.write(raw)
-    for t in tensors.values():
+    for name, spec in specs.items():
+        t = produce(name)
+        if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
+            raise FormatError(
+                f"{where}: tensor {name!r} came out as {t.dtype} {tuple(t.shape)}, but the header declares "
+                f"{spec.dtype} {spec.shape}; the file is not written"
+            )
         f.write(_tensor_bytes(t))
+        del t
     return 8 + len(raw) + offset
 
 

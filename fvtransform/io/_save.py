@@ -11,10 +11,12 @@ from typing import BinaryIO
 
 import torch
 
-from fvtransform.errors import FormatError
+from fvtransform._json import read_json_file
+from fvtransform.errors import FormatError, FvTransformError
 from fvtransform.io._atomic import LOCK_MARK, OLD_MARK, atomic_file, check_destination, check_path, exchange, swap_in, write_folder
+from fvtransform.io._files import INDEX_JSON
 from fvtransform.io._load import ALIASES_KEY
-from fvtransform.io._safetensors import TMP_MARK, write_safetensors
+from fvtransform.io._safetensors import TMP_MARK, tensor_specs, write_safetensors
 from fvtransform.tree._paramtree import ParamTree
 
 __all__ = ["save", "parse_size", "tree_bytes", "previous_save"]
@@ -136,26 +138,32 @@ def save(
     path = check_path(path)
     if max_shard_size is not None:
         _check_weights_name(weights_name)
-    unique, aliases = _dedupe(tree)
-    meta = _meta(metadata, aliases, list(tree))
     if max_shard_size is None:
         if path.is_dir():
             raise FormatError(f"{path} is a folder; pass a file path, or max_shard_size= to write shards into it")
+        write = tree_bytes(tree, metadata, where=path)
         with atomic_file(path) as tmp, open(tmp, "xb") as f:
-            write_safetensors(f, unique, meta)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         return
-    _save_sharded(unique, path, parse_size(max_shard_size), meta, weights_name)
+    unique, aliases = _dedupe(tree)
+    _save_sharded(unique, path, parse_size(max_shard_size), _meta(metadata, aliases, list(tree)), weights_name)
 
 
-def tree_bytes(tree: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Callable[[BinaryIO], int]:
-    """A writer of ``tree`` as one safetensors file, exactly as :func:`save` writes it (for multi-file units)."""
+def tree_bytes(
+    tree: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *, where: object = None
+) -> Callable[[BinaryIO], int]:
+    """A writer of ``tree`` as one safetensors file, exactly as :func:`save` writes it (for multi-file units).
+
+    Tied tensors are written once; ``where`` names the destination in errors (default: the open file's name).
+    """
     if not isinstance(tree, ParamTree):
         tree = ParamTree(tree)
     unique, aliases = _dedupe(tree)
     meta = _meta(metadata, aliases, list(tree))
-    return lambda f: write_safetensors(f, unique, meta)
+    specs = tensor_specs(unique, where if where is not None else "save")
+    return lambda f: write_safetensors(f, specs, unique.__getitem__, meta, where=where)
 
 
 def _plan_shards(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
@@ -171,10 +179,6 @@ def _plan_shards(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]
     return shards
 
 
-#: The largest previous index read to learn which shards a re-save replaces.
-_INDEX_READ_LIMIT = 64 * 2**20
-
-
 def previous_save(folder: Path, name: str) -> set[str]:
     """The files of ``folder`` that a previous save of ``name`` wrote: its index, the shards it names, its single file.
 
@@ -185,10 +189,10 @@ def previous_save(folder: Path, name: str) -> set[str]:
     shard = re.compile(re.escape(name) + r"-\d{5,}-of-\d{5,}\.safetensors")
     single, index = f"{name}.safetensors", f"{name}.safetensors.index.json"
     mine = {n for n in (single, index) if (folder / n).is_file() and not (folder / n).is_symlink()}
-    if index in mine and (folder / index).stat().st_size <= _INDEX_READ_LIMIT:
+    if index in mine:
         try:
-            doc = json.loads((folder / index).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            doc = read_json_file(folder / index, limits=INDEX_JSON, expect=None, what="index file")
+        except FvTransformError:  # a broken previous index names nothing: only the save's own names are replaced
             doc = None
         weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
         if isinstance(weight_map, dict):
@@ -208,7 +212,8 @@ def _save_sharded(tensors: dict[str, torch.Tensor], folder: Path, limit: int, me
         total = 0
         for fname, keys in zip(fnames, groups, strict=True):
             with open(tmp / fname, "xb") as f:
-                write_safetensors(f, {k: tensors[k] for k in keys}, {"format": "pt"} if n > 1 else meta)
+                specs = tensor_specs({k: tensors[k] for k in keys}, folder / fname)
+                write_safetensors(f, specs, tensors.__getitem__, {"format": "pt"} if n > 1 else meta, where=folder / fname)
                 f.flush()
                 os.fsync(f.fileno())
             for k in keys:

@@ -7,13 +7,13 @@ Every value from a file is checked (type, range, finiteness) before it is used; 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-import json
 import math
 from typing import Any
 
 import attrs
 import torch
 
+from fvtransform._json import loads_json
 from fvtransform.errors import FormatError, ShapeMismatchError
 from fvtransform.lora._format_table import (
     DIFFUSERS_META, FVT_SCALES, LoraFormat,
@@ -108,12 +108,7 @@ def _header_config(meta: Mapping[str, str], prefix: str, label: str) -> ScaleCon
     if raw is None:
         return None
     where = f"{label}: header {DIFFUSERS_META!r}"
-    try:
-        packed = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise FormatError(f"{where} is not valid JSON ({type(e).__name__})") from None
-    if not isinstance(packed, dict):
-        raise FormatError(f"{where}: expected a JSON object; found {type(packed).__name__}")
+    packed = loads_json(raw, source=where, expect=dict)
     if prefix:
         packed = {k[len(prefix):]: v for k, v in packed.items() if k.startswith(prefix)}
         if not packed:
@@ -138,12 +133,7 @@ def exact_scales(meta: Mapping[str, str], label: str, field: str = FVT_SCALES) -
     if field not in meta:
         return {}
     where = f"{label}: header {field!r}"
-    try:
-        doc = json.loads(meta[field])
-    except (ValueError, RecursionError) as e:
-        raise FormatError(f"{where} is not valid JSON ({type(e).__name__})") from None
-    if not isinstance(doc, dict):
-        raise FormatError(f"{where}: expected an object of target -> scale; found {type(doc).__name__}")
+    doc = loads_json(meta[field], source=where, expect=dict)
     return {k: _alpha_value(v, f"{where}[{k!r}]") for k, v in doc.items()}
 
 

@@ -25,9 +25,10 @@ def read_source(source: Any, weight_name: str | None) -> tuple[dict[str, torch.T
         path = maybe_download_lora(str(source), weight_name=weight_name)
     config_path: Path | None = None
     if path.is_dir():
+        from fvtransform.io._files import file_entries
         from fvtransform.lora._pick import pick_lora_file
 
-        name = pick_lora_file((p.name for p in path.iterdir() if p.is_file()), str(path), weight_name)
+        name = pick_lora_file(file_entries(path), str(path), weight_name)  # a FIFO is picked, then refused when opened
         file = path / name if weight_name else contained(path, name, "LoRA file")  # weight_name: the user's choice
     else:
         file = path

@@ -22,13 +22,15 @@ from typing import Any
 
 import torch
 
+from fvtransform._json import loads_json, read_json_file
 from fvtransform.errors import FormatError, FvTransformError, UnsafeFileError, WriteError
-from fvtransform.io._atomic import LOCK_MARK, OLD_MARK, atomic_file, check_destination, check_path, is_any_temp, write_folder
-from fvtransform.io._files import find_weight_files
-from fvtransform.io._header import DTYPE_NAMES, read_header
+from fvtransform.io._atomic import (
+    LOCK_MARK, OLD_MARK, atomic_file, check_destination, check_path, file_writer, is_any_temp, write_folder,
+)
+from fvtransform.io._files import INDEX_JSON, find_weight_files
+from fvtransform.io._header import DTYPE_NAMES, HEADER_JSON, read_header
 from fvtransform.io._load import Checkpoint
-from fvtransform.io._open import read_text
-from fvtransform.io._safetensors import _tensor_bytes
+from fvtransform.io._safetensors import TensorSpec, write_safetensors
 from fvtransform.lora._dora import merge_dora
 from fvtransform.lora._merge import AdapterSet, Workspace, _collect, _digest, _is_dora, _is_replace, delta_rows, normalize_adapters
 
@@ -59,27 +61,11 @@ def as_dtype(dtype: object, what: str = "dtype") -> torch.dtype | None:
 
 
 def _write_file(path: Path, keys: Sequence[str], ckpt: Checkpoint, produce: Callable[[str], torch.Tensor],
-                dtype_of: Callable[[str], torch.dtype], metadata: dict[str, str]) -> int:
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for k in keys:
-        info = ckpt.info(k)
-        dt = dtype_of(k)
-        n = info.nbytes // info.dtype.itemsize * dt.itemsize if info.dtype.itemsize else 0
-        header[k] = {"dtype": DTYPE_NAMES[dt], "shape": list(info.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-(len(raw) + 8) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for k in keys:
-            t = produce(k)
-            f.write(_tensor_bytes(t))
-            del t
-        f.flush()
-        os.fsync(f.fileno())
-    return offset
+                dtype_of: Callable[[str], torch.dtype], metadata: dict[str, str], where: Path) -> int:
+    """Write ``keys`` to ``path`` through the one safetensors writer, a tensor at a time; return the data bytes."""
+    specs = {k: TensorSpec(dtype_of(k), ckpt.info(k).shape) for k in keys}
+    file_writer(lambda f: write_safetensors(f, specs, produce, metadata, where=where))(path)
+    return sum(spec.nbytes for spec in specs.values())
 
 
 def merge_checkpoint(
@@ -182,11 +168,11 @@ def merge_checkpoint(
                 raise WriteError(f"{target}: exists and is not a previous merge output; refusing to replace it. "
                                  "Choose another output, or pass --overwrite (overwrite=True)")
             with atomic_file(target) as tmp:
-                _write_file(tmp, ckpt.keys(), ckpt, produce, dtype_of, meta)
+                _write_file(tmp, ckpt.keys(), ckpt, produce, dtype_of, meta, target)
             return target
 
         def build_one(tmp_dir: Path) -> None:
-            _write_file(tmp_dir / target.name, ckpt.keys(), ckpt, produce, dtype_of, meta)
+            _write_file(tmp_dir / target.name, ckpt.keys(), ckpt, produce, dtype_of, meta, target)
 
         # a previous merge's index and shards in the folder are dropped with the swap: what loads is this merge
         write_folder(out_path, [target.name], build_one, owned=_owned_by_merge([target.name]), overwrite=overwrite,
@@ -213,9 +199,9 @@ def merge_checkpoint(
             meta[MERGED_KEY] = merged_meta
             if files.index is None:
                 meta[FILES_KEY] = merged_meta_files
-            total_size += _write_file(tmp_dir / f.name, keys, ckpt, produce, dtype_of, meta)
+            total_size += _write_file(tmp_dir / f.name, keys, ckpt, produce, dtype_of, meta, out_path / f.name)
         if files.index is not None:
-            doc = json.loads(read_text(files.index, "index file"))
+            doc = read_json_file(files.index, limits=INDEX_JSON, expect=dict, what="index file")
             doc.setdefault("metadata", {})
             doc["metadata"]["total_size"] = total_size
             doc["metadata"][MERGED_KEY] = merged_meta
@@ -307,13 +293,11 @@ def _merge_record(weights: Path) -> dict[str, Any] | None:
         if not stat.S_ISREG(os.lstat(weights).st_mode):
             return None
         if weights.name.endswith(".safetensors.index.json"):
-            if not weights.is_file() or weights.is_symlink() or weights.stat().st_size > 64 * 2**20:
-                return None
-            doc = json.loads(weights.read_text(encoding="utf-8"))
+            doc = read_json_file(weights, limits=INDEX_JSON, expect=None, what="index file")
             meta = doc.get("metadata") if isinstance(doc, dict) else None
         else:
             meta = dict(read_header(weights).metadata)
-    except (FvTransformError, OSError, ValueError, RecursionError):
+    except (FvTransformError, OSError):
         return None
     return meta if isinstance(meta, dict) and MERGED_KEY in meta else None
 
@@ -332,8 +316,9 @@ def _merge_record_of(folder: Path) -> tuple[set[str], str] | None:
     for c in candidates:
         meta = _merge_record(c)
         try:
-            names = json.loads(meta[FILES_KEY]) if meta is not None and isinstance(meta.get(FILES_KEY), str) else None
-        except (ValueError, RecursionError):
+            names = (loads_json(meta[FILES_KEY], source=f"{c}: metadata {FILES_KEY!r}", limits=HEADER_JSON)
+                     if meta is not None and isinstance(meta.get(FILES_KEY), str) else None)
+        except FvTransformError:  # a broken record is no record
             names = None
         if isinstance(names, list):
             plain = {n for n in names if isinstance(n, str) and n == os.path.basename(n) and n not in ("", ".", "..") and "\0" not in n}

@@ -186,7 +186,7 @@ def save(adapter: LoraAdapter, path: str | os.PathLike[str], *, format: str = "p
     if fmt.scale == "config":
         folder = path
         config = _peft_config(adapter)
-        files = {PEFT_WEIGHTS: tree_bytes(tensors, meta), PEFT_CONFIG: json_bytes(config)}
+        files = {PEFT_WEIGHTS: tree_bytes(tensors, meta, where=folder / PEFT_WEIGHTS), PEFT_CONFIG: json_bytes(config)}
         # both files as one unit: a reader sees the old pair or the new pair; a previous fvtransform pair is replaced
         write_files(folder, files, what="PEFT LoRA folder", overwrite=overwrite,
                     owned=lambda d: set(files) if _written_by_us(d / PEFT_WEIGHTS) else set())
@@ -198,7 +198,7 @@ def save(adapter: LoraAdapter, path: str | os.PathLike[str], *, format: str = "p
         meta[DIFFUSERS_META] = json.dumps(cfg, sort_keys=True)
     else:
         file = path
-    write = tree_bytes(tensors, meta)
+    write = tree_bytes(tensors, meta, where=file)
     with atomic_file(file, replace_check=None if overwrite else (lambda p: None if _written_by_us(p) else _refuse_foreign(p))) as tmp, \
             open(tmp, "xb") as f:
         write(f)
