@@ -12,8 +12,11 @@ Messages follow one shape: what was expected, what was found, and the fix.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-import difflib
+import difflib as _difflib
+import typing as _typing
+
+if _typing.TYPE_CHECKING:  # annotations only: the module's public names are exactly __all__
+    from collections.abc import Iterable
 
 __all__ = [
     "FvTransformError",
@@ -105,10 +108,10 @@ def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> list[str]
     >>> close_matches("blocks.0.attn1.to_qq", ["blocks.0.attn1.to_q", "x"])
     ['blocks.0.attn1.to_q']
     """
-    return difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)
+    return _difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)
 
 
-def format_keys(keys: Sequence[str] | Iterable[str], limit: int = 12) -> str:
+def format_keys(keys: Iterable[str], limit: int = 12) -> str:
     """Format a list of keys for an error message, sorted, eliding a long tail.
 
     >>> format_keys(["b", "a"])

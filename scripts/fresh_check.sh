@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # A first contact, as a new user would make it: a new virtual environment, the project installed exactly as
-# README.md says, the main job (`fvtransform demo`), then the README's test command. Exits non-zero on any
-# failure (pytest's "no tests collected", exit 5, included). CI runs it (.ci/run); so can a developer.
+# README.md says, the main job (`fvtransform demo`), then the README's test command, then the type checker
+# (mypy, from the test extra, configured by pyproject.toml's [tool.mypy]), which runs even when the tests
+# fail. Exits non-zero on any failure (pytest's "no tests collected", exit 5, included). CI runs it
+# (.ci/run); so can a developer.
 #
-#   scripts/fresh_check.sh             # demo, then the whole test suite
+#   scripts/fresh_check.sh             # demo, the whole test suite, the type check
 #   scripts/fresh_check.sh --demo-only # the install and the demo only
 #
 # The commands are read from README.md: the one-line ```bash block after each `<!-- fresh-check: NAME -->`
@@ -16,7 +18,7 @@ demo_only=0
 for arg in "$@"; do
   case "$arg" in
     --demo-only) demo_only=1 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "fresh_check: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -73,6 +75,9 @@ if [ "$demo_only" -eq 1 ]; then
 fi
 rc=0
 step test "$test_cmd" || rc=$?
+# The type check always runs (its errors are reported even when a test fails); its cache stays in $work.
+typecheck_rc=0
+step typecheck "python3 -m mypy --cache-dir '$work/mypy-cache'" || typecheck_rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "fresh_check: pytest collected no tests (exit 5): that is a failure" >&2
   exit 1
@@ -81,4 +86,8 @@ if [ "$rc" -ne 0 ]; then
   echo "fresh_check: the test command failed (exit $rc)" >&2
   exit "$rc"
 fi
-echo "== fresh_check: demo and tests passed in $((SECONDS - start)) s"
+if [ "$typecheck_rc" -ne 0 ]; then
+  echo "fresh_check: the type check (mypy) failed (exit $typecheck_rc)" >&2
+  exit "$typecheck_rc"
+fi
+echo "== fresh_check: demo, tests and type check passed in $((SECONDS - start)) s"

@@ -261,7 +261,8 @@ def test_lora_save_refuses_a_foreign_peft_folder_like_the_cli(tmp_path, capsys):
     (u / "adapter_config.json").write_text('{"mine": true}')
     rc = main(["convert-lora", str(tmp_path / "lora"), "--to", "peft", "-o", str(u)])
     assert rc == 2   # the CLI refuses
-    with pytest.raises(FvTransformError):
+    with pytest.raises(FvTransformError, match=r"u: \['adapter_config\.json', 'adapter_model\.safetensors'\] would be "
+                       r"replaced, but this PEFT LoRA folder did not write them; refusing.*overwrite=True"):
         fvt.lora.save(ad, u, format="peft")
     assert (u / "adapter_config.json").read_text() == '{"mine": true}'
     assert (u / "adapter_model.safetensors").read_bytes() == b"user weights, not safetensors"

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fvtransform as fvt
-from fvtransform.errors import KeyMismatchError, ShapeMismatchError
+from fvtransform.errors import KeyMismatchError, ShapeMismatchError, UsageError
 
 from _helpers import TiedEmbedding, assert_unchanged, snapshot
 
@@ -22,6 +22,16 @@ def test_call_rejects_missing_and_unexpected(model, tree, inputs):
         fvt.call(model, fvt.drop(tree, "proj_out.bias"), *inputs)
     with pytest.raises(KeyMismatchError, match=r"unexpected \(1\): \['extra'\]"):
         fvt.call(model, fvt.update(tree, {"extra": torch.zeros(1)}, allow_new=True), *inputs)
+
+
+def test_call_with_module_and_tree_swapped_shows_the_call(model, tree, inputs):
+    for fn in (fvt.call, fvt.call_with_buffers):
+        name = fn.__name__
+        with pytest.raises(UsageError, match=rf"fvt.{name}: the first argument must be an nn.Module; found ParamTree "
+                           rf"\(the module and the tree are swapped\)\. Fix: fvt.{name}\(module, tree, \*args, \*\*kwargs\)"):
+            fn(tree, model, *inputs)
+        with pytest.raises(UsageError, match=rf"found dict\. Fix: fvt.{name}\(module, tree"):
+            fn({}, dict(tree), *inputs)
 
 
 def test_buffers_are_not_mutated_and_can_be_returned():

@@ -56,7 +56,7 @@ def test_debug_after_the_subcommand_shows_the_traceback(tmp_path, capsys):
     missing = tmp_path / "nothing-here.safetensors"
     assert main(["inspect", str(missing)]) == 2
     assert "fvtransform: error:" in capsys.readouterr().err
-    with pytest.raises(fvt.errors.FvTransformError):
+    with pytest.raises(fvt.errors.NotFoundError, match=r"nothing-here\.safetensors: no such file or folder"):
         main(["inspect", str(missing), "--debug"])
 
 

@@ -68,12 +68,15 @@ def _entry(rank: int, world: int, port: int, fn_name: str, folder: str) -> None:
         globals()[fn_name](rank, world, Path(folder))
     finally:
         dist.destroy_process_group()
+    (Path(folder) / f"{fn_name}.rank{rank}.done").touch()  # reached only when every check of this rank passed
 
 
 def _run_group(fn_name: str, world: int, folder: Path) -> None:
     import torch.multiprocessing as mp
 
     mp.start_processes(_entry, args=(world, _free_port(), fn_name, str(folder)), nprocs=world, start_method="fork", join=True)
+    done = sorted(p.name for p in folder.glob(f"{fn_name}.rank*.done"))
+    assert done == [f"{fn_name}.rank{r}.done" for r in range(world)], f"ranks that finished their checks: {done}"
 
 
 def _random_tree(seed: int) -> fvt.ParamTree:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -104,7 +105,7 @@ def test_fuzzed_headers_raise_only_our_errors(tmp_path_factory, header, data, le
     # a header that parses is consistent: every tensor lies inside the file, with its exact size
     for info in h.tensors.values():
         assert 0 <= info.start <= info.end <= h.file_size
-        assert info.end - info.start == info.dtype.itemsize * int(torch.tensor(info.shape).prod()) if info.shape else True
+        assert info.end - info.start == info.dtype.itemsize * math.prod(info.shape)
     tree = fvt.load(path)
     for v in tree.values():
         v.sum() if v.dtype != torch.bool else v.any()
@@ -118,7 +119,8 @@ def test_fuzzed_indexes_raise_only_our_errors(tmp_path_factory, doc):
     index.write_text(json.dumps(doc))
     try:
         files = read_index(index)
-    except FvTransformError:
+    except FvTransformError as e:
+        assert "model.safetensors.index.json" in str(e), str(e)
         return
     for f in files.files:
         assert f.parent == folder
@@ -213,9 +215,11 @@ def test_fuzzed_lora_files_raise_only_our_errors(tmp_path_factory, tensors, conf
         (folder / "adapter_config.json").write_text(json.dumps(config))
     try:
         with deadline():
-            fvt.lora.load(folder, base=fvt.ParamTree({"l.weight": torch.zeros(4, 3)}))
-    except FvTransformError:
+            adapter = fvt.lora.load(folder, base=fvt.ParamTree({"l.weight": torch.zeros(4, 3)}))
+    except FvTransformError as e:
+        assert folder.name in str(e), str(e)  # the file (or its folder) is named
         return
+    assert set(adapter) == {"l.weight"}, sorted(adapter)  # the base's one module, and only it
 
 
 # ----------------------------------------------------------------------------- crash safety

@@ -287,6 +287,60 @@ def test_meta_parameters_is_per_thread_and_keeps_buffers_real():
     assert m.rope.freqs_cos.device.type == "cpu" and all(p.device.type == "meta" for p in m.parameters())
 
 
+def _module_machinery() -> dict[str, dict[str, object]]:
+    """Every attribute of the classes and module a meta build could patch, by identity."""
+    import torch.nn.modules.module as module_mod
+
+    spaces = {"nn.Module": vars(torch.nn.Module), "nn.Parameter": vars(torch.nn.Parameter),
+              "nn.Linear": vars(torch.nn.Linear), "torch.nn.modules.module": vars(module_mod)}
+    return {name: dict(space) for name, space in spaces.items()}
+
+
+def test_meta_parameters_changes_nothing_outside_its_thread_and_context():
+    """Building on meta acts only in the thread inside the context: another thread (even one that inherits the
+    context, as Python 3.14's free-threaded build does for new threads), code after the context (also after an
+    error inside it) and nn.Module's attributes are untouched. The one process-wide change is the registration
+    hooks, installed once."""
+    import contextvars
+
+    import torch.nn.modules.module as module_mod
+
+    with meta_parameters():  # the hooks are installed by the first context of the process
+        pass
+    hooks = [dict(h) for h in (module_mod._global_parameter_registration_hooks,
+                               module_mod._global_module_registration_hooks, module_mod._global_buffer_registration_hooks)]
+    before = _module_machinery()
+    built: dict[str, torch.nn.Module] = {}
+
+    def build(name: str) -> None:
+        built[name] = torch.nn.Linear(2, 2)
+
+    with meta_parameters():
+        inside = _module_machinery()
+        plain = threading.Thread(target=build, args=("thread",))
+        inherited = threading.Thread(target=contextvars.copy_context().run, args=(build, "inherited"))
+        for t in (plain, inherited):
+            t.start()
+            t.join(10)
+        build("here")
+        with meta_parameters():  # nested: the inner exit leaves the outer in force
+            pass
+        build("here, after a nested context")
+    with pytest.raises(RuntimeError, match="boom"), meta_parameters():
+        raise RuntimeError("boom")
+    build("after")
+    devices = {name: m.weight.device.type for name, m in built.items()}
+    assert devices == {"thread": "cpu", "inherited": "cpu", "here": "meta", "here, after a nested context": "meta",
+                       "after": "cpu"}
+    for name in before:  # no attribute patched, added or removed, inside the context or after it
+        for seen in (inside, _module_machinery()):
+            changed = {a for a in before[name].keys() | seen[name].keys() if before[name].get(a) is not seen[name].get(a)}
+            assert not changed, f"{name}: attributes changed by meta_parameters(): {sorted(changed)}"
+    after = [dict(h) for h in (module_mod._global_parameter_registration_hooks,
+                               module_mod._global_module_registration_hooks, module_mod._global_buffer_registration_hooks)]
+    assert after == hooks, "meta_parameters() installs its hooks once for the process, never again"
+
+
 # ----------------------------------------------------------------------------- the JSON reader
 def _read_in_thread(path: Path, seconds: float = 5.0) -> BaseException | object:
     """read_json in a daemon thread: a reader that blocks (a FIFO) fails the test instead of hanging it."""

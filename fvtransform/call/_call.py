@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
 
-from fvtransform.errors import KeyMismatchError, ShapeMismatchError, format_keys
+from fvtransform.errors import KeyMismatchError, ShapeMismatchError, UsageError, format_keys
 from fvtransform.tree._ops import update
 from fvtransform.tree._paramtree import ParamTree, state_keys
 
@@ -20,6 +20,27 @@ _FIX_KEYS = (
     "Fix: load the checkpoint that belongs to this model, rename keys with fvt.rename, "
     "or select the keys you need with fvt.select."
 )
+
+
+#: What the module's ``forward`` returns: ``fvt.call(nn.Linear(2, 1), ...)`` is a ``Tensor`` to a type checker.
+Out = TypeVar("Out", covariant=True)
+
+
+class _Forward(Protocol[Out]):
+    """An ``nn.Module`` as a type checker sees it here: its ``forward`` and what that returns."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Out: ...
+
+
+def _as_module(module: object, tree: object, fn: str) -> nn.Module:
+    """``module`` itself, or an error that shows the call (trees and modules swapped is the usual slip)."""
+    if isinstance(module, nn.Module):
+        return module
+    swapped = " (the module and the tree are swapped)" if isinstance(tree, nn.Module) else ""
+    raise UsageError(
+        f"fvt.{fn}: the first argument must be an nn.Module; found {type(module).__name__}{swapped}. "
+        f"Fix: fvt.{fn}(module, tree, *args, **kwargs)."
+    )
 
 
 def _module_state(module: nn.Module) -> tuple[dict[str, tuple[str, torch.Tensor]], list[list[str]]]:
@@ -160,7 +181,7 @@ def _prepare(module: nn.Module, tree: Mapping[str, torch.Tensor], what: str = "t
     return params, buffer_keys
 
 
-def call(module: nn.Module, tree: Mapping[str, torch.Tensor], /, *args: Any, **kwargs: Any) -> Any:
+def call(module: _Forward[Out], tree: Mapping[str, torch.Tensor], /, *args: Any, **kwargs: Any) -> Out:
     """Run ``module(*args, **kwargs)`` with the tensors of ``tree``, strictly.
 
     The tree must hold exactly the module's parameters and persistent buffers
@@ -173,7 +194,8 @@ def call(module: nn.Module, tree: Mapping[str, torch.Tensor], /, *args: Any, **k
     position ids) come from the module. Buffers are cloned at the boundary, so
     a module that updates them in place does not change the tree; use
     :func:`call_with_buffers` to get the updated buffers back. The module
-    object and the tree are not mutated.
+    object and the tree are not mutated. The result is what ``module.forward``
+    returns, typed as its annotation says.
 
     >>> import torch, fvtransform as fvt
     >>> lin = torch.nn.Linear(2, 1)
@@ -193,13 +215,15 @@ def call(module: nn.Module, tree: Mapping[str, torch.Tensor], /, *args: Any, **k
       'weight': expected shape [1, 2], found [1, 3]
     Fix: check that the checkpoint and config.json belong together (the model built from the config expects these shapes), or convert the tree (fvt.rename / fvt.KeyMap) before calling.
     """
-    params, _ = _prepare(module, tree)
-    return torch.func.functional_call(module, params, args, kwargs, tie_weights=True, strict=False)
+    mod = _as_module(module, tree, "call")
+    params, _ = _prepare(mod, tree)
+    out: Out = torch.func.functional_call(mod, params, args, kwargs, tie_weights=True, strict=False)
+    return out
 
 
 def call_with_buffers(
-    module: nn.Module, tree: Mapping[str, torch.Tensor], /, *args: Any, **kwargs: Any
-) -> tuple[Any, ParamTree]:
+    module: _Forward[Out], tree: Mapping[str, torch.Tensor], /, *args: Any, **kwargs: Any
+) -> tuple[Out, ParamTree]:
     """Like :func:`call`, and also return a new tree holding the updated buffers.
 
     >>> import torch, fvtransform as fvt
@@ -209,7 +233,8 @@ def call_with_buffers(
     >>> int(new["num_batches_tracked"]), int(tree["num_batches_tracked"])
     (1, 0)
     """
-    params, buffer_keys = _prepare(module, tree)
-    out = torch.func.functional_call(module, params, args, kwargs, tie_weights=True, strict=False)
+    mod = _as_module(module, tree, "call_with_buffers")
+    params, buffer_keys = _prepare(mod, tree)
+    out: Out = torch.func.functional_call(mod, params, args, kwargs, tie_weights=True, strict=False)
     base = tree if isinstance(tree, ParamTree) else ParamTree(tree)
     return out, update(base, {k: params[k] for k in buffer_keys if k in base})

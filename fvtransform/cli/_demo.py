@@ -30,7 +30,7 @@ class DemoReport:
     def ok(self) -> bool:
         return all(s.ok for s in self.steps)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, bool | list[dict[str, str | float | bool]]]:
         return {"ok": self.ok, "steps": [attrs.asdict(s) for s in self.steps]}
 
 

@@ -11,7 +11,7 @@ files and key mappings written for Wan apply to it unchanged:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import torch
@@ -41,10 +41,11 @@ class VideoDiTConfig:
     def dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
-    def to_dict(self) -> dict[str, Any]:
-        d = attrs.asdict(self)
+    def to_dict(self) -> dict[str, int | float | str | list[int]]:
+        """The ``config.json`` of this model (diffusers' shape: ``_class_name`` and the fields)."""
+        d: dict[str, int | float | str | list[int]] = {"_class_name": "VideoDiT", **attrs.asdict(self)}
         d["patch_size"] = list(self.patch_size)
-        return {"_class_name": "VideoDiT", **d}
+        return d
 
 
 TINY_CONFIG = VideoDiTConfig()
@@ -63,6 +64,9 @@ class RMSNorm(nn.Module):
 
 class Rotary(nn.Module):
     """Rotary position tables over flattened tokens (non-persistent buffers)."""
+
+    freqs_cos: torch.Tensor
+    freqs_sin: torch.Tensor
 
     def __init__(self, head_dim: int, max_seq_len: int) -> None:
         super().__init__()
@@ -103,15 +107,21 @@ class Attention(nn.Module):
         return self.to_out[0](out.transpose(1, 2).flatten(2))
 
 
+class _Proj(nn.Module):
+    """The projection before the activation (diffusers' ``net.0.proj`` key layout)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden)
+
+
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        proj = nn.Module()
-        proj.proj = nn.Linear(dim, hidden)
-        self.net = nn.ModuleList([proj, nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)])
+        self.net = nn.ModuleList([_Proj(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[1](self.net[0].proj(x)))
+        return self.net[2](self.net[1](cast(_Proj, self.net[0]).proj(x)))
 
 
 class Block(nn.Module):
@@ -213,8 +223,8 @@ class VideoDiT(nn.Module):
         return x.reshape(b, cfg.out_channels, f, h, w)
 
 
-def init_weights(module: VideoDiT, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Seeded weights for a VideoDiT (a plain dict of new tensors, in state order)."""
+def init_weights(module: nn.Module, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Seeded weights for a VideoDiT, such as ``fvt.build("fvt-video-dit")`` returns (a plain dict of new tensors, in state order)."""
     from fvtransform.tree._paramtree import state_keys
 
     gen = torch.Generator().manual_seed(seed)

@@ -14,9 +14,19 @@ constructor under :class:`BuildLimits`:
 - a wall-clock deadline is checked at every op and registration.
 
 Building on meta (:func:`meta_parameters`) uses the same per-thread state: a parameter-registration
-hook, installed once for the process, moves new parameters to the meta device only in a thread that
-is inside :func:`meta_parameters`; no class attribute of ``nn.Module`` is ever patched, so a module
-built in another thread at the same time is untouched.
+hook moves new parameters to the meta device only in a thread that is inside :func:`meta_parameters`.
+
+What is process-wide, and why it is harmless: the first build or :func:`meta_parameters` of the
+process registers three global ``nn.Module`` registration hooks (parameter, module, buffer; through
+torch's public ``register_module_*_registration_hook``), once, and never removes them. Outside a
+context each hook reads one context variable, finds nothing, and returns ``None`` (torch then keeps
+the parameter, module or buffer as it is): a module built after the context, or in another thread
+during it, is built exactly as without fvtransform. The state lives in a context variable *and*
+names the thread that entered it, so a context copied into another thread (``asyncio.to_thread``,
+``contextvars.copy_context().run``, new threads on free-threaded Python 3.14) does not carry it.
+No attribute of ``nn.Module``, ``nn.Parameter`` or any torch function is patched. The one other
+global effect is torch's own: while :func:`budgeted` runs on meta, its dispatch mode (torch keeps
+the mode stack per thread) sees the ops of this thread only.
 """
 
 from __future__ import annotations
@@ -96,6 +106,9 @@ class _State:
     placeholders: dict[int, weakref.ref[torch.Tensor]] = attrs.field(factory=dict)  # by id: tensors' == is elementwise
     #: bytes of the real uninitialised tensors still alive (a parameter's ``torch.empty`` until it moves to meta)
     live: int = 0
+    #: the thread that entered the context: a context copied into another thread (``asyncio.to_thread``,
+    #: ``contextvars.copy_context().run``, new threads on free-threaded Python 3.14) does not carry it there
+    thread: int = attrs.field(factory=threading.get_ident)
 
     def fail(self, kind: str, detail: str) -> FormatError:
         return FormatError(f"{self.what}: {detail}{self.suspects(kind)}")
@@ -131,11 +144,12 @@ class _State:
 
     def is_placeholder(self, t: torch.Tensor) -> bool:
         """Whether ``t`` is a placeholder or a view of one."""
-        while t is not None:
-            ref = self.placeholders.get(id(t))
-            if ref is not None and ref() is t:
+        cur: torch.Tensor | None = t
+        while cur is not None:
+            ref = self.placeholders.get(id(cur))
+            if ref is not None and ref() is cur:
                 return True
-            t = t._base
+            cur = cur._base
         return False
 
     def add_placeholder(self, t: torch.Tensor) -> None:
@@ -155,8 +169,14 @@ _INSTALL_LOCK = threading.Lock()
 _installed = False
 
 
-def _on_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
+def _current() -> _State | None:
+    """The build state of this thread's context, if this thread entered it."""
     state = _STATE.get()
+    return state if state is not None and state.thread == threading.get_ident() else None
+
+
+def _on_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
+    state = _current()
     if state is None or param is None:
         return None
     state.tick()
@@ -166,14 +186,14 @@ def _on_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> n
 
 
 def _on_buffer(module: nn.Module, name: str, buffer: torch.Tensor | None) -> None:
-    state = _STATE.get()
+    state = _current()
     if state is not None and buffer is not None and state.placeholders and state.is_placeholder(buffer):
         raise state.refuse_placeholder(f"registering buffer {name!r} of {type(module).__name__}, which is", buffer)
     return None
 
 
 def _on_module(module: nn.Module, name: str, sub: nn.Module | None) -> None:
-    state = _STATE.get()
+    state = _current()
     if state is None or sub is None or state.limits is None:
         return None
     state.tick()
@@ -189,7 +209,8 @@ def _install_hooks() -> None:
     global _installed
     with _INSTALL_LOCK:
         if not _installed:
-            nn.modules.module.register_module_parameter_registration_hook(_on_parameter)
+            # torch annotates the hook as returning None; it documents (and honours) a returned replacement parameter
+            nn.modules.module.register_module_parameter_registration_hook(_on_parameter)  # type: ignore[arg-type]
             nn.modules.module.register_module_module_registration_hook(_on_module)
             nn.modules.module.register_module_buffer_registration_hook(_on_buffer)
             _installed = True
@@ -210,7 +231,18 @@ def meta_parameters() -> Iterator[None]:
     """Inside this context (in this thread only), new parameters are created on the meta device.
 
     Buffers are created for real, so non-persistent buffers (rotary tables,
-    position ids), which no checkpoint holds, have their true values.
+    position ids), which no checkpoint holds, have their true values. Code
+    outside the context is untouched: another thread (even one running a copy
+    of this context), and this thread after the context exits (by an error
+    too), build real modules. The first use installs torch's global module
+    registration hooks once for the process; they act only inside a context
+    (see the module docstring).
+
+    >>> import torch
+    >>> with meta_parameters():
+    ...     inside = torch.nn.Linear(2, 2)
+    >>> inside.weight.device.type, torch.nn.Linear(2, 2).weight.device.type
+    ('meta', 'cpu')
     """
     with _entered(_State(meta=True)):
         yield

@@ -156,7 +156,7 @@ def _is_transformers_model(ctor: Any) -> bool:
 
 def _init_keys(ctor: Any) -> tuple[set[str], bool]:
     """The keyword names a constructor takes, and whether it takes ``**kwargs``."""
-    target = ctor.__init__ if isinstance(ctor, type) else ctor
+    target = getattr(ctor, "__init__") if isinstance(ctor, type) else ctor  # a class's own __init__, self included
     try:
         params = inspect.signature(target).parameters.values()
     except (TypeError, ValueError):

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 import importlib
 import os
 import re
-from typing import Any, Union
+from typing import Any, TypeVar, Union, overload
 
 import torch
 from torch import nn
@@ -173,9 +173,19 @@ class Registry:
 REGISTRY = Registry()
 
 
+#: A constructor (or lazy import string) as given to :func:`register`, returned unchanged.
+T = TypeVar("T", bound=Target)
+
+
+@overload
 def register(
-    name: str, constructor: Target | None = None, *, override: bool = False, registry: Registry | None = None
-) -> Any:
+    name: str, constructor: None = None, *, override: bool = False, registry: Registry | None = None
+) -> Callable[[T], T]: ...
+@overload
+def register(name: str, constructor: T, *, override: bool = False, registry: Registry | None = None) -> T: ...
+def register(
+    name: str, constructor: T | None = None, *, override: bool = False, registry: Registry | None = None
+) -> T | Callable[[T], T]:
     """Register a constructor under ``name``; also a decorator.
 
     >>> import torch, fvtransform as fvt
@@ -190,7 +200,7 @@ def register(
     reg = registry if registry is not None else REGISTRY
     if constructor is None:
 
-        def decorate(obj: Constructor) -> Constructor:
+        def decorate(obj: T) -> T:
             reg.register(name, obj, override=override)
             return obj
 
