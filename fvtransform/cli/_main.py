@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 __all__ = ["main"]
@@ -69,8 +70,6 @@ def _report(doc: dict, as_json: bool) -> int:
 
 
 def _inspect(path: str, as_json: bool, base: str | None = None) -> int:
-    from pathlib import Path
-
     from fvtransform.cli._commands import printable
     from fvtransform.io import open_checkpoint
 
@@ -124,7 +123,7 @@ def _inspect(path: str, as_json: bool, base: str | None = None) -> int:
     return 0
 
 
-def _inspect_lora(p, base: str | None, as_json: bool) -> int:
+def _inspect_lora(p: Path, base: str | None, as_json: bool) -> int:
     import fvtransform as fvt
     from fvtransform.cli._commands import printable
 
@@ -135,15 +134,15 @@ def _inspect_lora(p, base: str | None, as_json: bool) -> int:
     report = adapter.report
     rows = [{"target": k, "kind": type(d).__name__, "rank": getattr(d, "rank", None), "alpha": getattr(d, "alpha", None),
              "scale": getattr(d, "scale", None), "dora": getattr(d, "magnitude", None) is not None} for k, d in adapter.items()]
-    doc = {"path": str(p), "format": adapter.format, "targets": rows,
-           "skipped": [{"key": k, "why": why} for k, why in report.skipped]}
+    skipped = [{"key": k, "why": why} for k, why in report.skipped]
+    doc = {"path": str(p), "format": adapter.format, "targets": rows, "skipped": skipped}
     if as_json:
         print(json.dumps(doc))
     else:
         print(f"LoRA, format {adapter.format}, {len(rows)} targets")
         for r in rows:
             print(f"  {printable(r['target']):<56} {r['kind']:<9} rank {r['rank']}  alpha {r['alpha']}  scale {r['scale']}{'  DoRA' if r['dora'] else ''}")
-        for s in doc["skipped"]:
+        for s in skipped:
             print(f"  not matched: {printable(s['key'])} ({printable(s['why'])})")
     return 1 if report.skipped else 0  # keys that match nothing: a failed check, for scripts
 
@@ -162,8 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fvtransform.errors import FormatError, FvTransformError
 
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a name gets it escaped, not a crash
-        if callable(getattr(stream, "reconfigure", None)):
-            stream.reconfigure(errors="backslashreplace")
+        reconfigure = getattr(stream, "reconfigure", None)
+        if callable(reconfigure):
+            reconfigure(errors="backslashreplace")
 
     args = _parser().parse_args(argv)
     try:

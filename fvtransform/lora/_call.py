@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from fvtransform.call._call import _prepare
 from fvtransform.errors import FormatError, KeyMismatchError, format_keys
-from fvtransform.lora._adapter import GENERATED, FullDelta, LowRank
+from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LowRank
 from fvtransform.lora._dora import dense_delta, dora_factor
 from fvtransform.lora._merge import AdapterSet, _is_dtensor, normalize_adapters
 
@@ -79,7 +79,7 @@ class _LoraMode(TorchFunctionMode):
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             hit = self.by_weight.get(id(weight)) if weight is not None else None
         in_axis = [p for p in hit[1] if isinstance(p[1], _DoraPart) and p[1].axis == 1] if hit is not None else []
-        if in_axis:  # the input is rescaled: the base call itself changes
+        if in_axis and hit is not None:  # the input is rescaled: the base call itself changes
             self.used.add(hit[0])
             out = self._dora_input_axis(func, in_axis[0][0], in_axis[0][1], args, kwargs)
             x = args[0] if args else kwargs["input"]
@@ -226,7 +226,7 @@ def call(
             hit = by_weight.get(id(params[key]))
             if hit is not None and any(isinstance(p, _DoraPart) for _, p in hit[1]):
                 raise FormatError(f"{key!r}: a DoRA target takes one adapter alone (its magnitude rescales the whole weight)")
-            if key.endswith(".bias"):
+            if key.endswith(".bias") and isinstance(d, FullDelta):
                 weight_key = key[: -len(".bias")] + ".weight"
                 if weight_key not in params:
                     raise KeyMismatchError(f"bias delta {key!r} has no weight {weight_key!r} in the tree")
@@ -237,13 +237,14 @@ def call(
                 continue
             entry = by_weight.setdefault(id(params[key]), (key, []))
             effective = s * d.scale
+            part: Delta | _ShardedLowRank = d
             if isinstance(d, GENERATED):
                 if _is_dtensor(params[key]):
                     raise FormatError(f"{key!r}: on-the-fly LoHa/LoKr on a sharded weight is not supported; merge it before sharding")
-                d = _dense(d, params[key])
+                part = _dense(d, params[key])
             elif _is_dtensor(params[key]) and isinstance(d, LowRank):
-                d = _ShardedLowRank(d, params[key])
-            entry[1].append((effective, d))
+                part = _ShardedLowRank(d, params[key])
+            entry[1].append((effective, part))
     mode = _LoraMode(by_weight)
     with mode:
         out = torch.func.functional_call(module, params, args, kwargs, tie_weights=True, strict=False)

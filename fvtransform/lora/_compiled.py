@@ -118,6 +118,7 @@ def factors(adapters: AdapterSet, *, rank: int | None = None, scale: float = 1.0
             B = torch.cat([p[1].float() * p[2] for p in parts], dim=1)
             s = 1.0
         padded = _pad(LoraAdapter({key: LowRank(A, B, 1.0)}), rank)[key]
+        assert isinstance(padded, LowRank)  # _pad keeps a LowRank target a LowRank
         out[key] = (padded.A, padded.B, torch.tensor(s, dtype=torch.float32))
     return out
 
