@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, TypedDict
 
 __all__ = ["main"]
 
@@ -69,6 +69,16 @@ def _report(doc: dict, as_json: bool) -> int:
     return 0
 
 
+class _Row(TypedDict):
+    """One tensor of ``fvtransform inspect``'s listing."""
+
+    key: str
+    shape: list[int]
+    dtype: str
+    bytes: int
+    group: str
+
+
 def _inspect(path: str, as_json: bool, base: str | None = None) -> int:
     from fvtransform.cli._commands import printable
     from fvtransform.io import open_checkpoint
@@ -95,7 +105,7 @@ def _inspect(path: str, as_json: bool, base: str | None = None) -> int:
 
     if ckpt.keys() and all(split_role(k) is not None for k in ckpt.keys()):  # every key is a LoRA key
         return _inspect_lora(p, None, as_json)
-    rows = []
+    rows: list[_Row] = []
     groups: dict[str, dict[str, int]] = {}
     for k in ckpt.keys():
         info = ckpt.info(k)

@@ -10,13 +10,13 @@ an error, so an adapter is never silently ignored.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from fvtransform.call._call import _prepare
+from fvtransform.call._call import Out, _Forward, _prepare
 from fvtransform.errors import FormatError, KeyMismatchError, format_keys
 from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LowRank
 from fvtransform.lora._dora import dense_delta, dora_factor
@@ -160,13 +160,13 @@ class _LoraMode(TorchFunctionMode):
 
 
 def call(
-    module: torch.nn.Module,
+    module: _Forward[Out],
     tree: Mapping[str, torch.Tensor],
     adapters: AdapterSet,
     /,
-    *args: Any,
-    **kwargs: Any,
-) -> Any:
+    *args: object,
+    **kwargs: object,
+) -> Out:
     """Run ``module`` on ``tree`` with adapters applied on the fly: ``base(x) + s * B(A(x))``.
 
     LyCORIS LoHa/LoKr targets are applied as their dense delta, built once
@@ -199,7 +199,8 @@ def call(
     >>> fvt.lora.call(lin, tree, a, torch.tensor([[1.0, 0.0]]))
     tensor([[2., 1.]])
     """
-    params, _ = _prepare(module, tree)
+    mod = cast(torch.nn.Module, module)  # _Forward[Out] is an nn.Module as the type checker sees its forward
+    params, _ = _prepare(mod, tree)
     pairs = normalize_adapters(adapters)
     replaced = _replacements(pairs, params)
     params = {**params, **replaced}
@@ -247,7 +248,7 @@ def call(
             entry[1].append((effective, part))
     mode = _LoraMode(by_weight)
     with mode:
-        out = torch.func.functional_call(module, params, args, kwargs, tie_weights=True, strict=False)
+        out = torch.func.functional_call(mod, params, args, kwargs, tie_weights=True, strict=False)
     unused = [k for _, (k, _) in by_weight.items() if k not in mode.used]
     if unused:
         raise KeyMismatchError(

@@ -7,7 +7,6 @@ factory here, ``fvt.transforms.X(...)``: ``fvt.transforms.X(args)(tree) == fvt.X
 from fvtransform.transforms._lora import merge_lora, unmerge_lora
 from fvtransform.transforms._transform import (
     Transform,
-    as_transform,
     cast,
     chain,
     drop,
@@ -20,7 +19,6 @@ from fvtransform.transforms._transform import (
 
 __all__ = [
     "Transform",
-    "as_transform",
     "cast",
     "chain",
     "drop",
