@@ -35,7 +35,8 @@ class Checkpoint:
 
     ``keys()`` is in the checkpoint's order (the index's ``weight_map`` order
     for sharded files, the header's order for one file); aliased keys (tied
-    weights saved once) are included.
+    weights saved once) are included. Made by :func:`open_checkpoint`, the
+    public way to look into a checkpoint without loading it.
     """
 
     def __init__(self, files: WeightFiles) -> None:
@@ -82,6 +83,7 @@ class Checkpoint:
         return list(self._order)
 
     def info(self, key: str) -> TensorInfo:
+        """Where ``key`` lives: its dtype, shape and byte range (from the header; nothing is read)."""
         canon = self.aliases.get(key, key)
         return self.headers[self._where[canon]].tensors[canon]
 
