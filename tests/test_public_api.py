@@ -333,3 +333,33 @@ def test_any_signature_check_finds_each_kind():
     mod.__all__ = ["Typed", "Loose", "typed", "loose"]
     mod.Typed, mod.Loose, mod.typed, mod.loose = Typed, Loose, typed, loose
     assert sorted(any_signatures({"m": mod})) == ["m.Loose.__init__", "m.Loose.run", "m.Loose.value", "m.loose"]
+
+
+def _unlisted_cases() -> list[tuple[str, str]]:
+    from fvtransform._unlisted import UNLISTED
+
+    return [(path, name) for path, names in sorted(UNLISTED.items()) for name in sorted(names)]
+
+
+@pytest.mark.parametrize(("path", "name"), _unlisted_cases())
+def test_a_name_that_left_the_surface_shows_the_public_way(path, name):
+    import importlib
+    import re
+
+    import fvtransform as fvt
+    from fvtransform._unlisted import UNLISTED
+    from fvtransform.errors import UsageError
+
+    mod = importlib.import_module(_name(path))
+    assert name not in mod.__all__ and name not in PUBLIC[path]
+    assert not hasattr(mod, name)  # an AttributeError: hasattr and getattr(..., default) stay usable
+    way = UNLISTED[path][name]
+    with pytest.raises(UsageError, match=re.escape(f"{_name(path)}.{name} is internal, not public; the public way: {way}")):
+        getattr(mod, name)
+    for call in re.findall(r"\bfvt(?:\.\w+)+", way):  # every call the message shows exists
+        obj = fvt
+        for part in call.split(".")[1:]:
+            obj = getattr(obj, part)
+    with pytest.raises(AttributeError, match=rf"module '{re.escape(_name(path))}' has no attribute 'no_such_name'") as e:
+        getattr(mod, "no_such_name")
+    assert not isinstance(e.value, UsageError)

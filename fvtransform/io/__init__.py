@@ -1,5 +1,6 @@
 """Checkpoint I/O: lazy safetensors loading, atomic saves, the shipped key maps, model folders."""
 
+from fvtransform import _unlisted
 from fvtransform.io._check import CheckReport, check
 from fvtransform.io._header import TensorInfo
 from fvtransform.io._load import Checkpoint, load, open_checkpoint
@@ -25,3 +26,5 @@ __all__ = [
     "pipeline_components",
     "save",
 ]
+
+__getattr__ = _unlisted.module_getattr("io")  # a name this module no longer lists shows the public way

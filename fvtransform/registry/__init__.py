@@ -1,5 +1,6 @@
 """Architecture registry: names -> module constructors, built on the meta device."""
 
+from fvtransform import _unlisted
 from fvtransform.registry import _builtins
 from fvtransform.registry._budget import BuildLimits
 from fvtransform.registry._registry import REGISTRY, Registry, build, meta_parameters, register, resolve
@@ -7,3 +8,5 @@ from fvtransform.registry._registry import REGISTRY, Registry, build, meta_param
 _builtins.install_builtins(REGISTRY)
 
 __all__ = ["BuildLimits", "REGISTRY", "Registry", "build", "meta_parameters", "register", "resolve"]
+
+__getattr__ = _unlisted.module_getattr("registry")  # a name this module no longer lists shows the public way

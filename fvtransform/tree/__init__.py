@@ -1,5 +1,6 @@
 """Parameter trees, the operations on them, and key maps."""
 
+from fvtransform import _unlisted
 from fvtransform.tree._keymap import Fuse, KeyMap, MappingPlan, Rename, Split
 from fvtransform.tree._match import Pattern
 from fvtransform.tree._ops import cast, combine, drop, map_tensors, partition, rename, select, to, update
@@ -24,3 +25,5 @@ __all__ = [
     "to",
     "update",
 ]
+
+__getattr__ = _unlisted.module_getattr("tree")  # a name this module no longer lists shows the public way
