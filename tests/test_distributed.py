@@ -14,7 +14,8 @@ import torch
 from torch.distributed.tensor import Replicate, Shard
 
 import fvtransform as fvt
-from fvtransform.distributed import ShardPlan, chunk_range, fsdp_plan, tp_plan
+from fvtransform.distributed import ShardPlan, fsdp_plan, tp_plan
+from fvtransform.distributed._plan import chunk_range, get_plan
 from fvtransform.errors import PlanError
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
@@ -49,7 +50,7 @@ def test_plan_errors_name_the_rule_key_and_fix():
     with pytest.raises(PlanError, match=r"no rule matches \['a.bias'\] and the plan has no default"):
         ShardPlan((("*.weight", (Shard(0),)),)).resolve(t, mesh_shape=(2,))
     with pytest.raises(PlanError, match="plan must be a ShardPlan, 'fsdp', 'tp' or None"):
-        fvt.distributed.get_plan("zero3", 1)
+        get_plan("zero3", 1)
 
 
 # ----------------------------------------------------------------------------- process groups
@@ -104,7 +105,7 @@ def _check_round_trips(mesh, plans, folder: Path) -> None:
         tree = _random_tree(seed)
         snap = {k: v.clone() for k, v in tree.items()}
         sharded = fvt.shard(tree, mesh, plan)
-        resolved = fvt.distributed.get_plan(plan, mesh.ndim).resolve(tree, mesh_shape=tuple(mesh.shape))
+        resolved = get_plan(plan, mesh.ndim).resolve(tree, mesh_shape=tuple(mesh.shape))
         _same_as_distribute_tensor(tree, sharded, mesh, resolved)
         assert sharded["tied"] is sharded["t0"]
         back = fvt.unshard(sharded)
@@ -121,7 +122,7 @@ def _check_round_trips(mesh, plans, folder: Path) -> None:
         cast = fvt.load(path, mesh=mesh, plan=plan, dtype=torch.bfloat16)
         assert cast["t0"].to_local().dtype == torch.bfloat16 and cast["ints"].to_local().dtype == torch.int64
         local_bytes = sum(v.to_local().numel() * v.to_local().element_size() for k, v in loaded.items() if k != "tied")
-        predicted = fvt.distributed.get_plan(plan, mesh.ndim).bytes_per_rank(tree, mesh_shape=tuple(mesh.shape))
+        predicted = get_plan(plan, mesh.ndim).bytes_per_rank(tree, mesh_shape=tuple(mesh.shape))
         assert local_bytes == predicted[torch.distributed.get_rank()]
 
 

@@ -20,7 +20,8 @@ import torch
 
 import fvtransform as fvt
 from fvtransform.errors import FormatError, FvTransformError, IntegrityError, UnsafeFileError
-from fvtransform.io import open_checkpoint, read_header
+from fvtransform.io import open_checkpoint
+from fvtransform.io._header import read_header
 
 from _helpers import deadline
 

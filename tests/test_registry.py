@@ -77,7 +77,7 @@ def test_config_dicts_resolve_with_fallbacks():
 
 
 def test_builtin_entries_resolve():
-    from fvtransform.registry import BUILTIN_ENTRIES
+    from fvtransform.registry._builtins import BUILTIN_ENTRIES
 
     for name in BUILTIN_ENTRIES:
         assert callable(fvt.resolve(name)), name

@@ -17,7 +17,8 @@ import fvtransform as fvt
 from fvtransform._json import JsonLimits, check_type, get_field, loads_json, read_json_file
 from fvtransform.errors import FormatError, FvTransformError, NotFoundError, RegistryError, UnsafeFileError
 from fvtransform.io._model import read_json
-from fvtransform.registry import DEFAULT_BUILD_LIMITS, BuildLimits, meta_parameters
+from fvtransform.registry import BuildLimits, meta_parameters
+from fvtransform.registry._budget import DEFAULT_BUILD_LIMITS
 
 # ----------------------------------------------------------------------------- payloads
 _PAYLOAD = """

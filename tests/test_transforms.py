@@ -45,7 +45,7 @@ def test_factory_applied_equals_the_eager_call(name):
 
 
 def test_every_factory_has_its_eager_function():
-    factories = set(fvt.transforms.__all__) - {"Transform", "as_transform", "chain", "merge_lora", "unmerge_lora"}
+    factories = set(fvt.transforms.__all__) - {"Transform", "chain", "merge_lora", "unmerge_lora"}
     assert factories == {"select", "drop", "rename", "cast", "to", "map_tensors", "update"}
     assert all(callable(getattr(fvt, n)) for n in factories)
 

@@ -1,5 +1,8 @@
 """Running modules on trees with ``torch.func.functional_call``."""
 
-from fvtransform.call._call import call, call_with_buffers, check_keys
+from fvtransform import _unlisted
+from fvtransform.call._call import call, call_with_buffers
 
-__all__ = ["call", "call_with_buffers", "check_keys"]
+__all__ = ["call", "call_with_buffers"]
+
+__getattr__ = _unlisted.module_getattr("call")  # a name this module no longer lists shows the public way

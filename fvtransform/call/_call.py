@@ -181,7 +181,7 @@ def _prepare(module: nn.Module, tree: Mapping[str, torch.Tensor], what: str = "t
     return params, buffer_keys
 
 
-def call(module: _Forward[Out], tree: Mapping[str, torch.Tensor], /, *args: Any, **kwargs: Any) -> Out:
+def call(module: _Forward[Out], tree: Mapping[str, torch.Tensor], /, *args: object, **kwargs: object) -> Out:
     """Run ``module(*args, **kwargs)`` with the tensors of ``tree``, strictly.
 
     The tree must hold exactly the module's parameters and persistent buffers
@@ -222,7 +222,7 @@ def call(module: _Forward[Out], tree: Mapping[str, torch.Tensor], /, *args: Any,
 
 
 def call_with_buffers(
-    module: _Forward[Out], tree: Mapping[str, torch.Tensor], /, *args: Any, **kwargs: Any
+    module: _Forward[Out], tree: Mapping[str, torch.Tensor], /, *args: object, **kwargs: object
 ) -> tuple[Out, ParamTree]:
     """Like :func:`call`, and also return a new tree holding the updated buffers.
 

@@ -194,5 +194,5 @@ def extract_command(base: str, tuned: str, out: str, *, rank: int | None, energy
         close()
     written = fvt.lora.save(adapter, out, format=to, overwrite=overwrite)
     worst = max(report.errors.values()) if report.errors else 0.0
-    return {"output": str(written), "targets": len(adapter), "ranks": sorted({d.rank for d in adapter.values()}),
+    return {"output": str(written), "targets": len(adapter), "ranks": sorted(set(adapter.ranks.values())),
             "max_relative_error": worst}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Sequence, TypedDict
 
 __all__ = ["main"]
 
@@ -68,9 +69,17 @@ def _report(doc: dict, as_json: bool) -> int:
     return 0
 
 
-def _inspect(path: str, as_json: bool, base: str | None = None) -> int:
-    from pathlib import Path
+class _Row(TypedDict):
+    """One tensor of ``fvtransform inspect``'s listing."""
 
+    key: str
+    shape: list[int]
+    dtype: str
+    bytes: int
+    group: str
+
+
+def _inspect(path: str, as_json: bool, base: str | None = None) -> int:
     from fvtransform.cli._commands import printable
     from fvtransform.io import open_checkpoint
 
@@ -96,7 +105,7 @@ def _inspect(path: str, as_json: bool, base: str | None = None) -> int:
 
     if ckpt.keys() and all(split_role(k) is not None for k in ckpt.keys()):  # every key is a LoRA key
         return _inspect_lora(p, None, as_json)
-    rows = []
+    rows: list[_Row] = []
     groups: dict[str, dict[str, int]] = {}
     for k in ckpt.keys():
         info = ckpt.info(k)
@@ -124,7 +133,7 @@ def _inspect(path: str, as_json: bool, base: str | None = None) -> int:
     return 0
 
 
-def _inspect_lora(p, base: str | None, as_json: bool) -> int:
+def _inspect_lora(p: Path, base: str | None, as_json: bool) -> int:
     import fvtransform as fvt
     from fvtransform.cli._commands import printable
 
@@ -135,15 +144,15 @@ def _inspect_lora(p, base: str | None, as_json: bool) -> int:
     report = adapter.report
     rows = [{"target": k, "kind": type(d).__name__, "rank": getattr(d, "rank", None), "alpha": getattr(d, "alpha", None),
              "scale": getattr(d, "scale", None), "dora": getattr(d, "magnitude", None) is not None} for k, d in adapter.items()]
-    doc = {"path": str(p), "format": adapter.format, "targets": rows,
-           "skipped": [{"key": k, "why": why} for k, why in report.skipped]}
+    skipped = [{"key": k, "why": why} for k, why in report.skipped]
+    doc = {"path": str(p), "format": adapter.format, "targets": rows, "skipped": skipped}
     if as_json:
         print(json.dumps(doc))
     else:
         print(f"LoRA, format {adapter.format}, {len(rows)} targets")
         for r in rows:
             print(f"  {printable(r['target']):<56} {r['kind']:<9} rank {r['rank']}  alpha {r['alpha']}  scale {r['scale']}{'  DoRA' if r['dora'] else ''}")
-        for s in doc["skipped"]:
+        for s in skipped:
             print(f"  not matched: {printable(s['key'])} ({printable(s['why'])})")
     return 1 if report.skipped else 0  # keys that match nothing: a failed check, for scripts
 
@@ -162,8 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fvtransform.errors import FormatError, FvTransformError
 
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a name gets it escaped, not a crash
-        if callable(getattr(stream, "reconfigure", None)):
-            stream.reconfigure(errors="backslashreplace")
+        reconfigure = getattr(stream, "reconfigure", None)
+        if callable(reconfigure):
+            reconfigure(errors="backslashreplace")
 
     args = _parser().parse_args(argv)
     try:

@@ -6,7 +6,10 @@
 [52, 36]
 """
 
-from fvtransform.distributed._plan import ShardPlan, chunk_range, fsdp_plan, get_plan, tp_plan
+from fvtransform import _unlisted
+from fvtransform.distributed._plan import ShardPlan, fsdp_plan, tp_plan
 from fvtransform.distributed._shard import shard, unshard
 
-__all__ = ["ShardPlan", "chunk_range", "fsdp_plan", "get_plan", "shard", "tp_plan", "unshard"]
+__all__ = ["ShardPlan", "fsdp_plan", "shard", "tp_plan", "unshard"]
+
+__getattr__ = _unlisted.module_getattr("distributed")  # a name this module no longer lists shows the public way

@@ -19,7 +19,7 @@ import torch
 from torch.distributed.tensor import Replicate, Shard
 
 from fvtransform.errors import PlanError, format_keys
-from fvtransform.tree._match import matcher
+from fvtransform.tree._match import Pattern, matcher
 
 __all__ = ["ShardPlan", "fsdp_plan", "tp_plan", "get_plan", "chunk_range", "local_ranges", "Placements", "PlanLike"]
 
@@ -74,7 +74,7 @@ class ShardPlan:
     {'a.weight': (Shard(dim=0),), 'a.bias': (Replicate(),)}
     """
 
-    rules: tuple[tuple[Any, Placements], ...]
+    rules: tuple[tuple[Pattern, Placements], ...]
     default: Placements | None = None
     name: str = "custom"
     every_rule_used: bool = True  # a rule that matches no key is an error (built-in plans relax this)
@@ -85,7 +85,7 @@ class ShardPlan:
         lines.append(f"  {'(default)':<40} -> {', '.join(_show(p) for p in self.default) if self.default else 'error'}")
         return "\n".join(lines)
 
-    def resolve(self, tree: Mapping[str, Any], *, mesh_shape: Sequence[int], strict: bool | None = None) -> dict[str, Placements]:
+    def resolve(self, tree: Mapping[str, torch.Tensor], *, mesh_shape: Sequence[int], strict: bool | None = None) -> dict[str, Placements]:
         """Placements per key, checked against the tensors' ranks and the mesh; no process group needed.
 
         ``tree`` maps keys to tensors (or anything with ``.shape``).
@@ -180,7 +180,7 @@ def tp_plan(mesh_ndim: int = 1) -> ShardPlan:
     norms span all heads, so they stay replicated.
     """
     lead = (Replicate(),) * (mesh_ndim - 1)
-    rules: list[tuple[Any, Placements]] = []
+    rules: list[tuple[list[str], Placements]] = []
     rules += [([f"{m}.weight" for m in _COLWISE] + [f"{m}.bias" for m in _COLWISE], lead + (Shard(0),))]
     rules += [([f"{m}.weight" for m in _ROWWISE], lead + (Shard(1),))]
     return ShardPlan(tuple((tuple(p), pl) for p, pl in rules), default=(Replicate(),) * mesh_ndim, name="tp", every_rule_used=False)

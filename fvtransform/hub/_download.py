@@ -19,7 +19,7 @@ import re
 
 import logging
 import time
-from typing import Callable, TypeVar
+from typing import Callable, TypedDict, TypeVar
 
 from fvtransform.errors import FormatError, FvTransformError, HubError, NotFoundError, UnsafeFileError, format_keys
 from fvtransform.hub import _guard, _snapshot
@@ -37,6 +37,34 @@ T = TypeVar("T")
 #: first back-off in seconds (doubled each time). huggingface_hub retries refused connections itself.
 RETRIES = 4
 BACKOFF_S = 1.0
+
+
+class _CacheArgs(TypedDict):
+    """The cache arguments every ``huggingface_hub`` call here passes (``cache_dir`` as a ``str``, as it types it)."""
+
+    revision: str | None
+    cache_dir: str | None
+    token: str | None
+
+
+class _OfflineArgs(_CacheArgs):
+    """:class:`_CacheArgs` for a call that must not touch the network."""
+
+    local_files_only: bool
+
+
+class _FetchArgs(TypedDict):
+    """The keyword arguments of :func:`fvtransform.hub._snapshot.fetch_files` besides repo, commit and files."""
+
+    cache_dir: str | os.PathLike[str] | None
+    token: str | None
+    label: str
+    verify: bool
+
+
+def _cache_dir(cache_dir: str | os.PathLike[str] | None) -> str | None:
+    """``cache_dir`` as ``huggingface_hub`` types it (``str | Path``): a path-like as its string."""
+    return None if cache_dir is None else os.fspath(cache_dir)
 
 
 def _transient(e: Exception) -> bool:
@@ -330,7 +358,7 @@ def _offline_model(repo: str, sub: str | None, revision: str | None, patterns: l
     from huggingface_hub import hf_hub_download, snapshot_download
 
     prefix = f"{sub}/" if sub else ""
-    common = dict(revision=revision, local_files_only=True, cache_dir=cache_dir, token=token)
+    common = _OfflineArgs(revision=revision, local_files_only=True, cache_dir=_cache_dir(cache_dir), token=token)
     try:
         if components:
             index = Path(hf_hub_download(repo, f"{prefix}model_index.json", **common))
@@ -354,7 +382,7 @@ def _online_model(repo: str, sub: str | None, revision: str | None, patterns: li
     try:
         commit, entries = _listing(repo, revision, token)
         label = f"{repo}@{commit}"
-        fetch = dict(cache_dir=cache_dir, token=token, label=label, verify=verify)
+        fetch = _FetchArgs(cache_dir=cache_dir, token=token, label=label, verify=verify)
         if components:
             name = f"{prefix}model_index.json"
             if name not in entries:
@@ -449,7 +477,7 @@ def _online_lora(repo: str, prefix: str, weight_name: str | None, revision: str 
         elif weight_name not in names:
             raise NotFoundError(f"{where}: file not found: {prefix}{weight_name!r} is not in the repo; files: {format_keys(names)}")
         wanted = [f"{prefix}{weight_name}"] + [f"{prefix}{_ADAPTER_CONFIG}"] * (f"{prefix}{_ADAPTER_CONFIG}" in entries)
-        fetch = dict(cache_dir=cache_dir, token=token, label=label, verify=verify)
+        fetch = _FetchArgs(cache_dir=cache_dir, token=token, label=label, verify=verify)
         got = _retrying(lambda: _snapshot.fetch_files(repo, commit, [entries[w] for w in wanted], **fetch))
         _snapshot.write_ref_and_tree(repo, revision, commit, entries, cache_dir)
         return got[wanted[0]]
@@ -465,10 +493,10 @@ def _offline_lora(repo: str, prefix: str, weight_name: str | None, revision: str
     from huggingface_hub import hf_hub_download
     from huggingface_hub import errors as hf
 
-    common = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=True)
+    common = _OfflineArgs(revision=revision, cache_dir=_cache_dir(cache_dir), token=token, local_files_only=True)
     try:
         if weight_name is None:
-            weight_name = _cached_lora_name(repo, prefix, dict(revision=revision, cache_dir=cache_dir, token=token))
+            weight_name = _cached_lora_name(repo, prefix, _CacheArgs(revision=revision, cache_dir=_cache_dir(cache_dir), token=token))
         out = Path(hf_hub_download(repo, f"{prefix}{weight_name}", **common))
         try:
             config: Path | None = Path(hf_hub_download(repo, f"{prefix}{_ADAPTER_CONFIG}", **common))
@@ -481,7 +509,7 @@ def _offline_lora(repo: str, prefix: str, weight_name: str | None, revision: str
     return out, config
 
 
-def _cached_lora_name(repo: str, prefix: str, common: dict) -> str:
+def _cached_lora_name(repo: str, prefix: str, common: _CacheArgs) -> str:
     """Offline: the LoRA file name to use, from what the cache holds."""
     from huggingface_hub import snapshot_download, try_to_load_from_cache
 

@@ -327,7 +327,7 @@ def _wrap_client(client: Any) -> Any:
     for transport in transports:
         pool = getattr(transport, "_pool", None)
         backend = getattr(pool, "_network_backend", None)
-        if backend is not None and not isinstance(backend, _Backend):
+        if pool is not None and backend is not None and not isinstance(backend, _Backend):
             pool._network_backend = _Backend(backend)
     return client
 

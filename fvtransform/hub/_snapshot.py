@@ -17,6 +17,7 @@ and the ``trees/<commit>.json`` listing), so offline calls read it the same way.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -190,13 +191,14 @@ def fetch_files(
             )
     storage = _storage(repo, cache_dir)
     before = _incomplete(storage)
+    hub_cache = None if cache_dir is None else os.fspath(cache_dir)  # huggingface_hub types it str | Path
 
     def one(e: Entry) -> Path:
         from huggingface_hub import hf_hub_download
 
         with _guard.budget(e.size + SLACK_BYTES, f"{label}: {e.path} (announced {e.size} bytes)"), \
                 _guard.expect(commit, e.etag, e.path):
-            out = Path(hf_hub_download(repo, e.path, revision=commit, cache_dir=cache_dir, token=token))
+            out = Path(hf_hub_download(repo, e.path, revision=commit, cache_dir=hub_cache, token=token))
         if resolved_commit(out) != commit or not out.as_posix().endswith(f"/{commit}/{e.path}"):
             raise IntegrityError(  # nothing removed: the file is not this download's
                 f"{label}: {e.path} landed at {out}, not in the snapshot of commit {commit}; refused, nothing removed. "
@@ -211,7 +213,7 @@ def fetch_files(
             paths = [one(e) for e in files]
         else:
             with ThreadPoolExecutor(max_workers=min(WORKERS, len(files))) as pool:
-                futures = [pool.submit(_guard.bounded(lambda e=e: one(e))) for e in files]
+                futures = [pool.submit(_guard.bounded(functools.partial(one, e))) for e in files]
                 try:
                     paths = [f.result() for f in futures]
                 except BaseException:

@@ -1,18 +1,17 @@
 """Checkpoint I/O: lazy safetensors loading, atomic saves, the shipped key maps, model folders."""
 
+from fvtransform import _unlisted
 from fvtransform.io._check import CheckReport, check
-from fvtransform.io._files import WeightFiles, find_weight_files, read_index
-from fvtransform.io._header import Header, TensorInfo, read_header
+from fvtransform.io._header import TensorInfo
 from fvtransform.io._load import Checkpoint, load, open_checkpoint
 from fvtransform.tree._mappings import REFERENCE_QKV_FUSE, WAN_DIFFUSERS_TO_ORIGINAL, WAN_ORIGINAL_TO_DIFFUSERS
 from fvtransform.io._model import LoadedModel, LoadNote, LoadReport, load_model
 from fvtransform.io._pipeline import pipeline_components
-from fvtransform.io._save import parse_size, save
+from fvtransform.io._save import save
 
 __all__ = [
     "CheckReport",
     "Checkpoint",
-    "Header",
     "LoadNote",
     "LoadReport",
     "LoadedModel",
@@ -20,15 +19,12 @@ __all__ = [
     "TensorInfo",
     "WAN_DIFFUSERS_TO_ORIGINAL",
     "WAN_ORIGINAL_TO_DIFFUSERS",
-    "WeightFiles",
     "check",
-    "find_weight_files",
     "load",
     "load_model",
     "open_checkpoint",
-    "parse_size",
     "pipeline_components",
-    "read_header",
-    "read_index",
     "save",
 ]
+
+__getattr__ = _unlisted.module_getattr("io")  # a name this module no longer lists shows the public way

@@ -37,8 +37,8 @@ class CheckReport:
             lines.append(f"unexpected ({len(self.unexpected)}): {format_keys(self.unexpected)}")
         for k, exp, got in self.shape_mismatches:
             lines.append(f"shape of {k!r}: expected {list(exp)}, found {list(got)}")
-        for k, exp, got in self.dtype_mismatches:
-            lines.append(f"dtype of {k!r}: expected {exp}, found {got}")
+        for k, want, found in self.dtype_mismatches:
+            lines.append(f"dtype of {k!r}: expected {want}, found {found}")
         return "\n".join(lines)
 
 

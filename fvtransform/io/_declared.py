@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from fvtransform.errors import FormatError, format_keys
+from fvtransform.tree import ParamTree
 
 __all__ = [
     "LoadNote",
@@ -144,7 +145,7 @@ class LoadReport:
         return "\n".join(lines)
 
 
-class LoadedModel(tuple):  # type: ignore[type-arg]
+class LoadedModel(tuple[nn.Module, ParamTree]):
     """``(module, tree)`` as :func:`~fvtransform.load_model` returns it, with the :class:`LoadReport` as ``.report``.
 
     It unpacks as a pair (``module, tree = fvt.load_model(...)``).
@@ -152,12 +153,12 @@ class LoadedModel(tuple):  # type: ignore[type-arg]
 
     report: LoadReport
 
-    def __new__(cls, module: nn.Module, tree: Any, report: LoadReport) -> LoadedModel:
+    def __new__(cls, module: nn.Module, tree: ParamTree, report: LoadReport) -> LoadedModel:
         self = super().__new__(cls, (module, tree))
         self.report = report
         return self
 
-    def __getnewargs__(self) -> tuple[Any, ...]:
+    def __getnewargs__(self) -> tuple[nn.Module, ParamTree, LoadReport]:
         return (self[0], self[1], self.report)
 
     @property
@@ -165,7 +166,7 @@ class LoadedModel(tuple):  # type: ignore[type-arg]
         return self[0]
 
     @property
-    def tree(self) -> Any:
+    def tree(self) -> ParamTree:
         return self[1]
 
 

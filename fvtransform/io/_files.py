@@ -73,7 +73,7 @@ def read_index(index: Path) -> WeightFiles:
     for key, name in doc["weight_map"].items():
         path = checked.get(name) if isinstance(name, str) else None
         if path is None:
-            path = checked[name] = contained(folder, name, "shard", index, root=root)  # type: ignore[index]
+            path = checked[name] = contained(folder, name, "shard", index, root=root)
         weight_map[key] = path
         files[path] = None
     missing = []

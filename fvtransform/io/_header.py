@@ -75,7 +75,11 @@ HEADER_JSON = JsonLimits(
 
 @attrs.frozen
 class TensorInfo:
-    """Where one tensor lives in a file: dtype, shape and absolute byte range."""
+    """Where one tensor lives in a file: dtype, shape and absolute byte range.
+
+    What :meth:`fvtransform.io.Checkpoint.info` returns (public for that: the way to look into a file
+    without loading it is ``fvt.io.open_checkpoint(path).info(key)``).
+    """
 
     name: str
     dtype: torch.dtype

@@ -5,19 +5,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fvtransform._json import loads_json
 from fvtransform.errors import FormatError, FvTransformError, KeyMismatchError, PlanError, format_keys
 from fvtransform.io._files import WeightFiles, find_weight_files
-from fvtransform.io._header import HEADER_JSON, Header, _check_lookalikes, read_header
+from fvtransform.io._header import HEADER_JSON, Header, TensorInfo, _check_lookalikes, read_header
 from fvtransform.io._open import fd_path, open_regular
 from fvtransform.io._safetensors import MappedFile
 from fvtransform.tree._match import Pattern, matcher
 from fvtransform.tree._keymap import KeyMap, KeyMapLike
 from fvtransform.tree._paramtree import ParamTree
+
+if TYPE_CHECKING:  # torch.distributed and the plans load only when a mesh is passed
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from fvtransform.distributed._plan import PlanLike
 
 __all__ = ["load", "open_checkpoint", "Checkpoint", "ALIASES_KEY"]
 
@@ -30,7 +35,8 @@ class Checkpoint:
 
     ``keys()`` is in the checkpoint's order (the index's ``weight_map`` order
     for sharded files, the header's order for one file); aliased keys (tied
-    weights saved once) are included.
+    weights saved once) are included. Made by :func:`open_checkpoint`, the
+    public way to look into a checkpoint without loading it.
     """
 
     def __init__(self, files: WeightFiles) -> None:
@@ -76,7 +82,8 @@ class Checkpoint:
     def keys(self) -> list[str]:
         return list(self._order)
 
-    def info(self, key: str) -> Any:
+    def info(self, key: str) -> TensorInfo:
+        """Where ``key`` lives: its dtype, shape and byte range (from the header; nothing is read)."""
         canon = self.aliases.get(key, key)
         return self.headers[self._where[canon]].tensors[canon]
 
@@ -194,8 +201,8 @@ def load(
     device: torch.device | str = "cpu",
     select: Pattern | None = None,
     rename: KeyMapLike | None = None,
-    mesh: Any = None,
-    plan: Any = None,
+    mesh: DeviceMesh | None = None,
+    plan: PlanLike = None,
     allow_pickle: bool = False,
 ) -> ParamTree:
     """Load a checkpoint as a ParamTree, lazily and memory-mapped.

@@ -269,7 +269,7 @@ def load_model(
     folder = _resolve_folder(path_or_repo_id, component, revision)
     config_path = contained(folder, "config.json", "model config")
     config = read_json(config_path)
-    ctor = resolve(config, source=config_path)
+    ctor = resolve(config, source=str(config_path))
     lib = library_of(ctor)
     module = _build(config, dtype, lib, source=config_path)
     notes: list[LoadNote] = []

@@ -185,7 +185,7 @@ def open_regular(path: str | os.PathLike[str], what: str = "file") -> BinaryIO:
         if root is not None:
             _check_opened(path, what, root, st)
         os.set_blocking(fd, True)
-        return io.open(fd, "rb", closefd=True)  # type: ignore[return-value]
+        return io.open(fd, "rb", closefd=True)
     except BaseException:
         os.close(fd)
         raise
@@ -302,4 +302,5 @@ def map_checked(path: str | os.PathLike[str], size: int, identity: tuple[int, ..
                 f"{path}: the file was replaced or rewritten after its header was read; its tensors would be read "
                 "with the old header — load it again"
             )
-        return torch.UntypedStorage.from_file(fd_path(f.fileno()) or str(path), shared=False, nbytes=size)
+        # torch's stub types from_file on the storage base class; UntypedStorage.from_file returns an UntypedStorage
+        return torch.UntypedStorage.from_file(fd_path(f.fileno()) or str(path), shared=False, nbytes=size)  # type: ignore[return-value]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 import math
 import types
-from typing import Any
+from typing import TypedDict
 
 import attrs
 import torch
@@ -403,6 +403,16 @@ GENERATED = (LoHa, LoKr)
 Delta = LowRank | FullDelta | LoHa | LoKr
 
 
+class AdapterSummary(TypedDict):
+    """:meth:`LoraAdapter.summary`: source format, target count, delta kinds counted, distinct ranks and scales."""
+
+    format: str
+    targets: int
+    kinds: dict[str, int]
+    ranks: list[int]
+    scales: list[float]
+
+
 class LoraAdapter(Mapping[str, Delta]):
     """An immutable adapter: base key (e.g. ``blocks.0.attn1.to_q.weight``) -> delta.
 
@@ -421,8 +431,12 @@ class LoraAdapter(Mapping[str, Delta]):
     """
 
     __slots__ = ("_targets", "format", "metadata", "report")
+    _targets: types.MappingProxyType[str, Delta]
+    format: str
+    metadata: types.MappingProxyType[str, str]
+    report: ResolutionReport
 
-    def __init__(self, targets: Mapping[str, Delta], *, format: str = "memory", metadata: Mapping[str, Any] | None = None,
+    def __init__(self, targets: Mapping[str, Delta], *, format: str = "memory", metadata: Mapping[str, str] | None = None,
                  report: ResolutionReport | None = None) -> None:
         data = dict(targets)
         for k, d in data.items():
@@ -434,7 +448,7 @@ class LoraAdapter(Mapping[str, Delta]):
         object.__setattr__(self, "metadata", types.MappingProxyType(dict(metadata or {})))
         object.__setattr__(self, "report", report if report is not None else ResolutionReport(format, targets={k: k for k in data}))
 
-    def __setattr__(self, name: str, value: Any) -> None:
+    def __setattr__(self, name: str, value: object) -> None:
         from fvtransform.errors import ImmutableError
 
         raise ImmutableError(f"LoraAdapter is immutable: cannot set {name!r}; build a new adapter")
@@ -468,12 +482,14 @@ class LoraAdapter(Mapping[str, Delta]):
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in self._targets.values() for t in d.tensors())
 
-    def replace(self, targets: Mapping[str, Delta] | None = None, **kw: Any) -> LoraAdapter:
+    def replace(self, targets: Mapping[str, Delta] | None = None, *, format: str | None = None,
+                metadata: Mapping[str, str] | None = None) -> LoraAdapter:
+        """A new adapter with ``targets``, ``format`` or ``metadata`` replaced (the report is kept while the targets are)."""
         return LoraAdapter(
             self._targets if targets is None else targets,
-            format=kw.get("format", self.format),
-            metadata=kw.get("metadata", self.metadata),
-            report=kw.get("report", self.report if targets is None else None),
+            format=self.format if format is None else format,
+            metadata=self.metadata if metadata is None else metadata,
+            report=self.report if targets is None else None,
         )
 
     def __repr__(self) -> str:
@@ -482,47 +498,54 @@ class LoraAdapter(Mapping[str, Delta]):
         extra = f", {full} full deltas" if full else ""
         return f"LoraAdapter({len(self)} targets, ranks {set(ranks) if ranks else '{}'}{extra}, format {self.format!r})"
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> AdapterSummary:
         kinds = Counter(type(d).__name__ for d in self._targets.values())
-        return {
+        return AdapterSummary({
             "format": self.format,
             "targets": len(self),
             "kinds": dict(kinds),
             "ranks": sorted(set(self.ranks.values())),
             "scales": sorted(set(self.scales.values())),
-        }
+        })
 
 
-def _flatten(a: LoraAdapter) -> tuple[list[torch.Tensor], Any]:
+_Spec = tuple[str, str, float, "float | None", float, bool, tuple[str, ...]]
+"""One target's pytree context: key, kind ("lr", "LoHa", "LoKr", "full"), scale, alpha, dora_eps,
+has-magnitude (LowRank) or replaces (FullDelta), the tensor fields (LoHa, LoKr)."""
+_Context = tuple[tuple[_Spec, ...], str, tuple[tuple[str, str], ...], ResolutionReport]
+
+
+def _flatten(a: LoraAdapter) -> tuple[list[torch.Tensor], _Context]:
     leaves: list[torch.Tensor] = []
-    spec = []
+    spec: list[_Spec] = []
     for k, d in a._targets.items():
         if isinstance(d, LowRank):
             leaves += [d.A, d.B] + ([d.magnitude] if d.magnitude is not None else [])
-            spec.append((k, "lr", d.scale, (d.alpha, d.dora_eps), d.magnitude is not None))
+            spec.append((k, "lr", d.scale, d.alpha, d.dora_eps, d.magnitude is not None, ()))
         elif isinstance(d, (LoHa, LoKr)):
             fields = [f.name for f in attrs.fields(type(d)) if isinstance(getattr(d, f.name), torch.Tensor)]
             leaves += [getattr(d, f) for f in fields]
-            spec.append((k, type(d).__name__, d.scale, (d.alpha, d.dora_eps), tuple(fields)))
+            spec.append((k, type(d).__name__, d.scale, d.alpha, d.dora_eps, False, tuple(fields)))
         else:
             leaves.append(d.D)
-            spec.append((k, "full", d.scale, None, d.replaces))
+            spec.append((k, "full", d.scale, None, 0.0, d.replaces, ()))
     return leaves, (tuple(spec), a.format, tuple(a.metadata.items()), a.report)
 
 
-def _unflatten(leaves: Any, ctx: Any) -> LoraAdapter:
+def _unflatten(leaves: Iterable[torch.Tensor], ctx: _Context) -> LoraAdapter:
     spec, fmt, meta, report = ctx
     it = iter(list(leaves))
     out: dict[str, Delta] = {}
-    for k, kind, scale, alpha, has_m in spec:
+    for k, kind, scale, alpha, eps, flag, fields in spec:
         if kind == "lr":
             A, B = next(it), next(it)
-            out[k] = LowRank(A, B, scale, alpha[0], next(it) if has_m else None, alpha[1])
-        elif kind in ("LoHa", "LoKr"):
-            cls = LoHa if kind == "LoHa" else LoKr
-            out[k] = cls(**{f: next(it) for f in has_m}, scale=scale, alpha=alpha[0], dora_eps=alpha[1])
+            out[k] = LowRank(A, B, scale, alpha, next(it) if flag else None, eps)
+        elif kind == "LoHa":
+            out[k] = LoHa(**{f: next(it) for f in fields}, scale=scale, alpha=alpha, dora_eps=eps)
+        elif kind == "LoKr":
+            out[k] = LoKr(**{f: next(it) for f in fields}, scale=scale, alpha=alpha, dora_eps=eps)
         else:
-            out[k] = FullDelta(next(it), scale, has_m)
+            out[k] = FullDelta(next(it), scale, flag)
     adapter = object.__new__(LoraAdapter)
     object.__setattr__(adapter, "_targets", types.MappingProxyType(out))
     object.__setattr__(adapter, "format", fmt)

@@ -10,15 +10,15 @@ an error, so an adapter is never silently ignored.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from fvtransform.call._call import _prepare
+from fvtransform.call._call import Out, _Forward, _prepare
 from fvtransform.errors import FormatError, KeyMismatchError, format_keys
-from fvtransform.lora._adapter import GENERATED, FullDelta, LowRank
+from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LowRank
 from fvtransform.lora._dora import dense_delta, dora_factor
 from fvtransform.lora._merge import AdapterSet, _is_dtensor, normalize_adapters
 
@@ -79,7 +79,7 @@ class _LoraMode(TorchFunctionMode):
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             hit = self.by_weight.get(id(weight)) if weight is not None else None
         in_axis = [p for p in hit[1] if isinstance(p[1], _DoraPart) and p[1].axis == 1] if hit is not None else []
-        if in_axis:  # the input is rescaled: the base call itself changes
+        if in_axis and hit is not None:  # the input is rescaled: the base call itself changes
             self.used.add(hit[0])
             out = self._dora_input_axis(func, in_axis[0][0], in_axis[0][1], args, kwargs)
             x = args[0] if args else kwargs["input"]
@@ -160,13 +160,13 @@ class _LoraMode(TorchFunctionMode):
 
 
 def call(
-    module: torch.nn.Module,
+    module: _Forward[Out],
     tree: Mapping[str, torch.Tensor],
     adapters: AdapterSet,
     /,
-    *args: Any,
-    **kwargs: Any,
-) -> Any:
+    *args: object,
+    **kwargs: object,
+) -> Out:
     """Run ``module`` on ``tree`` with adapters applied on the fly: ``base(x) + s * B(A(x))``.
 
     LyCORIS LoHa/LoKr targets are applied as their dense delta, built once
@@ -199,7 +199,8 @@ def call(
     >>> fvt.lora.call(lin, tree, a, torch.tensor([[1.0, 0.0]]))
     tensor([[2., 1.]])
     """
-    params, _ = _prepare(module, tree)
+    mod = cast(torch.nn.Module, module)  # _Forward[Out] is an nn.Module as the type checker sees its forward
+    params, _ = _prepare(mod, tree)
     pairs = normalize_adapters(adapters)
     replaced = _replacements(pairs, params)
     params = {**params, **replaced}
@@ -226,7 +227,7 @@ def call(
             hit = by_weight.get(id(params[key]))
             if hit is not None and any(isinstance(p, _DoraPart) for _, p in hit[1]):
                 raise FormatError(f"{key!r}: a DoRA target takes one adapter alone (its magnitude rescales the whole weight)")
-            if key.endswith(".bias"):
+            if key.endswith(".bias") and isinstance(d, FullDelta):
                 weight_key = key[: -len(".bias")] + ".weight"
                 if weight_key not in params:
                     raise KeyMismatchError(f"bias delta {key!r} has no weight {weight_key!r} in the tree")
@@ -237,16 +238,17 @@ def call(
                 continue
             entry = by_weight.setdefault(id(params[key]), (key, []))
             effective = s * d.scale
+            part: Delta | _ShardedLowRank = d
             if isinstance(d, GENERATED):
                 if _is_dtensor(params[key]):
                     raise FormatError(f"{key!r}: on-the-fly LoHa/LoKr on a sharded weight is not supported; merge it before sharding")
-                d = _dense(d, params[key])
+                part = _dense(d, params[key])
             elif _is_dtensor(params[key]) and isinstance(d, LowRank):
-                d = _ShardedLowRank(d, params[key])
-            entry[1].append((effective, d))
+                part = _ShardedLowRank(d, params[key])
+            entry[1].append((effective, part))
     mode = _LoraMode(by_weight)
     with mode:
-        out = torch.func.functional_call(module, params, args, kwargs, tie_weights=True, strict=False)
+        out = torch.func.functional_call(mod, params, args, kwargs, tie_weights=True, strict=False)
     unused = [k for _, (k, _) in by_weight.items() if k not in mode.used]
     if unused:
         raise KeyMismatchError(

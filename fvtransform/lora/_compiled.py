@@ -16,11 +16,12 @@ differences, measured by the property tests).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import torch
 
+from fvtransform.call._call import Out, _Forward
 from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError
 from fvtransform.lora._adapter import LoraAdapter, LowRank
 from fvtransform.lora._merge import AdapterSet, normalize_adapters
@@ -118,11 +119,12 @@ def factors(adapters: AdapterSet, *, rank: int | None = None, scale: float = 1.0
             B = torch.cat([p[1].float() * p[2] for p in parts], dim=1)
             s = 1.0
         padded = _pad(LoraAdapter({key: LowRank(A, B, 1.0)}), rank)[key]
+        assert isinstance(padded, LowRank)  # _pad keeps a LowRank target a LowRank
         out[key] = (padded.A, padded.B, torch.tensor(s, dtype=torch.float32))
     return out
 
 
-def call_factors(module: torch.nn.Module, tree: Mapping[str, torch.Tensor], fac: Factors, /, *args: Any, **kwargs: Any) -> Any:
+def call_factors(module: _Forward[Out], tree: Mapping[str, torch.Tensor], fac: Factors, /, *args: object, **kwargs: object) -> Out:
     """Run ``module`` on ``tree`` with ``W + scale * B @ A`` for every key of ``fac``; traceable by ``torch.compile``.
 
     The effective weights are computed in float32 and rounded once into the
@@ -132,7 +134,8 @@ def call_factors(module: torch.nn.Module, tree: Mapping[str, torch.Tensor], fac:
     """
     from fvtransform.call._call import _prepare
 
-    params, _ = _prepare(module, tree)
+    mod = cast(torch.nn.Module, module)  # _Forward[Out] is an nn.Module as the type checker sees its forward
+    params, _ = _prepare(mod, tree)
     params = dict(params)
     for key, (A, B, s) in fac.items():
         if key not in params:
@@ -140,6 +143,7 @@ def call_factors(module: torch.nn.Module, tree: Mapping[str, torch.Tensor], fac:
         w = params[key]
         delta = B.reshape(B.shape[0], -1).float() @ A.reshape(A.shape[0], -1).float()
         params[key] = (w.float() + s * delta.reshape(w.shape)).to(w.dtype)
-    return torch.func.functional_call(module, params, args, kwargs, tie_weights=True, strict=False)
+    out: Out = torch.func.functional_call(mod, params, args, kwargs, tie_weights=True, strict=False)
+    return out
 
 

@@ -75,6 +75,11 @@ _LORA_ROLES = frozenset({"A", "B", "alpha", "magnitude"})
 _FULL_ROLES = frozenset({"diff", "diff_b", "diff_param"})
 
 
+def _frozen(roles: Mapping[str, str]) -> Mapping[str, str]:
+    """A read-only copy of a role table."""
+    return types.MappingProxyType(dict(roles))
+
+
 @attrs.frozen
 class LoraFormat:
     """One LoRA file format.
@@ -109,7 +114,7 @@ class LoraFormat:
     scale: str
     needs_meta: str | None = None
     needs_role: str | None = None
-    write_roles: Mapping[str, str] = attrs.field(factory=dict, converter=lambda m: types.MappingProxyType(dict(m)))
+    write_roles: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen)
     write_prefix: str = ""
     write_names: str = "as-is"
     holds: frozenset[str] = frozenset()

@@ -105,7 +105,8 @@ def lycoris_targets(
                 raise FormatError(f"{where}: LoHa module {module!r} lacks {missing}; the file is incomplete")
             delta: LoHa | LoKr = LoHa(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"], t.get("hada_t1"), t.get("hada_t2"))
         else:
-            delta = LoKr(*(t.get(r) for r in _LOKR))
+            delta = LoKr(t.get("lokr_w1"), t.get("lokr_w1_a"), t.get("lokr_w1_b"), t.get("lokr_w2"), t.get("lokr_w2_a"),
+                         t.get("lokr_w2_b"), t.get("lokr_t2"))
         delta.validate(where)
     except ShapeMismatchError:
         raise

@@ -205,7 +205,7 @@ def delta_rows(
     tile = max(1, TILE_BYTES // max(1, width * 4))
     for start in range(0, rows, tile):
         stop = min(rows, start + tile)
-        if B is not None and columns is not None:  # a column shard: the full-width sum, then its columns
+        if B is not None and A is not None and columns is not None:  # a column shard: the full-width sum, then its columns
             full = work.tile(weight.device, stop - start, width, slot=1)
             full.zero_()
             full[:, columns[0] : columns[1]].copy_(flat_w[start:stop])
@@ -214,7 +214,7 @@ def delta_rows(
         else:
             acc = work.tile(weight.device, stop - start, cols)
             acc.copy_(flat_w[start:stop])
-            if B is not None:
+            if B is not None and A is not None:  # _factors gives both or neither
                 acc.addmm_(B[start:stop], A)
         for s, D in flat_fulls:
             acc.add_(D[start:stop].to(device=acc.device, dtype=torch.float32), alpha=s)

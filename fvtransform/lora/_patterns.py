@@ -22,8 +22,8 @@ __all__ = ["pattern_value", "compile_patterns", "check_pattern", "full_match", "
 try:  # Python >= 3.11
     from re import _constants as _c, _parser as _p  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - Python 3.10
-    import sre_constants as _c  # type: ignore[no-redef]
-    import sre_parse as _p  # type: ignore[no-redef]
+    import sre_constants as _c
+    import sre_parse as _p
 
 MAX_PATTERN_CHARS = 256
 MAX_REPEAT_COUNT = 256

@@ -53,7 +53,7 @@ def _apply_correction(t: torch.Tensor, corr: _Correction) -> torch.Tensor:
         bits = (bits.to(torch.int64) + corr.dense.to(torch.int64)).to(bits.dtype)
     else:
         bits = bits.clone()
-    if corr.indices is not None and corr.indices.numel():
+    if corr.indices is not None and corr.values is not None and corr.indices.numel():
         bits[corr.indices.long()] = corr.values
     return bits.view(t.dtype).view(t.shape)
 

@@ -31,6 +31,7 @@ from fvtransform.io._files import INDEX_JSON, find_weight_files
 from fvtransform.io._header import DTYPE_NAMES, HEADER_JSON, read_header
 from fvtransform.io._load import Checkpoint
 from fvtransform.io._safetensors import TensorSpec, write_safetensors
+from fvtransform.lora._adapter import FullDelta
 from fvtransform.lora._dora import merge_dora
 from fvtransform.lora._merge import AdapterSet, Workspace, _collect, _digest, _is_dora, _is_replace, delta_rows, normalize_adapters
 
@@ -143,7 +144,9 @@ def merge_checkpoint(
         t = ckpt.tensor(k)
         dt = dtype_of(k)
         if k in per_key and _is_replace(k, per_key[k]):  # PEFT modules_to_save: the replacement itself
-            t = per_key[k][0].delta.D.to(dtype=dt)
+            replacement = per_key[k][0].delta
+            assert isinstance(replacement, FullDelta)  # _is_replace: the one contribution is a replacing FullDelta
+            t = replacement.D.to(dtype=dt)
         elif k in per_key and _is_dora(per_key[k]):  # row tiles; input-axis norms take a first pass over the tiles
             t = merge_dora(t, per_key[k], out=torch.empty(t.shape, dtype=dt), where=f"{ckpt.file_of(k)}: {k!r}")[0]
         elif k in per_key:  # rounded once, straight into the output dtype

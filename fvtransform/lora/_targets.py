@@ -22,7 +22,7 @@ from fvtransform.lora._lycoris import is_lycoris, lycoris_targets
 
 
 def module_shapes(base: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    out = {}
+    out: dict[str, tuple[int, ...]] = {}
     for key, t in base.items():
         for suffix in (".weight", ".bias"):
             if key.endswith(suffix):
@@ -121,6 +121,9 @@ def build_targets(
         present = "A" if has_a else "B"
         key = roles[present][0]
         raise FormatError(f"{label}: {key!r} has no matching {'B' if has_a else 'A'} factor; the file is incomplete")
+    # name is None only where param is set (the .diff_param / lone-.diff path above); LoRA factors there as well
+    # are refused by the both-kinds check below, so the module's own name only stands in until then
+    weight = (name if name is not None else module) + ".weight"
     if has_a:
         A, B = roles["A"][1], roles["B"][1]
         where = f"{label}: {roles['A'][0]!r}"
@@ -133,15 +136,15 @@ def build_targets(
             raise ShapeMismatchError(f"{where}: rank 0 (A {list(A.shape)}); a LoRA needs rank 1 or more. Fix: drop this module")
         if cfg is not None:
             check_config_applies(cfg, module, roles)
-        scale, alpha = lowrank_scale(fmt, module, rank, roles, cfg, label, name + ".weight" in exact)
-        if name + ".weight" in exact:
-            scale = float(exact[name + ".weight"])
+        scale, alpha = lowrank_scale(fmt, module, rank, roles, cfg, label, weight in exact)
+        if weight in exact:
+            scale = float(exact[weight])
         mag = (canonical_magnitude(roles["magnitude"][1], int(B.shape[0]), int(A.shape[1]), f"{label}: {roles['magnitude'][0]!r}")
                if "magnitude" in roles else None)
         eps = DORA_EPS if mag is not None and roles["magnitude"][0].endswith(".dora_scale") else 0.0  # LyCORIS/ComfyUI
-        if mag is not None and exact_eps and name + ".weight" in exact_eps:
-            eps = eps_value(exact_eps[name + ".weight"], f"{label}: header {FVT_DORA_EPS!r}[{name + '.weight'!r}]")
-        out[name + ".weight"] = LowRank(A, B, scale, alpha, mag, eps)
+        if mag is not None and exact_eps and weight in exact_eps:
+            eps = eps_value(exact_eps[weight], f"{label}: header {FVT_DORA_EPS!r}[{weight!r}]")
+        out[weight] = LowRank(A, B, scale, alpha, mag, eps)
     else:
         loose = [r for r in ("alpha", "magnitude", "fv_rank", "fv_alpha") if r in roles]
         if loose:
@@ -150,7 +153,7 @@ def build_targets(
         if role in roles:
             if has_a:
                 raise FormatError(f"{label}: {module!r} has both LoRA factors and a full .diff; keep one")
-            target = param if param is not None else name + ".weight"
+            target = param if param is not None else weight
             out[target] = FullDelta(roles[role][1], float(exact.get(target, 1.0)))
     if "diff_b" in roles:
         if name is None:

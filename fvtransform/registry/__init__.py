@@ -1,9 +1,12 @@
 """Architecture registry: names -> module constructors, built on the meta device."""
 
-from fvtransform.registry._builtins import BUILTIN_ENTRIES, install_builtins
-from fvtransform.registry._budget import DEFAULT_BUILD_LIMITS, BuildLimits
+from fvtransform import _unlisted
+from fvtransform.registry import _builtins
+from fvtransform.registry._budget import BuildLimits
 from fvtransform.registry._registry import REGISTRY, Registry, build, meta_parameters, register, resolve
 
-install_builtins(REGISTRY)
+_builtins.install_builtins(REGISTRY)
 
-__all__ = ["BUILTIN_ENTRIES", "BuildLimits", "DEFAULT_BUILD_LIMITS", "REGISTRY", "Registry", "build", "install_builtins", "meta_parameters", "register", "resolve"]
+__all__ = ["BuildLimits", "REGISTRY", "Registry", "build", "meta_parameters", "register", "resolve"]
+
+__getattr__ = _unlisted.module_getattr("registry")  # a name this module no longer lists shows the public way

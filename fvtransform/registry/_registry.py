@@ -109,7 +109,7 @@ class Registry:
             return _import_target(target, name=name)
         return target
 
-    def resolve(self, name_or_config: str | Mapping[str, Any], *, source: str | None = None) -> Constructor:
+    def resolve(self, name_or_config: str | Mapping[str, object], *, source: str | None = None) -> Constructor:
         """The constructor for a name or a diffusers / transformers config dict.
 
         ``source`` (the config's file) is named in errors. A config never makes anything but a
@@ -125,7 +125,7 @@ class Registry:
             raise FormatError(
                 f"resolve takes a name or a config dict; found {type(name_or_config).__name__}"
             )
-        config = name_or_config
+        config: Mapping[str, Any] = name_or_config  # JSON values, their types checked by check_config_types next
         src = source or "config"
         check_config_types(config, source=src)
         if "_class_name" in config:
@@ -210,7 +210,7 @@ def register(
 
 
 def resolve(
-    name_or_config: str | Mapping[str, Any], *, registry: Registry | None = None, source: str | None = None
+    name_or_config: str | Mapping[str, object], *, registry: Registry | None = None, source: str | None = None
 ) -> Constructor:
     """The constructor for a name, or for a diffusers / transformers config dict.
 
@@ -275,8 +275,8 @@ def _suspects(config: Mapping[str, Any]) -> Callable[[str], str]:
 
 
 def build(
-    name_or_config: str | Mapping[str, Any],
-    config: Mapping[str, Any] | None = None,
+    name_or_config: str | Mapping[str, object],
+    config: Mapping[str, object] | None = None,
     *,
     device: torch.device | str = "meta",
     dtype: torch.dtype | None = None,
@@ -294,7 +294,7 @@ def build(
 
     A config is untrusted: it can name only a registered constructor or a
     model class of diffusers / transformers, never loads code, and building is
-    bounded by ``limits`` (:data:`~fvtransform.registry.DEFAULT_BUILD_LIMITS`:
+    bounded by ``limits`` (default ``BuildLimits()``, :class:`~fvtransform.registry.BuildLimits`:
     modules, time and real memory, the last two on meta only); exceeding one
     raises :class:`~fvtransform.errors.FormatError` naming the config keys that
     most likely drive the work. ``source`` (the config's file) is named in errors.

@@ -4,10 +4,10 @@ Each tree operation has one eager function, ``fvt.X(tree, ...)``, and one
 factory here, ``fvt.transforms.X(...)``: ``fvt.transforms.X(args)(tree) == fvt.X(tree, args)``.
 """
 
+from fvtransform import _unlisted
 from fvtransform.transforms._lora import merge_lora, unmerge_lora
 from fvtransform.transforms._transform import (
     Transform,
-    as_transform,
     cast,
     chain,
     drop,
@@ -20,7 +20,6 @@ from fvtransform.transforms._transform import (
 
 __all__ = [
     "Transform",
-    "as_transform",
     "cast",
     "chain",
     "drop",
@@ -32,3 +31,5 @@ __all__ = [
     "unmerge_lora",
     "update",
 ]
+
+__getattr__ = _unlisted.module_getattr("transforms")  # a name this module no longer lists shows the public way

@@ -116,6 +116,10 @@ def as_transform(fn: TreeFn | Transform) -> Transform:
 def chain(*transforms: TreeFn | Transform) -> Transform:
     """Compose transforms left to right: ``chain(f, g)(t) == g(f(t))``.
 
+    A step is a :class:`Transform` or any callable ``tree -> tree``; an eager
+    operation (``fvt.select``) or an uncalled factory (``fvt.transforms.select``)
+    is a :class:`~fvtransform.errors.UsageError` that shows the factory call.
+
     >>> import torch, fvtransform as fvt
     >>> t = fvt.ParamTree({"a.w": torch.zeros(2), "b.w": torch.zeros(2)})
     >>> pipeline = fvt.chain(fvt.transforms.select("a.*"), fvt.transforms.cast(torch.bfloat16))

@@ -1,9 +1,10 @@
 """Parameter trees, the operations on them, and key maps."""
 
+from fvtransform import _unlisted
 from fvtransform.tree._keymap import Fuse, KeyMap, MappingPlan, Rename, Split
-from fvtransform.tree._match import Pattern, matcher
+from fvtransform.tree._match import Pattern
 from fvtransform.tree._ops import cast, combine, drop, map_tensors, partition, rename, select, to, update
-from fvtransform.tree._paramtree import ParamTree, state_keys, tensors_equal
+from fvtransform.tree._paramtree import ParamTree, tensors_equal
 
 __all__ = [
     "Fuse",
@@ -17,12 +18,12 @@ __all__ = [
     "combine",
     "drop",
     "map_tensors",
-    "matcher",
     "partition",
     "rename",
     "select",
-    "state_keys",
     "tensors_equal",
     "to",
     "update",
 ]
+
+__getattr__ = _unlisted.module_getattr("tree")  # a name this module no longer lists shows the public way

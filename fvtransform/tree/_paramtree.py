@@ -341,11 +341,11 @@ def _flatten(tree: ParamTree) -> tuple[list[torch.Tensor], tuple[tuple[str, ...]
     leaves: list[torch.Tensor] = []
     slots: list[int] = []
     for v in tree._data.values():
-        i = index.get(id(v))
-        if i is None:
-            i = index[id(v)] = len(leaves)
+        slot = index.get(id(v))
+        if slot is None:
+            slot = index[id(v)] = len(leaves)
             leaves.append(v)
-        slots.append(i)
+        slots.append(slot)
     return leaves, (tuple(tree._data), tuple(slots))
 
 

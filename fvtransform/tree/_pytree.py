@@ -6,7 +6,7 @@ name and keywords across releases; this file is the one place that knows.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch.utils._pytree as _torch_pytree
@@ -21,7 +21,7 @@ tree_map = _torch_pytree.tree_map
 def register_node(
     cls: type,
     flatten: Callable[[Any], tuple[list[Any], Any]],
-    unflatten: Callable[[list[Any], Any], Any],
+    unflatten: Callable[[Iterable[Any], Any], Any],
     *,
     name: str,
     flatten_with_keys: Callable[[Any], tuple[list[tuple[Any, Any]], Any]] | None = None,
