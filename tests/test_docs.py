@@ -280,3 +280,9 @@ def test_docs_build_strict_without_network(tmp_path):
         assert (tmp_path / "site" / page).is_file(), page
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     assert "merge_checkpoint" in api and "ShardPlan" in api and "maybe_download_model" in api
+    # every name on the API index links to an entry that the reference pages really render
+    links = re.findall(r"\]\((reference/[\w-]+)\.md#([\w.]+)\)", (ROOT / "docs" / "api.md").read_text(encoding="utf-8"))
+    assert len(links) > 80
+    broken = [f"{ref}#{anchor}" for ref, anchor in links
+              if f'id="{anchor}"' not in (tmp_path / "site" / ref / "index.html").read_text(encoding="utf-8")]
+    assert not broken, f"links of docs/api.md to entries the reference pages do not render: {broken}"
