@@ -360,3 +360,17 @@ def test_no_config_and_bad_arguments(wan: dict[str, Any]) -> None:
         fvt.load_model(path, "transformer", config=wan["root"] / "transformer")
     with pytest.raises(E.RegistryError, match=r"unknown checkpoint layout 'wan-orignal'; close names: \['wan-original'"):
         fvt.load_model(path, config=wan["root"] / "transformer", layout="wan-orignal")
+
+
+def test_a_keymap_whose_stages_compose_into_no_plan_still_applies() -> None:
+    """Split a tensor, then fuse its halves in the other order: two stages, applied one by one (and inverted)."""
+    swap = fvt.KeyMap.of([fvt.Split("m.{p}", ["a.{p}", "b.{p}"])], keep_rest=False).then(
+        [fvt.Fuse(["b.{p}", "a.{p}"], "n.{p}")])
+    tree = fvt.ParamTree({"m.w": torch.arange(4.0), "other": torch.zeros(1)})
+    with pytest.raises(E.PlanError, match="cannot compose a fuse"):
+        swap.plan(fvt.ParamTree({"m.w": torch.arange(4.0)}))  # one plan cannot say it: the map applies stage by stage
+    with pytest.raises(E.KeyMismatchError, match=r"no rule claims 1 keys: \['other'\]"):
+        swap(tree)  # the first stage is strict
+    out = swap(fvt.ParamTree({"m.w": torch.arange(4.0)}))
+    assert out["n.w"].tolist() == [2.0, 3.0, 0.0, 1.0]
+    assert swap.inverse()(out)["m.w"].tolist() == [0.0, 1.0, 2.0, 3.0]

@@ -152,7 +152,7 @@ class LoadReport:
         return "\n".join(lines)
 
 
-class LoadedModel(tuple):  # type: ignore[type-arg]
+class LoadedModel(tuple):
     """``(module, tree)`` as :func:`~fvtransform.load_model` returns it, with the :class:`LoadReport` as ``.report``.
 
     It unpacks as a pair (``module, tree = fvt.load_model(...)``).

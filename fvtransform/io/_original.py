@@ -30,6 +30,9 @@ from fvtransform.errors import (
 from fvtransform.io._declared import LoadedModel
 from fvtransform.io._header import HEADER_JSON
 from fvtransform.io._load import Checkpoint, load, open_checkpoint
+from fvtransform.io._model import _resolve_folder, load_built, read_json
+from fvtransform.io._open import contained
+from fvtransform.io._pipeline import MODEL_INDEX
 from fvtransform.registry._layouts import LAYOUTS, Layout, layout as layout_named, layout_names
 from fvtransform.tree._keymap import KeyMap, Rename
 
@@ -113,10 +116,6 @@ def detect_layout(keys: list[str], *, source: str = "checkpoint") -> DetectedLay
 def _config_from(config: str | os.PathLike[str] | Mapping[str, Any] | None, ckpt: Checkpoint, path: Path,
                  revision: str | None) -> tuple[dict[str, Any], str]:
     """The diffusers config (and where it came from) for a single file."""
-    from fvtransform.io._model import _resolve_folder, read_json
-    from fvtransform.io._open import contained
-    from fvtransform.io._pipeline import MODEL_INDEX
-
     if config is None:
         raw = ckpt.metadata.get(CONFIG_METADATA)
         if raw is None:
@@ -214,8 +213,6 @@ def load_single_file(
     keep_fp32: bool = True,
 ) -> LoadedModel:
     """``fvt.load_model`` of one ``.safetensors`` file in a layout of :data:`~fvtransform.registry.LAYOUTS`."""
-    from fvtransform.io._model import load_built
-
     file = Path(path)
     if not os.path.lexists(file):
         raise NotFoundError(f"{file}: no such file; load_model(file, config=...) takes one .safetensors file")
