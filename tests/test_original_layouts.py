@@ -57,6 +57,11 @@ def _random_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
 def wan_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Undo ``convert_wan_transformer_to_diffusers``: its substring replacements, reversed (norm2/norm3 swap back)."""
     pairs = [
+        ("condition_embedder.image_embedder.norm1", "img_emb.proj.0"),
+        ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
+        ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
+        ("condition_embedder.image_embedder.norm2", "img_emb.proj.4"),
+        (".add_k_proj.", ".k_img."), (".add_v_proj.", ".v_img."), (".norm_added_k.", ".norm_k_img."),
         ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
         ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
         ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
@@ -151,8 +156,17 @@ def _hunyuan_converter() -> Callable[[dict[str, torch.Tensor]], dict[str, torch.
 
 @pytest.fixture(scope="module")
 def wan(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("wan")
-    model = WanTransformer3DModel(**WAN_CONFIG)
+    return _make_wan(tmp_path_factory.mktemp("wan"), WAN_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def wan_i2v(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Wan image-to-video: the image cross-attention and image embedder (the map's optional rules)."""
+    return _make_wan(tmp_path_factory.mktemp("wan_i2v"), {**WAN_CONFIG, "image_dim": 12, "added_kv_proj_dim": 16})
+
+
+def _make_wan(root: Path, config: dict[str, Any]) -> dict[str, Any]:
+    model = WanTransformer3DModel(**config)
     sd = _random_state(model, 0)
     model.load_state_dict(sd)
     model.save_pretrained(root / "transformer")
@@ -184,9 +198,12 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 # ---- the test's original files are right (diffusers' converters give the diffusers state dicts back)
 
 
-def test_wan_original_file_is_what_diffusers_converts(wan: dict[str, Any]) -> None:
+@pytest.mark.parametrize("fixture", ["wan", "wan_i2v"])
+def test_wan_original_file_is_what_diffusers_converts(request: pytest.FixtureRequest, fixture: str) -> None:
+    wan = request.getfixturevalue(fixture)
     converted = single_file_utils.convert_wan_transformer_to_diffusers(dict(wan["original"]))
     _equal(converted, wan["sd"])
+    assert ("blocks.0.cross_attn.k_img.weight" in wan["original"]) == (fixture == "wan_i2v")
 
 
 def test_hunyuan_original_file_is_what_diffusers_converts(hunyuan: dict[str, Any]) -> None:
@@ -222,17 +239,20 @@ def test_registry_knows_the_layouts_and_lists_close_names() -> None:
 # ---- loading: equals diffusers, bit for bit
 
 
-@pytest.mark.parametrize("name", ["wan_original.safetensors", "wan_comfy.safetensors"])
-def test_wan_load_equals_from_single_file(wan: dict[str, Any], name: str) -> None:
+@pytest.mark.parametrize(("fixture", "name"), [("wan", "wan_original.safetensors"), ("wan", "wan_comfy.safetensors"),
+                                               ("wan_i2v", "wan_original.safetensors")])
+def test_wan_load_equals_from_single_file(request: pytest.FixtureRequest, fixture: str, name: str) -> None:
+    wan = request.getfixturevalue(fixture)
     path = wan["root"] / name
     module, tree = loaded = fvt.load_model(path, config=wan["root"] / "transformer")
     assert type(module).__name__ == "WanTransformer3DModel" and loaded.report.layout == "wan-original"
     oracle = WanTransformer3DModel.from_single_file(str(path), config=str(wan["root"]), subfolder="transformer")
     _equal(dict(tree), oracle.state_dict())
     x, t, text = torch.randn(1, 4, 1, 4, 4), torch.tensor([3]), torch.randn(1, 5, 16)
+    image = {"encoder_hidden_states_image": torch.randn(1, 3, 12)} if fixture == "wan_i2v" else {}
     with torch.no_grad():
-        ours = fvt.call(module, tree, x, t, text, return_dict=False)[0]
-        theirs = oracle(x, t, text, return_dict=False)[0]
+        ours = fvt.call(module, tree, x, t, text, return_dict=False, **image)[0]
+        theirs = oracle(x, t, text, return_dict=False, **image)[0]
     assert torch.equal(ours, theirs)
 
 
@@ -267,7 +287,7 @@ def test_hunyuan_forward_equals_diffusers(hunyuan: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(("fixture", "name"), [("wan", "wan_original.safetensors"), ("wan", "wan_comfy.safetensors"),
-                                               ("hunyuan", "hy_original.safetensors")])
+                                               ("wan_i2v", "wan_original.safetensors"), ("hunyuan", "hy_original.safetensors")])
 def test_original_to_diffusers_to_original_gives_the_same_bytes(
     request: pytest.FixtureRequest, tmp_path: Path, fixture: str, name: str
 ) -> None:
