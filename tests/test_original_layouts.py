@@ -394,3 +394,15 @@ def test_a_keymap_whose_stages_compose_into_no_plan_still_applies() -> None:
     out = swap(fvt.ParamTree({"m.w": torch.arange(4.0)}))
     assert out["n.w"].tolist() == [2.0, 3.0, 0.0, 1.0]
     assert swap.inverse()(out)["m.w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_a_stray_key_is_an_error_or_with_strict_false_a_listed_leftover(tmp_path: Path, wan: dict[str, Any]) -> None:
+    path = tmp_path / "stray.safetensors"
+    save_file({**wan["original"], "blocks.0.self_attn.extra": torch.ones(2)}, path)
+    with pytest.raises(E.KeyMismatchError, match=r"stray\.safetensors: in the wan-original layout.*no rule claims 1 keys: "
+                                                 r"\['blocks.0.self_attn.extra'\].*Fix: check that the config"):
+        fvt.load_model(path, config=wan["root"] / "transformer")
+    with pytest.warns(UserWarning, match=r"stray\.safetensors: weights and module differ \(strict=False\)"):
+        loaded = fvt.load_model(path, config=wan["root"] / "transformer", strict=False)
+    assert loaded.report.unexpected == ("blocks.0.self_attn.extra",)
+    _equal({k: v for k, v in loaded.tree.items() if k in wan["sd"]}, wan["sd"])

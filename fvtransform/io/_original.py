@@ -227,7 +227,7 @@ def load_single_file(
     raw = load(file)
     if key_map is not None:
         try:
-            raw = key_map(raw)
+            raw = key_map(raw, strict=strict)  # strict=False keeps unclaimed keys: the check lists them
         except FvTransformError as e:
             raise type(e)(
                 f"{file}: in the {detected.name} layout, its keys do not map onto the config's model ({source}): "
