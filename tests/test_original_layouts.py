@@ -406,3 +406,16 @@ def test_a_stray_key_is_an_error_or_with_strict_false_a_listed_leftover(tmp_path
         loaded = fvt.load_model(path, config=wan["root"] / "transformer", strict=False)
     assert loaded.report.unexpected == ("blocks.0.self_attn.extra",)
     _equal({k: v for k, v in loaded.tree.items() if k in wan["sd"]}, wan["sd"])
+
+
+def test_wan_dtype_loads_as_the_diffusers_folder_would(wan: dict[str, Any]) -> None:
+    """dtype= means what it means for a folder (from_pretrained keeps _keep_in_fp32_modules in float32);
+    from_single_file casts every tensor (its final model.to(torch_dtype)): keep_fp32=False matches it."""
+    path, folder = wan["root"] / "wan_comfy.safetensors", wan["root"] / "transformer"
+    _, tree = fvt.load_model(path, config=folder, dtype=torch.bfloat16)
+    _equal(dict(tree), WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch.bfloat16).state_dict())
+    assert tree["blocks.0.scale_shift_table"].dtype == torch.float32 and tree["proj_out.weight"].dtype == torch.bfloat16
+    _, flat = fvt.load_model(path, config=folder, dtype=torch.bfloat16, keep_fp32=False)
+    oracle = WanTransformer3DModel.from_single_file(str(path), config=str(wan["root"]), subfolder="transformer",
+                                                    torch_dtype=torch.bfloat16)
+    _equal(dict(flat), oracle.state_dict())
