@@ -419,3 +419,16 @@ def test_wan_dtype_loads_as_the_diffusers_folder_would(wan: dict[str, Any]) -> N
     oracle = WanTransformer3DModel.from_single_file(str(path), config=str(wan["root"]), subfolder="transformer",
                                                     torch_dtype=torch.bfloat16)
     _equal(dict(flat), oracle.state_dict())
+
+
+def test_config_from_a_pipeline_repo_fetches_configs_only(fake_hub: Any, wan: dict[str, Any]) -> None:
+    folder = wan["root"] / "transformer"
+    files = {f"transformer/{p.name}": p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    assert "transformer/diffusion_pytorch_model.safetensors" in files
+    files["model_index.json"] = json.dumps({"_class_name": "WanPipeline", "transformer": ["diffusers",
+                                                                                          "WanTransformer3DModel"]}).encode()
+    fake_hub.add_commit("org/tiny-wan-pipe", files)
+    module, tree = fvt.load_model(wan["root"] / "wan_original.safetensors", config="org/tiny-wan-pipe")
+    _equal(dict(tree), wan["sd"])
+    fetched = {p.rsplit("/", 1)[-1] for m, p in fake_hub.requests if m == "GET" and "/resolve/" in p}
+    assert fetched == {"model_index.json", "config.json"}  # the config only: no weights downloaded
