@@ -182,7 +182,7 @@ def hunyuan(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     model = HunyuanVideoTransformer3DModel(**HY_CONFIG)
     sd = _random_state(model, 1)
     model.load_state_dict(sd)
-    model.save_config(root / "transformer")
+    model.save_pretrained(root / "transformer")
     original = hunyuan_to_original(sd)
     save_file(original, root / "hy_original.safetensors")
     return {"root": root, "sd": sd, "original": original, "model": model}
@@ -432,3 +432,50 @@ def test_config_from_a_pipeline_repo_fetches_configs_only(fake_hub: Any, wan: di
     _equal(dict(tree), wan["sd"])
     fetched = {p.rsplit("/", 1)[-1] for m, p in fake_hub.requests if m == "GET" and "/resolve/" in p}
     assert fetched == {"model_index.json", "config.json"}  # the config only: no weights downloaded
+
+
+@pytest.mark.parametrize(("fixture", "name"), [("wan_i2v", "wan_original.safetensors"), ("wan", "wan_comfy.safetensors"),
+                                               ("hunyuan", "hy_original.safetensors")])
+def test_save_with_rename_writes_the_same_file_as_rename_then_save(
+    request: pytest.FixtureRequest, tmp_path: Path, fixture: str, name: str
+) -> None:
+    data = request.getfixturevalue(fixture)
+    loaded = fvt.load_model(data["root"] / name, config=data["root"] / "transformer")
+    back = loaded.report.key_map.inverse()
+    fvt.save(fvt.rename(loaded.tree, back), tmp_path / "eager.safetensors")
+    fvt.save(loaded.tree, tmp_path / "streamed.safetensors", rename=back)
+    assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "eager.safetensors").read_bytes()
+    before, after = load_file(data["root"] / name), load_file(tmp_path / "streamed.safetensors")
+    assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_save_with_rename_fuses_each_key_only_when_written(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, hunyuan: dict[str, Any]
+) -> None:
+    """At most one fused tensor is alive at a time: a split tree is never fused as a whole."""
+    import gc
+    import weakref
+
+    import fvtransform.io._mapped as mapped
+
+    alive: list[weakref.ref[torch.Tensor]] = []
+    most = [0]
+    real_cat = torch.cat
+
+    def cat(tensors: Any, dim: int = 0) -> torch.Tensor:
+        gc.collect()
+        most[0] = max(most[0], sum(r() is not None for r in alive))
+        out = real_cat(tensors, dim=dim)
+        alive.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(mapped.torch, "cat", cat)
+    tree = fvt.load(hunyuan["root"] / "transformer")  # the diffusers layout, mapped lazily
+    key_map = original_key_map(hunyuan["root"] / "hy_original.safetensors", hunyuan["root"] / "transformer")
+    assert key_map is not None
+    fvt.save(tree, tmp_path / "original.safetensors", rename=key_map.inverse())
+    monkeypatch.undo()
+    assert len(alive) >= 8 and most[0] == 0  # every fused key was made, and each was gone before the next
+    _equal(load_file(tmp_path / "original.safetensors"), hunyuan["original"])
+    with pytest.raises(E.UsageError, match=r"save\(\.\.\., rename=\) writes one file; for shards call"):
+        fvt.save(tree, tmp_path / "shards", max_shard_size="1MB", rename=key_map.inverse())
