@@ -234,6 +234,9 @@ def test_registry_knows_the_layouts_and_lists_close_names() -> None:
     with pytest.raises(E.RegistryError, match=r"unknown checkpoint layout 'hunyuan-orignal'; close names: "
                                              r"\['hunyuan-video-original'.*converts these layouts"):
         layout("hunyuan-orignal")
+    with pytest.raises(E.RegistryError, match=r"unknown architecture 'wan-original'.*checkpoint layouts of that name: "
+                                             r"\['wan-original'.*fvt.load_model\(file, config=\.\.\., layout=\.\.\.\)"):
+        fvt.resolve("wan-original")
 
 
 # ---- loading: equals diffusers, bit for bit
