@@ -4,8 +4,14 @@ from fvtransform import _unlisted
 from fvtransform.io._check import CheckReport, check
 from fvtransform.io._header import TensorInfo
 from fvtransform.io._load import Checkpoint, load, open_checkpoint
-from fvtransform.tree._mappings import REFERENCE_QKV_FUSE, WAN_DIFFUSERS_TO_ORIGINAL, WAN_ORIGINAL_TO_DIFFUSERS
+from fvtransform.tree._mappings import (
+    REFERENCE_QKV_FUSE,
+    WAN_DIFFUSERS_TO_ORIGINAL,
+    WAN_ORIGINAL_TO_DIFFUSERS,
+    hunyuan_video_original_to_diffusers,
+)
 from fvtransform.io._model import LoadedModel, LoadNote, LoadReport, load_model
+from fvtransform.io._original import detect_layout, original_key_map
 from fvtransform.io._pipeline import pipeline_components
 from fvtransform.io._save import save
 
@@ -20,9 +26,12 @@ __all__ = [
     "WAN_DIFFUSERS_TO_ORIGINAL",
     "WAN_ORIGINAL_TO_DIFFUSERS",
     "check",
+    "detect_layout",
+    "hunyuan_video_original_to_diffusers",
     "load",
     "load_model",
     "open_checkpoint",
+    "original_key_map",
     "pipeline_components",
     "save",
 ]

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from fvtransform.errors import FormatError, format_keys
-from fvtransform.tree import ParamTree
+from fvtransform.tree import KeyMap, ParamTree
 
 __all__ = [
     "LoadNote",
@@ -113,7 +113,11 @@ class LoadReport:
 
     ``notes`` lists keys ignored, tied, untied, filled or kept in float32, each
     with its reason; ``missing`` and ``unexpected`` are the key differences
-    allowed by ``strict=False`` (empty with ``strict=True``).
+    allowed by ``strict=False`` (empty with ``strict=True``). A single file in
+    another layout (``fvt.load_model(file, config=...)``) names it in
+    ``layout`` and keeps the :class:`~fvtransform.KeyMap` that mapped it in
+    ``key_map``: ``fvt.rename(tree, report.key_map.inverse())`` gives the
+    file's layout back.
     """
 
     folder: str
@@ -121,6 +125,8 @@ class LoadReport:
     notes: tuple[LoadNote, ...] = ()
     missing: tuple[str, ...] = ()
     unexpected: tuple[str, ...] = ()
+    layout: str | None = None
+    key_map: KeyMap | None = None
 
     def keys(self, action: str) -> tuple[str, ...]:
         """The keys of the notes with ``action`` (one of ``ACTIONS``)."""
@@ -131,12 +137,14 @@ class LoadReport:
     @property
     def exact(self) -> bool:
         """True when every checkpoint key was loaded into the same module key, and nothing else happened."""
-        return not (self.notes or self.missing or self.unexpected)
+        return not (self.notes or self.missing or self.unexpected or self.key_map is not None)
 
     def __str__(self) -> str:
         if self.exact:
             return f"{self.folder}: every key loaded as saved into {self.model}"
         lines = [f"{self.folder} -> {self.model}:"]
+        if self.key_map is not None:
+            lines.append(f"  keys mapped from the {self.layout} layout (report.key_map; its .inverse() maps back)")
         lines += [f"  {n}" for n in self.notes]
         if self.missing:
             lines.append(f"  missing (strict=False) ({len(self.missing)}): {format_keys(self.missing)}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 import logging
 import os
 from pathlib import Path
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fvtransform._json import read_json_file
-from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, ShapeMismatchError, format_keys
+from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, ShapeMismatchError, UsageError, format_keys
 from fvtransform.io._check import check
 from fvtransform.io._declared import (
     LoadedModel,
@@ -31,6 +31,7 @@ from fvtransform.io._load import load
 from fvtransform.io._open import contained
 from fvtransform.io._pipeline import MODEL_INDEX, pipeline_components, require_components
 from fvtransform.registry._registry import build, meta_parameters, resolve
+from fvtransform.tree._keymap import KeyMap
 from fvtransform.tree._ops import map_tensors
 from fvtransform.tree._paramtree import ParamTree, state_keys, tensors_equal
 
@@ -235,6 +236,8 @@ def load_model(
     strict: bool = True,
     revision: str | None = None,
     keep_fp32: bool = True,
+    config: str | os.PathLike[str] | Mapping[str, object] | None = None,
+    layout: str | None = None,
 ) -> LoadedModel:
     """Build a model from its folder's ``config.json`` (on meta) and load its weights.
 
@@ -265,15 +268,51 @@ def load_model(
     floating tensors are cast to it except the modules the class keeps in
     float32 (``_keep_in_fp32_modules``, applied as diffusers or transformers
     apply it); ``keep_fp32=False`` casts those too.
+
+    *A single file.* ``path_or_repo_id`` may also be one ``.safetensors``
+    file in a layout the registry knows (:data:`fvtransform.registry.LAYOUTS`:
+    the original Wan release / ComfyUI layout, the original HunyuanVideo
+    layout, or diffusers'). ``config=`` gives the diffusers config: a model or
+    pipeline folder, a Hub repo id (its ``transformer``), or a dict; without
+    it the file's own ``"config"`` metadata is used. The layout is detected
+    from the keys (``layout=`` names it instead); the tree comes back in the
+    diffusers layout, mapped through the layout's invertible
+    :class:`~fvtransform.KeyMap` (``result.report`` notes it), lazily: a fused
+    original key is split as views of the mapped file.
+    ``fvtransform.io.original_key_map(path, config)`` gives that map; its
+    ``.inverse()`` writes a tree back in the original layout.
     """
+    if config is not None or layout is not None or _is_single_file(path_or_repo_id):
+        from fvtransform.io._original import load_single_file
+
+        if component is not None:
+            raise UsageError(
+                f"{path_or_repo_id}: component= picks a pipeline's component; a single file is one model. "
+                "Call fvt.load_model(file, config=...) without component="
+            )
+        return load_single_file(path_or_repo_id, config, layout=layout, dtype=dtype, device=device, strict=strict,
+                                revision=revision, keep_fp32=keep_fp32)
     folder = _resolve_folder(path_or_repo_id, component, revision)
     config_path = contained(folder, "config.json", "model config")
-    config = read_json(config_path)
+    return load_built(read_json(config_path), config_path, load(folder), folder, dtype=dtype, device=device,
+                      strict=strict, keep_fp32=keep_fp32)
+
+
+def _is_single_file(path: str | os.PathLike[str]) -> bool:
+    return str(path).endswith(".safetensors") and os.path.lexists(path)
+
+
+def load_built(
+    config: dict[str, Any], config_path: Path | str, raw: ParamTree, folder: Path, *, dtype: torch.dtype | None,
+    device: torch.device | str, strict: bool, keep_fp32: bool, notes: list[LoadNote] | None = None,
+    layout: str | None = None, key_map: KeyMap | None = None,
+) -> LoadedModel:
+    """Build the config's class on meta and load ``raw`` (a lazy tree in its layout) into it, as :func:`load_model`."""
     ctor = resolve(config, source=str(config_path))
     lib = library_of(ctor)
     module = _build(config, dtype, lib, source=config_path)
-    notes: list[LoadNote] = []
-    data = _reconcile(load(folder), module, lib, folder, notes, lambda: _build_with_buffers(config, dtype, lib, source=config_path), strict)
+    notes = [] if notes is None else notes
+    data = _reconcile(raw, module, lib, folder, notes, lambda: _build_with_buffers(config, dtype, lib, source=config_path), strict)
     tree = _place(data, module, lib, dtype, torch.device(device), keep_fp32, notes)
     if dtype is not None:
         _retype_meta(module, tree)
@@ -281,7 +320,7 @@ def load_model(
     if report.shape_mismatches or (strict and not report.ok):
         cls = ShapeMismatchError if report.shape_mismatches else KeyMismatchError
         raise cls(
-            f"{folder}: the weights do not fit {type(module).__name__} built from config.json:\n{report}\n"
+            f"{folder}: the weights do not fit {type(module).__name__} built from {config_path}:\n{report}\n"
             "Fix: check that config.json belongs to these weights, or pass strict=False to allow key differences."
         )
     if not report.ok:
@@ -290,7 +329,8 @@ def load_model(
             f"unexpected {format_keys(report.unexpected)}",
             stacklevel=2,
         )
-    load_report = LoadReport(str(folder), type(module).__name__, tuple(notes), report.missing, report.unexpected)
+    load_report = LoadReport(str(folder), type(module).__name__, tuple(notes), report.missing, report.unexpected,
+                             layout, key_map)
     if not load_report.exact:
         log.info("%s", load_report)
     if torch.device(device).type != "cpu":

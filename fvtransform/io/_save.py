@@ -12,11 +12,13 @@ from typing import BinaryIO
 import torch
 
 from fvtransform._json import read_json_file
-from fvtransform.errors import FormatError, FvTransformError
+from fvtransform.errors import FormatError, FvTransformError, UsageError
 from fvtransform.io._atomic import LOCK_MARK, OLD_MARK, atomic_file, check_destination, check_path, exchange, swap_in, write_folder
 from fvtransform.io._files import INDEX_JSON
 from fvtransform.io._load import ALIASES_KEY
+from fvtransform.io._mapped import mapped_tree_bytes
 from fvtransform.io._safetensors import TMP_MARK, tensor_specs, write_safetensors
+from fvtransform.tree._keymap import KeyMap, KeyMapLike
 from fvtransform.tree._paramtree import ParamTree
 
 __all__ = ["save", "parse_size", "tree_bytes", "previous_save"]
@@ -93,8 +95,13 @@ def save(
     max_shard_size: int | str | None = None,
     metadata: Mapping[str, str] | None = None,
     weights_name: str = "model",
+    rename: KeyMapLike | None = None,
 ) -> None:
     """Save a tree as safetensors, atomically. The tree is not mutated.
+
+    ``rename=`` (a :class:`~fvtransform.KeyMap`, as :func:`load` takes) writes
+    the mapped keys without building the mapped tree: each fused key is made
+    when its bytes are written, then dropped (one file; ``fvt.save(fvt.rename(tree, m), ...)`` for shards).
 
     Without ``max_shard_size``, ``path`` is a file: the bytes go to a
     temporary file beside it, are flushed and fsynced, and the file is renamed
@@ -141,12 +148,16 @@ def save(
     if max_shard_size is None:
         if path.is_dir():
             raise FormatError(f"{path} is a folder; pass a file path, or max_shard_size= to write shards into it")
-        write = tree_bytes(tree, metadata, where=path)
+        write = tree_bytes(tree, metadata, where=path) if rename is None else \
+            mapped_tree_bytes(tree, KeyMap.of(rename), _meta(metadata, {}, []), where=path)
         with atomic_file(path) as tmp, open(tmp, "xb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         return
+    if rename is not None:
+        raise UsageError(f"{path}: save(..., rename=) writes one file; for shards call "
+                         "fvt.save(fvt.rename(tree, key_map), folder, max_shard_size=...)")
     unique, aliases = _dedupe(tree)
     _save_sharded(unique, path, parse_size(max_shard_size), _meta(metadata, aliases, list(tree)), weights_name)
 

@@ -161,10 +161,15 @@ class Registry:
         )
 
     def _unknown(self, name: str) -> RegistryError:
+        from fvtransform.registry._layouts import LAYOUTS
+
         hint = close_matches(name, self._entries)
+        layouts = close_matches(name, LAYOUTS)
         return RegistryError(
             f"unknown architecture {name!r}"
             + (f"; close matches: {hint}" if hint else f"; {len(self._entries)} names are registered")
+            + (f"; checkpoint layouts of that name: {layouts} (a layout is loaded, not built: "
+               "fvt.load_model(file, config=..., layout=...))" if layouts else "")
             + f". Register it with fvt.register({name!r}, constructor)."
         )
 

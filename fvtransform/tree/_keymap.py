@@ -352,8 +352,17 @@ class KeyMap:
         return KeyMap(tuple(tuple(r.inverse() for r in stage) for stage in reversed(self.stages)))
 
     def __call__(self, tree: Mapping[str, torch.Tensor], *, strict: bool = True) -> ParamTree:
-        """``self.plan(tree, strict=strict).apply(tree)``."""
-        return self.plan(tree, strict=strict).apply(tree)
+        """``self.plan(tree, strict=strict).apply(tree)``; stages that compose into no one plan run one by one."""
+        try:
+            plan = self.plan(tree, strict=strict)
+        except PlanError:
+            if len(self.stages) < 2:
+                raise
+            out = ParamTree._wrap(dict(tree))
+            for stage in self.stages:  # e.g. split a tensor, then fuse its pieces in another order
+                out = KeyMap((stage,)).plan(out, strict=strict).apply(out)
+            return out
+        return plan.apply(tree)
 
     def __repr__(self) -> str:
         return " then ".join(f"KeyMap([{', '.join(repr(r) for r in stage)}])" for stage in self.stages)

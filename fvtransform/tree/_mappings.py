@@ -11,9 +11,10 @@ cross-attention and the image embedder) are ``optional=True``.
 
 from __future__ import annotations
 
-from fvtransform.tree._keymap import Fuse, KeyMap, Rename
+from fvtransform.tree._keymap import Fuse, KeyMap, Rename, Split
 
-__all__ = ["WAN_ORIGINAL_TO_DIFFUSERS", "WAN_DIFFUSERS_TO_ORIGINAL", "REFERENCE_QKV_FUSE", "WAN_MODULE_RENAMES"]
+__all__ = ["WAN_ORIGINAL_TO_DIFFUSERS", "WAN_DIFFUSERS_TO_ORIGINAL", "REFERENCE_QKV_FUSE", "WAN_MODULE_RENAMES",
+           "HUNYUAN_VIDEO_MODULE_RENAMES", "hunyuan_video_original_to_diffusers"]
 
 #: Module-path renames (original Wan -> diffusers), without the parameter suffix.
 #: LoRA conversion reuses these, so they are kept as plain pairs.
@@ -76,3 +77,94 @@ REFERENCE_QKV_FUSE = KeyMap.of(
         )
     ]
 )
+
+
+#: HunyuanVideo module-path renames (original -> diffusers ``HunyuanVideoTransformer3DModel``), without the
+#: parameter suffix: the keys that are only renamed. The fused keys are split by
+#: :func:`hunyuan_video_original_to_diffusers`. Learnt from diffusers'
+#: ``convert_hunyuan_video_transformer_to_diffusers`` (single_file_utils.py, 0.42).
+HUNYUAN_VIDEO_MODULE_RENAMES: tuple[tuple[str, str], ...] = (
+    ("img_in.proj", "x_embedder.proj"),
+    ("time_in.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
+    ("time_in.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
+    ("guidance_in.mlp.0", "time_text_embed.guidance_embedder.linear_1"),
+    ("guidance_in.mlp.2", "time_text_embed.guidance_embedder.linear_2"),
+    ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+    ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+    ("txt_in.input_embedder", "context_embedder.proj_in"),
+    ("txt_in.t_embedder.mlp.0", "context_embedder.time_text_embed.timestep_embedder.linear_1"),
+    ("txt_in.t_embedder.mlp.2", "context_embedder.time_text_embed.timestep_embedder.linear_2"),
+    ("txt_in.c_embedder.linear_1", "context_embedder.time_text_embed.text_embedder.linear_1"),
+    ("txt_in.c_embedder.linear_2", "context_embedder.time_text_embed.text_embedder.linear_2"),
+    ("txt_in.individual_token_refiner.blocks.{i}.norm1", "context_embedder.token_refiner.refiner_blocks.{i}.norm1"),
+    ("txt_in.individual_token_refiner.blocks.{i}.norm2", "context_embedder.token_refiner.refiner_blocks.{i}.norm2"),
+    ("txt_in.individual_token_refiner.blocks.{i}.self_attn_proj",
+     "context_embedder.token_refiner.refiner_blocks.{i}.attn.to_out.0"),
+    ("txt_in.individual_token_refiner.blocks.{i}.mlp.fc1",
+     "context_embedder.token_refiner.refiner_blocks.{i}.ff.net.0.proj"),
+    ("txt_in.individual_token_refiner.blocks.{i}.mlp.fc2", "context_embedder.token_refiner.refiner_blocks.{i}.ff.net.2"),
+    ("txt_in.individual_token_refiner.blocks.{i}.adaLN_modulation.1",
+     "context_embedder.token_refiner.refiner_blocks.{i}.norm_out.linear"),
+    ("double_blocks.{i}.img_mod.linear", "transformer_blocks.{i}.norm1.linear"),
+    ("double_blocks.{i}.txt_mod.linear", "transformer_blocks.{i}.norm1_context.linear"),
+    ("double_blocks.{i}.img_attn_q_norm", "transformer_blocks.{i}.attn.norm_q"),
+    ("double_blocks.{i}.img_attn_k_norm", "transformer_blocks.{i}.attn.norm_k"),
+    ("double_blocks.{i}.img_attn_proj", "transformer_blocks.{i}.attn.to_out.0"),
+    ("double_blocks.{i}.txt_attn_q_norm", "transformer_blocks.{i}.attn.norm_added_q"),
+    ("double_blocks.{i}.txt_attn_k_norm", "transformer_blocks.{i}.attn.norm_added_k"),
+    ("double_blocks.{i}.txt_attn_proj", "transformer_blocks.{i}.attn.to_add_out"),
+    ("double_blocks.{i}.img_mlp.fc1", "transformer_blocks.{i}.ff.net.0.proj"),
+    ("double_blocks.{i}.img_mlp.fc2", "transformer_blocks.{i}.ff.net.2"),
+    ("double_blocks.{i}.txt_mlp.fc1", "transformer_blocks.{i}.ff_context.net.0.proj"),
+    ("double_blocks.{i}.txt_mlp.fc2", "transformer_blocks.{i}.ff_context.net.2"),
+    ("single_blocks.{i}.linear2", "single_transformer_blocks.{i}.proj_out"),
+    ("single_blocks.{i}.q_norm", "single_transformer_blocks.{i}.attn.norm_q"),
+    ("single_blocks.{i}.k_norm", "single_transformer_blocks.{i}.attn.norm_k"),
+    ("single_blocks.{i}.modulation.linear", "single_transformer_blocks.{i}.norm.linear"),
+    ("final_layer.linear", "proj_out"),
+)
+
+#: Modules only guidance-distilled HunyuanVideo has (``guidance_embeds=True``): their rules are optional.
+_HUNYUAN_OPTIONAL = frozenset({"guidance_in.mlp.0", "guidance_in.mlp.2"})
+
+#: Names the final modulation's two halves take between the two stages (no real key has them).
+_SHIFT, _SCALE = "final_layer.adaLN_modulation.1.shift.{p}", "final_layer.adaLN_modulation.1.scale.{p}"
+
+
+def hunyuan_video_original_to_diffusers(hidden_size: int, mlp_size: int) -> KeyMap:
+    """The original HunyuanVideo transformer layout -> diffusers', for a model of these sizes.
+
+    ``hidden_size`` is ``num_attention_heads * attention_head_dim`` of the
+    diffusers config and ``mlp_size`` is ``int(hidden_size * mlp_ratio)``: the
+    single-stream ``linear1`` holds q, k, v and the MLP input, pieces of
+    ``[hidden, hidden, hidden, mlp]`` rows, so the split needs both sizes
+    (diffusers' own converter fixes ``hidden_size = 3072``). ``img_attn_qkv``,
+    ``txt_attn_qkv`` and the token refiner's ``self_attn_qkv`` split in thirds.
+    The final ``adaLN_modulation`` stores (shift, scale), diffusers' ``norm_out``
+    (scale, shift): a second stage splits and fuses the halves in the other
+    order. Every key is accounted for (strict); ``.inverse()`` writes the
+    original layout back exactly.
+
+    >>> m = hunyuan_video_original_to_diffusers(16, 32)
+    >>> m.rules[0]
+    split(double_blocks.{i}.img_attn_qkv.{p}) -> transformer_blocks.{i}.attn.to_q.{p}, transformer_blocks.{i}.attn.to_k.{p}, transformer_blocks.{i}.attn.to_v.{p} dim=0 sizes=[16, 16, 16]
+    """
+    h, thirds = hidden_size, (hidden_size,) * 3
+    refiner = "txt_in.individual_token_refiner.blocks.{i}"
+    splits = [
+        Split("double_blocks.{i}.img_attn_qkv.{p}",
+              [f"transformer_blocks.{{i}}.attn.to_{x}.{{p}}" for x in "qkv"], sizes=thirds),
+        Split("double_blocks.{i}.txt_attn_qkv.{p}",
+              [f"transformer_blocks.{{i}}.attn.add_{x}_proj.{{p}}" for x in "qkv"], sizes=thirds),
+        Split(f"{refiner}.self_attn_qkv.{{p}}",
+              [f"context_embedder.token_refiner.refiner_blocks.{{i}}.attn.to_{x}.{{p}}" for x in "qkv"], sizes=thirds),
+        Split("single_blocks.{i}.linear1.{p}",
+              [f"single_transformer_blocks.{{i}}.attn.to_{x}.{{p}}" for x in "qkv"]
+              + ["single_transformer_blocks.{i}.proj_mlp.{p}"], sizes=(h, h, h, mlp_size)),
+        Split("final_layer.adaLN_modulation.1.{p}", [_SHIFT, _SCALE], sizes=(h, h)),
+    ]
+    renames = [Rename(f"{src}.{{p}}", f"{dst}.{{p}}", optional=src in _HUNYUAN_OPTIONAL)
+               for src, dst in HUNYUAN_VIDEO_MODULE_RENAMES]
+    first = KeyMap.of([*splits, *renames], keep_rest=False)
+    swap = KeyMap.of([Fuse([_SCALE, _SHIFT], "norm_out.linear.{p}", sizes=(h, h))])
+    return first.then(swap)
