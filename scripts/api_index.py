@@ -15,6 +15,7 @@ import inspect
 import re
 from pathlib import Path
 import sys
+import typing
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "api.md"
@@ -43,9 +44,27 @@ def _first_line(obj: object) -> str:
     return line.replace("``", "`").replace("|", "\\|")
 
 
+def _value_meaning(path: str, obj: object) -> str:
+    """A value's meaning: the docstring under its assignment in the source (read by griffe, as mkdocstrings does)."""
+    import griffe
+
+    global _PACKAGE
+    if _PACKAGE is None:
+        _PACKAGE = griffe.load("fvtransform", search_paths=[str(ROOT)])
+    doc = _PACKAGE[path.removeprefix("fvtransform.")].docstring if "." in path else None
+    if doc is None:
+        raise SystemExit(f"{path} is a public value without a docstring under its assignment; write one")
+    line = doc.value.strip().split("\n\n")[0].replace("\n", " ")
+    kind = "a type" if typing.get_origin(obj) is not None else f"a `{type(obj).__name__}`"
+    return f"{kind}: " + line.replace("``", "`").replace("|", "\\|")
+
+
+_PACKAGE = None
+
+
 def render() -> tuple[str, dict[str, str]]:
     """The index page's text, and each reference page's text by its path below docs/."""
-    seen: dict[int, str] = {}
+    seen: dict[int, tuple[str, str]] = {}
     pages: dict[str, tuple[str, str, list[str]]] = {}
     out = [
         "# API reference",
@@ -70,11 +89,15 @@ def render() -> tuple[str, dict[str, str]]:
             obj = getattr(module, name)
             if inspect.ismodule(obj) or name.startswith("__"):
                 continue
-            if id(obj) in seen:  # a re-export: listed once, at its first (shortest) public path
+            if id(obj) in seen:  # a re-export: listed once, at its first (shortest) public path ...
+                if not mod_name:  # ... but every top-level name has a row (fvt.shard: the lazy distributed one)
+                    home, home_ref = seen[id(obj)]
+                    rows.append(f"| [`{prefix}{name}`]({home_ref}#fvtransform.{home.removeprefix('fvt.')}) | "
+                                f"the same function as `{home}`, imported on first use |")
                 continue
-            seen[id(obj)] = prefix + name
+            seen[id(obj)] = (prefix + name, ref)
             anchor = f"fvtransform.{mod_name + '.' if mod_name else ''}{name}"
-            meaning = _first_line(obj) if inspect.isclass(obj) or inspect.isroutine(obj) else f"a `{type(obj).__name__}` value"
+            meaning = _first_line(obj) if inspect.isclass(obj) or inspect.isroutine(obj) else _value_meaning(anchor, obj)
             rows.append(f"| [`{prefix}{name}`]({ref}#{anchor}) | {meaning} |")
             members.append(name)
         pages[ref] = (title, "fvtransform" + (f".{mod_name}" if mod_name else ""), members)

@@ -401,6 +401,7 @@ def _check_scale(scale: float, where: str) -> None:
 GENERATED = (LoHa, LoKr)
 
 Delta = LowRank | FullDelta | LoHa | LoKr
+"""What an adapter holds for one target weight: a low-rank pair, a full delta (or replacement), or a LyCORIS LoHa / LoKr."""
 
 
 class AdapterSummary(TypedDict):

@@ -171,5 +171,6 @@ SCALE_CONVENTIONS: Mapping[str, str] = types.MappingProxyType({
 
 BY_NAME: Mapping[str, LoraFormat] = types.MappingProxyType({f.name: f for f in TABLE})
 FORMATS: tuple[str, ...] = tuple(f.name for f in TABLE)
+"""The names of the LoRA file formats ``fvt.lora.load`` reads and ``fvt.lora.save`` writes (``format=``)."""
 #: every prefix some format claims: unprefixed formats do not read keys that start with one
 CLAIMED_PREFIXES: tuple[str, ...] = tuple(p for f in TABLE for p in f.prefixes)

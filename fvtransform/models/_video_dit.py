@@ -49,6 +49,7 @@ class VideoDiTConfig:
 
 
 TINY_CONFIG = VideoDiTConfig()
+"""A tiny configuration of the reference model, for tests and examples."""
 
 
 class RMSNorm(nn.Module):

@@ -99,6 +99,7 @@ LAYOUTS: dict[str, Layout] = {
         ),
     )
 }
+"""The checkpoint layouts ``fvt.load_model`` can load from a single file, by name (``layout=``)."""
 
 
 def layout_names() -> list[str]:

@@ -176,6 +176,7 @@ class Registry:
 
 #: The default registry (the one explicit piece of global state).
 REGISTRY = Registry()
+"""The process's registry: what ``fvt.register`` adds to and ``fvt.build`` / ``fvt.resolve`` read (the built-in architectures included)."""
 
 
 #: A constructor (or lazy import string) as given to :func:`register`, returned unchanged.

@@ -64,7 +64,9 @@ WAN_ORIGINAL_TO_DIFFUSERS = KeyMap.of(
     ],
     keep_rest=False,
 )
+"""Key map from the original Wan release layout (``blocks.0.self_attn.q.weight``) to diffusers' Wan names; strict on T2V and I2V models."""
 WAN_DIFFUSERS_TO_ORIGINAL = WAN_ORIGINAL_TO_DIFFUSERS.inverse()
+"""The exact inverse of ``WAN_ORIGINAL_TO_DIFFUSERS``: diffusers' Wan names back to the original layout."""
 
 #: Fuse q, k, v of the self-attention into one ``to_qkv`` (weights and biases),
 #: keeping every other key; ``plan.inverse()`` splits exactly.
@@ -77,6 +79,7 @@ REFERENCE_QKV_FUSE = KeyMap.of(
         )
     ]
 )
+"""Key map fusing the reference model's self-attention q, k, v into one ``to_qkv`` (its plan's inverse splits exactly)."""
 
 
 #: HunyuanVideo module-path renames (original -> diffusers ``HunyuanVideoTransformer3DModel``), without the

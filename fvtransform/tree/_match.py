@@ -17,6 +17,7 @@ __all__ = ["Pattern", "matcher"]
 #: compiled regular expression (full match), a collection of either, or a
 #: predicate ``(key, tensor) -> bool``.
 Pattern = Union[str, "re.Pattern[str]", Collection[Union[str, "re.Pattern[str]"]], Callable[[str, torch.Tensor], bool]]
+"""What selects keys: a glob (``"blocks.*.weight"``), a compiled regex, a list of those, or a predicate ``(key, tensor) -> bool``."""
 
 
 def matcher(pattern: Pattern) -> Callable[[str, torch.Tensor], bool]:
