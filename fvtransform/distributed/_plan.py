@@ -18,7 +18,8 @@ import attrs
 import torch
 from torch.distributed.tensor import Replicate, Shard
 
-from fvtransform.errors import PlanError, format_keys
+from fvtransform.errors import PlanError
+from fvtransform._messages import format_keys
 from fvtransform.tree._match import matcher
 
 __all__ = ["ShardPlan", "fsdp_plan", "tp_plan", "get_plan", "chunk_range", "local_ranges", "Placements", "PlanLike"]

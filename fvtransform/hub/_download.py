@@ -21,7 +21,8 @@ import logging
 import time
 from typing import Callable, TypeVar
 
-from fvtransform.errors import FormatError, FvTransformError, HubError, NotFoundError, UnsafeFileError, format_keys
+from fvtransform.errors import FormatError, FvTransformError, HubError, NotFoundError, UnsafeFileError
+from fvtransform._messages import format_keys
 from fvtransform.hub import _guard, _snapshot
 from fvtransform.hub._verify import resolved_commit, verify_file, verify_snapshot
 from fvtransform.io._files import file_entries

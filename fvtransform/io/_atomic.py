@@ -48,7 +48,8 @@ import stat
 import time
 from typing import Any, BinaryIO
 
-from fvtransform.errors import FormatError, FvTransformError, UnsafeFileError, WriteError, format_keys
+from fvtransform.errors import FormatError, FvTransformError, UnsafeFileError, WriteError
+from fvtransform._messages import format_keys
 from fvtransform.io._safetensors import TMP_MARK, fsync_dir
 
 __all__ = [

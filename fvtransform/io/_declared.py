@@ -40,7 +40,8 @@ import attrs
 import torch
 from torch import nn
 
-from fvtransform.errors import FormatError, format_keys
+from fvtransform.errors import FormatError
+from fvtransform._messages import format_keys
 
 __all__ = [
     "LoadNote",

@@ -14,8 +14,8 @@ from fvtransform.errors import (
     KeyMismatchError,
     NotFoundError,
     UnsafeFileError,
-    format_keys,
 )
+from fvtransform._messages import format_keys
 from fvtransform.io._header import MAX_INT_DIGITS, OBJECT_BYTES
 from fvtransform.io._open import MAX_JSON_BYTES, allowed_root, check_regular, contained, no_such_path
 

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from fvtransform._json import loads_json
-from fvtransform.errors import FormatError, FvTransformError, KeyMismatchError, PlanError, format_keys
+from fvtransform.errors import FormatError, FvTransformError, KeyMismatchError, PlanError
+from fvtransform._messages import format_keys
 from fvtransform.io._files import WeightFiles, find_weight_files
 from fvtransform.io._header import HEADER_JSON, Header, _check_lookalikes, read_header
 from fvtransform.io._open import fd_path, open_regular

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from fvtransform._json import read_json_file
-from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, ShapeMismatchError, format_keys
+from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, ShapeMismatchError
+from fvtransform._messages import format_keys
 from fvtransform.io._check import check
 from fvtransform.io._declared import (
     LoadedModel,

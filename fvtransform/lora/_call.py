@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from fvtransform.call._call import _prepare
-from fvtransform.errors import FormatError, KeyMismatchError, format_keys
+from fvtransform.errors import FormatError, KeyMismatchError
+from fvtransform._messages import format_keys
 from fvtransform.lora._adapter import GENERATED, FullDelta, LowRank
 from fvtransform.lora._dora import dense_delta, dora_factor
 from fvtransform.lora._merge import AdapterSet, _is_dtensor, normalize_adapters

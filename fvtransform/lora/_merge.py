@@ -16,7 +16,8 @@ from typing import Any, Union
 import attrs
 import torch
 
-from fvtransform.errors import FormatError, KeyMismatchError, NumericError, PlanError, ShapeMismatchError, close_matches
+from fvtransform.errors import FormatError, KeyMismatchError, NumericError, PlanError, ShapeMismatchError
+from fvtransform._messages import close_matches
 from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LoraAdapter, LoHa, LoKr, LowRank
 from fvtransform.lora._donate import check_donatable
 from fvtransform.lora._moved import moved_keywords

@@ -15,7 +15,8 @@ from typing import Any, TypeVar, Union, overload
 import torch
 from torch import nn
 
-from fvtransform.errors import FormatError, FvTransformError, MissingDependencyError, RegistryError, close_matches
+from fvtransform.errors import FormatError, FvTransformError, MissingDependencyError, RegistryError
+from fvtransform._messages import close_matches
 from fvtransform.registry._budget import DEFAULT_BUILD_LIMITS, BuildLimits, budgeted, meta_parameters
 from fvtransform.registry._construct import check_config_types, constructor_call, library_class
 

@@ -17,7 +17,8 @@ from typing import Union
 import attrs
 import torch
 
-from fvtransform.errors import KeyMismatchError, PlanError, ShapeMismatchError, format_keys
+from fvtransform.errors import KeyMismatchError, PlanError, ShapeMismatchError
+from fvtransform._messages import format_keys
 from fvtransform.tree._paramtree import ParamTree
 
 __all__ = ["Fuse", "KeyMap", "KeyMapLike", "MappingPlan", "Rename", "Split", "Step"]

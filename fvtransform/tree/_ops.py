@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from fvtransform.errors import KeyMismatchError, UsageError, format_keys
+from fvtransform.errors import KeyMismatchError, UsageError
+from fvtransform._messages import format_keys
 from fvtransform.tree._keymap import KeyMap, KeyMapLike
 from fvtransform.tree._match import Pattern, matcher
 from fvtransform.tree._paramtree import ParamTree

@@ -139,7 +139,8 @@ class ParamTree(Mapping[str, torch.Tensor]):
         try:
             return self._data[key]
         except KeyError:
-            from fvtransform.errors import KeyMismatchError, close_matches
+            from fvtransform.errors import KeyMismatchError
+            from fvtransform._messages import close_matches
 
             hint = close_matches(key, self._data)
             raise KeyMismatchError(
