@@ -21,7 +21,7 @@ import logging
 import time
 from typing import Callable, TypeVar
 
-from fvtransform.errors import FormatError, FvTransformError, HubError, NotFoundError, UnsafeFileError
+from fvtransform.errors import FvTransformError, HubError, NotFoundError, UnsafeFileError, UsageError
 from fvtransform._messages import format_keys
 from fvtransform.hub import _guard, _snapshot
 from fvtransform.hub._verify import resolved_commit, verify_file, verify_snapshot
@@ -155,7 +155,7 @@ def check_revision(revision: object) -> str | None:
     if revision is None:
         return None
     if not isinstance(revision, str):
-        raise FormatError(f"revision={str(revision)[:100]!r} is a {type(revision).__name__}; pass a branch, tag or commit hash as a string")
+        raise UsageError(f"revision={str(revision)[:100]!r} is a {type(revision).__name__}; pass a branch, tag or commit hash as a string")
     shown = revision[:200]
     if not revision or revision.startswith("/") or len(revision) > _guard.MAX_PATH_CHARS:
         raise UnsafeFileError(f"revision {shown!r} is not allowed (empty, absolute or over {_guard.MAX_PATH_CHARS} characters); nothing was requested")

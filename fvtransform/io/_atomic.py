@@ -48,7 +48,7 @@ import stat
 import time
 from typing import Any, BinaryIO
 
-from fvtransform.errors import FormatError, FvTransformError, UnsafeFileError, WriteError
+from fvtransform.errors import FvTransformError, UnsafeFileError, UsageError, WriteError
 from fvtransform._messages import format_keys
 from fvtransform.io._safetensors import TMP_MARK, fsync_dir
 
@@ -134,7 +134,7 @@ def check_path(path: str | os.PathLike[str], what: str = "destination") -> Path:
     if isinstance(text, bytes):
         text = os.fsdecode(text)
     if "\0" in text or not text:
-        raise FormatError(f"{text!r}: the {what} path is empty or holds a NUL character; pass a real path")
+        raise UsageError(f"{text!r}: the {what} path is empty or holds a NUL character; pass a real path")
     return Path(text)
 
 
@@ -179,12 +179,12 @@ def check_destination(dest: Path, *, folder: bool) -> None:
         )
     if stat.S_ISDIR(mode):
         if not folder:
-            raise FormatError(f"{dest} is a folder; pass a file path")
+            raise UsageError(f"{dest} is a folder; pass a file path")
         return
     if not stat.S_ISREG(mode):
         raise UnsafeFileError(f"{dest}: the destination is {_kind(mode)}, not a regular file or folder; refusing to open or replace it")
     if folder:
-        raise FormatError(f"{dest} is a file; this writer writes a folder there")
+        raise UsageError(f"{dest} is a file; this writer writes a folder there")
 
 
 #: Where the lock of a parent folder cannot be made, no writer can swap that folder either (it writes there too).
@@ -453,7 +453,7 @@ def _entries_to_keep(dest: Path, names: set[str], owned: Callable[[Path], set[st
     blocked = [e for e in entries if e in names and not (stat.S_ISREG(modes[e]) or stat.S_ISLNK(modes[e]))]
     if blocked:
         e = blocked[0]
-        raise FormatError(
+        raise WriteError(
             f"{dest / e} is {_kind(modes[e])} where this {what} writes a file; refusing to replace it (a writer never "
             "removes a folder or special file it did not create). Move it away or choose another destination"
         )

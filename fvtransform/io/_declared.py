@@ -40,7 +40,7 @@ import attrs
 import torch
 from torch import nn
 
-from fvtransform.errors import FormatError
+from fvtransform.errors import FormatError, UsageError
 from fvtransform._messages import format_keys
 
 __all__ = [
@@ -125,7 +125,7 @@ class LoadReport:
     def keys(self, action: str) -> tuple[str, ...]:
         """The keys of the notes with ``action`` (one of ``ACTIONS``)."""
         if action not in ACTIONS:
-            raise FormatError(f"unknown load action {action!r}; actions: {sorted(ACTIONS)}")
+            raise UsageError(f"unknown load action {action!r}; actions: {sorted(ACTIONS)}")
         return tuple(n.key for n in self.notes if n.action == action)
 
     @property

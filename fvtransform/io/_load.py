@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from fvtransform._json import loads_json
-from fvtransform.errors import FormatError, FvTransformError, KeyMismatchError, PlanError
+from fvtransform.errors import FormatError, FvTransformError, KeyMismatchError, PlanError, UsageError
 from fvtransform._messages import format_keys
 from fvtransform.io._files import WeightFiles, find_weight_files
 from fvtransform.io._header import HEADER_JSON, Header, _check_lookalikes, read_header
@@ -167,7 +167,7 @@ def open_checkpoint(path: str | os.PathLike[str], *, allow_pickle: bool = False)
     """Read the headers of a checkpoint (no tensor bytes)."""
     files = find_weight_files(path, allow_pickle=allow_pickle)
     if files.pickle:
-        raise FormatError("open_checkpoint reads safetensors only; use fvt.load(..., allow_pickle=True)")
+        raise UsageError("open_checkpoint reads safetensors only; use fvt.load(..., allow_pickle=True)")
     return Checkpoint(files)
 
 
@@ -236,7 +236,7 @@ def load(
             return shard_mapped(lazy, key_map.plan(lazy), mesh, plan, dtype=dtype)
         return shard(lazy, mesh, plan, dtype=dtype)
     if plan is not None:
-        raise FormatError("plan= needs mesh=: pass the DeviceMesh to shard over")
+        raise UsageError("plan= needs mesh=: pass the DeviceMesh to shard over")
     files = find_weight_files(path, allow_pickle=allow_pickle)
     if files.pickle:
         data = _load_pickle(files.files[0])

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fvtransform._json import read_json_file
-from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, ShapeMismatchError
+from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, ShapeMismatchError, UsageError
 from fvtransform._messages import format_keys
 from fvtransform.io._check import check
 from fvtransform.io._declared import (
@@ -66,7 +66,7 @@ def _resolve_folder(path_or_repo_id: str | os.PathLike[str], component: str | No
         comps = pipeline_components(folder)
         if component is None:
             present = sorted(k for k, v in comps.items() if v is not None)
-            raise FormatError(
+            raise UsageError(
                 f"{folder} is a pipeline; choose a component: component= one of {present}"
             )
         require_components(comps, [component], source=str(folder / MODEL_INDEX))

@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 import torch
 
-from fvtransform.errors import FormatError, NumericError, ShapeMismatchError
+from fvtransform.errors import FormatError, NumericError, ShapeMismatchError, UsageError
 from fvtransform.lora._report import ResolutionReport
 from fvtransform.tree import _pytree
 
@@ -427,7 +427,7 @@ class LoraAdapter(Mapping[str, Delta]):
         data = dict(targets)
         for k, d in data.items():
             if not isinstance(d, (LowRank, FullDelta, LoHa, LoKr)):
-                raise FormatError(f"adapter target {k!r}: expected LowRank, FullDelta, LoHa or LoKr, found {type(d).__name__}")
+                raise UsageError(f"adapter target {k!r}: expected LowRank, FullDelta, LoHa or LoKr, found {type(d).__name__}")
             d.validate(f"adapter target {k!r}")
         object.__setattr__(self, "_targets", types.MappingProxyType(data))
         object.__setattr__(self, "format", format)

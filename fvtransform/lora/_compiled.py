@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 import torch
 
-from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError
+from fvtransform.errors import KeyMismatchError, ShapeMismatchError, UsageError
 from fvtransform.lora._adapter import LoraAdapter, LowRank
 from fvtransform.lora._merge import AdapterSet, normalize_adapters
 
@@ -100,7 +100,7 @@ def factors(adapters: AdapterSet, *, rank: int | None = None, scale: float = 1.0
     for adapter, s in normalize_adapters(adapters, scale):
         for key, d in adapter.items():
             if not isinstance(d, LowRank) or d.magnitude is not None:
-                raise FormatError(
+                raise UsageError(
                     f"{key!r}: factors() takes plain low-rank targets; merge DoRA, LoHa/LoKr and full deltas with fvt.lora.merge"
                 )
             per_key.setdefault(key, []).append((d.A, d.B, s * d.scale))

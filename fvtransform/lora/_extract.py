@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 import attrs
 import torch
 
-from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError
+from fvtransform.errors import KeyMismatchError, ShapeMismatchError, UsageError
 from fvtransform.lora._adapter import Delta, LoraAdapter, LowRank
 from fvtransform.lora._moved import moved_keywords
 from fvtransform.tree._match import Pattern, matcher
@@ -27,7 +27,7 @@ def _truncate(S: torch.Tensor, rank: int | None, energy: float | None) -> int:
     if rank is not None:
         return max(1, min(rank, S.numel()))
     if energy is None or not 0 < energy <= 1:
-        raise FormatError("pass rank= (an int) or energy= (a fraction in (0, 1])")
+        raise UsageError("pass rank= (an int) or energy= (a fraction in (0, 1])")
     power = S.double() ** 2
     cum = torch.cumsum(power, 0) / power.sum().clamp_min(1e-300)
     return int((cum < energy - 1e-12).sum().item()) + 1

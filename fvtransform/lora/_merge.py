@@ -16,7 +16,7 @@ from typing import Any, Union
 import attrs
 import torch
 
-from fvtransform.errors import FormatError, KeyMismatchError, NumericError, PlanError, ShapeMismatchError
+from fvtransform.errors import FormatError, KeyMismatchError, NumericError, PlanError, ShapeMismatchError, UsageError
 from fvtransform._messages import close_matches
 from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LoraAdapter, LoHa, LoKr, LowRank
 from fvtransform.lora._donate import check_donatable
@@ -45,7 +45,7 @@ def normalize_adapters(adapters: AdapterSet, scale: float = 1.0) -> list[tuple[L
         elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], LoraAdapter):
             out.append((item[0], float(item[1]) * float(scale)))
         else:
-            raise FormatError(f"expected a LoraAdapter or (LoraAdapter, scale) pairs; found {type(item).__name__}")
+            raise UsageError(f"expected a LoraAdapter or (LoraAdapter, scale) pairs; found {type(item).__name__}")
     return out
 
 
@@ -328,9 +328,9 @@ def _merge(tree: Mapping[str, torch.Tensor], adapters: AdapterSet, scale: float,
         replace = _is_replace(key, contribs)
         if _is_dtensor(w):
             if replace:
-                raise FormatError(f"{key!r}: full replacements (modules_to_save) are not merged into sharded (DTensor) weights; unshard first")
+                raise UsageError(f"{key!r}: full replacements (modules_to_save) are not merged into sharded (DTensor) weights; unshard first")
             if record:
-                raise FormatError(f"{key!r}: merge_with_record is not available for sharded (DTensor) weights; unshard first, "
+                raise UsageError(f"{key!r}: merge_with_record is not available for sharded (DTensor) weights; unshard first, "
                                   "or call fvt.lora.merge and undo it with fvt.lora.unmerge")
             out[key] = _merge_sharded(key, contribs, w, sign=1.0, donate=donate, work=work)
             continue
@@ -383,9 +383,9 @@ def _is_replace(key: str, contribs: list[_Contribution]) -> bool:
     if not any(isinstance(c.delta, FullDelta) and c.delta.replaces for c in contribs):
         return False
     if len(contribs) != 1:
-        raise FormatError(f"{key!r}: a full replacement (modules_to_save) cannot be merged together with other deltas on that weight")
+        raise UsageError(f"{key!r}: a full replacement (modules_to_save) cannot be merged together with other deltas on that weight")
     if contribs[0].scale != 1.0:
-        raise FormatError(f"{key!r}: a full replacement (modules_to_save) is applied whole; merge it with scale 1, not {contribs[0].scale:g}")
+        raise UsageError(f"{key!r}: a full replacement (modules_to_save) is applied whole; merge it with scale 1, not {contribs[0].scale:g}")
     return True
 
 
@@ -420,9 +420,9 @@ def unmerge(
     for key, contribs in per_key.items():
         w = base[key]
         if _is_dora(contribs):
-            raise FormatError(f"{key!r}: DoRA merges are undone with the record of fvt.lora.merge_with_record")
+            raise UsageError(f"{key!r}: DoRA merges are undone with the record of fvt.lora.merge_with_record")
         if _is_replace(key, contribs):
-            raise FormatError(f"{key!r}: full-replacement (modules_to_save) merges are undone with the record of fvt.lora.merge_with_record")
+            raise UsageError(f"{key!r}: full-replacement (modules_to_save) merges are undone with the record of fvt.lora.merge_with_record")
         if _is_dtensor(w):
             out[key] = _merge_sharded(key, contribs, w, sign=-1.0, donate=donate, work=work)
             continue
@@ -443,7 +443,7 @@ def restore(tree: Mapping[str, torch.Tensor], record: MergeRecord) -> ParamTree:
     work = Workspace()
     for key, contribs in per_key.items():
         if _digest(base[key]) != record.merged_digest[key]:
-            raise FormatError(
+            raise UsageError(
                 f"restore: {key!r} is not the merged weight this record was made for; "
                 "restore takes the tree that fvt.lora.merge_with_record returned"
             )

@@ -15,7 +15,7 @@ from typing import Any, TypeVar, Union, overload
 import torch
 from torch import nn
 
-from fvtransform.errors import FormatError, FvTransformError, MissingDependencyError, RegistryError
+from fvtransform.errors import FormatError, FvTransformError, MissingDependencyError, RegistryError, UsageError
 from fvtransform._messages import close_matches
 from fvtransform.registry._budget import DEFAULT_BUILD_LIMITS, BuildLimits, budgeted, meta_parameters
 from fvtransform.registry._construct import check_config_types, constructor_call, library_class
@@ -123,7 +123,7 @@ class Registry:
                 raise self._unknown(name_or_config)
             return found
         if not isinstance(name_or_config, Mapping):
-            raise FormatError(
+            raise UsageError(
                 f"resolve takes a name or a config dict; found {type(name_or_config).__name__}"
             )
         config = name_or_config
@@ -237,7 +237,7 @@ def _config_dict(config: Any) -> dict[str, Any]:
     to_dict = getattr(config, "to_dict", None)
     if callable(to_dict):
         return dict(to_dict())
-    raise FormatError(f"config must be a dict; found {type(config).__name__}")
+    raise UsageError(f"config must be a dict; found {type(config).__name__}")
 
 
 #: Config keys that usually count repeated work (layers, blocks): named first when the module budget trips.
@@ -308,7 +308,7 @@ def build(
     src = str(source) if source is not None else "config"
     if isinstance(name_or_config, Mapping):
         if config is not None:
-            raise FormatError("pass either a config dict or a name and a config, not a config and a config")
+            raise UsageError("pass either a config dict or a name and a config, not a config and a config")
         cfg = _config_dict(name_or_config)
     else:
         cfg = _config_dict(config)

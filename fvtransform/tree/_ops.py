@@ -305,8 +305,6 @@ def update(
     out = dict(tree.items())
     for k, v in other.items():
         if not isinstance(v, torch.Tensor):
-            from fvtransform.errors import FormatError
-
-            raise FormatError(f"update: value for {k!r} is {type(v).__name__}, expected torch.Tensor")
+            raise UsageError(f"update: value for {k!r} is {type(v).__name__}, expected torch.Tensor")
         out[k] = v
     return ParamTree._wrap(out)
