@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fvtransform as fvt
-from fvtransform.errors import FormatError, KeyMismatchError, NumericError, ShapeMismatchError
+from fvtransform.errors import FormatError, KeyMismatchError, NumericError, ShapeMismatchError, UsageError
 from fvtransform.lora import FullDelta, LoraAdapter, LowRank
 
 from _helpers import assert_unchanged, snapshot
@@ -46,7 +46,7 @@ def test_full_deltas_round_trip_through_comfy(tmp_path, tree):
     with safe_open(p, "pt") as f:
         assert set(f.keys()) == {"diffusion_model.blocks.0.ffn.2.diff", "diffusion_model.blocks.0.ffn.2.diff_b"}
     same_adapter(a, fvt.lora.load(p, base=tree))
-    with pytest.raises(FormatError, match="cannot hold"):
+    with pytest.raises(UsageError, match="cannot hold"):
         fvt.lora.save(a, tmp_path / "p", format="peft")
 
 
@@ -74,7 +74,7 @@ def test_peft_config_patterns_and_rslora(tmp_path, tree):
 def test_kohya_needs_base_and_resolves_underscores(tmp_path, tree):
     a = adapter_for(tree)
     p = fvt.lora.save(a, tmp_path / "k.safetensors", format="kohya")
-    with pytest.raises(FormatError, match="pass base="):
+    with pytest.raises(UsageError, match="pass base="):
         fvt.lora.load(p)
     # musubi-style original Wan names resolve against the diffusers-named base too
     raw = fvt.load(p)
@@ -112,7 +112,7 @@ def test_error_paths(tree):
         fvt.lora.load({"blocks.0.attn1.to_q.lora_A.weight": nan, "blocks.0.attn1.to_q.lora_B.weight": torch.randn(16, 2)})
     with pytest.raises(FormatError, match="no LoRA format recognises"):
         fvt.lora.load({"foo": torch.zeros(1)})
-    with pytest.raises(FormatError, match="unknown LoRA format 'nope'"):
+    with pytest.raises(UsageError, match="unknown LoRA format 'nope'"):
         fvt.lora.load({"a.lora_A.weight": torch.zeros(1, 1), "a.lora_B.weight": torch.zeros(1, 1)}, format="nope")
     with pytest.raises(FormatError, match="no matching B factor"):
         fvt.lora.load({"blocks.0.attn1.to_q.lora_A.weight": torch.randn(2, 16)})
@@ -162,7 +162,7 @@ def test_unmerge_and_exact_restore(tree):
         un = fvt.lora.unmerge(merged, a)
         for k in a:
             assert torch.allclose(un[k].float(), t[k].float(), atol=float(torch.finfo(dtype).eps) * 8, rtol=0)
-    with pytest.raises(FormatError, match="not the merged weight"):
+    with pytest.raises(UsageError, match="not the merged weight"):
         fvt.lora.restore(tree, record)
 
 
@@ -214,11 +214,11 @@ def test_donation_is_refused_for_tied_keys_and_for_views_of_one_storage():
 
 def test_flags_that_changed_the_return_type_are_gone_and_name_the_call_to_make(tree):
     a = adapter_for(tree)
-    with pytest.raises(FormatError, match=r"merge\(\) has no return_record=.*Call fvt.lora.merge_with_record\(tree, adapters, scale\)"):
+    with pytest.raises(UsageError, match=r"merge\(\) has no return_record=.*Call fvt.lora.merge_with_record\(tree, adapters, scale\)"):
         fvt.lora.merge(tree, a, return_record=True)
-    with pytest.raises(FormatError, match=r"extract\(\) has no return_report=.*Call fvt.lora.extract_with_report\("):
+    with pytest.raises(UsageError, match=r"extract\(\) has no return_report=.*Call fvt.lora.extract_with_report\("):
         fvt.lora.extract(tree, tree, rank=2, return_report=True)
-    with pytest.raises(FormatError, match=r"compress\(\) has no return_report=.*Call fvt.lora.compress_with_report\(adapter, rank\)"):
+    with pytest.raises(UsageError, match=r"compress\(\) has no return_report=.*Call fvt.lora.compress_with_report\(adapter, rank\)"):
         fvt.lora.compress(a, 2, return_report=True)
     merged, record = fvt.lora.merge_with_record(tree, a)
     assert isinstance(fvt.lora.merge(tree, a), fvt.ParamTree) and merged == fvt.lora.merge(tree, a)
@@ -320,9 +320,9 @@ def test_factors_and_pad_rank_errors(model, tree, inputs):
     key = next(iter(a))
     d = a[key]
     dora = LoraAdapter({key: LowRank(d.A, d.B, d.scale, magnitude=torch.ones(d.B.shape[0]))})
-    with pytest.raises(FormatError, match="factors\\(\\) takes plain low-rank targets"):
+    with pytest.raises(UsageError, match="factors\\(\\) takes plain low-rank targets"):
         fvt.lora.factors(dora)
-    with pytest.raises(FormatError, match="a DoRA target takes one adapter alone"):
+    with pytest.raises(UsageError, match="a DoRA target takes one adapter alone"):
         fvt.lora.call(model, tree, [dora, a], *inputs)
 
 
@@ -448,7 +448,7 @@ def test_load_renames_file_modules_with_a_keymap_before_matching_the_base(tree):
         fvt.lora.load(file, base=tree, rename=3)
     two = {**file, "net.blocks.0.attn1.to_k.lora_A.weight": torch.randn(2, 16), "net.blocks.0.attn1.to_k.lora_B.weight": torch.randn(16, 2)}
     fuse = KeyMap.of([Fuse(["net.blocks.0.attn1.to_q", "net.blocks.0.attn1.to_k"], "blocks.0.attn1.qk", dim=0)])
-    with pytest.raises(FormatError, match=r"fuses or splits .*a LoRA.s modules are only renamed"):
+    with pytest.raises(UsageError, match=r"fuses or splits .*a LoRA.s modules are only renamed"):
         fvt.lora.load(two, base=tree, rename=fuse)
 
 
