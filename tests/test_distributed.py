@@ -15,7 +15,7 @@ from torch.distributed.tensor import Replicate, Shard
 
 import fvtransform as fvt
 from fvtransform.distributed import ShardPlan, chunk_range, fsdp_plan, tp_plan
-from fvtransform.errors import PlanError
+from fvtransform.errors import PlanError, UsageError
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 
@@ -48,7 +48,7 @@ def test_plan_errors_name_the_rule_key_and_fix():
         ShardPlan((("*", (Shard(0),)),)).resolve(t, mesh_shape=(2, 2))
     with pytest.raises(PlanError, match=r"no rule matches \['a.bias'\] and the plan has no default"):
         ShardPlan((("*.weight", (Shard(0),)),)).resolve(t, mesh_shape=(2,))
-    with pytest.raises(PlanError, match="plan must be a ShardPlan, 'fsdp', 'tp' or None"):
+    with pytest.raises(UsageError, match="plan must be a ShardPlan, 'fsdp', 'tp' or None"):
         fvt.distributed.get_plan("zero3", 1)
 
 

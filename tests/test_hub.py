@@ -448,9 +448,9 @@ def test_the_deadline_comes_from_the_environment_for_loras_and_load(fake_hub, ti
     assert _fast_fail(lambda: maybe_download_lora("org/tiny-lora"), 0.5) < 2.0
     assert _fast_fail(lambda: fvt.lora.load("org/tiny-lora"), 0.5) < 2.0
     monkeypatch.setenv("FVT_HUB_TIMEOUT", "soon")
-    with pytest.raises(HubError, match=r"FVT_HUB_TIMEOUT='soon' is not a number of seconds"):
+    with pytest.raises(UsageError, match=r"FVT_HUB_TIMEOUT='soon' is not a number of seconds"):
         maybe_download_lora("org/tiny-lora")
-    with pytest.raises(HubError, match=r"download timeout -1 must be a positive"):
+    with pytest.raises(UsageError, match=r"download timeout -1 must be a positive"):
         maybe_download_lora("org/tiny-lora", timeout=-1)
 
 
@@ -638,7 +638,7 @@ def test_pickles_and_code_are_never_fetched_whatever_the_patterns(fake_hub, tiny
 
 @pytest.mark.parametrize("timeout", ["2", True, [1]])
 def test_a_timeout_that_is_not_a_number_is_a_typed_error_before_any_request(fake_hub, timeout):
-    with pytest.raises(HubError, match=r"download timeout=.* is not a number of seconds; pass e\.g\. timeout=3600"):
+    with pytest.raises(UsageError, match=r"download timeout=.* is not a number of seconds; pass e\.g\. timeout=3600"):
         maybe_download_model("org/tiny-wan", timeout=timeout)
     with pytest.raises(HubError, match="is not a number of seconds"):
         maybe_download_lora("org/tiny-lora", timeout=timeout)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fvtransform as fvt
-from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, ShapeMismatchError, UnsafeFileError, UsageError
+from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, ShapeMismatchError, UnsafeFileError, UsageError, WriteError
 
 from _helpers import assert_unchanged, snapshot
 
@@ -89,7 +89,7 @@ def test_load_options(tmp_path):
         fvt.load(tmp_path / "m.safetensors", select="nothing*")
     with pytest.raises(UsageError, match="plan= needs mesh="):
         fvt.load(tmp_path / "m.safetensors", plan="fsdp")
-    with pytest.raises(fvt.errors.PlanError, match="mesh must be a torch.distributed DeviceMesh"):
+    with pytest.raises(fvt.errors.UsageError, match="mesh must be a torch.distributed DeviceMesh"):
         fvt.load(tmp_path / "m.safetensors", mesh=object())
 
 
@@ -169,7 +169,7 @@ def test_save_errors(tmp_path):
     with pytest.raises(UsageError, match="meta device"):
         fvt.save({"w": torch.zeros(2, device="meta")}, tmp_path / "m.safetensors")
     assert not list(tmp_path.iterdir())  # nothing partial left behind
-    with pytest.raises(UsageError, match="is a folder"):
+    with pytest.raises(WriteError, match="is a folder"):
         fvt.save({"w": torch.zeros(2)}, tmp_path)
     with pytest.raises(UsageError, match="not a size"):
         fvt.save({"w": torch.zeros(2)}, tmp_path / "x", max_shard_size="lots")

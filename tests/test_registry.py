@@ -37,7 +37,7 @@ def test_unknown_names_keep_the_name_and_suggest():
 
 def test_bad_entries():
     reg = fvt.Registry()
-    with pytest.raises(RegistryError, match="non-empty str"):
+    with pytest.raises(UsageError, match="non-empty str"):
         reg.register("", torch.nn.Linear)
     with pytest.raises(RegistryError, match="expected a callable"):
         reg.register("x", 3)

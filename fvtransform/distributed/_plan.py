@@ -18,7 +18,7 @@ import attrs
 import torch
 from torch.distributed.tensor import Replicate, Shard
 
-from fvtransform.errors import PlanError
+from fvtransform.errors import PlanError, UsageError
 from fvtransform._messages import format_keys
 from fvtransform.tree._match import matcher
 
@@ -198,4 +198,4 @@ def get_plan(plan: PlanLike, mesh_ndim: int) -> ShardPlan:
         return tp_plan(mesh_ndim)
     if isinstance(plan, ShardPlan):
         return plan
-    raise PlanError(f"plan must be a ShardPlan, 'fsdp', 'tp' or None; found {plan!r}")
+    raise UsageError(f"plan must be a ShardPlan, 'fsdp', 'tp' or None; found {plan!r}")

@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from fvtransform.distributed._plan import Placements, PlanLike, get_plan, local_ranges
-from fvtransform.errors import PlanError
+from fvtransform.errors import PlanError, UsageError
 from fvtransform.tree._keymap import MappingPlan
 from fvtransform.io._safetensors import _strides
 from fvtransform.tree._paramtree import ParamTree
@@ -36,13 +36,13 @@ def local_slice(t: torch.Tensor, mesh_shape: tuple[int, ...], placements: Placem
 def _coordinate(mesh: DeviceMesh) -> tuple[int, ...]:
     c = mesh.get_coordinate()
     if c is None:
-        raise PlanError(f"this rank ({torch.distributed.get_rank()}) is not part of the mesh {mesh}; shard on the ranks of the mesh")
+        raise UsageError(f"this rank ({torch.distributed.get_rank()}) is not part of the mesh {mesh}; shard on the ranks of the mesh")
     return tuple(c)
 
 
 def _check_mesh(mesh: Any) -> None:
     if not isinstance(mesh, DeviceMesh):
-        raise PlanError(f"mesh must be a torch.distributed DeviceMesh (init_device_mesh('cpu', (n,))); found {type(mesh).__name__}")
+        raise UsageError(f"mesh must be a torch.distributed DeviceMesh (init_device_mesh('cpu', (n,))); found {type(mesh).__name__}")
 
 
 def _wrap(local: torch.Tensor, mesh: DeviceMesh, placements: Any, shape: tuple[int, ...], dtype: torch.dtype | None) -> DTensor:

@@ -179,12 +179,12 @@ def check_destination(dest: Path, *, folder: bool) -> None:
         )
     if stat.S_ISDIR(mode):
         if not folder:
-            raise UsageError(f"{dest} is a folder; pass a file path")
+            raise WriteError(f"{dest} is a folder; pass a file path")
         return
     if not stat.S_ISREG(mode):
         raise UnsafeFileError(f"{dest}: the destination is {_kind(mode)}, not a regular file or folder; refusing to open or replace it")
     if folder:
-        raise UsageError(f"{dest} is a file; this writer writes a folder there")
+        raise WriteError(f"{dest} is a file; this writer writes a folder there")
 
 
 #: Where the lock of a parent folder cannot be made, no writer can swap that folder either (it writes there too).

@@ -12,7 +12,7 @@ from typing import BinaryIO
 import torch
 
 from fvtransform._json import read_json_file
-from fvtransform.errors import FvTransformError, UsageError
+from fvtransform.errors import FvTransformError, UsageError, WriteError
 from fvtransform.io._atomic import LOCK_MARK, OLD_MARK, atomic_file, check_destination, check_path, exchange, swap_in, write_folder
 from fvtransform.io._files import INDEX_JSON
 from fvtransform.io._load import ALIASES_KEY
@@ -140,7 +140,7 @@ def save(
         _check_weights_name(weights_name)
     if max_shard_size is None:
         if path.is_dir():
-            raise UsageError(f"{path} is a folder; pass a file path, or max_shard_size= to write shards into it")
+            raise WriteError(f"{path} is a folder; pass a file path, or max_shard_size= to write shards into it")
         write = tree_bytes(tree, metadata, where=path)
         with atomic_file(path) as tmp, open(tmp, "xb") as f:
             write(f)

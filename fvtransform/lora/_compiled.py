@@ -65,7 +65,7 @@ MAX_PAD_RANK = 1 << 16
 
 def _check_rank(rank: Any, where: str, bound: int) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= bound:
-        raise ShapeMismatchError(
+        raise UsageError(
             f"{where}: rank must be a whole number from 1 to {bound} (a LoRA rank above min(out, in) adds nothing); "
             f"found {rank!r}. Fix: pass a rank within that range"
         )

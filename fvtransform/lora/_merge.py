@@ -16,7 +16,7 @@ from typing import Any, Union
 import attrs
 import torch
 
-from fvtransform.errors import FormatError, KeyMismatchError, NumericError, PlanError, ShapeMismatchError, UsageError
+from fvtransform.errors import FormatError, KeyMismatchError, NumericError, ShapeMismatchError, UsageError
 from fvtransform._messages import close_matches
 from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LoraAdapter, LoHa, LoKr, LowRank
 from fvtransform.lora._donate import check_donatable
@@ -197,7 +197,7 @@ def delta_rows(
     flat_fulls = [(s, D.detach().reshape(rows, -1)) for s, D in fulls]
     gens = [(sign * c.scale, c.delta.row_source(weight.device)) for c in contribs if isinstance(c.delta, GENERATED)]
     if gens and columns is not None:
-        raise PlanError(f"{where}: LoHa/LoKr deltas do not merge into column shards; merge them before sharding")
+        raise UsageError(f"{where}: LoHa/LoKr deltas do not merge into column shards; merge them before sharding")
     limit = overflow_limit(out.dtype)
     if limit is not None and weight.dtype.is_floating_point and torch.finfo(weight.dtype).max + _delta_bound(contribs) < limit:
         limit = None  # no finite weight plus these deltas can reach Inf: the per-tile check is skipped
@@ -371,7 +371,7 @@ def _merge_sharded(key: str, contribs: list[_Contribution], w: Any, *, sign: flo
     from fvtransform.lora._sharded import merge_sharded
 
     if any(isinstance(c.delta, (LoHa, LoKr)) for c in contribs):
-        raise PlanError(f"{key!r}: LoHa/LoKr deltas are merged before sharding (fvt.lora.merge on the full weight, then shard)")
+        raise UsageError(f"{key!r}: LoHa/LoKr deltas are merged before sharding (fvt.lora.merge on the full weight, then shard)")
     try:
         return merge_sharded(contribs, w, sign=sign, donate=donate, work=work)
     except NumericError as e:

@@ -83,7 +83,7 @@ class Registry:
     def register(self, name: str, constructor: Target, *, override: bool = False) -> None:
         """Add ``name``; a taken name is refused unless ``override=True``."""
         if not isinstance(name, str) or not name:
-            raise RegistryError(f"a registry name is a non-empty str; found {name!r}")
+            raise UsageError(f"a registry name is a non-empty str; found {name!r}")
         if not (callable(constructor) or isinstance(constructor, str)):
             raise RegistryError(
                 f"registry entry {name!r}: expected a callable or a 'package.module:Attr' string, "
