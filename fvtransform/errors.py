@@ -132,10 +132,10 @@ class HubError(FvTransformError):
 
 
 class NumericError(FvTransformError, ValueError):
-    """A tensor holds NaN or Inf where finite values are required.
+    """A tensor (or a LoRA scale) holds NaN or Inf where finite values are required.
 
-    Example: merging a LoRA whose factors hold NaN. Not for a non-finite number in a config
-    (FormatError) or in an argument (UsageError).
+    Example: merging a LoRA whose factors hold NaN. Not for a finite number out of range
+    (FormatError when read from a file, UsageError when passed as an argument).
     """
 
 
