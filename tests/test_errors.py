@@ -16,7 +16,7 @@ import torch
 
 import fvtransform as fvt
 from fvtransform import errors as E
-from fvtransform.lora import LoraAdapter, LowRank
+from fvtransform.lora import FullDelta, LoraAdapter, LowRank
 
 
 def _tree() -> fvt.ParamTree:
@@ -143,6 +143,30 @@ def test_caller_mistakes_from_round_one_are_usage_errors(call, match):
     adapter = LoraAdapter({"w": LowRank(torch.ones(1, 3), torch.ones(4, 1), 1.0)})
     with pytest.raises(E.UsageError, match=match) as e:
         call(tree, adapter)
+    assert type(e.value) is E.UsageError
+
+
+def _saved(path: Path) -> Path:
+    fvt.save(_tree(), path)
+    return path
+
+
+def _two_unrelated_files(tmp: Path) -> Path:
+    for name in ("a", "b"):
+        fvt.save(_tree(), tmp / f"{name}.safetensors")
+    return tmp
+
+
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda tmp: LoraAdapter({"w": FullDelta(torch.ones(4, 3), 0.5, replaces=True)}), r"'w': a replacing FullDelta .* its scale must be 1, not 0\.5"),
+    (lambda tmp: fvt.lora.save(LoraAdapter({"m.bias": LowRank(torch.ones(1, 3), torch.ones(4, 1), 1.0)}), tmp / "x.safetensors"),
+     r"'m\.bias': a low-rank delta must target a weight"),
+    (lambda tmp: fvt.load_model(_saved(tmp / "w.safetensors")), r"w\.safetensors: load_model takes a model folder"),
+    (lambda tmp: fvt.load(_two_unrelated_files(tmp)), r"several unrelated safetensors files .*e\.g\. fvt\.load\('.*a\.safetensors'\)"),
+], ids=["replacing-scale", "low-rank-on-a-bias", "load-model-on-a-file", "ambiguous-folder"])
+def test_values_the_caller_built_or_chose_are_usage_errors(call, match, tmp_path):
+    with pytest.raises(E.UsageError, match=match) as e:
+        call(tmp_path)
     assert type(e.value) is E.UsageError
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fvtransform._json import read_json_file
-from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, ShapeMismatchError, UsageError
+from fvtransform.errors import KeyMismatchError, NotFoundError, ShapeMismatchError, UsageError
 from fvtransform._messages import format_keys
 from fvtransform.io._check import check
 from fvtransform.io._declared import (
@@ -61,7 +61,7 @@ def _resolve_folder(path_or_repo_id: str | os.PathLike[str], component: str | No
             str(path_or_repo_id), revision=revision, components=[component] if component else None
         )
     if not folder.is_dir():
-        raise FormatError(f"{folder}: load_model takes a model folder (with config.json) or a pipeline folder")
+        raise UsageError(f"{folder}: load_model takes a model folder (with config.json) or a pipeline folder")
     if os.path.lexists(folder / MODEL_INDEX):  # a FIFO or link is refused by the reader, not skipped
         comps = pipeline_components(folder)
         if component is None:

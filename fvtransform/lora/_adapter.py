@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 import torch
 
-from fvtransform.errors import FormatError, NumericError, ShapeMismatchError, UsageError
+from fvtransform.errors import NumericError, ShapeMismatchError, UsageError
 from fvtransform.lora._report import ResolutionReport
 from fvtransform.tree import _pytree
 
@@ -135,7 +135,7 @@ class FullDelta:
 
     def validate(self, where: str) -> None:
         if self.replaces and self.scale != 1.0:
-            raise FormatError(f"{where}: a replacing FullDelta (modules_to_save) is applied whole; its scale must be 1, not {self.scale:g}")
+            raise UsageError(f"{where}: a replacing FullDelta (modules_to_save) is applied whole; its scale must be 1, not {self.scale:g}")
         _check_finite(self.D, where)
 
     def fits(self, shape: tuple[int, ...]) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from fvtransform.errors import FormatError, UsageError
+from fvtransform.errors import UsageError
 from fvtransform.lora._adapter import GENERATED, FullDelta, LoraAdapter, LowRank
 from fvtransform.lora._dora import dora_scale_layout
 from fvtransform.lora._format_table import (
@@ -49,7 +49,7 @@ def _encode(adapter: LoraAdapter, fmt: LoraFormat, component: str) -> dict[str, 
             out.update({name + k: t for k, t in lycoris_tensors(d).items()})
         elif isinstance(d, LowRank):
             if suffix != ".weight":
-                raise FormatError(f"{target!r}: a low-rank delta must target a weight")
+                raise UsageError(f"{target!r}: a low-rank delta must target a weight")
             out[name + roles["A"]] = d.A.contiguous()
             out[name + roles["B"]] = d.B.contiguous()
             if d.magnitude is not None:
