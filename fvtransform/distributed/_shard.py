@@ -89,7 +89,7 @@ def _shard_resolved(tree: Mapping[str, torch.Tensor], mesh: DeviceMesh, resolved
             continue
         first_key[id(t)] = key
         if isinstance(t, DTensor):
-            raise PlanError(f"{key!r} is already a DTensor {t.placements}; unshard it first or redistribute it")
+            raise UsageError(f"{key!r} is already a DTensor {t.placements}; unshard it first or redistribute it")
         placements = resolved[key]
         memo[id(t)] = out[key] = _wrap(local_slice(t.detach(), mesh_shape, placements, coord), mesh, placements, tuple(t.shape), dtype)
     return ParamTree._wrap(out)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from fvtransform._json import loads_json
-from fvtransform.errors import FormatError, FvTransformError, KeyMismatchError, PlanError, UsageError
+from fvtransform.errors import FormatError, FvTransformError, KeyMismatchError, UsageError
 from fvtransform._messages import format_keys
 from fvtransform.io._files import WeightFiles, find_weight_files
 from fvtransform.io._header import HEADER_JSON, Header, _check_lookalikes, read_header
@@ -226,7 +226,7 @@ def load(
     key_map = None if rename is None else KeyMap.of(rename)
     if mesh is not None:
         if torch.device(device).type != "cpu":
-            raise PlanError("load(..., mesh=) reads slices on the CPU; move the sharded tree with fvt.to afterwards")
+            raise UsageError("load(..., mesh=) reads slices on the CPU; move the sharded tree with fvt.to afterwards")
         from fvtransform.distributed import shard
         from fvtransform.distributed._shard import shard_mapped
 
