@@ -66,6 +66,8 @@ def shard(tree: Mapping[str, torch.Tensor], mesh: DeviceMesh, plan: PlanLike = N
 
     Raises:
         PlanError: the plan does not fit the tree or the mesh.
+        UsageError: ``mesh`` is not a DeviceMesh, this rank is not in it, ``plan`` is not a plan, a tensor is
+            already a DTensor.
     """
     _check_mesh(mesh)
     resolved = get_plan(plan, mesh.ndim).resolve(tree, mesh_shape=tuple(mesh.shape))

@@ -248,11 +248,11 @@ def maybe_download_model(
     Raises:
         UnsafeFileError: a repo id segment or revision that could escape the download folder.
         NotFoundError: repo, revision, file or component not found; nothing cached offline.
-        HubError: gated or unauthorized repo, unreachable hub, other HTTP errors, the deadline passed,
-            a ``timeout`` that is not a number.
+        HubError: gated or unauthorized repo, unreachable hub, other HTTP errors, the deadline passed.
+        UsageError: a ``timeout`` or ``revision`` that is not one.
         IntegrityError: downloaded bytes that do not match the hub's hash, listing or announced size;
             response headers naming another commit or blob than the listing; another commit than pinned.
-        FormatError: a listing that is not one (too many files, bad hashes), a file over its size cap.
+        HubError: a listing that is not one (too many files, bad hashes), a file over its size cap.
     """
     path = Path(name_or_path)
     if path.exists():

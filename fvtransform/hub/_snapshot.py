@@ -80,7 +80,7 @@ def list_repo(repo: str, revision: str | None, token: str | None, label: str) ->
     Raises:
         UnsafeFileError: a listed path that could escape the cache (``..``, absolute, NUL, too long).
         IntegrityError: ``revision`` is a full commit hash and the hub answered another commit.
-        FormatError: more than :data:`MAX_REPO_FILES` files, a size or hash that is not one.
+        HubError: more than :data:`MAX_REPO_FILES` files, a size or hash that is not one.
     """
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
@@ -178,7 +178,7 @@ def fetch_files(
     """Download ``files`` of ``commit`` into the cache (in parallel), each checked; their snapshot paths.
 
     Raises:
-        FormatError: a file announced larger than its cap (:func:`size_cap`); nothing is fetched then.
+        HubError: a file announced larger than its cap (:func:`size_cap`); nothing is fetched then.
         IntegrityError: bytes or sizes that do not match the listing (the file is removed from the cache).
     """
     for e in files:

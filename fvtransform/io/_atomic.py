@@ -129,7 +129,7 @@ def is_any_temp(entry: str) -> bool:
 
 
 def check_path(path: str | os.PathLike[str], what: str = "destination") -> Path:
-    """``path`` as a :class:`Path`; a NUL character or an empty path is a :class:`FormatError`."""
+    """``path`` as a :class:`Path`; a NUL character or an empty path is a :class:`UsageError`."""
     text = os.fspath(path)
     if isinstance(text, bytes):
         text = os.fsdecode(text)
@@ -398,9 +398,8 @@ def write_folder(
     the writer cannot account for.
 
     Raises:
-        WriteError: a refused destination, a full disk, a read-only folder, a lock held too long.
+        WriteError: a refused destination (``dest`` is a file), a full disk, a read-only folder, a lock held too long.
         UnsafeFileError: ``dest`` is a symlink, FIFO, device or socket.
-        FormatError: ``dest`` is a file.
     """
     dest = check_path(dest)
     with typed_os_errors(dest), _parents_made(dest):

@@ -151,7 +151,8 @@ def write_safetensors(
     checked against its spec, written and dropped. ``where`` names the file in errors (default ``f.name``).
 
     Raises:
-        FormatError: a dtype safetensors has no name for, or a produced tensor other than its spec.
+        UsageError: a dtype safetensors has no name for.
+        FormatError: a produced tensor other than its spec.
     """
     where = where if where is not None else getattr(f, "name", "safetensors file")
     header: dict[str, Any] = {}

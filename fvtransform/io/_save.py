@@ -125,9 +125,10 @@ def save(
     True
 
     Raises:
-        FormatError: not a tree, a bad size, a ``weights_name`` that is not a plain file-name stem, a sparse
-            tensor, a NUL in ``path``, a folder where a file goes (or back: a folder named like one of the shards,
-            the index or the single file is refused, never removed).
+        UsageError: not a tree, a bad size, a ``weights_name`` that is not a plain file-name stem, a sparse
+            tensor, a NUL in ``path``.
+        WriteError: a folder where a file goes (or back: a folder named like one of the shards, the index or
+            the single file is refused, never removed).
         UnsafeFileError: ``path`` is a symlink, FIFO, device or socket.
         WriteError: a full disk, a read-only destination, a lock held too long (the old data is intact).
     """

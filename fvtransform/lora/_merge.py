@@ -271,7 +271,7 @@ def merge(
     those tensors sees the merged values, e.g. the parent a tree was derived
     from with ``fvt.select``, or the module ``ParamTree.from_module`` read.
     Donate only a tree nothing else uses. What the merge can see it refuses
-    (:class:`~fvtransform.errors.ImmutableError`): a targeted tensor that is
+    (:class:`~fvtransform.errors.UsageError`): a targeted tensor that is
     tied to other keys (``tree.aliases()``) or shares its storage with another
     key (views of one buffer).
 

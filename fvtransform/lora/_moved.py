@@ -23,7 +23,7 @@ def moved_keywords(**calls: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     >>> merge(1, return_record=True)
     Traceback (most recent call last):
     ...
-    fvtransform.errors.FormatError: merge() has no return_record=; a flag does not change what a call returns. Call fvt.lora.merge_with_record(tree, adapters) instead
+    fvtransform.errors.UsageError: merge() has no return_record=; a flag does not change what a call returns. Call fvt.lora.merge_with_record(tree, adapters) instead
     """
 
     def wrap(fn: Callable[P, R]) -> Callable[P, R]:

@@ -30,7 +30,7 @@ def pick_lora_file(names: Iterable[str], label: str, weight_name: str | None = N
     4. else ``adapter_model.safetensors`` (PEFT's ``save_pretrained``), if present;
     5. else every candidate.
 
-    One left: that one. Several: :class:`FormatError` listing them and naming
+    One left: that one. Several: :class:`UsageError` listing them and naming
     ``weight_name=`` (diffusers warns and takes the first in the folder's
     listing order; fvtransform does not guess). None: :class:`NotFoundError`.
 

@@ -50,7 +50,7 @@ def as_dtype(dtype: object, what: str = "dtype") -> torch.dtype | None:
     """``dtype`` as a floating ``torch.dtype`` (from a name in :data:`DTYPES` or a dtype); None stays None.
 
     Raises:
-        FormatError: an unknown name, or a dtype that is not a floating one.
+        UsageError: an unknown name, or a dtype that is not a floating one.
     """
     if dtype is None:
         return None
@@ -105,9 +105,9 @@ def merge_checkpoint(
 
     Raises:
         KeyMismatchError / ShapeMismatchError: an adapter that does not fit the base.
-        FormatError: ``out`` is (or holds, or lies inside a base folder of) the base, the base holds no
-            safetensors, an unknown ``dtype``, a folder where an output file goes.
-        WriteError: ``out`` holds files the merge did not write, a full disk, a read-only destination.
+        UsageError: ``out`` is (or holds, or lies inside a base folder of) the base, the base holds no
+            safetensors, an unknown ``dtype``.
+        WriteError: a folder where an output file goes; ``out`` holds files the merge did not write, a full disk, a read-only destination.
         UnsafeFileError: ``out`` is a symlink, FIFO, device or socket.
     """
     base_path, out_path = check_path(base, "base"), check_path(out, "output")
@@ -263,7 +263,7 @@ def check_not_input(out: Path, inputs: Sequence[Path]) -> None:
     folder is refused, ``--overwrite`` or not: the reader would see it change.
 
     Raises:
-        FormatError: naming the output and the input.
+        UsageError: naming the output and the input.
     """
     real = Path(os.path.realpath(out))
     ident = _identity(real)

@@ -164,8 +164,8 @@ def save(adapter: LoraAdapter, path: str | os.PathLike[str], *, format: str = "p
     are always kept, and a folder where a file goes is refused.
 
     Raises:
-        FormatError: not an adapter, an unknown format, a NUL in ``path``, a folder where a file goes.
-        WriteError: a file fvtransform did not write is in the way (without ``overwrite``), a full disk.
+        UsageError: not an adapter, an unknown format or one that cannot hold the adapter, a NUL in ``path``.
+        WriteError: a folder where a file goes; a file fvtransform did not write is in the way (without ``overwrite``), a full disk.
         UnsafeFileError: the destination is a symlink, FIFO, device or socket.
     """
     from fvtransform.io._atomic import atomic_file, check_path, json_bytes, write_files
