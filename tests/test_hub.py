@@ -640,7 +640,7 @@ def test_pickles_and_code_are_never_fetched_whatever_the_patterns(fake_hub, tiny
 def test_a_timeout_that_is_not_a_number_is_a_typed_error_before_any_request(fake_hub, timeout):
     with pytest.raises(UsageError, match=r"download timeout=.* is not a number of seconds; pass e\.g\. timeout=3600"):
         maybe_download_model("org/tiny-wan", timeout=timeout)
-    with pytest.raises(HubError, match="is not a number of seconds"):
+    with pytest.raises(UsageError, match="is not a number of seconds"):
         maybe_download_lora("org/tiny-lora", timeout=timeout)
     assert fake_hub.requests == []
 

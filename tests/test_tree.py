@@ -114,7 +114,7 @@ def test_rename_keeps_order_identity_and_inverts():
         fvt.rename(t, {"a.weight": "same", "b.weight": "same"})
     with pytest.raises(PlanError, match="use different fields"):
         fvt.Rename("a.{x}", "b.{y}")
-    with pytest.raises(PlanError, match="pair"):
+    with pytest.raises(UsageError, match="pair"):
         fvt.rename(t, [("a",)])
 
 
