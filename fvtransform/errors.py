@@ -94,8 +94,8 @@ class ImmutableError(FvTransformError, TypeError):
 class PlanError(FvTransformError, ValueError):
     """A plan (rename, fuse, shard, LoRA resolution) is inconsistent in itself.
 
-    Example: two rename rules that send different keys to one name, or a shard plan that splits
-    a dim not divisible by the mesh. Not for a wrongly typed plan argument (UsageError).
+    Example: a fuse rule with one source, or a shard plan with two placements for a 1-D mesh.
+    Not for a plan argument of the wrong type (UsageError).
     """
 
 
