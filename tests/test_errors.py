@@ -101,6 +101,14 @@ def test_the_table_covers_every_class_but_the_base_and_hub():
     assert classes - set(CASES) == {E.HubError}  # HubError needs a server: the test above
 
 
+def test_a_missing_module_inside_an_installed_extra_is_a_registry_error_not_a_missing_dependency():
+    registry = fvt.registry.Registry()
+    registry.register("typo", "diffusers.no_such_module:X")
+    with pytest.raises(E.RegistryError, match=r"registry entry 'typo': cannot import 'diffusers\.no_such_module'") as e:
+        registry.resolve("typo")
+    assert type(e.value) is E.RegistryError
+
+
 def test_a_usage_error_is_caught_as_type_error_and_as_value_error():
     assert issubclass(E.UsageError, TypeError) and issubclass(E.UsageError, ValueError)
     with pytest.raises(TypeError, match="rank=0"):

@@ -40,7 +40,7 @@ def _import_target(spec: str, *, name: str) -> Constructor:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         top = module_name.split(".")[0]
-        if e.name and e.name.split(".")[0] == top and top in _EXTRAS:
+        if e.name == top and top in _EXTRAS:  # the extra itself is missing, not a module inside it
             raise MissingDependencyError(
                 f"registry entry {name!r} needs the package {top!r}, which is not installed. "
                 f"Install it with: pip install 'fvtransform[{_EXTRAS[top]}]'"
