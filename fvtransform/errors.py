@@ -8,15 +8,14 @@ subclass names a category, so callers can catch what they can handle::
     True
 
 Messages follow one shape: what was expected, what was found, and the fix.
+
+Each class has one meaning. Where a value came from decides between two of them: a
+caller's own argument that is wrong is a :class:`UsageError`; the same value read
+from a file, config or server answer is a :class:`FormatError` (or, for a server,
+:class:`HubError` / :class:`IntegrityError`).
 """
 
 from __future__ import annotations
-
-import difflib as _difflib
-import typing as _typing
-
-if _typing.TYPE_CHECKING:  # annotations only: the module's public names are exactly __all__
-    from collections.abc import Iterable
 
 __all__ = [
     "FvTransformError",
@@ -34,93 +33,123 @@ __all__ = [
     "NumericError",
     "WriteError",
     "UsageError",
-    "close_matches",
-    "format_keys",
 ]
 
 
 class FvTransformError(Exception):
-    """Base of every error raised by fvtransform."""
+    """Base of every error raised by fvtransform; never raised itself, catch it to catch them all."""
 
 
 class KeyMismatchError(FvTransformError, KeyError):
-    """Keys are missing, unexpected, duplicated or unmatched."""
+    """Keys are missing, unexpected, duplicated or unmatched between two sides that must agree.
+
+    Example: ``fvt.select(tree, "blocks.9.*")`` where no key matches, or a checkpoint lacks a key
+    the model expects. Not for a key that is spelled wrongly inside a file's header (FormatError).
+    """
 
     def __str__(self) -> str:  # KeyError quotes its message; we do not.
         return str(self.args[0]) if self.args else ""
 
 
 class ShapeMismatchError(FvTransformError, ValueError):
-    """A tensor has a shape (or dtype) other than the one required."""
+    """A tensor has a shape (or dtype) other than the one required.
+
+    Example: a LoRA ``B @ A`` of shape [64, 32] for a [64, 64] weight. Not for a header whose
+    declared shape disagrees with its own byte count (FormatError).
+    """
 
 
 class FormatError(FvTransformError, ValueError):
-    """A file or mapping is not in the format it claims or that was asked for."""
+    """A file or mapping from outside (checkpoint, LoRA file, config, index) is not in the format it claims.
+
+    Example: a safetensors header whose ``data_offsets`` run past the end of the file, or a PEFT
+    config whose ``r`` is ``"eight"``. Not for the caller's own arguments (UsageError) nor for a
+    hub server's answers (HubError / IntegrityError).
+    """
 
 
 class NotFoundError(FvTransformError, FileNotFoundError):
-    """A file, folder, component, repository or revision does not exist."""
+    """A file, folder, component, repository or revision does not exist.
+
+    Example: ``fvt.load("missing.safetensors")``. Not for a key missing from a tree (KeyMismatchError).
+    """
 
 
 class RegistryError(FvTransformError, LookupError):
-    """A registry name is unknown, taken, or cannot be imported."""
+    """A registry name is unknown, taken, or cannot be imported.
+
+    Example: ``fvt.build("NoSuchModel", {})``. Not for a config that names a known class with
+    bad values (FormatError).
+    """
 
 
 class ImmutableError(FvTransformError, TypeError):
-    """An attempt to mutate an immutable value (a ParamTree, an adapter)."""
+    """An attempt to mutate an immutable value (a ParamTree, an adapter, a record).
+
+    Example: ``tree["w"] = t`` or ``del tree["w"]``. Not for an argument that asks for an
+    in-place operation the value cannot allow (UsageError).
+    """
 
 
 class PlanError(FvTransformError, ValueError):
-    """A plan (rename, fuse, shard, LoRA resolution) is inconsistent."""
+    """A plan (rename, fuse, shard, LoRA resolution) is inconsistent in itself.
+
+    Example: a fuse rule with one source, or a shard plan with two placements for a 1-D mesh.
+    Not for a plan argument of the wrong type (UsageError).
+    """
 
 
 class MissingDependencyError(FvTransformError, ImportError):
-    """An optional package is needed; the message names the extra to install."""
+    """An optional package is needed; the message names the extra to install.
+
+    Example: building a diffusers model without ``diffusers`` installed. Not for a broken import
+    path in a registry entry (RegistryError).
+    """
 
 
 class UnsafeFileError(FvTransformError):
-    """A file would run code or escape its folder (pickle, path traversal)."""
+    """A file would run code or escape its folder (pickle, path traversal, links).
+
+    Example: loading a ``.bin`` pickle without ``allow_pickle=True``, or an index naming
+    ``../x.safetensors``. Not for a file that is merely malformed (FormatError).
+    """
 
 
 class IntegrityError(FvTransformError):
-    """A file's bytes do not match what its header or its source promised."""
+    """A file's bytes do not match what its header or its source promised.
+
+    Example: a downloaded file whose sha256 differs from the hub's. Not for a header that is
+    malformed in itself (FormatError).
+    """
 
 
 class HubError(FvTransformError):
-    """A download failed; the message keeps the repository and revision."""
+    """A download failed or the hub answered something no hub sends; the message keeps repository and revision.
+
+    Example: a network error, or a listing with a 39-hex commit. Not for a repository or revision
+    that does not exist (NotFoundError).
+    """
 
 
 class NumericError(FvTransformError, ValueError):
-    """A tensor holds NaN or Inf where finite values are required."""
+    """A tensor (or a LoRA scale) holds NaN or Inf where finite values are required.
+
+    Example: merging a LoRA whose factors hold NaN. Not for a finite number out of range
+    (FormatError when read from a file, UsageError when passed as an argument).
+    """
 
 
 class WriteError(FvTransformError, OSError):
-    """A destination cannot or may not be written (full disk, read-only, not ours, busy); the old data is intact."""
+    """A destination cannot or may not be written (full disk, read-only, not ours, busy); the old data is intact.
 
-
-class UsageError(FvTransformError, TypeError):
-    """The API was called the wrong way; the message shows the right call."""
-
-
-def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
-    """Return up to ``n`` candidates that look like ``name`` (best first).
-
-    >>> close_matches("blocks.0.attn1.to_qq", ["blocks.0.attn1.to_q", "x"])
-    ['blocks.0.attn1.to_q']
+    Example: saving into a read-only folder. Not for an output path the caller chose badly, such
+    as one that is also an input (UsageError).
     """
-    return _difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)
 
 
-def format_keys(keys: Iterable[str], limit: int = 12) -> str:
-    """Format a list of keys for an error message, sorted, eliding a long tail.
+class UsageError(FvTransformError, TypeError, ValueError):
+    """The API was called the wrong way; the message shows the right call.
 
-    >>> format_keys(["b", "a"])
-    "['a', 'b']"
-    >>> format_keys([str(i) for i in range(20)], limit=2)
-    "['0', '1', ... (18 more)]"
+    Example: ``fvt.lora.extract(base, tuned, rank=-1)``, ``format="nope"``, both or neither of two
+    exclusive arguments, a factory called like an eager function. Not for a bad file (FormatError).
     """
-    items = sorted(keys)
-    if len(items) <= limit:
-        return repr(items)
-    shown = ", ".join(repr(k) for k in items[:limit])
-    return f"[{shown}, ... ({len(items) - limit} more)]"

@@ -62,8 +62,8 @@ def cases(root: Path) -> list[Case]:
 
     p = root / "dest_is_file"
     _save(p)
-    out.append(Case("sharded save onto a file", p, E.FormatError, r"dest_is_file is a file", _save_sharded))
-    out.append(Case("PEFT LoRA save onto a file", p, E.FormatError, r"dest_is_file is a file", lambda q: fvt.lora.save(_adapter(), q)))
+    out.append(Case("sharded save onto a file", p, E.WriteError, r"dest_is_file is a file", _save_sharded))
+    out.append(Case("PEFT LoRA save onto a file", p, E.WriteError, r"dest_is_file is a file", lambda q: fvt.lora.save(_adapter(), q)))
 
     p = root / "parent_is_file"
     p.write_bytes(b"x")
@@ -81,9 +81,9 @@ def cases(root: Path) -> list[Case]:
     # merge outputs
     base = root / "models" / "base"
     _save_sharded(base)
-    out.append(Case("merge into the folder that holds the base", root / "models", E.FormatError,
+    out.append(Case("merge into the folder that holds the base", root / "models", E.UsageError,
                     r"models: the output must differ from the base checkpoint and the other inputs and must not contain them", _merge_into(base)))
-    out.append(Case("merge onto the base itself", base, E.FormatError, r"base: the output must differ from the base", _merge_into(base)))
+    out.append(Case("merge onto the base itself", base, E.UsageError, r"base: the output must differ from the base", _merge_into(base)))
     p = root / "foreign_out"
     p.mkdir()
     (p / "holiday.jpg").write_bytes(b"\xff\xd8")
@@ -109,24 +109,24 @@ def cases(root: Path) -> list[Case]:
     # issue 13 follow-up: a folder where a file goes, names that escape, records that lie, untyped errors
     p = root / "dir_where_shard_goes"
     (p / "model-00002-of-00002.safetensors" / "deep").mkdir(parents=True)
-    out.append(Case("sharded save where a shard name is a user folder", p, E.FormatError,
+    out.append(Case("sharded save where a shard name is a user folder", p, E.WriteError,
                     r"dir_where_shard_goes/model-00002-of-00002.safetensors is a folder where this sharded save writes a file",
                     lambda q: fvt.save(fvt.ParamTree(_TREE), q, max_shard_size="50B")))
     p = root / "dir_where_config_goes"
     (p / "adapter_config.json").mkdir(parents=True)
-    out.append(Case("PEFT save where adapter_config.json is a user folder", p, E.FormatError,
+    out.append(Case("PEFT save where adapter_config.json is a user folder", p, E.WriteError,
                     r"dir_where_config_goes/adapter_config.json is a folder where this PEFT LoRA folder writes a file",
                     lambda q: fvt.lora.save(_adapter(), q)))
     p = root / "escaping_weights_name"
-    out.append(Case("a weights_name that leaves the folder", p, E.FormatError, r"weights_name '../esc' is not a plain file-name stem",
+    out.append(Case("a weights_name that leaves the folder", p, E.UsageError, r"weights_name '../esc' is not a plain file-name stem",
                     lambda q: fvt.save(fvt.ParamTree(_TREE), q, max_shard_size="40B", weights_name="../esc")))
     p = root / "foreign_kohya.safetensors"
     _save(p)
     out.append(Case("a LoRA save onto a file fvtransform did not write", p, E.WriteError,
                     r"foreign_kohya.safetensors: exists and was not written by fvtransform", lambda q: fvt.lora.save(_adapter(), q, format="kohya")))
     p = root / "sparse.safetensors"
-    out.append(Case("a sparse tensor", p, E.FormatError, r"'s': a torch.sparse_coo tensor cannot be saved",
+    out.append(Case("a sparse tensor", p, E.UsageError, r"'s': a torch.sparse_coo tensor cannot be saved",
                     lambda q: fvt.save({"s": torch.eye(2).to_sparse()}, q)))
-    out.append(Case("a merge output inside the base folder", base / "sub", E.FormatError,
+    out.append(Case("a merge output inside the base folder", base / "sub", E.UsageError,
                     r"base/sub: the output must differ .* lie inside an input folder", _merge_into(base)))
     return out

@@ -16,7 +16,7 @@ from torch.distributed.tensor import Replicate, Shard
 import fvtransform as fvt
 from fvtransform.distributed import ShardPlan, fsdp_plan, tp_plan
 from fvtransform.distributed._plan import chunk_range, get_plan
-from fvtransform.errors import PlanError
+from fvtransform.errors import PlanError, UsageError
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 
@@ -49,7 +49,7 @@ def test_plan_errors_name_the_rule_key_and_fix():
         ShardPlan((("*", (Shard(0),)),)).resolve(t, mesh_shape=(2, 2))
     with pytest.raises(PlanError, match=r"no rule matches \['a.bias'\] and the plan has no default"):
         ShardPlan((("*.weight", (Shard(0),)),)).resolve(t, mesh_shape=(2,))
-    with pytest.raises(PlanError, match="plan must be a ShardPlan, 'fsdp', 'tp' or None"):
+    with pytest.raises(UsageError, match="plan must be a ShardPlan, 'fsdp', 'tp' or None"):
         get_plan("zero3", 1)
 
 
@@ -201,7 +201,11 @@ def _check_fused_qkv_under_tp(mesh, folder: Path, rank: int) -> None:
 
 def _group_two(rank: int, world: int, folder: Path) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
 
     from fvtransform.models import init_weights
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fvtransform as fvt
-from fvtransform.errors import FormatError, HubError, IntegrityError, NotFoundError, UnsafeFileError
+from fvtransform.errors import HubError, IntegrityError, NotFoundError, UnsafeFileError, UsageError
 from fvtransform.hub import maybe_download_lora, maybe_download_model, resolved_commit
 
 import diffusers  # the test extra installs it: a missing one is an error, not a skip
@@ -247,7 +247,7 @@ def test_lora_repo_with_several_or_no_candidates(fake_hub, tiny_lora):
     data = tiny_lora[1]["adapter_model.safetensors"]
     fake_hub.add_commit("org/several", {"a.safetensors": data, "b.safetensors": data})
     fake_hub.add_commit("org/none", {"README.md": b"# nothing here"})
-    with pytest.raises(FormatError, match=r"several LoRA candidates \['a.safetensors', 'b.safetensors'\]; pass weight_name="):
+    with pytest.raises(UsageError, match=r"several LoRA candidates \['a.safetensors', 'b.safetensors'\]; pass weight_name="):
         maybe_download_lora("org/several")
     assert maybe_download_lora("org/several", weight_name="b.safetensors").name == "b.safetensors"
     with pytest.raises(NotFoundError, match=r"org/none: no LoRA weights \(\*.safetensors\) found"):
@@ -279,7 +279,7 @@ def test_the_hub_and_lora_load_pick_the_same_lora_file_in_diffusers_order(fake_h
     (folder / "a.safetensors").write_bytes(diffusers_file)
     (folder / "b.safetensors").write_bytes(diffusers_file)
     for entry in (maybe_download_lora, fvt.lora.load):
-        with pytest.raises(FormatError, match=r"several LoRA candidates \['a.safetensors', 'b.safetensors'\]; pass weight_name="):
+        with pytest.raises(UsageError, match=r"several LoRA candidates \['a.safetensors', 'b.safetensors'\]; pass weight_name="):
             entry(folder)
     with pytest.raises(NotFoundError, match=r"no file 'c.safetensors'; files: .*pass one of them as weight_name="):
         fvt.lora.load(folder, weight_name="c.safetensors")
@@ -448,9 +448,9 @@ def test_the_deadline_comes_from_the_environment_for_loras_and_load(fake_hub, ti
     assert _fast_fail(lambda: maybe_download_lora("org/tiny-lora"), 0.5) < 2.0
     assert _fast_fail(lambda: fvt.lora.load("org/tiny-lora"), 0.5) < 2.0
     monkeypatch.setenv("FVT_HUB_TIMEOUT", "soon")
-    with pytest.raises(HubError, match=r"FVT_HUB_TIMEOUT='soon' is not a number of seconds"):
+    with pytest.raises(UsageError, match=r"FVT_HUB_TIMEOUT='soon' is not a number of seconds"):
         maybe_download_lora("org/tiny-lora")
-    with pytest.raises(HubError, match=r"download timeout -1 must be a positive"):
+    with pytest.raises(UsageError, match=r"download timeout -1 must be a positive"):
         maybe_download_lora("org/tiny-lora", timeout=-1)
 
 
@@ -510,7 +510,7 @@ def test_a_listing_of_tens_of_thousands_of_files_is_refused(fake_hub, tiny_lora)
 
     fake_hub.add_commit("org/tiny-lora", tiny_lora[1])
     fake_hub.listing_extra = [_entry(f"junk/{i}.json") for i in range(_snapshot.MAX_REPO_FILES)]
-    with pytest.raises(FormatError, match=r"org/tiny-lora@main: the repo lists more than 10000 files; refused"):
+    with pytest.raises(HubError, match=r"org/tiny-lora@main: the repo lists more than 10000 files; refused"):
         maybe_download_lora("org/tiny-lora")
     assert not _fetched(fake_hub)
 
@@ -540,7 +540,7 @@ def test_hub_headers_that_would_become_cache_paths_must_be_hashes(fake_hub, tiny
 def test_a_config_announced_over_its_cap_is_refused_before_download(fake_hub, tiny_wan):
     fake_hub.add_commit("org/tiny-wan", tiny_wan[1])
     fake_hub.listing_size["config.json"] = 16 * 1024 * 1024 + 1
-    with pytest.raises(FormatError, match=r"config.json is announced as 16777217 bytes, more than the 16777216-byte cap"):
+    with pytest.raises(HubError, match=r"config.json is announced as 16777217 bytes, more than the 16777216-byte cap"):
         maybe_download_model("org/tiny-wan")
     assert not _fetched(fake_hub)
 
@@ -568,7 +568,7 @@ def test_weights_whose_announced_size_differs_from_what_arrives_are_refused(fake
 def test_listing_entries_with_bad_sizes_hashes_or_duplicates_are_refused(fake_hub, tiny_wan, entry, said):
     fake_hub.add_commit("org/tiny-wan", tiny_wan[1])
     fake_hub.listing_extra = [entry]
-    with pytest.raises(FormatError, match=rf"org/tiny-wan@main: {said}"):
+    with pytest.raises(HubError, match=rf"org/tiny-wan@main: {said}"):
         maybe_download_model("org/tiny-wan", allow_patterns=["*"])
     assert not _fetched(fake_hub)
 
@@ -638,9 +638,9 @@ def test_pickles_and_code_are_never_fetched_whatever_the_patterns(fake_hub, tiny
 
 @pytest.mark.parametrize("timeout", ["2", True, [1]])
 def test_a_timeout_that_is_not_a_number_is_a_typed_error_before_any_request(fake_hub, timeout):
-    with pytest.raises(HubError, match=r"download timeout=.* is not a number of seconds; pass e\.g\. timeout=3600"):
+    with pytest.raises(UsageError, match=r"download timeout=.* is not a number of seconds; pass e\.g\. timeout=3600"):
         maybe_download_model("org/tiny-wan", timeout=timeout)
-    with pytest.raises(HubError, match="is not a number of seconds"):
+    with pytest.raises(UsageError, match="is not a number of seconds"):
         maybe_download_lora("org/tiny-lora", timeout=timeout)
     assert fake_hub.requests == []
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fvtransform as fvt
-from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, UnsafeFileError
+from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, UnsafeFileError, UsageError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -125,7 +125,7 @@ def test_the_streaming_merge_writes_what_save_writes(tmp_path):
 def test_the_writer_names_file_and_key(tmp_path):
     from fvtransform.io._safetensors import TensorSpec, write_safetensors
 
-    with pytest.raises(FormatError, match=r"m\.safetensors: cannot save 'w': it is on the meta device"):
+    with pytest.raises(UsageError, match=r"m\.safetensors: cannot save 'w': it is on the meta device"):
         fvt.save({"w": torch.empty(2, device="meta")}, tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
     with open(tmp_path / "x.safetensors", "wb") as f, pytest.raises(
@@ -133,7 +133,7 @@ def test_the_writer_names_file_and_key(tmp_path):
     ):
         write_safetensors(f, {"w": TensorSpec(torch.float32, (2,))}, lambda k: torch.zeros(2, dtype=torch.float16),
                           where=tmp_path / "out.safetensors")
-    with open(tmp_path / "y.safetensors", "wb") as f, pytest.raises(FormatError, match=r"y\.safetensors: cannot save 'q': dtype"):
+    with open(tmp_path / "y.safetensors", "wb") as f, pytest.raises(UsageError, match=r"y\.safetensors: cannot save 'q': dtype"):
         write_safetensors(f, {"q": TensorSpec(torch.complex32, (1,))}, lambda k: torch.zeros(1, dtype=torch.complex32))
 
 

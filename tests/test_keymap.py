@@ -7,7 +7,7 @@ import torch
 
 import fvtransform as fvt
 from fvtransform import Fuse, KeyMap, Rename, Split
-from fvtransform.errors import KeyMismatchError, PlanError, ShapeMismatchError
+from fvtransform.errors import KeyMismatchError, PlanError, ShapeMismatchError, UsageError
 from fvtransform.io import REFERENCE_QKV_FUSE, WAN_DIFFUSERS_TO_ORIGINAL, WAN_ORIGINAL_TO_DIFFUSERS
 
 
@@ -24,9 +24,9 @@ def test_of_takes_dicts_pairs_and_rules_and_returns_a_keymap_as_it_is():
     assert KeyMap.of(m) is m
     assert KeyMap.of({"a": "b"}) == KeyMap.of([("a", "b")]) == KeyMap.of([Rename("a", "b")])
     assert KeyMap.of({"a": "b"}, keep_rest=False).rules == (Rename("a", "b"),)
-    with pytest.raises(PlanError, match=r"a key map rule is a \(source, target\) pair of strings, Rename, Fuse or Split; found \('a',\)"):
+    with pytest.raises(UsageError, match=r"a key map rule is a \(source, target\) pair of strings, Rename, Fuse or Split; found \('a',\)"):
         KeyMap.of([("a",)])
-    with pytest.raises(PlanError, match="a key map is a KeyMap, a dict of names, or a list"):
+    with pytest.raises(UsageError, match="a key map is a KeyMap, a dict of names, or a list"):
         KeyMap.of("a")
     with pytest.raises(PlanError, match="needs at least two sources"):
         Fuse(["a"], "b")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fvtransform as fvt
-from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError
+from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError, UsageError
 from fvtransform.lora._format_table import BY_NAME, FORMATS, TABLE
 from fvtransform.lora._patterns import check_pattern, compile_patterns, pattern_value
 
@@ -67,7 +67,7 @@ def test_every_format_is_one_frozen_table_entry_and_formats_lists_them():
 
 def test_save_refuses_a_format_that_is_only_read(tmp_path):
     a = fvt.lora.LoraAdapter({"w.weight": fvt.lora.LowRank(*_ab(), scale=1.0)})
-    with pytest.raises(FormatError, match=r"unknown LoRA format 'fastvideo'; write one of"):
+    with pytest.raises(UsageError, match=r"unknown LoRA format 'fastvideo'; write one of"):
         fvt.lora.save(a, tmp_path / "x.safetensors", format="fastvideo")
 
 
@@ -207,16 +207,16 @@ def test_peft_modules_to_save_replace_merge_and_restore(tmp_path):
     merged, record = fvt.lora.merge_with_record(base, adapter)
     assert torch.equal(merged["proj_out.weight"], new)
     assert fvt.lora.restore(merged, record) == base
-    with pytest.raises(FormatError, match=r"'proj_out.weight': a full replacement .* scale 1, not 0.5"):
+    with pytest.raises(UsageError, match=r"'proj_out.weight': a full replacement .* scale 1, not 0.5"):
         fvt.lora.merge(base, adapter, scale=0.5)
-    with pytest.raises(FormatError, match=r"'proj_out.weight': full-replacement \(modules_to_save\) merges are undone with the record"):
+    with pytest.raises(UsageError, match=r"'proj_out.weight': full-replacement \(modules_to_save\) merges are undone with the record"):
         fvt.lora.unmerge(merged, adapter)
     # written back as peft writes it
     path = fvt.lora.save(adapter, tmp_path / "out", format="peft")
     cfg = json.loads((path.parent / "adapter_config.json").read_text())
     assert cfg["modules_to_save"] == ["proj_out"]
     assert torch.equal(fvt.lora.load(path.parent, base=base)["proj_out.weight"].D, new)
-    with pytest.raises(FormatError, match=r"full replacement \(modules_to_save\), which format 'kohya' cannot hold"):
+    with pytest.raises(UsageError, match=r"full replacement \(modules_to_save\), which format 'kohya' cannot hold"):
         fvt.lora.save(adapter, tmp_path / "k.safetensors", format="kohya")
 
 
@@ -375,7 +375,7 @@ def test_modules_to_save_on_the_fly_uses_the_replacement():
     x = torch.randn(2, 3)
     assert torch.equal(fvt.lora.call(lin, tree, adapter, x), torch.nn.functional.linear(x, new_w, new_b))
     assert torch.equal(fvt.lora.call(lin, tree, adapter, x), fvt.call(lin, fvt.lora.merge(tree, adapter), x))
-    with pytest.raises(FormatError, match=r"'weight': a full replacement .* at scale 1 \(found scale 0.5\)"):
+    with pytest.raises(UsageError, match=r"'weight': a full replacement .* at scale 1 \(found scale 0.5\)"):
         fvt.lora.call(lin, tree, [(adapter, 0.5)], x)
 
 
@@ -391,9 +391,9 @@ def test_merge_checkpoint_writes_modules_to_save_replacements(tmp_path):
 
 def test_replacements_are_refused_where_a_scale_or_factors_are_needed():
     adapter = fvt.lora.LoraAdapter({"proj_out.weight": fvt.lora.FullDelta(torch.zeros(4, 8), replaces=True)})
-    with pytest.raises(FormatError, match=r"'proj_out.weight': a replacing FullDelta \(modules_to_save\) target does not combine linearly"):
+    with pytest.raises(UsageError, match=r"'proj_out.weight': a replacing FullDelta \(modules_to_save\) target does not combine linearly"):
         fvt.lora.combine([(adapter, 1.0)])
-    with pytest.raises(FormatError, match=r"'proj_out.weight': a replacing FullDelta has no scale to change"):
+    with pytest.raises(UsageError, match=r"'proj_out.weight': a replacing FullDelta has no scale to change"):
         fvt.lora.scale_adapter(adapter, 2.0)
-    with pytest.raises(FormatError, match=r"'proj_out.weight': factors\(\) takes plain low-rank targets"):
+    with pytest.raises(UsageError, match=r"'proj_out.weight': factors\(\) takes plain low-rank targets"):
         fvt.lora.factors(adapter)

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fvtransform as fvt
-from fvtransform.errors import FormatError, NumericError, ShapeMismatchError
+from fvtransform.errors import FormatError, NumericError, ShapeMismatchError, UsageError
 from fvtransform.lora._adapter import DORA_EPS, LoHa, LoKr, LowRank
 
 FIX = Path(__file__).parent / "fixtures" / "lycoris"
@@ -115,7 +115,7 @@ def test_unmerge_and_exact_restore(base, name):
     merged, record = fvt.lora.merge_with_record(base, adapter)
     assert fvt.lora.restore(merged, record) == base
     if "dora" in name:
-        with pytest.raises(FormatError, match="DoRA merges are undone with the record"):
+        with pytest.raises(UsageError, match="DoRA merges are undone with the record"):
             fvt.lora.unmerge(merged, adapter)
         return
     back = fvt.lora.unmerge(merged, adapter)
@@ -153,7 +153,7 @@ def test_lycoris_deltas_save_back_as_kohya_and_comfy(tmp_path, base):
         for fmt in ("kohya", "comfy"):
             path = fvt.lora.save(a, tmp_path / f"{name}.{fmt}.safetensors", format=fmt)
             assert fvt.lora.merge(base, fvt.lora.load(path, base=base)) == fvt.lora.merge(base, a)
-        with pytest.raises(FormatError, match="cannot hold"):
+        with pytest.raises(UsageError, match="cannot hold"):
             fvt.lora.save(a, tmp_path / f"{name}.peft", format="peft")
 
 
@@ -170,9 +170,9 @@ def test_loha_and_lokr_are_pytrees_and_refused_where_they_cannot_go(base):
     k = fvt.lora.load(FIX / "lokr_tucker.safetensors", base=base)
     assert fvt.lora.merge(base, fvt.lora.scale_adapter(k, 0.0)) == base
     assert fvt.lora.merge(base, fvt.lora.scale_adapter(k, 2.0)) == fvt.lora.merge(base, k, 2.0)
-    with pytest.raises(FormatError, match="do not combine"):
+    with pytest.raises(UsageError, match="do not combine"):
         fvt.lora.combine([(a, 1.0)])
-    with pytest.raises(FormatError, match="LoHa/LoKr"):
+    with pytest.raises(UsageError, match="LoHa/LoKr"):
         fvt.lora.factors(a)
 
 

@@ -107,7 +107,7 @@ def test_other_unexpected_keys_still_raise(tmp_path, bert):
 def test_exact_checkpoint_has_an_exact_report(tmp_path, bert):
     result = fvt.load_model(_saved(tmp_path, bert, "bert"))
     assert result.report.exact and "every key loaded as saved" in str(result.report)
-    with pytest.raises(fvt.errors.FormatError, match=r"unknown load action 'dropped'; actions: \['filled'"):
+    with pytest.raises(fvt.errors.UsageError, match=r"unknown load action 'dropped'; actions: \['filled'"):
         result.report.keys("dropped")
     assert result.module is result[0] and result.tree is result[1]
 

@@ -50,7 +50,7 @@ PUBLIC = {
     "errors": {
         "FormatError", "FvTransformError", "HubError", "ImmutableError", "IntegrityError", "KeyMismatchError",
         "MissingDependencyError", "NotFoundError", "NumericError", "PlanError", "RegistryError", "ShapeMismatchError",
-        "UnsafeFileError", "UsageError", "WriteError", "close_matches", "format_keys",
+        "UnsafeFileError", "UsageError", "WriteError",
     },
     "models": {"TINY_CONFIG", "VideoDiT", "VideoDiTConfig", "init_weights"},
     "tree": {

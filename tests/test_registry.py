@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fvtransform as fvt
-from fvtransform.errors import FormatError, MissingDependencyError, RegistryError
+from fvtransform.errors import FormatError, MissingDependencyError, RegistryError, UsageError
 
 
 def test_register_resolve_build_on_meta():
@@ -37,7 +37,7 @@ def test_unknown_names_keep_the_name_and_suggest():
 
 def test_bad_entries():
     reg = fvt.Registry()
-    with pytest.raises(RegistryError, match="non-empty str"):
+    with pytest.raises(UsageError, match="non-empty str"):
         reg.register("", torch.nn.Linear)
     with pytest.raises(RegistryError, match="expected a callable"):
         reg.register("x", 3)
@@ -52,7 +52,7 @@ def test_bad_entries():
         reg.resolve("not_module")
     with pytest.raises(FormatError, match="neither '_class_name'"):
         fvt.resolve({"hidden": 3})
-    with pytest.raises(FormatError, match="takes a name or a config dict"):
+    with pytest.raises(UsageError, match="takes a name or a config dict"):
         fvt.resolve(3)
 
 

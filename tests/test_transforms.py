@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fvtransform as fvt
-from fvtransform.errors import FormatError, FvTransformError, UsageError
+from fvtransform.errors import FvTransformError, UsageError
 
 from _helpers import assert_unchanged, snapshot
 
@@ -58,9 +58,9 @@ def test_chain_composes_left_to_right_and_prints():
     assert repr(ch) == "chain(select('a.*'), cast(torch.float16))"
     assert repr(fvt.transforms.rename({"ids": "pos"})) == "rename(KeyMap([ids -> pos, {key*} -> {key} (optional)]))"
     assert fvt.chain(lambda x: fvt.drop(x, "ids"))(t) == fvt.drop(t, "ids")  # any tree -> tree function is a step
-    with pytest.raises(FormatError, match="must return a ParamTree"):
+    with pytest.raises(UsageError, match="must return a ParamTree"):
         fvt.chain(lambda x: dict(x))(t)
-    with pytest.raises(FormatError, match="callable"):
+    with pytest.raises(UsageError, match="callable"):
         fvt.chain(3)
 
 

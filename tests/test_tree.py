@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fvtransform as fvt
-from fvtransform.errors import FormatError, ImmutableError, KeyMismatchError, PlanError, UsageError
+from fvtransform.errors import ImmutableError, KeyMismatchError, PlanError, UsageError
 
 from _helpers import TiedEmbedding, assert_unchanged, snapshot
 
@@ -25,9 +25,9 @@ def test_paramtree_is_immutable():
 
 
 def test_paramtree_validates_keys_and_values():
-    with pytest.raises(FormatError, match="keys must be str"):
+    with pytest.raises(UsageError, match="keys must be str"):
         fvt.ParamTree({1: torch.zeros(1)})
-    with pytest.raises(FormatError, match="must be torch.Tensor"):
+    with pytest.raises(UsageError, match="must be torch.Tensor"):
         fvt.ParamTree({"a": [1, 2]})
 
 
@@ -67,7 +67,7 @@ def test_select_drop_partition_combine():
         fvt.drop(t, "zzz*")
     with pytest.raises(KeyMismatchError, match="combine: key 'ids' is in tree 0 and tree 1"):
         fvt.combine(t, fvt.select(t, "ids"))
-    with pytest.raises(FormatError, match="expected a glob"):
+    with pytest.raises(UsageError, match="expected a glob"):
         fvt.select(t, 3)
 
 
@@ -114,7 +114,7 @@ def test_rename_keeps_order_identity_and_inverts():
         fvt.rename(t, {"a.weight": "same", "b.weight": "same"})
     with pytest.raises(PlanError, match="use different fields"):
         fvt.Rename("a.{x}", "b.{y}")
-    with pytest.raises(PlanError, match="pair"):
+    with pytest.raises(UsageError, match="pair"):
         fvt.rename(t, [("a",)])
 
 

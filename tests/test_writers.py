@@ -57,7 +57,7 @@ def test_merge_into_a_folder_that_holds_the_base_is_refused_and_deletes_nothing(
     assert main(["merge", str(models / "base"), str(tmp_path / "lora"), "-o", str(models), "--overwrite", "--quiet"]) == 2
     assert {p: p.read_bytes() for p in models.rglob("*") if p.is_file()} == before
     # the API refuses the same, and an output that is a LoRA input
-    with pytest.raises(E.FormatError, match=r"models: the output must differ from the base checkpoint and the other inputs and must not contain them"):
+    with pytest.raises(E.UsageError, match=r"models: the output must differ from the base checkpoint and the other inputs and must not contain them"):
         fvt.lora.merge_checkpoint(models / "base", _adapter(tree), models)
     assert main(["merge", str(models / "base"), str(tmp_path / "lora"), "-o", str(tmp_path / "lora"), "--quiet"]) == 2
     assert (tmp_path / "lora" / "adapter_config.json").is_file()
@@ -463,15 +463,15 @@ def test_only_exact_temporary_shapes_are_cleaned_and_user_files_with_the_mark_ar
                                        ("a/b", "not a plain file-name stem"), ("x" * 151, "at most 150 bytes"),
                                        ("m.fvt-tmp-", "not a plain file-name stem")])
 def test_a_weights_name_must_be_a_plain_stem(tmp_path, name, why):
-    with pytest.raises(E.FormatError, match=rf"weights_name .* {why}" if why.startswith("not") else why):
+    with pytest.raises(E.UsageError, match=rf"weights_name .* {why}" if why.startswith("not") else why):
         fvt.save(_tree(), tmp_path / "ck", max_shard_size="300B", weights_name=name)
     assert os.listdir(tmp_path) == []
 
 
-def test_sparse_tensors_and_nul_paths_are_format_errors_naming_the_key_or_path(tmp_path):
-    with pytest.raises(E.FormatError, match=r"'s.weight': a torch.sparse_coo tensor cannot be saved"):
+def test_sparse_tensors_and_nul_paths_are_usage_errors_naming_the_key_or_path(tmp_path):
+    with pytest.raises(E.UsageError, match=r"'s.weight': a torch.sparse_coo tensor cannot be saved"):
         fvt.save({"s.weight": torch.eye(2).to_sparse()}, tmp_path / "s.safetensors")
-    with pytest.raises(E.FormatError, match=r"holds a NUL character"):
+    with pytest.raises(E.UsageError, match=r"holds a NUL character"):
         fvt.lora.save(_adapter(_tree()), str(tmp_path / "a\0b"), format="kohya")
     assert os.listdir(tmp_path) == []
 
@@ -482,7 +482,7 @@ def test_merge_checkpoint_takes_the_cli_dtype_names_and_refuses_others(tmp_path)
     out = fvt.lora.merge_checkpoint(tmp_path / "b.safetensors", _adapter(tree), tmp_path / "o.safetensors", dtype="bf16")
     assert {t.dtype for t in fvt.load(out).values()} == {torch.bfloat16}
     for bad in ("int8", torch.int8, "float64x"):
-        with pytest.raises(E.FormatError, match=r"dtype .*: expected a floating torch.dtype or one of \['bf16', 'bfloat16'"):
+        with pytest.raises(E.UsageError, match=r"dtype .*: expected a floating torch.dtype or one of \['bf16', 'bfloat16'"):
             fvt.lora.merge_checkpoint(tmp_path / "b.safetensors", _adapter(tree), tmp_path / "p.safetensors", dtype=bad)
     assert not (tmp_path / "p.safetensors").exists()
 

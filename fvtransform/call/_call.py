@@ -8,7 +8,8 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import nn
 
-from fvtransform.errors import KeyMismatchError, ShapeMismatchError, UsageError, format_keys
+from fvtransform.errors import KeyMismatchError, ShapeMismatchError, UsageError
+from fvtransform._messages import format_keys
 from fvtransform.tree._ops import update
 from fvtransform.tree._paramtree import ParamTree, state_keys
 

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from fvtransform.errors import FormatError
+from fvtransform.errors import UsageError
 
 __all__ = ["merge_command", "convert_command", "extract_command", "parse_lora_arg", "parse_dtype", "progress_bar",
            "printable", "one_line"]
@@ -48,7 +48,7 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
     if name not in _DTYPES:
-        raise FormatError(f"--dtype {name!r}: expected one of {sorted(_DTYPES)}")
+        raise UsageError(f"--dtype {name!r}: expected one of {sorted(_DTYPES)}")
     return _DTYPES[name]
 
 
@@ -180,11 +180,11 @@ def extract_command(base: str, tuned: str, out: str, *, rank: int | None, energy
     import fvtransform as fvt
 
     if (rank is None) == (energy is None):
-        raise FormatError("extract-lora needs exactly one of --rank R or --energy E")
+        raise UsageError("extract-lora needs exactly one of --rank R or --energy E")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise FormatError(f"extract-lora --rank {rank!r}: the rank must be a whole number of at least 1")
+        raise UsageError(f"extract-lora --rank {rank!r}: the rank must be a whole number of at least 1")
     if energy is not None and not 0.0 < energy <= 1.0:
-        raise FormatError(f"extract-lora --energy {energy!r}: the energy must be in (0, 1]")
+        raise UsageError(f"extract-lora --energy {energy!r}: the energy must be in (0, 1]")
     _check_lora_output(out, to, [base, tuned], overwrite)
     base_tree, tuned_tree = _base_tree(base)[0], _base_tree(tuned)[0]
     update, close = progress_bar(not quiet, "extract")

@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``--debug`` shows the traceback of the errors above too.
     """
     from fvtransform.cli._commands import one_line
-    from fvtransform.errors import FormatError, FvTransformError
+    from fvtransform.errors import FvTransformError, UsageError
 
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a name gets it escaped, not a crash
         reconfigure = getattr(stream, "reconfigure", None)
@@ -182,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             echo = (lambda _s: None) if args.json else print
             if (args.model is None) != (args.lora is None):
-                raise FormatError("demo on a real model needs both --model and --lora")
+                raise UsageError("demo on a real model needs both --model and --lora")
             if args.model is not None:
                 report = run_model_demo(model=args.model, lora_path=args.lora, component=args.component,
                                         workdir=args.workdir, seed=args.seed, echo=echo)

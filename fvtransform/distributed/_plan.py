@@ -9,16 +9,17 @@ printed, tested and its per-rank bytes predicted anywhere.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 import itertools
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 import attrs
 import torch
 from torch.distributed.tensor import Replicate, Shard
 
-from fvtransform.errors import PlanError, format_keys
+from fvtransform._messages import format_keys
+from fvtransform.errors import PlanError, UsageError
 from fvtransform.tree._match import Pattern, matcher
 
 __all__ = ["ShardPlan", "fsdp_plan", "tp_plan", "get_plan", "chunk_range", "local_ranges", "Placements", "PlanLike"]
@@ -197,4 +198,4 @@ def get_plan(plan: PlanLike, mesh_ndim: int) -> ShardPlan:
         return tp_plan(mesh_ndim)
     if isinstance(plan, ShardPlan):
         return plan
-    raise PlanError(f"plan must be a ShardPlan, 'fsdp', 'tp' or None; found {plan!r}")
+    raise UsageError(f"plan must be a ShardPlan, 'fsdp', 'tp' or None; found {plan!r}")

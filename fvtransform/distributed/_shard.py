@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from fvtransform.distributed._plan import Placements, PlanLike, get_plan, local_ranges
-from fvtransform.errors import PlanError
+from fvtransform.errors import PlanError, UsageError
 from fvtransform.tree._keymap import MappingPlan
 from fvtransform.io._safetensors import _strides
 from fvtransform.tree._paramtree import ParamTree
@@ -36,13 +36,13 @@ def local_slice(t: torch.Tensor, mesh_shape: tuple[int, ...], placements: Placem
 def _coordinate(mesh: DeviceMesh) -> tuple[int, ...]:
     c = mesh.get_coordinate()
     if c is None:
-        raise PlanError(f"this rank ({torch.distributed.get_rank()}) is not part of the mesh {mesh}; shard on the ranks of the mesh")
+        raise UsageError(f"this rank ({torch.distributed.get_rank()}) is not part of the mesh {mesh}; shard on the ranks of the mesh")
     return tuple(c)
 
 
 def _check_mesh(mesh: Any) -> None:
     if not isinstance(mesh, DeviceMesh):
-        raise PlanError(f"mesh must be a torch.distributed DeviceMesh (init_device_mesh('cpu', (n,))); found {type(mesh).__name__}")
+        raise UsageError(f"mesh must be a torch.distributed DeviceMesh (init_device_mesh('cpu', (n,))); found {type(mesh).__name__}")
 
 
 def _wrap(local: torch.Tensor, mesh: DeviceMesh, placements: Any, shape: tuple[int, ...], dtype: torch.dtype | None) -> DTensor:
@@ -66,6 +66,8 @@ def shard(tree: Mapping[str, torch.Tensor], mesh: DeviceMesh, plan: PlanLike = N
 
     Raises:
         PlanError: the plan does not fit the tree or the mesh.
+        UsageError: ``mesh`` is not a DeviceMesh, this rank is not in it, ``plan`` is not a plan, a tensor is
+            already a DTensor.
     """
     _check_mesh(mesh)
     resolved = get_plan(plan, mesh.ndim).resolve(tree, mesh_shape=tuple(mesh.shape))
@@ -89,7 +91,7 @@ def _shard_resolved(tree: Mapping[str, torch.Tensor], mesh: DeviceMesh, resolved
             continue
         first_key[id(t)] = key
         if isinstance(t, DTensor):
-            raise PlanError(f"{key!r} is already a DTensor {t.placements}; unshard it first or redistribute it")
+            raise UsageError(f"{key!r} is already a DTensor {t.placements}; unshard it first or redistribute it")
         placements = resolved[key]
         memo[id(t)] = out[key] = _wrap(local_slice(t.detach(), mesh_shape, placements, coord), mesh, placements, tuple(t.shape), dtype)
     return ParamTree._wrap(out)

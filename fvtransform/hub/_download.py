@@ -21,7 +21,8 @@ import logging
 import time
 from typing import Callable, TypedDict, TypeVar
 
-from fvtransform.errors import FormatError, FvTransformError, HubError, NotFoundError, UnsafeFileError, format_keys
+from fvtransform.errors import FvTransformError, HubError, NotFoundError, UnsafeFileError, UsageError
+from fvtransform._messages import format_keys
 from fvtransform.hub import _guard, _snapshot
 from fvtransform.hub._verify import resolved_commit, verify_file, verify_snapshot
 from fvtransform.io._files import file_entries
@@ -182,7 +183,7 @@ def check_revision(revision: object) -> str | None:
     if revision is None:
         return None
     if not isinstance(revision, str):
-        raise FormatError(f"revision={str(revision)[:100]!r} is a {type(revision).__name__}; pass a branch, tag or commit hash as a string")
+        raise UsageError(f"revision={str(revision)[:100]!r} is a {type(revision).__name__}; pass a branch, tag or commit hash as a string")
     shown = revision[:200]
     if not revision or revision.startswith("/") or len(revision) > _guard.MAX_PATH_CHARS:
         raise UnsafeFileError(f"revision {shown!r} is not allowed (empty, absolute or over {_guard.MAX_PATH_CHARS} characters); nothing was requested")
@@ -275,11 +276,11 @@ def maybe_download_model(
     Raises:
         UnsafeFileError: a repo id segment or revision that could escape the download folder.
         NotFoundError: repo, revision, file or component not found; nothing cached offline.
-        HubError: gated or unauthorized repo, unreachable hub, other HTTP errors, the deadline passed,
-            a ``timeout`` that is not a number.
+        HubError: gated or unauthorized repo, unreachable hub, other HTTP errors, the deadline passed.
+        UsageError: a ``timeout`` or ``revision`` that is not one.
         IntegrityError: downloaded bytes that do not match the hub's hash, listing or announced size;
             response headers naming another commit or blob than the listing; another commit than pinned.
-        FormatError: a listing that is not one (too many files, bad hashes), a file over its size cap.
+        HubError: a listing that is not one (too many files, bad hashes), a file over its size cap.
     """
     path = Path(name_or_path)
     if path.exists():

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from fvtransform.errors import HubError, UnsafeFileError
+from fvtransform.errors import UnsafeFileError, UsageError
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -125,11 +125,11 @@ def timeout_from_env(timeout: float | None) -> float:
         try:
             timeout = float(raw)
         except ValueError:
-            raise HubError(f"FVT_HUB_TIMEOUT={raw!r} is not a number of seconds; set it to e.g. 3600") from None
+            raise UsageError(f"FVT_HUB_TIMEOUT={raw!r} is not a number of seconds; set it to e.g. 3600") from None
     if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool):
-        raise HubError(f"download timeout={str(timeout)[:100]!r} ({type(timeout).__name__}) is not a number of seconds; pass e.g. timeout=3600")
+        raise UsageError(f"download timeout={str(timeout)[:100]!r} ({type(timeout).__name__}) is not a number of seconds; pass e.g. timeout=3600")
     if not (timeout > 0 and timeout < float("inf")):
-        raise HubError(f"download timeout {timeout!r} must be a positive, finite number of seconds")
+        raise UsageError(f"download timeout {timeout!r} must be a positive, finite number of seconds")
     return float(timeout)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import re
 import attrs
 
-from fvtransform.errors import FormatError, HubError, IntegrityError, UnsafeFileError
+from fvtransform.errors import HubError, IntegrityError, UnsafeFileError
 from fvtransform.hub import _guard
 from fvtransform.hub._verify import WEIGHT_SUFFIXES, resolved_commit, verify_file
 
@@ -71,7 +71,7 @@ def size_cap(path: str) -> int | None:
 
 def _int(v: object, what: str) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**53:
-        raise FormatError(f"{what}: size {v!r} is not a non-negative integer; the server is not a trustworthy hub")
+        raise HubError(f"{what}: size {v!r} is not a non-negative integer; the server is not a trustworthy hub")
     return v
 
 
@@ -81,7 +81,7 @@ def list_repo(repo: str, revision: str | None, token: str | None, label: str) ->
     Raises:
         UnsafeFileError: a listed path that could escape the cache (``..``, absolute, NUL, too long).
         IntegrityError: ``revision`` is a full commit hash and the hub answered another commit.
-        FormatError: more than :data:`MAX_REPO_FILES` files, a size or hash that is not one.
+        HubError: more than :data:`MAX_REPO_FILES` files, a size or hash that is not one.
     """
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
@@ -90,7 +90,7 @@ def list_repo(repo: str, revision: str | None, token: str | None, label: str) ->
     with _guard.budget(MAX_LISTING_BYTES, f"{label}: the repo listing"):
         commit = api.repo_info(repo, revision=revision or "main").sha
         if not isinstance(commit, str) or not re.fullmatch(r"[0-9a-f]{40}", commit):
-            raise FormatError(f"{label}: the hub answered commit {str(commit)[:100]!r}, not a 40-hex commit hash")
+            raise HubError(f"{label}: the hub answered commit {str(commit)[:100]!r}, not a 40-hex commit hash")
         if revision is not None and re.fullmatch(r"[0-9a-fA-F]{40}", revision) and commit != revision.lower():
             raise IntegrityError(
                 f"{label}: asked for commit {revision} (a full hash pins the download), but the hub answered commit "
@@ -99,7 +99,7 @@ def list_repo(repo: str, revision: str | None, token: str | None, label: str) ->
         entries: dict[str, Entry] = {}
         for n, f in enumerate(api.list_repo_tree(repo, revision=commit, recursive=True)):
             if n >= MAX_REPO_FILES:
-                raise FormatError(
+                raise HubError(
                     f"{label}: the repo lists more than {MAX_REPO_FILES} files; refused (a model repo holds hundreds). "
                     "Download the files you need with hf_hub_download and pass the local folder"
                 )
@@ -110,12 +110,12 @@ def list_repo(repo: str, revision: str | None, token: str | None, label: str) ->
             lfs = getattr(f, "lfs", None)
             sha256 = lfs.sha256 if lfs is not None else None
             if not isinstance(f.blob_id, str) or not re.fullmatch(r"[0-9a-f]{40}", f.blob_id):
-                raise FormatError(f"{what}: blob id {str(f.blob_id)[:100]!r} is not a 40-hex git sha1")
+                raise HubError(f"{what}: blob id {str(f.blob_id)[:100]!r} is not a 40-hex git sha1")
             if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256)):
-                raise FormatError(f"{what}: LFS sha256 {str(sha256)[:100]!r} is not 64 hex digits")
+                raise HubError(f"{what}: LFS sha256 {str(sha256)[:100]!r} is not 64 hex digits")
             size = _int(lfs.size if lfs is not None else f.size, what)
             if path in entries:
-                raise FormatError(f"{what}: listed twice; the server is not a trustworthy hub")
+                raise HubError(f"{what}: listed twice; the server is not a trustworthy hub")
             entries[path] = Entry(path, size, f.blob_id, sha256, getattr(f, "xet_hash", None))
     return commit, entries
 
@@ -179,13 +179,13 @@ def fetch_files(
     """Download ``files`` of ``commit`` into the cache (in parallel), each checked; their snapshot paths.
 
     Raises:
-        FormatError: a file announced larger than its cap (:func:`size_cap`); nothing is fetched then.
+        HubError: a file announced larger than its cap (:func:`size_cap`); nothing is fetched then.
         IntegrityError: bytes or sizes that do not match the listing (the file is removed from the cache).
     """
     for e in files:
         cap = size_cap(e.path)
         if cap is not None and e.size > cap:
-            raise FormatError(
+            raise HubError(
                 f"{label}: {e.path} is announced as {e.size} bytes, more than the {cap}-byte cap for such files; "
                 "refused before downloading. Download it yourself if you trust it, and pass the local folder"
             )

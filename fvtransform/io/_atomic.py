@@ -48,7 +48,8 @@ import stat
 import time
 from typing import Any, BinaryIO
 
-from fvtransform.errors import FormatError, FvTransformError, UnsafeFileError, WriteError, format_keys
+from fvtransform.errors import FvTransformError, UnsafeFileError, UsageError, WriteError
+from fvtransform._messages import format_keys
 from fvtransform.io._safetensors import TMP_MARK, fsync_dir
 
 __all__ = [
@@ -128,12 +129,12 @@ def is_any_temp(entry: str) -> bool:
 
 
 def check_path(path: str | os.PathLike[str], what: str = "destination") -> Path:
-    """``path`` as a :class:`Path`; a NUL character or an empty path is a :class:`FormatError`."""
+    """``path`` as a :class:`Path`; a NUL character or an empty path is a :class:`UsageError`."""
     text = os.fspath(path)
     if isinstance(text, bytes):
         text = os.fsdecode(text)
     if "\0" in text or not text:
-        raise FormatError(f"{text!r}: the {what} path is empty or holds a NUL character; pass a real path")
+        raise UsageError(f"{text!r}: the {what} path is empty or holds a NUL character; pass a real path")
     return Path(text)
 
 
@@ -178,12 +179,12 @@ def check_destination(dest: Path, *, folder: bool) -> None:
         )
     if stat.S_ISDIR(mode):
         if not folder:
-            raise FormatError(f"{dest} is a folder; pass a file path")
+            raise WriteError(f"{dest} is a folder; pass a file path")
         return
     if not stat.S_ISREG(mode):
         raise UnsafeFileError(f"{dest}: the destination is {_kind(mode)}, not a regular file or folder; refusing to open or replace it")
     if folder:
-        raise FormatError(f"{dest} is a file; this writer writes a folder there")
+        raise WriteError(f"{dest} is a file; this writer writes a folder there")
 
 
 #: Where the lock of a parent folder cannot be made, no writer can swap that folder either (it writes there too).
@@ -397,9 +398,8 @@ def write_folder(
     the writer cannot account for.
 
     Raises:
-        WriteError: a refused destination, a full disk, a read-only folder, a lock held too long.
+        WriteError: a refused destination (``dest`` is a file), a full disk, a read-only folder, a lock held too long.
         UnsafeFileError: ``dest`` is a symlink, FIFO, device or socket.
-        FormatError: ``dest`` is a file.
     """
     dest = check_path(dest)
     with typed_os_errors(dest), _parents_made(dest):
@@ -452,7 +452,7 @@ def _entries_to_keep(dest: Path, names: set[str], owned: Callable[[Path], set[st
     blocked = [e for e in entries if e in names and not (stat.S_ISREG(modes[e]) or stat.S_ISLNK(modes[e]))]
     if blocked:
         e = blocked[0]
-        raise FormatError(
+        raise WriteError(
             f"{dest / e} is {_kind(modes[e])} where this {what} writes a file; refusing to replace it (a writer never "
             "removes a folder or special file it did not create). Move it away or choose another destination"
         )

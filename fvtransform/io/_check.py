@@ -8,7 +8,8 @@ import attrs
 import torch
 from torch import nn
 
-from fvtransform.errors import KeyMismatchError, ShapeMismatchError, format_keys
+from fvtransform.errors import KeyMismatchError, ShapeMismatchError
+from fvtransform._messages import format_keys
 from fvtransform.tree._paramtree import ParamTree
 
 __all__ = ["CheckReport", "check"]

@@ -31,16 +31,17 @@ The rules (transformers 5.x ``PreTrainedModel._adjust_missing_and_unexpected_key
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
 import contextlib
 import re
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import attrs
 import torch
 from torch import nn
 
-from fvtransform.errors import FormatError, format_keys
+from fvtransform._messages import format_keys
+from fvtransform.errors import FormatError, UsageError
 from fvtransform.tree import KeyMap, ParamTree
 
 __all__ = [
@@ -131,7 +132,7 @@ class LoadReport:
     def keys(self, action: str) -> tuple[str, ...]:
         """The keys of the notes with ``action`` (one of ``ACTIONS``)."""
         if action not in ACTIONS:
-            raise FormatError(f"unknown load action {action!r}; actions: {sorted(ACTIONS)}")
+            raise UsageError(f"unknown load action {action!r}; actions: {sorted(ACTIONS)}")
         return tuple(n.key for n in self.notes if n.action == action)
 
     @property

@@ -14,8 +14,9 @@ from fvtransform.errors import (
     KeyMismatchError,
     NotFoundError,
     UnsafeFileError,
-    format_keys,
+    UsageError,
 )
+from fvtransform._messages import format_keys
 from fvtransform.io._header import MAX_INT_DIGITS, OBJECT_BYTES
 from fvtransform.io._open import MAX_JSON_BYTES, allowed_root, check_regular, contained, no_such_path
 
@@ -136,7 +137,7 @@ def find_weight_files(path: str | os.PathLike[str], *, allow_pickle: bool = Fals
     if len(indexes) == 1:
         return read_index(_pick(path, indexes[0], "index file"))
     if len(indexes) > 1:
-        raise FormatError(f"{path}: several index files {indexes}; pass the one to load")
+        raise UsageError(f"{path}: several index files {indexes}; pass the one to load, e.g. fvt.load({str(path / indexes[0])!r})")
     singles = [n for n in names if n.endswith(".safetensors")]
     for stem in _PREFERRED:
         if f"{stem}.safetensors" in singles:
@@ -144,15 +145,16 @@ def find_weight_files(path: str | os.PathLike[str], *, allow_pickle: bool = Fals
     if len(singles) == 1:
         return WeightFiles((_pick(path, singles[0], "weights file"),))
     if len(singles) > 1:
-        raise FormatError(
+        raise UsageError(
             f"{path}: several unrelated safetensors files and no index: {format_keys(singles)}; "
-            "pass the file to load, or save the checkpoint with an index"
+            f"pass the file to load, e.g. fvt.load({str(path / sorted(singles)[0])!r}), or save the checkpoint with an index"
         )
     pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
     if len(pickles) == 1:
         return _pickle(_pick(path, pickles[0], "weights file"), allow_pickle)
     if pickles:
-        raise FormatError(f"{path}: several pickle files {format_keys(pickles)} and no safetensors; pass one")
+        raise UsageError(f"{path}: several pickle files {format_keys(pickles)} and no safetensors; pass one, "
+                         f"e.g. fvt.load({str(path / sorted(pickles)[0])!r}, allow_pickle=True)")
     raise NotFoundError(
         f"{path}: no weights found (expected *.safetensors, an *.safetensors.index.json, or with allow_pickle=True a .bin/.pt)"
     )

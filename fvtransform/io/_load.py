@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fvtransform._json import loads_json
-from fvtransform.errors import FormatError, FvTransformError, KeyMismatchError, PlanError, format_keys
+from fvtransform.errors import FormatError, FvTransformError, KeyMismatchError, UsageError
+from fvtransform._messages import format_keys
 from fvtransform.io._files import WeightFiles, find_weight_files
 from fvtransform.io._header import HEADER_JSON, Header, TensorInfo, _check_lookalikes, read_header
 from fvtransform.io._open import fd_path, open_regular
@@ -173,7 +174,7 @@ def open_checkpoint(path: str | os.PathLike[str], *, allow_pickle: bool = False)
     """Read the headers of a checkpoint (no tensor bytes)."""
     files = find_weight_files(path, allow_pickle=allow_pickle)
     if files.pickle:
-        raise FormatError("open_checkpoint reads safetensors only; use fvt.load(..., allow_pickle=True)")
+        raise UsageError("open_checkpoint reads safetensors only; use fvt.load(..., allow_pickle=True)")
     return Checkpoint(files)
 
 
@@ -232,7 +233,7 @@ def load(
     key_map = None if rename is None else KeyMap.of(rename)
     if mesh is not None:
         if torch.device(device).type != "cpu":
-            raise PlanError("load(..., mesh=) reads slices on the CPU; move the sharded tree with fvt.to afterwards")
+            raise UsageError("load(..., mesh=) reads slices on the CPU; move the sharded tree with fvt.to afterwards")
         from fvtransform.distributed import shard
         from fvtransform.distributed._shard import shard_mapped
 
@@ -242,7 +243,7 @@ def load(
             return shard_mapped(lazy, key_map.plan(lazy), mesh, plan, dtype=dtype)
         return shard(lazy, mesh, plan, dtype=dtype)
     if plan is not None:
-        raise FormatError("plan= needs mesh=: pass the DeviceMesh to shard over")
+        raise UsageError("plan= needs mesh=: pass the DeviceMesh to shard over")
     files = find_weight_files(path, allow_pickle=allow_pickle)
     if files.pickle:
         data = _load_pickle(files.files[0])

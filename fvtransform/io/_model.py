@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 import logging
 import os
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-import warnings
 
 import torch
 from torch import nn
 
 from fvtransform._json import read_json_file
-from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, ShapeMismatchError, UsageError, format_keys
+from fvtransform._messages import format_keys
+from fvtransform.errors import (
+    KeyMismatchError,
+    NotFoundError,
+    ShapeMismatchError,
+    UsageError,
+)
 from fvtransform.io._check import check
 from fvtransform.io._declared import (
     LoadedModel,
@@ -29,7 +35,11 @@ from fvtransform.io._declared import (
 )
 from fvtransform.io._load import load
 from fvtransform.io._open import contained
-from fvtransform.io._pipeline import MODEL_INDEX, pipeline_components, require_components
+from fvtransform.io._pipeline import (
+    MODEL_INDEX,
+    pipeline_components,
+    require_components,
+)
 from fvtransform.registry._registry import build, meta_parameters, resolve
 from fvtransform.tree._keymap import KeyMap
 from fvtransform.tree._ops import map_tensors
@@ -61,12 +71,12 @@ def _resolve_folder(path_or_repo_id: str | os.PathLike[str], component: str | No
             str(path_or_repo_id), revision=revision, components=[component] if component else None
         )
     if not folder.is_dir():
-        raise FormatError(f"{folder}: load_model takes a model folder (with config.json) or a pipeline folder")
+        raise UsageError(f"{folder}: load_model takes a model folder (with config.json) or a pipeline folder")
     if os.path.lexists(folder / MODEL_INDEX):  # a FIFO or link is refused by the reader, not skipped
         comps = pipeline_components(folder)
         if component is None:
             present = sorted(k for k, v in comps.items() if v is not None)
-            raise FormatError(
+            raise UsageError(
                 f"{folder} is a pipeline; choose a component: component= one of {present}"
             )
         require_components(comps, [component], source=str(folder / MODEL_INDEX))

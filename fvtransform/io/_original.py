@@ -10,8 +10,8 @@ file's memory-mapped tensors; a fused original key (HunyuanVideo's
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +19,13 @@ import attrs
 import torch
 
 from fvtransform._json import loads_json
+from fvtransform._messages import format_keys
 from fvtransform.errors import (
     FormatError,
     FvTransformError,
     KeyMismatchError,
     NotFoundError,
     UsageError,
-    format_keys,
 )
 from fvtransform.io._declared import LoadedModel
 from fvtransform.io._header import HEADER_JSON
@@ -33,7 +33,8 @@ from fvtransform.io._load import Checkpoint, load, open_checkpoint
 from fvtransform.io._model import _resolve_folder, load_built, read_json
 from fvtransform.io._open import contained
 from fvtransform.io._pipeline import MODEL_INDEX
-from fvtransform.registry._layouts import LAYOUTS, Layout, layout as layout_named, layout_names
+from fvtransform.registry._layouts import LAYOUTS, Layout, layout_names
+from fvtransform.registry._layouts import layout as layout_named
 from fvtransform.tree._keymap import KeyMap, Rename
 
 __all__ = ["DetectedLayout", "detect_layout", "load_single_file", "original_key_map"]

@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 import attrs
 import torch
 
-from fvtransform.errors import FormatError
+from fvtransform.errors import FormatError, UsageError
 from fvtransform.io._header import DTYPE_NAMES, Header, TensorInfo, read_header
 
 __all__ = ["MappedFile", "TensorSpec", "tensor_specs", "write_safetensors", "TMP_MARK", "fsync_dir"]
@@ -132,7 +132,7 @@ def tensor_specs(tensors: Mapping[str, torch.Tensor], where: object) -> dict[str
     out: dict[str, TensorSpec] = {}
     for name, t in tensors.items():
         if t.device.type == "meta":
-            raise FormatError(f"{where}: cannot save {name!r}: it is on the meta device and holds no values")
+            raise UsageError(f"{where}: cannot save {name!r}: it is on the meta device and holds no values")
         out[name] = TensorSpec(t.dtype, tuple(t.shape))
     return out
 
@@ -151,7 +151,8 @@ def write_safetensors(
     checked against its spec, written and dropped. ``where`` names the file in errors (default ``f.name``).
 
     Raises:
-        FormatError: a dtype safetensors has no name for, or a produced tensor other than its spec.
+        UsageError: a dtype safetensors has no name for.
+        FormatError: a produced tensor other than its spec.
     """
     where = where if where is not None else getattr(f, "name", "safetensors file")
     header: dict[str, Any] = {}
@@ -160,7 +161,7 @@ def write_safetensors(
     offset = 0
     for name, spec in specs.items():
         if spec.dtype not in DTYPE_NAMES:
-            raise FormatError(f"{where}: cannot save {name!r}: dtype {spec.dtype} has no safetensors name")
+            raise UsageError(f"{where}: cannot save {name!r}: dtype {spec.dtype} has no safetensors name")
         n = spec.nbytes
         header[name] = {"dtype": DTYPE_NAMES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + n]}
         offset += n

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 import json
 import os
-from pathlib import Path
 import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
 from fvtransform._json import read_json_file
-from fvtransform.errors import FormatError, FvTransformError, UsageError
-from fvtransform.io._atomic import LOCK_MARK, OLD_MARK, atomic_file, check_destination, check_path, exchange, swap_in, write_folder
+from fvtransform.errors import FvTransformError, UsageError, WriteError
+from fvtransform.io._atomic import (
+    LOCK_MARK,
+    OLD_MARK,
+    atomic_file,
+    check_destination,
+    check_path,
+    exchange,
+    swap_in,
+    write_folder,
+)
 from fvtransform.io._files import INDEX_JSON
 from fvtransform.io._load import ALIASES_KEY
 from fvtransform.io._mapped import mapped_tree_bytes
@@ -37,10 +46,10 @@ def parse_size(size: int | str) -> int:
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
         if not m or m.group(2).upper() not in _UNITS:
-            raise FormatError(f"max_shard_size {size!r} is not a size such as 5GB, 500MiB or 1000000")
+            raise UsageError(f"max_shard_size {size!r} is not a size such as 5GB, 500MiB or 1000000")
         value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
     if value <= 0:
-        raise FormatError(f"max_shard_size must be positive; found {size!r}")
+        raise UsageError(f"max_shard_size must be positive; found {size!r}")
     return value
 
 
@@ -51,11 +60,11 @@ _MAX_WEIGHTS_NAME = 150
 def _check_weights_name(name: object) -> str:
     """``name`` if it is a plain file-name stem (no folder part, no NUL, not hidden, not one of the writers' marks)."""
     if not isinstance(name, str):
-        raise FormatError(f"weights_name must be a str file-name stem such as 'model'; found {type(name).__name__}")
+        raise UsageError(f"weights_name must be a str file-name stem such as 'model'; found {type(name).__name__}")
     bad = (not name or name != os.path.basename(name) or "/" in name or "\\" in name or "\0" in name or name.startswith(".")
            or len(os.fsencode(name)) > _MAX_WEIGHTS_NAME or any(m in name for m in (TMP_MARK, LOCK_MARK, OLD_MARK)))
     if bad:
-        raise FormatError(
+        raise UsageError(
             f"weights_name {name!r} is not a plain file-name stem: the shards go inside the folder as "
             f"'<weights_name>-00001-of-0000N.safetensors'; pass a name such as 'model' or 'diffusion_pytorch_model' "
             f"(no '/', '\\', NUL or leading '.', at most {_MAX_WEIGHTS_NAME} bytes)"
@@ -69,7 +78,7 @@ def _dedupe(tree: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     aliases: dict[str, str] = {}
     for k, v in tree.items():
         if isinstance(v, torch.Tensor) and v.layout != torch.strided:
-            raise FormatError(f"{k!r}: a {v.layout} tensor cannot be saved as safetensors (dense tensors only); "
+            raise UsageError(f"{k!r}: a {v.layout} tensor cannot be saved as safetensors (dense tensors only); "
                               "convert it with .to_dense() first")
         if id(v) in first:
             aliases[k] = first[id(v)]
@@ -132,14 +141,15 @@ def save(
     True
 
     Raises:
-        FormatError: not a tree, a bad size, a ``weights_name`` that is not a plain file-name stem, a sparse
-            tensor, a NUL in ``path``, a folder where a file goes (or back: a folder named like one of the shards,
-            the index or the single file is refused, never removed).
+        UsageError: not a tree, a bad size, a ``weights_name`` that is not a plain file-name stem, a sparse
+            tensor, a NUL in ``path``.
+        WriteError: a folder where a file goes (or back: a folder named like one of the shards, the index or
+            the single file is refused, never removed).
         UnsafeFileError: ``path`` is a symlink, FIFO, device or socket.
         WriteError: a full disk, a read-only destination, a lock held too long (the old data is intact).
     """
     if not isinstance(tree, Mapping):
-        raise FormatError(f"save takes a ParamTree or a mapping of str -> Tensor; found {type(tree).__name__}")
+        raise UsageError(f"save takes a ParamTree or a mapping of str -> Tensor; found {type(tree).__name__}")
     if not isinstance(tree, ParamTree):
         tree = ParamTree(tree)
     path = check_path(path)
@@ -147,7 +157,7 @@ def save(
         _check_weights_name(weights_name)
     if max_shard_size is None:
         if path.is_dir():
-            raise FormatError(f"{path} is a folder; pass a file path, or max_shard_size= to write shards into it")
+            raise WriteError(f"{path} is a folder; pass a file path, or max_shard_size= to write shards into it")
         write = tree_bytes(tree, metadata, where=path) if rename is None else \
             mapped_tree_bytes(tree, KeyMap.of(rename), _meta(metadata, {}, []), where=path)
         with atomic_file(path) as tmp, open(tmp, "xb") as f:

@@ -11,7 +11,7 @@ from typing import TypedDict
 import attrs
 import torch
 
-from fvtransform.errors import FormatError, NumericError, ShapeMismatchError
+from fvtransform.errors import NumericError, ShapeMismatchError, UsageError
 from fvtransform.lora._report import ResolutionReport
 from fvtransform.tree import _pytree
 
@@ -135,7 +135,7 @@ class FullDelta:
 
     def validate(self, where: str) -> None:
         if self.replaces and self.scale != 1.0:
-            raise FormatError(f"{where}: a replacing FullDelta (modules_to_save) is applied whole; its scale must be 1, not {self.scale:g}")
+            raise UsageError(f"{where}: a replacing FullDelta (modules_to_save) is applied whole; its scale must be 1, not {self.scale:g}")
         _check_finite(self.D, where)
 
     def fits(self, shape: tuple[int, ...]) -> bool:
@@ -442,7 +442,7 @@ class LoraAdapter(Mapping[str, Delta]):
         data = dict(targets)
         for k, d in data.items():
             if not isinstance(d, (LowRank, FullDelta, LoHa, LoKr)):
-                raise FormatError(f"adapter target {k!r}: expected LowRank, FullDelta, LoHa or LoKr, found {type(d).__name__}")
+                raise UsageError(f"adapter target {k!r}: expected LowRank, FullDelta, LoHa or LoKr, found {type(d).__name__}")
             d.validate(f"adapter target {k!r}")
         object.__setattr__(self, "_targets", types.MappingProxyType(data))
         object.__setattr__(self, "format", format)

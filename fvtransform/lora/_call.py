@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from fvtransform._messages import format_keys
 from fvtransform.call._call import Out, _Forward, _prepare
-from fvtransform.errors import FormatError, KeyMismatchError, format_keys
+from fvtransform.errors import KeyMismatchError, UsageError
 from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LowRank
 from fvtransform.lora._dora import dense_delta, dora_factor
 from fvtransform.lora._merge import AdapterSet, _is_dtensor, normalize_adapters
@@ -42,7 +43,7 @@ class _ShardedLowRank:
         rows = tuple(Shard(0) if isinstance(p, Shard) and p.dim == 0 else Replicate() for p in placements)
         cols = tuple(Shard(1) if isinstance(p, Shard) and p.dim == 1 else Replicate() for p in placements)
         if any(not isinstance(p, (Shard, Replicate)) or (isinstance(p, Shard) and p.dim > 1) for p in placements) or d.A.dim() != 2:
-            raise FormatError(f"on-the-fly LoRA on a weight placed as {placements}: only Shard(0), Shard(1) and Replicate() of linear weights")
+            raise UsageError(f"on-the-fly LoRA on a weight placed as {placements}: only Shard(0), Shard(1) and Replicate() of linear weights")
         # each rank slices its own part of the small factors: no communication
         self.A = distribute_tensor(d.A, mesh, cols, src_data_rank=None)
         self.B = distribute_tensor(d.B, mesh, rows, src_data_rank=None)
@@ -213,20 +214,20 @@ def call(
             if isinstance(d, FullDelta) and d.replaces:
                 continue
             if key in replaced:
-                raise FormatError(f"{key!r}: a full replacement (modules_to_save) cannot be combined with other deltas on that weight")
+                raise UsageError(f"{key!r}: a full replacement (modules_to_save) cannot be combined with other deltas on that weight")
             if not isinstance(d, FullDelta) and d.magnitude is not None:
                 entry = by_weight.setdefault(id(params[key]), (key, []))
                 if entry[1]:
-                    raise FormatError(f"{key!r}: a DoRA target takes one adapter alone (its magnitude rescales the whole weight)")
+                    raise UsageError(f"{key!r}: a DoRA target takes one adapter alone (its magnitude rescales the whole weight)")
                 if _is_dtensor(params[key]):
-                    raise FormatError(f"{key!r}: on-the-fly DoRA needs whole rows and columns; merge DoRA adapters before sharding")
+                    raise UsageError(f"{key!r}: on-the-fly DoRA needs whole rows and columns; merge DoRA adapters before sharding")
                 factor, axis = dora_factor(params[key], d, s * d.scale, where=f"{key!r}")
                 lin = _dense(d, params[key]) if isinstance(d, GENERATED) else d
                 entry[1].append((s * d.scale, _DoraPart(lin, factor, axis)))
                 continue
             hit = by_weight.get(id(params[key]))
             if hit is not None and any(isinstance(p, _DoraPart) for _, p in hit[1]):
-                raise FormatError(f"{key!r}: a DoRA target takes one adapter alone (its magnitude rescales the whole weight)")
+                raise UsageError(f"{key!r}: a DoRA target takes one adapter alone (its magnitude rescales the whole weight)")
             if key.endswith(".bias") and isinstance(d, FullDelta):
                 weight_key = key[: -len(".bias")] + ".weight"
                 if weight_key not in params:
@@ -241,7 +242,7 @@ def call(
             part: Delta | _ShardedLowRank = d
             if isinstance(d, GENERATED):
                 if _is_dtensor(params[key]):
-                    raise FormatError(f"{key!r}: on-the-fly LoHa/LoKr on a sharded weight is not supported; merge it before sharding")
+                    raise UsageError(f"{key!r}: on-the-fly LoHa/LoKr on a sharded weight is not supported; merge it before sharding")
                 part = _dense(d, params[key])
             elif _is_dtensor(params[key]) and isinstance(d, LowRank):
                 part = _ShardedLowRank(d, params[key])
@@ -268,6 +269,6 @@ def _replacements(pairs: list[tuple[Any, float]], params: dict[str, torch.Tensor
             if key not in params:
                 raise KeyMismatchError(f"adapter target {key!r} is not in the tree; load the adapter with base=")
             if key in out or s != 1.0:
-                raise FormatError(f"{key!r}: a full replacement (modules_to_save) is used whole, once, at scale 1 (found scale {s:g})")
+                raise UsageError(f"{key!r}: a full replacement (modules_to_save) is used whole, once, at scale 1 (found scale {s:g})")
             out[key] = d.D.to(device=params[key].device, dtype=params[key].dtype)
     return out

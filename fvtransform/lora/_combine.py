@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import attrs
 import torch
 
-from fvtransform.errors import FormatError
+from fvtransform.errors import KeyMismatchError, ShapeMismatchError, UsageError
 from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LoraAdapter, LowRank
 from fvtransform.tree._match import Pattern, matcher
 
@@ -30,32 +30,32 @@ def combine(pairs: Sequence[tuple[LoraAdapter, float]]) -> LoraAdapter:
     (2, 1.0)
     """
     if not pairs:
-        raise FormatError("combine needs at least one (adapter, weight) pair")
+        raise UsageError("combine needs at least one (adapter, weight) pair")
     out: dict[str, Delta] = {}
     for item in pairs:
         if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], LoraAdapter)):
-            raise FormatError(f"combine takes (LoraAdapter, weight) pairs; found {item!r}")
+            raise UsageError(f"combine takes (LoraAdapter, weight) pairs; found {item!r}")
     for adapter, weight in pairs:
         w = float(weight)
         for key, d in adapter.items():
             prev = out.get(key)
             if isinstance(d, GENERATED):
-                raise FormatError(f"{key!r}: LyCORIS {type(d).__name__} deltas do not combine by rank concatenation; merge them instead")
+                raise UsageError(f"{key!r}: LyCORIS {type(d).__name__} deltas do not combine by rank concatenation; merge them instead")
             if isinstance(d, LowRank):
                 if d.magnitude is not None:
-                    raise FormatError(f"{key!r}: DoRA adapters do not combine linearly (their magnitude rescales the weight)")
+                    raise UsageError(f"{key!r}: DoRA adapters do not combine linearly (their magnitude rescales the weight)")
                 A, B = d.A.float(), d.B.float() * (w * d.scale)
                 if prev is None:
                     out[key] = LowRank(A, B, 1.0)
                 elif isinstance(prev, LowRank):
                     if prev.A.shape[1:] != A.shape[1:]:
-                        raise FormatError(f"{key!r}: adapters have A shapes {list(prev.A.shape)} and {list(A.shape)}")
+                        raise ShapeMismatchError(f"{key!r}: adapters have A shapes {list(prev.A.shape)} and {list(A.shape)}")
                     out[key] = LowRank(torch.cat([prev.A, A]), torch.cat([prev.B, B], dim=1), 1.0)
                 else:
-                    raise FormatError(f"{key!r}: cannot combine a full delta with a low-rank one; merge them instead")
+                    raise UsageError(f"{key!r}: cannot combine a full delta with a low-rank one; merge them instead")
             elif not isinstance(d, FullDelta) or d.replaces:
                 what = "replacing FullDelta (modules_to_save)" if isinstance(d, FullDelta) else type(d).__name__
-                raise FormatError(f"{key!r}: a {what} target does not combine linearly; merge it instead")
+                raise UsageError(f"{key!r}: a {what} target does not combine linearly; merge it instead")
             else:
                 D = d.D.float() * (w * d.scale)
                 if prev is None:
@@ -63,7 +63,7 @@ def combine(pairs: Sequence[tuple[LoraAdapter, float]]) -> LoraAdapter:
                 elif isinstance(prev, FullDelta):
                     out[key] = FullDelta(prev.D + D, 1.0)
                 else:
-                    raise FormatError(f"{key!r}: cannot combine a full delta with a low-rank one; merge them instead")
+                    raise UsageError(f"{key!r}: cannot combine a full delta with a low-rank one; merge them instead")
     return LoraAdapter(out, format="combined", metadata={"combined_from": str(len(pairs))})
 
 
@@ -72,7 +72,7 @@ def scale_adapter(adapter: LoraAdapter, weight: float) -> LoraAdapter:
     out: dict[str, Delta] = {}
     for k, d in adapter.items():
         if isinstance(d, FullDelta) and d.replaces:
-            raise FormatError(f"{k!r}: a replacing FullDelta has no scale to change (modules_to_save are used whole)")
+            raise UsageError(f"{k!r}: a replacing FullDelta has no scale to change (modules_to_save are used whole)")
         out[k] = attrs.evolve(d, scale=d.scale * weight)
     return adapter.replace(out)
 
@@ -107,5 +107,5 @@ def random_adapter(
         a = float(rank) if alpha is None else float(alpha)
         out[key] = LowRank(A, B, a / rank, a)
     if not out:
-        raise FormatError(f"targets={targets!r} matched no weight of the tree with 2 or more dims")
+        raise KeyMismatchError(f"targets={targets!r} matched no weight of the tree with 2 or more dims")
     return LoraAdapter(out, format="memory")

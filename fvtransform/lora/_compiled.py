@@ -22,7 +22,7 @@ import attrs
 import torch
 
 from fvtransform.call._call import Out, _Forward
-from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError
+from fvtransform.errors import KeyMismatchError, ShapeMismatchError, UsageError
 from fvtransform.lora._adapter import LoraAdapter, LowRank
 from fvtransform.lora._merge import AdapterSet, normalize_adapters
 
@@ -66,7 +66,7 @@ MAX_PAD_RANK = 1 << 16
 
 def _check_rank(rank: Any, where: str, bound: int) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= bound:
-        raise ShapeMismatchError(
+        raise UsageError(
             f"{where}: rank must be a whole number from 1 to {bound} (a LoRA rank above min(out, in) adds nothing); "
             f"found {rank!r}. Fix: pass a rank within that range"
         )
@@ -101,7 +101,7 @@ def factors(adapters: AdapterSet, *, rank: int | None = None, scale: float = 1.0
     for adapter, s in normalize_adapters(adapters, scale):
         for key, d in adapter.items():
             if not isinstance(d, LowRank) or d.magnitude is not None:
-                raise FormatError(
+                raise UsageError(
                     f"{key!r}: factors() takes plain low-rank targets; merge DoRA, LoHa/LoKr and full deltas with fvt.lora.merge"
                 )
             per_key.setdefault(key, []).append((d.A, d.B, s * d.scale))

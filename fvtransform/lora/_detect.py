@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 
-from fvtransform.errors import FormatError, format_keys
+from fvtransform.errors import FormatError
+from fvtransform._messages import format_keys
 from fvtransform.lora._format_table import (
     CLAIMED_PREFIXES, FORMATS, LYCORIS_SUFFIXES,
     ROLES, TABLE, LoraFormat,

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fvtransform.errors import ImmutableError
+from fvtransform.errors import UsageError
 from fvtransform.tree._paramtree import ParamTree
 
 __all__ = ["check_donatable"]
@@ -29,7 +29,7 @@ def check_donatable(base: ParamTree, per_key: Mapping[str, object]) -> None:
     """Refuse a donation that would visibly change tensors other keys hold: tied keys, or views of one storage."""
     tied = [g for g in base.aliases() if any(k in per_key for k in g)]
     if tied:
-        raise ImmutableError(
+        raise UsageError(
             f"donate=True would write merged weights into tensors tied to other keys: {[list(g) for g in tied[:4]]}; "
             "donation consumes the donated tensors, and every key (and module) sharing them would change. "
             "Fix: merge without donate=True (a new tensor for each target), or untie the weights first"
@@ -41,7 +41,7 @@ def check_donatable(base: ParamTree, per_key: Mapping[str, object]) -> None:
             owners.setdefault(ptr, []).append(k)
     shared = sorted({tuple(ks) for k in per_key if (p := _storage(base[k])) is not None and len(ks := owners.get(p, [])) > 1})
     if shared:
-        raise ImmutableError(
+        raise UsageError(
             f"donate=True would write merged weights into storage that other keys view: {[list(g) for g in shared[:4]]}; "
             "donation consumes the donated tensors, and every view of their storage would change. "
             "Fix: merge without donate=True, or donate a tree whose targets own their storage (e.g. fvt.map_tensors(tree, torch.clone))"

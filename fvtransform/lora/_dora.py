@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from fvtransform.errors import FormatError, NumericError, ShapeMismatchError
+from fvtransform.errors import NumericError, ShapeMismatchError, UsageError
 
 __all__ = ["merge_dora", "unmerge_dora", "dora_factor", "canonical_magnitude", "magnitude_axis", "dora_scale_layout", "dense_delta", "overflow_limit", "overflows"]
 
@@ -86,7 +86,7 @@ def _rows_fn(d: Any, device: torch.device) -> Rows:
 
 def _single(contribs: list[Any]) -> Any:
     if len(contribs) != 1:
-        raise FormatError("a DoRA target merges alone: DoRA's magnitude rescales the whole weight")
+        raise UsageError("a DoRA target merges alone: DoRA's magnitude rescales the whole weight")
     return contribs[0]
 
 

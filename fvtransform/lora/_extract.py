@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 import attrs
 import torch
 
-from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError
+from fvtransform.errors import KeyMismatchError, ShapeMismatchError, UsageError
 from fvtransform.lora._adapter import Delta, LoraAdapter, LowRank
 from fvtransform.lora._moved import moved_keywords
 from fvtransform.tree._match import Pattern, matcher
@@ -23,11 +23,25 @@ class ExtractReport:
     errors: Mapping[str, float]
 
 
+def _check_rank(rank: object, call: str) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise UsageError(f"{call.split('(')[0]}: rank={rank!r}; a rank is a whole number of at least 1, e.g. {call}")
+
+
+def _check_rank_or_energy(rank: object, energy: object) -> None:
+    if (rank is None) == (energy is None):
+        raise UsageError(f"fvt.lora.extract: pass exactly one of rank= (an int) or energy= (a fraction in (0, 1]); found rank={rank!r}, "
+                         f"energy={energy!r}. Call fvt.lora.extract(base, tuned, rank=16) or fvt.lora.extract(base, tuned, energy=0.9)")
+    if rank is not None:
+        _check_rank(rank, "fvt.lora.extract(base, tuned, rank=16)")
+    elif isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
+        raise UsageError(f"fvt.lora.extract: energy={energy!r}; the energy is a fraction in (0, 1], e.g. fvt.lora.extract(base, tuned, energy=0.9)")
+
+
 def _truncate(S: torch.Tensor, rank: int | None, energy: float | None) -> int:
     if rank is not None:
         return max(1, min(rank, S.numel()))
-    if energy is None or not 0 < energy <= 1:
-        raise FormatError("pass rank= (an int) or energy= (a fraction in (0, 1])")
+    assert energy is not None  # _check_rank_or_energy ran
     power = S.double() ** 2
     cum = torch.cumsum(power, 0) / power.sum().clamp_min(1e-300)
     return int((cum < energy - 1e-12).sum().item()) + 1
@@ -81,6 +95,7 @@ def extract_with_report(
     >>> adapter.ranks, round(report.errors["w"], 3)
     ({'w': 2}, 0.707)
     """
+    _check_rank_or_energy(rank, energy)
     m = matcher(select) if select is not None else None
     targets: dict[str, Delta] = {}
     errors: dict[str, float] = {}
@@ -125,6 +140,7 @@ def compress(adapter: LoraAdapter, rank: int) -> LoraAdapter:
 
 def compress_with_report(adapter: LoraAdapter, rank: int) -> tuple[LoraAdapter, ExtractReport]:
     """:func:`compress`, and an :class:`ExtractReport` of each target's relative Frobenius error (0 where kept as is)."""
+    _check_rank(rank, "fvt.lora.compress(adapter, 16)")
     out: dict[str, Delta] = {}
     errors: dict[str, float] = {}
     for key, d in adapter.items():

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError
+from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError, UsageError
 from fvtransform.tree._keymap import KeyMap, KeyMapLike
 from fvtransform.lora._adapter import Delta, LoraAdapter
 from fvtransform.lora._report import ResolutionReport
@@ -76,14 +76,14 @@ def load(
             raise FormatError(f"{label}: {e}") from None
     else:
         if format not in BY_NAME:
-            raise FormatError(f"unknown LoRA format {format!r}; known: {list(FORMATS)}")
+            raise UsageError(f"unknown LoRA format {format!r}; known: {list(FORMATS)}")
         name, scores = format, {}
     fmt = BY_NAME[name]
     exact = exact_scales(meta, label)
     exact_eps = exact_scales(meta, label, FVT_DORA_EPS)
     cfg = config_for(fmt, config, config_label, meta, component, label)
     if fmt.strip == "underscored" and base is None:
-        raise FormatError(
+        raise UsageError(
             f"{label}: kohya names replace dots with underscores, which is ambiguous; pass base= (the model's tree) to resolve them"
         )
     skipped: list[tuple[str, str]] = []
@@ -180,7 +180,7 @@ def _renamed(groups: dict[str, dict[str, tuple[str, torch.Tensor]]], rename: Key
     out: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for step in plan.steps:
         if len(step.sources) != 1 or len(step.targets) != 1:
-            raise FormatError(f"{label}: rename= fuses or splits {list(step.sources)} -> {list(step.targets)}; a LoRA's modules "
+            raise UsageError(f"{label}: rename= fuses or splits {list(step.sources)} -> {list(step.targets)}; a LoRA's modules "
                               "are only renamed. Fix: use rename rules only")
         out[step.targets[0]] = groups[step.sources[0]]
     return out

@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from fvtransform.errors import FormatError, NumericError, ShapeMismatchError
+from fvtransform.errors import FormatError, NumericError, ShapeMismatchError, UsageError
 from fvtransform.lora._adapter import DORA_EPS, Delta, FullDelta, LoHa, LoKr
 from fvtransform.lora._dora import canonical_magnitude, dora_scale_layout
 
@@ -169,7 +169,7 @@ def lycoris_tensors(delta: LoHa | LoKr) -> dict[str, torch.Tensor]:
     if delta.rank is not None:
         out[".alpha"] = torch.tensor(delta.scale * delta.rank, dtype=torch.float32)
     elif delta.scale != 1.0:
-        raise FormatError(f"a LoKr with both sides full has scale 1 in every reader; its scale {delta.scale} cannot be written")
+        raise UsageError(f"a LoKr with both sides full has scale 1 in every reader; its scale {delta.scale} cannot be written")
     if delta.magnitude is not None:
         out[".dora_scale"] = dora_scale_layout(delta.magnitude, _weight_ndim(delta)).contiguous()
     return out

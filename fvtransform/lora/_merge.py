@@ -16,7 +16,8 @@ from typing import Any, Union
 import attrs
 import torch
 
-from fvtransform.errors import FormatError, KeyMismatchError, NumericError, PlanError, ShapeMismatchError, close_matches
+from fvtransform.errors import FormatError, KeyMismatchError, NumericError, ShapeMismatchError, UsageError
+from fvtransform._messages import close_matches
 from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LoraAdapter, LoHa, LoKr, LowRank
 from fvtransform.lora._donate import check_donatable
 from fvtransform.lora._moved import moved_keywords
@@ -44,7 +45,7 @@ def normalize_adapters(adapters: AdapterSet, scale: float = 1.0) -> list[tuple[L
         elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], LoraAdapter):
             out.append((item[0], float(item[1]) * float(scale)))
         else:
-            raise FormatError(f"expected a LoraAdapter or (LoraAdapter, scale) pairs; found {type(item).__name__}")
+            raise UsageError(f"expected a LoraAdapter or (LoraAdapter, scale) pairs; found {type(item).__name__}")
     return out
 
 
@@ -196,7 +197,7 @@ def delta_rows(
     flat_fulls = [(s, D.detach().reshape(rows, -1)) for s, D in fulls]
     gens = [(sign * c.scale, c.delta.row_source(weight.device)) for c in contribs if isinstance(c.delta, GENERATED)]
     if gens and columns is not None:
-        raise PlanError(f"{where}: LoHa/LoKr deltas do not merge into column shards; merge them before sharding")
+        raise UsageError(f"{where}: LoHa/LoKr deltas do not merge into column shards; merge them before sharding")
     limit = overflow_limit(out.dtype)
     if limit is not None and weight.dtype.is_floating_point and torch.finfo(weight.dtype).max + _delta_bound(contribs) < limit:
         limit = None  # no finite weight plus these deltas can reach Inf: the per-tile check is skipped
@@ -270,7 +271,7 @@ def merge(
     those tensors sees the merged values, e.g. the parent a tree was derived
     from with ``fvt.select``, or the module ``ParamTree.from_module`` read.
     Donate only a tree nothing else uses. What the merge can see it refuses
-    (:class:`~fvtransform.errors.ImmutableError`): a targeted tensor that is
+    (:class:`~fvtransform.errors.UsageError`): a targeted tensor that is
     tied to other keys (``tree.aliases()``) or shares its storage with another
     key (views of one buffer).
 
@@ -327,9 +328,9 @@ def _merge(tree: Mapping[str, torch.Tensor], adapters: AdapterSet, scale: float,
         replace = _is_replace(key, contribs)
         if _is_dtensor(w):
             if replace:
-                raise FormatError(f"{key!r}: full replacements (modules_to_save) are not merged into sharded (DTensor) weights; unshard first")
+                raise UsageError(f"{key!r}: full replacements (modules_to_save) are not merged into sharded (DTensor) weights; unshard first")
             if record:
-                raise FormatError(f"{key!r}: merge_with_record is not available for sharded (DTensor) weights; unshard first, "
+                raise UsageError(f"{key!r}: merge_with_record is not available for sharded (DTensor) weights; unshard first, "
                                   "or call fvt.lora.merge and undo it with fvt.lora.unmerge")
             out[key] = _merge_sharded(key, contribs, w, sign=1.0, donate=donate, work=work)
             continue
@@ -370,7 +371,7 @@ def _merge_sharded(key: str, contribs: list[_Contribution], w: Any, *, sign: flo
     from fvtransform.lora._sharded import merge_sharded
 
     if any(isinstance(c.delta, (LoHa, LoKr)) for c in contribs):
-        raise PlanError(f"{key!r}: LoHa/LoKr deltas are merged before sharding (fvt.lora.merge on the full weight, then shard)")
+        raise UsageError(f"{key!r}: LoHa/LoKr deltas are merged before sharding (fvt.lora.merge on the full weight, then shard)")
     try:
         return merge_sharded(contribs, w, sign=sign, donate=donate, work=work)
     except NumericError as e:
@@ -382,9 +383,9 @@ def _is_replace(key: str, contribs: list[_Contribution]) -> bool:
     if not any(isinstance(c.delta, FullDelta) and c.delta.replaces for c in contribs):
         return False
     if len(contribs) != 1:
-        raise FormatError(f"{key!r}: a full replacement (modules_to_save) cannot be merged together with other deltas on that weight")
+        raise UsageError(f"{key!r}: a full replacement (modules_to_save) cannot be merged together with other deltas on that weight")
     if contribs[0].scale != 1.0:
-        raise FormatError(f"{key!r}: a full replacement (modules_to_save) is applied whole; merge it with scale 1, not {contribs[0].scale:g}")
+        raise UsageError(f"{key!r}: a full replacement (modules_to_save) is applied whole; merge it with scale 1, not {contribs[0].scale:g}")
     return True
 
 
@@ -419,9 +420,9 @@ def unmerge(
     for key, contribs in per_key.items():
         w = base[key]
         if _is_dora(contribs):
-            raise FormatError(f"{key!r}: DoRA merges are undone with the record of fvt.lora.merge_with_record")
+            raise UsageError(f"{key!r}: DoRA merges are undone with the record of fvt.lora.merge_with_record")
         if _is_replace(key, contribs):
-            raise FormatError(f"{key!r}: full-replacement (modules_to_save) merges are undone with the record of fvt.lora.merge_with_record")
+            raise UsageError(f"{key!r}: full-replacement (modules_to_save) merges are undone with the record of fvt.lora.merge_with_record")
         if _is_dtensor(w):
             out[key] = _merge_sharded(key, contribs, w, sign=-1.0, donate=donate, work=work)
             continue
@@ -442,7 +443,7 @@ def restore(tree: Mapping[str, torch.Tensor], record: MergeRecord) -> ParamTree:
     work = Workspace()
     for key, contribs in per_key.items():
         if _digest(base[key]) != record.merged_digest[key]:
-            raise FormatError(
+            raise UsageError(
                 f"restore: {key!r} is not the merged weight this record was made for; "
                 "restore takes the tree that fvt.lora.merge_with_record returned"
             )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fvtransform.errors import FormatError, NotFoundError
+from fvtransform.errors import NotFoundError, UsageError
 from fvtransform.lora._format_table import DIFFUSERS_WEIGHTS, PEFT_WEIGHTS
 
 __all__ = ["pick_lora_file", "LORA_FILE_NAMES"]
@@ -30,7 +30,7 @@ def pick_lora_file(names: Iterable[str], label: str, weight_name: str | None = N
     4. else ``adapter_model.safetensors`` (PEFT's ``save_pretrained``), if present;
     5. else every candidate.
 
-    One left: that one. Several: :class:`FormatError` listing them and naming
+    One left: that one. Several: :class:`UsageError` listing them and naming
     ``weight_name=`` (diffusers warns and takes the first in the folder's
     listing order; fvtransform does not guess). None: :class:`NotFoundError`.
 
@@ -53,5 +53,5 @@ def pick_lora_file(names: Iterable[str], label: str, weight_name: str | None = N
     if len(candidates) == 1:
         return candidates[0]
     if candidates:
-        raise FormatError(f"{label}: several LoRA candidates {candidates}; pass weight_name= to choose one")
+        raise UsageError(f"{label}: several LoRA candidates {candidates}; pass weight_name= to choose one")
     raise NotFoundError(f"{label}: no LoRA weights (*.safetensors) found; files: {names[:12]}")

@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 import torch
 
-from fvtransform.errors import PlanError
+from fvtransform.errors import UsageError
 from fvtransform.lora._adapter import FullDelta, LowRank
 
 __all__ = ["merge_sharded"]
@@ -40,7 +40,7 @@ def _strided_rows(weight: Any, placements: tuple, mesh: Any) -> torch.Tensor | N
     if not strided:
         return None
     if len(strided) > 1 or strided[0][1].dim != 0 or len(placements) != 1:
-        raise PlanError(f"merging into a weight placed as {placements}: per-segment sharding is supported on dim 0 of a 1-D mesh")
+        raise UsageError(f"merging into a weight placed as {placements}: per-segment sharding is supported on dim 0 of a 1-D mesh")
     n = strided[0][1].split_factor
     seg = weight.shape[0] // n
     a, b = chunk_range(seg, mesh.shape[0], mesh.get_coordinate()[0])
@@ -57,13 +57,13 @@ def merge_sharded(contribs: list[Any], weight: Any, *, sign: float, donate: bool
     mesh, placements = weight.device_mesh, tuple(weight.placements)
     for p in placements:
         if not isinstance(p, (Shard, Replicate)) and type(p).__name__ != "_StridedShard":
-            raise PlanError(f"cannot merge into a weight placed as {p}; redistribute it to Shard/Replicate first")
+            raise UsageError(f"cannot merge into a weight placed as {p}; redistribute it to Shard/Replicate first")
     if any(isinstance(p, Shard) and p.dim > 1 for p in placements) or (
         weight.dim() > 2 and any(isinstance(p, Shard) and p.dim == 1 for p in placements)
     ):
-        raise PlanError(f"merging into {list(weight.shape)} placed as {placements}: only dim 0, or dim 1 of a 2-D weight, may be sharded")
+        raise UsageError(f"merging into {list(weight.shape)} placed as {placements}: only dim 0, or dim 1 of a 2-D weight, may be sharded")
     if _is_dora(contribs):
-        raise PlanError("DoRA needs the norms of whole rows; merge DoRA adapters before sharding")
+        raise UsageError("DoRA needs the norms of whole rows; merge DoRA adapters before sharding")
     strided = _strided_rows(weight, placements, mesh)
     ranges = local_ranges(weight.shape, tuple(mesh.shape), placements, tuple(mesh.get_coordinate()))
     rows: Any = ranges[0] if strided is None else strided

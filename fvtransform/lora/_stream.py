@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from fvtransform._json import loads_json, read_json_file
-from fvtransform.errors import FormatError, FvTransformError, UnsafeFileError, WriteError
+from fvtransform.errors import FvTransformError, UnsafeFileError, UsageError, WriteError
 from fvtransform.io._atomic import (
     LOCK_MARK, OLD_MARK, atomic_file, check_destination, check_path, file_writer, is_any_temp, write_folder,
 )
@@ -51,14 +51,14 @@ def as_dtype(dtype: object, what: str = "dtype") -> torch.dtype | None:
     """``dtype`` as a floating ``torch.dtype`` (from a name in :data:`DTYPES` or a dtype); None stays None.
 
     Raises:
-        FormatError: an unknown name, or a dtype that is not a floating one.
+        UsageError: an unknown name, or a dtype that is not a floating one.
     """
     if dtype is None:
         return None
     found = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
     if isinstance(found, torch.dtype) and found.is_floating_point and found in DTYPE_NAMES:
         return found
-    raise FormatError(f"{what} {dtype!r}: expected a floating torch.dtype or one of {sorted(DTYPES)}")
+    raise UsageError(f"{what} {dtype!r}: expected a floating torch.dtype or one of {sorted(DTYPES)}")
 
 
 def _write_file(path: Path, keys: Sequence[str], ckpt: Checkpoint, produce: Callable[[str], torch.Tensor],
@@ -106,22 +106,22 @@ def merge_checkpoint(
 
     Raises:
         KeyMismatchError / ShapeMismatchError: an adapter that does not fit the base.
-        FormatError: ``out`` is (or holds, or lies inside a base folder of) the base, the base holds no
-            safetensors, an unknown ``dtype``, a folder where an output file goes.
-        WriteError: ``out`` holds files the merge did not write, a full disk, a read-only destination.
+        UsageError: ``out`` is (or holds, or lies inside a base folder of) the base, the base holds no
+            safetensors, an unknown ``dtype``.
+        WriteError: a folder where an output file goes; ``out`` holds files the merge did not write, a full disk, a read-only destination.
         UnsafeFileError: ``out`` is a symlink, FIFO, device or socket.
     """
     base_path, out_path = check_path(base, "base"), check_path(out, "output")
     dtype = as_dtype(dtype)
     files = find_weight_files(base_path)
     if files.pickle:
-        raise FormatError(f"{base_path}: merging streams safetensors only; convert the pickle checkpoint first")
+        raise UsageError(f"{base_path}: merging streams safetensors only; convert the pickle checkpoint first")
     src = files.index.parent if files.index is not None else (base_path if base_path.is_dir() else files.files[0].parent)
     lone = files.index is None and not base_path.is_dir()
     check_not_input(out_path, [base_path, *files.files, *([files.index] if files.index else [])] + ([] if lone else [src]))
     ckpt = Checkpoint(files)
     if ckpt.aliases:
-        raise FormatError(f"{base_path}: checkpoints with tied (aliased) keys are merged in memory: fvt.lora.merge + fvt.save")
+        raise UsageError(f"{base_path}: checkpoints with tied (aliased) keys are merged in memory: fvt.lora.merge + fvt.save")
     pairs = normalize_adapters(adapters)
 
     shapes = {k: torch.empty(ckpt.info(k).shape, device="meta") for k in ckpt.keys()}  # what _collect checks
@@ -240,7 +240,7 @@ def _plan(per_key: dict[str, Any], ckpt: Checkpoint) -> None:
     """Refuse, before any output exists, what ``produce`` would refuse half-way (a DoRA or replacement that merges alone)."""
     for k, contribs in per_key.items():
         if not _is_replace(k, contribs) and _is_dora(contribs) and len(contribs) != 1:
-            raise FormatError(
+            raise UsageError(
                 f"{ckpt.file_of(k)}: {k!r}: {len(contribs)} adapters target this weight and one is DoRA; a DoRA target "
                 "merges alone (its magnitude rescales the whole weight). Fix: merge the DoRA adapter on its own, then the others"
             )
@@ -266,7 +266,7 @@ def check_not_input(out: Path, inputs: Sequence[Path]) -> None:
     folder is refused, ``--overwrite`` or not: the reader would see it change.
 
     Raises:
-        FormatError: naming the output and the input.
+        UsageError: naming the output and the input.
     """
     real = Path(os.path.realpath(out))
     ident = _identity(real)
@@ -275,7 +275,7 @@ def check_not_input(out: Path, inputs: Sequence[Path]) -> None:
         inside = rp.is_dir() and rp in real.parents
         if real == rp or real in rp.parents or inside or (ident is not None and ident == _identity(rp)):
             how = "lies inside" if inside else "is or holds"
-            raise FormatError(f"{out}: the output must differ from the base checkpoint and the other inputs and must not contain them "
+            raise UsageError(f"{out}: the output must differ from the base checkpoint and the other inputs and must not contain them "
                               f"or lie inside an input folder (it {how} {p}, which is read while writing and must stay as it is); "
                               "choose another output")
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError, close_matches
+from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError
+from fvtransform._messages import close_matches
 from fvtransform.tree._keymap import KeyMap
 from fvtransform.tree._mappings import WAN_MODULE_RENAMES
 from fvtransform.lora._adapter import DORA_EPS, Delta, FullDelta, LowRank

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from fvtransform.errors import FormatError
+from fvtransform.errors import UsageError
 from fvtransform.lora._adapter import GENERATED, FullDelta, LoraAdapter, LowRank
 from fvtransform.lora._dora import dora_scale_layout
 from fvtransform.lora._format_table import (
@@ -45,21 +45,21 @@ def _encode(adapter: LoraAdapter, fmt: LoraFormat, component: str) -> dict[str, 
         name = prefix + _write_name(fmt, module, param=not suffix)
         if isinstance(d, GENERATED):
             if "lycoris" not in fmt.holds:
-                raise FormatError(f"{target!r} is a LyCORIS {type(d).__name__}, which format {fmt.name!r} cannot hold; save as 'kohya' or 'comfy'")
+                raise UsageError(f"{target!r} is a LyCORIS {type(d).__name__}, which format {fmt.name!r} cannot hold; save as 'kohya' or 'comfy'")
             out.update({name + k: t for k, t in lycoris_tensors(d).items()})
         elif isinstance(d, LowRank):
             if suffix != ".weight":
-                raise FormatError(f"{target!r}: a low-rank delta must target a weight")
+                raise UsageError(f"{target!r}: a low-rank delta must target a weight")
             out[name + roles["A"]] = d.A.contiguous()
             out[name + roles["B"]] = d.B.contiguous()
             if d.magnitude is not None:
                 if "dora" not in fmt.holds:
                     able = [f.name for f in TABLE if "dora" in f.holds]
-                    raise FormatError(f"{target!r}: format {fmt.name!r} cannot hold DoRA magnitudes; use one of {able}")
+                    raise UsageError(f"{target!r}: format {fmt.name!r} cannot hold DoRA magnitudes; use one of {able}")
                 if roles["magnitude"].endswith(".dora_scale"):  # LyCORIS's layout, which ComfyUI broadcasts against the weight
                     out[name + roles["magnitude"]] = dora_scale_layout(d.magnitude, d.A.dim()).contiguous()
                 elif d.magnitude.dim() != 1:
-                    raise FormatError(f"{target!r}: a DoRA magnitude on the input axis (LyCORIS wd_on_output=False) cannot be "
+                    raise UsageError(f"{target!r}: a DoRA magnitude on the input axis (LyCORIS wd_on_output=False) cannot be "
                                       f"written as {fmt.name!r}, which holds per-output magnitudes; save as 'kohya'")
                 else:
                     out[name + roles["magnitude"]] = d.magnitude.contiguous()
@@ -68,13 +68,13 @@ def _encode(adapter: LoraAdapter, fmt: LoraFormat, component: str) -> dict[str, 
         elif isinstance(d, FullDelta) and d.replaces:
             if "replace" not in fmt.holds:
                 able = [f.name for f in TABLE if "replace" in f.holds]
-                raise FormatError(f"{target!r} is a full replacement (modules_to_save), which format {fmt.name!r} cannot hold; use one of {able}")
+                raise UsageError(f"{target!r} is a full replacement (modules_to_save), which format {fmt.name!r} cannot hold; use one of {able}")
             out[prefix + target] = d.D.contiguous()
         else:
             role = {".weight": "diff", ".bias": "diff_b", "": "diff_param"}[suffix]
             if role not in roles or "full" not in fmt.holds:
                 able = [f.name for f in TABLE if role in f.write_roles and "full" in f.holds]
-                raise FormatError(
+                raise UsageError(
                     f"{target!r} is a full delta (.diff / .diff_b), which format {fmt.name!r} cannot hold; save as one of {able}"
                 )
             out[name + roles[role]] = d.D.contiguous()
@@ -86,11 +86,11 @@ def _peft_config(adapter: LoraAdapter) -> dict[str, Any]:
 
     lows = {k: d for k, d in adapter.items() if isinstance(d, LowRank)}
     if not lows:
-        raise FormatError("a PEFT adapter needs at least one low-rank target")
+        raise UsageError("a PEFT adapter needs at least one low-rank target")
     dora = sorted(k for k, d in lows.items() if d.magnitude is not None)
     if dora and len(dora) != len(lows):
         plain = sorted(set(lows) - set(dora))
-        raise FormatError(
+        raise UsageError(
             f"a PEFT config has one use_dora for all modules, but {dora[:3]} are DoRA and {plain[:3]} plain LoRA; peft would read "
             "the plain ones as DoRA. Fix: save as 'kohya' or 'comfy', or split the adapter"
         )
@@ -164,18 +164,18 @@ def save(adapter: LoraAdapter, path: str | os.PathLike[str], *, format: str = "p
     are always kept, and a folder where a file goes is refused.
 
     Raises:
-        FormatError: not an adapter, an unknown format, a NUL in ``path``, a folder where a file goes.
-        WriteError: a file fvtransform did not write is in the way (without ``overwrite``), a full disk.
+        UsageError: not an adapter, an unknown format or one that cannot hold the adapter, a NUL in ``path``.
+        WriteError: a folder where a file goes; a file fvtransform did not write is in the way (without ``overwrite``), a full disk.
         UnsafeFileError: the destination is a symlink, FIFO, device or socket.
     """
     from fvtransform.io._atomic import atomic_file, check_path, json_bytes, write_files
     from fvtransform.io._save import tree_bytes
 
     if not isinstance(adapter, LoraAdapter):
-        raise FormatError(f"lora.save takes a LoraAdapter; found {type(adapter).__name__}")
+        raise UsageError(f"lora.save takes a LoraAdapter; found {type(adapter).__name__}")
     fmt = BY_NAME.get(format)
     if fmt is None or not fmt.write_roles:
-        raise FormatError(f"unknown LoRA format {format!r}; write one of {[f.name for f in TABLE if f.write_roles]}")
+        raise UsageError(f"unknown LoRA format {format!r}; write one of {[f.name for f in TABLE if f.write_roles]}")
     path = check_path(path)
     scales = json.dumps({k: d.scale for k, d in adapter.items() if hasattr(d, "scale")})
     meta = {FVT_SCALES: scales}

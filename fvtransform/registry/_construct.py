@@ -26,7 +26,8 @@ from typing import Any
 
 from torch import nn
 
-from fvtransform.errors import FormatError, MissingDependencyError, RegistryError, UnsafeFileError, close_matches
+from fvtransform.errors import FormatError, MissingDependencyError, RegistryError, UnsafeFileError
+from fvtransform._messages import close_matches
 
 __all__ = ["library_class", "constructor_call", "REFUSED_KEYS", "STRIPPED_KEYS", "check_config_types"]
 

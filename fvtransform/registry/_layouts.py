@@ -11,14 +11,18 @@ A diffusers layout's map is ``None`` (keys already match).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 import re
+from collections.abc import Callable, Mapping
 
 import attrs
 
-from fvtransform.errors import FormatError, RegistryError, close_matches
+from fvtransform._messages import close_matches
+from fvtransform.errors import FormatError, RegistryError
 from fvtransform.tree._keymap import KeyMap
-from fvtransform.tree._mappings import WAN_ORIGINAL_TO_DIFFUSERS, hunyuan_video_original_to_diffusers
+from fvtransform.tree._mappings import (
+    WAN_ORIGINAL_TO_DIFFUSERS,
+    hunyuan_video_original_to_diffusers,
+)
 
 __all__ = ["LAYOUTS", "Layout", "layout", "layout_names"]
 

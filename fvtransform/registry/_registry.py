@@ -15,7 +15,8 @@ from typing import Any, TypeVar, Union, overload
 import torch
 from torch import nn
 
-from fvtransform.errors import FormatError, FvTransformError, MissingDependencyError, RegistryError, close_matches
+from fvtransform.errors import FormatError, FvTransformError, MissingDependencyError, RegistryError, UsageError
+from fvtransform._messages import close_matches
 from fvtransform.registry._budget import DEFAULT_BUILD_LIMITS, BuildLimits, budgeted, meta_parameters
 from fvtransform.registry._construct import check_config_types, constructor_call, library_class
 
@@ -39,7 +40,7 @@ def _import_target(spec: str, *, name: str) -> Constructor:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         top = module_name.split(".")[0]
-        if e.name and e.name.split(".")[0] == top and top in _EXTRAS:
+        if e.name == top and top in _EXTRAS:  # the extra itself is missing, not a module inside it
             raise MissingDependencyError(
                 f"registry entry {name!r} needs the package {top!r}, which is not installed. "
                 f"Install it with: pip install 'fvtransform[{_EXTRAS[top]}]'"
@@ -82,7 +83,7 @@ class Registry:
     def register(self, name: str, constructor: Target, *, override: bool = False) -> None:
         """Add ``name``; a taken name is refused unless ``override=True``."""
         if not isinstance(name, str) or not name:
-            raise RegistryError(f"a registry name is a non-empty str; found {name!r}")
+            raise UsageError(f"a registry name is a non-empty str; found {name!r}")
         if not (callable(constructor) or isinstance(constructor, str)):
             raise RegistryError(
                 f"registry entry {name!r}: expected a callable or a 'package.module:Attr' string, "
@@ -122,7 +123,7 @@ class Registry:
                 raise self._unknown(name_or_config)
             return found
         if not isinstance(name_or_config, Mapping):
-            raise FormatError(
+            raise UsageError(
                 f"resolve takes a name or a config dict; found {type(name_or_config).__name__}"
             )
         config: Mapping[str, Any] = name_or_config  # JSON values, their types checked by check_config_types next
@@ -242,7 +243,7 @@ def _config_dict(config: Any) -> dict[str, Any]:
     to_dict = getattr(config, "to_dict", None)
     if callable(to_dict):
         return dict(to_dict())
-    raise FormatError(f"config must be a dict; found {type(config).__name__}")
+    raise UsageError(f"config must be a dict; found {type(config).__name__}")
 
 
 #: Config keys that usually count repeated work (layers, blocks): named first when the module budget trips.
@@ -313,7 +314,7 @@ def build(
     src = str(source) if source is not None else "config"
     if isinstance(name_or_config, Mapping):
         if config is not None:
-            raise FormatError("pass either a config dict or a name and a config, not a config and a config")
+            raise UsageError("pass either a config dict or a name and a config, not a config and a config")
         cfg = _config_dict(name_or_config)
     else:
         cfg = _config_dict(config)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import attrs
 import torch
 
-from fvtransform.errors import FormatError, UsageError
+from fvtransform.errors import UsageError
 from fvtransform.tree import _ops
 from fvtransform.tree._keymap import KeyMap, KeyMapLike
 from fvtransform.tree._match import Pattern
@@ -82,7 +82,7 @@ class Transform:
             tree = ParamTree(tree)
         out = self.fn(tree)
         if not isinstance(out, ParamTree):
-            raise FormatError(
+            raise UsageError(
                 f"transform {self.name} returned {type(out).__name__}; a transform must return a ParamTree"
             )
         return out
@@ -109,7 +109,7 @@ def as_transform(fn: TreeFn | Transform) -> Transform:
             f"fvt.transforms.{made} is a factory: call it to make the step, fvt.transforms.{made}({_shape(fn)})"
         )
     if not callable(fn):
-        raise FormatError(f"a transform is a callable ParamTree -> ParamTree; found {type(fn).__name__}")
+        raise UsageError(f"a transform is a callable ParamTree -> ParamTree; found {type(fn).__name__}")
     return Transform(fn, getattr(fn, "__name__", repr(fn)))
 
 

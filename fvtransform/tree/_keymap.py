@@ -17,7 +17,8 @@ from typing import Union
 import attrs
 import torch
 
-from fvtransform.errors import KeyMismatchError, PlanError, ShapeMismatchError, format_keys
+from fvtransform.errors import KeyMismatchError, PlanError, ShapeMismatchError, UsageError
+from fvtransform._messages import format_keys
 from fvtransform.tree._paramtree import ParamTree
 
 __all__ = ["Fuse", "KeyMap", "KeyMapLike", "MappingPlan", "Rename", "Split", "Step"]
@@ -319,7 +320,7 @@ class KeyMap:
         if isinstance(rules, KeyMap):
             return rules
         if isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):
-            raise PlanError(
+            raise UsageError(
                 f"a key map is a KeyMap, a dict of names, or a list of (source, target) pairs, Rename, Fuse "
                 f"and Split rules; found {type(rules).__name__} {rules!r}"
             )
@@ -331,7 +332,7 @@ class KeyMap:
             elif isinstance(r, Sequence) and not isinstance(r, str) and len(r) == 2 and all(isinstance(s, str) for s in r):
                 out.append(Rename(r[0], r[1]))
             else:
-                raise PlanError(
+                raise UsageError(
                     f"a key map rule is a (source, target) pair of strings, Rename, Fuse or Split; found {r!r}"
                 )
         if keep_rest:

@@ -9,7 +9,7 @@ from typing import Union
 
 import torch
 
-from fvtransform.errors import FormatError
+from fvtransform.errors import UsageError
 
 __all__ = ["Pattern", "matcher"]
 
@@ -39,7 +39,7 @@ def matcher(pattern: Pattern) -> Callable[[str, torch.Tensor], bool]:
     if isinstance(pattern, Collection):
         parts = [matcher(p) for p in pattern]
         return lambda key, t: any(p(key, t) for p in parts)
-    raise FormatError(
+    raise UsageError(
         f"expected a glob string, a compiled regex, a list of them or a predicate; "
         f"found {type(pattern).__name__}"
     )

@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from fvtransform.errors import KeyMismatchError, UsageError, format_keys
+from fvtransform.errors import KeyMismatchError, UsageError
+from fvtransform._messages import format_keys
 from fvtransform.tree._keymap import KeyMap, KeyMapLike
 from fvtransform.tree._match import Pattern, matcher
 from fvtransform.tree._paramtree import ParamTree
@@ -304,8 +305,6 @@ def update(
     out = dict(tree.items())
     for k, v in other.items():
         if not isinstance(v, torch.Tensor):
-            from fvtransform.errors import FormatError
-
-            raise FormatError(f"update: value for {k!r} is {type(v).__name__}, expected torch.Tensor")
+            raise UsageError(f"update: value for {k!r} is {type(v).__name__}, expected torch.Tensor")
         out[k] = v
     return ParamTree._wrap(out)

@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
-from fvtransform.errors import FormatError, ImmutableError, UsageError
+from fvtransform.errors import ImmutableError, UsageError
 from fvtransform.tree import _pytree
 
 __all__ = ["ParamTree", "state_keys", "human_bytes"]
@@ -89,12 +89,12 @@ class ParamTree(Mapping[str, torch.Tensor]):
             items = mapping.items() if isinstance(mapping, Mapping) else mapping
             for key, value in items:
                 if not isinstance(key, str):
-                    raise FormatError(
+                    raise UsageError(
                         f"ParamTree keys must be str; found {type(key).__name__} {key!r}. "
                         "Use dotted state-dict names such as 'blocks.0.attn1.to_q.weight'."
                     )
                 if not isinstance(value, torch.Tensor):
-                    raise FormatError(
+                    raise UsageError(
                         f"ParamTree values must be torch.Tensor; key {key!r} holds "
                         f"{type(value).__name__}. Convert it with torch.as_tensor first."
                     )
@@ -139,7 +139,8 @@ class ParamTree(Mapping[str, torch.Tensor]):
         try:
             return self._data[key]
         except KeyError:
-            from fvtransform.errors import KeyMismatchError, close_matches
+            from fvtransform.errors import KeyMismatchError
+            from fvtransform._messages import close_matches
 
             hint = close_matches(key, self._data)
             raise KeyMismatchError(
