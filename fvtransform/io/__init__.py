@@ -7,6 +7,7 @@ from fvtransform.io._load import Checkpoint, load, open_checkpoint
 from fvtransform.tree._mappings import REFERENCE_QKV_FUSE, WAN_DIFFUSERS_TO_ORIGINAL, WAN_ORIGINAL_TO_DIFFUSERS
 from fvtransform.io._model import LoadedModel, LoadNote, LoadReport, load_model
 from fvtransform.io._pipeline import pipeline_components
+from fvtransform.io._load_pipeline import Pipeline, PipelineEntry, load_pipeline
 from fvtransform.io._save import parse_size, save
 
 __all__ = [
@@ -16,6 +17,8 @@ __all__ = [
     "LoadNote",
     "LoadReport",
     "LoadedModel",
+    "Pipeline",
+    "PipelineEntry",
     "REFERENCE_QKV_FUSE",
     "TensorInfo",
     "WAN_DIFFUSERS_TO_ORIGINAL",
@@ -25,6 +28,7 @@ __all__ = [
     "find_weight_files",
     "load",
     "load_model",
+    "load_pipeline",
     "open_checkpoint",
     "parse_size",
     "pipeline_components",
