@@ -78,7 +78,7 @@ def bind(module: M, tree: Mapping[str, torch.Tensor], /) -> Iterator[M]:
                          f"{type(tree).__name__}. Fix: with fvt.bind(module, tree): ...")
     what = "fvt.bind: the tree"
     state, groups = _module_state(module)
-    tied = _complete_ties(module, tree, groups, what) if groups else {}
+    tied = _complete_ties(module, tree, groups, "fvt.bind's tree") if groups else {}
     missing = [k for k in state if k not in tree and k not in tied]
     unexpected = [k for k in tree if k not in state]
     if missing or unexpected:
