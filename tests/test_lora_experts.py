@@ -87,7 +87,7 @@ def test_keys_that_fit_neither_expert_are_named(experts, tmp_path):
 
 
 def test_a_one_expert_file_is_refused_strictly_and_empty_otherwise(experts, tmp_path):
-    name, (_m, tree, adapter) = "transformer", experts["transformer"]
+    name, (_m, _tree, adapter) = "transformer", experts["transformer"]
     f = fvt.lora.save(adapter, tmp_path / "one", format="diffusers", component=name)
     bases = {n: t for n, (_m, t, _a) in experts.items()}
     with pytest.raises(KeyMismatchError, match=r"carries no LoRA for expert\(s\) \['transformer_2'\].*Fix"):

@@ -100,7 +100,7 @@ def bind(module: M, tree: Mapping[str, torch.Tensor], /) -> Iterator[M]:
         for slots in (mod._parameters, mod._buffers):
             for name, old in slots.items():
                 if prefix + name in values:
-                    saved.append((slots, name, old, prefix + name))  # type: ignore[arg-type]
+                    saved.append((slots, name, old, prefix + name))
     try:
         for slots, name, _old, key in saved:
             slots[name] = values[key]

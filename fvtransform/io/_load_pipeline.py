@@ -66,7 +66,7 @@ class Pipeline(Mapping[str, LoadedModel]):
     attributes cannot be set); the trees in it are immutable too.
     """
 
-    __slots__ = ("_models", "folder", "entries", "config")
+    __slots__ = ("_models", "config", "entries", "folder")
 
     _models: Mapping[str, LoadedModel]
     folder: Path

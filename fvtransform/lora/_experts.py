@@ -28,6 +28,7 @@ import torch
 from fvtransform.errors import FormatError, KeyMismatchError, UsageError, format_keys
 from fvtransform.lora._adapter import LoraAdapter
 from fvtransform.lora._load import load
+from fvtransform.lora._report import ResolutionReport
 from fvtransform.lora._source import read_source
 
 __all__ = ["split_experts"]
@@ -103,9 +104,11 @@ def split_experts(
             out[name] = LoraAdapter({}, format="memory", metadata={"source": label, "expert": name})
             continue
         adapter = load(source, format=format, base=base, strict=False, component=name, weight_name=weight_name)
+        # set in LoraAdapter.__init__ with object.__setattr__ (not annotated on the class): read them as such
+        resolved: ResolutionReport = getattr(adapter, "report")
         mine = set(owned[name])
         others = {k for n, keys in owned.items() if n != name for k in keys}
-        leftover = [(k, why) for k, why in adapter.report.skipped if k not in others]
+        leftover = [(k, why) for k, why in resolved.skipped if k not in others]
         if leftover and strict:
             lines = "\n".join(f"  {k}: {why}" for k, why in sorted(leftover)[:20])
             raise KeyMismatchError(
@@ -113,7 +116,7 @@ def split_experts(
                 "Fix: pass the expert's own base tree in bases= (pipe[name].tree), format=, or strict=False to "
                 "load the rest and read adapter.report."
             )
-        report = attrs.evolve(adapter.report, skipped=tuple(leftover))
-        metadata: dict[str, Any] = {**adapter.metadata, "expert": name, "keys": len(mine)}
-        out[name] = LoraAdapter({k: adapter[k] for k in adapter}, format=adapter.format, metadata=metadata, report=report)
+        report = attrs.evolve(resolved, skipped=tuple(leftover))
+        metadata: dict[str, Any] = {**getattr(adapter, "metadata"), "expert": name, "keys": len(mine)}
+        out[name] = LoraAdapter({k: adapter[k] for k in adapter}, format=resolved.format, metadata=metadata, report=report)
     return out
