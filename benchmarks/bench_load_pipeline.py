@@ -100,8 +100,10 @@ def make(folder: Path, size: str, blocks: int, te_blocks: int) -> None:
         transformer = diffusers.WanTransformer3DModel(**dict(w.TRANSFORMER_1_3B, num_layers=blocks))
         text_encoder = transformers.UMT5EncoderModel(transformers.UMT5Config(**UMT5_XXL, num_layers=te_blocks))
     vae = diffusers.AutoencoderKLWan()  # the Wan2.1 VAE's config (diffusers' defaults)
+    text_encoder = _random(text_encoder, torch.bfloat16, 1)
+    text_encoder.encoder.embed_tokens.weight = text_encoder.shared.weight  # tied, as the class declares
     pipe = diffusers.WanPipeline(
-        tokenizer=w.tokenizer(), text_encoder=_random(text_encoder, torch.bfloat16, 1), vae=vae.to(torch.bfloat16),
+        tokenizer=w.tokenizer(), text_encoder=text_encoder, vae=vae.to(torch.bfloat16),
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
         transformer=_random(transformer, torch.bfloat16, 0),
     )
