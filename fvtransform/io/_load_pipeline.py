@@ -147,10 +147,10 @@ def _folder(path_or_repo_id: str | os.PathLike[str], wanted: list[str] | None, r
     return path
 
 
-def _failed(e: FvTransformError, where: str) -> FvTransformError:
-    """``e`` again, its message prefixed with the pipeline and component (same class, chained)."""
+def _failed(e: FvTransformError, where: str, fix: str = "") -> FvTransformError:
+    """``e`` again, its message prefixed with the pipeline and component (same class, chained), and ``fix`` added."""
     try:
-        return type(e)(f"{where}: {e}")
+        return type(e)(f"{where}: {e}" + (f". {fix}" if fix else ""))
     except Exception:  # a class with another signature: keep it as it is
         return e
 
@@ -238,6 +238,9 @@ def load_pipeline(
             )
         try:
             models[name] = load_model(sub, dtype=overrides.get(name, dtype), device=device, strict=strict)
+        except NotFoundError as e:  # a file of the component is missing: say what to fetch
+            raise _failed(e, f"{folder}: component {name!r} ({library}.{class_name})", f"Fix: complete {sub}/ as the "
+                          f"pipeline's repo has it (config.json and its weights), or leave {name!r} out of components=") from e
         except FvTransformError as e:
             raise _failed(e, f"{folder}: component {name!r} ({library}.{class_name})") from e
     return Pipeline(models, folder=folder, entries=entries, config=config)
