@@ -219,3 +219,10 @@ def test_a_tree_miss_through_get_searches_no_close_names(monkeypatch):
     tree = fvt.ParamTree({"a.weight": torch.zeros(1)})
     monkeypatch.setattr(fvtransform.errors, "close_matches", lambda *a, **k: pytest.fail("close_matches on a get miss"))
     assert tree.get("a.wieght") is None and tree.get("x", 1) == 1 and tree.get("a.weight") is tree["a.weight"]
+
+
+def test_an_empty_component_list_is_a_usage_error_not_a_whole_download(pipe_folder, fake_hub):
+    fake_hub.add_commit("org/tiny-wan22", _files(pipe_folder))
+    with pytest.raises(UsageError, match=r"components=\[\] names no component.*Fix: components=None"):
+        fvt.load_pipeline("org/tiny-wan22", [])
+    assert not [p for m, p in fake_hub.requests if "/resolve/" in p]  # nothing downloaded

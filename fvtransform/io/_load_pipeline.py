@@ -183,7 +183,7 @@ def load_pipeline(
     Raises:
         NotFoundError: no ``model_index.json``; a component not in the pipeline; a model component's folder,
             ``config.json`` or weights missing (the message names the pipeline and the component).
-        UsageError: ``components`` not a list of names, ``dtype`` not a ``torch.dtype``, a ``dtypes`` key
+        UsageError: ``components`` not a list of names (or empty), ``dtype`` not a ``torch.dtype``, a ``dtypes`` key
             that names no loaded model component.
         KeyMismatchError, ShapeMismatchError, FormatError, UnsafeFileError: as :func:`fvtransform.load_model`
             raises them for one component, prefixed with the pipeline and the component.
@@ -191,6 +191,9 @@ def load_pipeline(
     if isinstance(components, str) or (components is not None and not all(isinstance(c, str) for c in components)):
         raise UsageError(f"fvt.load_pipeline: components must be a list of names; found {components!r:.80}. "
                          'Fix: components=["transformer", "vae"]')
+    if components is not None and not components:  # for a repo id, [] would otherwise fetch everything
+        raise UsageError("fvt.load_pipeline: components=[] names no component. Fix: components=None for all of them, "
+                         'or name those to load: components=["transformer", "vae"]')
     _check_dtype(dtype, "dtype")
     overrides = dict(dtypes or {})
     for k, v in overrides.items():
