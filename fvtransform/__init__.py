@@ -14,8 +14,8 @@ torch.Size([1, 4, 2, 4, 4])
 """
 
 from fvtransform import errors, hub, io, lora, models, registry, transforms, tree
-from fvtransform.call import call, call_with_buffers
-from fvtransform.io import CheckReport, check, load, load_model, save
+from fvtransform.call import bind, call, call_with_buffers
+from fvtransform.io import CheckReport, check, load, load_model, load_pipeline, save
 from fvtransform.registry import REGISTRY, Registry, build, register, resolve
 from fvtransform.transforms import Transform, chain
 from fvtransform.tree import (
@@ -63,6 +63,7 @@ __all__ = [
     "Split",
     "Transform",
     "__version__",
+    "bind",
     "build",
     "call",
     "call_with_buffers",
@@ -77,6 +78,7 @@ __all__ = [
     "io",
     "load",
     "load_model",
+    "load_pipeline",
     "lora",
     "save",
     "map_tensors",

@@ -13,6 +13,7 @@ from fvtransform.tree._mappings import (
 from fvtransform.io._model import LoadedModel, LoadNote, LoadReport, load_model
 from fvtransform.io._original import detect_layout, original_key_map
 from fvtransform.io._pipeline import pipeline_components
+from fvtransform.io._load_pipeline import Pipeline, PipelineEntry, load_pipeline
 from fvtransform.io._save import save
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "LoadNote",
     "LoadReport",
     "LoadedModel",
+    "Pipeline",
+    "PipelineEntry",
     "REFERENCE_QKV_FUSE",
     "TensorInfo",
     "WAN_DIFFUSERS_TO_ORIGINAL",
@@ -30,6 +33,7 @@ __all__ = [
     "hunyuan_video_original_to_diffusers",
     "load",
     "load_model",
+    "load_pipeline",
     "open_checkpoint",
     "original_key_map",
     "pipeline_components",

@@ -26,10 +26,12 @@ from pathlib import Path
 import re
 
 from fvtransform._json import read_json_file
-from fvtransform.errors import FormatError, NotFoundError, UnsafeFileError
+from typing import Any
+
+from fvtransform.errors import FormatError, NotFoundError, UnsafeFileError, close_matches
 from fvtransform.io._open import contained
 
-__all__ = ["MODEL_INDEX", "pipeline_components", "require_components", "check_component_name"]
+__all__ = ["MODEL_INDEX", "pipeline_components", "read_pipeline_index", "require_components", "check_component_name"]
 
 #: The file that makes a folder a diffusers pipeline.
 MODEL_INDEX = "model_index.json"
@@ -67,13 +69,26 @@ def pipeline_components(
             not a plain folder name.
         FormatError: not a JSON object, over a bound, an entry that is not ``[library, class]``.
     """
+    return read_pipeline_index(folder, source=source)[0]
+
+
+def read_pipeline_index(
+    folder: str | os.PathLike[str], *, source: str | None = None
+) -> tuple[dict[str, tuple[str, str] | None], dict[str, Any]]:
+    """:func:`pipeline_components` and the index's other fields (``_class_name``, ``boundary_ratio``, ...).
+
+    A field whose value is a list is a component; every other value (a number, a string, a bool, and the
+    ``_``-prefixed fields) is the pipeline's own configuration. ``null`` is an absent component.
+    """
     folder = folder if isinstance(folder, Path) else Path(folder)
     index = contained(folder, MODEL_INDEX, "pipeline index")
     doc = read_json_file(index, expect=dict)
     where = source if source is not None else str(index)
     out: dict[str, tuple[str, str] | None] = {}
+    config: dict[str, Any] = {}
     for name, entry in doc.items():
-        if name.startswith("_"):  # the pipeline's own fields: _class_name, _diffusers_version
+        if name.startswith("_") or not (entry is None or isinstance(entry, list)):
+            config[name] = entry  # the pipeline's own fields: _class_name, _diffusers_version, boundary_ratio
             continue
         check_component_name(name, source=where)
         if entry is None or (isinstance(entry, list) and len(entry) == 2 and (entry[0] is None or entry[1] is None)):
@@ -85,7 +100,7 @@ def pipeline_components(
                 f"{where}: key {name!r} must be [library, class] (two strings, or two nulls for an absent "
                 f"component); found {entry!r:.80}"
             )
-    return out
+    return out, config
 
 
 def require_components(
@@ -95,7 +110,9 @@ def require_components(
     present = sorted(k for k, v in components.items() if v is not None)
     for c in wanted:
         if c not in components:
-            raise NotFoundError(f"{source}: the pipeline has no component {c!r}; components: {present}")
+            near = close_matches(c, components) if isinstance(c, str) else []
+            hint = f"; did you mean {near}?" if near else ""
+            raise NotFoundError(f"{source}: the pipeline has no component {c!r}; components: {present}{hint}")
         if components[c] is None:
             raise NotFoundError(
                 f"{source}: component {c!r} is absent in this pipeline (its entry is null); components: {present}"

@@ -14,6 +14,7 @@ from fvtransform.lora._compiled import call_factors, factors, pad_rank
 from fvtransform.lora._combine import combine, random_adapter, scale_adapter
 from fvtransform.lora._extract import ExtractReport, compress, compress_with_report, extract, extract_with_report
 from fvtransform.lora._detect import detect_format
+from fvtransform.lora._experts import split_experts
 from fvtransform.lora._format_table import FORMATS
 from fvtransform.lora._load import load
 from fvtransform.lora._report import ResolutionReport
@@ -49,5 +50,6 @@ __all__ = [
     "restore",
     "save",
     "scale_adapter",
+    "split_experts",
     "unmerge",
 ]

@@ -157,6 +157,10 @@ class ParamTree(Mapping[str, torch.Tensor]):
     def __contains__(self, key: object) -> bool:
         return key in self._data
 
+    def get(self, key: str, default: Any = None) -> Any:
+        """``tree[key]``, or ``default`` when absent (a plain lookup: no close-name search for the error)."""
+        return self._data.get(key, default)
+
     # Immutability ------------------------------------------------------------
     def __setitem__(self, key: str, value: Any) -> NoReturn:
         raise ImmutableError(
