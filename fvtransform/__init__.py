@@ -14,7 +14,7 @@ torch.Size([1, 4, 2, 4, 4])
 """
 
 from fvtransform import errors, hub, io, lora, models, registry, transforms, tree
-from fvtransform.call import bind, call, call_with_buffers
+from fvtransform._call import bind, call, call_with_buffers
 from fvtransform.io import CheckReport, check, load, load_model, load_pipeline, save
 from fvtransform.registry import REGISTRY, Registry, build, register, resolve
 from fvtransform.transforms import Transform, chain

@@ -41,7 +41,6 @@ UNLISTED: dict[str, dict[str, str]] = {
         "get_plan": "pass plan='fsdp', 'tp' or a ShardPlan to fvt.shard(tree, mesh, plan) or fvt.load(path, mesh=, plan=)",
         "chunk_range": "fvt.shard(tree, mesh, plan) slices each tensor; ShardPlan.bytes_per_rank(...) sizes the slices",
     },
-    "call": {"check_keys": "fvt.check(tree, module) compares a tree with a module's state keys"},
 }
 
 

@@ -34,7 +34,7 @@ SECTIONS = [
     ("Errors", "errors", "reference/errors.md"),
 ]
 #: Public modules whose names all live elsewhere on the page (re-exports), and the command line.
-SKIPPED = {"call": "fvt.call and fvt.call_with_buffers", "cli": "the console script"}
+SKIPPED = {"cli": "the console script"}
 
 
 def _first_line(obj: object) -> str:

@@ -214,10 +214,10 @@ def test_repo_id_downloads_only_the_requested_components(pipe_folder, fake_hub):
 def test_a_tree_miss_through_get_searches_no_close_names(monkeypatch):
     """``tree.get`` is how loaders ask "is it there?" for every slot of a module (load_model's dtype pass):
     a miss must cost a dict lookup, not a difflib search over every key (0.13 s of a tiny pipeline's 0.45 s)."""
-    import fvtransform.errors
+    import fvtransform._messages
 
     tree = fvt.ParamTree({"a.weight": torch.zeros(1)})
-    monkeypatch.setattr(fvtransform.errors, "close_matches", lambda *a, **k: pytest.fail("close_matches on a get miss"))
+    monkeypatch.setattr(fvtransform._messages, "close_matches", lambda *a, **k: pytest.fail("close_matches on a get miss"))
     assert tree.get("a.wieght") is None and tree.get("x", 1) == 1 and tree.get("a.weight") is tree["a.weight"]
 
 

@@ -58,12 +58,10 @@ PUBLIC = {
         "Fuse", "KeyMap", "MappingPlan", "ParamTree", "Pattern", "Rename", "Split", "cast", "combine", "drop",
         "map_tensors", "partition", "rename", "select", "tensors_equal", "to", "update",
     },
-    "call": {"bind", "call", "call_with_buffers"},
     "cli": {"main"},
 }
 #: Public modules that ``import fvtransform as fvt`` does not make ``fvt.X`` modules, and why.
 NOT_ATTRIBUTES = {
-    "call": "fvt.call is the function; the module is imported as fvtransform.call",
     "cli": "imported by the console script (fvtransform = fvtransform.cli:main), not by the package",
 }
 

@@ -24,13 +24,14 @@ import importlib
 import os
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import attrs
 import torch
 from torch import nn
 
-from fvtransform.errors import FvTransformError, ImmutableError, NotFoundError, UsageError, close_matches
+from fvtransform._messages import close_matches
+from fvtransform.errors import FvTransformError, ImmutableError, NotFoundError, UsageError
 from fvtransform.io._declared import LoadedModel
 from fvtransform.io._model import load_model
 from fvtransform.io._open import contained
@@ -71,10 +72,10 @@ class Pipeline(Mapping[str, LoadedModel]):
     _models: Mapping[str, LoadedModel]
     folder: Path
     entries: Mapping[str, PipelineEntry]
-    config: Mapping[str, Any]
+    config: Mapping[str, object]
 
     def __init__(self, models: Mapping[str, LoadedModel], *, folder: Path, entries: Mapping[str, PipelineEntry],
-                 config: Mapping[str, Any]) -> None:
+                 config: Mapping[str, object]) -> None:
         object.__setattr__(self, "_models", MappingProxyType(dict(models)))
         object.__setattr__(self, "folder", folder)
         object.__setattr__(self, "entries", MappingProxyType(dict(entries)))

@@ -28,7 +28,8 @@ import re
 from fvtransform._json import read_json_file
 from typing import Any
 
-from fvtransform.errors import FormatError, NotFoundError, UnsafeFileError, close_matches
+from fvtransform._messages import close_matches
+from fvtransform.errors import FormatError, NotFoundError, UnsafeFileError
 from fvtransform.io._open import contained
 
 __all__ = ["MODEL_INDEX", "pipeline_components", "read_pipeline_index", "require_components", "check_component_name"]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from fvtransform._messages import format_keys
-from fvtransform.call._call import Out, _Forward, _prepare
+from fvtransform._call._call import Out, _Forward, _prepare
 from fvtransform.errors import KeyMismatchError, UsageError
 from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LowRank
 from fvtransform.lora._dora import dense_delta, dora_factor

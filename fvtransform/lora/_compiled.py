@@ -21,7 +21,7 @@ from typing import Any, cast
 import attrs
 import torch
 
-from fvtransform.call._call import Out, _Forward
+from fvtransform._call._call import Out, _Forward
 from fvtransform.errors import KeyMismatchError, ShapeMismatchError, UsageError
 from fvtransform.lora._adapter import LoraAdapter, LowRank
 from fvtransform.lora._merge import AdapterSet, normalize_adapters
@@ -132,7 +132,7 @@ def call_factors(module: _Forward[Out], tree: Mapping[str, torch.Tensor], fac: F
     ``torch.compile(lambda t, f, x: fvt.lora.call_factors(m, t, f, x))``: a
     new adapter with the same targets and padded rank reuses the graph.
     """
-    from fvtransform.call._call import _prepare
+    from fvtransform._call._call import _prepare
 
     mod = cast(torch.nn.Module, module)  # _Forward[Out] is an nn.Module as the type checker sees its forward
     params, _ = _prepare(mod, tree)

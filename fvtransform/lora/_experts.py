@@ -25,7 +25,8 @@ from typing import Any
 import attrs
 import torch
 
-from fvtransform.errors import FormatError, KeyMismatchError, UsageError, format_keys
+from fvtransform._messages import format_keys
+from fvtransform.errors import FormatError, KeyMismatchError, UsageError
 from fvtransform.lora._adapter import LoraAdapter
 from fvtransform.lora._load import load
 from fvtransform.lora._report import ResolutionReport

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import torch
 from torch import nn
@@ -14,6 +14,8 @@ from fvtransform.tree import _pytree
 
 __all__ = ["ParamTree", "state_keys", "human_bytes"]
 
+
+_D = TypeVar("_D")
 
 def human_bytes(n: int) -> str:
     """Format a byte count the way people read it.
@@ -157,7 +159,7 @@ class ParamTree(Mapping[str, torch.Tensor]):
     def __contains__(self, key: object) -> bool:
         return key in self._data
 
-    def get(self, key: str, default: Any = None) -> Any:
+    def get(self, key: str, default: _D | None = None) -> torch.Tensor | _D | None:  # type: ignore[override]
         """``tree[key]``, or ``default`` when absent (a plain lookup: no close-name search for the error)."""
         return self._data.get(key, default)
 

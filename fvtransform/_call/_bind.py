@@ -28,8 +28,9 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from fvtransform.call._call import _as_module, _check_tensors, _complete_ties, _key_error, _module_state
-from fvtransform.errors import ImmutableError, UsageError, format_keys
+from fvtransform._call._call import _as_module, _check_tensors, _complete_ties, _key_error, _module_state
+from fvtransform._messages import format_keys
+from fvtransform.errors import ImmutableError, UsageError
 
 __all__ = ["bind"]
 
