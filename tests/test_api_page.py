@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 import re
 import subprocess
 import sys
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import api_index  # noqa: E402
-
-sys.path.remove(str(ROOT / "scripts"))
+_spec = importlib.util.spec_from_file_location("api_index", ROOT / "scripts" / "api_index.py")
+assert _spec is not None and _spec.loader is not None
+api_index = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(api_index)
 
 
 def test_the_api_page_and_reference_pages_are_current():
