@@ -482,7 +482,7 @@ def test_merge_checkpoint_takes_the_cli_dtype_names_and_refuses_others(tmp_path)
     out = fvt.lora.merge_checkpoint(tmp_path / "b.safetensors", _adapter(tree), tmp_path / "o.safetensors", dtype="bf16")
     assert {t.dtype for t in fvt.load(out).values()} == {torch.bfloat16}
     for bad in ("int8", torch.int8, "float64x"):
-        with pytest.raises(E.FormatError, match=r"dtype .*: expected a floating torch.dtype or one of \['bf16', 'bfloat16'"):
+        with pytest.raises(E.UsageError, match=r"dtype .*: expected a floating torch.dtype or one of \['bf16', 'bfloat16'"):
             fvt.lora.merge_checkpoint(tmp_path / "b.safetensors", _adapter(tree), tmp_path / "p.safetensors", dtype=bad)
     assert not (tmp_path / "p.safetensors").exists()
 

@@ -58,8 +58,8 @@ class LowRank:
 
     ``magnitude`` is DoRA's magnitude, when present: ``[out]`` per output row
     (PEFT, LyCORIS' default) or ``[1, in]`` per input column (LyCORIS
-    ``wd_on_output=False``); :func:`fvtransform.lora._dora.canonical_magnitude`
-    brings a file's tensor to one of these. ``dora_eps`` is added to DoRA's
+    ``wd_on_output=False``); the file loaders
+    bring a file's tensor to one of these. ``dora_eps`` is added to DoRA's
     norms: 0 for PEFT, float32's epsilon for LyCORIS/ComfyUI ``dora_scale``
     files (``DORA_EPS``), as each tool computes it.
     ``alpha`` is what the file said (for writing it back); ``scale`` is what counts.
