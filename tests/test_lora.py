@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fvtransform as fvt
-from fvtransform.errors import FormatError, KeyMismatchError, NumericError, ShapeMismatchError
+from fvtransform.errors import FormatError, KeyMismatchError, NumericError, ShapeMismatchError, UsageError
 from fvtransform.lora import FullDelta, LoraAdapter, LowRank
 
 from _helpers import assert_unchanged, snapshot
@@ -214,11 +214,11 @@ def test_donation_is_refused_for_tied_keys_and_for_views_of_one_storage():
 
 def test_flags_that_changed_the_return_type_are_gone_and_name_the_call_to_make(tree):
     a = adapter_for(tree)
-    with pytest.raises(FormatError, match=r"merge\(\) has no return_record=.*Call fvt.lora.merge_with_record\(tree, adapters, scale\)"):
+    with pytest.raises(UsageError, match=r"merge\(\) has no return_record=.*Call fvt.lora.merge_with_record\(tree, adapters, scale\)"):
         fvt.lora.merge(tree, a, return_record=True)
-    with pytest.raises(FormatError, match=r"extract\(\) has no return_report=.*Call fvt.lora.extract_with_report\("):
+    with pytest.raises(UsageError, match=r"extract\(\) has no return_report=.*Call fvt.lora.extract_with_report\("):
         fvt.lora.extract(tree, tree, rank=2, return_report=True)
-    with pytest.raises(FormatError, match=r"compress\(\) has no return_report=.*Call fvt.lora.compress_with_report\(adapter, rank\)"):
+    with pytest.raises(UsageError, match=r"compress\(\) has no return_report=.*Call fvt.lora.compress_with_report\(adapter, rank\)"):
         fvt.lora.compress(a, 2, return_report=True)
     merged, record = fvt.lora.merge_with_record(tree, a)
     assert isinstance(fvt.lora.merge(tree, a), fvt.ParamTree) and merged == fvt.lora.merge(tree, a)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 import functools
 from typing import ParamSpec, TypeVar
 
-from fvtransform.errors import FormatError
+from fvtransform.errors import UsageError
 
 __all__ = ["moved_keywords"]
 
@@ -23,7 +23,7 @@ def moved_keywords(**calls: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     >>> merge(1, return_record=True)
     Traceback (most recent call last):
     ...
-    fvtransform.errors.FormatError: merge() has no return_record=; a flag does not change what a call returns. Call fvt.lora.merge_with_record(tree, adapters) instead
+    fvtransform.errors.UsageError: merge() has no return_record=; a flag does not change what a call returns. Call fvt.lora.merge_with_record(tree, adapters) instead
     """
 
     def wrap(fn: Callable[P, R]) -> Callable[P, R]:
@@ -31,7 +31,7 @@ def moved_keywords(**calls: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
         def checked(*args: P.args, **kwargs: P.kwargs) -> R:
             for name, call in calls.items():
                 if name in kwargs:
-                    raise FormatError(f"{fn.__name__}() has no {name}=; a flag does not change what a call returns. Call {call} instead")
+                    raise UsageError(f"{fn.__name__}() has no {name}=; a flag does not change what a call returns. Call {call} instead")
             return fn(*args, **kwargs)
 
         return checked
