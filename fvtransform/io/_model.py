@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fvtransform._json import read_json_file
+from fvtransform._dtypes import DTypeLike, as_dtype
 from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, ShapeMismatchError, UsageError, format_keys
 from fvtransform.io._check import check
 from fvtransform.io._declared import (
@@ -231,7 +232,7 @@ def load_model(
     path_or_repo_id: str | os.PathLike[str],
     component: str | None = None,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: DTypeLike | None = None,
     device: torch.device | str = "cpu",
     strict: bool = True,
     revision: str | None = None,
@@ -264,7 +265,7 @@ def load_model(
     unexpected key raises; with ``strict=False`` they are warned about and
     listed in the report. Shape mismatches always raise.
 
-    ``dtype=None`` keeps the checkpoint's dtypes (no copies). With a ``dtype``,
+    ``dtype=None`` keeps the checkpoint's dtypes (no copies). With a ``dtype`` (or its name, ``"bfloat16"``),
     floating tensors are cast to it except the modules the class keeps in
     float32 (``_keep_in_fp32_modules``, applied as diffusers or transformers
     apply it); ``keep_fp32=False`` casts those too.
@@ -282,6 +283,7 @@ def load_model(
     ``fvtransform.io.original_key_map(path, config)`` gives that map; its
     ``.inverse()`` writes a tree back in the original layout.
     """
+    dtype = None if dtype is None else as_dtype(dtype)
     if config is not None or layout is not None or _is_single_file(path_or_repo_id):
         from fvtransform.io._original import load_single_file
 
