@@ -8,7 +8,7 @@ import attrs
 import torch
 from torch import nn
 
-from fvtransform.errors import KeyMismatchError, ShapeMismatchError, format_keys
+from fvtransform.errors import FvTransformError, KeyMismatchError, ShapeMismatchError, UsageError, format_keys
 from fvtransform.tree._paramtree import ParamTree
 
 __all__ = ["CheckReport", "check"]
@@ -51,18 +51,32 @@ def check(
 ) -> CheckReport:
     """Compare ``tree`` with a module's state (or another tree): keys, shapes and, with ``dtypes=True``, dtypes.
 
-    Every difference is reported at once. With ``strict=True`` any difference
-    raises (:class:`KeyMismatchError` when keys differ, else
-    :class:`ShapeMismatchError`); with ``strict=False`` the report is returned.
+    Every difference is reported at once, and the result is always the
+    :class:`CheckReport`. ``strict`` concerns keys only, as in
+    ``load_state_dict``: with ``strict=True`` a missing or unexpected key
+    raises :class:`KeyMismatchError`; with ``strict=False`` they are listed
+    in the report. A shape mismatch (and, with ``dtypes=True``, a dtype
+    mismatch) always raises :class:`ShapeMismatchError`; the error carries the
+    full report as ``.report``.
 
     >>> import torch, fvtransform as fvt
     >>> lin = torch.nn.Linear(3, 2)
-    >>> fvt.check({"weight": torch.zeros(2, 4)}, lin, strict=False).missing
+    >>> fvt.check({"weight": torch.zeros(2, 3)}, lin, strict=False).missing
     ('bias',)
-    >>> print(fvt.check({"weight": torch.zeros(2, 4)}, lin, strict=False))
+    >>> print(fvt.check({"weight": torch.zeros(2, 3)}, lin, strict=False))
     missing (1): ['bias']
+    >>> fvt.check({"weight": torch.zeros(2, 4), "bias": torch.zeros(2)}, lin, strict=False)
+    Traceback (most recent call last):
+    ...
+    fvtransform.errors.ShapeMismatchError: tree does not match:
     shape of 'weight': expected [2, 3], found [2, 4]
+    Fix: load the matching checkpoint, or reshape or drop the key (fvt.map_tensors / fvt.drop).
     """
+    if isinstance(tree, nn.Module) or (isinstance(module_or_tree, Mapping) and not isinstance(tree, Mapping)):
+        raise UsageError(
+            f"fvt.check(tree, module_or_tree) takes the tree first; found {type(tree).__name__} first. "
+            "Call fvt.check(tree, module)"
+        )
     if isinstance(module_or_tree, nn.Module):
         reference: Mapping[str, torch.Tensor] = ParamTree.from_module(module_or_tree)
     else:
@@ -78,10 +92,18 @@ def check(
         if dtypes and a.dtype != b.dtype:
             dts.append((k, a.dtype, b.dtype))
     report = CheckReport(missing, unexpected, tuple(shapes), tuple(dts))
-    if strict and not report.ok:
-        cls = KeyMismatchError if (missing or unexpected) else ShapeMismatchError
-        raise cls(
+    err: FvTransformError
+    if strict and (missing or unexpected):
+        err = KeyMismatchError(
             "tree does not match:\n" + str(report) + "\nFix: rename keys (fvt.rename / KeyMap), load the matching "
-            "checkpoint, or pass strict=False to get this report instead."
+            "checkpoint, or pass strict=False to list missing and unexpected keys in the report instead."
         )
-    return report
+    elif shapes or dts:
+        err = ShapeMismatchError(
+            "tree does not match:\n" + str(report) + "\nFix: load the matching checkpoint, or reshape or drop the "
+            "key (fvt.map_tensors / fvt.drop)."
+        )
+    else:
+        return report
+    err.report = report  # type: ignore[attr-defined]
+    raise err
