@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import attrs
 import torch
 
-from fvtransform.errors import FormatError
+from fvtransform.errors import FormatError, UsageError
 from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LoraAdapter, LowRank
 from fvtransform.tree._match import Pattern, matcher
 
@@ -69,6 +69,11 @@ def combine(pairs: Sequence[tuple[LoraAdapter, float]]) -> LoraAdapter:
 
 def scale_adapter(adapter: LoraAdapter, weight: float) -> LoraAdapter:
     """The same adapter with every scale multiplied by ``weight``."""
+    if not isinstance(adapter, LoraAdapter) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise UsageError(
+            f"fvt.lora.scale_adapter(adapter, weight) takes the adapter and a number; found "
+            f"{type(adapter).__name__}, {type(weight).__name__}. Call fvt.lora.scale_adapter(adapter, 0.5)"
+        )
     out: dict[str, Delta] = {}
     for k, d in adapter.items():
         if isinstance(d, FullDelta) and d.replaces:
