@@ -58,7 +58,7 @@ def load(
     >>> file = {"l.lora_A.weight": torch.zeros(2, 3), "l.lora_B.weight": torch.zeros(4, 2),
     ...         "other.lora_A.weight": torch.zeros(2, 3), "other.lora_B.weight": torch.zeros(4, 2)}
     >>> adapter = fvt.lora.load(file, base=base, strict=False)
-    >>> adapter.targets, [key for key, why in adapter.report.skipped]
+    >>> list(adapter), [key for key, why in adapter.report.skipped]
     (['l.weight'], ['other.lora_A.weight', 'other.lora_B.weight'])
     """
     if base is not None and isinstance(base, torch.nn.Module):
