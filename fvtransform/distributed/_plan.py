@@ -9,7 +9,7 @@ printed, tested and its per-rank bytes predicted anywhere.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 import itertools
 import math
 from typing import Any, Union
@@ -61,6 +61,10 @@ def _show(p: Shard | Replicate) -> str:
     return f"Shard({p.dim})" if isinstance(p, Shard) else "Replicate()"
 
 
+def _indices(indices: Iterable[int]) -> frozenset[int]:
+    return frozenset(indices)
+
+
 class ResolvedPlan(dict[str, Placements]):
     """A resolved :class:`ShardPlan`: placements per key, and ``unused_rules``, the required rules that matched no key.
 
@@ -92,7 +96,7 @@ class ShardPlan:
     rules: tuple[tuple[Pattern, Placements], ...]
     default: Placements | None = None
     name: str = "custom"
-    optional: frozenset[int] = attrs.field(default=frozenset(), converter=frozenset)
+    optional: frozenset[int] = attrs.field(default=frozenset(), converter=_indices)
 
     def __repr__(self) -> str:
         lines = [f"ShardPlan {self.name!r}:"]

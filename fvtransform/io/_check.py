@@ -105,5 +105,5 @@ def check(
         )
     else:
         return report
-    err.report = report  # type: ignore[attr-defined]
+    err.report = report  # type: ignore[union-attr]
     raise err
