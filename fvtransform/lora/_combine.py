@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import attrs
 import torch
 
+from fvtransform._dtypes import DTypeLike, as_dtype
 from fvtransform.errors import FormatError, UsageError
 from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LoraAdapter, LowRank
 from fvtransform.tree._match import Pattern, matcher
@@ -89,7 +90,7 @@ def random_adapter(
     rank: int,
     alpha: float | None = None,
     seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: DTypeLike = torch.float32,
     scale_b: float = 0.01,
 ) -> LoraAdapter:
     """A seeded random adapter for the matching 2-D+ weights of ``tree`` (for demos and tests).
@@ -99,6 +100,7 @@ def random_adapter(
     >>> random_adapter(t, targets="*.weight", rank=2).ranks
     {'l.weight': 2}
     """
+    dtype = as_dtype(dtype)
     gen = torch.Generator().manual_seed(seed)
     m = matcher(targets)
     out: dict[str, Delta] = {}
