@@ -123,6 +123,9 @@ def test_merge_scale_is_given_one_way_and_is_a_number() -> None:
         fvt.lora.merge(tree, a, "0.5")  # type: ignore[arg-type]
     with pytest.raises(UsageError, match=r"a pair's scale must be a number"):
         fvt.lora.merge(tree, [(a, "0.5")])  # type: ignore[list-item]
+    for build in (fvt.transforms.merge_lora, fvt.transforms.unmerge_lora):
+        with pytest.raises(UsageError, match=r"scale must be a number"):
+            build(a, "0.5")  # type: ignore[arg-type]  # checked when the step is built
     assert fvt.lora.merge(tree, [(a, 0.5)]) == fvt.lora.merge(tree, a, 0.5)
     assert fvt.lora.merge(tree, [a], 0.5) == fvt.lora.merge(tree, a, 0.5)  # bare adapters take the scale
 
