@@ -11,7 +11,7 @@ from torch import nn
 from fvtransform.errors import FvTransformError, KeyMismatchError, ShapeMismatchError, UsageError, format_keys
 from fvtransform.tree._paramtree import ParamTree
 
-__all__ = ["CheckReport", "check"]
+__all__ = ["CheckReport", "check", "compare"]
 
 
 @attrs.frozen
@@ -77,6 +77,29 @@ def check(
             f"fvt.check(tree, module_or_tree) takes the tree first; found {type(tree).__name__} first. "
             "Call fvt.check(tree, module)"
         )
+    report = compare(tree, module_or_tree, dtypes=dtypes)
+    missing, unexpected = report.missing, report.unexpected
+    err: FvTransformError
+    if strict and (missing or unexpected):
+        err = KeyMismatchError(
+            "tree does not match:\n" + str(report) + "\nFix: rename keys (fvt.rename / KeyMap), load the matching "
+            "checkpoint, or pass strict=False to list missing and unexpected keys in the report instead."
+        )
+    elif report.shape_mismatches or report.dtype_mismatches:
+        err = ShapeMismatchError(
+            "tree does not match:\n" + str(report) + "\nFix: load the matching checkpoint, or reshape or drop the "
+            "key (fvt.map_tensors / fvt.drop)."
+        )
+    else:
+        return report
+    err.report = report  # type: ignore[union-attr]
+    raise err
+
+
+def compare(
+    tree: Mapping[str, torch.Tensor], module_or_tree: nn.Module | Mapping[str, torch.Tensor], *, dtypes: bool = False
+) -> CheckReport:
+    """The :class:`CheckReport` of :func:`check`, never raising (for callers that raise their own error)."""
     if isinstance(module_or_tree, nn.Module):
         reference: Mapping[str, torch.Tensor] = ParamTree.from_module(module_or_tree)
     else:
@@ -91,19 +114,4 @@ def check(
             shapes.append((k, tuple(a.shape), tuple(b.shape)))
         if dtypes and a.dtype != b.dtype:
             dts.append((k, a.dtype, b.dtype))
-    report = CheckReport(missing, unexpected, tuple(shapes), tuple(dts))
-    err: FvTransformError
-    if strict and (missing or unexpected):
-        err = KeyMismatchError(
-            "tree does not match:\n" + str(report) + "\nFix: rename keys (fvt.rename / KeyMap), load the matching "
-            "checkpoint, or pass strict=False to list missing and unexpected keys in the report instead."
-        )
-    elif shapes or dts:
-        err = ShapeMismatchError(
-            "tree does not match:\n" + str(report) + "\nFix: load the matching checkpoint, or reshape or drop the "
-            "key (fvt.map_tensors / fvt.drop)."
-        )
-    else:
-        return report
-    err.report = report  # type: ignore[union-attr]
-    raise err
+    return CheckReport(missing, unexpected, tuple(shapes), tuple(dts))

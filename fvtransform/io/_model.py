@@ -15,7 +15,7 @@ from torch import nn
 from fvtransform._json import read_json_file
 from fvtransform._dtypes import DTypeLike, as_dtype
 from fvtransform.errors import FormatError, KeyMismatchError, NotFoundError, ShapeMismatchError, UsageError, format_keys
-from fvtransform.io._check import check
+from fvtransform.io._check import compare
 from fvtransform.io._declared import (
     LoadedModel,
     LoadNote,
@@ -318,7 +318,7 @@ def load_built(
     tree = _place(data, module, lib, dtype, torch.device(device), keep_fp32, notes)
     if dtype is not None:
         _retype_meta(module, tree)
-    report = check(tree, module, strict=False)
+    report = compare(tree, module)
     if report.shape_mismatches or (strict and not report.ok):
         cls = ShapeMismatchError if report.shape_mismatches else KeyMismatchError
         raise cls(
