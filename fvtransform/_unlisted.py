@@ -31,7 +31,11 @@ UNLISTED: dict[str, dict[str, str]] = {
         "matcher": "fvt.select(tree, pattern) and fvt.partition(tree, pattern) match keys against a Pattern",
         "state_keys": "fvt.check(tree, module) compares a tree with a module's state keys",
     },
-    "transforms": {"as_transform": "fvt.chain(fn, ...) takes any callable tree -> tree as a step"},
+    "transforms": {
+        "as_transform": "fvt.chain(fn, ...) takes any callable tree -> tree as a step",
+        "merge": "the LoRA merge step is fvt.transforms.merge_lora(adapters, scale)",
+        "unmerge": "the LoRA unmerge step is fvt.transforms.unmerge_lora(adapters, scale)",
+    },
     "registry": {
         "BUILTIN_ENTRIES": "fvt.REGISTRY.names() lists the registered architectures, the built-in ones included",
         "install_builtins": "fvt.REGISTRY holds the built-in architectures already",

@@ -181,15 +181,19 @@ def test_check_reports_everything(model, tree):
     assert fvt.check(tree, model).ok
     bad = fvt.update(fvt.drop(tree, "proj_out.bias"), {"extra": torch.zeros(1)}, allow_new=True)
     bad = fvt.update(bad, {"proj_out.weight": torch.zeros(2, 2)})
-    report = fvt.check(bad, model, strict=False)
+    with pytest.raises(ShapeMismatchError, match="shape of 'proj_out.weight'") as info:
+        fvt.check(bad, model, strict=False)  # strict concerns keys; a shape mismatch always raises
+    report = info.value.report
     assert report.missing == ("proj_out.bias",) and report.unexpected == ("extra",)
     assert report.shape_mismatches[0][0] == "proj_out.weight"
     with pytest.raises(KeyMismatchError, match="missing"):
         fvt.check(bad, model)
     with pytest.raises(ShapeMismatchError, match="shape of 'proj_out.weight'"):
         fvt.check(fvt.update(tree, {"proj_out.weight": torch.zeros(2, 2)}), model)
-    d = fvt.check(fvt.cast(tree, torch.float16), tree, strict=False, dtypes=True)
-    assert d.dtype_mismatches and not d.shape_mismatches
+    with pytest.raises(ShapeMismatchError, match="dtype of") as info:
+        fvt.check(fvt.cast(tree, torch.float16), tree, strict=False, dtypes=True)
+    assert info.value.report.dtype_mismatches and not info.value.report.shape_mismatches
+    assert fvt.check(fvt.drop(tree, "proj_out.bias"), model, strict=False).missing == ("proj_out.bias",)
 
 
 def test_load_model_reference_folder_and_pipeline(tmp_path, model, tree, inputs):

@@ -41,7 +41,7 @@ def _peft(path: Path, cfg: dict, module: str = "l", magnitude: bool = False) -> 
 def test_peft_configs_that_target_the_module_load(tmp_path, module, cfg):
     folder = _peft(tmp_path / "a", cfg, module)
     a = fvt.lora.load(folder, base=fvt.ParamTree({module + ".weight": W}))
-    assert a.targets == [module + ".weight"] and a[module + ".weight"].scale == 1.0
+    assert list(a) == [module + ".weight"] and a[module + ".weight"].scale == 1.0
 
 
 @pytest.mark.parametrize("module, cfg, match", [

@@ -47,7 +47,7 @@ PUBLIC = {
                    "unmerge_lora", "update"},
     "registry": {"REGISTRY", "Registry", "build", "meta_parameters", "register", "resolve", "BuildLimits",
                  "LAYOUTS", "Layout", "layout", "layout_names"},
-    "distributed": {"ShardPlan", "fsdp_plan", "shard", "tp_plan", "unshard"},
+    "distributed": {"ResolvedPlan", "ShardPlan", "fsdp_plan", "shard", "tp_plan", "unshard"},
     "errors": {
         "FormatError", "FvTransformError", "HubError", "ImmutableError", "IntegrityError", "KeyMismatchError",
         "MissingDependencyError", "NotFoundError", "NumericError", "PlanError", "RegistryError", "ShapeMismatchError",

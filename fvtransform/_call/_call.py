@@ -33,14 +33,14 @@ class _Forward(Protocol[Out]):
     def forward(self, *args: Any, **kwargs: Any) -> Out: ...
 
 
-def _as_module(module: object, tree: object, fn: str) -> nn.Module:
+def _as_module(module: object, tree: object, fn: str, rest: str = "*args, **kwargs") -> nn.Module:
     """``module`` itself, or an error that shows the call (trees and modules swapped is the usual slip)."""
     if isinstance(module, nn.Module):
         return module
     swapped = " (the module and the tree are swapped)" if isinstance(tree, nn.Module) else ""
     raise UsageError(
         f"fvt.{fn}: the first argument must be an nn.Module; found {type(module).__name__}{swapped}. "
-        f"Fix: fvt.{fn}(module, tree, *args, **kwargs)."
+        f"Fix: fvt.{fn}(module, tree, {rest})."
     )
 
 
@@ -157,6 +157,23 @@ def _check_tensors(module: nn.Module, params: Mapping[str, torch.Tensor], state:
         )
 
 
+def check_not_meta(params: Mapping[str, torch.Tensor], args: tuple[object, ...], kwargs: Mapping[str, object], fn: str) -> None:
+    """Meta weights (no data) with real inputs: a :class:`UsageError` naming the cause, not torch's device error.
+
+    A tree and inputs all on meta (shape inference) run.
+    """
+    on_meta = [k for k, v in params.items() if v.is_meta]
+    if not on_meta:
+        return
+    inputs = [*args, *kwargs.values()]
+    if any(isinstance(x, torch.Tensor) and not x.is_meta for x in inputs):
+        raise UsageError(
+            f"fvt.{fn}: the tree's tensors are on the meta device (no data; e.g. {format_keys(on_meta[:3])}), "
+            "the inputs are real. A module from fvt.build (or ParamTree.from_module of it) has no weights: "
+            "load them, fvt.call(module, fvt.load(path), *inputs), or use fvt.load_model(path)"
+        )
+
+
 def _prepare(module: nn.Module, tree: Mapping[str, torch.Tensor], what: str = "tree") -> tuple[dict[str, torch.Tensor], list[str]]:
     state, groups = _module_state(module)
     tied = _complete_ties(module, tree, groups, what) if groups else {}
@@ -218,6 +235,7 @@ def call(module: _Forward[Out], tree: Mapping[str, torch.Tensor], /, *args: obje
     """
     mod = _as_module(module, tree, "call")
     params, _ = _prepare(mod, tree)
+    check_not_meta(params, args, kwargs, "call")
     out: Out = torch.func.functional_call(mod, params, args, kwargs, tie_weights=True, strict=False)
     return out
 
@@ -236,6 +254,7 @@ def call_with_buffers(
     """
     mod = _as_module(module, tree, "call_with_buffers")
     params, buffer_keys = _prepare(mod, tree)
+    check_not_meta(params, args, kwargs, "call_with_buffers")
     out: Out = torch.func.functional_call(mod, params, args, kwargs, tie_weights=True, strict=False)
     base = tree if isinstance(tree, ParamTree) else ParamTree(tree)
     return out, update(base, {k: params[k] for k in buffer_keys if k in base})

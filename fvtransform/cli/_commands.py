@@ -15,7 +15,7 @@ from fvtransform.errors import UsageError
 __all__ = ["merge_command", "convert_command", "extract_command", "parse_lora_arg", "parse_dtype", "progress_bar",
            "printable", "one_line"]
 
-from fvtransform.lora._stream import DTYPES as _DTYPES
+from fvtransform._dtypes import DTYPES as _DTYPES
 
 
 def _escape(ch: str) -> str:

@@ -109,7 +109,7 @@ def _lora_steps(step: Callable[..., None], state: dict[str, Any], inputs: tuple[
         lora.save(adapter, tmp / "lora", format="peft")
         back = lora.load(tmp / "lora", base=state["loaded"])
         state["adapter"] = back
-        ok = len(back.targets) == len(adapter.targets)
+        ok = len(back) == len(adapter)
         return f"{adapter!r} saved as PEFT, loaded strictly", ok
 
     def on_the_fly() -> tuple[str, bool]:

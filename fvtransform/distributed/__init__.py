@@ -7,9 +7,9 @@
 """
 
 from fvtransform import _unlisted
-from fvtransform.distributed._plan import ShardPlan, fsdp_plan, tp_plan
+from fvtransform.distributed._plan import ResolvedPlan, ShardPlan, fsdp_plan, tp_plan
 from fvtransform.distributed._shard import shard, unshard
 
-__all__ = ["ShardPlan", "fsdp_plan", "shard", "tp_plan", "unshard"]
+__all__ = ["ResolvedPlan", "ShardPlan", "fsdp_plan", "shard", "tp_plan", "unshard"]
 
 __getattr__ = _unlisted.module_getattr("distributed")  # a name this module no longer lists shows the public way

@@ -9,9 +9,9 @@ printed, tested and its per-rank bytes predicted anywhere.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 import itertools
 import math
-from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 import attrs
@@ -22,7 +22,7 @@ from fvtransform._messages import format_keys
 from fvtransform.errors import PlanError, UsageError
 from fvtransform.tree._match import Pattern, matcher
 
-__all__ = ["ShardPlan", "fsdp_plan", "tp_plan", "get_plan", "chunk_range", "local_ranges", "Placements", "PlanLike"]
+__all__ = ["ShardPlan", "ResolvedPlan", "fsdp_plan", "tp_plan", "get_plan", "chunk_range", "local_ranges", "Placements", "PlanLike"]
 
 Placements = tuple[Union[Shard, Replicate], ...]
 
@@ -62,12 +62,31 @@ def _show(p: Shard | Replicate) -> str:
     return f"Shard({p.dim})" if isinstance(p, Shard) else "Replicate()"
 
 
+def _indices(indices: Iterable[int]) -> frozenset[int]:
+    return frozenset(indices)
+
+
+class ResolvedPlan(dict[str, Placements]):
+    """A resolved :class:`ShardPlan`: placements per key, and ``unused_rules``, the required rules that matched no key.
+
+    ``unused_rules`` is empty after a strict :meth:`ShardPlan.resolve` (an unused rule raises there).
+    """
+
+    unused_rules: tuple[str, ...]
+
+    def __init__(self, placements: Mapping[str, Placements], unused_rules: Sequence[str] = ()) -> None:
+        super().__init__(placements)
+        self.unused_rules = tuple(unused_rules)
+
+
 @attrs.frozen
 class ShardPlan:
     """Ordered rules ``(pattern, placements)``; the first match wins; ``default`` for keys no rule matches.
 
     ``placements`` has one entry per mesh dimension. ``default=None`` makes an
-    unmatched key an error.
+    unmatched key an error. ``optional`` holds the indices of rules that may
+    match no key (the built-in plans mark every rule optional, as a
+    :class:`~fvtransform.KeyMap` marks rules ``optional=True``).
 
     >>> from torch.distributed.tensor import Shard, Replicate
     >>> plan = ShardPlan((("*.weight", (Shard(0),)),), default=(Replicate(),))
@@ -78,22 +97,25 @@ class ShardPlan:
     rules: tuple[tuple[Pattern, Placements], ...]
     default: Placements | None = None
     name: str = "custom"
-    every_rule_used: bool = True  # a rule that matches no key is an error (built-in plans relax this)
+    optional: frozenset[int] = attrs.field(default=frozenset(), converter=_indices)
 
     def __repr__(self) -> str:
         lines = [f"ShardPlan {self.name!r}:"]
-        lines += [f"  {_pattern(pattern):<40} -> {', '.join(_show(p) for p in pl)}" for pattern, pl in self.rules]
+        lines += [f"  {_pattern(pattern):<40} -> {', '.join(_show(p) for p in pl)}{' (optional)' if i in self.optional else ''}"
+                  for i, (pattern, pl) in enumerate(self.rules)]
         lines.append(f"  {'(default)':<40} -> {', '.join(_show(p) for p in self.default) if self.default else 'error'}")
         return "\n".join(lines)
 
-    def resolve(self, tree: Mapping[str, torch.Tensor], *, mesh_shape: Sequence[int], strict: bool | None = None) -> dict[str, Placements]:
+    def resolve(self, tree: Mapping[str, torch.Tensor], *, mesh_shape: Sequence[int], strict: bool = True) -> ResolvedPlan:
         """Placements per key, checked against the tensors' ranks and the mesh; no process group needed.
 
-        ``tree`` maps keys to tensors (or anything with ``.shape``).
+        ``tree`` maps keys to tensors (or anything with ``.shape``). ``strict``
+        (the default): every rule not marked optional must match a key;
+        ``strict=False`` allows unused rules and lists them in the result's
+        ``unused_rules``.
 
         Raises:
-            PlanError: a rule that matches no key (``strict``, by default the
-                plan's ``every_rule_used``), placements
+            PlanError: with ``strict``, a required rule that matches no key; placements
                 whose count differs from the mesh's dims, a ``Shard(d)`` on a
                 tensor with fewer than ``d + 1`` dims, or a key no rule matches
                 and no default.
@@ -131,10 +153,13 @@ class ShardPlan:
                 f"plan {self.name!r}: placements on a dim the tensor lacks: {format_keys(bad)}; "
                 "give those tensors a rule of their own (Replicate(), or Shard of a dim they have)"
             )
-        unused = [_pattern(self.rules[i][0]) for i, u in enumerate(used) if not u]
-        if (self.every_rule_used if strict is None else strict) and unused:
-            raise PlanError(f"plan {self.name!r}: rules that match no key: {unused}; remove them or fix their patterns")
-        return out
+        unused = [_pattern(self.rules[i][0]) for i, u in enumerate(used) if not u and i not in self.optional]
+        if strict and unused:
+            raise PlanError(
+                f"plan {self.name!r}: rules that match no key: {unused}; remove them or fix their patterns, "
+                "or pass strict=False to list them in the result's unused_rules"
+            )
+        return ResolvedPlan(out, unused)
 
     def bytes_per_rank(self, tree: Mapping[str, torch.Tensor], *, mesh_shape: Sequence[int]) -> list[int]:
         """Predicted local bytes of each rank (row-major rank order), from shapes alone; ties counted once."""
@@ -157,7 +182,7 @@ def fsdp_plan(mesh_ndim: int = 1) -> ShardPlan:
     """Dim 0 of every tensor sharded (0-d tensors replicated); on a 2-D mesh, replicate x shard (HSDP)."""
     shard = (Shard(0),) if mesh_ndim == 1 else (Replicate(),) * (mesh_ndim - 1) + (Shard(0),)
     rep = (Replicate(),) * mesh_ndim
-    return ShardPlan(((_scalar, rep), ("*", shard)), name="fsdp", every_rule_used=False)
+    return ShardPlan(((_scalar, rep), ("*", shard)), name="fsdp", optional={0, 1})
 
 
 def _scalar(_key: str, t: Any) -> bool:
@@ -184,7 +209,7 @@ def tp_plan(mesh_ndim: int = 1) -> ShardPlan:
     rules: list[tuple[list[str], Placements]] = []
     rules += [([f"{m}.weight" for m in _COLWISE] + [f"{m}.bias" for m in _COLWISE], lead + (Shard(0),))]
     rules += [([f"{m}.weight" for m in _ROWWISE], lead + (Shard(1),))]
-    return ShardPlan(tuple((tuple(p), pl) for p, pl in rules), default=(Replicate(),) * mesh_ndim, name="tp", every_rule_used=False)
+    return ShardPlan(tuple((tuple(p), pl) for p, pl in rules), default=(Replicate(),) * mesh_ndim, name="tp", optional=range(len(rules)))
 
 
 PlanLike = Union[ShardPlan, str, None]

@@ -15,6 +15,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
+from fvtransform._dtypes import DTypeLike, as_dtype
 from fvtransform.distributed._plan import Placements, PlanLike, get_plan, local_ranges
 from fvtransform.errors import PlanError, UsageError
 from fvtransform.tree._keymap import MappingPlan
@@ -54,7 +55,7 @@ def _wrap(local: torch.Tensor, mesh: DeviceMesh, placements: Any, shape: tuple[i
     return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=_strides(shape))
 
 
-def shard(tree: Mapping[str, torch.Tensor], mesh: DeviceMesh, plan: PlanLike = None, *, dtype: torch.dtype | None = None) -> ParamTree:
+def shard(tree: Mapping[str, torch.Tensor], mesh: DeviceMesh, plan: PlanLike = None, *, dtype: DTypeLike | None = None) -> ParamTree:
     """A new tree of DTensors: each rank keeps its own slice of every tensor, as ``plan`` places it.
 
     ``plan=None`` (or ``"fsdp"``) shards dim 0 (replicate x shard on a 2-D
@@ -62,7 +63,7 @@ def shard(tree: Mapping[str, torch.Tensor], mesh: DeviceMesh, plan: PlanLike = N
     plan is resolved and checked before anything is sliced. Every rank must
     pass the same full tree (a loaded checkpoint or the same seeded init):
     nothing is communicated. ``dtype`` casts floating slices (only the local
-    part is read). The input is not mutated.
+    part is read; a ``torch.dtype`` or its name). The input is not mutated.
 
     Raises:
         PlanError: the plan does not fit the tree or the mesh.
@@ -71,7 +72,7 @@ def shard(tree: Mapping[str, torch.Tensor], mesh: DeviceMesh, plan: PlanLike = N
     """
     _check_mesh(mesh)
     resolved = get_plan(plan, mesh.ndim).resolve(tree, mesh_shape=tuple(mesh.shape))
-    return _shard_resolved(tree, mesh, resolved, dtype)
+    return _shard_resolved(tree, mesh, resolved, None if dtype is None else as_dtype(dtype))
 
 
 def _shard_resolved(tree: Mapping[str, torch.Tensor], mesh: DeviceMesh, resolved: Mapping[str, Placements],
@@ -164,3 +165,5 @@ def unshard(tree: Mapping[str, torch.Tensor], *, dst: int | None = None) -> Para
     return ParamTree._wrap(out)
 
 
+shard.__fvt_eager__ = "shard"  # type: ignore[attr-defined]
+unshard.__fvt_eager__ = "unshard"  # type: ignore[attr-defined]

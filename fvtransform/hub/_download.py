@@ -257,8 +257,8 @@ def maybe_download_model(
 
     Default patterns take configs, tokenizer files and safetensors weights;
     whatever the patterns, pickles of any kind only with ``allow_pickle=True``
-    (:data:`ANY_PICKLE_PATTERNS`), code and other frameworks' weights never
-    (:data:`NEVER_PATTERNS`). ``components=[...]`` on a pipeline repo fetches
+    (``*.bin``, ``*.pt``, ``*.ckpt``, ...), code and other frameworks' weights never
+    (``*.py``, ``*.onnx``, ...). ``components=[...]`` on a pipeline repo fetches
     ``model_index.json`` first, checks the components are in it, then fetches
     those folders only. Offline (``local_files_only=True`` or
     ``HF_HUB_OFFLINE=1``) the cache is used and nothing touches the network.

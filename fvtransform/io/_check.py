@@ -8,11 +8,11 @@ import attrs
 import torch
 from torch import nn
 
-from fvtransform.errors import KeyMismatchError, ShapeMismatchError
 from fvtransform._messages import format_keys
+from fvtransform.errors import FvTransformError, KeyMismatchError, ShapeMismatchError, UsageError
 from fvtransform.tree._paramtree import ParamTree
 
-__all__ = ["CheckReport", "check"]
+__all__ = ["CheckReport", "check", "compare"]
 
 
 @attrs.frozen
@@ -52,18 +52,55 @@ def check(
 ) -> CheckReport:
     """Compare ``tree`` with a module's state (or another tree): keys, shapes and, with ``dtypes=True``, dtypes.
 
-    Every difference is reported at once. With ``strict=True`` any difference
-    raises (:class:`KeyMismatchError` when keys differ, else
-    :class:`ShapeMismatchError`); with ``strict=False`` the report is returned.
+    Every difference is reported at once, and the result is always the
+    :class:`CheckReport`. ``strict`` concerns keys only, as in
+    ``load_state_dict``: with ``strict=True`` a missing or unexpected key
+    raises :class:`KeyMismatchError`; with ``strict=False`` they are listed
+    in the report. A shape mismatch (and, with ``dtypes=True``, a dtype
+    mismatch) always raises :class:`ShapeMismatchError`; the error carries the
+    full report as ``.report``.
 
     >>> import torch, fvtransform as fvt
     >>> lin = torch.nn.Linear(3, 2)
-    >>> fvt.check({"weight": torch.zeros(2, 4)}, lin, strict=False).missing
+    >>> fvt.check({"weight": torch.zeros(2, 3)}, lin, strict=False).missing
     ('bias',)
-    >>> print(fvt.check({"weight": torch.zeros(2, 4)}, lin, strict=False))
+    >>> print(fvt.check({"weight": torch.zeros(2, 3)}, lin, strict=False))
     missing (1): ['bias']
+    >>> fvt.check({"weight": torch.zeros(2, 4), "bias": torch.zeros(2)}, lin, strict=False)
+    Traceback (most recent call last):
+    ...
+    fvtransform.errors.ShapeMismatchError: tree does not match:
     shape of 'weight': expected [2, 3], found [2, 4]
+    Fix: load the matching checkpoint, or reshape or drop the key (fvt.map_tensors / fvt.drop).
     """
+    if isinstance(tree, nn.Module) or (isinstance(module_or_tree, Mapping) and not isinstance(tree, Mapping)):
+        raise UsageError(
+            f"fvt.check(tree, module_or_tree) takes the tree first; found {type(tree).__name__} first. "
+            "Call fvt.check(tree, module)"
+        )
+    report = compare(tree, module_or_tree, dtypes=dtypes)
+    missing, unexpected = report.missing, report.unexpected
+    err: FvTransformError
+    if strict and (missing or unexpected):
+        err = KeyMismatchError(
+            "tree does not match:\n" + str(report) + "\nFix: rename keys (fvt.rename / KeyMap), load the matching "
+            "checkpoint, or pass strict=False to list missing and unexpected keys in the report instead."
+        )
+    elif report.shape_mismatches or report.dtype_mismatches:
+        err = ShapeMismatchError(
+            "tree does not match:\n" + str(report) + "\nFix: load the matching checkpoint, or reshape or drop the "
+            "key (fvt.map_tensors / fvt.drop)."
+        )
+    else:
+        return report
+    err.report = report  # type: ignore[union-attr]
+    raise err
+
+
+def compare(
+    tree: Mapping[str, torch.Tensor], module_or_tree: nn.Module | Mapping[str, torch.Tensor], *, dtypes: bool = False
+) -> CheckReport:
+    """The :class:`CheckReport` of :func:`check`, never raising (for callers that raise their own error)."""
     if isinstance(module_or_tree, nn.Module):
         reference: Mapping[str, torch.Tensor] = ParamTree.from_module(module_or_tree)
     else:
@@ -78,11 +115,4 @@ def check(
             shapes.append((k, tuple(a.shape), tuple(b.shape)))
         if dtypes and a.dtype != b.dtype:
             dts.append((k, a.dtype, b.dtype))
-    report = CheckReport(missing, unexpected, tuple(shapes), tuple(dts))
-    if strict and not report.ok:
-        cls = KeyMismatchError if (missing or unexpected) else ShapeMismatchError
-        raise cls(
-            "tree does not match:\n" + str(report) + "\nFix: rename keys (fvt.rename / KeyMap), load the matching "
-            "checkpoint, or pass strict=False to get this report instead."
-        )
-    return report
+    return CheckReport(missing, unexpected, tuple(shapes), tuple(dts))

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fvtransform._json import loads_json
-from fvtransform.errors import FormatError, FvTransformError, KeyMismatchError, UsageError
+from fvtransform._dtypes import as_dtype, DTypeLike
 from fvtransform._messages import format_keys
+from fvtransform.errors import FormatError, FvTransformError, KeyMismatchError, UsageError
 from fvtransform.io._files import WeightFiles, find_weight_files
 from fvtransform.io._header import HEADER_JSON, Header, TensorInfo, _check_lookalikes, read_header
 from fvtransform.io._open import fd_path, open_regular
@@ -198,10 +199,11 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
 def load(
     path: str | os.PathLike[str],
     *,
-    dtype: torch.dtype | None = None,
+    dtype: DTypeLike | None = None,
     device: torch.device | str = "cpu",
     select: Pattern | None = None,
     rename: KeyMapLike | None = None,
+    strict: bool = True,
     mesh: DeviceMesh | None = None,
     plan: PlanLike = None,
     allow_pickle: bool = False,
@@ -214,8 +216,11 @@ def load(
     The mapping is private: writing to a returned tensor never changes the
     file. ``select`` keeps only matching keys (the rest stay on disk);
     ``rename`` (anything :meth:`KeyMap.of <fvtransform.KeyMap.of>` takes, as
-    :func:`fvtransform.rename` does, strictly) renames, fuses or splits keys; ``dtype`` casts floating tensors
-    one by one; ``device`` moves them one by one. With ``mesh`` (a
+    :func:`fvtransform.rename` does) renames, fuses or splits keys, strictly
+    unless ``strict=False`` (then keys no rule claims keep their names and
+    unused rules are allowed, as in :meth:`KeyMap.plan <fvtransform.KeyMap.plan>`;
+    ``strict`` concerns the rename only); ``dtype`` (a ``torch.dtype`` or its
+    name, ``"bfloat16"``) casts floating tensors one by one; ``device`` moves them one by one. With ``mesh`` (a
     ``DeviceMesh``) and ``plan`` (``None``/``"fsdp"``, ``"tp"`` or a
     :class:`~fvtransform.distributed.ShardPlan`) every rank reads only the
     bytes of its own slices and gets a tree of DTensors, as
@@ -231,6 +236,7 @@ def load(
     tensor([1., 1.])
     """
     key_map = None if rename is None else KeyMap.of(rename)
+    dtype = None if dtype is None else as_dtype(dtype)
     if mesh is not None:
         if torch.device(device).type != "cpu":
             raise UsageError("load(..., mesh=) reads slices on the CPU; move the sharded tree with fvt.to afterwards")
@@ -240,7 +246,7 @@ def load(
         # the lazy tree only maps the files; shard slices views of it, so each rank reads its own slices
         lazy = load(path, select=select, allow_pickle=allow_pickle)
         if key_map is not None:  # fused targets are built from each rank's slices of their pieces
-            return shard_mapped(lazy, key_map.plan(lazy), mesh, plan, dtype=dtype)
+            return shard_mapped(lazy, key_map.plan(lazy, strict=strict), mesh, plan, dtype=dtype)
         return shard(lazy, mesh, plan, dtype=dtype)
     if plan is not None:
         raise UsageError("plan= needs mesh=: pass the DeviceMesh to shard over")
@@ -275,4 +281,4 @@ def load(
         memo[canon] = t
         data_out[k] = t
     tree = ParamTree._wrap(data_out)
-    return tree if key_map is None else key_map(tree)
+    return tree if key_map is None else key_map(tree, strict=strict)

@@ -13,14 +13,10 @@ import torch
 from torch import nn
 
 from fvtransform._json import read_json_file
+from fvtransform._dtypes import as_dtype, DTypeLike
 from fvtransform._messages import format_keys
-from fvtransform.errors import (
-    KeyMismatchError,
-    NotFoundError,
-    ShapeMismatchError,
-    UsageError,
-)
-from fvtransform.io._check import check
+from fvtransform.errors import KeyMismatchError, NotFoundError, ShapeMismatchError, UsageError
+from fvtransform.io._check import compare
 from fvtransform.io._declared import (
     LoadedModel,
     LoadNote,
@@ -241,7 +237,7 @@ def load_model(
     path_or_repo_id: str | os.PathLike[str],
     component: str | None = None,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: DTypeLike | None = None,
     device: torch.device | str = "cpu",
     strict: bool = True,
     revision: str | None = None,
@@ -274,7 +270,7 @@ def load_model(
     unexpected key raises; with ``strict=False`` they are warned about and
     listed in the report. Shape mismatches always raise.
 
-    ``dtype=None`` keeps the checkpoint's dtypes (no copies). With a ``dtype``,
+    ``dtype=None`` keeps the checkpoint's dtypes (no copies). With a ``dtype`` (or its name, ``"bfloat16"``),
     floating tensors are cast to it except the modules the class keeps in
     float32 (``_keep_in_fp32_modules``, applied as diffusers or transformers
     apply it); ``keep_fp32=False`` casts those too.
@@ -292,6 +288,7 @@ def load_model(
     ``fvtransform.io.original_key_map(path, config)`` gives that map; its
     ``.inverse()`` writes a tree back in the original layout.
     """
+    dtype = None if dtype is None else as_dtype(dtype)
     if config is not None or layout is not None or _is_single_file(path_or_repo_id):
         from fvtransform.io._original import load_single_file
 
@@ -326,7 +323,7 @@ def load_built(
     tree = _place(data, module, lib, dtype, torch.device(device), keep_fp32, notes)
     if dtype is not None:
         _retype_meta(module, tree)
-    report = check(tree, module, strict=False)
+    report = compare(tree, module)
     if report.shape_mismatches or (strict and not report.ok):
         cls = ShapeMismatchError if report.shape_mismatches else KeyMismatchError
         raise cls(

@@ -148,6 +148,13 @@ def save(
         UnsafeFileError: ``path`` is a symlink, FIFO, device or socket.
         WriteError: a full disk, a read-only destination, a lock held too long (the old data is intact).
     """
+    from fvtransform.lora._adapter import LoraAdapter
+
+    if isinstance(tree, LoraAdapter):
+        raise UsageError(
+            "fvt.save(tree, path) writes a tree of tensors; found a LoraAdapter. "
+            "Save an adapter with fvt.lora.save(adapter, path)"
+        )
     if not isinstance(tree, Mapping):
         raise UsageError(f"save takes a ParamTree or a mapping of str -> Tensor; found {type(tree).__name__}")
     if not isinstance(tree, ParamTree):
@@ -257,3 +264,6 @@ def _save_sharded(tensors: dict[str, torch.Tensor], folder: Path, limit: int, me
 # kept for callers that swap folders themselves
 _exchange = exchange
 _swap_in = swap_in
+
+
+save.__fvt_eager__ = "save"  # type: ignore[attr-defined]

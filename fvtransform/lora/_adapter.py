@@ -58,8 +58,8 @@ class LowRank:
 
     ``magnitude`` is DoRA's magnitude, when present: ``[out]`` per output row
     (PEFT, LyCORIS' default) or ``[1, in]`` per input column (LyCORIS
-    ``wd_on_output=False``); :func:`fvtransform.lora._dora.canonical_magnitude`
-    brings a file's tensor to one of these. ``dora_eps`` is added to DoRA's
+    ``wd_on_output=False``); the file loaders
+    bring a file's tensor to one of these. ``dora_eps`` is added to DoRA's
     norms: 0 for PEFT, float32's epsilon for LyCORIS/ComfyUI ``dora_scale``
     files (``DORA_EPS``), as each tool computes it.
     ``alpha`` is what the file said (for writing it back); ``scale`` is what counts.
@@ -423,12 +423,18 @@ class LoraAdapter(Mapping[str, Delta]):
     own targets, nothing skipped). A registered pytree (leaves: the factor
     tensors), so ``tree_map`` works on it.
 
+    ``targets`` means one thing: the mapping key -> delta, given to the
+    constructor and read back as ``adapter.targets`` (read-only), so
+    ``LoraAdapter(a.targets) == a``. The target keys are ``list(adapter)``.
+
     >>> import torch
     >>> a = LoraAdapter({"w": LowRank(torch.zeros(2, 3), torch.zeros(4, 2), scale=0.5)})
     >>> a
     LoraAdapter(1 targets, ranks {2}, format 'memory')
     >>> a.ranks
     {'w': 2}
+    >>> list(a), list(LoraAdapter(a.targets))
+    (['w'], ['w'])
     """
 
     __slots__ = ("_targets", "format", "metadata", "report")
@@ -439,6 +445,12 @@ class LoraAdapter(Mapping[str, Delta]):
 
     def __init__(self, targets: Mapping[str, Delta], *, format: str = "memory", metadata: Mapping[str, str] | None = None,
                  report: ResolutionReport | None = None) -> None:
+        if not isinstance(targets, Mapping):
+            raise UsageError(
+                f"LoraAdapter(targets) takes a mapping key -> delta (LowRank, FullDelta, LoHa, LoKr); found "
+                f"{type(targets).__name__}. Build it as LoraAdapter({{key: LowRank(A, B, scale)}}), or copy one with "
+                "LoraAdapter(adapter.targets); the target keys are list(adapter)"
+            )
         data = dict(targets)
         for k, d in data.items():
             if not isinstance(d, (LowRank, FullDelta, LoHa, LoKr)):
@@ -464,8 +476,9 @@ class LoraAdapter(Mapping[str, Delta]):
         return len(self._targets)
 
     @property
-    def targets(self) -> list[str]:
-        return list(self._targets)
+    def targets(self) -> types.MappingProxyType[str, Delta]:
+        """The targets, key -> delta, as the constructor takes them (read-only); the keys are ``list(adapter)``."""
+        return self._targets
 
     @property
     def ranks(self) -> dict[str, int]:

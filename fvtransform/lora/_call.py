@@ -10,14 +10,14 @@ an error, so an adapter is never silently ignored.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from fvtransform._call._call import _as_module, _Forward, _prepare, check_not_meta, Out
 from fvtransform._messages import format_keys
-from fvtransform._call._call import Out, _Forward, _prepare
 from fvtransform.errors import KeyMismatchError, UsageError
 from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LowRank
 from fvtransform.lora._dora import dense_delta, dora_factor
@@ -200,8 +200,9 @@ def call(
     >>> fvt.lora.call(lin, tree, a, torch.tensor([[1.0, 0.0]]))
     tensor([[2., 1.]])
     """
-    mod = cast(torch.nn.Module, module)  # _Forward[Out] is an nn.Module as the type checker sees its forward
+    mod = _as_module(module, tree, "lora.call", "adapters, *args, **kwargs")
     params, _ = _prepare(mod, tree)
+    check_not_meta(params, args, kwargs, "lora.call")
     pairs = normalize_adapters(adapters)
     replaced = _replacements(pairs, params)
     params = {**params, **replaced}

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import attrs
 import torch
 
+from fvtransform._dtypes import as_dtype, DTypeLike
 from fvtransform.errors import KeyMismatchError, ShapeMismatchError, UsageError
 from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LoraAdapter, LowRank
 from fvtransform.tree._match import Pattern, matcher
@@ -69,6 +70,11 @@ def combine(pairs: Sequence[tuple[LoraAdapter, float]]) -> LoraAdapter:
 
 def scale_adapter(adapter: LoraAdapter, weight: float) -> LoraAdapter:
     """The same adapter with every scale multiplied by ``weight``."""
+    if not isinstance(adapter, LoraAdapter) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise UsageError(
+            f"fvt.lora.scale_adapter(adapter, weight) takes the adapter and a number; found "
+            f"{type(adapter).__name__}, {type(weight).__name__}. Call fvt.lora.scale_adapter(adapter, 0.5)"
+        )
     out: dict[str, Delta] = {}
     for k, d in adapter.items():
         if isinstance(d, FullDelta) and d.replaces:
@@ -84,7 +90,7 @@ def random_adapter(
     rank: int,
     alpha: float | None = None,
     seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: DTypeLike = torch.float32,
     scale_b: float = 0.01,
 ) -> LoraAdapter:
     """A seeded random adapter for the matching 2-D+ weights of ``tree`` (for demos and tests).
@@ -94,6 +100,7 @@ def random_adapter(
     >>> random_adapter(t, targets="*.weight", rank=2).ranks
     {'l.weight': 2}
     """
+    dtype = as_dtype(dtype)
     gen = torch.Generator().manual_seed(seed)
     m = matcher(targets)
     out: dict[str, Delta] = {}

@@ -40,7 +40,7 @@ def pad_rank(adapter: LoraAdapter, rank: int) -> LoraAdapter:
     differently, a last-bit float32 difference); scales, alphas and
     magnitudes are kept. The input is not mutated.
 
-    ``rank`` is a whole number from 1 to :data:`MAX_PAD_RANK` (65536, the
+    ``rank`` is a whole number from 1 to 65536 (the
     largest rank a LoRA config may declare): padding past ``min(out, in)``
     never adds anything, but a common rank for targets of several sizes is
     useful, so the bound is absolute; an absurd rank fails before any allocation.

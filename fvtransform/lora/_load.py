@@ -47,7 +47,7 @@ def load(
     ``KeyMap.of`` takes, as every ``rename=``) maps the file's module names (the
     format's prefix removed) before they are matched to ``base``; strictly, each
     of its rules must match a module. A folder holding several weights files is read as
-    :func:`fvtransform.hub.pick_lora_file` picks (or ``weight_name=``).
+    its LoRA file name picks (``pytorch_lora_weights.safetensors``, ``adapter_model.safetensors``, ...), or ``weight_name=``.
 
     Conventions: ``scale = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA);
     a missing alpha means ``alpha = r``; ``adapter.report.convention`` says
@@ -58,7 +58,7 @@ def load(
     >>> file = {"l.lora_A.weight": torch.zeros(2, 3), "l.lora_B.weight": torch.zeros(4, 2),
     ...         "other.lora_A.weight": torch.zeros(2, 3), "other.lora_B.weight": torch.zeros(4, 2)}
     >>> adapter = fvt.lora.load(file, base=base, strict=False)
-    >>> adapter.targets, [key for key, why in adapter.report.skipped]
+    >>> list(adapter), [key for key, why in adapter.report.skipped]
     (['l.weight'], ['other.lora_A.weight', 'other.lora_B.weight'])
     """
     if base is not None and isinstance(base, torch.nn.Module):

@@ -16,8 +16,8 @@ from typing import Any, Union
 import attrs
 import torch
 
-from fvtransform.errors import FormatError, KeyMismatchError, NumericError, ShapeMismatchError, UsageError
 from fvtransform._messages import close_matches
+from fvtransform.errors import FormatError, KeyMismatchError, NumericError, ShapeMismatchError, UsageError
 from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LoraAdapter, LoHa, LoKr, LowRank
 from fvtransform.lora._donate import check_donatable
 from fvtransform.lora._moved import moved_keywords
@@ -35,7 +35,12 @@ TILE_BYTES = 4 * 1024 * 1024  # tile buffers stay in a 32 MiB L3 cache
 
 
 def normalize_adapters(adapters: AdapterSet, scale: float = 1.0) -> list[tuple[LoraAdapter, float]]:
-    """``adapter`` or ``[(adapter, scale), ...]`` -> a list of pairs (global scale applied)."""
+    """``adapter`` or ``[(adapter, scale), ...]`` -> a list of pairs (global scale applied).
+
+    One way to give a scale: pairs carry their own, so a ``scale`` other than 1 with pairs is a
+    :class:`~fvtransform.errors.UsageError`, as is a scale that is not a number.
+    """
+    _check_scale(scale, "scale")
     if isinstance(adapters, LoraAdapter):
         return [(adapters, float(scale))]
     out = []
@@ -43,10 +48,32 @@ def normalize_adapters(adapters: AdapterSet, scale: float = 1.0) -> list[tuple[L
         if isinstance(item, LoraAdapter):
             out.append((item, float(scale)))
         elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], LoraAdapter):
-            out.append((item[0], float(item[1]) * float(scale)))
+            _check_scale(item[1], "a pair's scale")
+            if scale != 1.0:
+                raise UsageError(
+                    f"two scales given: pairs [(adapter, {item[1]!r}), ...] and scale={scale!r}; give a scale one way. "
+                    f"Put it in each pair, fvt.lora.merge(tree, [(adapter, {float(item[1]) * float(scale):g}), ...]), "
+                    f"or pass one adapter and scale: fvt.lora.merge(tree, adapter, {scale!r})"
+                )
+            out.append((item[0], float(item[1])))
         else:
             raise UsageError(f"expected a LoraAdapter or (LoraAdapter, scale) pairs; found {type(item).__name__}")
     return out
+
+
+def _check_scale(scale: object, what: str) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise UsageError(f"{what} must be a number; found {type(scale).__name__} {scale!r}. Pass it as a float, e.g. 0.5")
+
+
+def check_tree_first(name: str, tree: object, second: object) -> None:
+    """``fvt.lora.<name>(adapter, tree)``: the tree goes first; raise a :class:`UsageError` that shows the call."""
+    if isinstance(tree, (LoraAdapter, MergeRecord)) or (not isinstance(tree, Mapping) and isinstance(second, Mapping)):
+        what = "record" if isinstance(tree, MergeRecord) else "adapter"
+        raise UsageError(
+            f"fvt.lora.{name}(tree, {what}, ...) takes the tree first; found {type(tree).__name__} first. "
+            f"Call fvt.lora.{name}(tree, {what})"
+        )
 
 
 def _digest(t: torch.Tensor) -> bytes:
@@ -288,6 +315,9 @@ def merge(
     return _merge(tree, adapters, scale, donate=donate, record=False)[0]
 
 
+merge.__fvt_eager__ = "lora.merge"  # type: ignore[attr-defined]
+
+
 def merge_with_record(
     tree: Mapping[str, torch.Tensor],
     adapters: AdapterSet,
@@ -311,6 +341,7 @@ def merge_with_record(
 
 def _merge(tree: Mapping[str, torch.Tensor], adapters: AdapterSet, scale: float, *, donate: bool,
            record: bool) -> tuple[ParamTree, MergeRecord | None]:
+    check_tree_first("merge_with_record" if record else "merge", tree, adapters)
     base = tree if isinstance(tree, ParamTree) else ParamTree(tree)
     pairs = normalize_adapters(adapters, scale)
     per_key = _collect(base, pairs)
@@ -410,6 +441,7 @@ def unmerge(
     the record of :func:`merge_with_record` with :func:`restore`. ``donate=True`` means what it means
     for :func:`merge` (the donated tensors are consumed) and is refused on the same shared tensors.
     """
+    check_tree_first("unmerge", tree, adapters)
     base = tree if isinstance(tree, ParamTree) else ParamTree(tree)
     pairs = normalize_adapters(adapters, scale)
     per_key = _collect(base, pairs)
@@ -431,12 +463,16 @@ def unmerge(
     return ParamTree._wrap(_retie(base, out, per_key))
 
 
+unmerge.__fvt_eager__ = "lora.unmerge"  # type: ignore[attr-defined]
+
+
 def restore(tree: Mapping[str, torch.Tensor], record: MergeRecord) -> ParamTree:
     """The tree as it was before the merge that made ``record``, bit for bit.
 
     ``tree`` must hold the merged weights that merge returned (checked by a
     digest); other keys pass through untouched.
     """
+    check_tree_first("restore", tree, record)
     base = tree if isinstance(tree, ParamTree) else ParamTree(tree)
     per_key = _collect(base, list(record.pairs))
     out = dict(base.items())
@@ -455,3 +491,6 @@ def restore(tree: Mapping[str, torch.Tensor], record: MergeRecord) -> ParamTree:
             back = delta_rows(contribs, base[key], sign=-1.0, work=work, where=f"{key!r}")
         out[key] = _apply_correction(back, record.corrections[key])
     return ParamTree._wrap(_retie(base, out, per_key))
+
+
+restore.__fvt_eager__ = "lora.restore"  # type: ignore[attr-defined]

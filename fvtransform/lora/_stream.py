@@ -27,39 +27,21 @@ from fvtransform.errors import FvTransformError, UnsafeFileError, UsageError, Wr
 from fvtransform.io._atomic import (
     LOCK_MARK, OLD_MARK, atomic_file, check_destination, check_path, file_writer, is_any_temp, write_folder,
 )
+from fvtransform._dtypes import DTypeLike, as_dtype
 from fvtransform.io._files import INDEX_JSON, find_weight_files
-from fvtransform.io._header import DTYPE_NAMES, HEADER_JSON, read_header
+from fvtransform.io._header import HEADER_JSON, read_header
 from fvtransform.io._load import Checkpoint
 from fvtransform.io._safetensors import TensorSpec, write_safetensors
 from fvtransform.lora._adapter import FullDelta
 from fvtransform.lora._dora import merge_dora
 from fvtransform.lora._merge import AdapterSet, Workspace, _collect, _digest, _is_dora, _is_replace, delta_rows, normalize_adapters
 
-__all__ = ["merge_checkpoint", "MERGED_KEY", "FILES_KEY", "OTHER_FILE_LIMIT", "DTYPES", "as_dtype", "check_not_input"]
+__all__ = ["merge_checkpoint", "MERGED_KEY", "FILES_KEY", "OTHER_FILE_LIMIT", "check_not_input"]
 
 #: Metadata key listing what was merged: ``[{"adapter": label, "scale": s, "digest": hex}, ...]``.
 MERGED_KEY = "fvt.merged"
 #: Metadata key (index, or the weights file of a one-file folder) listing every file a merge wrote into its folder.
 FILES_KEY = "fvt.files"
-
-#: The output dtypes a merge accepts by name (the CLI's ``--dtype``), besides the ``torch.dtype`` values themselves.
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def as_dtype(dtype: object, what: str = "dtype") -> torch.dtype | None:
-    """``dtype`` as a floating ``torch.dtype`` (from a name in :data:`DTYPES` or a dtype); None stays None.
-
-    Raises:
-        UsageError: an unknown name, or a dtype that is not a floating one.
-    """
-    if dtype is None:
-        return None
-    found = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
-    if isinstance(found, torch.dtype) and found.is_floating_point and found in DTYPE_NAMES:
-        return found
-    raise UsageError(f"{what} {dtype!r}: expected a floating torch.dtype or one of {sorted(DTYPES)}")
-
 
 def _write_file(path: Path, keys: Sequence[str], ckpt: Checkpoint, produce: Callable[[str], torch.Tensor],
                 dtype_of: Callable[[str], torch.dtype], metadata: dict[str, str], where: Path) -> int:
@@ -74,7 +56,7 @@ def merge_checkpoint(
     adapters: AdapterSet,
     out: str | os.PathLike[str],
     *,
-    dtype: torch.dtype | None = None,
+    dtype: DTypeLike | None = None,
     labels: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
     overwrite: bool = False,
@@ -98,11 +80,11 @@ def merge_checkpoint(
     (``<name>-00001-of-00002.safetensors``): a forged record never makes a merge
     drop a user's other file or a folder. The other files of a base folder are copied
     only when they are regular files (or links to regular files) inside the
-    base folder and at most :data:`OTHER_FILE_LIMIT` bytes, and have one link
+    base folder and at most 256 MiB, and have one link
     only (a hard link may be a second name of a file outside the folder, which
     cannot be told cheaply, so it is skipped); each file skipped is
     reported to ``on_skip(name, why)`` (default: a warning), never opened.
-    ``dtype`` is a floating ``torch.dtype`` or one of :data:`DTYPES`' names.
+    ``dtype`` is a floating ``torch.dtype`` or its name (``"bfloat16"``, ``"bf16"``).
 
     Raises:
         KeyMismatchError / ShapeMismatchError: an adapter that does not fit the base.
@@ -112,7 +94,7 @@ def merge_checkpoint(
         UnsafeFileError: ``out`` is a symlink, FIFO, device or socket.
     """
     base_path, out_path = check_path(base, "base"), check_path(out, "output")
-    dtype = as_dtype(dtype)
+    dtype = None if dtype is None else as_dtype(dtype)
     files = find_weight_files(base_path)
     if files.pickle:
         raise UsageError(f"{base_path}: merging streams safetensors only; convert the pickle checkpoint first")

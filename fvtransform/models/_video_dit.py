@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fvtransform._dtypes import DTypeLike, as_dtype
+
 __all__ = ["VideoDiT", "VideoDiTConfig", "TINY_CONFIG"]
 
 
@@ -224,10 +226,11 @@ class VideoDiT(nn.Module):
         return x.reshape(b, cfg.out_channels, f, h, w)
 
 
-def init_weights(module: nn.Module, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def init_weights(module: nn.Module, *, seed: int = 0, dtype: DTypeLike = torch.float32) -> dict[str, torch.Tensor]:
     """Seeded weights for a VideoDiT, such as ``fvt.build("fvt-video-dit")`` returns (a plain dict of new tensors, in state order)."""
     from fvtransform.tree._paramtree import state_keys
 
+    dtype = as_dtype(dtype)
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     shapes = {k: v.shape for k, v in module.state_dict(keep_vars=True).items()}

@@ -15,8 +15,9 @@ from typing import Any, TypeVar, Union, overload
 import torch
 from torch import nn
 
-from fvtransform.errors import FormatError, FvTransformError, MissingDependencyError, RegistryError, UsageError
+from fvtransform._dtypes import as_dtype, DTypeLike
 from fvtransform._messages import close_matches
+from fvtransform.errors import FormatError, FvTransformError, MissingDependencyError, RegistryError, UsageError
 from fvtransform.registry._budget import DEFAULT_BUILD_LIMITS, BuildLimits, budgeted, meta_parameters
 from fvtransform.registry._construct import check_config_types, constructor_call, library_class
 
@@ -286,7 +287,7 @@ def build(
     config: Mapping[str, object] | None = None,
     *,
     device: torch.device | str = "meta",
-    dtype: torch.dtype | None = None,
+    dtype: DTypeLike | None = None,
     registry: Registry | None = None,
     limits: BuildLimits | None = None,
     source: str | os.PathLike[str] | None = None,
@@ -311,6 +312,7 @@ def build(
     >>> next(m.parameters()).device
     device(type='meta')
     """
+    dtype = None if dtype is None else as_dtype(dtype)
     src = str(source) if source is not None else "config"
     if isinstance(name_or_config, Mapping):
         if config is not None:

@@ -25,14 +25,16 @@ def merge_lora(adapters: AdapterSet, scale: float = 1.0) -> Transform:
     >>> step(tree) == fvt.lora.merge(tree, adapter, 0.5)
     True
     """
-    from fvtransform.lora._merge import merge
+    from fvtransform.lora._merge import merge, normalize_adapters
 
+    normalize_adapters(adapters, scale)  # the adapters and the scale are checked when the step is built
     return Transform(lambda t: merge(t, adapters, scale), f"merge_lora(scale={scale:g})")
 
 
 @factory("lora.unmerge")
 def unmerge_lora(adapters: AdapterSet, scale: float = 1.0) -> Transform:
     """Transform form of :func:`fvtransform.lora.unmerge`: subtract ``adapters`` at ``scale``."""
-    from fvtransform.lora._merge import unmerge
+    from fvtransform.lora._merge import normalize_adapters, unmerge
 
+    normalize_adapters(adapters, scale)  # the adapters and the scale are checked when the step is built
     return Transform(lambda t: unmerge(t, adapters, scale), f"unmerge_lora(scale={scale:g})")

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import attrs
 import torch
 
+from fvtransform._dtypes import as_dtype, DTypeLike
 from fvtransform.errors import UsageError
 from fvtransform.tree import _ops
 from fvtransform.tree._keymap import KeyMap, KeyMapLike
@@ -78,6 +79,11 @@ class Transform:
     name: str
 
     def __call__(self, tree: Mapping[str, torch.Tensor], /) -> ParamTree:
+        if not isinstance(tree, Mapping):
+            raise UsageError(
+                f"the step {self.name} runs on a tree (a ParamTree or a dict of tensors); found "
+                f"{type(tree).__name__}. Call it as step(tree), e.g. step(fvt.ParamTree.from_module(module))"
+            )
         if not isinstance(tree, ParamTree):
             tree = ParamTree(tree)
         out = self.fn(tree)
@@ -107,6 +113,11 @@ def as_transform(fn: TreeFn | Transform) -> Transform:
     if made is not None:
         raise UsageError(
             f"fvt.transforms.{made} is a factory: call it to make the step, fvt.transforms.{made}({_shape(fn)})"
+        )
+    if isinstance(fn, (list, tuple)):
+        raise UsageError(
+            f"fvt.chain(*steps) takes the steps as separate arguments; found a {type(fn).__name__} of "
+            f"{len(fn)}. Unpack it: fvt.chain(*steps)"
         )
     if not callable(fn):
         raise UsageError(f"a transform is a callable ParamTree -> ParamTree; found {type(fn).__name__}")
@@ -168,8 +179,9 @@ def rename(rules: KeyMapLike, *, strict: bool = True) -> Transform:
 
 
 @factory("cast")
-def cast(dtype: torch.dtype, *, only: Pattern | None = None) -> Transform:
-    """Transform form of :func:`fvtransform.cast`."""
+def cast(dtype: DTypeLike, *, only: Pattern | None = None) -> Transform:
+    """Transform form of :func:`fvtransform.cast`; the dtype (or its name) is checked when the step is built."""
+    dtype = as_dtype(dtype)
     return Transform(lambda t: _ops.cast(t, dtype, only=only), f"cast({_fmt(dtype, only=only)})")
 
 

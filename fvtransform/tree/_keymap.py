@@ -17,8 +17,8 @@ from typing import Union
 import attrs
 import torch
 
-from fvtransform.errors import KeyMismatchError, PlanError, ShapeMismatchError, UsageError
 from fvtransform._messages import format_keys
+from fvtransform.errors import KeyMismatchError, PlanError, ShapeMismatchError, UsageError
 from fvtransform.tree._paramtree import ParamTree
 
 __all__ = ["Fuse", "KeyMap", "KeyMapLike", "MappingPlan", "Rename", "Split", "Step"]
@@ -68,6 +68,11 @@ def _same_fields(what: str, templates: Sequence[str]) -> None:
 
 
 def _strs(names: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(names, str):
+        raise UsageError(
+            f"a fuse's sources (a split's targets) are a list of templates; found the string {names!r}. "
+            f"Pass a list: Fuse([{names!r}, ...], target) or Split(source, [{names!r}, ...])"
+        )
     return tuple(names)
 
 
@@ -303,6 +308,16 @@ class KeyMap:
     """
 
     stages: tuple[tuple[Rule, ...], ...]
+
+    def __attrs_post_init__(self) -> None:
+        ok = isinstance(self.stages, tuple) and all(
+            isinstance(stage, tuple) and all(isinstance(r, (Rename, Fuse, Split)) for r in stage) for stage in self.stages
+        )
+        if not ok:
+            raise UsageError(
+                f"KeyMap(stages) takes stages of rules; found {type(self.stages).__name__} {self.stages!r:.80}. "
+                "Build a key map from names, pairs or rules with KeyMap.of(rules), e.g. KeyMap.of({'a': 'b'})"
+            )
 
     @classmethod
     def of(cls, rules: KeyMapLike, *, keep_rest: bool = True) -> KeyMap:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 import fnmatch
+import inspect
 import re
 from typing import Union
 
@@ -18,6 +19,23 @@ __all__ = ["Pattern", "matcher"]
 #: predicate ``(key, tensor) -> bool``.
 Pattern = Union[str, "re.Pattern[str]", Collection[Union[str, "re.Pattern[str]"]], Callable[[str, torch.Tensor], bool]]
 """What selects keys: a glob (``"blocks.*.weight"``), a compiled regex, a list of those, or a predicate ``(key, tensor) -> bool``."""
+
+
+def _check_predicate(fn: Callable[..., bool]) -> None:
+    """A predicate takes ``(key, tensor)``; one that takes a single argument is a :class:`UsageError`."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: trust it
+        return
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    if len(positional) < 2 or len(required) > 2:
+        raise UsageError(
+            f"a predicate pattern takes (key, tensor) and returns bool; {getattr(fn, '__name__', fn)!r} takes "
+            f"{len(positional)} positional argument(s). Write it as lambda key, tensor: ..."
+        )
 
 
 def matcher(pattern: Pattern) -> Callable[[str, torch.Tensor], bool]:
@@ -35,6 +53,7 @@ def matcher(pattern: Pattern) -> Callable[[str, torch.Tensor], bool]:
     if isinstance(pattern, re.Pattern):
         return lambda key, _t: pattern.fullmatch(key) is not None
     if callable(pattern):
+        _check_predicate(pattern)
         return pattern
     if isinstance(pattern, Collection):
         parts = [matcher(p) for p in pattern]

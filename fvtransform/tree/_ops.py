@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 import functools
 import inspect
+import re
 from typing import Any, TypeVar
 
 import torch
 
+from fvtransform._dtypes import as_dtype, DTypeLike, DTYPES
+from fvtransform._messages import close_matches, format_keys
 from fvtransform.errors import KeyMismatchError, UsageError
-from fvtransform._messages import format_keys
 from fvtransform.tree._keymap import KeyMap, KeyMapLike
 from fvtransform.tree._match import Pattern, matcher
 from fvtransform.tree._paramtree import ParamTree
@@ -24,7 +26,11 @@ __all__ = ["select", "drop", "partition", "combine", "rename", "cast", "to", "ma
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: Eager operations that have no transform form (they do not map one tree to one tree).
-_NO_FACTORY = frozenset({"partition", "combine"})
+_NO_FACTORY = frozenset({"partition", "combine", "save", "shard", "unshard", "lora.restore"})
+#: Eager operations whose factory has another name than ``fvt.transforms.<name>``.
+_FACTORY_OF = {"lora.merge": "merge_lora", "lora.unmerge": "unmerge_lora"}
+#: A glob's wildcard characters: a list entry without them names one key.
+_GLOB = re.compile(r"[*?\[]")
 
 
 def show_args(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
@@ -51,11 +57,24 @@ def _eager(fn: F) -> F:
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
         if len(args) < required or not isinstance(args[0], Mapping):
+            swapped = [i for i, a in enumerate(args) if _holds_tensors(a)]
+            if swapped and not isinstance(args[0], Mapping):  # fvt.select("a.*", tree): the tree goes first
+                rest = args[: swapped[0]] + args[swapped[0] + 1 :]
+                raise UsageError(
+                    f"fvt.{name}({shape}) takes the tree first; found {type(args[0]).__name__} first. "
+                    f"Call fvt.{name}(tree, {show_args(rest, kwargs)})"
+                )
             raise UsageError(eager_misuse(name, shape, args, kwargs))
         return fn(*args, **kwargs)
 
     call.__fvt_eager__ = name  # type: ignore[attr-defined]
     return call  # type: ignore[return-value]
+
+
+def _holds_tensors(value: object) -> bool:
+    if isinstance(value, ParamTree):
+        return True
+    return isinstance(value, Mapping) and len(value) > 0 and all(isinstance(v, torch.Tensor) for v in value.values())
 
 
 def eager_misuse(name: str, shape: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
@@ -64,11 +83,25 @@ def eager_misuse(name: str, shape: str, args: tuple[Any, ...], kwargs: Mapping[s
     if name in _NO_FACTORY:
         return head + f"; it has no transform form. Call it on trees: fvt.{name}({shape})"
     given = show_args(args, kwargs) if (args or kwargs) else "..."
-    return head + f"; inside chain use fvt.transforms.{name}({given})"
+    return head + f"; inside chain use fvt.transforms.{_FACTORY_OF.get(name, name)}({given})"
 
 
 def _as_tree(tree: Mapping[str, torch.Tensor]) -> ParamTree:
     return tree if isinstance(tree, ParamTree) else ParamTree(tree)
+
+
+def _missing_names(pattern: Pattern, tree: ParamTree) -> None:
+    """Every plain key named in a list pattern must be in the tree (a glob may match nothing of its own)."""
+    if isinstance(pattern, (str, re.Pattern)) or callable(pattern):
+        return
+    missing = [p for p in pattern if isinstance(p, str) and not _GLOB.search(p) and p not in tree]
+    if missing:
+        hints = {k: close_matches(k, tree) for k in missing}
+        said = "; ".join(f"{k!r} (did you mean {h}?)" if h else repr(k) for k, h in hints.items())
+        raise KeyMismatchError(
+            f"select: named keys not in the tree: {said}. Every key a list names must be there; "
+            "fix the name, or use a glob pattern for keys that may be absent."
+        )
 
 
 def _no_match(pattern: Any, tree: ParamTree) -> KeyMismatchError:
@@ -83,7 +116,8 @@ def select(tree: Mapping[str, torch.Tensor], pattern: Pattern, /, *, allow_empty
     """The sub-tree of keys that match ``pattern`` (glob, regex, list or predicate).
 
     Returns a new tree sharing the selected tensors; the input is not mutated.
-    A pattern that matches nothing is an error unless ``allow_empty=True``.
+    A pattern that matches nothing is an error unless ``allow_empty=True``; a
+    plain key named in a list pattern that is not in the tree is always an error.
 
     >>> import torch, fvtransform as fvt
     >>> t = fvt.ParamTree({"a.w": torch.zeros(1), "b.w": torch.zeros(1)})
@@ -92,6 +126,7 @@ def select(tree: Mapping[str, torch.Tensor], pattern: Pattern, /, *, allow_empty
     """
     tree = _as_tree(tree)
     m = matcher(pattern)
+    _missing_names(pattern, tree)
     out = {k: v for k, v in tree.items() if m(k, v)}
     if not out and not allow_empty:
         raise _no_match(pattern, tree)
@@ -191,6 +226,11 @@ def _map_distinct(
     tree: ParamTree, fn: Callable[[str, torch.Tensor], torch.Tensor], only: Pattern | None
 ) -> ParamTree:
     m = matcher(only) if only is not None else None
+    if m is not None and not any(m(k, v) for k, v in tree.items()):
+        raise KeyMismatchError(
+            f"only={only!r} matched no key of the tree ({len(tree)} keys, e.g. "
+            f"{format_keys(list(tree)[:4])}). Fix the pattern, or leave out only= to change every tensor."
+        )
     memo: dict[int, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     for k, v in tree.items():
@@ -205,11 +245,13 @@ def _map_distinct(
 
 
 @_eager
-def cast(tree: Mapping[str, torch.Tensor], dtype: torch.dtype, /, *, only: Pattern | None = None) -> ParamTree:
+def cast(tree: Mapping[str, torch.Tensor], dtype: DTypeLike, /, *, only: Pattern | None = None) -> ParamTree:
     """Cast floating-point tensors to ``dtype`` (integer and bool tensors are kept).
 
+    ``dtype`` is a floating ``torch.dtype`` or its name (``"bfloat16"``, ``"bf16"``).
     Tensors already of ``dtype`` are shared by identity; ``only=`` restricts the
-    cast to matching keys. Casts tensor by tensor.
+    cast to matching keys (a pattern that matches no key is an error). Casts
+    tensor by tensor.
 
     >>> import torch, fvtransform as fvt
     >>> t = fvt.ParamTree({"w": torch.zeros(2), "ids": torch.arange(2)})
@@ -217,11 +259,12 @@ def cast(tree: Mapping[str, torch.Tensor], dtype: torch.dtype, /, *, only: Patte
     {'w': torch.bfloat16, 'ids': torch.int64}
     """
     tree = _as_tree(tree)
+    target = as_dtype(dtype)
 
     def one(_k: str, v: torch.Tensor) -> torch.Tensor:
-        if not v.dtype.is_floating_point or v.dtype == dtype:
+        if not v.dtype.is_floating_point or v.dtype == target:
             return v
-        return v.detach().to(dtype)
+        return v.detach().to(target)
 
     return _map_distinct(tree, one, only)
 
@@ -237,12 +280,20 @@ def to(
 ) -> ParamTree:
     """Move tensors to ``device``; tensors already there are shared by identity.
 
+    ``only=`` restricts the move to matching keys (a pattern that matches no key
+    is an error). A dtype is not a device: change dtypes with :func:`fvtransform.cast`.
+
     >>> import torch, fvtransform as fvt
     >>> t = fvt.ParamTree({"w": torch.zeros(2)})
     >>> fvt.to(t, "cpu")["w"] is t["w"]
     True
     """
     tree = _as_tree(tree)
+    if isinstance(device, torch.dtype) or (isinstance(device, str) and device.removeprefix("torch.") in DTYPES):
+        raise UsageError(
+            f"fvt.to(tree, device) moves tensors to a device; {device!r} is a dtype. "
+            f"Change dtypes with fvt.cast(tree, {device!r})"
+        )
     dev = torch.device(device)
 
     def one(_k: str, v: torch.Tensor) -> torch.Tensor:
@@ -265,6 +316,7 @@ def map_tensors(
     """Apply ``fn(tensor)`` (or ``fn(key, tensor)`` with ``with_keys=True``) to each tensor.
 
     Tied tensors are mapped once and stay tied. ``fn`` must not mutate its input.
+    ``only=`` restricts it to matching keys (a pattern that matches no key is an error).
 
     >>> import torch, fvtransform as fvt
     >>> t = fvt.ParamTree({"w": torch.ones(2)})

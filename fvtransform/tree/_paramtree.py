@@ -87,6 +87,11 @@ class ParamTree(Mapping[str, torch.Tensor]):
 
     def __init__(self, mapping: Mapping[str, torch.Tensor] | None = None, /) -> None:
         data: dict[str, torch.Tensor] = {}
+        if isinstance(mapping, torch.nn.Module):
+            raise UsageError(
+                f"ParamTree(mapping) takes a mapping of str -> Tensor; found the module {type(mapping).__name__}. "
+                "Read a module's parameters and buffers with fvt.ParamTree.from_module(module)"
+            )
         if mapping is not None:
             items = mapping.items() if isinstance(mapping, Mapping) else mapping
             for key, value in items:
@@ -96,9 +101,16 @@ class ParamTree(Mapping[str, torch.Tensor]):
                         "Use dotted state-dict names such as 'blocks.0.attn1.to_q.weight'."
                     )
                 if not isinstance(value, torch.Tensor):
+                    fix = (
+                        "Convert it with torch.as_tensor first."
+                        if isinstance(value, (int, float, bool, list, tuple)) or hasattr(value, "__array__")
+                        else "A LoRA adapter is not a tree: use the fvt.lora functions (fvt.lora.merge(tree, adapter), "
+                        "fvt.lora.save(adapter, path))."
+                        if type(value).__module__.startswith("fvtransform.lora")
+                        else "A ParamTree holds tensors only."
+                    )
                     raise UsageError(
-                        f"ParamTree values must be torch.Tensor; key {key!r} holds "
-                        f"{type(value).__name__}. Convert it with torch.as_tensor first."
+                        f"ParamTree values must be torch.Tensor; key {key!r} holds {type(value).__name__}. {fix}"
                     )
                 data[key] = value
         object.__setattr__(self, "_data", data)
