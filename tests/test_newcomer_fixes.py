@@ -153,9 +153,9 @@ def test_adapter_targets_is_the_constructor_mapping() -> None:
 
 def test_a_tree_holding_adapter_deltas_names_the_lora_functions() -> None:
     a = _adapter(_tree())
-    with pytest.raises(fvt.errors.FormatError, match=r"holds LowRank\. A LoRA adapter is not a tree: use the fvt\.lora"):
+    with pytest.raises(fvt.errors.UsageError, match=r"holds LowRank\. A LoRA adapter is not a tree: use the fvt\.lora"):
         fvt.ParamTree(dict(a))  # type: ignore[arg-type]
-    with pytest.raises(fvt.errors.FormatError, match=r"Convert it with torch\.as_tensor"):
+    with pytest.raises(fvt.errors.UsageError, match=r"Convert it with torch\.as_tensor"):
         fvt.ParamTree({"x": [1.0]})  # type: ignore[dict-item]
 
 

@@ -60,7 +60,7 @@ def split_experts(
     >>> file = {"transformer.l.lora_A.weight": torch.zeros(2, 3), "transformer.l.lora_B.weight": torch.zeros(4, 2),
     ...         "transformer_2.l.lora_A.weight": torch.ones(2, 3), "transformer_2.l.lora_B.weight": torch.ones(4, 2)}
     >>> experts = fvt.lora.split_experts(file, {"transformer": base, "transformer_2": base})
-    >>> {name: adapter.targets for name, adapter in experts.items()}
+    >>> {name: list(adapter) for name, adapter in experts.items()}
     {'transformer': ['l.weight'], 'transformer_2': ['l.weight']}
 
     Returns:
