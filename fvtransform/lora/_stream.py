@@ -35,6 +35,7 @@ from fvtransform.io._header import DTYPE_NAMES, HEADER_JSON, read_header
 from fvtransform.io._load import Checkpoint
 from fvtransform.io._open import open_regular
 from fvtransform.io._safetensors import FileRange, TensorSpec, write_safetensors
+from fvtransform.lora._adapter import FullDelta
 from fvtransform.lora._dora import merge_dora
 from fvtransform.lora._merge import AdapterSet, Workspace, _collect, _digest, _is_dora, _is_replace, delta_rows, normalize_adapters
 
@@ -211,7 +212,9 @@ def merge_checkpoint(
         elif k not in per_key:
             t = ckpt.tensor(k).to(dt)
         elif _is_replace(k, per_key[k]):  # PEFT modules_to_save: the replacement itself
-            t = per_key[k][0].delta.D.to(dtype=dt)
+            full = per_key[k][0].delta
+            assert isinstance(full, FullDelta)  # _is_replace: a replacing FullDelta, alone on its key
+            t = full.D.to(dtype=dt)
         else:
             w = ckpt.tensor(k)
             w = w.to(on, non_blocking=True) if away else w
