@@ -151,7 +151,69 @@ def run(data: Path, repeats: int, before: str | None) -> dict:
             "load": os.getloadavg()}
 
 
+_SPLIT = r"""
+import cProfile, json, pstats, sys, time
+t0 = time.perf_counter()
+import torch
+from fvtransform.cli._main import main
+imports = time.perf_counter() - t0
+prof = cProfile.Profile()
+t1 = time.perf_counter()
+prof.runcall(main, sys.argv[1:])
+wall = time.perf_counter() - t1
+st = pstats.Stats(prof).stats
+def tot(*names):
+    return sum(v[2] for k, v in st.items() if k[2] in names)
+write = tot("<built-in method posix.write>", "<method 'write' of '_io.BufferedWriter' objects>", "<built-in method posix.copy_file_range>")
+fsync = tot("<built-in method posix.fsync>")
+wait = tot("<method 'acquire' of '_thread.lock' objects>")
+print(json.dumps({"imports": imports, "write": write, "fsync": fsync, "waiting for the merge thread": wait,
+                  "read + merge (main thread)": max(0.0, wall - write - fsync - wait)}))
+"""
+
+
+def split(data: Path, repeats: int, before: str) -> dict:
+    """The time split of one ``fvtransform merge`` (1 LoRA), before and after, from a profile of the main thread (medians)."""
+    work = data.parent / f"{data.name}-merge-disk"
+    loras = make_loras(data, work)
+    out = work / "out"
+    parts: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+    for _ in range(repeats):
+        for who, path in (("before", before), ("after", str(HERE.parent))):
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, "-c", _SPLIT, "merge", str(data), f"{loras['a']}:1.0", "-o", str(out), "--quiet"]
+            got = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=path))
+            parts[who].append(json.loads(got.stdout.strip().splitlines()[-1]))
+    shutil.rmtree(out, ignore_errors=True)
+    return {who: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for who, runs in parts.items()}
+
+
+def plot_split(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 2.2))
+    whos = list(doc)[::-1]
+    left = [0.0] * len(whos)
+    for part in doc[whos[0]]:
+        vals = [doc[w][part] for w in whos]
+        ax.barh(whos, vals, left=left, label=part)
+        left = [a + b for a, b in zip(left, vals)]
+    ax.set_xlabel("seconds (median), main thread")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "run":
+    if sys.argv[1] == "split":
+        doc = split(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+        if len(sys.argv) > 5:
+            plot_split(doc, Path(sys.argv[5]))
+        print(json.dumps(doc))
+    elif sys.argv[1] == "run":
         doc = run(Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 3, sys.argv[4] if len(sys.argv) > 4 else None)
         print(json.dumps(doc))

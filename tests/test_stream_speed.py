@@ -221,3 +221,18 @@ def test_the_canonical_order_hashes_factors_only_between_tied_contributions(monk
     assert len(hashed) == 3 * 2  # A and B of each of the three tied contributions
     for order in ([3, 2, 1, 0], [1, 0, 3, 2], [2, 3, 0, 1]):
         assert torch.equal(fvt.lora.merge({"w": w}, [tied[i] for i in order])["w"], first)
+
+
+def test_the_kernel_copy_reads_only_the_file_whose_header_was_read(base):
+    from fvtransform.io._files import find_weight_files
+    from fvtransform.io._load import Checkpoint
+    from fvtransform.lora._stream import _Sources
+
+    one, _sharded, _a = base
+    sources = _Sources(Checkpoint(find_weight_files(one)))
+    data = one.read_bytes()
+    one.unlink()
+    one.write_bytes(data)  # the same bytes in another file (another inode) after the header was read
+    with pytest.raises(E.IntegrityError, match=r"one\.safetensors: the file was replaced or rewritten after its header was read"):
+        sources.fd(one)
+    sources.close()
