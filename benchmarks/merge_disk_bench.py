@@ -78,10 +78,15 @@ print(time.perf_counter() - t0)
 """
 
 
-def _timed(cmd: list[str], env: dict[str, str], shell: bool = False) -> tuple[float, float, str]:
-    """Wall seconds of the whole process, its peak RssAnon in MiB, and its stdout."""
+def _timed(cmd: list[str], env: dict[str, str], shell: bool, cwd: Path) -> tuple[float, float, str]:
+    """Wall seconds of the whole process, its peak RssAnon in MiB, and its stdout.
+
+    ``cwd`` is outside the checkout: ``python -c``/``-m`` put the working folder first on ``sys.path``,
+    which would shadow ``PYTHONPATH`` (the code before the change) with the checkout's package.
+    """
     t0 = time.perf_counter()
-    p = subprocess.Popen(" ".join(cmd) if shell else cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, shell=shell)
+    p = subprocess.Popen(" ".join(cmd) if shell else cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, shell=shell,
+                         cwd=cwd)
     peak = 0
     while p.poll() is None:
         try:
@@ -128,7 +133,7 @@ def run(data: Path, repeats: int, before: str | None) -> dict:
     for _ in range(repeats):
         for name, (cmd, e, shell) in methods.items():
             shutil.rmtree(out, ignore_errors=True)
-            wall, peak, stdout = _timed(cmd, e, shell)
+            wall, peak, stdout = _timed(cmd, e, shell, work)
             walls[name].append(wall)
             peaks[name] = max(peaks[name], peak)
             if name.startswith("fp32 products"):
@@ -182,7 +187,7 @@ def split(data: Path, repeats: int, before: str) -> dict:
         for who, path in (("before", before), ("after", str(HERE.parent))):
             shutil.rmtree(out, ignore_errors=True)
             cmd = [sys.executable, "-c", _SPLIT, "merge", str(data), f"{loras['a']}:1.0", "-o", str(out), "--quiet"]
-            got = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=path))
+            got = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=path), cwd=work)
             parts[who].append(json.loads(got.stdout.strip().splitlines()[-1]))
     shutil.rmtree(out, ignore_errors=True)
     return {who: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for who, runs in parts.items()}

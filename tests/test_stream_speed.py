@@ -1,5 +1,5 @@
 """Issue 18: the streaming merge at the speed of the disk — kernel copies, direct writes, a depth-one pipeline,
-``device=``, the fused in-memory merge, the hash-free canonical order and a CLI that starts without torch."""
+``device=``, the in-memory merge's one rounding, the hash-free canonical order and a CLI that starts without torch."""
 
 from __future__ import annotations
 
@@ -185,12 +185,12 @@ def test_fvt_call_stays_the_function_after_its_submodule_is_imported():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_the_fused_merge_is_the_product_then_one_rounding_in_and_out_of_place(dtype):
+def test_the_merge_is_one_rounding_of_the_float32_sum_in_and_out_of_place(dtype):
     g = torch.Generator().manual_seed(3)
     w = (torch.randn(300, 40, generator=g) * 3).to(dtype)
     A, B = torch.randn(4, 40, generator=g), torch.randn(300, 4, generator=g)
     a = LoraAdapter({"w": LowRank(A, B, scale=0.5)})
-    want = (w.float() + (B * 0.5) @ A).to(dtype)  # the product, the float32 sum, rounded once into the weight's dtype
+    want = w.float().addmm(B * 0.5, A).to(dtype)  # the float32 sum, rounded once into the weight's dtype
     assert torch.equal(fvt.lora.merge({"w": w}, a)["w"], want)
     donated = w.clone()
     assert torch.equal(fvt.lora.merge({"w": donated}, a, donate=True)["w"], want)

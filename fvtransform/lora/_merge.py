@@ -224,24 +224,19 @@ def delta_rows(
     work = work if work is not None else Workspace()
     width = A.shape[1] if A is not None else cols
     tile = max(1, TILE_BYTES // max(1, width * 4))
-    # the common case (low-rank deltas only, nothing to check): the product, then one fused add-and-round
-    fused = not flat_fulls and not gens and limit is None and weight.dtype.is_floating_point and out.dtype.is_floating_point
     for start in range(0, rows, tile):
         stop = min(rows, start + tile)
-        w_rows = flat_w[start:stop]
-        d: torch.Tensor | None = None
-        if B is not None and A is not None:  # the product at the full width of A (a column shard slices its columns: the same bits)
-            prod = work.tile(weight.device, stop - start, width, slot=1)
-            torch.mm(B[start:stop], A, out=prod)
-            d = prod[:, columns[0] : columns[1]] if columns is not None else prod
-        if fused and d is not None:  # one pass over the weight: read, summed in float32, rounded once into out
-            torch.add(w_rows, d, out=flat_out[start:stop])
-            continue
-        acc = work.tile(weight.device, stop - start, cols)
-        if d is not None:
-            torch.add(w_rows, d, out=acc)
+        if B is not None and A is not None and columns is not None:  # a column shard: the full-width sum, then its columns
+            full = work.tile(weight.device, stop - start, width, slot=1)
+            full.zero_()
+            full[:, columns[0] : columns[1]].copy_(flat_w[start:stop])
+            full.addmm_(B[start:stop], A)
+            acc = full[:, columns[0] : columns[1]]
         else:
-            acc.copy_(w_rows)
+            acc = work.tile(weight.device, stop - start, cols)
+            acc.copy_(flat_w[start:stop])
+            if B is not None and A is not None:
+                acc.addmm_(B[start:stop], A)
         for s, D in flat_fulls:
             acc.add_(D[start:stop].to(device=acc.device, dtype=torch.float32), alpha=s)
         for s, rows_of in gens:
