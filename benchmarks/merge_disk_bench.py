@@ -161,6 +161,7 @@ import cProfile, json, pstats, sys, time
 t0 = time.perf_counter()
 import torch
 from fvtransform.cli._main import main
+import fvtransform.lora, fvtransform.hub  # what the merge command imports (lazily, after the change)
 imports = time.perf_counter() - t0
 prof = cProfile.Profile()
 t1 = time.perf_counter()

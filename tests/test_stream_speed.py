@@ -236,3 +236,13 @@ def test_the_kernel_copy_reads_only_the_file_whose_header_was_read(base):
     with pytest.raises(E.IntegrityError, match=r"one\.safetensors: the file was replaced or rewritten after its header was read"):
         sources.fd(one)
     sources.close()
+
+
+def test_an_in_memory_file_is_written_through_its_own_write():
+    import io
+
+    t = {"a": torch.arange(6, dtype=torch.float32), "b": torch.ones(2, 2, dtype=torch.bfloat16)}
+    buf = io.BytesIO()
+    n = st.write_safetensors(buf, st.tensor_specs(t, "x"), lambda k: t[k], overlap=True)
+    raw = buf.getvalue()
+    assert len(raw) == n and raw.endswith(bytes(st._tensor_bytes(t["a"])) + bytes(st._tensor_bytes(t["b"])))

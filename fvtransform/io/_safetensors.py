@@ -239,8 +239,11 @@ def write_safetensors(
     f.write(len(raw).to_bytes(8, "little"))
     f.write(raw)
     f.flush()  # from here on the bytes go straight to the descriptor, at its position
-    fd = f.fileno()
-    kernel = [True]
+    try:
+        fd: int | None = f.fileno()
+    except (AttributeError, OSError):  # an in-memory file (io.UnsupportedOperation is an OSError): its own write
+        fd = None
+    kernel = [fd is not None]
 
     def put(name: str, spec: TensorSpec, t: torch.Tensor | FileRange) -> None:
         if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
@@ -249,11 +252,14 @@ def write_safetensors(
                 f"{spec.dtype} {spec.shape}; the file is not written"
             )
         if isinstance(t, FileRange):
-            if kernel[0] and _copy_range(fd, t, where, name):
+            if kernel[0] and fd is not None and _copy_range(fd, t, where, name):
                 return
             kernel[0] = False  # the kernel cannot copy between these files: the rest is written
             t = t.tensor()
-        _write_all(fd, _tensor_bytes(t))
+        if fd is None:
+            f.write(_tensor_bytes(t))
+        else:
+            _write_all(fd, _tensor_bytes(t))
 
     names = list(specs)
     if not overlap or len(names) < 2:
