@@ -200,7 +200,7 @@ def plot_split(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 2.2))
+    fig, ax = plt.subplots(figsize=(7, 2.8))
     whos = list(doc)[::-1]
     left = [0.0] * len(whos)
     for part in doc[whos[0]]:
@@ -208,7 +208,7 @@ def plot_split(doc: dict, path: Path) -> None:
         ax.barh(whos, vals, left=left, label=part)
         left = [a + b for a, b in zip(left, vals)]
     ax.set_xlabel("seconds (median), main thread")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
