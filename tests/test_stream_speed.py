@@ -246,3 +246,20 @@ def test_an_in_memory_file_is_written_through_its_own_write():
     n = st.write_safetensors(buf, st.tensor_specs(t, "x"), lambda k: t[k], overlap=True)
     raw = buf.getvalue()
     assert len(raw) == n and raw.endswith(bytes(st._tensor_bytes(t["a"])) + bytes(st._tensor_bytes(t["b"])))
+
+
+_MERGE_IMPORTS = """
+import sys
+from fvtransform.cli import main
+assert main(sys.argv[1:]) == 0
+print("PEERS", sorted(m for m in ("diffusers", "transformers", "peft", "huggingface_hub") if m in sys.modules))
+"""
+
+
+def test_a_local_cli_merge_imports_no_peer_library(base, tmp_path):
+    one, _sharded, a = base
+    fvt.lora.save(a, tmp_path / "lora", format="peft")
+    out = subprocess.run([sys.executable, "-c", _MERGE_IMPORTS, "merge", str(one), str(tmp_path / "lora"), "-o", str(tmp_path / "o.safetensors"),
+                          "--quiet"], capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "PEERS []"
