@@ -12,6 +12,8 @@ TITLES = {
     "dist_bench": "Sharded loading on gloo ranks (issue 7)",
 }
 _GB = 2**30
+#: Everything from this line on in docs/benchmarks.md is kept when the page is rewritten.
+KEEP = "<!-- kept by benchmarks/_report.py -->"
 
 
 def _table(bench: dict[str, Any]) -> list[str]:
@@ -120,5 +122,7 @@ def write_report(doc: dict[str, Any], docs: Path) -> Path:
         for bench, field, name in made:
             lines += [f"{TITLES[bench]}, {field.replace('_', ' ')}:", "", f"![{bench} {field}](img/{name})", ""]
     page = docs / "benchmarks.md"
-    page.write_text("\n".join(lines).rstrip() + "\n")
+    old = page.read_text() if page.exists() else ""
+    kept = "\n\n" + old[old.index(KEEP):].rstrip() if KEEP in old else ""  # sections other benchmarks write
+    page.write_text("\n".join(lines).rstrip() + kept + "\n")
     return page

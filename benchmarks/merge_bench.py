@@ -98,9 +98,40 @@ def run(folder: Path, repeats: int) -> None:
     print(json.dumps({"rows": rows, "ratios": ratios}))
 
 
+def compare(folder: Path, repeats: int, before: str) -> None:
+    """Issue 18: the in-memory merge with this code and with ``before`` (a checkout's PYTHONPATH), side by side.
+
+    Runs interleaved (each repeat runs every method once, each in a fresh process); medians count.
+    """
+    import os
+    import statistics
+    import subprocess
+
+    here = str(Path(__file__).resolve().parents[1])
+    runs = {f"{who}: {m}": (m, path) for who, path in (("after", here), ("before", before))
+            for m in ("fvt_merge", "fvt_merge_donate")}
+    runs.update({m: (m, here) for m in ("peft_merge_and_unload", "copy_targets", "fp32_products")})
+    secs: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for key, (m, path) in runs.items():
+            out = subprocess.run([sys.executable, __file__, "method", m, str(folder)], check=True, capture_output=True, text=True,
+                                 env=dict(os.environ, PYTHONPATH=path))
+            secs[key].append(json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
+    med = {k: statistics.median(v) for k, v in secs.items()}
+    peft = med["peft_merge_and_unload"]
+    yard = max(med["copy_targets"], med["fp32_products"])
+    ratios = {f"peft merge_and_unload / {who} fvt merge donate (target >= 5)": peft / med[f"{who}: fvt_merge_donate"]
+              for who in ("after", "before")}
+    ratios.update({f"{who} fvt merge / max(copy, fp32 products) (target <= 1.5)": med[f"{who}: fvt_merge"] / yard
+                   for who in ("after", "before")})
+    print(json.dumps({"seconds": secs, "median": med, "ratios": ratios, "load": os.getloadavg()}))
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "method":
         method(sys.argv[2], Path(sys.argv[3]))
+    elif cmd == "compare":
+        compare(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
     else:
         run(Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 3)

@@ -13,43 +13,65 @@ and shares the tensors it did not change. Models run on trees through
 torch.Size([1, 4, 2, 4, 4])
 """
 
-from fvtransform import errors, hub, io, lora, models, registry, transforms, tree
-from fvtransform._call import bind, call, call_with_buffers
-from fvtransform.io import CheckReport, check, load, load_model, load_pipeline, save
-from fvtransform.registry import REGISTRY, Registry, build, register, resolve
-from fvtransform.transforms import Transform, chain
-from fvtransform.tree import (
-    Fuse,
-    KeyMap,
-    MappingPlan,
-    ParamTree,
-    Rename,
-    Split,
-    cast,
-    combine,
-    drop,
-    map_tensors,
-    partition,
-    rename,
-    select,
-    tensors_equal,
-    to,
-    update,
-)
+import importlib as _importlib
+import typing as _typing
+
+if _typing.TYPE_CHECKING:  # what the names are, for type checkers; at run time each is imported on first use
+    from fvtransform import errors, hub, io, lora, models, registry, transforms, tree
+    from fvtransform._call import bind, call, call_with_buffers
+    from fvtransform.io import CheckReport, check, load, load_model, load_pipeline, save
+    from fvtransform.registry import REGISTRY, Registry, build, register, resolve
+    from fvtransform.transforms import Transform, chain
+    from fvtransform.tree import (
+        Fuse,
+        KeyMap,
+        MappingPlan,
+        ParamTree,
+        Rename,
+        Split,
+        cast,
+        combine,
+        drop,
+        map_tensors,
+        partition,
+        rename,
+        select,
+        tensors_equal,
+        to,
+        update,
+    )
 
 __version__ = "0.1.0"
 
-_LAZY = {"shard": "fvtransform.distributed", "unshard": "fvtransform.distributed", "distributed": None}
+#: The submodules ``fvt.X`` names, and the module each other public name comes from: imported on first use,
+#: so that ``import fvtransform`` alone (and so ``fvtransform --help``) does not import torch.
+_SUBMODULES = frozenset({"errors", "hub", "io", "lora", "models", "registry", "transforms", "tree", "distributed"})
+_FROM = {
+    **dict.fromkeys(["bind", "call", "call_with_buffers"], "fvtransform._call"),
+    **dict.fromkeys(["CheckReport", "check", "load", "load_model", "load_pipeline", "save"], "fvtransform.io"),
+    **dict.fromkeys(["REGISTRY", "Registry", "build", "register", "resolve"], "fvtransform.registry"),
+    **dict.fromkeys(["Transform", "chain"], "fvtransform.transforms"),
+    **dict.fromkeys(["Fuse", "KeyMap", "MappingPlan", "ParamTree", "Rename", "Split", "cast", "combine", "drop",
+                     "map_tensors", "partition", "rename", "select", "tensors_equal", "to", "update"], "fvtransform.tree"),
+    # fvt.shard, fvt.unshard and fvt.distributed import torch.distributed.tensor on first use
+    **dict.fromkeys(["shard", "unshard"], "fvtransform.distributed"),
+}
 
 
 def __getattr__(name: str) -> object:
-    """``fvt.shard``, ``fvt.unshard`` and ``fvt.distributed`` import torch.distributed.tensor on first use."""
-    if name in _LAZY:
-        import importlib
-
-        mod = importlib.import_module("fvtransform.distributed")
-        return mod if name == "distributed" else getattr(mod, name)
+    """A public name, imported on first use (then kept as a plain attribute)."""
+    if name in _SUBMODULES:
+        return _importlib.import_module(f"fvtransform.{name}")
+    if name in _FROM:
+        value = getattr(_importlib.import_module(_FROM[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'fvtransform' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "CheckReport",

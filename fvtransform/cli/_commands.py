@@ -6,16 +6,15 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from fvtransform.errors import UsageError
 
+if TYPE_CHECKING:  # torch is imported by the commands that need it, never by `fvtransform --help`
+    import torch
+
 __all__ = ["merge_command", "convert_command", "extract_command", "parse_lora_arg", "parse_dtype", "progress_bar",
            "printable", "one_line"]
-
-from fvtransform._dtypes import DTYPES as _DTYPES
 
 
 def _escape(ch: str) -> str:
@@ -45,6 +44,8 @@ def one_line(text: object) -> str:
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
+    from fvtransform._dtypes import DTYPES as _DTYPES  # torch is imported by a command, never by --help
+
     if name is None:
         return None
     if name not in _DTYPES:
@@ -110,9 +111,11 @@ def _refuse_inputs(out: str, inputs: list[str]) -> None:
 
 
 def merge_command(base: str, loras: list[str], out: str, *, dtype: str | None, quiet: bool,
-                  overwrite: bool = False) -> dict[str, Any]:
+                  overwrite: bool = False, device: str | None = None) -> dict[str, Any]:
     import fvtransform as fvt
+    from fvtransform.lora._stream import as_device
 
+    on = as_device(device)  # a device this machine lacks is refused before anything is read
     _refuse_inputs(out, [base] + [parse_lora_arg(arg)[0] for arg in loras])
     tree, base_path = _base_tree(base)
     pairs, labels = [], []
@@ -124,7 +127,8 @@ def merge_command(base: str, loras: list[str], out: str, *, dtype: str | None, q
     update, close = progress_bar(not quiet, "merge")
     try:
         written = fvt.lora.merge_checkpoint(base_path, pairs, out, dtype=parse_dtype(dtype), labels=labels, progress=update,
-                                            overwrite=overwrite, on_skip=lambda name, why: skipped.append(f"{name} ({why})"))
+                                            overwrite=overwrite, on_skip=lambda name, why: skipped.append(f"{name} ({why})"),
+                                            device=on)
     finally:
         close()
     doc: dict[str, Any] = {"output": str(written), "merged": [{"lora": lab, "scale": s} for lab, (_, s) in zip(labels, pairs)],

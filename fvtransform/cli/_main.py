@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     mg.add_argument("--overwrite", action="store_true", help="write into an existing output that fvtransform did not write (files of other names are kept)")
     mg.add_argument("--dtype", default=None, help="cast floating tensors of the output (bf16, fp16, fp32)")
     mg.add_argument("--quiet", action="store_true", help="no progress bar")
+    mg.add_argument("--device", default=None, help="compute the merged tensors there, e.g. cuda (default: cpu)")
     cv = sub.add_parser("convert-lora", help="rewrite a LoRA file in another format")
     cv.add_argument("src")
     cv.add_argument("-o", "--output", required=True)
@@ -197,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.command == "merge":
             return _report(c.merge_command(args.base, args.loras, args.output, dtype=args.dtype, quiet=args.quiet or args.json,
-                                           overwrite=args.overwrite), args.json)
+                                           overwrite=args.overwrite, device=args.device), args.json)
         if args.command == "convert-lora":
             return _report(c.convert_command(args.src, args.output, to=args.to, base=args.base, overwrite=args.overwrite), args.json)
         if args.command == "extract-lora":

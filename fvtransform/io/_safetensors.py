@@ -21,8 +21,10 @@ The ``safetensors`` package stays a test dependency: the tests read our files wi
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+import concurrent.futures
 import contextlib
 import ctypes
+import errno
 import json
 import math
 import os
@@ -35,7 +37,7 @@ import torch
 from fvtransform.errors import FormatError, UsageError
 from fvtransform.io._header import DTYPE_NAMES, Header, TensorInfo, read_header
 
-__all__ = ["MappedFile", "TensorSpec", "tensor_specs", "write_safetensors", "TMP_MARK", "fsync_dir"]
+__all__ = ["MappedFile", "TensorSpec", "FileRange", "tensor_specs", "write_safetensors", "TMP_MARK", "fsync_dir"]
 
 #: Every temporary file or folder fvtransform writes has this in its name.
 TMP_MARK = ".fvt-tmp-"
@@ -137,18 +139,86 @@ def tensor_specs(tensors: Mapping[str, torch.Tensor], where: object) -> dict[str
     return out
 
 
+@attrs.frozen
+class FileRange:
+    """A tensor's bytes as they lie in an open source file: what ``produce`` returns to have them copied by the kernel.
+
+    ``fd`` is a descriptor the caller opened (through :mod:`fvtransform.io._open`) and keeps open
+    while the writer runs; ``start`` is the absolute offset of the bytes; ``dtype`` and ``shape``
+    are checked against the spec like a tensor's. The fallback where the kernel cannot copy
+    between the two files is ``tensor()`` (the same bytes, read in place).
+    """
+
+    fd: int
+    start: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    tensor: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+#: ``os.copy_file_range`` where the platform has it (Linux 4.5+, Python 3.8+); None elsewhere (the fallback writes).
+_COPY_FILE_RANGE: Callable[..., int] | None = getattr(os, "copy_file_range", None)
+#: errnos after which the kernel copy is given up for the rest of a file and the bytes are written instead
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM, errno.ETXTBSY}
+#: Bytes per ``copy_file_range`` call (the call may also copy fewer).
+_COPY_CHUNK = 1 << 30
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    """Write every byte of ``data`` at ``fd``'s position (``os.write`` may write fewer than asked)."""
+    done, n = 0, len(data)
+    while done < n:
+        done += os.write(fd, data[done:])
+
+
+def _copy_range(fd: int, src: FileRange, where: object, name: str) -> bool:
+    """Copy ``src``'s bytes to ``fd`` with the kernel; False (nothing copied) where the kernel cannot.
+
+    Raises:
+        FormatError: the source file ends before the range does (it shrank while the merge ran).
+    """
+    copy = _COPY_FILE_RANGE
+    if copy is None:
+        return False
+    done, n = 0, src.nbytes
+    while done < n:
+        try:
+            got = copy(src.fd, fd, min(n - done, _COPY_CHUNK), src.start + done)
+        except OSError as e:
+            if done == 0 and e.errno in _NO_KERNEL_COPY:
+                return False
+            raise
+        if got == 0:
+            raise FormatError(f"{where}: tensor {name!r}: its source file ended {n - done} bytes early; "
+                              "the source changed while it was read")
+        done += got
+    return True
+
+
 def write_safetensors(
     f: BinaryIO,
     specs: Mapping[str, TensorSpec],
-    produce: Callable[[str], torch.Tensor],
+    produce: Callable[[str], torch.Tensor | FileRange],
     metadata: Mapping[str, str] | None = None,
     *,
     where: object = None,
+    overlap: bool = False,
 ) -> int:
     """Write a safetensors file to the open ``f``, one tensor at a time; return the bytes written.
 
     The header is made from ``specs`` (in their order); then each tensor is made by ``produce(name)``,
     checked against its spec, written and dropped. ``where`` names the file in errors (default ``f.name``).
+
+    Bytes go from the tensor's memory to the file descriptor (``os.write`` of a view, no copy
+    in user space). ``produce`` may return a :class:`FileRange` instead of a tensor: those bytes
+    are moved by the kernel (``os.copy_file_range``), or written from ``FileRange.tensor()``
+    where the platform or file systems cannot. With ``overlap=True`` the next tensor is produced
+    on a second thread while the previous one is written (a pipeline of depth one: at most two
+    tensors exist at once); ``produce`` is then always called from that one thread, in order.
 
     Raises:
         UsageError: a dtype safetensors has no name for.
@@ -169,15 +239,46 @@ def write_safetensors(
     raw += b" " * (-(len(raw) + 8) % 8)
     f.write(len(raw).to_bytes(8, "little"))
     f.write(raw)
-    for name, spec in specs.items():
-        t = produce(name)
+    f.flush()  # from here on the bytes go straight to the descriptor, at its position
+    try:
+        fd: int | None = f.fileno()
+    except (AttributeError, OSError):  # an in-memory file (io.UnsupportedOperation is an OSError): its own write
+        fd = None
+    kernel = [fd is not None]
+
+    def put(name: str, spec: TensorSpec, t: torch.Tensor | FileRange) -> None:
         if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
             raise FormatError(
                 f"{where}: tensor {name!r} came out as {t.dtype} {tuple(t.shape)}, but the header declares "
                 f"{spec.dtype} {spec.shape}; the file is not written"
             )
-        f.write(_tensor_bytes(t))
-        del t
+        if isinstance(t, FileRange):
+            if kernel[0] and fd is not None and _copy_range(fd, t, where, name):
+                return
+            kernel[0] = False  # the kernel cannot copy between these files: the rest is written
+            t = t.tensor()
+        if fd is None:
+            f.write(_tensor_bytes(t))
+        else:
+            _write_all(fd, _tensor_bytes(t))
+
+    names = list(specs)
+    if not overlap or len(names) < 2:
+        for name in names:
+            put(name, specs[name], produce(name))
+        return 8 + len(raw) + offset
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fvt-produce") as pool:
+        ahead = pool.submit(produce, names[0])
+        try:
+            for i, name in enumerate(names):
+                t = ahead.result()
+                if i + 1 < len(names):
+                    ahead = pool.submit(produce, names[i + 1])  # computed while this one is written
+                put(name, specs[name], t)
+                del t
+        except BaseException:
+            ahead.cancel()
+            raise
     return 8 + len(raw) + offset
 
 

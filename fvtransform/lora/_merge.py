@@ -3,14 +3,16 @@
 For each targeted weight, the deltas of every adapter are summed in float32
 (``W + sum_i s_i * B_i @ A_i``) over tiles of rows, and rounded once into the
 weight's dtype. The contributions are put in a canonical order (by scale and
-a digest of the factors) before summing, so merging a set of adapters gives
-the same bits whatever order the set is passed in.
+the factors' kinds, dtypes and shapes; a digest of the factors' bytes only
+between contributions those facts cannot tell apart) before summing, so merging
+a set of adapters gives the same bits whatever order the set is passed in.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import hashlib
+import itertools
 from typing import Any, Union
 
 import attrs
@@ -95,7 +97,26 @@ def describe(d: Delta) -> str:
 class _Contribution:
     scale: float  # effective: adapter scale * user scale
     delta: Delta
-    order_key: tuple[float, bytes]
+    order_key: tuple[Any, ...]  # cheap facts: scale, kind, factor dtypes and shapes (no pass over the bytes)
+
+
+def _order_key(eff: float, d: Delta) -> tuple[Any, ...]:
+    return (eff, type(d).__name__, tuple((str(t.dtype), tuple(t.shape)) for t in d.tensors()))
+
+
+def _factor_digest(c: _Contribution) -> bytes:
+    return b"".join(_digest(t) for t in c.delta.tensors())
+
+
+def _canonical(contribs: list[_Contribution]) -> None:
+    """Sort ``contribs`` into the canonical order, in place: by :func:`_order_key`; the factors' bytes are
+    hashed only to order contributions whose keys tie (the order then depends on nothing but the values)."""
+    contribs.sort(key=lambda c: c.order_key)
+    ordered: list[_Contribution] = []
+    for _, group in itertools.groupby(contribs, key=lambda c: c.order_key):
+        tied = list(group)
+        ordered.extend(sorted(tied, key=_factor_digest) if len(tied) > 1 else tied)
+    contribs[:] = ordered
 
 
 def _collect(tree: Mapping[str, torch.Tensor], pairs: list[tuple[LoraAdapter, float]]) -> dict[str, list[_Contribution]]:
@@ -111,8 +132,7 @@ def _collect(tree: Mapping[str, torch.Tensor], pairs: list[tuple[LoraAdapter, fl
                 raise ShapeMismatchError(f"adapter target {key!r}: {describe(d)} does not fit the weight {list(shape)}")
             eff = s * d.scale
             d = _drop_zero_ranks(d)
-            digest = b"".join(_digest(t) for t in d.tensors())
-            per_key.setdefault(key, []).append(_Contribution(eff, d, (eff, digest)))
+            per_key.setdefault(key, []).append(_Contribution(eff, d, _order_key(eff, d)))
     if missing:
         hints = {k: close_matches(k, tree) for k in missing[:5]}
         raise KeyMismatchError(
@@ -121,7 +141,8 @@ def _collect(tree: Mapping[str, torch.Tensor], pairs: list[tuple[LoraAdapter, fl
             + ". Load the adapter with base= to resolve its names against the model."
         )
     for contribs in per_key.values():
-        contribs.sort(key=lambda c: c.order_key)
+        if len(contribs) > 1:
+            _canonical(contribs)
     return per_key
 
 

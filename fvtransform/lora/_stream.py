@@ -3,7 +3,10 @@
 The input's layout is kept (one file, or the same shard files and index; other
 files of the folder are copied). Each tensor is read from the memory map,
 merged (float32, one rounding, as :func:`fvtransform.lora.merge`), written and
-dropped, so the peak memory is about the largest tensor plus the adapters.
+dropped, so the peak memory is about two of the largest tensors plus the adapters:
+the next tensor is merged on a second thread while the previous one is written
+(a pipeline of depth one). Tensors no adapter touches are copied by the kernel
+from the base file's byte range (``os.copy_file_range``) where it can.
 The output is written atomically and records what was merged at what scale
 in its metadata; the same inputs give the same bytes.
 """
@@ -23,7 +26,7 @@ from typing import Any
 import torch
 
 from fvtransform._json import loads_json, read_json_file
-from fvtransform.errors import FvTransformError, UnsafeFileError, UsageError, WriteError
+from fvtransform.errors import FvTransformError, IntegrityError, UnsafeFileError, UsageError, WriteError
 from fvtransform.io._atomic import (
     LOCK_MARK, OLD_MARK, atomic_file, check_destination, check_path, file_writer, is_any_temp, write_folder,
 )
@@ -31,24 +34,76 @@ from fvtransform._dtypes import DTypeLike, as_dtype
 from fvtransform.io._files import INDEX_JSON, find_weight_files
 from fvtransform.io._header import HEADER_JSON, read_header
 from fvtransform.io._load import Checkpoint
-from fvtransform.io._safetensors import TensorSpec, write_safetensors
+from fvtransform.io._open import open_regular
+from fvtransform.io._safetensors import FileRange, TensorSpec, write_safetensors
 from fvtransform.lora._adapter import FullDelta
 from fvtransform.lora._dora import merge_dora
 from fvtransform.lora._merge import AdapterSet, Workspace, _collect, _digest, _is_dora, _is_replace, delta_rows, normalize_adapters
 
-__all__ = ["merge_checkpoint", "MERGED_KEY", "FILES_KEY", "OTHER_FILE_LIMIT", "check_not_input"]
+__all__ = ["merge_checkpoint", "MERGED_KEY", "FILES_KEY", "OTHER_FILE_LIMIT", "as_device", "check_not_input"]
 
 #: Metadata key listing what was merged: ``[{"adapter": label, "scale": s, "digest": hex}, ...]``.
 MERGED_KEY = "fvt.merged"
 #: Metadata key (index, or the weights file of a one-file folder) listing every file a merge wrote into its folder.
 FILES_KEY = "fvt.files"
 
-def _write_file(path: Path, keys: Sequence[str], ckpt: Checkpoint, produce: Callable[[str], torch.Tensor],
+def _write_file(path: Path, keys: Sequence[str], ckpt: Checkpoint, produce: Callable[[str], torch.Tensor | FileRange],
                 dtype_of: Callable[[str], torch.dtype], metadata: dict[str, str], where: Path) -> int:
     """Write ``keys`` to ``path`` through the one safetensors writer, a tensor at a time; return the data bytes."""
     specs = {k: TensorSpec(dtype_of(k), ckpt.info(k).shape) for k in keys}
-    file_writer(lambda f: write_safetensors(f, specs, produce, metadata, where=where))(path)
+    file_writer(lambda f: write_safetensors(f, specs, produce, metadata, where=where, overlap=True))(path)
     return sum(spec.nbytes for spec in specs.values())
+
+
+class _Sources:
+    """Read descriptors of the base's files for the kernel copy: opened once each (through io/_open), checked
+    to be the very files whose headers were read, closed by :meth:`close`."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self._ckpt = ckpt
+        self._open: dict[Path, Any] = {}
+
+    def fd(self, path: Path) -> int:
+        if path not in self._open:
+            f = open_regular(path, "safetensors file")
+            try:
+                st = os.fstat(f.fileno())
+                identity = self._ckpt.headers[path].identity
+                if identity and (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != identity:
+                    raise IntegrityError(f"{path}: the file was replaced or rewritten after its header was read; "
+                                         "merge again once it stays as it is")
+            except BaseException:
+                f.close()
+                raise
+            self._open[path] = f
+        return int(self._open[path].fileno())
+
+    def close(self) -> None:
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
+
+
+def as_device(device: object) -> torch.device | None:
+    """``device`` (a name or ``torch.device``) as a device a merge can compute on; None stays None.
+
+    Raises:
+        UsageError: not a device name, the ``meta`` device (it holds no values), or a device this machine lacks.
+    """
+    if device is None:
+        return None
+    fix = "pass device='cpu', or device='cuda' on a machine with a GPU (the CLI's --device)"
+    try:
+        found = device if isinstance(device, torch.device) else torch.device(device)  # type: ignore[call-overload]
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"device {device!r}: not a device name; {fix}") from None
+    if found.type == "meta":
+        raise UsageError(f"device {device!r}: the meta device holds no values and cannot merge; {fix}")
+    try:
+        torch.empty(1, device=found)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as e:
+        raise UsageError(f"device {device!r}: not available here ({str(e).splitlines()[0] if str(e) else type(e).__name__}); {fix}") from None
+    return found
 
 
 def merge_checkpoint(
@@ -61,6 +116,7 @@ def merge_checkpoint(
     progress: Callable[[int, int], None] | None = None,
     overwrite: bool = False,
     on_skip: Callable[[str, str], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> Path:
     """Merge ``adapters`` (an adapter or ``[(adapter, scale), ...]``) into the checkpoint at ``base``; write ``out``.
 
@@ -85,6 +141,9 @@ def merge_checkpoint(
     cannot be told cheaply, so it is skipped); each file skipped is
     reported to ``on_skip(name, why)`` (default: a warning), never opened.
     ``dtype`` is a floating ``torch.dtype`` or its name (``"bfloat16"``, ``"bf16"``).
+    ``device`` (e.g. ``"cuda"``) computes the merged tensors there, tile by tile, while the CPU
+    reads and writes (default: on the CPU); the bytes are those of a CPU merge up to the
+    device's float32 matrix product.
 
     Raises:
         KeyMismatchError / ShapeMismatchError: an adapter that does not fit the base.
@@ -92,9 +151,11 @@ def merge_checkpoint(
             safetensors, an unknown ``dtype``.
         WriteError: a folder where an output file goes; ``out`` holds files the merge did not write, a full disk, a read-only destination.
         UnsafeFileError: ``out`` is a symlink, FIFO, device or socket.
+        UsageError: a ``device`` that is not one, is ``meta``, or is not on this machine.
     """
     base_path, out_path = check_path(base, "base"), check_path(out, "output")
     dtype = None if dtype is None else as_dtype(dtype)
+    on = as_device(device)
     files = find_weight_files(base_path)
     if files.pickle:
         raise UsageError(f"{base_path}: merging streams safetensors only; convert the pickle checkpoint first")
@@ -122,83 +183,97 @@ def merge_checkpoint(
         dt = ckpt.info(k).dtype
         return dtype if dtype is not None and dt.is_floating_point else dt
 
-    def produce(k: str) -> torch.Tensor:
-        t = ckpt.tensor(k)
-        dt = dtype_of(k)
-        if k in per_key and _is_replace(k, per_key[k]):  # PEFT modules_to_save: the replacement itself
-            replacement = per_key[k][0].delta
-            assert isinstance(replacement, FullDelta)  # _is_replace: the one contribution is a replacing FullDelta
-            t = replacement.D.to(dtype=dt)
-        elif k in per_key and _is_dora(per_key[k]):  # row tiles; input-axis norms take a first pass over the tiles
-            t = merge_dora(t, per_key[k], out=torch.empty(t.shape, dtype=dt), where=f"{ckpt.file_of(k)}: {k!r}")[0]
-        elif k in per_key:  # rounded once, straight into the output dtype
-            t = delta_rows(per_key[k], t, work=work, out=torch.empty(t.shape, dtype=dt), where=f"{ckpt.file_of(k)}: {k!r}")
-        elif t.dtype != dt:
-            t = t.to(dt)
+    sources = _Sources(ckpt)
+    away = on is not None and on.type != "cpu"
+
+    def produce(k: str) -> torch.Tensor | FileRange:
+        info, dt = ckpt.info(k), dtype_of(k)
+        t: torch.Tensor | FileRange
+        if k not in per_key and info.dtype == dt:  # untouched: the kernel copies its bytes, file to file
+            t = FileRange(sources.fd(ckpt.file_of(k)), info.start, info.dtype, tuple(info.shape), lambda: ckpt.tensor(k))
+        elif k not in per_key:
+            t = ckpt.tensor(k).to(dt)
+        elif _is_replace(k, per_key[k]):  # PEFT modules_to_save: the replacement itself
+            full = per_key[k][0].delta
+            assert isinstance(full, FullDelta)  # _is_replace: a replacing FullDelta, alone on its key
+            t = full.D.to(dtype=dt)
+        else:
+            w = ckpt.tensor(k)
+            w = w.to(on, non_blocking=True) if away else w
+            out = torch.empty(w.shape, dtype=dt, device=w.device)
+            where = f"{ckpt.file_of(k)}: {k!r}"
+            if _is_dora(per_key[k]):  # row tiles; input-axis norms take a first pass over the tiles
+                t = merge_dora(w, per_key[k], out=out, where=where)[0]
+            else:  # rounded once, straight into the output dtype
+                t = delta_rows(per_key[k], w, work=work, out=out, where=where)
+            t = t.cpu() if away else t
         done[0] += 1
         if progress is not None:
             progress(done[0], total)
         return t
 
-    if files.index is None and not base_path.is_dir():  # a lone file -> one file (in a folder: as one unit)
-        meta = dict(ckpt.headers[files.files[0]].metadata)
-        meta[MERGED_KEY] = merged_meta
-        into_folder = out_path.suffix != ".safetensors"
-        target = out_path / files.files[0].name if into_folder else out_path
-        meta[FILES_KEY] = json.dumps([target.name])  # the record that makes a folder holding it a merge output
-        check_not_input(target, [base_path])
-        check_destination(target, folder=False)  # a FIFO, device or link: refused before it is read
-        if not into_folder:
-            if not overwrite and _is_file(target) and _merge_record(target) is None:
-                raise WriteError(f"{target}: exists and is not a previous merge output; refusing to replace it. "
-                                 "Choose another output, or pass --overwrite (overwrite=True)")
-            with atomic_file(target) as tmp:
-                _write_file(tmp, ckpt.keys(), ckpt, produce, dtype_of, meta, target)
-            return target
-
-        def build_one(tmp_dir: Path) -> None:
-            _write_file(tmp_dir / target.name, ckpt.keys(), ckpt, produce, dtype_of, meta, target)
-
-        # a previous merge's index and shards in the folder are dropped with the swap: what loads is this merge
-        write_folder(out_path, [target.name], build_one, owned=_owned_by_merge([target.name]), overwrite=overwrite,
-                     require_own=True, what="merge output")
-        return target
-    # a folder (sharded or one file): the same weight files, index and other files, built in a temporary
-    # folder and swapped in at the end; the index (or the weights file) records every file written
-    others, skipped = _other_files(src, {f.name for f in files.files} | ({files.index.name} if files.index else set()))
-    for name, why in skipped:
-        if on_skip is None:
-            warnings.warn(f"{src / name}: not copied to {out_path}: {why}", stacklevel=2)
-        else:
-            on_skip(name, why)
-    written = sorted([f.name for f in files.files] + ([files.index.name] if files.index else []) + list(others))
-    merged_meta_files = json.dumps(written)
-
-    def build(tmp_dir: Path) -> None:
-        for name, path in others.items():
-            _copy_regular(path, tmp_dir / name)
-        total_size = 0
-        for f in files.files:
-            keys = [k for k in ckpt.keys() if ckpt.file_of(k) == f]
-            meta = dict(ckpt.headers[f].metadata)
+    try:
+        if files.index is None and not base_path.is_dir():  # a lone file -> one file (in a folder: as one unit)
+            meta = dict(ckpt.headers[files.files[0]].metadata)
             meta[MERGED_KEY] = merged_meta
-            if files.index is None:
-                meta[FILES_KEY] = merged_meta_files
-            total_size += _write_file(tmp_dir / f.name, keys, ckpt, produce, dtype_of, meta, out_path / f.name)
-        if files.index is not None:
-            doc = read_json_file(files.index, limits=INDEX_JSON, expect=dict, what="index file")
-            doc.setdefault("metadata", {})
-            doc["metadata"]["total_size"] = total_size
-            doc["metadata"][MERGED_KEY] = merged_meta
-            doc["metadata"][FILES_KEY] = merged_meta_files
-            with open(tmp_dir / files.index.name, "x", encoding="utf-8") as fh:
-                fh.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
+            into_folder = out_path.suffix != ".safetensors"
+            target = out_path / files.files[0].name if into_folder else out_path
+            meta[FILES_KEY] = json.dumps([target.name])  # the record that makes a folder holding it a merge output
+            check_not_input(target, [base_path])
+            check_destination(target, folder=False)  # a FIFO, device or link: refused before it is read
+            if not into_folder:
+                if not overwrite and _is_file(target) and _merge_record(target) is None:
+                    raise WriteError(f"{target}: exists and is not a previous merge output; refusing to replace it. "
+                                     "Choose another output, or pass --overwrite (overwrite=True)")
+                with atomic_file(target) as tmp:
+                    _write_file(tmp, ckpt.keys(), ckpt, produce, dtype_of, meta, target)
+                return target
 
-    write_folder(out_path, written, build, owned=_owned_by_merge(written), overwrite=overwrite, require_own=True,
-                 what="merge output")
-    return out_path
+            def build_one(tmp_dir: Path) -> None:
+                _write_file(tmp_dir / target.name, ckpt.keys(), ckpt, produce, dtype_of, meta, target)
+
+            # a previous merge's index and shards in the folder are dropped with the swap: what loads is this merge
+            write_folder(out_path, [target.name], build_one, owned=_owned_by_merge([target.name]), overwrite=overwrite,
+                         require_own=True, what="merge output")
+            return target
+        # a folder (sharded or one file): the same weight files, index and other files, built in a temporary
+        # folder and swapped in at the end; the index (or the weights file) records every file written
+        others, skipped = _other_files(src, {f.name for f in files.files} | ({files.index.name} if files.index else set()))
+        for name, why in skipped:
+            if on_skip is None:
+                warnings.warn(f"{src / name}: not copied to {out_path}: {why}", stacklevel=2)
+            else:
+                on_skip(name, why)
+        written = sorted([f.name for f in files.files] + ([files.index.name] if files.index else []) + list(others))
+        merged_meta_files = json.dumps(written)
+
+        def build(tmp_dir: Path) -> None:
+            for name, path in others.items():
+                _copy_regular(path, tmp_dir / name)
+            total_size = 0
+            for f in files.files:
+                keys = [k for k in ckpt.keys() if ckpt.file_of(k) == f]
+                meta = dict(ckpt.headers[f].metadata)
+                meta[MERGED_KEY] = merged_meta
+                if files.index is None:
+                    meta[FILES_KEY] = merged_meta_files
+                total_size += _write_file(tmp_dir / f.name, keys, ckpt, produce, dtype_of, meta, out_path / f.name)
+            if files.index is not None:
+                doc = read_json_file(files.index, limits=INDEX_JSON, expect=dict, what="index file")
+                doc.setdefault("metadata", {})
+                doc["metadata"]["total_size"] = total_size
+                doc["metadata"][MERGED_KEY] = merged_meta
+                doc["metadata"][FILES_KEY] = merged_meta_files
+                with open(tmp_dir / files.index.name, "x", encoding="utf-8") as fh:
+                    fh.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+
+        write_folder(out_path, written, build, owned=_owned_by_merge(written), overwrite=overwrite, require_own=True,
+                     what="merge output")
+        return out_path
+    finally:
+        sources.close()
 
 
 def _owned_by_merge(written: Collection[str]) -> Callable[[Path], set[str] | None]:

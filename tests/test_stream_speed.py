@@ -1,0 +1,266 @@
+"""Issue 18: the streaming merge at the speed of the disk — kernel copies, direct writes, a depth-one pipeline,
+``device=``, the in-memory merge's one rounding, the hash-free canonical order and a CLI that starts without torch."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+import threading
+import weakref
+
+import pytest
+import torch
+
+import fvtransform as fvt
+from fvtransform import errors as E
+from fvtransform.cli._main import main
+from fvtransform.io import _safetensors as st
+from fvtransform.lora import _merge
+from fvtransform.lora._adapter import LoraAdapter, LowRank
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tree() -> fvt.ParamTree:
+    g = torch.Generator().manual_seed(0)
+    t = {f"blocks.{i}.attn.to_{n}.weight": torch.randn(48, 32, generator=g).bfloat16() for i in range(2) for n in "qkv"}
+    t.update({f"blocks.{i}.norm.bias": torch.randn(32, generator=g) for i in range(2)})
+    t["steps"] = torch.arange(5)
+    return fvt.ParamTree(t)
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> tuple[Path, Path, LoraAdapter]:
+    tree = _tree()
+    fvt.save(tree, tmp_path / "one.safetensors")
+    fvt.save(tree, tmp_path / "sharded", max_shard_size=8000)
+    return tmp_path / "one.safetensors", tmp_path / "sharded", fvt.lora.random_adapter(tree, targets="*.to_[qk].weight", rank=4, seed=1)
+
+
+def _files(p: Path) -> dict[str, bytes]:
+    return {q.name: q.read_bytes() for q in sorted(p.iterdir())} if p.is_dir() else {p.name: p.read_bytes()}
+
+
+def test_untouched_tensors_are_copied_by_the_kernel_and_the_fallback_writes_the_same_bytes(base, tmp_path, monkeypatch):
+    if st._COPY_FILE_RANGE is None:
+        pytest.skip("this platform has no os.copy_file_range")
+    one, sharded, a = base
+    calls = []
+    real = st._COPY_FILE_RANGE
+    monkeypatch.setattr(st, "_COPY_FILE_RANGE", lambda *args: calls.append(args) or real(*args))
+    kernel = {src: fvt.lora.merge_checkpoint(src, a, tmp_path / "k" / src.name) for src in (one, sharded)}
+    untouched = [k for k in _tree() if k not in a]
+    assert len(calls) == len(untouched) * 2  # every untouched tensor of both layouts, one call each (small tensors)
+    monkeypatch.setattr(st, "_COPY_FILE_RANGE", None)  # a platform without it
+    for src, out in kernel.items():
+        assert _files(fvt.lora.merge_checkpoint(src, a, tmp_path / "w" / src.name)) == _files(out)
+
+    def refused(*_args: object) -> int:  # a pair of file systems the kernel cannot copy between
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(st, "_COPY_FILE_RANGE", refused)
+    for src, out in kernel.items():
+        assert _files(fvt.lora.merge_checkpoint(src, a, tmp_path / "x" / src.name)) == _files(out)
+    merged, want = fvt.load(kernel[sharded]), fvt.lora.merge(_tree(), a)
+    assert set(merged) == set(want) and all(torch.equal(merged[k], want[k]) for k in want)
+
+
+def test_a_source_that_ends_before_its_range_is_a_format_error_naming_file_and_key(tmp_path):
+    if st._COPY_FILE_RANGE is None:
+        pytest.skip("this platform has no os.copy_file_range")
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"\1" * 10)
+    spec = {"w": st.TensorSpec(torch.uint8, (64,))}
+    with open(src, "rb") as fin, open(tmp_path / "out.safetensors", "xb") as f:
+        rng = st.FileRange(fin.fileno(), 0, torch.uint8, (64,), lambda: torch.zeros(64, dtype=torch.uint8))
+        with pytest.raises(E.FormatError, match=r"out\.safetensors: tensor 'w': its source file ended 54 bytes early"):
+            st.write_safetensors(f, spec, lambda _k: rng)
+
+
+def test_short_writes_are_completed(tmp_path, monkeypatch):
+    real = os.write
+    monkeypatch.setattr(st.os, "write", lambda fd, data: real(fd, bytes(data[:7])))  # a pipe-like writer
+    t = {"a": torch.arange(100, dtype=torch.float32), "b": torch.ones(3, 5, dtype=torch.bfloat16)}
+    with open(tmp_path / "x.safetensors", "xb") as f:
+        st.write_safetensors(f, st.tensor_specs(t, "x"), t.__getitem__)
+    got = fvt.load(tmp_path / "x.safetensors")
+    assert set(got) == set(t) and all(torch.equal(got[k], t[k]) for k in t)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_pipeline_holds_at_most_two_tensors_and_keeps_the_bytes(tmp_path, overlap):
+    names = [f"t{i}" for i in range(6)]
+    alive: list[weakref.ref] = []
+    most, threads = [0], set()
+
+    def produce(name: str) -> torch.Tensor:
+        most[0] = max(most[0], sum(r() is not None for r in alive))  # made before this one, not yet dropped
+        threads.add(threading.get_ident())
+        t = torch.full((1000,), float(names.index(name)))
+        alive.append(weakref.ref(t))
+        return t
+
+    specs = {n: st.TensorSpec(torch.float32, (1000,)) for n in names}
+    with open(tmp_path / "x.safetensors", "xb") as f:
+        st.write_safetensors(f, specs, produce, overlap=overlap)
+    got = fvt.load(tmp_path / "x.safetensors")
+    assert [float(got[n][0]) for n in names] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert most[0] <= (1 if overlap else 0)  # at most one tensor being written while the next is made
+    assert (threading.get_ident() in threads) != overlap and len(threads) == 1  # made on one other thread, in order
+
+
+def test_a_failing_producer_stops_the_pipeline_with_its_error(tmp_path):
+    made: list[str] = []
+
+    def produce(name: str) -> torch.Tensor:
+        made.append(name)
+        if name == "t2":
+            raise E.NumericError("t2: overflow")
+        return torch.zeros(4)
+
+    specs = {f"t{i}": st.TensorSpec(torch.float32, (4,)) for i in range(5)}
+    with open(tmp_path / "x.safetensors", "xb") as f, pytest.raises(E.NumericError, match="t2: overflow"):
+        st.write_safetensors(f, specs, produce, overlap=True)
+    assert made == ["t0", "t1", "t2"]
+
+
+def test_device_cpu_gives_the_same_bytes_and_bad_devices_are_usage_errors(base, tmp_path):
+    one, _sharded, a = base
+    plain = fvt.lora.merge_checkpoint(one, a, tmp_path / "plain" / one.name)
+    on_cpu = fvt.lora.merge_checkpoint(one, a, tmp_path / "cpu" / one.name, device="cpu")
+    assert on_cpu.read_bytes() == plain.read_bytes()
+    assert fvt.lora.merge_checkpoint(one, a, tmp_path / "cpu2" / one.name, device=torch.device("cpu")).read_bytes() == plain.read_bytes()
+    for device, why in [("meta", "the meta device holds no values"), ("warp9", "not a device name")]:
+        with pytest.raises(E.UsageError, match=rf"device '{device}': {why}.*device='cpu'"):
+            fvt.lora.merge_checkpoint(one, a, tmp_path / "bad.safetensors", device=device)
+    if not torch.cuda.is_available():
+        with pytest.raises(E.UsageError, match=r"device 'cuda': not available here.*device='cuda' on a machine with a GPU"):
+            fvt.lora.merge_checkpoint(one, a, tmp_path / "bad.safetensors", device="cuda")
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_cli_merge_device(base, tmp_path, capsys):
+    one, _sharded, a = base
+    fvt.lora.save(a, tmp_path / "lora", format="peft")
+    lora = str(tmp_path / "lora")
+    assert main(["merge", str(one), lora, "-o", str(tmp_path / "out.safetensors"), "--device", "cpu", "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["output"].endswith("out.safetensors")
+    assert main(["merge", str(one), lora, "-o", str(tmp_path / "m.safetensors"), "--device", "meta", "--quiet"]) == 2
+    assert "fvtransform: error: device 'meta': the meta device holds no values" in capsys.readouterr().err
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+_NO_TORCH = """
+import sys
+from fvtransform.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    assert e.code == 0, e.code
+heavy = sorted(m for m in ("torch", "numpy", "diffusers", "transformers", "peft", "huggingface_hub", "safetensors") if m in sys.modules)
+print("HEAVY", heavy)
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["merge", "--help"], ["inspect", "--help"]])
+def test_cli_help_imports_no_torch(argv):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", _NO_TORCH, *argv], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage: fvtransform" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "HEAVY []"
+
+
+def test_fvt_call_is_the_function_and_no_module_shares_its_name():
+    code = ("import fvtransform as fvt, importlib.util, types; assert callable(fvt.call) and not isinstance(fvt.call, types.ModuleType); "
+            "assert importlib.util.find_spec('fvtransform.call') is None; "
+            "import fvtransform.lora; from fvtransform import call; assert call is fvt.call; "
+            "fvt.call = len; assert fvt.call is len; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_merge_is_one_rounding_of_the_float32_sum_in_and_out_of_place(dtype):
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(300, 40, generator=g) * 3).to(dtype)
+    A, B = torch.randn(4, 40, generator=g), torch.randn(300, 4, generator=g)
+    a = LoraAdapter({"w": LowRank(A, B, scale=0.5)})
+    want = w.float().addmm(B * 0.5, A).to(dtype)  # the float32 sum, rounded once into the weight's dtype
+    assert torch.equal(fvt.lora.merge({"w": w}, a)["w"], want)
+    donated = w.clone()
+    assert torch.equal(fvt.lora.merge({"w": donated}, a, donate=True)["w"], want)
+    assert torch.equal(donated, want)  # written into the donated storage
+
+
+def test_an_fp16_overflow_is_still_refused():
+    a = LoraAdapter({"w": LowRank(torch.full((1, 4), 300.0), torch.full((4, 1), 300.0), 1.0)})
+    with pytest.raises(E.NumericError, match=r"'w': the merged weight holds Inf/NaN in torch\.float16"):
+        fvt.lora.merge({"w": torch.zeros(4, 4, dtype=torch.float16)}, a)
+
+
+def test_the_canonical_order_hashes_factors_only_between_tied_contributions(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 32, generator=g).bfloat16()
+
+    def lr(r: int) -> LoraAdapter:
+        return LoraAdapter({"w": LowRank(torch.randn(r, 32, generator=g), torch.randn(64, r, generator=g) * 0.1, 1.0)})
+
+    a, b, c, d = lr(4), lr(8), lr(4), lr(4)
+    hashed: list[int] = []
+    real = _merge._digest
+    monkeypatch.setattr(_merge, "_digest", lambda t: hashed.append(1) or real(t))
+    fvt.lora.merge({"w": w}, [(a, 0.5), (b, 0.5), (c, 0.7)])  # scales or ranks differ: nothing to hash
+    assert hashed == []
+    tied = [(a, 0.5), (c, 0.5), (d, 0.5), (b, 0.5)]  # a, c, d tie on every cheap fact: their bytes order them
+    first = fvt.lora.merge({"w": w}, tied)["w"]
+    assert len(hashed) == 3 * 2  # A and B of each of the three tied contributions
+    for order in ([3, 2, 1, 0], [1, 0, 3, 2], [2, 3, 0, 1]):
+        assert torch.equal(fvt.lora.merge({"w": w}, [tied[i] for i in order])["w"], first)
+
+
+def test_the_kernel_copy_reads_only_the_file_whose_header_was_read(base):
+    from fvtransform.io._files import find_weight_files
+    from fvtransform.io._load import Checkpoint
+    from fvtransform.lora._stream import _Sources
+
+    one, _sharded, _a = base
+    sources = _Sources(Checkpoint(find_weight_files(one)))
+    data = one.read_bytes()
+    one.unlink()
+    one.write_bytes(data)  # the same bytes in another file (another inode) after the header was read
+    with pytest.raises(E.IntegrityError, match=r"one\.safetensors: the file was replaced or rewritten after its header was read"):
+        sources.fd(one)
+    sources.close()
+
+
+def test_an_in_memory_file_is_written_through_its_own_write():
+    import io
+
+    t = {"a": torch.arange(6, dtype=torch.float32), "b": torch.ones(2, 2, dtype=torch.bfloat16)}
+    buf = io.BytesIO()
+    n = st.write_safetensors(buf, st.tensor_specs(t, "x"), lambda k: t[k], overlap=True)
+    raw = buf.getvalue()
+    assert len(raw) == n and raw.endswith(bytes(st._tensor_bytes(t["a"])) + bytes(st._tensor_bytes(t["b"])))
+
+
+_MERGE_IMPORTS = """
+import sys
+from fvtransform.cli import main
+assert main(sys.argv[1:]) == 0
+print("PEERS", sorted(m for m in ("diffusers", "transformers", "peft", "huggingface_hub") if m in sys.modules))
+"""
+
+
+def test_a_local_cli_merge_imports_no_peer_library(base, tmp_path):
+    one, _sharded, a = base
+    fvt.lora.save(a, tmp_path / "lora", format="peft")
+    out = subprocess.run([sys.executable, "-c", _MERGE_IMPORTS, "merge", str(one), str(tmp_path / "lora"), "-o", str(tmp_path / "o.safetensors"),
+                          "--quiet"], capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "PEERS []"
