@@ -100,6 +100,8 @@ def load(
             skipped.append((key, why if parsed is None else f"a {parsed[1]!r} key, which format {name!r} does not hold"))
             continue
         module = strip_prefix(fmt, parsed[0])
+        if module is None and fmt.strip == "component" and parsed[0].startswith(component.rstrip(".") + "."):
+            module = parsed[0]  # a component the caller names (any pipeline component, not only the common ones)
         if module is None:
             skipped.append((key, f"does not belong to the detected format {name!r}"))
             continue
