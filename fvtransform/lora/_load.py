@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from fvtransform._args import check_strict
 from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError, UsageError
 from fvtransform.tree._keymap import KeyMap, KeyMapLike
 from fvtransform.lora._adapter import Delta, LoraAdapter
@@ -61,6 +62,7 @@ def load(
     >>> list(adapter), [key for key, why in adapter.report.skipped]
     (['l.weight'], ['other.lora_A.weight', 'other.lora_B.weight'])
     """
+    strict = check_strict(strict, "fvt.lora.load")
     if base is not None and isinstance(base, torch.nn.Module):
         from fvtransform.tree._paramtree import ParamTree
 
