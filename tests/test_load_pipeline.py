@@ -175,8 +175,15 @@ def test_unknown_component_lists_close_names(pipe_folder):
 def test_caller_mistakes_are_usage_errors(pipe_folder):
     with pytest.raises(UsageError, match=r"components must be a list of names; found 'transformer'"):
         fvt.load_pipeline(pipe_folder, "transformer")  # type: ignore[arg-type]
+    # one dtype converter (fvtransform._dtypes.as_dtype): names are taken, non-floating dtypes refused
+    with pytest.raises(UsageError, match=r"dtype 'bf17': expected a floating torch.dtype"):
+        fvt.load_pipeline(pipe_folder, ["vae"], dtype="bf17")
+    with pytest.raises(UsageError, match=r"dtypes\['vae'\] torch.int8: expected a floating torch.dtype"):
+        fvt.load_pipeline(pipe_folder, ["vae"], dtypes={"vae": torch.int8})
     with pytest.raises(UsageError, match=r"dtype must be a torch.dtype"):
-        fvt.load_pipeline(pipe_folder, ["vae"], dtype="bf16")  # type: ignore[arg-type]
+        fvt.load_pipeline(pipe_folder, ["vae"], dtype=16)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=r"device 'bogus' is not a device torch knows"):
+        fvt.load_pipeline(pipe_folder, ["vae"], device="bogus")
     with pytest.raises(UsageError, match=r"dtypes names \['text_encoderr'\].*close names: \{'text_encoderr': \['text_encoder'\]\}"):
         fvt.load_pipeline(pipe_folder, ["text_encoder"], dtypes={"text_encoderr": torch.float32})
 
