@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fvtransform as fvt
-from fvtransform.errors import ImmutableError, KeyMismatchError, NotFoundError, UsageError
+from fvtransform.errors import FormatError, ImmutableError, KeyMismatchError, NotFoundError, UsageError
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -233,3 +233,29 @@ def test_an_empty_component_list_is_a_usage_error_not_a_whole_download(pipe_fold
     with pytest.raises(UsageError, match=r"components=\[\] names no component.*Fix: components=None"):
         fvt.load_pipeline("org/tiny-wan22", [])
     assert not [p for m, p in fake_hub.requests if "/resolve/" in p]  # nothing downloaded
+
+
+@pytest.mark.parametrize("entry", [["diffusers", None], [None, "WanTransformer3DModel"]])
+def test_an_entry_with_one_null_is_a_format_error(pipe_folder, tmp_path, entry):
+    folder = _copy(pipe_folder, tmp_path)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["transformer_2"] = entry
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(FormatError, match=r"model_index\.json: key 'transformer_2' must be \[library, class\] \(two strings, or two nulls"):
+        fvt.load_pipeline(folder, ["vae"])
+
+
+@pytest.mark.parametrize("entry", [["diffusers", "AutoencoderKLWan"], ["os", "system"]])
+def test_an_index_class_that_disagrees_with_config_json_is_a_format_error_whatever_strict(pipe_folder, tmp_path, entry):
+    folder = _copy(pipe_folder, tmp_path)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["transformer_2"] = entry
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(FormatError, match=rf"component 'transformer_2' .*names it {'.'.join(entry)}, but its "
+                                          r"transformer_2/config\.json says _class_name 'WanTransformer3DModel'.*Fix"):
+        fvt.load_pipeline(folder, ["transformer_2"], strict=False)
+
+
+def test_components_as_a_generator_are_read_once(pipe_folder):
+    pipe = fvt.load_pipeline(pipe_folder, (n for n in ["vae", "scheduler"]))
+    assert list(pipe) == ["vae"] and list(pipe.entries) == ["scheduler"]

@@ -148,7 +148,7 @@ def _check_class(folder: Path, name: str, sub: Path, library: str, class_name: s
     declared = read_json(sub / "config.json").get("_class_name")
     if isinstance(declared, str) and declared != class_name:
         raise FormatError(
-            f"{folder / MODEL_INDEX}: component {name!r} is a {library}.{class_name} there, but its "
+            f"{MODEL_INDEX} names it {library}.{class_name}, but its "
             f"{name}/config.json says _class_name {declared!r}; diffusers would build {class_name} from a "
             f"{declared} config. Fix: correct the entry in {MODEL_INDEX} (e.g. [\"diffusers\", \"{declared}\"]) or "
             f"put the right folder at {name}/"
@@ -270,8 +270,8 @@ def load_pipeline(
                 f"{folder}: component {name!r} ({library}.{class_name}) has no {name}/config.json, so it cannot be "
                 f"built. Fix: download the whole {name}/ folder (config.json and its weights)"
             )
-        _check_class(folder, name, sub, library, class_name)
         try:
+            _check_class(folder, name, sub, library, class_name)
             models[name] = load_model(sub, dtype=overrides.get(name, dtype), device=device, strict=strict)
         except NotFoundError as e:  # a file of the component is missing: say what to fetch
             raise _failed(e, f"{folder}: component {name!r} ({library}.{class_name})", f"Fix: complete {sub}/ as the "
