@@ -139,3 +139,43 @@ def test_caller_mistakes_are_usage_errors(net):
     with pytest.raises(UsageError, match=r"fvt.bind: the tree must be a mapping"):
         with fvt.bind(net, [1, 2]):  # type: ignore[arg-type]
             pass
+
+
+def test_bind_blocks_exiting_out_of_order_leave_the_module_its_own_parameters():
+    # Out-of-order exit in one thread (generators / tasks): A enters, B enters, A exits, B exits.
+    lin = torch.nn.Linear(2, 1)
+    own_w, own_b = lin.weight, lin.bias
+    t1 = {"weight": torch.ones(1, 2), "bias": torch.zeros(1)}
+    t2 = {"weight": torch.full((1, 2), 2.0), "bias": torch.ones(1)}
+    a, b = fvt.bind(lin, t1), fvt.bind(lin, t2)
+    a.__enter__()
+    b.__enter__()
+    assert lin.weight is t2["weight"]
+    a.__exit__(None, None, None)
+    assert lin.weight is t2["weight"]  # B still holds the module
+    b.__exit__(None, None, None)
+    assert lin.weight is own_w and lin.bias is own_b
+
+
+def test_bind_a_module_bound_in_another_thread_is_refused():
+    import threading
+    lin = torch.nn.Sequential(torch.nn.Linear(2, 1))
+    tree = {"0.weight": torch.ones(1, 2), "0.bias": torch.zeros(1)}
+    entered, done = threading.Event(), threading.Event()
+
+    def hold():
+        with fvt.bind(lin, tree):
+            entered.set()
+            done.wait(5)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    entered.wait(5)
+    try:
+        with pytest.raises(UsageError, match="another thread.*fvt.call"):
+            with fvt.bind(lin[0], {"weight": torch.ones(1, 2), "bias": torch.zeros(1)}):
+                pass
+    finally:
+        done.set()
+        t.join(5)
+    assert isinstance(lin[0].weight, torch.nn.Parameter)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fvtransform as fvt
-from fvtransform.errors import ImmutableError, KeyMismatchError, NotFoundError, UsageError
+from fvtransform.errors import FormatError, ImmutableError, KeyMismatchError, NotFoundError, UsageError
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -175,8 +175,15 @@ def test_unknown_component_lists_close_names(pipe_folder):
 def test_caller_mistakes_are_usage_errors(pipe_folder):
     with pytest.raises(UsageError, match=r"components must be a list of names; found 'transformer'"):
         fvt.load_pipeline(pipe_folder, "transformer")  # type: ignore[arg-type]
+    # one dtype converter (fvtransform._dtypes.as_dtype): names are taken, non-floating dtypes refused
+    with pytest.raises(UsageError, match=r"dtype 'bf17': expected a floating torch.dtype"):
+        fvt.load_pipeline(pipe_folder, ["vae"], dtype="bf17")
+    with pytest.raises(UsageError, match=r"dtypes\['vae'\] torch.int8: expected a floating torch.dtype"):
+        fvt.load_pipeline(pipe_folder, ["vae"], dtypes={"vae": torch.int8})
     with pytest.raises(UsageError, match=r"dtype must be a torch.dtype"):
-        fvt.load_pipeline(pipe_folder, ["vae"], dtype="bf16")  # type: ignore[arg-type]
+        fvt.load_pipeline(pipe_folder, ["vae"], dtype=16)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=r"device 'bogus' is not a device torch knows"):
+        fvt.load_pipeline(pipe_folder, ["vae"], device="bogus")
     with pytest.raises(UsageError, match=r"dtypes names \['text_encoderr'\].*close names: \{'text_encoderr': \['text_encoder'\]\}"):
         fvt.load_pipeline(pipe_folder, ["text_encoder"], dtypes={"text_encoderr": torch.float32})
 
@@ -226,3 +233,29 @@ def test_an_empty_component_list_is_a_usage_error_not_a_whole_download(pipe_fold
     with pytest.raises(UsageError, match=r"components=\[\] names no component.*Fix: components=None"):
         fvt.load_pipeline("org/tiny-wan22", [])
     assert not [p for m, p in fake_hub.requests if "/resolve/" in p]  # nothing downloaded
+
+
+@pytest.mark.parametrize("entry", [["diffusers", None], [None, "WanTransformer3DModel"]])
+def test_an_entry_with_one_null_is_a_format_error(pipe_folder, tmp_path, entry):
+    folder = _copy(pipe_folder, tmp_path)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["transformer_2"] = entry
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(FormatError, match=r"model_index\.json: key 'transformer_2' must be \[library, class\] \(two strings, or two nulls"):
+        fvt.load_pipeline(folder, ["vae"])
+
+
+@pytest.mark.parametrize("entry", [["diffusers", "AutoencoderKLWan"], ["os", "system"]])
+def test_an_index_class_that_disagrees_with_config_json_is_a_format_error_whatever_strict(pipe_folder, tmp_path, entry):
+    folder = _copy(pipe_folder, tmp_path)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["transformer_2"] = entry
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(FormatError, match=rf"component 'transformer_2' .*names it {'.'.join(entry)}, but its "
+                                          r"transformer_2/config\.json says _class_name 'WanTransformer3DModel'.*Fix"):
+        fvt.load_pipeline(folder, ["transformer_2"], strict=False)
+
+
+def test_components_as_a_generator_are_read_once(pipe_folder):
+    pipe = fvt.load_pipeline(pipe_folder, (n for n in ["vae", "scheduler"]))
+    assert list(pipe) == ["vae"] and list(pipe.entries) == ["scheduler"]

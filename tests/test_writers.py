@@ -626,3 +626,21 @@ def test_a_lone_file_merge_refuses_a_non_empty_folder_that_is_not_a_merge_output
     assert os.listdir(out) == ["notes.txt"]
     fvt.lora.merge_checkpoint(tmp_path / "single.safetensors", _adapter(_tree()), out, overwrite=True)
     assert sorted(os.listdir(out)) == ["notes.txt", "single.safetensors"]
+
+
+@pytest.mark.parametrize("how", ["key", "rename", "sharded", "tied"])
+def test_every_writer_refuses_a_tensor_named___metadata__(tmp_path, how):
+    # '__metadata__' is the header's metadata slot: a tensor under it drops metadata= and makes a file
+    # that fvt.load and safetensors refuse. Refused before a byte is written, naming the key.
+    a = torch.ones(2)
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(E.UsageError, match=r"m\.safetensors.*'__metadata__'.*Fix"):
+        if how == "key":
+            fvt.save({"__metadata__": a, "b": torch.zeros(2)}, path, metadata={"x": "y"})
+        elif how == "rename":
+            fvt.save({"a": a, "b": torch.zeros(2)}, path, rename={"a": "__metadata__"})
+        elif how == "sharded":
+            fvt.save({"__metadata__": a, "b": torch.zeros(2)}, tmp_path / "m.safetensors", max_shard_size=8)
+        else:
+            fvt.save({"a": a, "__metadata__": a}, path)
+    assert not path.exists()

@@ -16,13 +16,20 @@ tensors and pointed back on exit. Decisions, and why:
 - Restored on exit, even after an exception: every slot gets back the very object it held (so a bound
   meta module is a meta module again). Nesting works (inner binds restore to the outer tree), a module
   shared under two names is bound once per slot, and non-persistent buffers (rotary tables) stay the
-  module's own. Not thread-safe: two threads binding one module interleave its slots.
+  module's own.
+- One owner at a time: a bind of a module (or of one of its submodules or parents) that another thread
+  holds bound is refused with a :class:`~fvtransform.errors.UsageError` before any slot changes (two
+  threads would interleave its slots and leave it bound to one caller's tree). Within one thread, blocks
+  may exit out of order (an ``ExitStack``, generators, asyncio tasks): a block that exits while a later
+  bind still holds a slot hands its saved object to that later bind, so the last exit restores the
+  module's own parameters whatever the order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 import contextlib
+import threading
 from typing import TypeVar
 
 import torch
@@ -35,6 +42,56 @@ from fvtransform.errors import ImmutableError, UsageError
 __all__ = ["bind"]
 
 M = TypeVar("M", bound=nn.Module)
+
+_Slot = tuple[dict[str, torch.Tensor | None], str, torch.Tensor | None, str]
+
+
+class _Entry:
+    """One active ``with fvt.bind``: its thread, the modules it holds and the objects its slots held before."""
+
+    __slots__ = ("thread", "modules", "saved")
+
+    def __init__(self, modules: list[nn.Module], saved: list[_Slot]) -> None:
+        self.thread = threading.get_ident()
+        self.modules = {id(m): m for m in modules}
+        self.saved = saved
+
+
+_LOCK = threading.Lock()
+_ACTIVE: list[_Entry] = []  # in order of entry; guarded by _LOCK
+
+
+def _enter(module: nn.Module, saved: list[_Slot]) -> _Entry:
+    """Register a bind of ``module``, refusing one whose modules another thread holds bound."""
+    entry = _Entry([m for _p, m in module.named_modules(remove_duplicate=False)], saved)
+    with _LOCK:
+        for other in _ACTIVE:
+            if other.thread != entry.thread and not other.modules.keys().isdisjoint(entry.modules):
+                raise UsageError(
+                    f"fvt.bind({type(module).__name__}): the module (or a part of it) is bound to another tree in "
+                    "another thread; binding it here too would interleave its weights and leave it bound to one "
+                    "caller's tree. Fix: use fvt.call(module, tree, *inputs), which never changes the module and is "
+                    "safe from many threads, or give each thread its own module (copy.deepcopy(module))"
+                )
+        _ACTIVE.append(entry)
+    return entry
+
+
+def _exit(entry: _Entry) -> None:
+    """Give each slot of ``entry`` back: to a later bind still holding it (out of order), else to the slot."""
+    with _LOCK:
+        index = _ACTIVE.index(entry)
+        later = _ACTIVE[index + 1:]
+        for slots, name, old, _key in reversed(entry.saved):
+            for other in later:
+                hit = next((i for i, s in enumerate(other.saved) if s[0] is slots and s[1] == name), None)
+                if hit is not None:
+                    held = other.saved[hit]
+                    other.saved[hit] = (held[0], held[1], old, held[3])
+                    break
+            else:
+                slots[name] = old
+        del _ACTIVE[index]
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -93,22 +150,29 @@ def bind(module: M, tree: Mapping[str, torch.Tensor], /) -> Iterator[M]:
         if kind == "buffer":
             value = clones.setdefault(id(value), value.clone())
         values[key] = value
+    not_tensors = [k for k, v in values.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise UsageError(
+            f"fvt.bind({type(module).__name__}): the tree's values must be tensors; found "
+            f"{type(values[not_tensors[0]]).__name__} at {format_keys(not_tensors)}. Fix: make a tree of tensors, "
+            "e.g. fvt.ParamTree({key: torch.as_tensor(value)})"
+        )
     _check_tensors(module, values, state, what)
     versions = {k: (t, _version(t)) for k, t in tree.items() if isinstance(t, torch.Tensor)}
-    saved: list[tuple[dict[str, torch.Tensor | None], str, torch.Tensor | None, str]] = []
+    saved: list[_Slot] = []
     for path, mod in module.named_modules(remove_duplicate=False):
         prefix = f"{path}." if path else ""
         for slots in (mod._parameters, mod._buffers):
             for name, old in slots.items():
                 if prefix + name in values:
                     saved.append((slots, name, old, prefix + name))
+    entry = _enter(module, saved)
     try:
         for slots, name, _old, key in saved:
             slots[name] = values[key]
         yield module
     finally:
-        for slots, name, old, _key in reversed(saved):
-            slots[name] = old
+        _exit(entry)
     written = [k for k, (t, v) in versions.items() if v is not None and _version(t) != v]
     if written:
         raise ImmutableError(

@@ -8,6 +8,7 @@ import attrs
 import torch
 from torch import nn
 
+from fvtransform._args import check_strict
 from fvtransform._messages import format_keys
 from fvtransform.errors import FvTransformError, KeyMismatchError, ShapeMismatchError, UsageError
 from fvtransform.tree._paramtree import ParamTree
@@ -73,6 +74,7 @@ def check(
     shape of 'weight': expected [2, 3], found [2, 4]
     Fix: load the matching checkpoint, or reshape or drop the key (fvt.map_tensors / fvt.drop).
     """
+    strict = check_strict(strict, "fvt.check")
     if isinstance(tree, nn.Module) or (isinstance(module_or_tree, Mapping) and not isinstance(tree, Mapping)):
         raise UsageError(
             f"fvt.check(tree, module_or_tree) takes the tree first; found {type(tree).__name__} first. "

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fvtransform._args import check_strict
 from fvtransform._json import loads_json
 from fvtransform._dtypes import as_dtype, DTypeLike
 from fvtransform._messages import format_keys
@@ -235,6 +236,7 @@ def load(
     >>> fvt.load(os.path.join(d, "m.safetensors"))["w"]
     tensor([1., 1.])
     """
+    strict = check_strict(strict, "fvt.load")
     key_map = None if rename is None else KeyMap.of(rename)
     dtype = None if dtype is None else as_dtype(dtype)
     if mesh is not None:

@@ -19,7 +19,7 @@ folder, never loaded. Decisions where the issue is silent, and why:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 import importlib
 import os
 from pathlib import Path
@@ -30,10 +30,12 @@ import attrs
 import torch
 from torch import nn
 
+from fvtransform._args import check_device, check_strict
+from fvtransform._dtypes import DTypeLike, as_dtype
 from fvtransform._messages import close_matches
-from fvtransform.errors import FvTransformError, ImmutableError, NotFoundError, UsageError
+from fvtransform.errors import FormatError, FvTransformError, ImmutableError, NotFoundError, UsageError
 from fvtransform.io._declared import LoadedModel
-from fvtransform.io._model import load_model
+from fvtransform.io._model import load_model, read_json
 from fvtransform.io._open import contained
 from fvtransform.io._pipeline import MODEL_INDEX, read_pipeline_index, require_components
 
@@ -128,10 +130,29 @@ def _is_model_class(library: str, class_name: str) -> bool:
 
 
 def _check_dtype(value: object, what: str) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    raise UsageError(f"fvt.load_pipeline: {what} must be a torch.dtype (torch.bfloat16) or None; found "
-                     f"{type(value).__name__} {value!r:.60}. Fix: dtype=torch.bfloat16, dtypes={{'text_encoder': torch.float32}}")
+    """``value`` as a floating dtype (or its name, :func:`~fvtransform._dtypes.as_dtype`), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, torch.dtype)):
+        raise UsageError(f"fvt.load_pipeline: {what} must be a torch.dtype (torch.bfloat16) or None; found "
+                         f"{type(value).__name__} {value!r:.60}. Fix: dtype=torch.bfloat16, dtypes={{'text_encoder': torch.float32}}")
+    return as_dtype(value, f"fvt.load_pipeline: {what}")
+
+
+def _check_class(folder: Path, name: str, sub: Path, library: str, class_name: str) -> None:
+    """Refuse a model component whose ``config.json`` names another class than ``model_index.json`` does.
+
+    diffusers builds the index's class from that folder; fvtransform builds the config's. When the two
+    disagree the folder is not what its pipeline says, whatever ``strict`` (which concerns keys).
+    """
+    declared = read_json(sub / "config.json").get("_class_name")
+    if isinstance(declared, str) and declared != class_name:
+        raise FormatError(
+            f"{MODEL_INDEX} names it {library}.{class_name}, but its "
+            f"{name}/config.json says _class_name {declared!r}; diffusers would build {class_name} from a "
+            f"{declared} config. Fix: correct the entry in {MODEL_INDEX} (e.g. [\"diffusers\", \"{declared}\"]) or "
+            f"put the right folder at {name}/"
+        )
 
 
 def _folder(path_or_repo_id: str | os.PathLike[str], wanted: list[str] | None, revision: str | None) -> Path:
@@ -158,10 +179,10 @@ def _failed(e: FvTransformError, where: str, fix: str = "") -> FvTransformError:
 
 def load_pipeline(
     path_or_repo_id: str | os.PathLike[str],
-    components: Sequence[str] | None = None,
+    components: Iterable[str] | None = None,
     *,
-    dtype: torch.dtype | None = None,
-    dtypes: Mapping[str, torch.dtype] | None = None,
+    dtype: DTypeLike | None = None,
+    dtypes: Mapping[str, DTypeLike] | None = None,
     device: torch.device | str = "cpu",
     strict: bool = True,
     revision: str | None = None,
@@ -184,21 +205,30 @@ def load_pipeline(
     Raises:
         NotFoundError: no ``model_index.json``; a component not in the pipeline; a model component's folder,
             ``config.json`` or weights missing (the message names the pipeline and the component).
-        UsageError: ``components`` not a list of names (or empty), ``dtype`` not a ``torch.dtype``, a ``dtypes`` key
-            that names no loaded model component.
+        UsageError: ``components`` not a list of names (or empty), ``dtype`` not a floating ``torch.dtype`` (or
+            its name), a ``dtypes`` key that names no loaded model component, a ``device`` torch does not know,
+            ``strict`` not a bool.
+        FormatError: a model component whose ``config.json`` names another ``_class_name`` than
+            ``model_index.json``; an index entry that is not two strings or two nulls.
         KeyMismatchError, ShapeMismatchError, FormatError, UnsafeFileError: as :func:`fvtransform.load_model`
             raises them for one component, prefixed with the pipeline and the component.
     """
-    if isinstance(components, str) or (components is not None and not all(isinstance(c, str) for c in components)):
+    if components is not None and not isinstance(components, (str, bytes, Mapping)):
+        try:
+            components = list(components)  # once: a generator is used up by the checks below
+        except TypeError:
+            pass
+    if isinstance(components, str) or (components is not None and not (isinstance(components, list)
+                                                                       and all(isinstance(c, str) for c in components))):
         raise UsageError(f"fvt.load_pipeline: components must be a list of names; found {components!r:.80}. "
                          'Fix: components=["transformer", "vae"]')
     if components is not None and not components:  # for a repo id, [] would otherwise fetch everything
         raise UsageError("fvt.load_pipeline: components=[] names no component. Fix: components=None for all of them, "
                          'or name those to load: components=["transformer", "vae"]')
-    _check_dtype(dtype, "dtype")
-    overrides = dict(dtypes or {})
-    for k, v in overrides.items():
-        _check_dtype(v, f"dtypes[{k!r}]")
+    dtype = _check_dtype(dtype, "dtype")
+    overrides = {k: _check_dtype(v, f"dtypes[{k!r}]") for k, v in (dtypes or {}).items()}
+    strict = check_strict(strict, "fvt.load_pipeline")
+    device = check_device(device, "fvt.load_pipeline")
     wanted = list(dict.fromkeys(components)) if components is not None else None
     folder = _folder(path_or_repo_id, wanted, revision)
     source = str(folder / MODEL_INDEX)
@@ -241,6 +271,7 @@ def load_pipeline(
                 f"built. Fix: download the whole {name}/ folder (config.json and its weights)"
             )
         try:
+            _check_class(folder, name, sub, library, class_name)
             models[name] = load_model(sub, dtype=overrides.get(name, dtype), device=device, strict=strict)
         except NotFoundError as e:  # a file of the component is missing: say what to fetch
             raise _failed(e, f"{folder}: component {name!r} ({library}.{class_name})", f"Fix: complete {sub}/ as the "

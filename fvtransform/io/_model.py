@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fvtransform._args import check_device, check_strict
 from fvtransform._json import read_json_file
 from fvtransform._dtypes import as_dtype, DTypeLike
 from fvtransform._messages import format_keys
@@ -289,6 +290,8 @@ def load_model(
     ``.inverse()`` writes a tree back in the original layout.
     """
     dtype = None if dtype is None else as_dtype(dtype)
+    strict = check_strict(strict, "fvt.load_model")
+    device = check_device(device, "fvt.load_model")
     if config is not None or layout is not None or _is_single_file(path_or_repo_id):
         from fvtransform.io._original import load_single_file
 

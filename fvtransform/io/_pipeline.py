@@ -92,7 +92,7 @@ def read_pipeline_index(
             config[name] = entry  # the pipeline's own fields: _class_name, _diffusers_version, boundary_ratio
             continue
         check_component_name(name, source=where)
-        if entry is None or (isinstance(entry, list) and len(entry) == 2 and (entry[0] is None or entry[1] is None)):
+        if entry is None or (isinstance(entry, list) and len(entry) == 2 and entry[0] is None and entry[1] is None):
             out[name] = None
         elif isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry):
             out[name] = (entry[0], entry[1])

@@ -20,7 +20,7 @@ The ``safetensors`` package stays a test dependency: the tests read our files wi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 import concurrent.futures
 import contextlib
 import ctypes
@@ -131,6 +131,7 @@ class TensorSpec:
 
 def tensor_specs(tensors: Mapping[str, torch.Tensor], where: object) -> dict[str, TensorSpec]:
     """The :class:`TensorSpec` of each tensor, refusing what a safetensors file cannot hold (naming file and key)."""
+    check_names(tensors, where)
     out: dict[str, TensorSpec] = {}
     for name, t in tensors.items():
         if t.device.type == "meta":
@@ -199,6 +200,23 @@ def _copy_range(fd: int, src: FileRange, where: object, name: str) -> bool:
     return True
 
 
+def check_names(names: Iterable[str], where: object) -> None:
+    """Refuse a tensor name a safetensors file cannot hold (``__metadata__``, the header's metadata slot).
+
+    Raises:
+        UsageError: naming the file, the key and why, before a byte is written.
+    """
+    from fvtransform.io._load import _RESERVED_NAMES
+
+    for name in names:
+        if name in _RESERVED_NAMES:
+            raise UsageError(
+                f"{where}: cannot save a tensor named {name!r}: {_RESERVED_NAMES[name]}, no tensor can take it (the file "
+                "would lose its metadata= and be refused by every reader). Fix: give the tensor another name "
+                "(rename={..., 'other_name'}), and file metadata as metadata={...}"
+            )
+
+
 def write_safetensors(
     f: BinaryIO,
     specs: Mapping[str, TensorSpec],
@@ -225,6 +243,7 @@ def write_safetensors(
         FormatError: a produced tensor other than its spec.
     """
     where = where if where is not None else getattr(f, "name", "safetensors file")
+    check_names(specs, where)
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}

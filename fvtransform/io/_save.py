@@ -26,7 +26,7 @@ from fvtransform.io._atomic import (
 from fvtransform.io._files import INDEX_JSON
 from fvtransform.io._load import ALIASES_KEY
 from fvtransform.io._mapped import mapped_tree_bytes
-from fvtransform.io._safetensors import TMP_MARK, tensor_specs, write_safetensors
+from fvtransform.io._safetensors import TMP_MARK, check_names, tensor_specs, write_safetensors
 from fvtransform.tree._keymap import KeyMap, KeyMapLike
 from fvtransform.tree._paramtree import ParamTree
 
@@ -72,7 +72,8 @@ def _check_weights_name(name: object) -> str:
     return name
 
 
-def _dedupe(tree: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _dedupe(tree: Mapping[str, torch.Tensor], where: object = "save") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    check_names(tree, where)  # a tied alias is a name too
     first: dict[int, str] = {}
     unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -175,7 +176,7 @@ def save(
     if rename is not None:
         raise UsageError(f"{path}: save(..., rename=) writes one file; for shards call "
                          "fvt.save(fvt.rename(tree, key_map), folder, max_shard_size=...)")
-    unique, aliases = _dedupe(tree)
+    unique, aliases = _dedupe(tree, path)
     _save_sharded(unique, path, parse_size(max_shard_size), _meta(metadata, aliases, list(tree)), weights_name)
 
 
@@ -188,7 +189,7 @@ def tree_bytes(
     """
     if not isinstance(tree, ParamTree):
         tree = ParamTree(tree)
-    unique, aliases = _dedupe(tree)
+    unique, aliases = _dedupe(tree, where if where is not None else "save")
     meta = _meta(metadata, aliases, list(tree))
     specs = tensor_specs(unique, where if where is not None else "save")
     return lambda f: write_safetensors(f, specs, unique.__getitem__, meta, where=where)

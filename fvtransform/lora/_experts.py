@@ -30,7 +30,7 @@ from fvtransform.errors import FormatError, KeyMismatchError, UsageError
 from fvtransform.lora._adapter import LoraAdapter
 from fvtransform.lora._load import load
 from fvtransform.lora._report import ResolutionReport
-from fvtransform.lora._source import read_source
+from fvtransform.lora._source import SourcePart, read_source
 
 __all__ = ["split_experts"]
 
@@ -49,8 +49,10 @@ def split_experts(
     """Split a LoRA that carries several experts' LoRA into one adapter per expert.
 
     ``bases`` maps each expert's component name to its base tree (or module):
-    ``{"transformer": pipe["transformer"].tree, "transformer_2": pipe["transformer_2"].tree}``. Each key of
-    the file must start with one expert's name and a dot; its adapter is resolved against that expert's
+    ``{"transformer": pipe["transformer"].tree, "transformer_2": pipe["transformer_2"].tree}`` (any component
+    names). Each key of the file must start with one expert's name and a dot (the longest such name when
+    one name extends another, ``transformer.x`` before ``transformer``; a key goes to one expert only);
+    ``format="auto"`` reads it as diffusers' component-prefixed format. Its adapter is resolved against that expert's
     base exactly as :func:`fvtransform.lora.load` resolves (``strict`` has its meaning: every key of the
     expert resolves and every target is in its base; ``strict=False`` skips leftovers into each
     adapter's ``report``).
@@ -78,15 +80,18 @@ def split_experts(
             f"{type(bases).__name__}. Fix: split_experts(file, {{'transformer': pipe['transformer'].tree, "
             "'transformer_2': pipe['transformer_2'].tree}})"
         )
-    tensors, _meta, _config, label, _ = read_source(source, weight_name)
+    tensors, meta, config, label, config_label = read_source(source, weight_name)
     if not tensors:
         raise FormatError(f"{label}: the LoRA file holds no tensors")
-    prefixes = {f"{name}.": name for name in bases}
+    # longest prefix first: a key of expert 'transformer.x' also starts with 'transformer.'; it is x's alone
+    prefixes = {f"{name}.": name for name in sorted(bases, key=len, reverse=True)}
     owned: dict[str, list[str]] = {name: [] for name in bases}
     neither: list[str] = []
     for key in tensors:
         name = next((n for p, n in prefixes.items() if key.startswith(p)), None)
         (owned[name] if name is not None else neither).append(key)
+    # each key names its component as diffusers' pipeline files do: the format is diffusers' whatever the name
+    fmt = "diffusers" if format == "auto" else format
     if neither:
         raise KeyMismatchError(
             f"{label}: {len(neither)} LoRA keys fit none of the experts {list(bases)} (no key prefix "
@@ -104,12 +109,12 @@ def split_experts(
         if not owned[name]:
             out[name] = LoraAdapter({}, format="memory", metadata={"source": label, "expert": name})
             continue
-        adapter = load(source, format=format, base=base, strict=False, component=name, weight_name=weight_name)
+        part = SourcePart({k: tensors[k] for k in owned[name]}, meta, config, label, config_label)
+        adapter = load(part, format=fmt, base=base, strict=False, component=name)
         # set in LoraAdapter.__init__ with object.__setattr__ (not annotated on the class): read them as such
         resolved: ResolutionReport = getattr(adapter, "report")
         mine = set(owned[name])
-        others = {k for n, keys in owned.items() if n != name for k in keys}
-        leftover = [(k, why) for k, why in resolved.skipped if k not in others]
+        leftover = list(resolved.skipped)
         if leftover and strict:
             lines = "\n".join(f"  {k}: {why}" for k, why in sorted(leftover)[:20])
             raise KeyMismatchError(

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from fvtransform._args import check_strict
 from fvtransform.errors import FormatError, KeyMismatchError, ShapeMismatchError, UsageError
 from fvtransform.tree._keymap import KeyMap, KeyMapLike
 from fvtransform.lora._adapter import Delta, LoraAdapter
@@ -61,6 +62,7 @@ def load(
     >>> list(adapter), [key for key, why in adapter.report.skipped]
     (['l.weight'], ['other.lora_A.weight', 'other.lora_B.weight'])
     """
+    strict = check_strict(strict, "fvt.lora.load")
     if base is not None and isinstance(base, torch.nn.Module):
         from fvtransform.tree._paramtree import ParamTree
 
@@ -100,6 +102,8 @@ def load(
             skipped.append((key, why if parsed is None else f"a {parsed[1]!r} key, which format {name!r} does not hold"))
             continue
         module = strip_prefix(fmt, parsed[0])
+        if module is None and fmt.strip == "component" and parsed[0].startswith(component.rstrip(".") + "."):
+            module = parsed[0]  # a component the caller names (any pipeline component, not only the common ones)
         if module is None:
             skipped.append((key, f"does not belong to the detected format {name!r}"))
             continue

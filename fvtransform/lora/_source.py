@@ -14,8 +14,19 @@ from fvtransform.io._open import contained
 from fvtransform.lora._format_table import PEFT_CONFIG
 
 
+class SourcePart(dict[str, torch.Tensor]):
+    """Some keys of a read LoRA source, with that source's header, config and labels (one expert's part)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], meta: dict[str, str], config: dict[str, Any] | None,
+                 label: str, config_label: str) -> None:
+        super().__init__(tensors)
+        self.meta, self.config, self.label, self.config_label = meta, config, label, config_label
+
+
 def read_source(source: Any, weight_name: str | None) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any] | None, str, str]:
     """Tensors, safetensors metadata, adapter_config.json (if any), a label for messages, and the config's label."""
+    if isinstance(source, SourcePart):
+        return dict(source), source.meta, source.config, source.label, source.config_label
     if isinstance(source, Mapping):
         return dict(source), {}, None, "<mapping>", ""
     path = Path(source)

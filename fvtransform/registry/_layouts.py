@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 import attrs
 
 from fvtransform._messages import close_matches
-from fvtransform.errors import FormatError, RegistryError
+from fvtransform.errors import FormatError, RegistryError, UsageError
 from fvtransform.tree._keymap import KeyMap
 from fvtransform.tree._mappings import (
     WAN_ORIGINAL_TO_DIFFUSERS,
@@ -121,6 +121,9 @@ def layout(name: str) -> Layout:
     ...
     fvtransform.errors.RegistryError: unknown checkpoint layout 'wan-orignal'; close names: ['wan-original', 'hunyuan-video-original']. fvtransform converts these layouts: ['hunyuan-video-diffusers', 'hunyuan-video-original', 'wan-diffusers', 'wan-original'].
     """
+    if not isinstance(name, str):
+        raise UsageError(f"a checkpoint layout is named by a string; found {type(name).__name__} {name!r:.40}. "
+                         f"Fix: layout= one of {layout_names()}, or leave it out to detect the layout from the keys")
     found = LAYOUTS.get(name)
     if found is None:
         hint = close_matches(name, LAYOUTS)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import attrs
 import torch
 
+from fvtransform._args import check_strict
 from fvtransform._dtypes import as_dtype, DTypeLike
 from fvtransform.errors import UsageError
 from fvtransform.tree import _ops
@@ -175,6 +176,7 @@ def drop(pattern: Pattern, *, allow_empty: bool = False) -> Transform:
 def rename(rules: KeyMapLike, *, strict: bool = True) -> Transform:
     """Transform form of :func:`fvtransform.rename`."""
     key_map = KeyMap.of(rules)  # checked now, when the step is built
+    strict = check_strict(strict, "fvt.transforms.rename")
     return Transform(lambda t: _ops.rename(t, key_map, strict=strict), f"rename({key_map!r})")
 
 

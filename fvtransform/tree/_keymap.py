@@ -17,6 +17,7 @@ from typing import Union
 import attrs
 import torch
 
+from fvtransform._args import check_strict
 from fvtransform._messages import format_keys
 from fvtransform.errors import KeyMismatchError, PlanError, ShapeMismatchError, UsageError
 from fvtransform.tree._paramtree import ParamTree
@@ -388,6 +389,7 @@ class KeyMap:
 
     def plan(self, shapes: Mapping[str, torch.Tensor | Sequence[int]], *, strict: bool = True) -> MappingPlan:
         """Plan the mapping of concrete keys (``shapes``: a tree, or key -> shape)."""
+        strict = check_strict(strict, "KeyMap.plan")
         shape_of = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in shapes.items()}
         plan: MappingPlan | None = None
         for stage in self.stages:
