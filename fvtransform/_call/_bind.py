@@ -35,7 +35,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from fvtransform._call._call import _as_module, _check_tensors, _complete_ties, _key_error, _module_state
+from fvtransform._call._call import _as_module, _resolve
 from fvtransform._messages import format_keys
 from fvtransform.errors import ImmutableError, UsageError
 
@@ -134,30 +134,7 @@ def bind(module: M, tree: Mapping[str, torch.Tensor], /) -> Iterator[M]:
     if not isinstance(tree, Mapping):
         raise UsageError(f"fvt.bind: the tree must be a mapping of key -> tensor (a ParamTree); found "
                          f"{type(tree).__name__}. Fix: with fvt.bind(module, tree): ...")
-    what = "fvt.bind: the tree"
-    state, groups = _module_state(module)
-    tied = _complete_ties(module, tree, groups, "fvt.bind's tree") if groups else {}
-    missing = [k for k in state if k not in tree and k not in tied]
-    unexpected = [k for k in tree if k not in state]
-    if missing or unexpected:
-        raise _key_error(module, what, missing, unexpected)
-    values: dict[str, torch.Tensor] = {}
-    clones: dict[int, torch.Tensor] = {}
-    for key, (kind, _ref) in state.items():
-        value = tied.get(key)
-        if value is None:
-            value = tree[key]
-        if kind == "buffer":
-            value = clones.setdefault(id(value), value.clone())
-        values[key] = value
-    not_tensors = [k for k, v in values.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise UsageError(
-            f"fvt.bind({type(module).__name__}): the tree's values must be tensors; found "
-            f"{type(values[not_tensors[0]]).__name__} at {format_keys(not_tensors)}. Fix: make a tree of tensors, "
-            "e.g. fvt.ParamTree({key: torch.as_tensor(value)})"
-        )
-    _check_tensors(module, values, state, what)
+    state, values, _buffers = _resolve(module, tree, "fvt.bind: the tree", "bind")
     versions = {k: (t, _version(t)) for k, t in tree.items() if isinstance(t, torch.Tensor)}
     saved: list[_Slot] = []
     for path, mod in module.named_modules(remove_duplicate=False):

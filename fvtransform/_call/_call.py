@@ -174,28 +174,43 @@ def check_not_meta(params: Mapping[str, torch.Tensor], args: tuple[object, ...],
         )
 
 
-def _prepare(module: nn.Module, tree: Mapping[str, torch.Tensor], what: str = "tree") -> tuple[dict[str, torch.Tensor], list[str]]:
+def _resolve(
+    module: nn.Module, tree: Mapping[str, torch.Tensor], what: str, fn: str
+) -> tuple[dict[str, tuple[str, torch.Tensor]], dict[str, torch.Tensor], list[str]]:
+    """The tensors the module runs on, checked: ``(state, values by state key, buffer keys)``.
+
+    Keys must match exactly (ties completed), every value must be a tensor of the expected shape and kind;
+    buffers are cloned, since a module may update them in place (BatchNorm): never the caller's tensor.
+    """
     state, groups = _module_state(module)
     tied = _complete_ties(module, tree, groups, what) if groups else {}
     missing = [k for k in state if k not in tree and k not in tied]
     unexpected = [k for k in tree if k not in state]
     if missing or unexpected:
         raise _key_error(module, what, missing, unexpected)
-    params: dict[str, torch.Tensor] = {}
+    raw = {key: tied[key] if key in tied else tree[key] for key in state}
+    not_tensors = [k for k, v in raw.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise UsageError(
+            f"fvt.{fn}({type(module).__name__}): the tree's values must be tensors; found "
+            f"{type(raw[not_tensors[0]]).__name__} at {format_keys(not_tensors)}. Fix: make a tree of tensors, "
+            "e.g. fvt.ParamTree({key: torch.as_tensor(value)})"
+        )
+    values: dict[str, torch.Tensor] = {}
     buffer_keys: list[str] = []
     clones: dict[int, torch.Tensor] = {}
     for key, (kind, _ref) in state.items():
-        value = tied.get(key)
-        if value is None:
-            value = tree[key]
+        value = raw[key]
         if kind == "buffer":
-            # A module may update buffers in place (BatchNorm): never the caller's tensor.
-            if id(value) not in clones:
-                clones[id(value)] = value.clone()
-            value = clones[id(value)]
+            value = clones.setdefault(id(value), value.clone())
             buffer_keys.append(key)
-        params[key] = value
-    _check_tensors(module, params, state, what)
+        values[key] = value
+    _check_tensors(module, values, state, what)
+    return state, values, buffer_keys
+
+
+def _prepare(module: nn.Module, tree: Mapping[str, torch.Tensor], what: str = "tree") -> tuple[dict[str, torch.Tensor], list[str]]:
+    _state, params, buffer_keys = _resolve(module, tree, what, "call")
     return params, buffer_keys
 
 
