@@ -147,3 +147,24 @@ def test_compiled_call_is_one_graph_for_every_tree(net: _Net) -> None:
         tree = fvt.ParamTree.from_module(_Net())
         torch.testing.assert_close(compiled(tree, x), fvt.call(net, tree, x), rtol=0, atol=0)
     assert counter.frame_count == 1
+
+
+def test_number_scales_recompile_once_then_stay_dynamic(net: _Net) -> None:
+    # the documented cost of a number scale (the adapter's own and the pair's): one recompile on the first change
+    tree, x = fvt.ParamTree.from_module(net), _x()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(lambda t, ad, s, x: fvt.lora.call(net, t, [(ad, s)], x), backend=counter)
+    for seed, s in ((1, 0.5), (2, 0.7), (3, 0.9), (4, 1.1)):
+        a = _adapter(seed, scale=s / 2)
+        torch.testing.assert_close(compiled(tree, a, s, x), fvt.lora.call(net, tree, [(a, s)], x))
+    assert counter.frame_count == 2
+
+
+def test_compiled_call_gives_the_eager_gradient_of_a_tensor_scale(net: _Net) -> None:
+    tree, a, x = fvt.ParamTree.from_module(net), _adapter(1), _x()
+    got, want = torch.tensor(0.7, requires_grad=True), torch.tensor(0.7, requires_grad=True)
+    compiled = torch.compile(lambda t, ad, s, x: fvt.lora.call(net, t, [(ad, s)], x).square().sum(), backend="aot_eager")
+    compiled(tree, a, got, x).backward()
+    fvt.lora.call(net, tree, [(a, want)], x).square().sum().backward()
+    assert got.grad is not None and want.grad is not None and want.grad != 0
+    torch.testing.assert_close(got.grad, want.grad)
