@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +31,9 @@ _CONV = {F.conv1d: F.conv1d, F.conv2d: F.conv2d, F.conv3d: F.conv3d, torch.conv1
 
 
 #: A pair's scale: a number (dynamo guards on its value) or a 0-d floating tensor (a graph input: no recompiles).
-Scale = Union[float, torch.Tensor]
+Scale = float | torch.Tensor
 #: What ``fvt.lora.call`` takes: an adapter or ``[(adapter, scale), ...]`` with number or 0-d tensor scales.
-CallAdapters = Union[LoraAdapter, Sequence[tuple[LoraAdapter, Scale]]]
+CallAdapters = LoraAdapter | Sequence[tuple[LoraAdapter, Scale]]
 
 
 class _Dense:
