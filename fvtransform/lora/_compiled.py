@@ -1,8 +1,7 @@
 """LoRA for ``torch.compile``: fixed-rank factors as plain tensors, and a call that traces into one graph.
 
-:func:`fvtransform.lora.call` intercepts linear and convolution calls with a
-``TorchFunctionMode``; torch 2.13's dynamo does not trace it (it fails inside
-its guards), so it runs eagerly. For compiled inference, :func:`factors` turns
+:func:`fvtransform.lora.call` traces under ``torch.compile`` too, one graph per
+set of ranks. To serve adapters of several ranks from one graph, :func:`factors` turns
 adapters into a dict of plain tensors ``{key: (A, B, scale)}`` zero-padded to
 one rank with the scale as a 0-d tensor, and :func:`call_factors` runs the
 module with ``W + scale * B @ A`` built inside the traced function. Adapters of
