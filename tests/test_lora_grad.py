@@ -140,7 +140,7 @@ def test_grad_path_gives_the_bits_of_the_fast_path() -> None:
 def test_loha_factors_get_gradients() -> None:
     g = torch.Generator().manual_seed(0)
     fs = [torch.randn(s, generator=g, requires_grad=True) for s in ((4, 2), (2, 5), (4, 2), (2, 5))]
-    merged = fvt.lora.merge({"w": torch.zeros(4, 5)}, LoraAdapter({"w": LoHa(*fs, scale=0.5)}))["w"]
+    merged = fvt.lora.merge({"w": torch.zeros(4, 5)}, LoraAdapter({"w": LoHa(fs[0], fs[1], fs[2], fs[3], scale=0.5)}))["w"]
     expected = 0.5 * (fs[0] @ fs[1]) * (fs[2] @ fs[3])
     torch.testing.assert_close(merged, expected)
     merged.square().sum().backward()
