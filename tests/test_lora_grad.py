@@ -170,3 +170,43 @@ def test_grad_path_overflow_is_a_numeric_error() -> None:
     B = torch.full((2, 1), 300.0)
     with pytest.raises(NumericError, match=r"'w'.*overflow"):
         fvt.lora.merge({"w": torch.zeros(2, 2, dtype=torch.float16)}, LoraAdapter({"w": LowRank(A, B, 1.0)}))
+
+
+def test_unmerge_is_differentiable_and_keeps_the_fast_path_bits() -> None:
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    A = torch.randn(2, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    B = torch.randn(5, 2, dtype=torch.float64, generator=g, requires_grad=True)
+
+    def f(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return fvt.lora.unmerge({"w": W}, LoraAdapter({"w": LowRank(A, B, 0.4)}))["w"]
+
+    assert torch.autograd.gradcheck(f, (W, A, B))
+    w32 = torch.randn(5, 4, generator=g)
+    a = LoraAdapter({"w": LowRank(torch.randn(2, 4, generator=g), torch.randn(5, 2, generator=g), 0.4)})
+    slow = fvt.lora.unmerge({"w": w32.clone().requires_grad_()}, a)["w"]
+    assert slow.grad_fn is not None and torch.equal(slow.detach(), fvt.lora.unmerge({"w": w32}, a)["w"])
+
+
+def test_vmap_over_a_stack_of_bases() -> None:
+    """The out-of-place path runs under vmap; its checks read every batch member (before: data-dependent control flow)."""
+    g = torch.Generator().manual_seed(11)
+    a = LoraAdapter({"w": LowRank(torch.randn(2, 4, generator=g), torch.randn(3, 2, generator=g), 1.0)})
+    stack = torch.randn(5, 3, 4, generator=g)
+    out = torch.func.vmap(lambda w: fvt.lora.merge({"w": w}, a)["w"])(stack)
+    torch.testing.assert_close(out, torch.stack([fvt.lora.merge({"w": w}, a)["w"] for w in stack]))
+    stack[2, 1] = 0.0
+    zero = LoraAdapter({"w": LowRank(torch.zeros(2, 4), torch.zeros(3, 2), 1.0, magnitude=torch.ones(3))})
+    with pytest.raises(NumericError, match=r"'w': the merged weight's row \(in a vmap batch member\) has norm 0"):
+        torch.func.vmap(lambda w: fvt.lora.merge({"w": w}, zero)["w"])(stack)
+
+
+def test_dora_grad_path_matches_the_tiled_path() -> None:
+    g = torch.Generator().manual_seed(12)
+    W = torch.randn(6, 5, generator=g).to(torch.bfloat16)
+    for mag in (torch.rand(6, generator=g) + 0.5, torch.rand(1, 5, generator=g) + 0.5):
+        d = LoraAdapter({"w": LowRank(torch.randn(2, 5, generator=g), torch.randn(6, 2, generator=g), 0.7, magnitude=mag)})
+        fast = fvt.lora.merge({"w": W}, d)["w"]
+        slow = fvt.lora.merge({"w": W.clone().requires_grad_()}, d)["w"]
+        assert slow.grad_fn is not None
+        assert torch.equal(fast, slow.detach())

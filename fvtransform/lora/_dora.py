@@ -189,6 +189,8 @@ def merge_dora_autograd(weight: torch.Tensor, contribs: list[Any], delta: torch.
     Raises:
         NumericError: a zero (or non-finite) norm, or a result that is not finite in the weight's dtype.
     """
+    from fvtransform.lora._merge import concrete  # _merge imports this module
+
     c = _single(contribs)
     rows = weight.shape[0]
     full = weight.reshape(rows, -1).to(delta.dtype) + c.scale * delta
@@ -202,15 +204,17 @@ def merge_dora_autograd(weight: torch.Tensor, contribs: list[Any], delta: torch.
     else:
         norms = full.norm(dim=1) + eps
         factor = (mag.reshape(-1) / norms).reshape(-1, 1)
-    bad = (norms == 0) | ~torch.isfinite(norms)
+    values = concrete(norms)  # under vmap: every batch member's norms
+    bad = (values == 0) | ~torch.isfinite(values)
     if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
+        i = int(bad.reshape(-1).nonzero()[0, 0])
+        which = f" {i}" if values.numel() == norms.numel() else " (in a vmap batch member)"
         raise NumericError(
-            f"{where}: the merged weight's {'row' if axis == 0 else 'input column'} {i} has norm {float(norms[i])}; DoRA divides by it "
+            f"{where}: the merged weight's {'row' if axis == 0 else 'input column'}{which} has norm {float(values.reshape(-1)[i])}; DoRA divides by it "
             "(m / ||W + s delta||), which would give NaN/Inf. Drop this target or fix the adapter/base."
         )
     merged = full * factor
-    if overflows(merged.detach(), overflow_limit(weight.dtype)):
+    if overflows(concrete(merged), overflow_limit(weight.dtype)):
         raise NumericError(f"{where}: the merged weight overflows {weight.dtype} (Inf/NaN); lower the scale or merge into a wider dtype")
     return merged.to(weight.dtype).reshape(weight.shape), norms.detach().to(torch.float32)
 

@@ -34,7 +34,7 @@ from fvtransform.lora._dora import merge_dora, merge_dora_autograd, overflow_lim
 from fvtransform.io._safetensors import _tensor_bytes
 from fvtransform.tree._paramtree import ParamTree
 
-__all__ = ["merge", "merge_with_record", "unmerge", "restore", "normalize_adapters", "delta_rows", "delta_autograd", "needs_grad", "describe", "AdapterSet", "Workspace"]
+__all__ = ["merge", "merge_with_record", "unmerge", "restore", "normalize_adapters", "delta_rows", "delta_autograd", "needs_grad", "concrete", "describe", "AdapterSet", "Workspace"]
 
 AdapterSet = Union[LoraAdapter, Sequence[tuple[LoraAdapter, float]]]
 
@@ -94,6 +94,12 @@ def _concrete(t: torch.Tensor) -> torch.Tensor:
     while torch._C._functorch.is_functorch_wrapped_tensor(t):
         t = torch._C._functorch.get_unwrapped(t)
     return t
+
+
+def concrete(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values, detached, under any ``torch.func`` wrappers (under ``vmap``: every batch member), for checks."""
+    with torch._C._DisableFuncTorch():
+        return _concrete(t).detach()
 
 
 def needs_grad(tensors: Sequence[torch.Tensor]) -> bool:
@@ -313,8 +319,8 @@ def _dense(d: Delta, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return d.row_source(weight.device, keep_grad=True)(0, weight.shape[0]).to(dtype)
 
 
-def delta_autograd(contribs: list[_Contribution], weight: torch.Tensor, *, where: str = "merged weight") -> torch.Tensor:
-    """:func:`delta_rows` out of place and differentiable: ``round(W + sum deltas)`` for inputs that need grad.
+def delta_autograd(contribs: list[_Contribution], weight: torch.Tensor, *, sign: float = 1.0, where: str = "merged weight") -> torch.Tensor:
+    """:func:`delta_rows` out of place and differentiable: ``round(W + sign * sum deltas)`` for inputs that need grad.
 
     The same sum in the same order as the tiled path (one ``addmm`` of the concatenated low-rank
     factors, then full deltas, then LoHa/LoKr deltas), accumulated in float32 (float64 where an input is
@@ -332,17 +338,17 @@ def delta_autograd(contribs: list[_Contribution], weight: torch.Tensor, *, where
     if low:
         if any(c.delta.magnitude is not None for c in low):
             raise FormatError("DoRA targets merge through fvt.lora.merge's DoRA path, not the linear one")
-        bs = [c.delta.B.to(device=weight.device, dtype=dtype).reshape(c.delta.B.shape[0], c.delta.B.shape[1]) * c.scale
+        bs = [c.delta.B.to(device=weight.device, dtype=dtype).reshape(c.delta.B.shape[0], c.delta.B.shape[1]) * (sign * c.scale)
               for c in low if isinstance(c.delta, LowRank)]
         as_ = [c.delta.A.to(device=weight.device, dtype=dtype).reshape(c.delta.A.shape[0], -1) for c in low if isinstance(c.delta, LowRank)]
         acc = torch.addmm(acc, torch.cat(bs, dim=1), torch.cat(as_, dim=0))
     for c in contribs:
         if isinstance(c.delta, FullDelta):
-            acc = acc.add(c.delta.D.to(device=weight.device, dtype=dtype).reshape(rows, -1), alpha=c.scale)
+            acc = acc.add(c.delta.D.to(device=weight.device, dtype=dtype).reshape(rows, -1), alpha=sign * c.scale)
     for c in contribs:
         if isinstance(c.delta, GENERATED):
-            acc = acc + _dense(c.delta, weight, dtype) * c.scale
-    if overflows(acc.detach(), overflow_limit(weight.dtype)):
+            acc = acc + _dense(c.delta, weight, dtype) * (sign * c.scale)
+    if overflows(concrete(acc), overflow_limit(weight.dtype)):
         raise NumericError(
             f"{where}: the merged weight holds Inf/NaN in {weight.dtype}; the deltas overflow it "
             "(or the base already held Inf/NaN). Lower the scale or merge into a wider dtype (dtype=torch.float32)."
@@ -558,6 +564,9 @@ def unmerge(
             raise UsageError(f"{key!r}: full-replacement (modules_to_save) merges are undone with the record of fvt.lora.merge_with_record")
         if _is_dtensor(w):
             out[key] = _merge_sharded(key, contribs, w, sign=-1.0, donate=donate, work=work)
+            continue
+        if needs_grad([w, *(t for c in contribs for t in c.delta.tensors())]):
+            out[key] = delta_autograd(contribs, w, sign=-1.0, where=f"{key!r}")
             continue
         writable = donate and w.is_contiguous()
         out[key] = delta_rows(contribs, w, sign=-1.0, out=w.detach() if writable else None, work=work, where=f"{key!r}")
