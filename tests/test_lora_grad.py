@@ -210,3 +210,19 @@ def test_dora_grad_path_matches_the_tiled_path() -> None:
         slow = fvt.lora.merge({"w": W.clone().requires_grad_()}, d)["w"]
         assert slow.grad_fn is not None
         assert torch.equal(fast, slow.detach())
+
+
+def test_vmap_over_adapters_checks_every_member() -> None:
+    """An ensemble of adapters under vmap (before: ``.item()`` in the adapter's finiteness check)."""
+    g = torch.Generator().manual_seed(13)
+    W, B = torch.randn(3, 4, generator=g), torch.randn(3, 2, generator=g)
+    As = torch.randn(5, 2, 4, generator=g)
+    As[1] = 0.0  # all-zero ranks in one member only
+
+    def merged(A: torch.Tensor) -> torch.Tensor:
+        return fvt.lora.merge({"w": W}, LoraAdapter({"w": LowRank(A, B, 1.0)}))["w"]
+
+    torch.testing.assert_close(torch.func.vmap(merged)(As), torch.stack([merged(A) for A in As]))
+    As[3, 0, 0] = float("nan")
+    with pytest.raises(NumericError, match=r"adapter target 'w' A holds NaN or Inf"):
+        torch.func.vmap(merged)(As)

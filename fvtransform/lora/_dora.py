@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from fvtransform.errors import NumericError, ShapeMismatchError, UsageError
+from fvtransform.lora._functorch import concrete
 
 __all__ = ["merge_dora", "merge_dora_autograd", "unmerge_dora", "dora_factor", "canonical_magnitude", "magnitude_axis", "dora_scale_layout", "dense_delta", "overflow_limit", "overflows"]
 
@@ -189,8 +190,6 @@ def merge_dora_autograd(weight: torch.Tensor, contribs: list[Any], delta: torch.
     Raises:
         NumericError: a zero (or non-finite) norm, or a result that is not finite in the weight's dtype.
     """
-    from fvtransform.lora._merge import concrete  # _merge imports this module
-
     c = _single(contribs)
     rows = weight.shape[0]
     full = weight.reshape(rows, -1).to(delta.dtype) + c.scale * delta

@@ -28,13 +28,14 @@ from fvtransform._messages import close_matches
 from fvtransform.errors import FormatError, KeyMismatchError, NumericError, ShapeMismatchError, UsageError
 from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LoraAdapter, LoHa, LoKr, LowRank
 from fvtransform.lora._donate import check_donatable
+from fvtransform.lora._functorch import concrete, is_wrapped
 from fvtransform.lora._moved import moved_keywords
 from fvtransform.lora._record import MergeRecord, _apply_correction, _Correction, _make_correction
 from fvtransform.lora._dora import merge_dora, merge_dora_autograd, overflow_limit, overflows, unmerge_dora
 from fvtransform.io._safetensors import _tensor_bytes
 from fvtransform.tree._paramtree import ParamTree
 
-__all__ = ["merge", "merge_with_record", "unmerge", "restore", "normalize_adapters", "delta_rows", "delta_autograd", "needs_grad", "concrete", "describe", "AdapterSet", "Workspace"]
+__all__ = ["merge", "merge_with_record", "unmerge", "restore", "normalize_adapters", "delta_rows", "delta_autograd", "needs_grad", "describe", "AdapterSet", "Workspace"]
 
 AdapterSet = Union[LoraAdapter, Sequence[tuple[LoraAdapter, float]]]
 
@@ -85,27 +86,14 @@ def check_tree_first(name: str, tree: object, second: object) -> None:
 
 
 def _digest(t: torch.Tensor) -> bytes:
-    with torch._C._DisableFuncTorch():  # under torch.func even a plain tensor's detach() is wrapped (no storage)
-        return hashlib.blake2b(_tensor_bytes(_concrete(t)), digest_size=16).digest()
-
-
-def _concrete(t: torch.Tensor) -> torch.Tensor:
-    """The value under any ``torch.func`` wrappers (a wrapped tensor has no storage to read)."""
-    while torch._C._functorch.is_functorch_wrapped_tensor(t):
-        t = torch._C._functorch.get_unwrapped(t)
-    return t
-
-
-def concrete(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s values, detached, under any ``torch.func`` wrappers (under ``vmap``: every batch member), for checks."""
-    with torch._C._DisableFuncTorch():
-        return _concrete(t).detach()
+    with torch._C._DisableFuncTorch():  # _tensor_bytes's own ops on the value must not be wrapped again
+        return hashlib.blake2b(_tensor_bytes(concrete(t)), digest_size=16).digest()
 
 
 def needs_grad(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether any tensor needs the differentiable path: requires grad (with grad mode on) or is ``torch.func`` wrapped."""
     grad_mode = torch.is_grad_enabled()
-    return any((grad_mode and t.requires_grad) or torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    return any((grad_mode and t.requires_grad) or is_wrapped(t) for t in tensors)
 
 
 def _accumulation_dtype(weight: torch.Tensor, contribs: list[_Contribution]) -> torch.dtype:
@@ -185,8 +173,8 @@ def _drop_zero_ranks(d: Delta) -> Delta:
     last-bits difference; dropped first, merging ``pad_rank(a, r)`` gives the bits of merging ``a``.
     DoRA targets are kept as they are.
     """
-    if not isinstance(d, LowRank) or d.magnitude is not None or d.rank == 0:
-        return d
+    if not isinstance(d, LowRank) or d.magnitude is not None or d.rank == 0 or is_wrapped(d.A) or is_wrapped(d.B):
+        return d  # under torch.func (vmap: ranks zero in one member only) the ranks are kept: exact zeros either way
     used = d.A.reshape(d.rank, -1).ne(0).any(dim=1) | d.B.reshape(d.B.shape[0], d.rank).ne(0).any(dim=0)
     if bool(used.all()):
         return d
@@ -481,10 +469,10 @@ def _merge(tree: Mapping[str, torch.Tensor], adapters: AdapterSet, scale: float,
             writable = donate and w.is_contiguous() and not getattr(w, "requires_grad", False)
             new = delta_rows(contribs, w, out=w.detach() if writable else None, work=work, where=f"{key!r}")
         if record:
-            value = _concrete(new.detach())
+            value = concrete(new)
             back = (value if replace else unmerge_dora(value, contribs, norms[key], where=f"{key!r}") if dora
                     else delta_rows(contribs, value, sign=-1.0, work=work, where=f"{key!r}"))
-            corrections[key] = _make_correction(_concrete(w.detach()), back)
+            corrections[key] = _make_correction(concrete(w), back)
             digests[key] = _digest(value)
             target_bytes += w.numel() * w.element_size()
         out[key] = new
