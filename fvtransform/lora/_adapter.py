@@ -12,6 +12,7 @@ import attrs
 import torch
 
 from fvtransform.errors import NumericError, ShapeMismatchError, UsageError
+from fvtransform.lora._functorch import concrete
 from fvtransform.lora._report import ResolutionReport
 from fvtransform.tree import _pytree
 
@@ -31,7 +32,7 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
         return
     if t.element_size() == 1:  # float8: isfinite has no kernel for it; the upcast is exact
         t = t.float()
-    low, high = torch.aminmax(t)  # one pass, no temporary (NaN propagates): ~40x cheaper than isfinite(t).all() on CPU
+    low, high = torch.aminmax(concrete(t))  # one pass, no temporary (NaN propagates): ~40x cheaper than isfinite(t).all() on CPU
     if not (math.isfinite(float(low)) and math.isfinite(float(high))):
         raise NumericError(f"{what} holds NaN or Inf; refusing to use it. Re-export the adapter or drop this target.")
 
@@ -149,8 +150,8 @@ class FullDelta:
         return f"FullDelta({list(self.D.shape)}, {'replaces=True' if self.replaces else f'scale={self.scale:g}'})"
 
 
-def _f32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return t.detach().to(device=device, dtype=torch.float32)
+def _f32(t: torch.Tensor, device: torch.device, keep_grad: bool = False) -> torch.Tensor:
+    return (t if keep_grad else t.detach()).to(device=device, dtype=torch.float32)
 
 
 def _need(cond: bool, where: str, what: str) -> None:
@@ -249,15 +250,17 @@ class LoHa:
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in self._all() if t is not None] + ([self.magnitude] if self.magnitude is not None else [])
 
-    def row_source(self, device: torch.device) -> RowSource:
-        """``rows(start, stop)``: rows of the unscaled delta, float32 ``[stop - start, columns]``, as LyCORIS computes them."""
-        w1a, w1b, w2a, w2b = (_f32(t, device) for t in (self.w1_a, self.w1_b, self.w2_a, self.w2_b))
+    def row_source(self, device: torch.device, keep_grad: bool = False) -> RowSource:
+        """``rows(start, stop)``: rows of the unscaled delta, float32 ``[stop - start, columns]``, as LyCORIS computes them.
+
+        ``keep_grad=True`` keeps the factors' autograd graph (the differentiable merge); otherwise they are detached."""
+        w1a, w1b, w2a, w2b = (_f32(t, device, keep_grad) for t in (self.w1_a, self.w1_b, self.w2_a, self.w2_b))
         if self.t1 is None:
             def rows(start: int, stop: int) -> torch.Tensor:
                 return (w1a[start:stop] @ w1b) * (w2a[start:stop] @ w2b)
             return rows
         assert self.t2 is not None
-        t1, t2 = _f32(self.t1, device), _f32(self.t2, device)
+        t1, t2 = _f32(self.t1, device, keep_grad), _f32(self.t2, device, keep_grad)
 
         def tucker_rows(start: int, stop: int) -> torch.Tensor:
             h1 = torch.einsum("i j ..., j r, i p -> p r ...", t1, w1b, w1a[:, start:stop])
@@ -368,19 +371,19 @@ class LoKr:
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in self._all() if t is not None] + ([self.magnitude] if self.magnitude is not None else [])
 
-    def row_source(self, device: torch.device) -> RowSource:
+    def row_source(self, device: torch.device, keep_grad: bool = False) -> RowSource:
         """``rows(start, stop)`` of the unscaled ``kron(W1, W2)`` flattened to ``[out, columns]``, float32.
 
         Row ``i`` is ``W1[i // b]`` (outer) ``W2[i % b]``: each element one
-        product, as ``torch.kron`` makes it; only the tile's rows are built.
+        product, as ``torch.kron`` makes it; only the tile's rows are built. ``keep_grad``: as for LoHa.
         """
-        w1 = _f32(self.w1, device) if self.w1 is not None else _f32(self.w1_a, device) @ _f32(self.w1_b, device)  # type: ignore[arg-type]
+        w1 = _f32(self.w1, device, keep_grad) if self.w1 is not None else _f32(self.w1_a, device, keep_grad) @ _f32(self.w1_b, device, keep_grad)  # type: ignore[arg-type]
         if self.w2 is not None:
-            w2 = _f32(self.w2, device)
+            w2 = _f32(self.w2, device, keep_grad)
         elif self.t2 is not None:
-            w2 = torch.einsum("i j ..., i p, j r -> p r ...", _f32(self.t2, device), _f32(self.w2_a, device), _f32(self.w2_b, device))  # type: ignore[arg-type]
+            w2 = torch.einsum("i j ..., i p, j r -> p r ...", _f32(self.t2, device, keep_grad), _f32(self.w2_a, device, keep_grad), _f32(self.w2_b, device, keep_grad))  # type: ignore[arg-type]
         else:
-            w2 = _f32(self.w2_a, device) @ _f32(self.w2_b, device)  # type: ignore[arg-type]
+            w2 = _f32(self.w2_a, device, keep_grad) @ _f32(self.w2_b, device, keep_grad)  # type: ignore[arg-type]
         b = w2.shape[0]
         w2 = w2.reshape(b, -1)
 

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from fvtransform.errors import NumericError, ShapeMismatchError, UsageError
+from fvtransform.lora._functorch import concrete
 
-__all__ = ["merge_dora", "unmerge_dora", "dora_factor", "canonical_magnitude", "magnitude_axis", "dora_scale_layout", "dense_delta", "overflow_limit", "overflows"]
+__all__ = ["merge_dora", "merge_dora_autograd", "unmerge_dora", "dora_factor", "canonical_magnitude", "magnitude_axis", "dora_scale_layout", "dense_delta", "overflow_limit", "overflows"]
 
 #: Bytes of float32 work space per DoRA tile.
 TILE_BYTES = 4 * 1024 * 1024
@@ -175,6 +176,46 @@ def merge_dora(weight: torch.Tensor, contribs: list[Any], *, out: torch.Tensor |
         parts.append(n.reshape(-1))
         _store(flat_out[s:e], t * (p.mag[s:e].reshape(-1, 1) / n), where)
     return out, torch.cat(parts)
+
+
+def merge_dora_autograd(weight: torch.Tensor, contribs: list[Any], delta: torch.Tensor, *, where: str = "DoRA target") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`merge_dora` out of place, for inputs that need gradients (autograd or ``torch.func``).
+
+    ``delta`` is the unscaled dense delta ``[out, cols]`` in the accumulation dtype (float32, or float64
+    where the inputs are), carrying its autograd graph. The same formula, ``(m / ||W + s delta||) * (W + s delta)``
+    with the norm per output row or per input channel plus ``dora_eps``, rounded once into the weight's dtype;
+    gradients flow to the weight, the factors and the magnitude (the norm is not detached: this is the
+    derivative of the merge, not PEFT's training-time approximation). Returns ``(W', norms)``, norms detached.
+
+    Raises:
+        NumericError: a zero (or non-finite) norm, or a result that is not finite in the weight's dtype.
+    """
+    c = _single(contribs)
+    rows = weight.shape[0]
+    full = weight.reshape(rows, -1).to(delta.dtype) + c.scale * delta
+    mag = c.delta.magnitude.to(device=weight.device, dtype=delta.dtype)
+    eps = float(getattr(c.delta, "dora_eps", 0.0))
+    axis = magnitude_axis(mag)
+    if axis == 1:
+        kernel = full.shape[1] // weight.shape[1]
+        norms = (full * full).sum(dim=0).reshape(-1, kernel).sum(dim=1).sqrt() + eps
+        factor = (mag.reshape(-1) / norms).repeat_interleave(kernel)
+    else:
+        norms = full.norm(dim=1) + eps
+        factor = (mag.reshape(-1) / norms).reshape(-1, 1)
+    values = concrete(norms)  # under vmap: every batch member's norms
+    bad = (values == 0) | ~torch.isfinite(values)
+    if bool(bad.any()):
+        i = int(bad.reshape(-1).nonzero()[0, 0])
+        which = f" {i}" if values.numel() == norms.numel() else " (in a vmap batch member)"
+        raise NumericError(
+            f"{where}: the merged weight's {'row' if axis == 0 else 'input column'}{which} has norm {float(values.reshape(-1)[i])}; DoRA divides by it "
+            "(m / ||W + s delta||), which would give NaN/Inf. Drop this target or fix the adapter/base."
+        )
+    merged = full * factor
+    if overflows(concrete(merged), overflow_limit(weight.dtype)):
+        raise NumericError(f"{where}: the merged weight overflows {weight.dtype} (Inf/NaN); lower the scale or merge into a wider dtype")
+    return merged.to(weight.dtype).reshape(weight.shape), norms.detach().to(torch.float32)
 
 
 def overflow_limit(dtype: torch.dtype) -> float | None:

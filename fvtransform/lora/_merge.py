@@ -6,6 +6,12 @@ weight's dtype. The contributions are put in a canonical order (by scale and
 the factors' kinds, dtypes and shapes; a digest of the factors' bytes only
 between contributions those facts cannot tell apart) before summing, so merging
 a set of adapters gives the same bits whatever order the set is passed in.
+
+The tiles are written in place into float32 buffers: the fast path, for plain
+tensors that need no gradient. Where a weight or a factor needs one (it
+requires grad under autograd, or is a ``torch.func`` wrapped tensor), that
+target is merged out of place instead (:func:`delta_autograd`): the same
+formula, order and single rounding, differentiable.
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ from fvtransform._messages import close_matches
 from fvtransform.errors import FormatError, KeyMismatchError, NumericError, ShapeMismatchError, UsageError
 from fvtransform.lora._adapter import GENERATED, Delta, FullDelta, LoraAdapter, LoHa, LoKr, LowRank
 from fvtransform.lora._donate import check_donatable
+from fvtransform.lora._functorch import concrete, is_wrapped
 from fvtransform.lora._moved import moved_keywords
 from fvtransform.lora._record import MergeRecord, _apply_correction, _Correction, _make_correction
-from fvtransform.lora._dora import merge_dora, overflow_limit, overflows, unmerge_dora
+from fvtransform.lora._dora import merge_dora, merge_dora_autograd, overflow_limit, overflows, unmerge_dora
 from fvtransform.io._safetensors import _tensor_bytes
 from fvtransform.tree._paramtree import ParamTree
 
-__all__ = ["merge", "merge_with_record", "unmerge", "restore", "normalize_adapters", "delta_rows", "describe", "AdapterSet", "Workspace"]
+__all__ = ["merge", "merge_with_record", "unmerge", "restore", "normalize_adapters", "delta_rows", "delta_autograd", "needs_grad", "describe", "AdapterSet", "Workspace"]
 
 AdapterSet = Union[LoraAdapter, Sequence[tuple[LoraAdapter, float]]]
 
@@ -79,7 +86,20 @@ def check_tree_first(name: str, tree: object, second: object) -> None:
 
 
 def _digest(t: torch.Tensor) -> bytes:
-    return hashlib.blake2b(_tensor_bytes(t), digest_size=16).digest()
+    with torch._C._DisableFuncTorch():  # _tensor_bytes's own ops on the value must not be wrapped again
+        return hashlib.blake2b(_tensor_bytes(concrete(t)), digest_size=16).digest()
+
+
+def needs_grad(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether any tensor needs the differentiable path: requires grad (with grad mode on) or is ``torch.func`` wrapped."""
+    grad_mode = torch.is_grad_enabled()
+    return any((grad_mode and t.requires_grad) or is_wrapped(t) for t in tensors)
+
+
+def _accumulation_dtype(weight: torch.Tensor, contribs: list[_Contribution]) -> torch.dtype:
+    """float32; float64 where the weight or a factor is float64 (so ``gradcheck`` in float64 sees float64 sums)."""
+    dtypes = {weight.dtype, *(t.dtype for c in contribs for t in c.delta.tensors())}
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def describe(d: Delta) -> str:
@@ -153,8 +173,8 @@ def _drop_zero_ranks(d: Delta) -> Delta:
     last-bits difference; dropped first, merging ``pad_rank(a, r)`` gives the bits of merging ``a``.
     DoRA targets are kept as they are.
     """
-    if not isinstance(d, LowRank) or d.magnitude is not None or d.rank == 0:
-        return d
+    if not isinstance(d, LowRank) or d.magnitude is not None or d.rank == 0 or is_wrapped(d.A) or is_wrapped(d.B):
+        return d  # under torch.func (vmap: ranks zero in one member only) the ranks are kept: exact zeros either way
     used = d.A.reshape(d.rank, -1).ne(0).any(dim=1) | d.B.reshape(d.B.shape[0], d.rank).ne(0).any(dim=0)
     if bool(used.all()):
         return d
@@ -278,6 +298,52 @@ def delta_rows(
     return out
 
 
+def _dense(d: Delta, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The unscaled delta of a LowRank / LoHa / LoKr ``d`` as ``[out, cols]`` in ``dtype``, keeping its graph."""
+    if isinstance(d, LowRank):
+        B = d.B.to(device=weight.device, dtype=dtype).reshape(d.B.shape[0], d.B.shape[1])
+        return B @ d.A.to(device=weight.device, dtype=dtype).reshape(d.A.shape[0], -1)
+    assert isinstance(d, GENERATED)
+    return d.row_source(weight.device, keep_grad=True)(0, weight.shape[0]).to(dtype)
+
+
+def delta_autograd(contribs: list[_Contribution], weight: torch.Tensor, *, sign: float = 1.0, where: str = "merged weight") -> torch.Tensor:
+    """:func:`delta_rows` out of place and differentiable: ``round(W + sign * sum deltas)`` for inputs that need grad.
+
+    The same sum in the same order as the tiled path (one ``addmm`` of the concatenated low-rank
+    factors, then full deltas, then LoHa/LoKr deltas), accumulated in float32 (float64 where an input is
+    float64) and rounded once into the weight's dtype; nothing is written in place, so autograd and
+    ``torch.func`` transforms (``grad``, ``vjp``, ``jacrev``) see every step. No tiling: the extra memory
+    is the float32 weight (autograd keeps the factors anyway).
+
+    Raises:
+        NumericError: the result is not finite in the weight's dtype; ``where`` names the key.
+    """
+    dtype = _accumulation_dtype(weight, contribs)
+    rows = weight.shape[0]
+    acc = weight.reshape(rows, -1).to(dtype)
+    low = [c for c in contribs if isinstance(c.delta, LowRank)]
+    if low:
+        if any(c.delta.magnitude is not None for c in low):
+            raise FormatError("DoRA targets merge through fvt.lora.merge's DoRA path, not the linear one")
+        bs = [c.delta.B.to(device=weight.device, dtype=dtype).reshape(c.delta.B.shape[0], c.delta.B.shape[1]) * (sign * c.scale)
+              for c in low if isinstance(c.delta, LowRank)]
+        as_ = [c.delta.A.to(device=weight.device, dtype=dtype).reshape(c.delta.A.shape[0], -1) for c in low if isinstance(c.delta, LowRank)]
+        acc = torch.addmm(acc, torch.cat(bs, dim=1), torch.cat(as_, dim=0))
+    for c in contribs:
+        if isinstance(c.delta, FullDelta):
+            acc = acc.add(c.delta.D.to(device=weight.device, dtype=dtype).reshape(rows, -1), alpha=sign * c.scale)
+    for c in contribs:
+        if isinstance(c.delta, GENERATED):
+            acc = acc + _dense(c.delta, weight, dtype) * (sign * c.scale)
+    if overflows(concrete(acc), overflow_limit(weight.dtype)):
+        raise NumericError(
+            f"{where}: the merged weight holds Inf/NaN in {weight.dtype}; the deltas overflow it "
+            "(or the base already held Inf/NaN). Lower the scale or merge into a wider dtype (dtype=torch.float32)."
+        )
+    return acc.to(weight.dtype).reshape(weight.shape)
+
+
 def _delta_bound(contribs: list[_Contribution]) -> float:
     """An upper bound of ``|sum s * delta|`` per element, from the factors (inf where none is cheap: LoHa/LoKr).
 
@@ -386,20 +452,28 @@ def _merge(tree: Mapping[str, torch.Tensor], adapters: AdapterSet, scale: float,
                                   "or call fvt.lora.merge and undo it with fvt.lora.unmerge")
             out[key] = _merge_sharded(key, contribs, w, sign=1.0, donate=donate, work=work)
             continue
+        grad = needs_grad([w, *(t for c in contribs for t in c.delta.tensors())])
         if replace:
             full = contribs[0].delta
             assert isinstance(full, FullDelta)  # _is_replace: a replacing FullDelta, alone on its key
-            new = full.D.detach().to(device=w.device, dtype=w.dtype).clone()
+            new = (full.D if grad else full.D.detach()).to(device=w.device, dtype=w.dtype).clone()
+        elif dora and grad:
+            d = contribs[0].delta
+            assert not isinstance(d, FullDelta)  # _is_dora: a delta with a magnitude
+            new, norms[key] = merge_dora_autograd(w, contribs, _dense(d, w, _accumulation_dtype(w, contribs)), where=f"{key!r}")
         elif dora:
             new, norms[key] = merge_dora(w, contribs, where=f"{key!r}")
+        elif grad:
+            new = delta_autograd(contribs, w, where=f"{key!r}")
         else:
             writable = donate and w.is_contiguous() and not getattr(w, "requires_grad", False)
             new = delta_rows(contribs, w, out=w.detach() if writable else None, work=work, where=f"{key!r}")
         if record:
-            back = (new if replace else unmerge_dora(new, contribs, norms[key], where=f"{key!r}") if dora
-                    else delta_rows(contribs, new, sign=-1.0, work=work, where=f"{key!r}"))
-            corrections[key] = _make_correction(w, back)
-            digests[key] = _digest(new)
+            value = concrete(new)
+            back = (value if replace else unmerge_dora(value, contribs, norms[key], where=f"{key!r}") if dora
+                    else delta_rows(contribs, value, sign=-1.0, work=work, where=f"{key!r}"))
+            corrections[key] = _make_correction(concrete(w), back)
+            digests[key] = _digest(value)
             target_bytes += w.numel() * w.element_size()
         out[key] = new
     # keep tied weights tied: every alias of a merged tensor gets the merged tensor
@@ -478,6 +552,9 @@ def unmerge(
             raise UsageError(f"{key!r}: full-replacement (modules_to_save) merges are undone with the record of fvt.lora.merge_with_record")
         if _is_dtensor(w):
             out[key] = _merge_sharded(key, contribs, w, sign=-1.0, donate=donate, work=work)
+            continue
+        if needs_grad([w, *(t for c in contribs for t in c.delta.tensors())]):
+            out[key] = delta_autograd(contribs, w, sign=-1.0, where=f"{key!r}")
             continue
         writable = donate and w.is_contiguous()
         out[key] = delta_rows(contribs, w, sign=-1.0, out=w.detach() if writable else None, work=work, where=f"{key!r}")
