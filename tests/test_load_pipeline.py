@@ -203,8 +203,7 @@ def test_strict_errors_name_the_component(pipe_folder, tmp_path):
     save_file(sd, f)
     with pytest.raises(KeyMismatchError, match=r"(?s)component 'transformer_2' \(diffusers\.WanTransformer3DModel\): .*extra\.weight"):
         fvt.load_pipeline(folder, ["transformer_2"])
-    with pytest.warns(UserWarning, match="extra.weight"):
-        pipe = fvt.load_pipeline(folder, ["transformer_2"], strict=False)
+    pipe = fvt.load_pipeline(folder, ["transformer_2"], strict=False)  # no warning: the report lists it
     assert pipe["transformer_2"].report.unexpected == ("extra.weight",)
 
 

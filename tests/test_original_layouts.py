@@ -405,8 +405,7 @@ def test_a_stray_key_is_an_error_or_with_strict_false_a_listed_leftover(tmp_path
     with pytest.raises(E.KeyMismatchError, match=r"stray\.safetensors: in the wan-original layout.*no rule claims 1 keys: "
                                                  r"\['blocks.0.self_attn.extra'\].*Fix: check that the config"):
         fvt.load_model(path, config=wan["root"] / "transformer")
-    with pytest.warns(UserWarning, match=r"stray\.safetensors: weights and module differ \(strict=False\)"):
-        loaded = fvt.load_model(path, config=wan["root"] / "transformer", strict=False)
+    loaded = fvt.load_model(path, config=wan["root"] / "transformer", strict=False)  # no warning: the report lists it
     assert loaded.report.unexpected == ("blocks.0.self_attn.extra",)
     _equal({k: v for k, v in loaded.tree.items() if k in wan["sd"]}, wan["sd"])
 

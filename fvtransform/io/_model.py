@@ -268,7 +268,7 @@ def load_model(
     error otherwise); buffers the class allows to be missing get the module's
     initial value.
     Everything else is strict: with ``strict=True`` any other missing or
-    unexpected key raises; with ``strict=False`` they are warned about and
+    unexpected key raises; with ``strict=False`` they are allowed and
     listed in the report. Shape mismatches always raise.
 
     ``dtype=None`` keeps the checkpoint's dtypes (no copies). With a ``dtype`` (or its name, ``"bfloat16"``),
@@ -333,12 +333,7 @@ def load_built(
             f"{folder}: the weights do not fit {type(module).__name__} built from {config_path}:\n{report}\n"
             "Fix: check that config.json belongs to these weights, or pass strict=False to allow key differences."
         )
-    if not report.ok:
-        warnings.warn(
-            f"{folder}: weights and module differ (strict=False): missing {format_keys(report.missing)}, "
-            f"unexpected {format_keys(report.unexpected)}",
-            stacklevel=2,
-        )
+    # strict=False: the key differences are listed in the report (never merely warned about: strictness)
     load_report = LoadReport(str(folder), type(module).__name__, tuple(notes), report.missing, report.unexpected,
                              layout, key_map)
     if not load_report.exact:
