@@ -80,7 +80,7 @@ def trees(*, min_modules: int = 1, max_modules: int = 4, max_side: int = 6, dtyp
         max_side: Largest size of one dimension.
         dtypes: Floating dtypes to draw from, one per tensor.
         zero_size: Whether a dimension may be 0.
-        tied: Whether two keys may share one tensor (a tied pair, as tied embeddings).
+        tied: Whether two weights may share one tensor (a tied pair, as tied embeddings).
 
     Returns:
         A strategy of :class:`~fvtransform.tree.ParamTree`.
@@ -116,10 +116,10 @@ def trees(*, min_modules: int = 1, max_modules: int = 4, max_side: int = 6, dtyp
             data[f"{m}.weight"] = torch.randn(out_f, in_f, generator=g).to(dtype)
             if draw(st.booleans()):
                 data[f"{m}.bias"] = torch.randn(out_f, generator=g).to(dtype)
-        keys = list(data)
-        if tied and len(keys) > 1 and draw(st.booleans()):
-            dst = draw(st.sampled_from(keys[1:]))
-            src = draw(st.sampled_from([k for k in keys if k != dst]))
+        weights = [f"{m}.weight" for m in modules]
+        if tied and len(weights) > 1 and draw(st.booleans()):  # one weight shares another's tensor
+            dst = draw(st.sampled_from(weights[1:]))
+            src = draw(st.sampled_from([k for k in weights if k != dst]))
             data[dst] = data[src]
         tree = ParamTree(data)
         note(_describe(tree))
