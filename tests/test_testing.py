@@ -89,7 +89,7 @@ def _tree_and_adapter():
 
 
 def test_assert_restores_exactly_passes_and_fails_on_a_non_exact_restore(monkeypatch):
-    import fvtransform.testing as testing
+    import fvtransform.testing._laws as testing
 
     tree, adapter = _tree_and_adapter()
     assert_restores_exactly(tree, adapter)
@@ -121,7 +121,7 @@ def test_assert_no_mutation_passes_and_catches_in_place_writes():
 
 
 def test_assert_order_independent_passes_and_fails_on_an_order_dependent_merge(monkeypatch):
-    import fvtransform.testing as testing
+    import fvtransform.testing._laws as testing
 
     tree = fvt.ParamTree({"w": torch.ones(3)})
     pairs = [(LoraAdapter({"w": FullDelta(torch.full((3,), v))}), 1.0) for v in (0.1, 1e8, -1e8)]
