@@ -14,8 +14,8 @@ from fvtransform.tree import ParamTree
 
 __all__ = ["DTYPES", "adapters", "describe", "trees"]
 
-#: The floating dtypes :func:`trees` draws from by default.
 DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+"""The floating dtypes ``trees()`` draws from by default."""
 
 _SEGMENT = r"[a-z]{1,4}|[0-9]"
 #: Values shown per tensor in a drawn tree's note.
