@@ -1,5 +1,6 @@
 """fvtransform.testing: its strategies draw valid values, and each law helper fails on a broken law."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +161,15 @@ def test_import_without_hypothesis_names_the_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert out.stdout.startswith("OK") and "fvtransform[test]" in out.stdout, out.stderr
+
+
+def test_a_counterexample_shows_the_tree_values():
+    @settings(max_examples=20, deadline=None, database=None)
+    @given(trees(dtypes=(torch.float32,), tied=False))
+    def always_fails(tree):
+        raise ValueError("broken law")
+
+    with pytest.raises(ValueError, match="broken law") as info:
+        always_fails()
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert re.search(r"\.weight: float32\[\d+, \d+\] \[-?\d", notes), notes
