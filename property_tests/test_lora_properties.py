@@ -7,6 +7,7 @@ from hypothesis import given
 
 import fvtransform as fvt
 from fvtransform.lora import LoraAdapter, LowRank
+from fvtransform.testing import adapters, assert_no_mutation, assert_order_independent, assert_restores_exactly, trees
 from _helpers import assert_unchanged, snapshot
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
@@ -21,13 +22,13 @@ def setups(draw, n_adapters=1):
     seed = draw(st.integers(0, 2**16))
     g = torch.Generator().manual_seed(seed)
     tree = fvt.ParamTree({"l.weight": torch.randn(out_f, in_f, generator=g).to(dtype), "l.bias": torch.randn(out_f, generator=g).to(dtype)})
-    adapters = []
+    pairs = []
     for _ in range(n_adapters):
         r = draw(st.integers(1, 4))
         scale = draw(st.floats(-2, 2, allow_nan=False, width=32))
         a = LoraAdapter({"l.weight": LowRank(torch.randn(r, in_f, generator=g) * 0.3, torch.randn(out_f, r, generator=g) * 0.3, scale)})
-        adapters.append((a, draw(st.floats(-1.5, 1.5, allow_nan=False, width=32))))
-    return tree, adapters
+        pairs.append((a, draw(st.floats(-1.5, 1.5, allow_nan=False, width=32))))
+    return tree, pairs
 
 
 def ulp(x: torch.Tensor) -> torch.Tensor:
@@ -60,22 +61,29 @@ def test_merge_matches_float64_reference(setup):
     assert (err <= 0.5 * ulp(merged["l.weight"]) + fp32_acc).all()
 
 
-@given(setups(n_adapters=3), st.permutations(range(3)))
-def test_merging_a_set_is_order_independent(setup, perm):
-    tree, pairs = setup
-    one = fvt.lora.merge(tree, pairs)
-    two = fvt.lora.merge(tree, [pairs[i] for i in perm])
-    assert one == two
+@given(trees(), st.data())
+def test_merging_a_set_is_order_independent(tree, data):
+    pairs = data.draw(st.lists(st.tuples(adapters(tree, full_deltas=True), st.floats(-1.5, 1.5, width=32)),
+                               min_size=2, max_size=3))
+    assert_order_independent(tree, pairs)
 
 
-@given(setups(), st.integers(1, 10))
-def test_restore_after_cycles_is_bit_exact(setup, cycles):
-    tree, [(a, s)] = setup
+@given(trees(), st.data(), st.integers(1, 10))
+def test_restore_after_cycles_is_bit_exact(tree, data, cycles):
+    a = data.draw(adapters(tree, full_deltas=True))
+    s = data.draw(st.floats(-1.5, 1.5, width=32))
     t = tree
-    for _ in range(cycles):
+    for _ in range(cycles - 1):
         merged, record = fvt.lora.merge_with_record(t, a, s)
         t = fvt.lora.restore(merged, record)
     assert t == tree
+    assert_restores_exactly(t, a, s)
+
+
+@given(trees(), st.data())
+def test_merge_never_mutates_its_inputs(tree, data):
+    a = data.draw(adapters(tree, full_deltas=True))
+    assert_no_mutation(fvt.lora.merge, tree, a, data.draw(st.floats(-1.5, 1.5, width=32)))
 
 
 @given(setups())

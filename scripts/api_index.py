@@ -32,6 +32,7 @@ SECTIONS = [
     ("Distributed", "distributed", "reference/distributed.md"),
     ("Reference model", "models", "reference/models.md"),
     ("Errors", "errors", "reference/errors.md"),
+    ("Testing", "testing", "reference/testing.md"),
 ]
 #: Public modules whose names all live elsewhere on the page (re-exports), and the command line.
 SKIPPED = {"cli": "the console script"}

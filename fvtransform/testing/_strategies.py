@@ -1,0 +1,166 @@
+"""Hypothesis strategies for trees and the LoRA adapters that fit them (see :mod:`fvtransform.testing`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import hypothesis.strategies as st
+import torch
+from hypothesis import note
+
+from fvtransform.errors import UsageError
+from fvtransform.lora import FullDelta, LoraAdapter, LowRank
+from fvtransform.tree import ParamTree
+
+__all__ = ["DTYPES", "adapters", "describe", "trees"]
+
+DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+"""The floating dtypes ``trees()`` draws from by default."""
+
+_SEGMENT = r"[a-z]{1,4}|[0-9]"
+#: Values shown per tensor in a drawn tree's note.
+_NOTE_VALUES = 8
+
+
+def _check_dtypes(dtypes: Sequence[torch.dtype], where: str) -> None:
+    bad = [d for d in dtypes if not isinstance(d, torch.dtype) or not d.is_floating_point]
+    if not dtypes or bad:
+        raise UsageError(f"fvtransform.testing.{where}(dtypes=...) takes floating torch dtypes, got {list(dtypes)!r}; "
+                         f"pass e.g. dtypes=(torch.float32, torch.bfloat16)")
+
+
+def describe(tree: Mapping[str, torch.Tensor]) -> str:
+    """A tree with its values (the first few of each tensor), for counterexamples."""
+    lines = []
+    for key, t in tree.items():
+        flat = t.detach().reshape(-1)[:_NOTE_VALUES].float().tolist()
+        more = ", ..." if t.numel() > _NOTE_VALUES else ""
+        lines.append(f"  {key}: {str(t.dtype).removeprefix('torch.')}{list(t.shape)} "
+                     f"[{', '.join(f'{v:.4g}' for v in flat)}{more}]")
+    return "ParamTree(\n" + "\n".join(lines) + "\n)"
+
+
+def trees(*, min_modules: int = 1, max_modules: int = 4, max_side: int = 6, dtypes: Sequence[torch.dtype] = DTYPES,
+          zero_size: bool = True, tied: bool = True) -> st.SearchStrategy[ParamTree]:
+    """Trees of ``<dotted.module>.weight`` (2-D) and optional ``.bias`` (1-D) tensors.
+
+    The first module's weight is never empty nor overwritten by a tie, so :func:`adapters` always finds a target.
+
+    Args:
+        min_modules: Fewest modules (each has a ``weight``).
+        max_modules: Most modules.
+        max_side: Largest size of one dimension.
+        dtypes: Floating dtypes to draw from, one per tensor.
+        zero_size: Whether a dimension may be 0.
+        tied: Whether two weights may share one tensor (a tied pair, as tied embeddings).
+
+    Returns:
+        A strategy of :class:`~fvtransform.tree.ParamTree`.
+
+    Raises:
+        UsageError: ``dtypes`` is empty or not floating, or the sizes are out of order.
+
+    >>> from hypothesis import given, settings
+    >>> from fvtransform.testing import trees
+    >>> @settings(max_examples=5, database=None)
+    ... @given(trees(max_modules=2))
+    ... def test_names(tree):
+    ...     assert all(k.endswith((".weight", ".bias")) for k in tree)
+    >>> test_names()
+    """
+    _check_dtypes(dtypes, "trees")
+    if not 1 <= min_modules <= max_modules or max_side < 1:
+        raise UsageError(f"fvtransform.testing.trees: need 1 <= min_modules <= max_modules and max_side >= 1, got "
+                         f"min_modules={min_modules}, max_modules={max_modules}, max_side={max_side}")
+    names = st.from_regex(rf"({_SEGMENT})(\.({_SEGMENT})){{0,2}}", fullmatch=True).filter(lambda s: not s[0].isdigit())
+    sides = st.integers(0 if zero_size else 1, max_side)
+    nonempty = st.integers(1, max_side)
+
+    @st.composite
+    def draw_tree(draw: st.DrawFn) -> ParamTree:
+        modules = draw(st.lists(names, min_size=min_modules, max_size=max_modules, unique=True)
+                       .filter(lambda ms: not any(a != b and b.startswith(a + ".") for a in ms for b in ms)))
+        g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1), label="seed"))
+        data: dict[str, torch.Tensor] = {}
+        for i, m in enumerate(modules):
+            out_f, in_f = draw(sides if i else nonempty), draw(sides if i else nonempty)
+            dtype = draw(st.sampled_from(list(dtypes)))
+            data[f"{m}.weight"] = torch.randn(out_f, in_f, generator=g).to(dtype)
+            if draw(st.booleans()):
+                data[f"{m}.bias"] = torch.randn(out_f, generator=g).to(dtype)
+        weights = [f"{m}.weight" for m in modules]
+        if tied and len(weights) > 1 and draw(st.booleans()):  # one weight shares another's tensor
+            dst = draw(st.sampled_from(weights[1:]))
+            src = draw(st.sampled_from([k for k in weights if k != dst]))
+            data[dst] = data[src]
+        tree = ParamTree(data)
+        note(describe(tree))
+        return tree
+
+    return draw_tree()
+
+
+def adapters(tree: Mapping[str, torch.Tensor], *, max_rank: int = 4, full_deltas: bool = False,
+             min_targets: int = 1) -> st.SearchStrategy[LoraAdapter]:
+    """LoRA adapters that fit ``tree``: low rank on its 2-D weights, optionally full deltas on any tensor.
+
+    Targets are distinct tensors (one key of a tied pair) with at least one element. Factors are float32, drawn
+    from a seeded generator; scales lie in [-2, 2]. Draw several for a set: ``st.lists(adapters(tree))``.
+
+    Args:
+        tree: The tree the adapters must fit.
+        max_rank: Largest rank of a low-rank delta.
+        full_deltas: Whether a target may get a full-size delta (``.diff``) instead of a low-rank one.
+        min_targets: Fewest targets (0 allows an empty adapter).
+
+    Returns:
+        A strategy of :class:`~fvtransform.lora.LoraAdapter`.
+
+    Raises:
+        UsageError: ``tree`` has fewer than ``min_targets`` tensors an adapter can target.
+
+    >>> import torch
+    >>> import fvtransform as fvt
+    >>> from fvtransform.testing import adapters
+    >>> from hypothesis import given, settings
+    >>> tree = fvt.ParamTree({"l.weight": torch.ones(3, 2)})
+    >>> @settings(max_examples=5, database=None)
+    ... @given(adapters(tree))
+    ... def test_targets(adapter):
+    ...     assert list(adapter) == ["l.weight"]
+    >>> test_targets()
+    """
+    if max_rank < 1 or min_targets < 0:
+        raise UsageError(f"fvtransform.testing.adapters: need max_rank >= 1 and min_targets >= 0, got "
+                         f"max_rank={max_rank}, min_targets={min_targets}")
+    seen: set[int] = set()
+    eligible: list[str] = []
+    for key, t in tree.items():
+        if id(t) in seen or t.numel() == 0 or not t.is_floating_point() or (t.dim() != 2 and not full_deltas):
+            continue
+        seen.add(id(t))
+        eligible.append(key)
+    if len(eligible) < min_targets:
+        raise UsageError(f"fvtransform.testing.adapters: the tree has {len(eligible)} targetable tensors "
+                         f"({eligible}), fewer than min_targets={min_targets}; draw trees with zero_size=False, "
+                         f"pass full_deltas=True, or lower min_targets")
+    shapes = {k: tuple(tree[k].shape) for k in eligible}
+
+    @st.composite
+    def draw_adapter(draw: st.DrawFn) -> LoraAdapter:
+        keys = draw(st.lists(st.sampled_from(eligible), min_size=min_targets, max_size=len(eligible), unique=True)
+                    if eligible else st.just([]))
+        g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1), label="seed"))
+        targets: dict[str, LowRank | FullDelta] = {}
+        for key in sorted(keys):
+            shape = shapes[key]
+            scale = draw(st.floats(-2, 2, allow_nan=False, width=32))
+            if len(shape) != 2 or (full_deltas and draw(st.booleans())):
+                targets[key] = FullDelta(torch.randn(shape, generator=g) * 0.3, scale)
+            else:
+                r = draw(st.integers(1, max_rank))
+                targets[key] = LowRank(torch.randn(r, shape[1], generator=g) * 0.3,
+                                       torch.randn(shape[0], r, generator=g) * 0.3, scale)
+        return LoraAdapter(targets)
+
+    return draw_adapter()
