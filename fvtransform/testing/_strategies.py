@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import hypothesis.strategies as st
 import torch
-from hypothesis import note
 
 from fvtransform.errors import UsageError
 from fvtransform.lora import FullDelta, LoraAdapter, LowRank
 from fvtransform.tree import ParamTree
+
+if TYPE_CHECKING:  # Hypothesis comes with the test extra: imported where a strategy is built, never at import time
+    import hypothesis.strategies as st
 
 __all__ = ["DTYPES", "adapters", "describe", "trees"]
 
@@ -68,6 +70,9 @@ def trees(*, min_modules: int = 1, max_modules: int = 4, max_side: int = 6, dtyp
     ...     assert all(k.endswith((".weight", ".bias")) for k in tree)
     >>> test_names()
     """
+    import hypothesis.strategies as st
+    from hypothesis import note
+
     _check_dtypes(dtypes, "trees")
     if not 1 <= min_modules <= max_modules or max_side < 1:
         raise UsageError(f"fvtransform.testing.trees: need 1 <= min_modules <= max_modules and max_side >= 1, got "
@@ -130,6 +135,8 @@ def adapters(tree: Mapping[str, torch.Tensor], *, max_rank: int = 4, full_deltas
     ...     assert list(adapter) == ["l.weight"]
     >>> test_targets()
     """
+    import hypothesis.strategies as st
+
     if max_rank < 1 or min_targets < 0:
         raise UsageError(f"fvtransform.testing.adapters: need max_rank >= 1 and min_targets >= 0, got "
                          f"max_rank={max_rank}, min_targets={min_targets}")
