@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,6 +45,30 @@ def _status_mb(field: str) -> float:
 
 def current_rss_mb() -> float:
     return _status_mb("VmRSS")
+
+
+class PeakPrivate:
+    """The peak of private memory (``RssAnon``, MiB) while the block runs, sampled every 2 ms.
+
+    File-backed pages of a memory map are not private, so a lazily mapped checkpoint does not count.
+    """
+
+    def __enter__(self) -> PeakPrivate:
+        self.base = self.peak = _status_mb("RssAnon")
+        self._stop = False
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop:
+            self.peak = max(self.peak, _status_mb("RssAnon"))
+            time.sleep(0.002)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._t.join()
+        self.peak = max(self.peak, _status_mb("RssAnon"))
 
 
 def reset_peak() -> None:

@@ -28,8 +28,6 @@ import os
 import platform
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,41 +36,12 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from _util import Timer, current_rss_mb, peak_rss_mb, reset_peak, warm_up  # noqa: E402
+from _util import PeakPrivate, Timer, current_rss_mb, peak_rss_mb, reset_peak, warm_up  # noqa: E402
 
 METHODS = ["fvt_load_pipeline", "diffusers_from_pretrained", "fvt_load_pipeline_read", "diffusers_from_pretrained_read"]
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_heads=64, relative_attention_num_buckets=32,
                 relative_attention_max_distance=128, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
                 decoder_start_token_id=0)
-
-
-def _anon_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-class PeakPrivate:
-    """The peak of ``RssAnon`` while the block runs, sampled every 2 ms."""
-
-    def __enter__(self) -> "PeakPrivate":
-        self.base = self.peak = _anon_mb()
-        self._stop = False
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop:
-            self.peak = max(self.peak, _anon_mb())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop = True
-        self._t.join()
-        self.peak = max(self.peak, _anon_mb())
 
 
 def _random(module: torch.nn.Module, dtype: torch.dtype, seed: int) -> torch.nn.Module:

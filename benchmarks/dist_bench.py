@@ -13,42 +13,15 @@ import json
 import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _util import PeakPrivate  # noqa: E402
 
 METHODS = ["fvt_sharded_load", "full_load_then_distribute", "set_model_state_dict_broadcast"]
-
-
-def _anon_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-class PeakSampler:
-    def __enter__(self) -> "PeakSampler":
-        self.base = self.peak = _anon_mb()
-        self._stop = False
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop:
-            self.peak = max(self.peak, _anon_mb())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop = True
-        self._t.join()
-        self.peak = max(self.peak, _anon_mb())
 
 
 def _worker(rank: int, world: int, port: int, method: str, folder: str, out: str) -> None:
@@ -80,7 +53,7 @@ def _worker(rank: int, world: int, port: int, method: str, folder: str, out: str
     fvt.unshard(fvt.shard({"w": torch.zeros(4, 2)}, mesh))
     distribute_tensor(torch.zeros(4, 2), mesh, [Shard(0)]).full_tensor()
     dist.barrier()
-    with PeakSampler() as mem:
+    with PeakPrivate() as mem:
         t0 = time.perf_counter()
         if method == "fvt_sharded_load":
             tree = fvt.load(folder, mesh=mesh, plan="fsdp")
