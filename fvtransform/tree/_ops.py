@@ -43,6 +43,8 @@ def show_args(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
     """Arguments as a call shows them, each shortened to one readable piece."""
 
     def short(v: Any) -> str:
+        if callable(v) and not isinstance(v, (type, Mapping)) and isinstance(getattr(v, "__name__", None), str):
+            return "fn" if v.__name__ == "<lambda>" else v.__name__  # a function as the call names it
         r = repr(v)
         return r if len(r) <= 60 and "\n" not in r else f"<{type(v).__name__}>"
 
