@@ -10,7 +10,8 @@ from collections.abc import Callable, Mapping
 import functools
 import inspect
 import re
-from typing import Any, TYPE_CHECKING, TypeVar, overload
+import typing
+from typing import Any, TYPE_CHECKING, TypeVar, Union, overload
 
 import torch
 
@@ -23,6 +24,9 @@ from fvtransform.tree._paramtree import ParamTree
 
 if TYPE_CHECKING:
     from fvtransform.lora._adapter import LoraAdapter
+
+#: What select, drop, rename and map_tensors take: a tree, or a LoraAdapter (then they return an adapter).
+TreeOrAdapter = Union[Mapping[str, torch.Tensor], "LoraAdapter"]
 
 __all__ = ["select", "drop", "partition", "combine", "rename", "cast", "to", "map_tensors", "update"]
 
@@ -104,8 +108,8 @@ def _other_kind(tree: object) -> Any:
     return None if isinstance(tree, ParamTree) else _OTHER_KINDS.get(type(tree))
 
 
-def _as_tree(tree: Mapping[str, torch.Tensor]) -> ParamTree:
-    return tree if isinstance(tree, ParamTree) else ParamTree(tree)
+def _as_tree(tree: Mapping[str, torch.Tensor] | LoraAdapter) -> ParamTree:
+    return tree if isinstance(tree, ParamTree) else ParamTree(typing.cast(Mapping[str, torch.Tensor], tree))
 
 
 def _missing_names(pattern: Pattern, tree: ParamTree) -> None:
@@ -134,7 +138,7 @@ def select(tree: LoraAdapter, pattern: Pattern, /, *, allow_empty: bool = ...) -
 @overload
 def select(tree: Mapping[str, torch.Tensor], pattern: Pattern, /, *, allow_empty: bool = ...) -> ParamTree: ...
 @_eager
-def select(tree: Any, pattern: Pattern, /, *, allow_empty: bool = False) -> Any:
+def select(tree: TreeOrAdapter, pattern: Pattern, /, *, allow_empty: bool = False) -> ParamTree | LoraAdapter:
     """The sub-tree of keys that match ``pattern`` (glob, regex, list or predicate).
 
     A :class:`~fvtransform.lora.LoraAdapter` gives the adapter of the matching
@@ -166,7 +170,7 @@ def drop(tree: LoraAdapter, pattern: Pattern, /, *, allow_empty: bool = ...) -> 
 @overload
 def drop(tree: Mapping[str, torch.Tensor], pattern: Pattern, /, *, allow_empty: bool = ...) -> ParamTree: ...
 @_eager
-def drop(tree: Any, pattern: Pattern, /, *, allow_empty: bool = False) -> Any:
+def drop(tree: TreeOrAdapter, pattern: Pattern, /, *, allow_empty: bool = False) -> ParamTree | LoraAdapter:
     """The tree without the keys that match ``pattern`` (an adapter: without those targets).
 
     >>> import torch, fvtransform as fvt
@@ -242,7 +246,7 @@ def rename(tree: LoraAdapter, rules: KeyMapLike, /, *, strict: bool = ...) -> Lo
 @overload
 def rename(tree: Mapping[str, torch.Tensor], rules: KeyMapLike, /, *, strict: bool = ...) -> ParamTree: ...
 @_eager
-def rename(tree: Any, rules: KeyMapLike, /, *, strict: bool = True) -> Any:
+def rename(tree: TreeOrAdapter, rules: KeyMapLike, /, *, strict: bool = True) -> ParamTree | LoraAdapter:
     """Rename (and fuse or split) keys by a :class:`~fvtransform.KeyMap`; order is kept.
 
     ``rules`` is anything :meth:`KeyMap.of <fvtransform.KeyMap.of>` takes: a
@@ -305,7 +309,7 @@ def _map_many(
     return ParamTree._wrap(out)
 
 
-def aligned(name: str, first: Mapping[str, torch.Tensor], others: tuple[object, ...]) -> list[ParamTree]:
+def aligned(name: str, first: TreeOrAdapter, others: tuple[object, ...]) -> list[ParamTree]:
     """``[first, *others]`` as trees whose keys are the same sets; else a :class:`KeyMismatchError` per tree.
 
     Each other tree's missing and extra keys (against ``first``) are listed; a
@@ -402,13 +406,13 @@ def map_tensors(tree: Mapping[str, torch.Tensor], fn: Callable[..., torch.Tensor
                 only: Pattern | None = ..., with_keys: bool = ...) -> ParamTree: ...
 @_eager
 def map_tensors(
-    tree: Any,
+    tree: TreeOrAdapter,
     fn: Callable[..., torch.Tensor],
     /,
-    *others: Any,
+    *others: TreeOrAdapter,
     only: Pattern | None = None,
     with_keys: bool = False,
-) -> Any:
+) -> ParamTree | LoraAdapter:
     """Apply ``fn(tensor)`` (or ``fn(key, tensor)`` with ``with_keys=True``) to each tensor.
 
     With more trees, ``fvt.map_tensors(tree, fn, t1, t2)`` calls
