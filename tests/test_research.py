@@ -361,3 +361,38 @@ def test_an_initialised_adapter_trains_with_torch_func_grad() -> None:
         adapter = fvt.map_tensors(adapter, lambda p, d: p - 0.3 * d, g)
     assert loss(adapter).item() < 0.9 * first
     assert re.fullmatch(r"LoraAdapter\(1 targets, ranks \{2\}, format 'memory'\)", repr(adapter))
+
+
+# --- strategies for every adapter kind ----------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(trees(conv=True, zero_size=False, dtypes=(torch.float32, torch.bfloat16)), st.data())
+def test_adapters_of_every_kind_restore_exactly_on_conv_trees(tree: fvt.ParamTree, data: st.DataObject) -> None:
+    adapter = data.draw(adapters(tree, full_deltas=True, dora=True, lycoris=True))
+    assert all(d.fits(tuple(tree[k].shape)) for k, d in adapter.items())
+    from fvtransform.testing import assert_restores_exactly
+
+    assert_restores_exactly(tree, adapter)
+
+
+def test_the_strategies_reach_conv_dora_loha_lokr_and_float8() -> None:
+    from fvtransform.lora._adapter import LoKr
+
+    seen: set[str] = set()
+
+    @settings(max_examples=60, deadline=None, database=None)
+    @given(trees(conv=True, zero_size=False, min_modules=3), st.data())
+    def collect(tree: fvt.ParamTree, data: st.DataObject) -> None:
+        for k, d in data.draw(adapters(tree, dora=True, lycoris=True)).items():
+            seen.add(type(d).__name__ + ("+dora" if d.magnitude is not None else "") + ("+conv" if tree[k].dim() == 4 else ""))
+
+    collect()
+    assert {"LowRank", "LowRank+dora", "LowRank+conv", "LoHa", LoKr.__name__} <= seen
+
+    @settings(max_examples=10, deadline=None, database=None)
+    @given(trees(dtypes=(torch.float8_e4m3fn,)))
+    def fp8(tree: fvt.ParamTree) -> None:
+        assert {t.dtype for t in tree.values()} == {torch.float8_e4m3fn}
+
+    fp8()
