@@ -396,3 +396,11 @@ def test_the_strategies_reach_conv_dora_loha_lokr_and_float8() -> None:
         assert {t.dtype for t in tree.values()} == {torch.float8_e4m3fn}
 
     fp8()
+
+
+def test_a_tree_only_operation_on_an_adapter_names_the_ones_that_take_it() -> None:
+    a = _adapter()
+    for call in (lambda: fvt.cast(a, "bf16"), lambda: fvt.transforms.select("a.*")(a), lambda: fvt.add(a, a)):
+        with pytest.raises(UsageError, match=r"A LoRA adapter is not a tree: .* fvt.select, fvt.drop, fvt.rename and "
+                                             r"fvt.map_tensors take an adapter and return one"):
+            call()
