@@ -113,6 +113,10 @@ def add(tree: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], /, 
         dtype: DTypeLike | None = None, only: Pattern | None = None) -> ParamTree:
     """``tree + alpha * other``, key by key, rounded once (adding a task vector: ``fvt.add(base, tau, alpha=0.5)``).
 
+    Named as ``torch.add`` (with its ``alpha``); :func:`~fvtransform.combine`
+    is another operation, the union of trees of disjoint keys. One rounding
+    from float32 (float64 for float64 inputs) into the result's dtype.
+
     Args:
         tree: The first tree; the result has its keys, order and (by default) dtypes.
         other: A tree of the same keys and shapes.
