@@ -159,6 +159,9 @@ def test_learned_soup_weights_get_gradients() -> None:
     (lambda a, b: fvt.chain(fvt.weighted_mean), UsageError, r"fvt.weighted_mean is an eager call: .* it has no transform form"),
     (lambda a, b: fvt.transforms.add(a, b), UsageError, r"takes no tree; to run it now on the tree use fvt.add\(tree, "),
     (lambda a, b: fvt.transforms.lerp(b, math.nan), NumericError, r"weight=nan is not finite"),
+    (lambda a, b: fvt.add(b), UsageError, r"fvt.add\(tree, other\) runs now, on a tree; inside chain use fvt.transforms.add\("),
+    (lambda a, b: fvt.transforms.scale(a, 2.0), UsageError, r"use fvt.scale\(tree, 2.0\)"),
+    (lambda a, b: fvt.add(a, fvt.to(b, "meta")), UsageError, r"fvt.add: 'a.weight' is on cpu in tree 0 and on meta in tree 1"),
 ])
 def test_arithmetic_errors_are_typed_and_name_the_key(call, error, match) -> None:
     with pytest.raises(error, match=match):
