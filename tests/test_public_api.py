@@ -28,11 +28,12 @@ PUBLIC = {
         "errors", "load", "load_model", "lora", "map_tensors", "partition", "register", "rename", "resolve", "save",
         "select", "tensors_equal", "to", "transforms", "update", "shard", "unshard", "distributed",
         "hub", "io", "models", "registry", "tree", "bind", "load_pipeline",
+        "add", "lerp", "scale", "subtract", "weighted_mean",
     },
     "lora": {
         "FORMATS", "Delta", "ExtractReport", "FullDelta", "LoraAdapter", "LowRank", "MergeRecord", "ResolutionReport",
         "call", "call_factors", "combine", "compress", "compress_with_report", "detect_format", "extract",
-        "extract_with_report", "factors", "load", "merge", "merge_checkpoint", "merge_with_record", "pad_rank",
+        "extract_with_report", "factors", "from_factors", "init_adapter", "load", "merge", "merge_checkpoint", "merge_with_record", "pad_rank",
         "random_adapter", "restore", "save", "scale_adapter", "split_experts", "unmerge",
     },
     "io": {
@@ -44,7 +45,7 @@ PUBLIC = {
     },
     "hub": {"maybe_download_lora", "maybe_download_model", "resolved_commit"},
     "transforms": {"Transform", "cast", "chain", "drop", "map_tensors", "merge_lora", "rename", "select", "to",
-                   "unmerge_lora", "update"},
+                   "unmerge_lora", "update", "add", "lerp", "scale", "subtract"},
     "registry": {"REGISTRY", "Registry", "build", "meta_parameters", "register", "resolve", "BuildLimits",
                  "LAYOUTS", "Layout", "layout", "layout_names"},
     "distributed": {"ResolvedPlan", "ShardPlan", "fsdp_plan", "shard", "tp_plan", "unshard"},
@@ -57,6 +58,7 @@ PUBLIC = {
     "tree": {
         "Fuse", "KeyMap", "MappingPlan", "ParamTree", "Pattern", "Rename", "Split", "cast", "combine", "drop",
         "map_tensors", "partition", "rename", "select", "tensors_equal", "to", "update",
+        "add", "lerp", "scale", "subtract", "weighted_mean",
     },
     "cli": {"main"},
     "testing": {"DTYPES", "adapters", "assert_no_mutation", "assert_order_independent", "assert_restores_exactly",

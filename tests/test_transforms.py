@@ -46,7 +46,7 @@ def test_factory_applied_equals_the_eager_call(name):
 
 def test_every_factory_has_its_eager_function():
     factories = set(fvt.transforms.__all__) - {"Transform", "chain", "merge_lora", "unmerge_lora"}
-    assert factories == {"select", "drop", "rename", "cast", "to", "map_tensors", "update"}
+    assert factories == {"select", "drop", "rename", "cast", "to", "map_tensors", "update", "add", "subtract", "scale", "lerp"}
     assert all(callable(getattr(fvt, n)) for n in factories)
 
 
@@ -119,7 +119,7 @@ def test_factory_given_a_tree_shows_the_eager_call():
 def test_eager_function_or_uncalled_factory_passed_to_chain_shows_the_factory_call():
     with pytest.raises(UsageError, match=re.escape("fvt.select is an eager call: fvt.select(tree, pattern) runs now, on a tree; inside chain use fvt.transforms.select(...)")):
         fvt.chain(fvt.select)
-    with pytest.raises(UsageError, match=re.escape("fvt.map_tensors is an eager call: fvt.map_tensors(tree, fn) runs now, on a tree; inside chain use fvt.transforms.map_tensors(...)")):
+    with pytest.raises(UsageError, match=re.escape("fvt.map_tensors is an eager call: fvt.map_tensors(tree, fn, *others) runs now, on a tree; inside chain use fvt.transforms.map_tensors(...)")):
         fvt.chain(fvt.transforms.cast(torch.float16), fvt.map_tensors)
     with pytest.raises(UsageError, match="fvt.partition is an eager call: .* it has no transform form"):
         fvt.chain(fvt.partition)

@@ -33,3 +33,12 @@ def _pins(path: str) -> None:
     assert_type(module, torch.nn.Module)
     assert_type(loaded, fvt.ParamTree)
     assert_type(fvt.load(path), fvt.ParamTree)
+    # issue 19: the tree operations on an adapter give an adapter; arithmetic and the initialiser
+    assert_type(fvt.select(adapter, "*"), LoraAdapter)
+    assert_type(fvt.select(tree, "*"), fvt.ParamTree)
+    assert_type(fvt.map_tensors(adapter, torch.neg), LoraAdapter)
+    assert_type(fvt.map_tensors(tree, torch.add, tree), fvt.ParamTree)
+    assert_type(fvt.rename(adapter, {"a": "b"}), LoraAdapter)
+    assert_type(fvt.lerp(tree, tree, 0.5), fvt.ParamTree)
+    assert_type(fvt.lora.init_adapter(tree, targets="*", rank=2), LoraAdapter)
+    assert_type(fvt.lora.from_factors(fvt.lora.factors(adapter)), LoraAdapter)

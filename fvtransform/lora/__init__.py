@@ -9,6 +9,7 @@ True
 """
 
 from fvtransform.lora._adapter import Delta, FullDelta, LoraAdapter, LowRank
+from fvtransform.lora._as_tree import from_factors
 from fvtransform.lora._call import call
 from fvtransform.lora._compiled import call_factors, factors, pad_rank
 from fvtransform.lora._combine import combine, random_adapter, scale_adapter
@@ -16,6 +17,7 @@ from fvtransform.lora._extract import ExtractReport, compress, compress_with_rep
 from fvtransform.lora._detect import detect_format
 from fvtransform.lora._experts import split_experts
 from fvtransform.lora._format_table import FORMATS
+from fvtransform.lora._init import init_adapter
 from fvtransform.lora._load import load
 from fvtransform.lora._report import ResolutionReport
 from fvtransform.lora._write import save
@@ -41,6 +43,8 @@ __all__ = [
     "extract",
     "extract_with_report",
     "factors",
+    "from_factors",
+    "init_adapter",
     "load",
     "merge",
     "merge_checkpoint",

@@ -5,6 +5,7 @@ factory here, ``fvt.transforms.X(...)``: ``fvt.transforms.X(args)(tree) == fvt.X
 """
 
 from fvtransform import _unlisted
+from fvtransform.transforms._arith import add, lerp, scale, subtract
 from fvtransform.transforms._lora import merge_lora, unmerge_lora
 from fvtransform.transforms._transform import (
     Transform,
@@ -20,13 +21,17 @@ from fvtransform.transforms._transform import (
 
 __all__ = [
     "Transform",
+    "add",
     "cast",
     "chain",
     "drop",
+    "lerp",
     "map_tensors",
     "merge_lora",
     "rename",
+    "scale",
     "select",
+    "subtract",
     "to",
     "unmerge_lora",
     "update",

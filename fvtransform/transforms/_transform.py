@@ -194,11 +194,13 @@ def to(device: torch.device | str, *, only: Pattern | None = None) -> Transform:
 
 
 @factory("map_tensors")
-def map_tensors(fn: Callable[..., torch.Tensor], *, only: Pattern | None = None, with_keys: bool = False) -> Transform:
-    """Transform form of :func:`fvtransform.map_tensors`."""
+def map_tensors(fn: Callable[..., torch.Tensor], *others: Mapping[str, torch.Tensor], only: Pattern | None = None,
+                with_keys: bool = False) -> Transform:
+    """Transform form of :func:`fvtransform.map_tensors`: ``fn`` over the tree and ``others`` (aligned keys)."""
     name = getattr(fn, "__name__", "fn")
+    more = "".join(f", <{len(o)} keys>" for o in others)
     return Transform(
-        lambda t: _ops.map_tensors(t, fn, only=only, with_keys=with_keys), f"map_tensors({name})"
+        lambda t: _ops.map_tensors(t, fn, *others, only=only, with_keys=with_keys), f"map_tensors({name}{more})"
     )
 
 

@@ -1,6 +1,7 @@
 """Parameter trees, the operations on them, and key maps."""
 
 from fvtransform import _unlisted
+from fvtransform.tree._arith import add, lerp, scale, subtract, weighted_mean
 from fvtransform.tree._keymap import Fuse, KeyMap, MappingPlan, Rename, Split
 from fvtransform.tree._match import Pattern
 from fvtransform.tree._ops import cast, combine, drop, map_tensors, partition, rename, select, to, update
@@ -14,16 +15,21 @@ __all__ = [
     "Pattern",
     "Rename",
     "Split",
+    "add",
     "cast",
     "combine",
     "drop",
+    "lerp",
     "map_tensors",
     "partition",
     "rename",
+    "scale",
     "select",
+    "subtract",
     "tensors_equal",
     "to",
     "update",
+    "weighted_mean",
 ]
 
 __getattr__ = _unlisted.module_getattr("tree")  # a name this module no longer lists shows the public way

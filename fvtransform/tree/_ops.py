@@ -10,7 +10,8 @@ from collections.abc import Callable, Mapping
 import functools
 import inspect
 import re
-from typing import Any, TypeVar
+import typing
+from typing import Any, TYPE_CHECKING, TypeVar, Union, overload
 
 import torch
 
@@ -21,14 +22,23 @@ from fvtransform.tree._keymap import KeyMap, KeyMapLike
 from fvtransform.tree._match import Pattern, matcher
 from fvtransform.tree._paramtree import ParamTree
 
+if TYPE_CHECKING:
+    from fvtransform.lora._adapter import LoraAdapter
+
+#: What select, drop, rename and map_tensors take: a tree, or a LoraAdapter (then they return an adapter).
+TreeOrAdapter = Union[Mapping[str, torch.Tensor], "LoraAdapter"]
+
 __all__ = ["select", "drop", "partition", "combine", "rename", "cast", "to", "map_tensors", "update"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: Eager operations that have no transform form (they do not map one tree to one tree).
-_NO_FACTORY = frozenset({"partition", "combine", "save", "shard", "unshard", "lora.restore"})
+_NO_FACTORY = frozenset({"partition", "combine", "weighted_mean", "save", "shard", "unshard", "lora.restore"})
 #: Eager operations whose factory has another name than ``fvt.transforms.<name>``.
 _FACTORY_OF = {"lora.merge": "merge_lora", "lora.unmerge": "unmerge_lora"}
+#: Mappings that are not trees but that select, drop, rename and map_tensors also take: type -> the object
+#: whose functions of those names run them (LoraAdapter: registered by fvtransform.lora, which defines it).
+_OTHER_KINDS: dict[type, Any] = {}
 #: A glob's wildcard characters: a list entry without them names one key.
 _GLOB = re.compile(r"[*?\[]")
 
@@ -37,6 +47,8 @@ def show_args(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
     """Arguments as a call shows them, each shortened to one readable piece."""
 
     def short(v: Any) -> str:
+        if callable(v) and not isinstance(v, (type, Mapping)) and isinstance(getattr(v, "__name__", None), str):
+            return "fn" if v.__name__ == "<lambda>" else v.__name__  # a function as the call names it
         r = repr(v)
         return r if len(r) <= 60 and "\n" not in r else f"<{type(v).__name__}>"
 
@@ -86,8 +98,18 @@ def eager_misuse(name: str, shape: str, args: tuple[Any, ...], kwargs: Mapping[s
     return head + f"; inside chain use fvt.transforms.{_FACTORY_OF.get(name, name)}({given})"
 
 
-def _as_tree(tree: Mapping[str, torch.Tensor]) -> ParamTree:
-    return tree if isinstance(tree, ParamTree) else ParamTree(tree)
+def register_kind(cls: type, ops: Any) -> None:
+    """Let select, drop, rename and map_tensors take ``cls`` values, run by ``ops.select`` etc."""
+    _OTHER_KINDS[cls] = ops
+
+
+def _other_kind(tree: object) -> Any:
+    """The operations for a mapping that is not a tree (a LoraAdapter), or None."""
+    return None if isinstance(tree, ParamTree) else _OTHER_KINDS.get(type(tree))
+
+
+def _as_tree(tree: Mapping[str, torch.Tensor] | LoraAdapter) -> ParamTree:
+    return tree if isinstance(tree, ParamTree) else ParamTree(typing.cast(Mapping[str, torch.Tensor], tree))
 
 
 def _missing_names(pattern: Pattern, tree: ParamTree) -> None:
@@ -111,9 +133,16 @@ def _no_match(pattern: Any, tree: ParamTree) -> KeyMismatchError:
     )
 
 
+@overload
+def select(tree: LoraAdapter, pattern: Pattern, /, *, allow_empty: bool = ...) -> LoraAdapter: ...
+@overload
+def select(tree: Mapping[str, torch.Tensor], pattern: Pattern, /, *, allow_empty: bool = ...) -> ParamTree: ...
 @_eager
-def select(tree: Mapping[str, torch.Tensor], pattern: Pattern, /, *, allow_empty: bool = False) -> ParamTree:
+def select(tree: TreeOrAdapter, pattern: Pattern, /, *, allow_empty: bool = False) -> ParamTree | LoraAdapter:
     """The sub-tree of keys that match ``pattern`` (glob, regex, list or predicate).
+
+    A :class:`~fvtransform.lora.LoraAdapter` gives the adapter of the matching
+    targets (a predicate gets ``(key, delta)``).
 
     Returns a new tree sharing the selected tensors; the input is not mutated.
     A pattern that matches nothing is an error unless ``allow_empty=True``; a
@@ -124,6 +153,9 @@ def select(tree: Mapping[str, torch.Tensor], pattern: Pattern, /, *, allow_empty
     >>> list(fvt.select(t, "a.*"))
     ['a.w']
     """
+    kind = _other_kind(tree)
+    if kind is not None:
+        return kind.select(tree, pattern, allow_empty=allow_empty)
     tree = _as_tree(tree)
     m = matcher(pattern)
     _missing_names(pattern, tree)
@@ -133,15 +165,22 @@ def select(tree: Mapping[str, torch.Tensor], pattern: Pattern, /, *, allow_empty
     return ParamTree._wrap(out)
 
 
+@overload
+def drop(tree: LoraAdapter, pattern: Pattern, /, *, allow_empty: bool = ...) -> LoraAdapter: ...
+@overload
+def drop(tree: Mapping[str, torch.Tensor], pattern: Pattern, /, *, allow_empty: bool = ...) -> ParamTree: ...
 @_eager
-def drop(tree: Mapping[str, torch.Tensor], pattern: Pattern, /, *, allow_empty: bool = False) -> ParamTree:
-    """The tree without the keys that match ``pattern``.
+def drop(tree: TreeOrAdapter, pattern: Pattern, /, *, allow_empty: bool = False) -> ParamTree | LoraAdapter:
+    """The tree without the keys that match ``pattern`` (an adapter: without those targets).
 
     >>> import torch, fvtransform as fvt
     >>> t = fvt.ParamTree({"a.w": torch.zeros(1), "b.w": torch.zeros(1)})
     >>> list(fvt.drop(t, "a.*"))
     ['b.w']
     """
+    kind = _other_kind(tree)
+    if kind is not None:
+        return kind.drop(tree, pattern, allow_empty=allow_empty)
     tree = _as_tree(tree)
     m = matcher(pattern)
     out = {k: v for k, v in tree.items() if not m(k, v)}
@@ -202,8 +241,12 @@ def combine(*trees: Mapping[str, torch.Tensor]) -> ParamTree:
 combine.__fvt_eager__ = "combine"  # type: ignore[attr-defined]
 
 
+@overload
+def rename(tree: LoraAdapter, rules: KeyMapLike, /, *, strict: bool = ...) -> LoraAdapter: ...
+@overload
+def rename(tree: Mapping[str, torch.Tensor], rules: KeyMapLike, /, *, strict: bool = ...) -> ParamTree: ...
 @_eager
-def rename(tree: Mapping[str, torch.Tensor], rules: KeyMapLike, /, *, strict: bool = True) -> ParamTree:
+def rename(tree: TreeOrAdapter, rules: KeyMapLike, /, *, strict: bool = True) -> ParamTree | LoraAdapter:
     """Rename (and fuse or split) keys by a :class:`~fvtransform.KeyMap`; order is kept.
 
     ``rules`` is anything :meth:`KeyMap.of <fvtransform.KeyMap.of>` takes: a
@@ -211,13 +254,18 @@ def rename(tree: Mapping[str, torch.Tensor], rules: KeyMapLike, /, *, strict: bo
     dict or pairs keep the keys they do not name. With ``strict=True`` every
     rule not marked optional must match a key and every key must be claimed;
     ``strict=False`` allows both (use ``KeyMap.plan`` to see the leftovers).
-    Two keys renamed to one name is always an error.
+    Two keys renamed to one name is always an error. A
+    :class:`~fvtransform.lora.LoraAdapter` gives the adapter with its target
+    keys renamed (renames only: a delta is not fused or split).
 
     >>> import torch, fvtransform as fvt
     >>> t = fvt.ParamTree({"blocks.0.q.weight": torch.zeros(1), "head.w": torch.zeros(1)})
     >>> list(fvt.rename(t, [("blocks.{i}.q.{p}", "layers.{i}.to_q.{p}")]))
     ['layers.0.to_q.weight', 'head.w']
     """
+    kind = _other_kind(tree)
+    if kind is not None:
+        return kind.rename(tree, rules, strict=strict)
     tree = _as_tree(tree)
     return KeyMap.of(rules)(tree, strict=strict)
 
@@ -225,23 +273,69 @@ def rename(tree: Mapping[str, torch.Tensor], rules: KeyMapLike, /, *, strict: bo
 def _map_distinct(
     tree: ParamTree, fn: Callable[[str, torch.Tensor], torch.Tensor], only: Pattern | None
 ) -> ParamTree:
+    return _map_many([tree], fn, only)
+
+
+def _no_only_match(only: Pattern, tree: Mapping[str, object]) -> KeyMismatchError:
+    return KeyMismatchError(
+        f"only={only!r} matched no key of the tree ({len(tree)} keys, e.g. "
+        f"{format_keys(list(tree)[:4])}). Fix the pattern, or leave out only= to change every tensor."
+    )
+
+
+def _map_many(
+    trees: list[ParamTree], fn: Callable[..., torch.Tensor], only: Pattern | None
+) -> ParamTree:
+    """``fn(key, t0, t1, ...)`` over aligned trees, keyed and ordered as ``trees[0]``.
+
+    Keys ``only=`` does not match keep the first tree's tensor. One call per
+    distinct tuple of input tensors, so tensors tied in every tree stay tied.
+    """
+    first = trees[0]
     m = matcher(only) if only is not None else None
-    if m is not None and not any(m(k, v) for k, v in tree.items()):
-        raise KeyMismatchError(
-            f"only={only!r} matched no key of the tree ({len(tree)} keys, e.g. "
-            f"{format_keys(list(tree)[:4])}). Fix the pattern, or leave out only= to change every tensor."
-        )
-    memo: dict[int, torch.Tensor] = {}
+    if only is not None and m is not None and not any(m(k, v) for k, v in first.items()):
+        raise _no_only_match(only, first)
+    memo: dict[tuple[int, ...], torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
-    for k, v in tree.items():
+    for k, v in first.items():
         if m is not None and not m(k, v):
             out[k] = v
             continue
-        key = id(v)
+        values = [v] + [t[k] for t in trees[1:]]
+        key = tuple(id(x) for x in values)
         if key not in memo:
-            memo[key] = fn(k, v)
+            memo[key] = fn(k, *values)
         out[k] = memo[key]
     return ParamTree._wrap(out)
+
+
+def aligned(name: str, first: TreeOrAdapter, others: tuple[object, ...]) -> list[ParamTree]:
+    """``[first, *others]`` as trees whose keys are the same sets; else a :class:`KeyMismatchError` per tree.
+
+    Each other tree's missing and extra keys (against ``first``) are listed; a
+    value that is no tree is a :class:`UsageError`.
+    """
+    trees = [_as_tree(first)]
+    for i, other in enumerate(others, 1):
+        if not isinstance(other, Mapping):
+            raise UsageError(
+                f"fvt.{name}: tree {i} is {type(other).__name__}, not a tree (a ParamTree or a dict of tensors). "
+                f"Pass the trees as fvt.{name}(tree, ..., other_tree)"
+            )
+        trees.append(_as_tree(other))
+    problems = []
+    for i, t in enumerate(trees[1:], 1):
+        missing = [k for k in trees[0] if k not in t]
+        extra = [k for k in t if k not in trees[0]]
+        if missing or extra:
+            problems.append(f"tree {i} lacks {format_keys(missing)} and has extra {format_keys(extra)}")
+    if problems:
+        raise KeyMismatchError(
+            f"{name}: the trees' keys are not aligned with tree 0 ({len(trees[0])} keys): " + "; ".join(problems)
+            + ". Every tree must hold the same keys; fix: select the shared keys first, "
+            "e.g. fvt.select(tree, list(other))"
+        )
+    return trees
 
 
 @_eager
@@ -304,29 +398,57 @@ def to(
     return _map_distinct(tree, one, only)
 
 
+@overload
+def map_tensors(tree: LoraAdapter, fn: Callable[..., torch.Tensor], /, *others: LoraAdapter,
+                only: Pattern | None = ..., with_keys: bool = ...) -> LoraAdapter: ...
+@overload
+def map_tensors(tree: Mapping[str, torch.Tensor], fn: Callable[..., torch.Tensor], /, *others: Mapping[str, torch.Tensor],
+                only: Pattern | None = ..., with_keys: bool = ...) -> ParamTree: ...
 @_eager
 def map_tensors(
-    tree: Mapping[str, torch.Tensor],
+    tree: TreeOrAdapter,
     fn: Callable[..., torch.Tensor],
     /,
-    *,
+    *others: TreeOrAdapter,
     only: Pattern | None = None,
     with_keys: bool = False,
-) -> ParamTree:
+) -> ParamTree | LoraAdapter:
     """Apply ``fn(tensor)`` (or ``fn(key, tensor)`` with ``with_keys=True``) to each tensor.
 
+    With more trees, ``fvt.map_tensors(tree, fn, t1, t2)`` calls
+    ``fn(tree[k], t1[k], t2[k])`` (``fn(k, ...)`` with ``with_keys=True``)
+    for every key: the trees must hold the same keys (in any order; the result
+    has ``tree``'s order), else a :class:`~fvtransform.errors.KeyMismatchError`
+    lists each tree's missing and extra keys. The tree comes first, as in
+    every ``fvt.X(tree, ...)``; ``fvt.transforms.map_tensors(fn, t1, t2)`` is
+    the same step for :func:`~fvtransform.chain`.
+
     Tied tensors are mapped once and stay tied. ``fn`` must not mutate its input.
-    ``only=`` restricts it to matching keys (a pattern that matches no key is an error).
+    ``only=`` restricts it to matching keys (a pattern that matches no key is an
+    error, as in :func:`select`); other keys keep ``tree``'s tensor. A
+    :class:`~fvtransform.lora.LoraAdapter` (with adapters of the same targets
+    and factor shapes as ``others``) gives an adapter: ``fn`` maps every factor
+    tensor, ``key`` is the target key, ``only=`` matches target keys.
 
     >>> import torch, fvtransform as fvt
     >>> t = fvt.ParamTree({"w": torch.ones(2)})
     >>> fvt.map_tensors(t, lambda x: x * 2)["w"]
     tensor([2., 2.])
+    >>> fvt.map_tensors(t, torch.maximum, {"w": torch.tensor([0.0, 3.0])})["w"]
+    tensor([1., 3.])
     """
-    tree = _as_tree(tree)
+    if not callable(fn):
+        raise UsageError(
+            f"fvt.map_tensors(tree, fn, *others): fn must be callable; found {type(fn).__name__}. "
+            "Call fvt.map_tensors(tree, lambda t: t * 2)"
+        )
+    kind = _other_kind(tree)
+    if kind is not None:
+        return kind.map_tensors(tree, fn, *others, only=only, with_keys=with_keys)
+    trees = aligned("map_tensors", tree, others)
     if with_keys:
-        return _map_distinct(tree, fn, only)
-    return _map_distinct(tree, lambda _k, v: fn(v), only)
+        return _map_many(trees, fn, only)
+    return _map_many(trees, lambda _k, *vs: fn(*vs), only)
 
 
 @_eager

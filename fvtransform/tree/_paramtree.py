@@ -105,7 +105,8 @@ class ParamTree(Mapping[str, torch.Tensor]):
                         "Convert it with torch.as_tensor first."
                         if isinstance(value, (int, float, bool, list, tuple)) or hasattr(value, "__array__")
                         else "A LoRA adapter is not a tree: use the fvt.lora functions (fvt.lora.merge(tree, adapter), "
-                        "fvt.lora.save(adapter, path))."
+                        "fvt.lora.save(adapter, path)); fvt.select, fvt.drop, fvt.rename and fvt.map_tensors take an "
+                        "adapter and return one (e.g. fvt.map_tensors(adapter, lambda t: t.to(torch.bfloat16)))."
                         if type(value).__module__.startswith("fvtransform.lora")
                         else "A ParamTree holds tensors only."
                     )
