@@ -1,0 +1,204 @@
+"""The docs site as a user sees it: built, served on 127.0.0.1, every page opened in headless Chromium.
+
+A page fails on a console error or an uncaught exception, a request that fails or leaves 127.0.0.1 (fonts,
+CDNs: the site must work offline), a response of 400 or more, a broken internal link (page or anchor) or
+image, a mermaid diagram left as source instead of drawn, or an empty main content. Screenshots of the home
+page, a guide and the benchmarks page are saved to a temporary folder, printed at the end (``pytest -s``).
+
+The browser is Debian's ``chromium`` (``apt-get install -y chromium``; scripts/fresh_check.sh installs it
+when it runs as root), driven by playwright from the test extra (never ``playwright install``: no browser
+download). Without chromium the test fails and says how to install it; ``FVT_SKIP_BROWSER=1`` skips it
+instead (for a developer without root; CI never sets it).
+"""
+
+from __future__ import annotations
+
+import functools
+import html.parser
+import http.server
+import os
+from pathlib import Path
+import re
+import subprocess
+import sys
+import threading
+from urllib.parse import unquote, urljoin, urlsplit
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("FVT_CHROMIUM", "/usr/bin/chromium")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+INSTALL = ("install it with `apt-get install -y chromium` (as root; scripts/fresh_check.sh does it in CI) and "
+           "the test extra (`pip install -e '.[test]'`, for playwright); or set FVT_SKIP_BROWSER=1 to skip this test")
+#: Pages photographed, by their path in the site.
+SCREENSHOTS = {"home": "", "guide-lora": "guides/lora/", "benchmarks": "benchmarks/"}
+
+
+def _browser_or_fail() -> None:
+    missing = []
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        missing.append(f"no Chromium at {CHROMIUM}")
+    try:
+        import playwright  # noqa: F401
+    except ModuleNotFoundError:
+        missing.append("no playwright (the test extra)")
+    if not missing:
+        return
+    if os.environ.get("FVT_SKIP_BROWSER") == "1":
+        pytest.skip("; ".join(missing) + " (FVT_SKIP_BROWSER=1)")
+    pytest.fail("the browser test needs a browser: " + "; ".join(missing) + f"; {INSTALL}", pytrace=False)
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base class's name)
+        pass
+
+
+class _Ids(html.parser.HTMLParser):
+    """Every ``id`` of a page (the anchors a link may name)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.ids.update(v for k, v in attrs if k in ("id", "name") and v)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    _browser_or_fail()
+    out = tmp_path_factory.mktemp("site")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    run = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(site: Path):
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(site)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(10)
+
+
+#: Run in the page once it has loaded: what a reader would see, as plain data.
+_INSPECT = """() => {
+  const main = document.querySelector('article.md-content__inner') || document.querySelector('main');
+  const text = main ? main.innerText.trim() : '';
+  const title = main && main.querySelector('h1') ? main.querySelector('h1').innerText.trim() : '';
+  return {
+    text: text.length - title.length,
+    links: [...document.querySelectorAll('a[href]')].map(a => a.href),
+    images: [...document.querySelectorAll('img')].map(i => ({src: i.currentSrc || i.src, ok: i.complete && i.naturalWidth > 0})),
+    rawMermaid: [...document.querySelectorAll('pre.mermaid, pre > code')]
+        .filter(e => e.matches('pre.mermaid') || /^\\s*(graph|flowchart)\\s+(LR|TD|TB|RL|BT)\\b/.test(e.textContent))
+        .map(e => e.textContent.slice(0, 60)),
+    diagrams: [...document.querySelectorAll('div.mermaid')].map(d => d.getBoundingClientRect().height),
+    footer: (document.querySelector('.md-copyright') || {}).innerText || '',
+  };
+}"""
+
+
+def test_every_page_renders_in_a_browser(site: Path, server: str, tmp_path_factory) -> None:
+    from playwright.sync_api import sync_playwright
+
+    pages = sorted(p.parent.relative_to(site).as_posix() for p in site.rglob("index.html"))
+    pages = ["" if p == "." else p + "/" for p in pages]
+    assert {"", "guides/lora/", "benchmarks/", "api/"} <= set(pages), pages
+    shots = tmp_path_factory.mktemp("screenshots")
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    problems: list[str] = []
+    seen: dict[str, dict] = {}
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, headless=True, args=FLAGS, viewport={"width": 1280, "height": 900})
+        try:
+            page = context.new_page()
+            current = {"url": ""}
+
+            def outside(route) -> None:
+                problems.append(f"{current['url']}: a request leaves the site: {route.request.url}")
+                route.abort()
+
+            context.route(re.compile(r"^(?!" + re.escape(server) + ").*"), outside)
+            page.on("console", lambda m: m.type == "error" and problems.append(f"{current['url']}: console error: {m.text}"))
+            page.on("pageerror", lambda e: problems.append(f"{current['url']}: uncaught exception: {e}"))
+            page.on("requestfailed", lambda r: r.url.startswith(server) and problems.append(
+                f"{current['url']}: request failed: {r.url} ({r.failure})"))
+            page.on("response", lambda r: r.status >= 400 and problems.append(
+                f"{current['url']}: HTTP {r.status} for {r.url}"))
+            for rel in pages:
+                current["url"] = server + rel
+                page.goto(server + rel, wait_until="load")
+                source = (site / rel / "index.html").read_text(encoding="utf-8")
+                if 'class="mermaid"' in source:  # drawn asynchronously by the theme; wait for every diagram
+                    try:
+                        page.wait_for_function("document.querySelectorAll('pre.mermaid').length === 0", timeout=15000)
+                    except Exception:  # the inspection below names the diagram left undrawn
+                        pass
+                seen[rel] = info = page.evaluate(_INSPECT)
+                if info["text"] < 40:
+                    problems.append(f"{rel or 'home'}: the main content is empty ({info['text']} characters)")
+                problems += [f"{rel or 'home'}: mermaid source shown instead of a diagram: {m!r}" for m in info["rawMermaid"]]
+                problems += [f"{rel or 'home'}: a diagram drawn {h:.0f} px high" for h in info["diagrams"] if h < 40]
+                problems += [f"{rel or 'home'}: broken image {i['src']}" for i in info["images"] if not i["ok"]]
+                for name, where in SCREENSHOTS.items():
+                    if where == rel:
+                        page.screenshot(path=str(shots / f"{name}.png"), full_page=False)
+        finally:
+            context.close()
+    # internal links: the page exists, and so does the anchor it names
+    ids: dict[str, set[str]] = {}
+    for rel, info in seen.items():
+        for link in info["links"]:
+            if not link.startswith(server):
+                continue
+            target, _, anchor = link[len(server):].partition("#")
+            target = urlsplit(urljoin(server, target)).path.lstrip("/")
+            path = site / unquote(target)
+            if path.is_dir():
+                path = path / "index.html"
+            if not path.is_file():
+                problems.append(f"{rel or 'home'}: a link to a missing page: {link}")
+                continue
+            if anchor and path.suffix == ".html":
+                if path not in ids:
+                    parser = _Ids()
+                    parser.feed(path.read_text(encoding="utf-8"))
+                    ids[path] = parser.ids
+                if unquote(anchor) not in ids[path]:
+                    problems.append(f"{rel or 'home'}: a link to a missing anchor: {link}")
+    assert not problems, "\n".join(sorted(set(problems)))
+    # what the pages must show: the drawn diagrams, the version, the pictures
+    assert len(seen[""]["diagrams"]) >= 1, "the home page shows no drawn diagram"
+    assert len(seen["guides/lora/"]["diagrams"]) >= 1, "the LoRA guide shows no drawn diagram of the formats"
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert version in seen[""]["footer"], f"the footer shows no version {version}: {seen['']['footer']!r}"
+    assert any(i["src"].endswith(".png") for i in seen["benchmarks/"]["images"])
+    for name in SCREENSHOTS:
+        assert (shots / f"{name}.png").stat().st_size > 10_000, name
+    print(f"\nscreenshots of the docs site: {shots}")
+
+
+def test_without_chromium_the_test_fails_and_says_how_to_install(monkeypatch) -> None:
+    """A developer without the browser learns what to install; FVT_SKIP_BROWSER=1 turns the failure into a skip."""
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", "/nonexistent/chromium")
+    monkeypatch.delenv("FVT_SKIP_BROWSER", raising=False)
+    with pytest.raises(pytest.fail.Exception, match=r"no Chromium at /nonexistent/chromium; .*apt-get install -y chromium"):
+        _browser_or_fail()
+    monkeypatch.setenv("FVT_SKIP_BROWSER", "1")
+    with pytest.raises(pytest.skip.Exception, match="FVT_SKIP_BROWSER=1"):
+        _browser_or_fail()
+
+
+def test_fresh_check_installs_chromium_when_root() -> None:
+    script = (ROOT / "scripts" / "fresh_check.sh").read_text()
+    assert "apt-get install -y chromium" in script and "/usr/bin/chromium" in script
