@@ -28,11 +28,11 @@ def figure_size(rows: int, columns: int) -> tuple[float, float]:
     """The figure's size in inches for a grid of ``rows`` x ``columns`` (whole pixels at :data:`DPI`).
 
     >>> figure_size(30, 8)
-    (6.0, 10.0)
+    (6.2, 10.0)
     """
     width = max(6.0, 2.6 + 0.45 * columns)
     height = max(3.0, 2.2 + 0.26 * rows)
-    return math.ceil(width * DPI) / DPI, math.ceil(height * DPI) / DPI
+    return round(width * DPI) / DPI, round(height * DPI) / DPI
 
 
 def _pyplot() -> Any:
@@ -73,8 +73,7 @@ def heatmap(norms: UpdateNorms, out: str | Path, *, title: str) -> Path:
     positive = finite[finite > 0]
     norm = (colors.LogNorm(vmin=positive.min(), vmax=positive.max())
             if positive.size and positive.min() > 0 and positive.max() / positive.min() > 20 else None)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("white")  # untouched: blank
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")  # untouched: blank
     fig, ax = plt.subplots(figsize=figure_size(len(norms.rows), len(norms.columns)), dpi=DPI)
     try:
         image = ax.imshow(data, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm)

@@ -85,6 +85,10 @@ def _block_order(block: str) -> tuple[str, int]:
     return (block[: m.start()], int(m.group(1))) if m else (block, -1)
 
 
+def _read_only(values: Mapping[str, float]) -> Mapping[str, float]:
+    return types.MappingProxyType(dict(values))
+
+
 @attrs.frozen
 class UpdateNorms:
     """The relative size ``||dW||_F / ||W||_F`` of each changed weight, and its blocks x modules grid.
@@ -103,7 +107,7 @@ class UpdateNorms:
         leftovers: keys present on only one side (``strict=False``), as ``(side, key)`` pairs.
     """
 
-    by_key: Mapping[str, float] = attrs.field(converter=lambda m: types.MappingProxyType(dict(m)))
+    by_key: Mapping[str, float] = attrs.field(converter=_read_only)
     rows: tuple[str, ...]
     columns: tuple[str, ...]
     grid: tuple[tuple[float, ...], ...]
