@@ -91,7 +91,7 @@ def _read_only(values: Mapping[str, float]) -> Mapping[str, float]:
 
 @attrs.frozen
 class UpdateNorms:
-    """The relative size ``||dW||_F / ||W||_F`` of each changed weight, and its blocks x modules grid.
+    """The relative update size ‖ΔW‖ / ‖W‖ (Frobenius) of each changed weight, and its blocks x modules grid.
 
     Attributes:
         by_key: each changed (or LoRA-targeted) key -> its relative update size, in the base's key order.
@@ -148,7 +148,7 @@ def _lora_deltas(base: Mapping[str, torch.Tensor], adapter: object) -> dict[str,
 
 
 def update_norms(base: Mapping[str, torch.Tensor], other: object, *, strict: bool = True) -> UpdateNorms:
-    """What ``other`` changes in ``base``: ``||dW||_F / ||W||_F`` per key, and per block and module.
+    """What ``other`` changes in ``base``: the relative update size ‖ΔW‖ / ‖W‖ per key, and per block and module.
 
     ``other`` is a :class:`~fvtransform.lora.LoraAdapter` (its update at scale 1, merged in float32 one
     target at a time; untargeted keys are unchanged) or a second tree of the same keys (a fine-tune, a
