@@ -179,7 +179,8 @@ def test_every_page_renders_in_a_browser(site: Path, server: str, tmp_path_facto
     assert not problems, "\n".join(sorted(set(problems)))
     # what the pages must show: the drawn diagrams, the version, the pictures
     assert len(seen[""]["diagrams"]) >= 1, "the home page shows no drawn diagram"
-    assert len(seen["guides/lora/"]["diagrams"]) >= 1, "the LoRA guide shows no drawn diagram of the formats"
+    assert len(seen["concepts/"]["diagrams"]) >= 1, "the concepts page shows no drawn diagram of the LoRA formats"
+    assert any(i["src"].endswith("/img/lora-update-norms.png") for i in seen["guides/lora/"]["images"])
     version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
     assert version in seen[""]["footer"], f"the footer shows no version {version}: {seen['']['footer']!r}"
     assert any(i["src"].endswith(".png") for i in seen["benchmarks/"]["images"])
@@ -199,6 +200,9 @@ def test_without_chromium_the_test_fails_and_says_how_to_install(monkeypatch) ->
         _browser_or_fail()
 
 
-def test_fresh_check_installs_chromium_when_root() -> None:
+def test_fresh_check_installs_chromium_when_root_and_fetches_mermaid() -> None:
+    """CI (scripts/fresh_check.sh, run by .ci/run) installs the browser this test needs, and the diagrams' script."""
     script = (ROOT / "scripts" / "fresh_check.sh").read_text()
-    assert "apt-get install -y chromium" in script and "/usr/bin/chromium" in script
+    assert re.search(r'\[ ! -x /usr/bin/chromium \] && \[ "\$\(id -u\)" -eq 0 \]', script)
+    assert "apt-get install -y chromium chromium-driver" in script and not re.search(r"^\s*(export\s+)?FVT_SKIP_BROWSER=", script, re.M)
+    assert "python3 scripts/docs_hooks.py fetch" in script
