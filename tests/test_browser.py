@@ -152,7 +152,7 @@ def test_every_page_renders_in_a_browser(site: Path, server: str, tmp_path_facto
                 problems += [f"{rel or 'home'}: broken image {i['src']}" for i in info["images"] if not i["ok"]]
                 for name, where in SCREENSHOTS.items():
                     if where == rel:
-                        page.screenshot(path=str(shots / f"{name}.png"), full_page=False)
+                        page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
         finally:
             context.close()
     # internal links: the page exists, and so does the anchor it names
