@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import html.parser
+import importlib.util
 import io
 import json
 import os
@@ -30,6 +31,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import types
 
 import pytest
 
@@ -299,6 +301,15 @@ def test_docs_build_strict_without_network(site):
     assert not broken, f"links of docs/api.md to entries the reference pages do not render: {broken}"
 
 
+def _docs_hooks() -> types.ModuleType:
+    """scripts/docs_hooks.py (mkdocs.yml's hooks), loaded from its file."""
+    spec = importlib.util.spec_from_file_location("fvt_docs_hooks", ROOT / "scripts" / "docs_hooks.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 class _Text(html.parser.HTMLParser):
     """The text a reader sees: no tags, attributes, scripts or styles; entities decoded."""
 
@@ -347,11 +358,7 @@ def test_user_pages_speak_no_work_items(site):
 
 def test_the_site_loads_nothing_from_outside(site):
     """Fonts off, mermaid served by the site (scripts/docs_hooks.py): no script, style or font from the network."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import docs_hooks
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    docs_hooks = _docs_hooks()
     js = site / docs_hooks.SITE_PATH
     assert hashlib.sha256(js.read_bytes()).hexdigest() == docs_hooks.MERMAID_JS_SHA256
     outside = re.compile(r"""<(?:script|link|img)\b[^>]*\b(?:src|href)=["'](?:https?:)?//""", re.I)
@@ -362,11 +369,7 @@ def test_the_site_loads_nothing_from_outside(site):
 
 
 def test_a_tampered_mermaid_is_refused(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import docs_hooks
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    docs_hooks = _docs_hooks()
     monkeypatch.setenv("FVT_DOCS_CACHE", str(tmp_path))
     (tmp_path / f"mermaid-{docs_hooks.MERMAID_VERSION}.min.js").write_text("alert('not mermaid')")
     fetched = []
