@@ -69,6 +69,7 @@ class _Ids(html.parser.HTMLParser):
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
+    """The docs site, built strictly (the browser's needs are checked first)."""
     _browser_or_fail()
     out = tmp_path_factory.mktemp("site")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
@@ -107,14 +108,19 @@ _INSPECT = """() => {
 }"""
 
 
-def test_every_page_renders_in_a_browser(site: Path, server: str, tmp_path_factory) -> None:
+def _pages(site: Path) -> list[str]:
+    pages = sorted(p.parent.relative_to(site).as_posix() for p in site.rglob("index.html"))
+    return ["" if p == "." else p + "/" for p in pages]
+
+
+def _visit(site: Path, server: str, profile: Path, shots: Path | None = None,
+           draw_ms: int = 15000) -> tuple[list[str], dict[str, dict]]:
+    """Open every page of ``site`` (served at ``server``) in Chromium: ``(problems, what each page shows)``.
+
+    A page with a diagram gets up to ``draw_ms`` for the theme to draw it.
+    """
     from playwright.sync_api import sync_playwright
 
-    pages = sorted(p.parent.relative_to(site).as_posix() for p in site.rglob("index.html"))
-    pages = ["" if p == "." else p + "/" for p in pages]
-    assert {"", "guides/lora/", "benchmarks/", "api/"} <= set(pages), pages
-    shots = tmp_path_factory.mktemp("screenshots")
-    profile = tmp_path_factory.mktemp("chromium-profile")
     problems: list[str] = []
     seen: dict[str, dict] = {}
     with sync_playwright() as pw:
@@ -135,13 +141,13 @@ def test_every_page_renders_in_a_browser(site: Path, server: str, tmp_path_facto
                 f"{current['url']}: request failed: {r.url} ({r.failure})"))
             page.on("response", lambda r: r.status >= 400 and problems.append(
                 f"{current['url']}: HTTP {r.status} for {r.url}"))
-            for rel in pages:
+            for rel in _pages(site):
                 current["url"] = server + rel
                 page.goto(server + rel, wait_until="load")
                 source = (site / rel / "index.html").read_text(encoding="utf-8")
                 if 'class="mermaid"' in source:  # drawn asynchronously by the theme; wait for every diagram
                     try:
-                        page.wait_for_function("document.querySelectorAll('pre.mermaid').length === 0", timeout=15000)
+                        page.wait_for_function("document.querySelectorAll('pre.mermaid').length === 0", timeout=draw_ms)
                     except Exception:  # the inspection below names the diagram left undrawn
                         pass
                 seen[rel] = info = page.evaluate(_INSPECT)
@@ -151,12 +157,12 @@ def test_every_page_renders_in_a_browser(site: Path, server: str, tmp_path_facto
                 problems += [f"{rel or 'home'}: a diagram drawn {h:.0f} px high" for h in info["diagrams"] if h < 40]
                 problems += [f"{rel or 'home'}: broken image {i['src']}" for i in info["images"] if not i["ok"]]
                 for name, where in SCREENSHOTS.items():
-                    if where == rel:
+                    if shots is not None and where == rel:
                         page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
         finally:
             context.close()
     # internal links: the page exists, and so does the anchor it names
-    ids: dict[str, set[str]] = {}
+    ids: dict[Path, set[str]] = {}
     for rel, info in seen.items():
         for link in info["links"]:
             if not link.startswith(server):
@@ -176,7 +182,14 @@ def test_every_page_renders_in_a_browser(site: Path, server: str, tmp_path_facto
                     ids[path] = parser.ids
                 if unquote(anchor) not in ids[path]:
                     problems.append(f"{rel or 'home'}: a link to a missing anchor: {link}")
-    assert not problems, "\n".join(sorted(set(problems)))
+    return sorted(set(problems)), seen
+
+
+def test_every_page_renders_in_a_browser(site: Path, server: str, tmp_path_factory) -> None:
+    assert {"", "guides/lora/", "benchmarks/", "api/"} <= set(_pages(site))
+    shots = tmp_path_factory.mktemp("screenshots")
+    problems, seen = _visit(site, server, tmp_path_factory.mktemp("chromium-profile"), shots)
+    assert not problems, "\n".join(problems)
     # what the pages must show: the drawn diagrams, the version, the pictures
     assert len(seen[""]["diagrams"]) >= 1, "the home page shows no drawn diagram"
     assert len(seen["concepts/"]["diagrams"]) >= 1, "the concepts page shows no drawn diagram of the LoRA formats"
@@ -187,6 +200,48 @@ def test_every_page_renders_in_a_browser(site: Path, server: str, tmp_path_facto
     for name in SCREENSHOTS:
         assert (shots / f"{name}.png").stat().st_size > 10_000, name
     print(f"\nscreenshots of the docs site: {shots}")
+
+
+_MAIN = '<article class="md-content__inner"><h1>{title}</h1>{body}</article>'
+#: A site with one defect per page, and the problem each must raise.
+_BROKEN = {
+    "": ('<p>A home page with enough words to count as content, linking <a href="gone/">a page that is not there</a> '
+         'and <a href="ok/#nowhere">an anchor that is not there</a>.</p>', ["a link to a missing page", "a link to a missing anchor"]),
+    "ok/": ('<p id="here">A fine page: enough words to count as content, nothing broken at all here.</p>', []),
+    "image/": ('<p>A page with enough words to count as content and a picture that is missing.</p><img src="../nothing.png">',
+               ["broken image", "HTTP 404"]),
+    "console/": ("<p>A page with enough words to count as content and a script that logs an error.</p>"
+                 "<script>console.error('boom')</script>", ["console error: boom"]),
+    "mermaid/": ('<p>A page with enough words to count as content and an undrawn diagram.</p>'
+                 '<pre class="mermaid"><code>graph LR\n a --> b</code></pre>', ["mermaid source shown instead of a diagram"]),
+    "empty/": ("", ["the main content is empty"]),
+    "outside/": ('<p>A page with enough words to count as content and a font from the network.</p>'
+                 '<link rel="stylesheet" href="https://fonts.googleapis.com/css?family=Roboto">', ["a request leaves the site"]),
+}
+
+
+def test_the_browser_check_finds_each_kind_of_defect(tmp_path) -> None:
+    """The checks can fail: a hand-made site with one defect per page raises each problem, on its page only."""
+    _browser_or_fail()
+    site = tmp_path / "site"
+    for rel, (body, _) in _BROKEN.items():
+        (site / rel).mkdir(parents=True, exist_ok=True)
+        (site / rel / "index.html").write_text(f"<!doctype html><html><body>{_MAIN.format(title='T', body=body)}</body></html>")
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(site)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    server = f"http://127.0.0.1:{httpd.server_address[1]}/"
+    try:
+        problems, _ = _visit(site, server, tmp_path / "profile", draw_ms=500)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    for rel, (_, wanted) in _BROKEN.items():
+        mine = [p for p in problems if p.startswith((f"{rel or 'home'}:", f"{server}{rel}:"))]
+        for want in wanted:
+            assert any(want in p for p in mine), f"{rel or 'home'}: no {want!r} in {mine}"
+        if not wanted:
+            assert not mine, mine
 
 
 def test_without_chromium_the_test_fails_and_says_how_to_install(monkeypatch) -> None:
