@@ -108,7 +108,6 @@ def version() -> str:
 def on_config(config: Any, **kwargs: Any) -> Any:
     """The footer names the version the pages document."""
     config["copyright"] = f"fvtransform {version()} · Apache-2.0"
-    config["extra"]["fvt_version"] = version()
     return config
 
 

@@ -399,3 +399,19 @@ def test_the_lora_format_diagram_names_every_format():
     written = {name for label in re.findall(r'w_\w+\["([^"]+):', diagram) for name in label.split(", ")}
     assert read == {f.name for f in TABLE}, read
     assert written == {f.name for f in TABLE if f.write_roles}, written
+
+
+def test_the_benchmark_page_generator_writes_for_users(tmp_path):
+    """benchmarks/_report.py: each benchmark says what it measures, the peers, the machine and a takeaway; the
+    benchmarks' goals and item letters stay out of the page."""
+    from benchmarks._report import ratio_label, write_report
+
+    assert ratio_label("(d)/(e) load_model+call / from_pretrained+call (target <= 1.05)") == "load_model+call / from_pretrained+call"
+    doc = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+    text = write_report(doc, tmp_path).read_text()
+    assert not _work_wording(text), _work_wording(text)
+    sections = text.split("\n### ")[1:]
+    assert len(sections) == 4
+    for section in sections:
+        for part in ("- **Measures**: ", "- **Peers**: ", "- **Machine**: 2 cores", "**Takeaway**: "):
+            assert part in section, (section[:60], part)
