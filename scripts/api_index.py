@@ -2,7 +2,8 @@
 
 The page is generated from the live package so it cannot drift: each distinct public object is listed
 once, under its shortest public path (``fvt.select``, not ``fvt.tree.select``), with the first line of its
-docstring and a link to its module's reference page (docs/reference/, rendered by mkdocstrings).
+docstring, a link to its module's reference page (docs/reference/, rendered by mkdocstrings), and a link to
+the guide that shows it in use, where one exists (a section's guide, or the name's own in ``GUIDES``).
 ``tests/test_api_page.py`` regenerates it and fails when the committed page differs.
 
 Usage: ``python scripts/api_index.py [--check]``.
@@ -20,20 +21,36 @@ import typing
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "api.md"
 
-#: Sections of the page: title, the public module (below fvtransform) whose names it lists, its reference page.
+_LOAD = "guides/load-and-run.md"
+_LORA = "guides/lora.md"
+_SHARD = "guides/sharding.md"
+_EXTEND = "guides/extending.md"
+#: Sections of the page: title, the public module (below fvtransform) whose names it lists, its reference
+#: page, and the guide (below docs/) every name of the section links to (None: only the names of GUIDES).
 SECTIONS = [
-    ("Trees, transforms and key maps", "", "reference/top-level.md"),
-    ("Tree types", "tree", "reference/tree.md"),
-    ("Transform factories", "transforms", "reference/transforms.md"),
-    ("Files and models", "io", "reference/io.md"),
-    ("LoRA", "lora", "reference/lora.md"),
-    ("Downloads", "hub", "reference/hub.md"),
-    ("Registry", "registry", "reference/registry.md"),
-    ("Distributed", "distributed", "reference/distributed.md"),
-    ("Reference model", "models", "reference/models.md"),
-    ("Errors", "errors", "reference/errors.md"),
-    ("Testing", "testing", "reference/testing.md"),
+    ("Trees, transforms and key maps", "", "reference/top-level.md", None),
+    ("Tree types", "tree", "reference/tree.md", None),
+    ("Transform factories", "transforms", "reference/transforms.md", None),
+    ("Files and models", "io", "reference/io.md", _LOAD),
+    ("LoRA", "lora", "reference/lora.md", _LORA),
+    ("Downloads", "hub", "reference/hub.md", _LOAD),
+    ("Registry", "registry", "reference/registry.md", _EXTEND),
+    ("Distributed", "distributed", "reference/distributed.md", _SHARD),
+    ("Reference model", "models", "reference/models.md", None),
+    ("Errors", "errors", "reference/errors.md", None),
+    ("Testing", "testing", "reference/testing.md", _LORA + "#property-tests-of-your-own"),
 ]
+#: A name's own guide (its path as the page lists it), over its section's.
+GUIDES = {
+    "fvt.load": _LOAD, "fvt.load_model": _LOAD, "fvt.load_pipeline": _LOAD, "fvt.call": _LOAD, "fvt.bind": _LOAD,
+    "fvt.save": _LOAD, "fvt.call_with_buffers": _LOAD, "fvt.shard": _SHARD, "fvt.unshard": _SHARD,
+    "fvt.register": _EXTEND, "fvt.build": _EXTEND, "fvt.resolve": _EXTEND, "fvt.REGISTRY": _EXTEND,
+    "fvt.Registry": _EXTEND, "fvt.Transform": _EXTEND, "fvt.chain": _EXTEND, "fvt.map_tensors": _EXTEND,
+    "fvt.transforms.merge_lora": _LORA, "fvt.transforms.unmerge_lora": _LORA,
+    "fvt.lora.update_norms": _LORA + "#pictures-of-what-a-lora-changes",
+    "fvt.lora.UpdateNorms": _LORA + "#pictures-of-what-a-lora-changes",
+    "fvt.lora.FORMATS": _LORA + "#file-formats", "fvt.lora.detect_format": _LORA + "#file-formats",
+}
 #: Public modules whose names all live elsewhere on the page (re-exports), and the command line.
 SKIPPED = {"cli": "the console script"}
 
@@ -81,7 +98,7 @@ def render() -> tuple[str, dict[str, str]]:
     # claims its objects first; the page shows the sections in SECTIONS order.
     order = sorted(SECTIONS, key=lambda sec: sec[1] != "distributed")
     sections: dict[str, list[str]] = {}
-    for title, mod_name, ref in order:
+    for title, mod_name, ref, guide in order:
         module = importlib.import_module("fvtransform" + (f".{mod_name}" if mod_name else ""))
         prefix = "fvt." + (f"{mod_name}." if mod_name else "")
         rows: list[str] = []
@@ -94,23 +111,30 @@ def render() -> tuple[str, dict[str, str]]:
                 if not mod_name:  # ... but every top-level name has a row (fvt.shard: the lazy distributed one)
                     home, home_ref = seen[id(obj)]
                     rows.append(f"| [`{prefix}{name}`]({home_ref}#fvtransform.{home.removeprefix('fvt.')}) | "
-                                f"the same function as `{home}`, imported on first use |")
+                                f"the same function as `{home}`, imported on first use" +
+                                (f" ([guide]({GUIDES[prefix + name]}))" if prefix + name in GUIDES else "") + " |")
                 continue
             seen[id(obj)] = (prefix + name, ref)
             anchor = f"fvtransform.{mod_name + '.' if mod_name else ''}{name}"
             meaning = _first_line(obj) if inspect.isclass(obj) or inspect.isroutine(obj) else _value_meaning(anchor, obj)
-            rows.append(f"| [`{prefix}{name}`]({ref}#{anchor}) | {meaning} |")
+            where = GUIDES.get(prefix + name, guide)
+            rows.append(f"| [`{prefix}{name}`]({ref}#{anchor}) | {meaning}" + (f" ([guide]({where}))" if where else "") + " |")
             members.append(name)
-        pages[ref] = (title, "fvtransform" + (f".{mod_name}" if mod_name else ""), members)
+        pages[ref] = (title, "fvtransform" + (f".{mod_name}" if mod_name else ""), members, guide)
         sections[title] = ["", f"## {title}", "", "| name | meaning |", "|---|---|", *rows]
-    for title, _, _ in SECTIONS:
+    unknown = sorted(set(GUIDES) - {home for home, _ in seen.values()} - {"fvt." + n for n in importlib.import_module("fvtransform").__all__})
+    if unknown:
+        raise SystemExit(f"scripts/api_index.py GUIDES names {unknown}, which are not public names")
+    for title, _, _, _ in SECTIONS:
         out += sections[title]
     return "\n".join(out) + "\n", {ref: _reference(*spec) for ref, spec in pages.items()}
 
 
-def _reference(title: str, module: str, members: list[str]) -> str:
-    lines = [f"# {title}", "", "<!-- generated by scripts/api_index.py -->", "", f"::: {module}", "    options:",
-             "      show_root_heading: false", "      members:"]
+def _reference(title: str, module: str, members: list[str], guide: str | None) -> str:
+    lines = [f"# {title}", "", "<!-- generated by scripts/api_index.py -->", ""]
+    if guide:  # a reference page is one level below docs/
+        lines += [f"These names in use, with examples that run: [the guide](../{guide}).", ""]
+    lines += [f"::: {module}", "    options:", "      show_root_heading: false", "      members:"]
     return "\n".join(lines + [f"        - {m}" for m in members]) + "\n"
 
 

@@ -8,6 +8,11 @@
 #   scripts/fresh_check.sh             # demo, the whole test suite, the type check
 #   scripts/fresh_check.sh --demo-only # the install and the demo only
 #
+# The browser test (tests/test_browser.py) drives Debian's Chromium: when /usr/bin/chromium is missing and the
+# script runs as root with apt-get, it installs chromium and chromium-driver first (a developer without root
+# installs them by hand, or sets FVT_SKIP_BROWSER=1; CI never does). The docs' diagram script (mermaid, a
+# pinned npm release checked by its hash) is fetched once into a cache by scripts/docs_hooks.py.
+#
 # The commands are read from README.md: the one-line ```bash block after each `<!-- fresh-check: NAME -->`
 # marker (demo, test), so the README cannot drift from what is checked. The virtual environment lives in a
 # new temporary folder (FVT_FRESH_DIR overrides its parent) and is removed at the end; pip's download cache
@@ -18,7 +23,7 @@ demo_only=0
 for arg in "$@"; do
   case "$arg" in
     --demo-only) demo_only=1 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "fresh_check: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -47,6 +52,13 @@ PY
 demo_cmd=$(readme_command demo)
 test_cmd=$(readme_command test)
 
+if [ "$demo_only" -eq 0 ] && [ ! -x /usr/bin/chromium ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  echo "== fresh_check: installing chromium (apt-get) for tests/test_browser.py"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq </dev/null >/dev/null
+  apt-get install -y chromium chromium-driver </dev/null >/dev/null
+fi
+
 parent=${FVT_FRESH_DIR:-${TMPDIR:-/tmp}}
 mkdir -p "$parent"
 work=$(mktemp -d "$parent/fvt-fresh.XXXXXX")
@@ -73,6 +85,7 @@ if [ "$demo_only" -eq 1 ]; then
   echo "== fresh_check: demo passed in $((SECONDS - start)) s"
   exit 0
 fi
+step docs-assets "python3 scripts/docs_hooks.py fetch"
 rc=0
 step test "$test_cmd" || rc=$?
 # The type check always runs (its errors are reported even when a test fails); its cache stays in $work.

@@ -20,12 +20,18 @@ environment, ``sys.path`` and cwd restored after it.
 
 from __future__ import annotations
 
+import hashlib
+import html.parser
+import importlib.util
+import io
 import json
 import os
 from pathlib import Path
 import re
 import subprocess
 import sys
+import tarfile
+import types
 
 import pytest
 
@@ -272,17 +278,140 @@ def test_the_readme_commands_of_the_fresh_check_are_marked():
     assert all(c.startswith("python3 -m pip install -q -c constraints.txt -e ") for c in marked.values())
 
 
-def test_docs_build_strict_without_network(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The site, built once (strict: a broken link or a missing page is an error)."""
+    out = tmp_path_factory.mktemp("site")
+    run = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+def test_docs_build_strict_without_network(site):
     for page in ("index.html", "api/index.html", "benchmarks/index.html", "guides/lora/index.html", "security/index.html"):
-        assert (tmp_path / "site" / page).is_file(), page
-    api = (tmp_path / "site" / "api" / "index.html").read_text()
+        assert (site / page).is_file(), page
+    api = (site / "api" / "index.html").read_text()
     assert "merge_checkpoint" in api and "ShardPlan" in api and "maybe_download_model" in api
     # every name on the API index links to an entry that the reference pages really render
     links = re.findall(r"\]\((reference/[\w-]+)\.md#([\w.]+)\)", (ROOT / "docs" / "api.md").read_text(encoding="utf-8"))
     assert len(links) > 80
     broken = [f"{ref}#{anchor}" for ref, anchor in links
-              if f'id="{anchor}"' not in (tmp_path / "site" / ref / "index.html").read_text(encoding="utf-8")]
+              if f'id="{anchor}"' not in (site / ref / "index.html").read_text(encoding="utf-8")]
     assert not broken, f"links of docs/api.md to entries the reference pages do not render: {broken}"
+
+
+def _docs_hooks() -> types.ModuleType:
+    """scripts/docs_hooks.py (mkdocs.yml's hooks), loaded from its file."""
+    spec = importlib.util.spec_from_file_location("fvt_docs_hooks", ROOT / "scripts" / "docs_hooks.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Text(html.parser.HTMLParser):
+    """The text a reader sees: no tags, attributes, scripts or styles; entities decoded."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._hidden = 0
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        self._hidden += tag in ("script", "style")
+
+    def handle_endtag(self, tag: str) -> None:
+        self._hidden -= tag in ("script", "style") and self._hidden > 0
+
+    def handle_data(self, data: str) -> None:
+        if not self._hidden:
+            self.parts.append(data)
+
+
+#: Wording for the team, not for users: a work item's number, a goal to meet.
+WORK_WORDING = re.compile(r"\bissues?\s*#?\s*\d+|\btargets?\s*(?:<=|>=|<(?!-)|>|=|≤|≥)\s*\d", re.I)
+
+
+def _work_wording(text: str) -> list[str]:
+    return [text[max(0, m.start() - 40): m.end() + 20].replace("\n", " ") for m in WORK_WORDING.finditer(text)]
+
+
+@pytest.mark.parametrize("text, found", [
+    ("Loading a checkpoint (issue 3)", True), ("see Issue #18 for", True), ("(target <= 1.5)", True),
+    ("ratio (target ≥ 4)", True), ("largest tensor (26.3 MiB; target < 3)", True),
+    ("format, target <- file key", False), ("LoRA targets, ranks", False), ('target="_blank"', False),
+])
+def test_the_work_wording_check_finds_what_it_should(text, found):
+    assert bool(_work_wording(text)) is found
+
+
+def test_user_pages_speak_no_work_items(site):
+    """No built page (guides, reference from docstrings, benchmarks) names an issue number or a goal."""
+    problems = []
+    for page in sorted(site.rglob("*.html")):
+        parser = _Text()
+        parser.feed(page.read_text(encoding="utf-8"))
+        problems += [f"{page.relative_to(site)}: ...{hit}..." for hit in _work_wording("".join(parser.parts))]
+    assert not problems, "pages for users that speak of work items or goals:\n" + "\n".join(problems)
+
+
+def test_the_site_loads_nothing_from_outside(site):
+    """Fonts off, mermaid served by the site (scripts/docs_hooks.py): no script, style or font from the network."""
+    docs_hooks = _docs_hooks()
+    js = site / docs_hooks.SITE_PATH
+    assert hashlib.sha256(js.read_bytes()).hexdigest() == docs_hooks.MERMAID_JS_SHA256
+    outside = re.compile(r"""<(?:script|link|img)\b[^>]*\b(?:src|href)=["'](?:https?:)?//""", re.I)
+    found = [f"{p.relative_to(site)}: {m.group(0)[:80]}" for p in site.rglob("*.html")
+             for m in outside.finditer(p.read_text(encoding="utf-8"))]
+    assert not found, found
+    assert 'src="../../js/mermaid.min.js"' in (site / "guides" / "lora" / "index.html").read_text(encoding="utf-8")
+
+
+def test_a_tampered_mermaid_is_refused(tmp_path, monkeypatch):
+    docs_hooks = _docs_hooks()
+    monkeypatch.setenv("FVT_DOCS_CACHE", str(tmp_path))
+    (tmp_path / f"mermaid-{docs_hooks.MERMAID_VERSION}.min.js").write_text("alert('not mermaid')")
+    fetched = []
+    monkeypatch.setattr(docs_hooks, "_tarball", lambda: fetched.append(1) or _tgz({"package/dist/mermaid.min.js": b"evil"}))
+    with pytest.raises(SystemExit, match=r"package/dist/mermaid.min.js has sha256 .*expected d0830a6c"):
+        docs_hooks.mermaid_js()
+    assert fetched == [1]  # the tampered cache was not served; a fresh copy was fetched and checked
+
+
+def _tgz(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_the_lora_format_diagram_names_every_format():
+    from fvtransform.lora._format_table import TABLE
+
+    text = (ROOT / "docs" / "concepts.md").read_text(encoding="utf-8")
+    diagram = text[text.index("## LoRA files"):]
+    diagram = diagram[diagram.index("```mermaid"): diagram.index("```", diagram.index("```mermaid") + 3)]
+    read = set(re.findall(r'\w+\["(\S+)<br/>[^"]*"\] --> load$', diagram, flags=re.M))
+    written = {name for label in re.findall(r'w_\w+\["([^"]+):', diagram) for name in label.split(", ")}
+    assert read == {f.name for f in TABLE}, read
+    assert written == {f.name for f in TABLE if f.write_roles}, written
+
+
+def test_the_benchmark_page_generator_writes_for_users(tmp_path):
+    """benchmarks/_report.py: each benchmark says what it measures, the peers, the machine and a takeaway; the
+    benchmarks' goals and item letters stay out of the page."""
+    from benchmarks._report import ratio_label, write_report
+
+    assert ratio_label("(d)/(e) load_model+call / from_pretrained+call (target <= 1.05)") == "load_model+call / from_pretrained+call"
+    doc = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+    text = write_report(doc, tmp_path).read_text()
+    assert not _work_wording(text), _work_wording(text)
+    sections = text.split("\n### ")[1:]
+    assert len(sections) == 4
+    for section in sections:
+        for part in ("- **Measures**: ", "- **Peers**: ", "- **Machine**: 2 cores", "**Takeaway**: "):
+            assert part in section, (section[:60], part)

@@ -104,7 +104,7 @@ _LOCAL = {"fvtransform", "_corpus", "_fakehub", "_helpers", "strategies", "conft
 def test_every_import_of_the_package_and_the_tests_is_declared():
     stdlib = set(sys.stdlib_module_names) | {"__future__"}
     package = _imported_modules(ROOT / "fvtransform") - stdlib - _LOCAL
-    missing = {m for m in package if _DIST_OF.get(m, m).replace("_", "-") not in _declared("diffusers", "transformers", "peft")}
+    missing = {m for m in package if _DIST_OF.get(m, m).replace("_", "-") not in _declared("diffusers", "transformers", "peft", "plot")}
     # fvtransform.testing belongs to the test extra (Hypothesis; it raises MissingDependencyError without it)
     missing -= {m for m in _imported_modules(ROOT / "fvtransform" / "testing") if m in _declared("test")}
     assert not missing, f"pyproject.toml: the package imports {sorted(missing)} but does not declare them"

@@ -34,7 +34,7 @@ PUBLIC = {
         "FORMATS", "Delta", "ExtractReport", "FullDelta", "LoraAdapter", "LowRank", "MergeRecord", "ResolutionReport",
         "call", "call_factors", "combine", "compress", "compress_with_report", "detect_format", "extract",
         "extract_with_report", "factors", "from_factors", "init_adapter", "load", "merge", "merge_checkpoint", "merge_with_record", "pad_rank",
-        "random_adapter", "restore", "save", "scale_adapter", "split_experts", "unmerge",
+        "random_adapter", "restore", "save", "scale_adapter", "split_experts", "unmerge", "UpdateNorms", "update_norms",
     },
     "io": {
         "CheckReport", "Checkpoint", "REFERENCE_QKV_FUSE", "TensorInfo", "WAN_DIFFUSERS_TO_ORIGINAL",
@@ -93,6 +93,7 @@ CONTRACT = {
     "lora.unmerge": ["tree", "scale"],
     "lora.call": ["module", "tree", "adapters", "args", "kwargs"],
     "lora.combine": [],
+    "lora.update_norms": ["base", "other", "strict"],
     "lora.extract": ["base_tree", "tuned_tree", "rank"],
     "shard": ["tree", "mesh", "plan"],
     "unshard": ["tree"],

@@ -33,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="a checkpoint, model or pipeline folder, or LoRA file: what it holds")
     ins.add_argument("path", help="a file, folder or repo id")
     ins.add_argument("--base", default=None, help="for a LoRA: the base checkpoint to resolve it against")
+    ins.add_argument("--plot", default=None, metavar="OUT.png",
+                     help="for a LoRA with --base: a heatmap of ||dW||/||W|| per block and module (the plot extra)")
+    df = sub.add_parser("diff", help="what changed from checkpoint A to B: ||B-A||/||A|| per tensor, block and module")
+    df.add_argument("a", help="checkpoint file, folder or repo id (before)")
+    df.add_argument("b", help="checkpoint file, folder or repo id (after)")
+    df.add_argument("--plot", default=None, metavar="OUT.png", help="a heatmap per block and module (the plot extra)")
     mg = sub.add_parser("merge", help="merge LoRAs into a checkpoint, disk to disk, tensor by tensor")
     mg.add_argument("base", help="checkpoint file, folder or repo id")
     mg.add_argument("loras", nargs="+", metavar="LORA[:SCALE]")
@@ -80,10 +86,14 @@ class _Row(TypedDict):
     group: str
 
 
-def _inspect(path: str, as_json: bool, base: str | None = None) -> int:
+def _inspect(path: str, as_json: bool, base: str | None = None, plot: str | None = None) -> int:
     from fvtransform.cli._commands import printable
+    from fvtransform.errors import UsageError
     from fvtransform.io import open_checkpoint
 
+    if plot is not None and base is None:
+        raise UsageError(f"inspect --plot {plot!r} draws a LoRA's update relative to its base weights: "
+                         f"fvtransform inspect LORA --base BASE --plot {plot!r} (two checkpoints: fvtransform diff A B --plot)")
     p = Path(path)
     if not p.exists():
         from fvtransform.hub import maybe_download_model
@@ -100,7 +110,7 @@ def _inspect(path: str, as_json: bool, base: str | None = None) -> int:
                 print(f"{printable(k):<20} {printable('/'.join(v)) if v else '(absent)'}")
         return 0
     if base is not None or (p.is_dir() and (p / "adapter_config.json").is_file()):
-        return _inspect_lora(p, base, as_json)
+        return _inspect_lora(p, base, as_json, plot)
     ckpt = open_checkpoint(p)
     from fvtransform.lora._detect import split_role
 
@@ -134,19 +144,27 @@ def _inspect(path: str, as_json: bool, base: str | None = None) -> int:
     return 0
 
 
-def _inspect_lora(p: Path, base: str | None, as_json: bool) -> int:
+def _inspect_lora(p: Path, base: str | None, as_json: bool, plot: str | None = None) -> int:
     import fvtransform as fvt
     from fvtransform.cli._commands import printable
 
     from fvtransform.hub import maybe_download_model
 
+    if plot is not None:
+        from fvtransform.cli._plot import _pyplot
+
+        _pyplot()  # a missing extra is said before anything is read
     base_tree = fvt.load(maybe_download_model(base)) if base else None
     adapter = fvt.lora.load(p, base=base_tree, strict=False)
     report = adapter.report
+    if plot is not None and base_tree is not None:
+        from fvtransform.cli._plot import heatmap
+
+        heatmap(fvt.lora.update_norms(base_tree, adapter), plot, title=f"{p.name} on {Path(base or '').name}: ||ΔW|| / ||W||")
     rows = [{"target": k, "kind": type(d).__name__, "rank": getattr(d, "rank", None), "alpha": getattr(d, "alpha", None),
              "scale": getattr(d, "scale", None), "dora": getattr(d, "magnitude", None) is not None} for k, d in adapter.items()]
     skipped = [{"key": k, "why": why} for k, why in report.skipped]
-    doc = {"path": str(p), "format": adapter.format, "targets": rows, "skipped": skipped}
+    doc = {"path": str(p), "format": adapter.format, "targets": rows, "skipped": skipped, **({"plot": plot} if plot else {})}
     if as_json:
         print(json.dumps(doc))
     else:
@@ -155,6 +173,8 @@ def _inspect_lora(p: Path, base: str | None, as_json: bool) -> int:
             print(f"  {printable(r['target']):<56} {r['kind']:<9} rank {r['rank']}  alpha {r['alpha']}  scale {r['scale']}{'  DoRA' if r['dora'] else ''}")
         for s in skipped:
             print(f"  not matched: {printable(s['key'])} ({printable(s['why'])})")
+        if plot is not None:
+            print(f"plot: {printable(plot)}")
     return 1 if report.skipped else 0  # keys that match nothing: a failed check, for scripts
 
 
@@ -193,7 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(report.to_dict()))
             return 0 if report.ok else 1
         if args.command == "inspect":
-            return _inspect(args.path, args.json, args.base)
+            return _inspect(args.path, args.json, args.base, args.plot)
+        if args.command == "diff":
+            from fvtransform.cli._plot import diff_command
+
+            return diff_command(args.a, args.b, plot=args.plot, as_json=args.json)
         from fvtransform.cli import _commands as c
 
         if args.command == "merge":

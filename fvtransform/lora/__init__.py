@@ -22,6 +22,7 @@ from fvtransform.lora._load import load
 from fvtransform.lora._report import ResolutionReport
 from fvtransform.lora._write import save
 from fvtransform.lora._merge import merge, merge_with_record, restore, unmerge
+from fvtransform.lora._norms import UpdateNorms, update_norms
 from fvtransform.lora._record import MergeRecord
 from fvtransform.lora._stream import merge_checkpoint
 
@@ -34,6 +35,7 @@ __all__ = [
     "LowRank",
     "MergeRecord",
     "ResolutionReport",
+    "UpdateNorms",
     "call",
     "call_factors",
     "combine",
@@ -56,4 +58,5 @@ __all__ = [
     "scale_adapter",
     "split_experts",
     "unmerge",
+    "update_norms",
 ]
