@@ -160,6 +160,12 @@ _RUNNER = r'''
 import contextlib, io, json, os, shlex, sys, tempfile, traceback
 jobs = json.load(open(sys.argv[1]))
 results = {}
+try:  # the guides' property tests: deterministic draws, no health check on a loaded CI machine's slowness
+    from hypothesis import HealthCheck, settings
+    settings.register_profile("docs", deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile("docs")
+except ImportError:
+    pass
 for job in jobs:
     folder = tempfile.mkdtemp(prefix="doc-", dir=sys.argv[2])
     cwd, env, path = os.getcwd(), dict(os.environ), list(sys.path)
