@@ -95,13 +95,19 @@ def fp8_max(dtype: torch.dtype) -> float:
 
 
 def amax_scale(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A float32 scalar ``max|x| / fp8_max(dtype)`` (1.0 for an all-zero or empty ``x``)."""
+    """A float32 scalar ``max|x| / fp8_max(dtype)`` (1.0 for an all-zero or empty ``x``).
+
+    Rounded up where float32 division would put ``max|x| / scale`` just above the float8 range.
+    """
     amax = x.detach().abs().amax().float() if x.numel() else torch.zeros((), dtype=torch.float32)
     if not bool(torch.isfinite(amax)):
         raise Fp8Overflow(float(amax), fp8_max(dtype))
     if float(amax) == 0.0:
         return torch.ones((), dtype=torch.float32, device=x.device)
-    return (amax / fp8_max(dtype)).to(torch.float32)
+    scale = (amax / fp8_max(dtype)).to(torch.float32)
+    if float(amax / scale) > fp8_max(dtype):  # float32 rounding of the division: max|x| / scale must stay in range
+        scale = torch.nextafter(scale, torch.full_like(scale, float("inf")))
+    return scale
 
 
 def dequantize_tensor(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

@@ -17,7 +17,7 @@ key names are data there too. This module applies them to trees:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -93,7 +93,14 @@ def check_layout(tree: Mapping[str, torch.Tensor], *, where: object = "tree", sk
             weight that is not float8.
         NumericError: a scale that is NaN or Inf.
     """
-    layout = _fp8.split_layout(k for k in tree if k not in skip)
+    layout = _fp8.split_layout(tree)
+    if skip:  # a module's own parameter named like a layout key is its parameter, not layout
+        layout = _fp8.Fp8Layout(
+            {w: k for w, k in layout.scales.items() if k not in skip},
+            {w: k for w, k in layout.input_scales.items() if k not in skip},
+            tuple(k for k in layout.orphans if k not in skip),
+            tuple(k for k in layout.markers if k not in skip),
+        )
     if layout.orphans:
         first = layout.orphans[0]
         raise KeyMismatchError(
@@ -125,12 +132,12 @@ def _scale_of(tree: Mapping[str, torch.Tensor], layout: _fp8.Fp8Layout, key: str
     return None if sk is None else tree[sk].reshape(())
 
 
-def _compute_dtype(dtype: DTypeLike, fn: str) -> torch.dtype:
-    target = as_dtype(dtype, f"{fn}: dtype")
+def _compute_dtype(dtype: DTypeLike, fn: str, arg: str = "dtype") -> torch.dtype:
+    target = as_dtype(dtype, f"{fn}: {arg}")
     if _fp8.is_fp8(target):
         raise UsageError(
-            f"{fn}: dtype {_name(target)} is a float8 dtype; dequantising gives a compute dtype. "
-            "Fix: dtype=torch.bfloat16 (or float16, float32); to quantise use fvt.quantize_fp8(tree, dtype=...)"
+            f"{fn}: {arg}={_name(target)} is a float8 dtype; dequantising gives a compute dtype. "
+            f"Fix: {arg}=torch.bfloat16 (or float16, float32); to quantise use fvt.quantize_fp8(tree, dtype=...)"
         )
     return target
 
@@ -303,9 +310,10 @@ def _quantize_one(
             ) from None
         fix = ("pass saturate=True to clamp, or a larger scale=" if fixed is not None else
                f"use layout='scaled' (a scale maps it into range), or pass saturate=True to clamp to ±{limit:g}")
+        scaled = "" if fixed is None else f" (divided by scale={float(fixed):g})"
         raise NumericError(
-            f"fvt.quantize_fp8: {key!r} has magnitude {e.largest:g} beyond {_name(fp8)}'s largest finite value "
-            f"{limit:g}. Fix: {fix}"
+            f"fvt.quantize_fp8: {key!r} has magnitude {e.largest:g}{scaled} beyond {_name(fp8)}'s largest finite "
+            f"value {limit:g}. Fix: {fix}"
         ) from None
     return q, (None if s is None else s.to(torch.float32).reshape(()).clone())
 
@@ -332,13 +340,12 @@ def runnable(
     stays float8; any other becomes ``compute_dtype`` (or, when None, the module's own dtype for that key).
     A tree with no float8 tensor and no layout key is returned as it is.
     """
-    layout = _fp8.split_layout(k for k in tree if k not in own)
+    skip = frozenset(k for k in tree if k in own)
+    layout = check_layout(tree, skip=skip)
     has_fp8 = any(_fp8.is_fp8(v.dtype) for v in tree.values() if isinstance(v, torch.Tensor))
     if not has_fp8 and not layout.is_scaled:
         return tree
-    skip = frozenset(k for k in tree if k in own)
-    layout = check_layout(tree, skip=skip)
-    target = None if compute_dtype is None else _compute_dtype(compute_dtype, f"fvt.{fn}: compute_dtype")
+    target = None if compute_dtype is None else _compute_dtype(compute_dtype, f"fvt.{fn}", "compute_dtype")
     drop = layout.layout_keys
     on_bad = _nonfinite("tree")
     memo: dict[int, torch.Tensor] = {}
@@ -364,8 +371,8 @@ def runnable(
     return out
 
 
-def describe(dtypes: Mapping[str, torch.dtype], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, object] | None:
-    """What ``fvtransform inspect`` says of a checkpoint's float8 content (keys, dtypes and shapes only); None if none.
+def describe(dtypes: Mapping[str, torch.dtype]) -> dict[str, Any] | None:
+    """What ``fvtransform inspect`` says of a checkpoint's float8 content (keys and dtypes only); None if none.
 
     Returns ``{"weights", "scaled", "plain", "scale_input", "markers": {key: float8 dtype name}, "dtypes": {name: n}}``.
     """
