@@ -29,7 +29,7 @@ from fvtransform.tree._match import Pattern, matcher
 from fvtransform.tree._ops import _as_tree, _eager
 from fvtransform.tree._paramtree import ParamTree
 
-__all__ = ["dequantize", "quantize_fp8", "check_layout", "maybe_fp8", "runnable", "describe"]
+__all__ = ["dequantize", "quantize_fp8", "check_layout", "check_file", "maybe_fp8", "runnable", "describe"]
 
 Layout = Literal["scaled", "plain"]
 _LAYOUTS: tuple[str, ...] = ("scaled", "plain")
@@ -369,6 +369,35 @@ def runnable(
             v = memo[id(v)]
         out[k] = v
     return out
+
+
+def check_file(
+    tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype], kept: list[str], dtype: torch.dtype | None,
+    where: object,
+) -> None:
+    """``fvt.load``'s check of a float8 checkpoint (``tensors``: all its keys, lazily, ``dtypes`` theirs from the
+    header; ``kept``: those selected).
+
+    The layout is checked on the whole file (naming it); a selection that keeps a weight without its scale,
+    and a ``dtype=`` cast of scaled weights (the scale would be lost: a silent wrong scale), are refused.
+    """
+    if not any(d in _fp8.FP8_DTYPES for d in dtypes.values()) and not any(k.endswith(_LAYOUT_TAILS) for k in dtypes):
+        return  # no float8 tensor, no layout key: nothing is mapped for this check
+    layout = check_layout(tensors, where=where)
+    keep = set(kept)
+    cut = [w for w, sk in layout.scales.items() if w in keep and sk not in keep]
+    if cut:
+        raise KeyMismatchError(
+            f"{where}: the selection keeps {format_keys(cut)} without their scales "
+            f"({format_keys([layout.scales[w] for w in cut])}); the weights would read as unscaled float8. "
+            "Fix: select the scale keys too (e.g. select=['blocks.*']), or load everything and fvt.dequantize it"
+        )
+    if dtype is not None and any(w in keep for w in layout.scales):
+        raise UsageError(
+            f"{where}: load(dtype={_name(dtype)}) would cast scaled float8 weights without their scale_weight. "
+            f"Fix: fvt.dequantize(fvt.load(path), {_name(dtype)!r}) (lazy, scales applied), or "
+            "fvt.call(module, fvt.load(path), ..., compute_dtype=...) to run it in float8"
+        )
 
 
 def describe(dtypes: Mapping[str, torch.dtype]) -> dict[str, Any] | None:
