@@ -365,3 +365,17 @@ def test_inspect_describes_the_fp8_layout(tmp_path, capsys):
     fvt.save(_small_tree(), tmp_path / "f32.safetensors")
     assert main(["--json", "inspect", str(tmp_path / "f32.safetensors")]) == 0
     assert "fp8" not in json.loads(capsys.readouterr().out)  # nothing float8: no section
+
+
+@pytest.mark.parametrize("dtype", [E4M3, torch.float8_e5m2])
+@pytest.mark.parametrize("target", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_table_lookup_gives_the_elementwise_bits(dtype, target):
+    """Large CPU tensors are dequantised through a 256-entry table: every finite code, scaled or not, the same bits."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).repeat(_fp8._TABLE_FROM // 256 + 1).view(dtype).reshape(-1, 8)
+    for scale in (None, torch.tensor(0.0123), torch.tensor([3.5])):
+        got = _fp8.dequantize_tensor(codes, scale, target)
+        want = codes.float() if scale is None else codes.float() * scale.float()
+        want = want.to(target)
+        nan = want.isnan()
+        assert got.shape == codes.shape and bool(got.isnan().eq(nan).all())  # NaN codes: a NaN (payload may differ)
+        assert fvt.tensors_equal(got[~nan], want[~nan])
