@@ -379,3 +379,15 @@ def test_the_table_lookup_gives_the_elementwise_bits(dtype, target):
         nan = want.isnan()
         assert got.shape == codes.shape and bool(got.isnan().eq(nan).all())  # NaN codes: a NaN (payload may differ)
         assert fvt.tensors_equal(got[~nan], want[~nan])
+
+
+def test_cast_refuses_to_drop_the_scales():
+    """Regression: fvt.cast of a scaled tree cast the float8 weights without their scale (every value off by it)."""
+    q = fvt.quantize_fp8(_small_tree())
+    with pytest.raises(UsageError, match=r"fvt.cast\(tree, bfloat16\) would cast scaled float8 weights .*\['a.weight', 'b.weight'\].*fvt.dequantize\(tree, 'bfloat16'\)"):
+        fvt.cast(q, torch.bfloat16)
+    with pytest.raises(UsageError, match=r"\['b.weight'\]"):
+        fvt.transforms.cast("float16", only="b.*")(q)
+    assert fvt.cast(q, torch.bfloat16, only="norm.*")["norm.weight"].dtype is torch.bfloat16  # no scaled weight picked
+    plain = fvt.quantize_fp8(_small_tree(), layout="plain", saturate=True)
+    assert fvt.cast(plain, torch.float32)["b.weight"].dtype is torch.float32  # a plain float8 cast is exact

@@ -29,7 +29,7 @@ from fvtransform.tree._match import Pattern, matcher
 from fvtransform.tree._ops import _as_tree, _eager
 from fvtransform.tree._paramtree import ParamTree
 
-__all__ = ["dequantize", "quantize_fp8", "check_layout", "check_file", "maybe_fp8", "runnable", "describe"]
+__all__ = ["dequantize", "quantize_fp8", "check_layout", "check_file", "maybe_fp8", "runnable", "describe", "refuse_scaled_cast"]
 
 Layout = Literal["scaled", "plain"]
 _LAYOUTS: tuple[str, ...] = ("scaled", "plain")
@@ -369,6 +369,21 @@ def runnable(
             v = memo[id(v)]
         out[k] = v
     return out
+
+
+def refuse_scaled_cast(tree: Mapping[str, torch.Tensor], target: torch.dtype, only: Pattern | None) -> None:
+    """``fvt.cast`` of a float8 weight that has a ``scale_weight`` would drop the scale: refused, showing dequantize."""
+    if not any(v.dtype in _fp8.FP8_DTYPES for v in tree.values()):
+        return
+    scaled = [w for w in _fp8.split_layout(tree).scales if tree[w].dtype != target]
+    m = None if only is None else matcher(only)
+    hit = [w for w in scaled if m is None or m(w, tree[w])]
+    if hit:
+        raise UsageError(
+            f"fvt.cast(tree, {_name(target)}) would cast scaled float8 weights without their scale_weight "
+            f"({format_keys(hit)}): every value off by its scale. Fix: fvt.dequantize(tree, {_name(target)!r}) "
+            "applies the scales (lazily) and drops the scale keys"
+        )
 
 
 def check_file(
