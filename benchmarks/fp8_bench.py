@@ -12,7 +12,7 @@ the forward. The module is built on meta and given empty storage (never touched,
 rotary tables are real. Usage::
 
     python benchmarks/fp8_bench.py make  /tmp/fp8_bench 4      # Wan2.1-1.3B blocks: 4 of 30 (the machine is small)
-    python benchmarks/fp8_bench.py run   /tmp/fp8_bench 4 3    # layers, repeats
+    python benchmarks/fp8_bench.py run   /tmp/fp8_bench 4 3 5  # layers, repeats, latent frames (256 tokens each)
 """
 
 from __future__ import annotations
@@ -58,19 +58,19 @@ def make(folder: Path, layers: int) -> None:
     fvt.save(fvt.quantize_fp8(tree), path)
 
 
-def inputs() -> dict[str, object]:
+def inputs(frames: int) -> dict[str, object]:
     g = torch.Generator().manual_seed(0)
-    return dict(hidden_states=torch.randn(1, 16, 1, 32, 32, generator=g, dtype=torch.bfloat16),  # 256 tokens
+    return dict(hidden_states=torch.randn(1, 16, frames, 32, 32, generator=g, dtype=torch.bfloat16),  # 256 tokens a frame
                 timestep=torch.tensor([500]), encoder_hidden_states=torch.randn(1, 64, 4096, generator=g, dtype=torch.bfloat16),
                 return_dict=False)
 
 
-def method(name: str, folder: Path, layers: int) -> None:
+def method(name: str, folder: Path, layers: int, frames: int) -> None:
     import fvtransform as fvt
 
     module = _module(layers)
     fp8 = fvt.load(folder / f"wan_fp8_{layers}.safetensors")
-    x = inputs()
+    x = inputs(frames)
     warm_up()
     if name == "bf16_tree":
         tree = fvt.map_tensors(fvt.dequantize(fp8, torch.bfloat16), lambda t: t + 0)  # made whole, not timed
@@ -88,17 +88,17 @@ def method(name: str, folder: Path, layers: int) -> None:
                       "rss_mb": base}))
 
 
-def run(folder: Path, layers: int, repeats: int) -> None:
+def run(folder: Path, layers: int, repeats: int, frames: int) -> None:
     import os
 
     size = (folder / f"wan_fp8_{layers}.safetensors").stat().st_size
     rows = {}
     for name in ("bf16_tree", "fp8_upcast"):
-        runs = [measure_child(Path(__file__), "method", name, str(folder), str(layers)) for _ in range(repeats)]
+        runs = [measure_child(Path(__file__), "method", name, str(folder), str(layers), str(frames)) for _ in range(repeats)]
         rows[name] = {"seconds": min(r["seconds"] for r in runs), "private_peak_mb": max(r["private_peak_mb"] for r in runs),
                       "private_extra_mb": max(r["private_extra_mb"] for r in runs), "runs": repeats}
     ratio = rows["fp8_upcast"]["seconds"] / rows["bf16_tree"]["seconds"]
-    print(json.dumps({"layers": layers, "fp8_file_mb": size / 2**20, "load_avg": os.getloadavg(), "rows": rows,
+    print(json.dumps({"layers": layers, "tokens": frames * 256, "fp8_file_mb": size / 2**20, "load_avg": os.getloadavg(), "rows": rows,
                       "fp8 forward / bf16 forward time (target <= 1.2)": ratio}, indent=1))
 
 
@@ -107,6 +107,8 @@ if __name__ == "__main__":
     if cmd == "make":
         make(Path(sys.argv[2]), int(sys.argv[3]))
     elif cmd == "method":
-        method(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]))
+        method(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     else:
-        run(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 3)
+        repeats = int(sys.argv[4]) if len(sys.argv) > 4 else 3
+        frames = int(sys.argv[5]) if len(sys.argv) > 5 else 5
+        run(Path(sys.argv[2]), int(sys.argv[3]), repeats, frames)

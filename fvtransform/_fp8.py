@@ -34,6 +34,7 @@ Read in ComfyUI (comfyanonymous/ComfyUI): ``comfy/model_detection.py`` ``model_c
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -351,14 +352,35 @@ def as_fp8_dtype(dtype: torch.dtype | str) -> torch.dtype | None:
     return FP8_NAMES.get(dtype.removeprefix("torch."))
 
 
+#: Float8 tensors already found finite, with their version counter then: a weight used at every step of a
+#: sampling loop is read for NaN/Inf once, not at every forward (an in-place write bumps the version: read again).
+_FINITE: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
+
+
+def _known_finite(x: torch.Tensor) -> bool:
+    entry = _FINITE.get(id(x))
+    return entry is not None and entry[0]() is x and entry[1] == x._version
+
+
+def _mark_finite(x: torch.Tensor) -> None:
+    key = id(x)
+    _FINITE[key] = (weakref.ref(x, lambda _r: _FINITE.pop(key, None)), x._version)
+
+
 def nonfinite_count(x: torch.Tensor) -> int:
     """How many elements of ``x`` are NaN or Inf (float8 has no ``isfinite`` kernel: its bit codes are read)."""
     if not x.numel():
         return 0
     code = _NONFINITE_BITS.get(x.dtype)
     if code is not None:
+        if _known_finite(x):
+            return 0
         mask, value = code
-        return int(((x.view(torch.uint8) & mask) == value).sum())
+        bad = (x.view(torch.uint8) & mask) == value
+        count = int(bad.sum()) if bool(bad.any()) else 0
+        if not count:
+            _mark_finite(x)
+        return count
     if not x.dtype.is_floating_point:
         return 0
     return int((~torch.isfinite(x)).sum())
