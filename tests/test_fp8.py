@@ -157,6 +157,7 @@ def test_dequantize_is_lazy_and_exact():
     w = back["b.weight"]
     assert isinstance(w, _fp8.Upcast) and w.fp8 is q["b.weight"]  # the float8 tensor itself: nothing made yet
     assert w.dtype is torch.bfloat16 and w.shape == (2, 4)
+    assert repr(w) == "Upcast('b.weight': scaled float8_e4m3fn [2, 4] -> bfloat16, dequantised when used)"
     want = (q["b.weight"].float() * q["b.scale_weight"]).to(torch.bfloat16)
     assert fvt.tensors_equal(w + 0, want) and fvt.tensors_equal(w.clone(), want)
     assert back["a.bias"] is tree["a.bias"]
