@@ -28,7 +28,7 @@ PUBLIC = {
         "errors", "load", "load_model", "lora", "map_tensors", "partition", "register", "rename", "resolve", "save",
         "select", "tensors_equal", "to", "transforms", "update", "shard", "unshard", "distributed",
         "hub", "io", "models", "registry", "tree", "bind", "load_pipeline",
-        "add", "lerp", "scale", "subtract", "weighted_mean",
+        "add", "lerp", "scale", "subtract", "weighted_mean", "dequantize", "quantize_fp8",
     },
     "lora": {
         "FORMATS", "Delta", "ExtractReport", "FullDelta", "LoraAdapter", "LowRank", "MergeRecord", "ResolutionReport",
@@ -45,7 +45,7 @@ PUBLIC = {
     },
     "hub": {"maybe_download_lora", "maybe_download_model", "resolved_commit"},
     "transforms": {"Transform", "cast", "chain", "drop", "map_tensors", "merge_lora", "rename", "select", "to",
-                   "unmerge_lora", "update", "add", "lerp", "scale", "subtract"},
+                   "unmerge_lora", "update", "add", "lerp", "scale", "subtract", "dequantize", "quantize_fp8"},
     "registry": {"REGISTRY", "Registry", "build", "meta_parameters", "register", "resolve", "BuildLimits",
                  "LAYOUTS", "Layout", "layout", "layout_names"},
     "distributed": {"ResolvedPlan", "ShardPlan", "fsdp_plan", "shard", "tp_plan", "unshard"},
@@ -58,7 +58,7 @@ PUBLIC = {
     "tree": {
         "Fuse", "KeyMap", "MappingPlan", "ParamTree", "Pattern", "Rename", "Split", "cast", "combine", "drop",
         "map_tensors", "partition", "rename", "select", "tensors_equal", "to", "update",
-        "add", "lerp", "scale", "subtract", "weighted_mean",
+        "add", "lerp", "scale", "subtract", "weighted_mean", "dequantize", "quantize_fp8",
     },
     "cli": {"main"},
     "testing": {"DTYPES", "adapters", "assert_no_mutation", "assert_order_independent", "assert_restores_exactly",

@@ -29,6 +29,8 @@ PAIRS = {
     "to": (lambda t: fvt.to(t, "cpu"), fvt.transforms.to("cpu")),
     "map_tensors": (lambda t: fvt.map_tensors(t, torch.neg), fvt.transforms.map_tensors(torch.neg)),
     "update": (lambda t: fvt.update(t, {"ids": torch.zeros(3)}), fvt.transforms.update({"ids": torch.zeros(3)})),
+    "quantize_fp8": (lambda t: fvt.quantize_fp8(t, only="a.weight"), fvt.transforms.quantize_fp8(only="a.weight")),
+    "dequantize": (lambda t: fvt.dequantize(t, torch.float32), fvt.transforms.dequantize(torch.float32)),
 }
 
 
@@ -46,7 +48,7 @@ def test_factory_applied_equals_the_eager_call(name):
 
 def test_every_factory_has_its_eager_function():
     factories = set(fvt.transforms.__all__) - {"Transform", "chain", "merge_lora", "unmerge_lora"}
-    assert factories == {"select", "drop", "rename", "cast", "to", "map_tensors", "update", "add", "subtract", "scale", "lerp"}
+    assert factories == {"select", "drop", "rename", "cast", "to", "map_tensors", "update", "add", "subtract", "scale", "lerp", "dequantize", "quantize_fp8"}
     assert all(callable(getattr(fvt, n)) for n in factories)
 
 

@@ -6,6 +6,7 @@ factory here, ``fvt.transforms.X(...)``: ``fvt.transforms.X(args)(tree) == fvt.X
 
 from fvtransform import _unlisted
 from fvtransform.transforms._arith import add, lerp, scale, subtract
+from fvtransform.transforms._fp8 import dequantize, quantize_fp8
 from fvtransform.transforms._lora import merge_lora, unmerge_lora
 from fvtransform.transforms._transform import (
     Transform,
@@ -24,10 +25,12 @@ __all__ = [
     "add",
     "cast",
     "chain",
+    "dequantize",
     "drop",
     "lerp",
     "map_tensors",
     "merge_lora",
+    "quantize_fp8",
     "rename",
     "scale",
     "select",

@@ -2,6 +2,7 @@
 
 from fvtransform import _unlisted
 from fvtransform.tree._arith import add, lerp, scale, subtract, weighted_mean
+from fvtransform.tree._fp8 import dequantize, quantize_fp8
 from fvtransform.tree._keymap import Fuse, KeyMap, MappingPlan, Rename, Split
 from fvtransform.tree._match import Pattern
 from fvtransform.tree._ops import cast, combine, drop, map_tensors, partition, rename, select, to, update
@@ -18,10 +19,12 @@ __all__ = [
     "add",
     "cast",
     "combine",
+    "dequantize",
     "drop",
     "lerp",
     "map_tensors",
     "partition",
+    "quantize_fp8",
     "rename",
     "scale",
     "select",
