@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections.abc import Mapping
+from typing import Any
 import attrs
 import torch
 
@@ -36,7 +38,7 @@ from fvtransform.lora._adapter import GENERATED, FullDelta
 
 __all__ = [
     "Fp8Options", "fp8_options", "scale_key_of", "SCALE_SUFFIX", "check_scale", "check_scale_keys", "key_seed",
-    "merge_fp8", "check_targets", "refuse_kind", "FP8_SCALES", "ROUNDINGS", "merge_tree_key", "check_scaled_plain", "record_fp8",
+    "merge_fp8", "check_targets", "refuse_kind", "FP8_SCALES", "ROUNDINGS", "merge_tree_key", "check_scaled_plain", "record_fp8", "Fp8Plan",
 ]
 
 #: The per-tensor scale of a scaled-float8 weight ``<module>.weight`` is ``<module>.scale_weight`` (ComfyUI's layout).
@@ -304,3 +306,76 @@ def record_fp8(tree: Mapping[str, torch.Tensor], key: str, new: torch.Tensor, ex
         direct.add(k)
         size += tree[k].numel() * tree[k].element_size()
     return size
+
+
+class Fp8Plan:
+    """The float8 part of a disk-to-disk merge: which keys it writes, checked before any output exists.
+
+    A recomputed scale is written under its own key, wherever the file puts it: the first of the weight and
+    its scale to be produced merges the weight; the other is handed over once (memory: one merged weight).
+    """
+
+    def __init__(self, ckpt: Any, per_key: Mapping[str, list], options: Fp8Options, dtype: torch.dtype | None,
+                 base: object, device: torch.device | None) -> None:
+        self._ckpt, self._per_key, self._options, self._device = ckpt, per_key, options, device
+        keys = set(ckpt.keys())
+        self._targets = [k for k in per_key if is_fp8(ckpt.info(k).dtype)]
+        self._target_set = set(self._targets)
+        check_targets(self._targets, options, "fvt.lora.merge_checkpoint")
+        self._scale: dict[str, str] = {}  # float8 target -> its scale key
+        self._weight_of: dict[str, str] = {}  # recomputed scale key -> its weight
+        if not self._targets:
+            return
+        if dtype is not None:
+            raise UsageError(f"{base}: dtype={dtype} with float8 targets ({self._targets[0]!r}, ...): a cast would drop the "
+                             "scaled layout's meaning. Merge in float8 (no dtype=), or dequantise first (fvt.dequantize)")
+        check_scale_keys(list(keys), str(base))
+        for k in per_key:
+            sk = scale_key_of(k)
+            if k not in self._targets:
+                if sk is not None and sk in keys:
+                    raise FormatError(f"{ckpt.file_of(k)}: {k!r} is {ckpt.info(k).dtype} and has a scale {sk!r}; the scaled "
+                                      "layout holds float8 weights only. Dequantise it first (fvt.dequantize)")
+                continue
+            refuse_kind(per_key[k], k, grad=False, sharded=False)
+            if sk is not None and sk in keys:
+                check_scale(ckpt.tensor(sk), sk, str(ckpt.file_of(sk)))
+                self._scale[k] = sk
+                if options.fp8_scale == "recompute":
+                    self._weight_of[sk] = k
+            elif options.fp8_scale == "recompute":
+                raise UsageError(f"{ckpt.file_of(k)}: {k!r}: fp8_scale='recompute' updates a scale_weight, and this float8 "
+                                 "weight has none (plain layout). Use fp8_scale='keep'")
+        self._made: dict[str, dict[str, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def owns(self, key: str) -> bool:
+        """Whether ``key`` is written by the float8 merge (a target, or a recomputed scale)."""
+        return key in self._target_set or key in self._weight_of
+
+    def produce(self, key: str, work: object) -> torch.Tensor:
+        """The merged float8 weight or the recomputed scale of ``key``."""
+        weight = self._weight_of.get(key, key)
+        with self._lock:
+            if weight not in self._made:
+                self._made[weight] = self._merge(weight, work)
+            parts = self._made[weight]
+            t = parts.pop(key)
+            if not parts:
+                del self._made[weight]
+        return t
+
+    def _merge(self, key: str, work: object) -> dict[str, torch.Tensor]:
+        ckpt, away = self._ckpt, self._device is not None and self._device.type != "cpu"
+        w = ckpt.tensor(key)
+        sk = self._scale.get(key)
+        scale = ckpt.tensor(sk) if sk is not None else None
+        if away:
+            w = w.to(self._device)
+        new, new_scale = merge_fp8(self._per_key[key], w, scale, self._options, key=key,
+                                   where=f"{ckpt.file_of(key)}: {key!r}", work=work)
+        parts = {key: new.cpu() if away else new}
+        if sk is not None and sk in self._weight_of:
+            assert new_scale is not None
+            parts[sk] = new_scale.cpu()
+        return parts
