@@ -12,9 +12,29 @@ One definition of each step, so every path rounds the same way:
 
 Values beyond the float8 range are refused unless ``saturate=True`` (torch's own cast saturates
 ``float8_e4m3fn`` silently — even ``inf`` becomes 448 — and turns ``float8_e5m2`` overflow into ``inf``).
+
+The scaled-fp8 checkpoint LAYOUT (as ComfyUI writes and reads it) is data here too:
+
+* a linear weight ``<layer>.weight`` stored in float8 with its per-tensor float32 scale beside it,
+  ``<layer>.scale_weight`` (shape ``[]`` or ``[1]``: torch's ``load_state_dict`` loads a ``[1]`` tensor into a
+  0-dim parameter), the real weight being ``weight.float() * scale_weight``;
+* optionally ``<layer>.scale_input`` (the activation scale for fp8 matrix multiplication; a value of 1.0 is
+  ignored by ComfyUI's readers, and a dequantising reader never needs it);
+* one marker key ``<model prefix>scaled_fp8`` (``scaled_fp8`` for a diffusion-model-only file,
+  ``model.diffusion_model.scaled_fp8`` in a full checkpoint): its DTYPE names the float8 dtype of the weights
+  (``float32`` means ``float8_e4m3fn``), its values are unused (2 elements ask for full-precision matrix
+  multiplication).
+
+Read in ComfyUI (comfyanonymous/ComfyUI): ``comfy/model_detection.py`` ``model_config_from_unet`` (pops
+``{prefix}scaled_fp8``, float32 -> float8_e4m3fn), ``comfy/ops.py`` ``scaled_fp8_ops`` (``scale_weight`` /
+``scale_input`` parameters of shape ``()`` float32; forward ``linear(x, weight.to(dtype) * scale_weight)``),
+``comfy/utils.py`` ``convert_old_quants`` (``scale_weight`` -> ``weight_scale``, ``scale_input`` dropped when 1.0).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +46,20 @@ __all__ = [
     "dequantize_tensor",
     "quantize_tensor",
     "Fp8Overflow",
+    "WEIGHT_SUFFIX",
+    "SCALE_WEIGHT",
+    "SCALE_INPUT",
+    "MARKER",
+    "MARKER_DTYPES",
+    "SCALE_DTYPES",
+    "SCALE_SHAPES",
+    "scale_key",
+    "input_scale_key",
+    "weight_key_of",
+    "marker_prefix",
+    "marker_fp8_dtype",
+    "Fp8Layout",
+    "split_layout",
 ]
 
 FP8_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -121,3 +155,139 @@ def quantize_tensor(
     picked = torch.where(up, hi_f, lo_f)
     picked = torch.where(exact, near_f, picked)
     return (torch.where(y < 0, -picked, picked)).to(dtype)
+
+
+# --- the scaled-fp8 layout (ComfyUI's), as data -------------------------------------------------------------
+
+WEIGHT_SUFFIX = "weight"
+"""The last key segment of a weight that may carry a scale."""
+
+SCALE_WEIGHT = "scale_weight"
+"""The last key segment of a weight's per-tensor scale: ``<layer>.scale_weight`` beside ``<layer>.weight``."""
+
+SCALE_INPUT = "scale_input"
+"""The last key segment of a layer's activation scale (fp8 matmul only; a dequantising reader ignores it)."""
+
+MARKER = "scaled_fp8"
+"""The last key segment of the marker; the key is ``<model prefix>scaled_fp8`` (the prefix may be empty)."""
+
+MARKER_DTYPES: dict[torch.dtype, torch.dtype] = {
+    torch.float8_e4m3fn: torch.float8_e4m3fn,
+    torch.float8_e5m2: torch.float8_e5m2,
+    torch.float32: torch.float8_e4m3fn,  # ComfyUI: a float32 marker means float8_e4m3fn
+}
+"""The marker tensor's dtype -> the float8 dtype of the scaled weights."""
+
+SCALE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+"""Dtypes a scale may have (ComfyUI writes float32; it multiplies after ``.to(weight dtype)``, so any float reads)."""
+
+SCALE_SHAPES: tuple[tuple[int, ...], ...] = ((), (1,))
+"""Shapes a per-tensor scale may have (ComfyUI's parameter is 0-dim; torch loads a ``[1]`` tensor into it)."""
+
+_SCALE_SUFFIXES: tuple[str, ...] = (SCALE_WEIGHT, SCALE_INPUT)
+
+
+def _layer_of(key: str, suffix: str) -> str | None:
+    """``"a.b"`` for ``"a.b.<suffix>"``, ``""`` for ``"<suffix>"`` itself, None otherwise."""
+    if key == suffix:
+        return ""
+    tail = "." + suffix
+    return key[: -len(tail)] if key.endswith(tail) else None
+
+
+def _with_suffix(layer: str, suffix: str) -> str:
+    return f"{layer}.{suffix}" if layer else suffix
+
+
+def scale_key(weight_key: str) -> str:
+    """The ``scale_weight`` key of a weight key: ``"blocks.0.ffn.0.weight"`` -> ``"blocks.0.ffn.0.scale_weight"``.
+
+    Raises:
+        ValueError: ``weight_key`` does not end in ``weight`` (a bias or a norm scale has no fp8 scale).
+    """
+    layer = _layer_of(weight_key, WEIGHT_SUFFIX)
+    if layer is None:
+        raise ValueError(f"{weight_key!r} is not a weight key (it must end in '.{WEIGHT_SUFFIX}')")
+    return _with_suffix(layer, SCALE_WEIGHT)
+
+
+def input_scale_key(weight_key: str) -> str:
+    """The ``scale_input`` key of a weight key: ``"proj.weight"`` -> ``"proj.scale_input"``."""
+    layer = _layer_of(weight_key, WEIGHT_SUFFIX)
+    if layer is None:
+        raise ValueError(f"{weight_key!r} is not a weight key (it must end in '.{WEIGHT_SUFFIX}')")
+    return _with_suffix(layer, SCALE_INPUT)
+
+
+def weight_key_of(key: str) -> str | None:
+    """The weight key a ``scale_weight`` / ``scale_input`` key belongs to; None for any other key."""
+    for suffix in _SCALE_SUFFIXES:
+        layer = _layer_of(key, suffix)
+        if layer is not None:
+            return _with_suffix(layer, WEIGHT_SUFFIX)
+    return None
+
+
+def marker_prefix(key: str) -> str | None:
+    """The model prefix of a marker key (``"model.diffusion_model."`` or ``""``); None if ``key`` is no marker."""
+    layer = _layer_of(key, MARKER)
+    if layer is None:
+        return None
+    return f"{layer}." if layer else ""
+
+
+def marker_fp8_dtype(marker_dtype: torch.dtype) -> torch.dtype | None:
+    """The float8 dtype a marker of ``marker_dtype`` names (float32 -> float8_e4m3fn); None if it names none."""
+    return MARKER_DTYPES.get(marker_dtype)
+
+
+@dataclass(frozen=True)
+class Fp8Layout:
+    """How a set of keys splits under the scaled-fp8 layout (keys only; dtypes and shapes are checked elsewhere).
+
+    Attributes:
+        scales: weight key -> its ``scale_weight`` key, for every scale whose weight is present.
+        input_scales: weight key -> its ``scale_input`` key, for every input scale whose weight is present.
+        orphans: ``scale_weight`` / ``scale_input`` keys whose weight key is absent, sorted.
+        markers: marker keys (``scaled_fp8`` under any prefix), sorted.
+    """
+
+    scales: dict[str, str]
+    input_scales: dict[str, str]
+    orphans: tuple[str, ...]
+    markers: tuple[str, ...]
+
+    @property
+    def layout_keys(self) -> frozenset[str]:
+        """Every key that is layout, not a tensor of the model: scales, input scales, orphans and markers."""
+        return frozenset(self.scales.values()) | frozenset(self.input_scales.values()) | frozenset(
+            self.orphans
+        ) | frozenset(self.markers)
+
+    @property
+    def is_scaled(self) -> bool:
+        """Whether any scale or marker key is present."""
+        return bool(self.scales or self.input_scales or self.orphans or self.markers)
+
+
+def split_layout(keys: Iterable[str]) -> Fp8Layout:
+    """Split ``keys`` into weights with scales, orphan scales and marker(s), by key name alone."""
+    present = set(keys)
+    scales: dict[str, str] = {}
+    input_scales: dict[str, str] = {}
+    orphans: list[str] = []
+    markers: list[str] = []
+    for key in sorted(present):
+        if marker_prefix(key) is not None:
+            markers.append(key)
+            continue
+        weight = weight_key_of(key)
+        if weight is None:
+            continue
+        if weight not in present:
+            orphans.append(key)
+        elif _layer_of(key, SCALE_WEIGHT) is not None:
+            scales[weight] = key
+        else:
+            input_scales[weight] = key
+    return Fp8Layout(scales, input_scales, tuple(orphans), tuple(markers))
