@@ -27,22 +27,23 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 import attrs
 import torch
 
-from fvtransform._fp8 import Fp8Overflow, amax_scale, dequantize_tensor, fp8_max, is_fp8, quantize_tensor
+from fvtransform._fp8 import (
+    SCALE_DTYPES, SCALE_SHAPES, Fp8Overflow, amax_scale, dequantize_tensor, fp8_max, is_fp8, quantize_tensor, scale_key,
+    split_layout, weight_key_of,
+)
 from fvtransform.errors import FormatError, NumericError, UsageError
 from fvtransform.lora._adapter import GENERATED, FullDelta
 
 __all__ = [
-    "Fp8Options", "fp8_options", "scale_key_of", "SCALE_SUFFIX", "check_scale", "check_scale_keys", "key_seed",
+    "Fp8Options", "fp8_options", "scale_key_of", "check_scale", "check_scale_keys", "key_seed",
     "merge_fp8", "check_targets", "refuse_kind", "FP8_SCALES", "ROUNDINGS", "merge_tree_key", "check_scaled_plain", "record_fp8", "Fp8Plan",
 ]
 
-#: The per-tensor scale of a scaled-float8 weight ``<module>.weight`` is ``<module>.scale_weight`` (ComfyUI's layout).
-SCALE_SUFFIX = "scale_weight"
 #: ``fp8_scale=`` values: what happens to a scaled weight's scale.
 FP8_SCALES = ("keep", "recompute")
 #: ``rounding=`` values: how the float32 sum is rounded to float8.
@@ -86,25 +87,26 @@ def fp8_options(fp8_scale: str = "keep", rounding: str = "nearest", seed: int | 
 
 
 def scale_key_of(weight_key: str) -> str | None:
-    """``<module>.weight`` -> ``<module>.scale_weight``; None for a key that is not a ``.weight``."""
-    if weight_key == "weight" or weight_key.endswith(".weight"):
-        return weight_key[: -len("weight")] + SCALE_SUFFIX
-    return None
+    """``<module>.weight`` -> ``<module>.scale_weight`` (:func:`fvtransform._fp8.scale_key`); None for another key."""
+    try:
+        return scale_key(weight_key)
+    except ValueError:
+        return None
 
 
-def check_scale_keys(keys: Mapping[str, object] | list[str], where: str) -> None:
-    """Refuse a ``<module>.scale_weight`` without its ``<module>.weight``.
+def check_scale_keys(keys: Iterable[str], where: str) -> None:
+    """Refuse a ``<module>.scale_weight`` (or ``scale_input``) without its ``<module>.weight``.
 
     Raises:
         FormatError: naming the scale key and the missing weight.
     """
-    names = set(keys)
-    for k in sorted(names):
-        if k == SCALE_SUFFIX or k.endswith("." + SCALE_SUFFIX):
-            weight = k[: -len(SCALE_SUFFIX)] + "weight"
-            if weight not in names:
-                raise FormatError(f"{where}: scale key {k!r} has no weight {weight!r}; a scaled-float8 checkpoint holds "
-                                  "each scale beside its weight. Fix the checkpoint (drop the stray scale or restore the weight)")
+    orphans = split_layout(keys).orphans
+    if orphans:
+        k = orphans[0]
+        weight = weight_key_of(k)
+        raise FormatError(f"{where}: scale key {k!r} has no weight {weight!r}; a scaled-float8 checkpoint holds "
+                          f"each scale beside its weight (stray scales: {list(orphans)[:8]}). Fix the checkpoint "
+                          "(drop the stray scale or restore the weight)")
 
 
 def check_scale(scale: torch.Tensor, key: str, where: str) -> None:
@@ -114,11 +116,11 @@ def check_scale(scale: torch.Tensor, key: str, where: str) -> None:
         FormatError: a wrong shape or dtype (naming the key, expected and found).
         NumericError: NaN, Inf, zero or negative.
     """
-    if scale.numel() != 1 or scale.dim() > 1:
+    if tuple(scale.shape) not in SCALE_SHAPES:
         raise FormatError(f"{where}: scale {key!r} has shape {list(scale.shape)}; expected one element (shape [] or [1]), "
                           "a per-tensor scale. Per-channel or block scales are not the scaled-float8 layout")
-    if not scale.dtype.is_floating_point or is_fp8(scale.dtype):
-        raise FormatError(f"{where}: scale {key!r} is {scale.dtype}; expected a float32/bfloat16/float16 scale. "
+    if scale.dtype not in SCALE_DTYPES:
+        raise FormatError(f"{where}: scale {key!r} is {scale.dtype}; expected one of {[str(d) for d in SCALE_DTYPES]}. "
                           "Rewrite it as float32")
     value = float(scale.detach().reshape(()).float())
     if not math.isfinite(value) or value <= 0:
