@@ -41,7 +41,7 @@ from fvtransform.lora._adapter import GENERATED, FullDelta
 
 __all__ = [
     "Fp8Options", "fp8_options", "scale_key_of", "check_scale", "check_scale_keys", "key_seed",
-    "merge_fp8", "check_targets", "refuse_kind", "FP8_SCALES", "ROUNDINGS", "merge_tree_key", "check_scaled_plain", "record_fp8", "Fp8Plan",
+    "merge_fp8", "check_targets", "refuse_kind", "FP8_SCALES", "ROUNDINGS", "merge_tree_key", "check_scaled_plain", "record_fp8", "Fp8Plan", "rounding_limit",
 ]
 
 #: ``fp8_scale=`` values: what happens to a scaled weight's scale.
@@ -197,7 +197,7 @@ def merge_fp8(
     if out is None:
         out = torch.empty(weight.shape, dtype=dtype, device=device)
     flat_out = out.view(rows, -1)
-    s32 = None if scale is None else scale.detach().reshape(()).to(device=device, dtype=torch.float32)
+    s32 = None if scale is None else scale.detach().reshape(()).to(device=device, dtype=torch.float32)  # dequantises
     B, A, fulls = _factors(contribs, device)
     flat_fulls = [(s, D.detach().reshape(rows, -1)) for s, D in fulls]
     gens = [(c.scale, c.delta.row_source(device)) for c in contribs if isinstance(c.delta, GENERATED)]
@@ -205,7 +205,7 @@ def merge_fp8(
 
     def values(start: int, stop: int) -> torch.Tensor:
         acc = ws.tile(device, stop - start, cols)
-        acc.copy_(dequantize_tensor(flat_w[start:stop], s32, torch.float32))
+        acc.copy_(dequantize_tensor(flat_w[start:stop], s32, torch.float32))  # always the weight's own scale
         if B is not None and A is not None:
             acc.addmm_(B[start:stop], A)
         for s, D in flat_fulls:
@@ -216,7 +216,7 @@ def merge_fp8(
 
     new_scale = None
     if options.fp8_scale == "recompute":
-        assert scale is not None and s32 is not None
+        assert scale is not None
         peaks = []
         for start in range(0, rows, tile):
             acc = values(start, min(rows, start + tile))
@@ -226,7 +226,7 @@ def merge_fp8(
                                    "the base or the adapter holds NaN/Inf. Check them with fvt.inspect")
             peaks.append(peak)
         new_scale = _stored_scale(amax_scale(torch.stack(peaks), dtype), scale, dtype, torch.stack(peaks).amax())
-        s32 = new_scale.reshape(()).to(device=device, dtype=torch.float32)
+    q32 = s32 if new_scale is None else new_scale.reshape(()).to(device=device, dtype=torch.float32)  # quantises
     generator = None
     if options.rounding == "stochastic":
         generator = torch.Generator(device=device)
@@ -235,12 +235,12 @@ def merge_fp8(
         stop = min(rows, start + tile)
         acc = values(start, stop)
         try:
-            q = quantize_tensor(acc, dtype, s32, generator=generator, saturate=options.saturate)
+            q = _quantize(acc, dtype, q32, generator, options.saturate)
         except Fp8Overflow as e:
             if math.isnan(e.largest) or math.isinf(e.largest):
                 raise NumericError(f"{where}: the merged weight holds NaN/Inf (rows {start}:{stop}); the base or the adapter "
                                    "holds NaN/Inf. Check them with fvt.inspect") from None
-            after = "" if s32 is None else f" after dividing by the scale {float(s32):g}"
+            after = "" if q32 is None else f" after dividing by the scale {float(q32):g}"
             raise NumericError(
                 f"{where}: the merged weight overflows {dtype}: largest magnitude {e.largest:g}{after} exceeds its range "
                 f"±{e.limit:g} (rows {start}:{stop}). Lower the LoRA scale, pass fp8_scale='recompute' (a new scale_weight), "
@@ -250,12 +250,37 @@ def merge_fp8(
     return out, new_scale
 
 
+def rounding_limit(dtype: torch.dtype) -> float:
+    """The smallest magnitude that does not round to the largest float8 value: ``max + ulp(max) / 2`` (464 for
+    e4m3fn, 61440 for e5m2) — below it, a value beyond ``max`` rounds to ``max`` (a rounding, not an overflow;
+    the same limit as ``lora/_dora.overflow_limit`` for float16)."""
+    fi = torch.finfo(dtype)
+    return float(fi.max) + float(fi.eps) * 2.0 ** math.floor(math.log2(float(fi.max))) / 2
+
+
+def _quantize(acc: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None, generator: torch.Generator | None,
+              saturate: bool) -> torch.Tensor:
+    """:func:`fvtransform._fp8.quantize_tensor`, where values above ``max`` but below :func:`rounding_limit` round to ``max``.
+
+    Raises:
+        Fp8Overflow: a value at or beyond the rounding limit (or NaN/Inf) without ``saturate``.
+    """
+    try:
+        return quantize_tensor(acc, dtype, scale, generator=generator, saturate=saturate)
+    except Fp8Overflow as e:
+        if not e.largest < rounding_limit(dtype):  # NaN fails too
+            raise
+        return quantize_tensor(acc, dtype, scale, generator=generator, saturate=True)  # only the clamp to max is new
+
+
 def _stored_scale(exact: torch.Tensor, old: torch.Tensor, dtype: torch.dtype, amax: torch.Tensor) -> torch.Tensor:
-    """The recomputed scale in the old scale's dtype and shape, never below ``amax / fp8_max`` (no overflow by its rounding)."""
+    """The recomputed scale in the old scale's dtype and shape, bumped up by ulps until the float32 quotient
+    ``amax / scale`` (the largest value quantised) is within the float8 range: its own rounding never overflows."""
     stored = exact.to(old.dtype)
-    need = float(amax) / fp8_max(dtype)
-    while float(stored) < need:
-        stored = torch.nextafter(stored, torch.tensor(math.inf, dtype=old.dtype))
+    peak = amax.to(torch.float32).cpu()
+    while float(peak / stored.cpu().to(torch.float32)) > fp8_max(dtype):
+        stored = torch.nextafter(stored.float(), torch.tensor(math.inf)).to(old.dtype) if old.dtype == torch.float32 else \
+            (stored.float() * (1 + torch.finfo(old.dtype).eps)).to(old.dtype)
     return stored.reshape(old.shape).to(old.device)
 
 
