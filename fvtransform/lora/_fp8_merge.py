@@ -14,8 +14,9 @@ from a ``torch.Generator`` seeded per key with ``blake2b(seed, key)``: the draws
 keys, their order or threads; within a key they are consumed in row tiles whose size depends on the row width only,
 so the in-memory merge and the disk-to-disk merge give the same bytes per seed (on one device kind: CUDA and CPU
 generators differ). ComfyUI seeds each key with ``string_to_seed(key)`` (comfy/model_patcher.py) and draws its own
-uniforms (comfy/float.py), so its stochastic bytes are not ours; its nearest-free rounding lands on the same two
-neighbours.
+uniforms (comfy/float.py), so its stochastic bytes are not ours; its result and ours are each one of the same two
+float8 neighbours of the float32 sum (tests/fixtures/fp8_merge). A value beyond the float8 maximum but below
+``max + ulp/2`` rounds to the maximum (as to nearest); beyond that it is a NumericError unless ``saturate``.
 
 An arithmetic unmerge from float8 is refused: subtracting the delta and rounding again loses up to one float8 step
 (12.5% relative for e4m3fn) per element and never lands back on the original in general. The record of
@@ -29,6 +30,7 @@ import math
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
+
 import attrs
 import torch
 
@@ -40,8 +42,9 @@ from fvtransform.errors import FormatError, NumericError, UsageError
 from fvtransform.lora._adapter import GENERATED, FullDelta
 
 __all__ = [
-    "Fp8Options", "fp8_options", "scale_key_of", "check_scale", "check_scale_keys", "key_seed",
-    "merge_fp8", "check_targets", "refuse_kind", "FP8_SCALES", "ROUNDINGS", "merge_tree_key", "check_scaled_plain", "record_fp8", "Fp8Plan", "rounding_limit",
+    "Fp8Options", "fp8_options", "scale_key_of", "check_scale", "check_scale_keys", "key_seed", "merge_fp8",
+    "check_targets", "refuse_kind", "FP8_SCALES", "ROUNDINGS", "merge_tree_key", "check_scaled_plain", "record_fp8",
+    "Fp8Plan", "rounding_limit",
 ]
 
 #: ``fp8_scale=`` values: what happens to a scaled weight's scale.
@@ -282,7 +285,7 @@ def _stored_scale(exact: torch.Tensor, old: torch.Tensor, dtype: torch.dtype, am
     peak = amax.to(torch.float32).cpu()
     while float(peak / stored.cpu().to(torch.float32)) > fp8_max(dtype):
         stored = torch.nextafter(stored.float(), torch.tensor(math.inf)).to(old.dtype) if old.dtype == torch.float32 else \
-            (stored.float() * (1 + torch.finfo(old.dtype).eps)).to(old.dtype)
+            (stored.float() * (1 + 2 * torch.finfo(old.dtype).eps)).to(old.dtype)
     return stored.reshape(old.shape).to(old.device)
 
 
