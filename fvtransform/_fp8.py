@@ -33,8 +33,10 @@ Read in ComfyUI (comfyanonymous/ComfyUI): ``comfy/model_detection.py`` ``model_c
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -60,6 +62,10 @@ __all__ = [
     "marker_fp8_dtype",
     "Fp8Layout",
     "split_layout",
+    "FP8_NAMES",
+    "as_fp8_dtype",
+    "nonfinite_count",
+    "Upcast",
 ]
 
 FP8_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -90,20 +96,49 @@ def fp8_max(dtype: torch.dtype) -> float:
 
 
 def amax_scale(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A float32 scalar ``max|x| / fp8_max(dtype)`` (1.0 for an all-zero or empty ``x``)."""
+    """A float32 scalar ``max|x| / fp8_max(dtype)`` (1.0 for an all-zero or empty ``x``).
+
+    Rounded up where float32 division would put ``max|x| / scale`` just above the float8 range.
+    """
     amax = x.detach().abs().amax().float() if x.numel() else torch.zeros((), dtype=torch.float32)
     if not bool(torch.isfinite(amax)):
         raise Fp8Overflow(float(amax), fp8_max(dtype))
     if float(amax) == 0.0:
         return torch.ones((), dtype=torch.float32, device=x.device)
-    return (amax / fp8_max(dtype)).to(torch.float32)
+    scale = (amax / fp8_max(dtype)).to(torch.float32)
+    if float(amax / scale) > fp8_max(dtype):  # float32 rounding of the division: max|x| / scale must stay in range
+        scale = torch.nextafter(scale, torch.full_like(scale, float("inf")))
+    return scale
+
+
+#: From this many elements on, a CPU dequantisation to a 2-byte dtype looks each PAIR of float8 bytes up in a
+#: 65536-entry table (torch's float8 conversion is not vectorised on CPU: the table is faster, same bits).
+_TABLE_FROM = 1 << 16
 
 
 def dequantize_tensor(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``w`` (float8) as ``dtype``: ``(w.float() * scale.float()).to(dtype)``, one rounding; no scale: an exact cast."""
+    """``w`` (float8) as ``dtype``: ``(w.float() * scale.float()).to(dtype)``, one rounding; no scale: an exact cast.
+
+    Large CPU tensors of an even size, to bfloat16 or float16, take each pair of results from a table of the
+    256 x 256 code pairs, each half made by that same formula: the bits are those of the elementwise
+    computation (a NaN code gives a NaN; its payload may differ).
+    """
+    if (w.device.type == "cpu" and w.numel() >= _TABLE_FROM and w.numel() % 2 == 0 and w.dtype in FP8_DTYPES
+            and dtype in (torch.bfloat16, torch.float16) and sys.byteorder == "little" and not w.requires_grad):
+        codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(w.dtype)
+        one = _dequantize_elementwise(codes, scale, dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+        pairs = ((one.reshape(256, 1) << 16) | one.reshape(1, 256)).reshape(65536, 1)  # [hi * 256 + lo] = hi:lo
+        index = w.contiguous().reshape(-1).view(torch.int16).to(torch.int32) & 0xFFFF  # little-endian: lo byte first
+        out = torch.nn.functional.embedding(index, pairs).reshape(-1).view(dtype)
+        return out.reshape(w.shape)
+    return _dequantize_elementwise(w, scale, dtype)
+
+
+def _dequantize_elementwise(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     if scale is None:
         return w.to(dtype)
-    out = w.to(torch.float32) * scale.to(device=w.device, dtype=torch.float32)
+    out = w.to(torch.float32)
+    out.mul_(scale.to(device=w.device, dtype=torch.float32))
     return out if dtype == torch.float32 else out.to(dtype)
 
 
@@ -291,3 +326,114 @@ def split_layout(keys: Iterable[str]) -> Fp8Layout:
         else:
             input_scales[weight] = key
     return Fp8Layout(scales, input_scales, tuple(orphans), tuple(markers))
+
+
+# --- names, the finite check, and the tensor that dequantises when used -----------------------------------
+
+FP8_NAMES: dict[str, torch.dtype] = {
+    "float8_e4m3fn": torch.float8_e4m3fn, "e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2, "e5m2": torch.float8_e5m2, "fp8_e5m2": torch.float8_e5m2,
+}
+"""Float8 dtypes by name (the names ``quantize_fp8(dtype=...)`` takes, besides the dtypes themselves)."""
+
+#: Per float8 dtype: (mask, value) such that ``bits & mask == value`` is a NaN or an Inf code.
+#: e4m3fn has no Inf; its NaN is S.1111.111. e5m2 is IEEE-like: exponent 11111 is Inf or NaN.
+_NONFINITE_BITS: dict[torch.dtype, tuple[int, int]] = {
+    torch.float8_e4m3fn: (0x7F, 0x7F),
+    torch.float8_e5m2: (0x7C, 0x7C),
+}
+
+
+def as_fp8_dtype(dtype: torch.dtype | str) -> torch.dtype | None:
+    """A float8 dtype from a dtype or a name in :data:`FP8_NAMES`; None if it names none."""
+    if isinstance(dtype, torch.dtype):
+        return dtype if is_fp8(dtype) else None
+    return FP8_NAMES.get(dtype.removeprefix("torch."))
+
+
+def nonfinite_count(x: torch.Tensor) -> int:
+    """How many elements of ``x`` are NaN or Inf (float8 has no ``isfinite`` kernel: its bit codes are read)."""
+    if not x.numel():
+        return 0
+    code = _NONFINITE_BITS.get(x.dtype)
+    if code is not None:
+        mask, value = code
+        return int(((x.view(torch.uint8) & mask) == value).sum())
+    if not x.dtype.is_floating_point:
+        return 0
+    return int((~torch.isfinite(x)).sum())
+
+
+class Upcast(torch.Tensor):
+    """A float8 tensor (and its scale) that looks like a ``dtype`` tensor and dequantises each time it is used.
+
+    Every torch operation on it first makes ``dequantize_tensor(data, scale, dtype)`` (one rounding, the same
+    bits every time) and runs on that plain tensor, which is dropped after the operation: a forward pass
+    holds one layer's weight in the compute dtype at a time, never the model. The float8 bytes are checked
+    for NaN/Inf on first use (``on_nonfinite`` is called with the count, and raises).
+
+    Attributes:
+        fp8: the float8 tensor (shared, never written).
+        scale: its per-tensor scale, or None (a plain cast).
+        key: the tree key it stands for (named in errors).
+    """
+
+    fp8: torch.Tensor
+    scale: torch.Tensor | None
+    key: str
+
+    @staticmethod
+    def __new__(
+        cls, fp8: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, key: str,
+        on_nonfinite: object = None,
+    ) -> Upcast:
+        return torch.Tensor._make_wrapper_subclass(
+            cls, fp8.shape, strides=fp8.stride(), dtype=dtype, device=fp8.device, requires_grad=False
+        )
+
+    def __init__(
+        self, fp8: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, key: str,
+        on_nonfinite: object = None,
+    ) -> None:
+        self.fp8 = fp8
+        self.scale = scale
+        self.key = key
+        self._on_nonfinite = on_nonfinite
+        self._checked = False
+
+    def materialize(self) -> torch.Tensor:
+        """The dequantised tensor (a new plain tensor each call; the same bits every call)."""
+        if not self._checked:
+            bad = nonfinite_count(self.fp8)
+            if bad and callable(self._on_nonfinite):
+                self._on_nonfinite(self.key, bad)
+            self._checked = True
+        return dequantize_tensor(self.fp8, self.scale, self.dtype)
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+
+    @classmethod
+    def __torch_dispatch__(  # type: ignore[override]  # torch declares it as a plain function
+        cls, func: Any, types: Iterable[type], args: tuple[Any, ...] = (), kwargs: dict[Any, Any] | None = None
+    ) -> Any:
+        from torch.utils._pytree import tree_map
+
+        def plain(x: object) -> object:
+            return x.materialize() if isinstance(x, Upcast) else x
+
+        return func(*tree_map(plain, args), **tree_map(plain, kwargs or {}))
+
+    def __repr__(self, *, tensor_contents: object = None) -> str:  # type: ignore[override]
+        scaled = "scaled " if self.scale is not None else ""
+        return (f"Upcast({self.key!r}: {scaled}{str(self.fp8.dtype).removeprefix('torch.')} "
+                f"{list(self.shape)} -> {str(self.dtype).removeprefix('torch.')}, dequantised when used)")
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:  # pickled as its values
+        return (_rebuild_plain, (self.materialize(),))
+
+    def __deepcopy__(self, memo: dict[int, object]) -> torch.Tensor:  # a copy is the dequantised values
+        return self.materialize()
+
+
+def _rebuild_plain(t: torch.Tensor) -> torch.Tensor:
+    return t

@@ -27,7 +27,7 @@ PUBLIC = {
         "Transform", "__version__", "build", "call", "call_with_buffers", "cast", "chain", "check", "combine", "drop",
         "errors", "load", "load_model", "lora", "map_tensors", "partition", "register", "rename", "resolve", "save",
         "select", "tensors_equal", "to", "transforms", "update", "shard", "unshard", "distributed",
-        "hub", "io", "models", "registry", "tree", "bind", "load_pipeline",
+        "hub", "io", "models", "registry", "tree", "bind", "load_pipeline", "dequantize", "quantize_fp8",
     },
     "lora": {
         "FORMATS", "Delta", "ExtractReport", "FullDelta", "LoraAdapter", "LowRank", "MergeRecord", "ResolutionReport",
@@ -44,7 +44,7 @@ PUBLIC = {
     },
     "hub": {"maybe_download_lora", "maybe_download_model", "resolved_commit"},
     "transforms": {"Transform", "cast", "chain", "drop", "map_tensors", "merge_lora", "rename", "select", "to",
-                   "unmerge_lora", "update"},
+                   "unmerge_lora", "update", "dequantize", "quantize_fp8"},
     "registry": {"REGISTRY", "Registry", "build", "meta_parameters", "register", "resolve", "BuildLimits",
                  "LAYOUTS", "Layout", "layout", "layout_names"},
     "distributed": {"ResolvedPlan", "ShardPlan", "fsdp_plan", "shard", "tp_plan", "unshard"},
@@ -56,7 +56,7 @@ PUBLIC = {
     "models": {"TINY_CONFIG", "VideoDiT", "VideoDiTConfig", "init_weights"},
     "tree": {
         "Fuse", "KeyMap", "MappingPlan", "ParamTree", "Pattern", "Rename", "Split", "cast", "combine", "drop",
-        "map_tensors", "partition", "rename", "select", "tensors_equal", "to", "update",
+        "map_tensors", "partition", "rename", "select", "tensors_equal", "to", "update", "dequantize", "quantize_fp8",
     },
     "cli": {"main"},
     "testing": {"DTYPES", "adapters", "assert_no_mutation", "assert_order_independent", "assert_restores_exactly",

@@ -209,12 +209,22 @@ def _resolve(
     return state, values, buffer_keys
 
 
-def _prepare(module: nn.Module, tree: Mapping[str, torch.Tensor], what: str = "tree") -> tuple[dict[str, torch.Tensor], list[str]]:
+def _prepare(
+    module: nn.Module, tree: Mapping[str, torch.Tensor], what: str = "tree", compute_dtype: torch.dtype | str | None = None,
+    fn: str = "call",
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    from fvtransform.tree._fp8 import maybe_fp8, runnable  # float8: layout keys out, each weight upcast when used
+
+    if maybe_fp8(tree):
+        tree = runnable(tree, {k: t for k, (_kind, t) in _module_state(module)[0].items()}, compute_dtype, fn)
     _state, params, buffer_keys = _resolve(module, tree, what, "call")
     return params, buffer_keys
 
 
-def call(module: _Forward[Out], tree: Mapping[str, torch.Tensor], /, *args: object, **kwargs: object) -> Out:
+def call(
+    module: _Forward[Out], tree: Mapping[str, torch.Tensor], /, *args: object,
+    compute_dtype: torch.dtype | str | None = None, **kwargs: object,
+) -> Out:
     """Run ``module(*args, **kwargs)`` with the tensors of ``tree``, strictly.
 
     The tree must hold exactly the module's parameters and persistent buffers
@@ -229,6 +239,14 @@ def call(module: _Forward[Out], tree: Mapping[str, torch.Tensor], /, *args: obje
     :func:`call_with_buffers` to get the updated buffers back. The module
     object and the tree are not mutated. The result is what ``module.forward``
     returns, typed as its annotation says.
+
+    A float8 tree runs as it is: each float8 weight is dequantised to
+    ``compute_dtype`` (default: the module's own dtype for that weight), times
+    its ``scale_weight`` in the scaled-fp8 layout, when its layer uses it, and
+    dropped after, so no full-precision copy of the model is made; the result
+    equals ``fvt.call(module, fvt.dequantize(tree, compute_dtype), ...)`` bit
+    for bit. The layout's ``scale_weight`` / ``scale_input`` / ``scaled_fp8``
+    keys are understood, not reported as unexpected.
 
     >>> import torch, fvtransform as fvt
     >>> lin = torch.nn.Linear(2, 1)
@@ -249,7 +267,7 @@ def call(module: _Forward[Out], tree: Mapping[str, torch.Tensor], /, *args: obje
     Fix: check that the checkpoint and config.json belong together (the model built from the config expects these shapes), or convert the tree (fvt.rename / fvt.KeyMap) before calling.
     """
     mod = _as_module(module, tree, "call")
-    params, _ = _prepare(mod, tree)
+    params, _ = _prepare(mod, tree, compute_dtype=compute_dtype)
     check_not_meta(params, args, kwargs, "call")
     out: Out = torch.func.functional_call(mod, params, args, kwargs, tie_weights=True, strict=False)
     return out

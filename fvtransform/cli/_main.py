@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence, TypedDict
+from typing import Any, Sequence, TypedDict
 
 __all__ = ["main"]
 
@@ -122,9 +122,13 @@ def _inspect(path: str, as_json: bool, base: str | None = None) -> int:
         g = groups.setdefault(prefix, {"tensors": 0, "bytes": 0})
         g["tensors"] += 1
         g["bytes"] += info.nbytes
+    from fvtransform.tree._fp8 import describe
+
+    fp8 = describe({k: ckpt.info(k).dtype for k in ckpt.keys()})  # float8 weights, scaled or plain, the marker
     if as_json:
         print(json.dumps({"path": str(path), "groups": groups,
-                          "tensors": [{k: v for k, v in r.items() if k != "group"} for r in rows]}))
+                          "tensors": [{k: v for k, v in r.items() if k != "group"} for r in rows],
+                          **({"fp8": fp8} if fp8 else {})}))
     else:
         from fvtransform.tree._paramtree import human_bytes
 
@@ -136,7 +140,24 @@ def _inspect(path: str, as_json: bool, base: str | None = None) -> int:
                 print(f"{printable(r['group'])}  ({g['tensors']} tensors, {human_bytes(g['bytes'])})")
             print(f"  {printable(r['key']):<60} {r['dtype']:<10} {r['shape']}  {human_bytes(r['bytes'])}")
         print(f"{len(rows)} tensors, {human_bytes(sum(r['bytes'] for r in rows))}")
+        if fp8:
+            print(_fp8_line(fp8))
     return 0
+
+
+def _fp8_line(fp8: dict[str, Any]) -> str:
+    """One line of ``fvtransform inspect`` on a float8 checkpoint."""
+    from fvtransform.cli._commands import printable
+
+    dtypes = ", ".join(f"{k}: {n}" for k, n in fp8["dtypes"].items())
+    line = f"float8: {fp8['weights']} weights ({fp8['scaled']} scaled, {fp8['plain']} plain; {dtypes})"
+    markers = ", ".join(f"{printable(repr(k))} ({v})" for k, v in fp8["markers"].items())
+    line += f", marker {markers}" if markers else ", no scaled_fp8 marker"
+    if fp8["scale_input"]:
+        line += f", scale_input: {fp8['scale_input']}"
+    if fp8["orphan_scales"]:
+        line += f", scales without their weight: {len(fp8['orphan_scales'])}"
+    return line
 
 
 def _inspect_lora(p: Path, base: str | None, as_json: bool) -> int:

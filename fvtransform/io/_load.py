@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,6 +109,25 @@ class Checkpoint:
         if self.files.weight_map is None:
             return dict(self.headers[self.files.files[0]].metadata)
         return {k: str(v) for k, v in self.files.metadata.items()}
+
+
+class _LazyKeys(Mapping[str, torch.Tensor]):
+    """A checkpoint's tensors by key, each mapped only when asked for (the float8 layout check reads scales only)."""
+
+    def __init__(self, ckpt: Checkpoint, keys: list[str]) -> None:
+        self._ckpt, self._keys = ckpt, keys
+        self.dtypes = {k: ckpt.info(k).dtype for k in keys}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.dtypes:
+            raise KeyError(key)
+        return self._ckpt.tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 #: Names no alias may take, and why (a safetensors file can store no tensor under them).
@@ -261,11 +280,17 @@ def load(
         ckpt = Checkpoint(files)
         keys = ckpt.keys()
         get = ckpt.tensor
+    all_keys = keys
     if select is not None:
         m = matcher(select)
         keys = [k for k in keys if m(k, None)]  # type: ignore[arg-type]
         if not keys:
             raise KeyMismatchError(f"{path}: select={select!r} matched no key")
+    if not files.pickle:  # a float8 checkpoint: its scaled-fp8 layout checked, naming the file
+        from fvtransform.tree._fp8 import check_file
+
+        on_disk = _LazyKeys(ckpt, all_keys)
+        check_file(on_disk, on_disk.dtypes, keys, dtype, path)
     memo: dict[str, torch.Tensor] = {}
     canon_of: dict[str, str] = {} if files.pickle else ckpt.aliases
     data_out: dict[str, torch.Tensor] = {}

@@ -185,6 +185,7 @@ def call(
     adapters: CallAdapters,
     /,
     *args: object,
+    compute_dtype: torch.dtype | str | None = None,
     **kwargs: object,
 ) -> Out:
     """Run ``module`` on ``tree`` with adapters applied on the fly: ``base(x) + s * B(A(x))``.
@@ -207,6 +208,10 @@ def call(
     Switching adapters is passing another one: no module is built or
     changed. A pair's scale may be a 0-d floating tensor.
 
+    A float8 base runs as in :func:`fvtransform.call`: each weight is
+    dequantised to ``compute_dtype`` (default: the module's own dtype) as its
+    layer runs, and the adapter is added on top.
+
     Under ``torch.compile`` the call traces: the low-rank products are in
     the graph. Tensors are graph inputs, so another adapter with the same
     targets, ranks and own scales (alpha / rank) reuses the graph; give
@@ -224,14 +229,14 @@ def call(
     tensor([[2., 1.]])
     """
     mod = _as_module(module, tree, "lora.call", "adapters, *args, **kwargs")
-    params, _ = _prepare(mod, tree)
+    params, _ = _prepare(mod, tree, compute_dtype=compute_dtype, fn="lora.call")
     check_not_meta(params, args, kwargs, "lora.call")
     plain, tensor_scales = _split_tensor_scales(adapters)
     pairs = normalize_adapters(plain)
     if torch.compiler.is_compiling():
         why = _untraceable(pairs, params)
         if why is not None:
-            return _eager(why, module, tree, adapters, *args, **kwargs)
+            return _eager(why, module, tree, adapters, *args, compute_dtype=compute_dtype, **kwargs)
     replaced = _replacements(pairs, params)
     params = {**params, **replaced}
     by_weight: dict[int, tuple[str, list[tuple[Scale, Any]]]] = {}
@@ -345,11 +350,12 @@ def _untraceable(pairs: list[tuple[LoraAdapter, float]], params: Mapping[str, to
 
 
 @torch.compiler.disable
-def _eager(why: str, module: _Forward[Out], tree: Mapping[str, torch.Tensor], adapters: CallAdapters, /, *args: object, **kwargs: object) -> Out:
+def _eager(why: str, module: _Forward[Out], tree: Mapping[str, torch.Tensor], adapters: CallAdapters, /, *args: object,
+           compute_dtype: torch.dtype | str | None = None, **kwargs: object) -> Out:
     """The explicit fallback under ``torch.compile``: warn, then run this call eagerly (a graph break)."""
     warnings.warn(
         f"fvt.lora.call under torch.compile: {why}, so this call is not traced and runs eagerly (a graph break). "
         "Fix: merge these targets first (fvt.lora.merge) to compile them, or call outside torch.compile",
         stacklevel=2,
     )
-    return call(module, tree, adapters, *args, **kwargs)
+    return call(module, tree, adapters, *args, compute_dtype=compute_dtype, **kwargs)

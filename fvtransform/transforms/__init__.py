@@ -5,6 +5,7 @@ factory here, ``fvt.transforms.X(...)``: ``fvt.transforms.X(args)(tree) == fvt.X
 """
 
 from fvtransform import _unlisted
+from fvtransform.transforms._fp8 import dequantize, quantize_fp8
 from fvtransform.transforms._lora import merge_lora, unmerge_lora
 from fvtransform.transforms._transform import (
     Transform,
@@ -22,9 +23,11 @@ __all__ = [
     "Transform",
     "cast",
     "chain",
+    "dequantize",
     "drop",
     "map_tensors",
     "merge_lora",
+    "quantize_fp8",
     "rename",
     "select",
     "to",

@@ -1,6 +1,7 @@
 """Parameter trees, the operations on them, and key maps."""
 
 from fvtransform import _unlisted
+from fvtransform.tree._fp8 import dequantize, quantize_fp8
 from fvtransform.tree._keymap import Fuse, KeyMap, MappingPlan, Rename, Split
 from fvtransform.tree._match import Pattern
 from fvtransform.tree._ops import cast, combine, drop, map_tensors, partition, rename, select, to, update
@@ -16,9 +17,11 @@ __all__ = [
     "Split",
     "cast",
     "combine",
+    "dequantize",
     "drop",
     "map_tensors",
     "partition",
+    "quantize_fp8",
     "rename",
     "select",
     "tensors_equal",

@@ -260,6 +260,9 @@ def cast(tree: Mapping[str, torch.Tensor], dtype: DTypeLike, /, *, only: Pattern
     """
     tree = _as_tree(tree)
     target = as_dtype(dtype)
+    from fvtransform.tree._fp8 import refuse_scaled_cast
+
+    refuse_scaled_cast(tree, target, only)  # scaled float8 weights need their scale: fvt.dequantize
 
     def one(_k: str, v: torch.Tensor) -> torch.Tensor:
         if not v.dtype.is_floating_point or v.dtype == target:
