@@ -35,7 +35,7 @@ import attrs
 import torch
 
 from fvtransform._fp8 import (
-    SCALE_DTYPES, SCALE_SHAPES, Fp8Overflow, amax_scale, fp8_max, is_fp8, quantize_tensor, scale_key,
+    SCALE_DTYPES, SCALE_SHAPES, Fp8Overflow, amax_scale, dequantize_tensor, fp8_max, is_fp8, quantize_tensor, scale_key,
     split_layout, weight_key_of,
 )
 from fvtransform.errors import FormatError, NumericError, UsageError
@@ -208,9 +208,7 @@ def merge_fp8(
 
     def values(start: int, stop: int) -> torch.Tensor:
         acc = ws.tile(device, stop - start, cols)
-        acc.copy_(flat_w[start:stop])  # exact: every float8 value is a float32 value
-        if s32 is not None:  # _fp8.dequantize_tensor's arithmetic (w.float() * scale), in the tile buffer: no allocation
-            acc.mul_(s32)  # always the weight's own scale
+        acc.copy_(dequantize_tensor(flat_w[start:stop], s32, torch.float32))  # always the weight's own scale
         if B is not None and A is not None:
             acc.addmm_(B[start:stop], A)
         for s, D in flat_fulls:
@@ -239,8 +237,10 @@ def merge_fp8(
     for start in range(0, rows, tile):
         stop = min(rows, start + tile)
         acc = values(start, stop)
+        if q32 is not None:  # quantize_tensor's division by the scale (float32, IEEE), in place in the tile buffer
+            acc.div_(q32)
         try:
-            q = _quantize(acc, dtype, q32, generator, options.saturate)
+            q = _quantize(acc, dtype, None, generator, options.saturate)
         except Fp8Overflow as e:
             if math.isnan(e.largest) or math.isinf(e.largest):
                 raise NumericError(f"{where}: the merged weight holds NaN/Inf (rows {start}:{stop}); the base or the adapter "
