@@ -205,10 +205,14 @@ def merge_fp8(
     flat_fulls = [(s, D.detach().reshape(rows, -1)) for s, D in fulls]
     gens = [(c.scale, c.delta.row_source(device)) for c in contribs if isinstance(c.delta, GENERATED)]
     tile = max(1, TILE_BYTES // max(1, cols * 4))
+    table = _dequantize_table(dtype, s32, device) if device.type == "cpu" else None
 
     def values(start: int, stop: int) -> torch.Tensor:
         acc = ws.tile(device, stop - start, cols)
-        acc.copy_(dequantize_tensor(flat_w[start:stop], s32, torch.float32))  # always the weight's own scale
+        if table is not None:  # each byte's value looked up: the bits of dequantize_tensor, without torch's slow upcast
+            torch.index_select(table, 0, flat_w[start:stop].reshape(-1).view(torch.uint8).to(torch.int32), out=acc.view(-1))
+        else:
+            acc.copy_(dequantize_tensor(flat_w[start:stop], s32, torch.float32))  # always the weight's own scale
         if B is not None and A is not None:
             acc.addmm_(B[start:stop], A)
         for s, D in flat_fulls:
@@ -276,6 +280,16 @@ def _quantize(acc: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None,
         if not e.largest < rounding_limit(dtype):  # NaN fails too
             raise
         return quantize_tensor(acc, dtype, scale, generator=generator, saturate=True)  # only the clamp to max is new
+
+
+def _dequantize_table(dtype: torch.dtype, scale: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The float32 value of each of the 256 float8 codes, by :func:`fvtransform._fp8.dequantize_tensor` itself.
+
+    torch's float8 -> float32 conversion is not vectorised on CPU (measured about 5 ns per element, torch 2.13);
+    a gather from this table gives the same bits several times faster, into the tile buffer.
+    """
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).to(device)
+    return dequantize_tensor(codes, scale, torch.float32).contiguous()
 
 
 def _stored_scale(exact: torch.Tensor, old: torch.Tensor, dtype: torch.dtype, amax: torch.Tensor) -> torch.Tensor:
