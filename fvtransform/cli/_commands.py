@@ -111,7 +111,8 @@ def _refuse_inputs(out: str, inputs: list[str]) -> None:
 
 
 def merge_command(base: str, loras: list[str], out: str, *, dtype: str | None, quiet: bool,
-                  overwrite: bool = False, device: str | None = None) -> dict[str, Any]:
+                  overwrite: bool = False, device: str | None = None, fp8_scale: str = "keep", rounding: str = "nearest",
+                  seed: int | None = None, saturate: bool = False) -> dict[str, Any]:
     import fvtransform as fvt
     from fvtransform.lora._stream import as_device
 
@@ -128,7 +129,7 @@ def merge_command(base: str, loras: list[str], out: str, *, dtype: str | None, q
     try:
         written = fvt.lora.merge_checkpoint(base_path, pairs, out, dtype=parse_dtype(dtype), labels=labels, progress=update,
                                             overwrite=overwrite, on_skip=lambda name, why: skipped.append(f"{name} ({why})"),
-                                            device=on)
+                                            device=on, fp8_scale=fp8_scale, rounding=rounding, seed=seed, saturate=saturate)
     finally:
         close()
     doc: dict[str, Any] = {"output": str(written), "merged": [{"lora": lab, "scale": s} for lab, (_, s) in zip(labels, pairs)],

@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     mg.add_argument("--dtype", default=None, help="cast floating tensors of the output (bf16, fp16, fp32)")
     mg.add_argument("--quiet", action="store_true", help="no progress bar")
     mg.add_argument("--device", default=None, help="compute the merged tensors there, e.g. cuda (default: cpu)")
+    mg.add_argument("--fp8-scale", default="keep", choices=["keep", "recompute"],
+                    help="float8 targets: keep each scale_weight (default) or recompute it from the merged weight's amax")
+    mg.add_argument("--rounding", default="nearest", choices=["nearest", "stochastic"], help="float8 targets: how the sum is rounded")
+    mg.add_argument("--seed", default=None, type=int, help="the seed of --rounding stochastic (default 0)")
+    mg.add_argument("--saturate", action="store_true", help="float8 targets: clamp values beyond the float8 range instead of refusing")
     cv = sub.add_parser("convert-lora", help="rewrite a LoRA file in another format")
     cv.add_argument("src")
     cv.add_argument("-o", "--output", required=True)
@@ -243,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.command == "merge":
             return _report(c.merge_command(args.base, args.loras, args.output, dtype=args.dtype, quiet=args.quiet or args.json,
-                                           overwrite=args.overwrite, device=args.device), args.json)
+                                           overwrite=args.overwrite, device=args.device, fp8_scale=args.fp8_scale,
+                                           rounding=args.rounding, seed=args.seed, saturate=args.saturate), args.json)
         if args.command == "convert-lora":
             return _report(c.convert_command(args.src, args.output, to=args.to, base=args.base, overwrite=args.overwrite), args.json)
         if args.command == "extract-lora":

@@ -33,6 +33,10 @@ from fvtransform.lora._moved import moved_keywords
 from fvtransform.lora._record import MergeRecord, _apply_correction, _Correction, _make_correction
 from fvtransform.lora._dora import merge_dora, merge_dora_autograd, overflow_limit, overflows, unmerge_dora
 from fvtransform.io._safetensors import _tensor_bytes
+from fvtransform._fp8 import is_fp8
+from fvtransform.lora._fp8_merge import (
+    Fp8Options, check_scale_keys, check_scaled_plain, check_targets, fp8_options, merge_tree_key, record_fp8, refuse_kind,
+)
 from fvtransform.tree._paramtree import ParamTree
 
 __all__ = ["merge", "merge_with_record", "unmerge", "restore", "normalize_adapters", "delta_rows", "delta_autograd", "needs_grad", "describe", "AdapterSet", "Workspace"]
@@ -369,6 +373,10 @@ def merge(
     scale: float = 1.0,
     *,
     donate: bool = False,
+    fp8_scale: str = "keep",
+    rounding: str = "nearest",
+    seed: int | None = None,
+    saturate: bool = False,
 ) -> ParamTree:
     """Merge one adapter, or a set ``[(adapter, scale), ...]``, into a tree.
 
@@ -389,6 +397,14 @@ def merge(
     tied to other keys (``tree.aliases()``) or shares its storage with another
     key (views of one buffer).
 
+    Float8 targets (plain, or scaled with ``<module>.scale_weight``) are
+    dequantised per tile in float32, merged and quantised back once to their
+    float8 dtype: with the existing scale (``fp8_scale="keep"``) or a new amax
+    scale (``"recompute"``, the scale key updated); to nearest, or
+    ``rounding="stochastic"`` with ``seed=`` (deterministic per seed and key).
+    A result beyond the float8 range is a :class:`~fvtransform.errors.NumericError`
+    unless ``saturate=True`` clamps it. These options apply to float8 targets only.
+
     >>> import torch, fvtransform as fvt
     >>> from fvtransform.lora import LoraAdapter, LowRank
     >>> tree = fvt.ParamTree({"w": torch.zeros(2, 2), "b": torch.zeros(2)})
@@ -399,7 +415,8 @@ def merge(
     >>> fvt.lora.merge(tree, a)["b"] is tree["b"]
     True
     """
-    return _merge(tree, adapters, scale, donate=donate, record=False)[0]
+    fp8 = fp8_options(fp8_scale, rounding, seed, saturate)
+    return _merge(tree, adapters, scale, donate=donate, record=False, fp8=fp8)[0]
 
 
 merge.__fvt_eager__ = "lora.merge"  # type: ignore[attr-defined]
@@ -409,10 +426,17 @@ def merge_with_record(
     tree: Mapping[str, torch.Tensor],
     adapters: AdapterSet,
     scale: float = 1.0,
+    *,
+    fp8_scale: str = "keep",
+    rounding: str = "nearest",
+    seed: int | None = None,
+    saturate: bool = False,
 ) -> tuple[ParamTree, MergeRecord]:
     """:func:`merge`, and the :class:`MergeRecord` that :func:`restore` uses to give back the original bits.
 
-    The record needs the original weights, so nothing is donated.
+    The record needs the original weights, so nothing is donated. For float8
+    targets the record holds the bit steps back to the original bytes (and
+    scale), so :func:`restore` is exact without rounding again.
 
     >>> import torch, fvtransform as fvt
     >>> tree = fvt.ParamTree({"l.weight": torch.randn(4, 3), "l.bias": torch.zeros(4)})
@@ -421,13 +445,14 @@ def merge_with_record(
     >>> fvt.lora.restore(merged, record) == tree
     True
     """
-    merged, record = _merge(tree, adapters, scale, donate=False, record=True)
+    fp8 = fp8_options(fp8_scale, rounding, seed, saturate)
+    merged, record = _merge(tree, adapters, scale, donate=False, record=True, fp8=fp8)
     assert record is not None
     return merged, record
 
 
 def _merge(tree: Mapping[str, torch.Tensor], adapters: AdapterSet, scale: float, *, donate: bool,
-           record: bool) -> tuple[ParamTree, MergeRecord | None]:
+           record: bool, fp8: Fp8Options = Fp8Options()) -> tuple[ParamTree, MergeRecord | None]:
     check_tree_first("merge_with_record" if record else "merge", tree, adapters)
     base = tree if isinstance(tree, ParamTree) else ParamTree(tree)
     pairs = normalize_adapters(adapters, scale)
@@ -440,8 +465,22 @@ def _merge(tree: Mapping[str, torch.Tensor], adapters: AdapterSet, scale: float,
     target_bytes = 0
     work = Workspace()
     norms: dict[str, torch.Tensor] = {}
+    fp8_keys = [k for k in per_key if is_fp8(base[k].dtype)]
+    check_targets(fp8_keys, fp8, "fvt.lora.merge")
+    if fp8_keys:
+        check_scale_keys(base, "merge")
+    direct: set[str] = set()
     for key, contribs in per_key.items():
         w = base[key]
+        if key in fp8_keys:  # dequantise per tile, add, quantise back once (lora/_fp8_merge.py)
+            refuse_kind(contribs, key, needs_grad([w, *(t for c in contribs for t in c.delta.tensors())]), _is_dtensor(w))
+            out[key], scales = merge_tree_key(base, key, contribs, fp8, donate=donate, work=work)
+            if record:
+                target_bytes += record_fp8(base, key, out[key], scales, corrections, digests, direct)
+            out.update(scales)
+            continue
+        if fp8_keys:
+            check_scaled_plain(base, key)
         dora = _is_dora(contribs)
         replace = _is_replace(key, contribs)
         if _is_dtensor(w):
@@ -479,7 +518,7 @@ def _merge(tree: Mapping[str, torch.Tensor], adapters: AdapterSet, scale: float,
     # keep tied weights tied: every alias of a merged tensor gets the merged tensor
     merged = ParamTree._wrap(_retie(base, out, per_key))
     if record:
-        return merged, MergeRecord(tuple(pairs), corrections, digests, target_bytes, norms)
+        return merged, MergeRecord(tuple(pairs), corrections, digests, target_bytes, norms, frozenset(direct))
     return merged, None
 
 
@@ -546,6 +585,10 @@ def unmerge(
     work = Workspace()
     for key, contribs in per_key.items():
         w = base[key]
+        if is_fp8(w.dtype):
+            raise UsageError(f"{key!r} is {w.dtype}: an arithmetic unmerge rounds to float8 again and loses up to one float8 "
+                             "step per element; undo a float8 merge exactly with merged, record = fvt.lora.merge_with_record(...) "
+                             "and fvt.lora.restore(merged, record)")
         if _is_dora(contribs):
             raise UsageError(f"{key!r}: DoRA merges are undone with the record of fvt.lora.merge_with_record")
         if _is_replace(key, contribs):
@@ -581,14 +624,19 @@ def restore(tree: Mapping[str, torch.Tensor], record: MergeRecord) -> ParamTree:
                 f"restore: {key!r} is not the merged weight this record was made for; "
                 "restore takes the tree that fvt.lora.merge_with_record returned"
             )
-        if _is_replace(key, contribs):
-            back = base[key]
+        if _is_replace(key, contribs) or key in record.direct:
+            back = base[key]  # the correction holds the bit steps back from the merged bytes
         elif key in record.dora_norms:
             back = unmerge_dora(base[key], contribs, record.dora_norms[key], where=f"{key!r}")
         else:
             back = delta_rows(contribs, base[key], sign=-1.0, work=work, where=f"{key!r}")
         out[key] = _apply_correction(back, record.corrections[key])
-    return ParamTree._wrap(_retie(base, out, per_key))
+    for key in sorted(record.direct - set(per_key)):  # a recomputed float8 scale
+        if key not in base or _digest(base[key]) != record.merged_digest[key]:
+            raise UsageError(f"restore: {key!r} is not the merged scale this record was made for; "
+                             "restore takes the tree that fvt.lora.merge_with_record returned")
+        out[key] = _apply_correction(base[key], record.corrections[key])
+    return ParamTree._wrap(_retie(base, out, {**per_key, **dict.fromkeys(record.direct)}))
 
 
 restore.__fvt_eager__ = "lora.restore"  # type: ignore[attr-defined]

@@ -73,6 +73,7 @@ class MergeRecord:
     merged_digest: Mapping[str, bytes]
     targets_nbytes: int
     dora_norms: Mapping[str, torch.Tensor] = attrs.field(factory=dict)  # DoRA targets: row (or input-column) norms of W + s delta
+    direct: frozenset[str] = frozenset()  # float8 targets and their scales: restored from the merged bits, no unmerge
 
     @property
     def nbytes(self) -> int:

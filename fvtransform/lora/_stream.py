@@ -38,6 +38,7 @@ from fvtransform.io._open import open_regular
 from fvtransform.io._safetensors import FileRange, TensorSpec, write_safetensors
 from fvtransform.lora._adapter import FullDelta
 from fvtransform.lora._dora import merge_dora
+from fvtransform.lora._fp8_merge import Fp8Plan, fp8_options
 from fvtransform.lora._merge import AdapterSet, Workspace, _collect, _digest, _is_dora, _is_replace, delta_rows, normalize_adapters
 
 __all__ = ["merge_checkpoint", "MERGED_KEY", "FILES_KEY", "OTHER_FILE_LIMIT", "as_device", "check_not_input"]
@@ -117,6 +118,10 @@ def merge_checkpoint(
     overwrite: bool = False,
     on_skip: Callable[[str, str], None] | None = None,
     device: str | torch.device | None = None,
+    fp8_scale: str = "keep",
+    rounding: str = "nearest",
+    seed: int | None = None,
+    saturate: bool = False,
 ) -> Path:
     """Merge ``adapters`` (an adapter or ``[(adapter, scale), ...]``) into the checkpoint at ``base``; write ``out``.
 
@@ -144,6 +149,10 @@ def merge_checkpoint(
     ``device`` (e.g. ``"cuda"``) computes the merged tensors there, tile by tile, while the CPU
     reads and writes (default: on the CPU); the bytes are those of a CPU merge up to the
     device's float32 matrix product.
+    Float8 targets merge as in :func:`fvtransform.lora.merge` (``fp8_scale``, ``rounding``, ``seed``,
+    ``saturate`` mean the same): they stay float8, a recomputed ``scale_weight`` is written, the
+    ``scaled_fp8`` marker and every untouched tensor are copied; the bytes equal those of the
+    in-memory merge saved. ``dtype=`` is refused with a float8 target (dequantise first).
 
     Raises:
         KeyMismatchError / ShapeMismatchError: an adapter that does not fit the base.
@@ -152,7 +161,10 @@ def merge_checkpoint(
         WriteError: a folder where an output file goes; ``out`` holds files the merge did not write, a full disk, a read-only destination.
         UnsafeFileError: ``out`` is a symlink, FIFO, device or socket.
         UsageError: a ``device`` that is not one, is ``meta``, or is not on this machine.
+        NumericError: a float8 merge overflowing the float8 range (without ``saturate``), a NaN/Inf scale.
+        FormatError: a scale of the wrong shape or dtype, a scale key without its weight.
     """
+    fp8 = fp8_options(fp8_scale, rounding, seed, saturate)
     base_path, out_path = check_path(base, "base"), check_path(out, "output")
     dtype = None if dtype is None else as_dtype(dtype)
     on = as_device(device)
@@ -170,6 +182,7 @@ def merge_checkpoint(
     shapes = {k: torch.empty(ckpt.info(k).shape, device="meta") for k in ckpt.keys()}  # what _collect checks
     per_key = _collect(shapes, pairs)
     _plan(per_key, ckpt)
+    fp8_plan = Fp8Plan(ckpt, per_key, fp8, dtype, base_path, on)
     labels = list(labels) if labels is not None else [f"adapter{i}" for i in range(len(pairs))]
     merged_meta = json.dumps(
         [{"adapter": lab, "scale": s, "digest": b"".join(_digest(t) for d in a.values() for t in d.tensors()).hex()[:32]}
@@ -189,7 +202,9 @@ def merge_checkpoint(
     def produce(k: str) -> torch.Tensor | FileRange:
         info, dt = ckpt.info(k), dtype_of(k)
         t: torch.Tensor | FileRange
-        if k not in per_key and info.dtype == dt:  # untouched: the kernel copies its bytes, file to file
+        if fp8_plan.owns(k):  # a float8 target or its recomputed scale
+            t = fp8_plan.produce(k, work)
+        elif k not in per_key and info.dtype == dt:  # untouched: the kernel copies its bytes, file to file
             t = FileRange(sources.fd(ckpt.file_of(k)), info.start, info.dtype, tuple(info.shape), lambda: ckpt.tensor(k))
         elif k not in per_key:
             t = ckpt.tensor(k).to(dt)
