@@ -30,10 +30,10 @@ PUBLIC = {
         "hub", "io", "models", "registry", "tree", "bind", "load_pipeline",
     },
     "lora": {
-        "FORMATS", "Delta", "ExtractReport", "FullDelta", "LoraAdapter", "LowRank", "MergeRecord", "ResolutionReport",
-        "call", "call_factors", "combine", "compress", "compress_with_report", "detect_format", "extract",
+        "AdapterStack", "FORMATS", "Delta", "ExtractReport", "FullDelta", "LoraAdapter", "LowRank", "MergeRecord", "ResolutionReport",
+        "call", "call_batched", "call_factors", "combine", "compress", "compress_with_report", "detect_format", "extract",
         "extract_with_report", "factors", "load", "merge", "merge_checkpoint", "merge_with_record", "pad_rank",
-        "random_adapter", "restore", "save", "scale_adapter", "split_experts", "unmerge",
+        "random_adapter", "restore", "save", "scale_adapter", "split_experts", "stack", "unmerge",
     },
     "io": {
         "CheckReport", "Checkpoint", "REFERENCE_QKV_FUSE", "TensorInfo", "WAN_DIFFUSERS_TO_ORIGINAL",

@@ -9,6 +9,7 @@ True
 """
 
 from fvtransform.lora._adapter import Delta, FullDelta, LoraAdapter, LowRank
+from fvtransform.lora._batched import call_batched
 from fvtransform.lora._call import call
 from fvtransform.lora._compiled import call_factors, factors, pad_rank
 from fvtransform.lora._combine import combine, random_adapter, scale_adapter
@@ -21,10 +22,12 @@ from fvtransform.lora._report import ResolutionReport
 from fvtransform.lora._write import save
 from fvtransform.lora._merge import merge, merge_with_record, restore, unmerge
 from fvtransform.lora._record import MergeRecord
+from fvtransform.lora._stack import AdapterStack, stack
 from fvtransform.lora._stream import merge_checkpoint
 
 __all__ = [
     "FORMATS",
+    "AdapterStack",
     "Delta",
     "ExtractReport",
     "FullDelta",
@@ -33,6 +36,7 @@ __all__ = [
     "MergeRecord",
     "ResolutionReport",
     "call",
+    "call_batched",
     "call_factors",
     "combine",
     "compress",
@@ -51,5 +55,6 @@ __all__ = [
     "save",
     "scale_adapter",
     "split_experts",
+    "stack",
     "unmerge",
 ]
