@@ -102,15 +102,15 @@ def _conv(conv: Any, x: torch.Tensor, out: torch.Tensor, t: _Target, args: Any, 
 
 
 def _check_index(index: object, n: int, names: tuple[str, ...]) -> torch.Tensor:
+    if isinstance(index, torch.Tensor) and not torch.compiler.is_compiling() and is_wrapped(index):
+        raise UsageError("fvt.lora.call_batched with a vmapped index: the call is already the batched form. Fix: call "
+                         "it once on the whole batch with a [batch] index (vmap over other dims of the inputs works)")
     if not isinstance(index, torch.Tensor) or index.dtype not in _INDEX_DTYPES or index.dim() != 1:
         found = f"{index.dtype} tensor of shape {list(index.shape)}" if isinstance(index, torch.Tensor) else type(index).__name__
         raise UsageError(
             f"fvt.lora.call_batched: index must be a 1-D integer tensor, one adapter position per sample (-1: none); "
             f"found {found}. Fix: index=torch.tensor([0, 2, -1, 1])"
         )
-    if is_wrapped(index):
-        raise UsageError("fvt.lora.call_batched under torch.func.vmap: it is already the batched form. Fix: call it "
-                         "once on the whole batch, or use fvt.lora.call inside vmap")
     if not torch.compiler.is_compiling() and index.numel():
         low, high = int(index.min()), int(index.max())
         if low < -1 or high >= n:

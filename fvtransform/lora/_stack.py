@@ -301,8 +301,11 @@ def stack(adapters: Sequence[LoraAdapter] | Mapping[str, LoraAdapter], *, dtype:
     >>> len(s), s.ranks
     (2, {'l.weight': 2})
     """
-    named = list(adapters.items()) if isinstance(adapters, Mapping) else [(f"#{i}", a) for i, a in enumerate(adapters)] \
-        if isinstance(adapters, (list, tuple)) else None
+    named: list[tuple[object, object]] | None = None
+    if isinstance(adapters, Mapping) and not isinstance(adapters, LoraAdapter):  # an adapter is a mapping too
+        named = list(adapters.items())
+    elif isinstance(adapters, (list, tuple)):
+        named = [(f"#{i}", a) for i, a in enumerate(adapters)]
     if named is None:
         raise UsageError(f"fvt.lora.stack takes a list of adapters or a dict name -> adapter; found {type(adapters).__name__}. "
                          "Fix: fvt.lora.stack([a, b]) or fvt.lora.stack({'style': a, 'motion': b})")
@@ -313,6 +316,8 @@ def stack(adapters: Sequence[LoraAdapter] | Mapping[str, LoraAdapter], *, dtype:
         if not isinstance(name, str):
             raise UsageError(f"fvt.lora.stack: adapter names must be strings; found {name!r} at position {i}")
         checked.append((name, _check_adapter(adapter, _label(i, name))))
+    if len({n for n, _ in checked}) != len(checked):
+        raise UsageError(f"fvt.lora.stack: adapter names must be distinct; found {[n for n, _ in checked]}")
     tensors = [t for _, ds in checked for d in ds.values() for t in (d.A, d.B)]
     if dtype is None:
         dtype = tensors[0].dtype if tensors else torch.float32
@@ -341,6 +346,4 @@ def stack(adapters: Sequence[LoraAdapter] | Mapping[str, LoraAdapter], *, dtype:
             for key, d in ds.items():
                 _write(slots[key], i, d, dtype, dev)
     names = tuple(n for n, _ in checked)
-    if len(set(names)) != len(names):
-        raise UsageError(f"fvt.lora.stack: adapter names must be distinct; found {list(names)}")
     return AdapterStack(slots, tuple(range(len(checked))), _Rows(capacity, len(checked)), names, dtype, dev)
