@@ -11,7 +11,7 @@ import torch._dynamo.testing
 
 import fvtransform as fvt
 from fvtransform.errors import ImmutableError, KeyMismatchError, ShapeMismatchError, UsageError
-from fvtransform.lora import FullDelta, LoraAdapter, LowRank
+from fvtransform.lora import Delta, FullDelta, LoraAdapter, LowRank
 from fvtransform.lora._adapter import LoHa
 
 
@@ -181,7 +181,7 @@ def test_drop_copies_no_factor_and_shifts_positions(net: _Net) -> None:
 def test_the_stack_is_immutable() -> None:
     s = fvt.lora.stack(ADAPTERS)
     with pytest.raises(ImmutableError, match=r"AdapterStack is immutable: cannot set 'names'.*\.add"):
-        s.names = ("x",)  # type: ignore[misc]
+        s.names = ("x",)
 
 
 # --- errors ----------------------------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def test_the_stack_is_immutable() -> None:
 )
 def test_bad_index_is_a_usage_error(net: _Net, index: object, match: str) -> None:
     with pytest.raises(UsageError, match=match):
-        fvt.lora.call_batched(net, fvt.ParamTree.from_module(net), fvt.lora.stack(ADAPTERS), _x(), index=index)
+        fvt.lora.call_batched(net, fvt.ParamTree.from_module(net), fvt.lora.stack(ADAPTERS), _x(), index=index)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("scales", [torch.ones(2), torch.ones(3, dtype=torch.long), 1.0])
@@ -242,8 +242,8 @@ def test_adapters_of_different_shapes_on_one_key_name_both() -> None:
         (LoHa(torch.ones(8, 1), torch.ones(1, 16), torch.ones(8, 1), torch.ones(1, 16)), "a LoHa"),
     ],
 )
-def test_targets_that_do_not_stack_name_the_adapter_and_key(delta: object, kind: str) -> None:
-    other = LoraAdapter({"fc1.weight": delta})  # type: ignore[dict-item]
+def test_targets_that_do_not_stack_name_the_adapter_and_key(delta: Delta, kind: str) -> None:
+    other = LoraAdapter({"fc1.weight": delta})
     with pytest.raises(UsageError, match=rf"adapter #1 'other': target 'fc1.weight' is {kind}; .*Fix: merge this adapter"):
         fvt.lora.stack({"style": _adapter(1), "other": other})
     with pytest.raises(UsageError, match=rf"adapter #3 'x': target 'fc1.weight' is {kind}"):
@@ -254,8 +254,8 @@ def test_targets_that_do_not_stack_name_the_adapter_and_key(delta: object, kind:
     ("build", "match"),
     [
         (lambda: fvt.lora.stack([]), r"no adapters; a stack holds one or more"),
-        (lambda: fvt.lora.stack(_adapter(1)), r"takes a list of adapters or a dict name -> adapter; found LoraAdapter"),
-        (lambda: fvt.lora.stack([_adapter(1), "a.safetensors"]), r"adapter #1 '#1': expected a LoraAdapter, found str"),
+        (lambda: fvt.lora.stack(_adapter(1)), r"takes a list of adapters or a dict name -> adapter; found LoraAdapter"),  # type: ignore[arg-type]
+        (lambda: fvt.lora.stack([_adapter(1), "a.safetensors"]), r"adapter #1 '#1': expected a LoraAdapter, found str"),  # type: ignore[list-item]
         (lambda: fvt.lora.stack([_adapter(1)], dtype=torch.int8), r"dtype must be a floating torch dtype"),
         (lambda: fvt.lora.stack(ADAPTERS).add(_adapter(4), name="style"), r"name 'style' must be a string no other adapter"),
         (lambda: fvt.lora.stack(ADAPTERS).drop(3), r"position 3 is not in 0\.\.2"),
@@ -349,3 +349,12 @@ def test_gradient_of_the_scales_matches_the_single_calls(net: _Net) -> None:
     (fvt.lora.call(net, tree, [(ADAPTERS["style"], want)], x[:1]).square().sum() + fvt.call(net, tree, x[1:]).square().sum()).backward()
     assert scales.grad is not None and want.grad is not None
     torch.testing.assert_close(scales.grad, torch.stack([want.grad, torch.tensor(0.0), torch.tensor(0.0)]), rtol=1e-4, atol=1e-5)
+
+
+def test_the_grouped_alternative_the_benchmark_measures_gives_the_same_output(net: _Net) -> None:
+    from fvtransform.lora._batched import _run
+
+    tree, x, s = fvt.ParamTree.from_module(net), _x(), fvt.lora.stack(ADAPTERS)
+    index, scales = torch.tensor([0, 2, -1, 1, 0]), torch.tensor([1.0, 0.5, -2.0])
+    gathered = fvt.lora.call_batched(net, tree, s, x, index=index, scales=scales)
+    torch.testing.assert_close(_run(net, tree, s, (x,), {}, index, scales, grouped=True), gathered, rtol=1e-5, atol=1e-6)

@@ -44,10 +44,13 @@ class _Target:
 
 
 class _BatchedMode(TorchFunctionMode):
-    def __init__(self, by_weight: Mapping[int, _Target], batch: int) -> None:
+    """``groups``: None (gather each sample's factors), or the samples of each adapter (one product per group, eager)."""
+
+    def __init__(self, by_weight: Mapping[int, _Target], batch: int, groups: list[torch.Tensor] | None = None) -> None:
         super().__init__()
         self.by_weight = by_weight
         self.batch = batch
+        self.groups = groups
         self.used: set[str] = set()
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -69,7 +72,7 @@ class _BatchedMode(TorchFunctionMode):
                 "merge this target"
             )
         if func in _LINEAR:
-            return _linear(x, out, t)
+            return _linear(x, out, t) if self.groups is None else _linear_grouped(x, out, t, self.groups)
         return _conv(_CONV[func], x, out, t, args, kwargs)
 
 
@@ -81,6 +84,21 @@ def _linear(x: torch.Tensor, out: torch.Tensor, t: _Target) -> torch.Tensor:
     h = h * t.scale.to(dtype).reshape(b, 1, 1)
     fused = torch.baddbmm(out.reshape(b, -1, out.shape[-1]), h, t.B.to(dtype).transpose(1, 2))
     return fused.reshape(out.shape)
+
+
+def _linear_grouped(x: torch.Tensor, out: torch.Tensor, t: _Target, groups: list[torch.Tensor]) -> torch.Tensor:
+    """The alternative measured by benchmarks/batched_lora_bench.py: one low-rank product per adapter's samples.
+
+    As PEFT's mixed batch does; eager only (the groups come from the index's values).
+    """
+    b, dtype = x.shape[0], x.dtype
+    xs, flat = x.reshape(b, -1, x.shape[-1]), out.reshape(b, -1, out.shape[-1])
+    for sel in groups:
+        first = sel[:1]
+        A, B = t.A[first].to(dtype).reshape(t.A.shape[1], -1), t.B[first].to(dtype)[0]
+        h = xs[sel].reshape(-1, A.shape[1]) @ A.t() * t.scale[first].to(dtype)
+        flat = flat.index_add(0, sel, (h @ B.t()).reshape(sel.shape[0], -1, flat.shape[-1]))
+    return flat.reshape(out.shape)
 
 
 def _conv(conv: Any, x: torch.Tensor, out: torch.Tensor, t: _Target, args: Any, kwargs: Any) -> torch.Tensor:
@@ -193,6 +211,12 @@ def call_batched(
     tensor([[2., 1.],
             [1., 0.]])
     """
+    return _run(module, tree, adapters, args, kwargs, index, scales, grouped=False)
+
+
+def _run(module: _Forward[Out], tree: Mapping[str, torch.Tensor], adapters: AdapterStack, args: tuple[object, ...],
+         kwargs: dict[str, object], index: torch.Tensor, scales: torch.Tensor | None, *, grouped: bool) -> Out:
+    """:func:`call_batched`; ``grouped=True`` runs the per-adapter-group linear path (the benchmark's alternative)."""
     mod = _as_module(module, tree, "lora.call_batched", "stack, *args, index=..., **kwargs")
     if not isinstance(adapters, AdapterStack):
         raise UsageError(f"fvt.lora.call_batched takes an AdapterStack; found {type(adapters).__name__}. "
@@ -215,7 +239,8 @@ def call_batched(
             raise UsageError(f"fvt.lora.call_batched: {key!r} and {by_weight[id(w)].key!r} are one tied tensor; "
                              "target it under one name")
         by_weight[id(w)] = _Target(key, slot.A[rows], slot.B[rows], slot.own[rows] * on)
-    mode = _BatchedMode(by_weight, int(idx.shape[0]))
+    groups = [(idx == k).nonzero().flatten() for k in idx.unique().tolist() if k >= 0] if grouped else None
+    mode = _BatchedMode(by_weight, int(idx.shape[0]), groups)
     with mode:
         out: Out = torch.func.functional_call(mod, params, args, kwargs, tie_weights=True, strict=False)
     unused = sorted(t.key for t in by_weight.values() if t.key not in mode.used)

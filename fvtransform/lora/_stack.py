@@ -110,6 +110,8 @@ class AdapterStack:
     names: tuple[str, ...]
     dtype: torch.dtype
     device: torch.device
+    _row_index: torch.Tensor
+    _ones: torch.Tensor
 
     def __init__(self, slots: Mapping[str, _Slot], rows: tuple[int, ...], alloc: _Rows, names: tuple[str, ...],
                  dtype: torch.dtype, device: torch.device) -> None:
