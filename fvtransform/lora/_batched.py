@@ -92,12 +92,12 @@ def _linear_grouped(x: torch.Tensor, out: torch.Tensor, t: _Target, groups: list
     As PEFT's mixed batch does; eager only (the groups come from the index's values).
     """
     b, dtype = x.shape[0], x.dtype
-    xs, flat = x.reshape(b, -1, x.shape[-1]), out.reshape(b, -1, out.shape[-1])
+    xs, flat = x.reshape(b, -1, x.shape[-1]), out.reshape(b, -1, out.shape[-1])  # out: this call's own new tensor
     for sel in groups:
-        first = sel[:1]
-        A, B = t.A[first].to(dtype).reshape(t.A.shape[1], -1), t.B[first].to(dtype)[0]
+        first = int(sel[0])
+        A, B = t.A[first].to(dtype).reshape(t.A.shape[1], -1), t.B[first].to(dtype)
         h = xs[sel].reshape(-1, A.shape[1]) @ A.t() * t.scale[first].to(dtype)
-        flat = flat.index_add(0, sel, (h @ B.t()).reshape(sel.shape[0], -1, flat.shape[-1]))
+        flat.index_add_(0, sel, (h @ B.t()).reshape(sel.shape[0], -1, flat.shape[-1]))
     return flat.reshape(out.shape)
 
 
