@@ -176,6 +176,7 @@ def test_drop_copies_no_factor_and_shifts_positions(net: _Net) -> None:
     assert d.names == ("style", "char") and d._slots["fc1.weight"].A is s._slots["fc1.weight"].A
     assert d.targets("fc1.weight") == [0, 1] and d.targets("conv.weight") == [0]
     assert s.drop(-1).names == ("style", "motion")
+    assert s.drop(0).keys == ("conv.weight", "fc1.weight", "fc2.weight") and s.drop(0).drop(0).keys == ("fc1.weight",)
 
 
 def test_the_stack_is_immutable() -> None:

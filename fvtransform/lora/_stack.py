@@ -213,6 +213,8 @@ class AdapterStack:
     def drop(self, position: int) -> AdapterStack:
         """A new stack without the adapter at ``position`` (later positions shift down by one); copies no factor.
 
+        Keys no remaining adapter targets leave the stack.
+
         Raises:
             UsageError: ``position`` is not a position of this stack, or it is the last adapter (a stack holds one
                 or more).
@@ -226,7 +228,10 @@ class AdapterStack:
         position %= len(self)
         rows = self._rows[:position] + self._rows[position + 1:]
         names = self.names[:position] + self.names[position + 1:]
-        return AdapterStack(self._slots, rows, self._alloc, names, self.dtype, self.device)
+        live = torch.tensor(rows, dtype=torch.long, device=self.device)
+        # keys only the dropped adapter targeted leave the stack (the call then neither needs nor computes them)
+        slots = {k: s for k, s in self._slots.items() if bool((s.own[live] != 0).any())}
+        return AdapterStack(slots, rows, self._alloc, names, self.dtype, self.device)
 
 
 def _check_adapter(adapter: object, where: str) -> dict[str, LowRank]:
