@@ -359,3 +359,16 @@ def test_the_grouped_alternative_the_benchmark_measures_gives_the_same_output(ne
     index, scales = torch.tensor([0, 2, -1, 1, 0]), torch.tensor([1.0, 0.5, -2.0])
     gathered = fvt.lora.call_batched(net, tree, s, x, index=index, scales=scales)
     torch.testing.assert_close(_run(net, tree, s, (x,), {}, index, scales, grouped=True), gathered, rtol=1e-5, atol=1e-6)
+
+
+def test_a_larger_rank_after_a_drop_keeps_every_adapter_on_its_row(net: _Net) -> None:
+    # before: the key's larger buffers took the live rows renumbered 0..n-1 while the stack kept its old row
+    # numbers, so position 0 read the next adapter's factors
+    tree, x = fvt.ParamTree.from_module(net), _x(3)
+    s = fvt.lora.stack([_adapter(1, 1, ("fc1",)), _adapter(2, 1, ("fc1",)), _adapter(3, 1, ("fc1",))]).drop(0)
+    s = s.add(_adapter(4, 3, ("fc1",)))  # before: UsageError, the default name '#2' was taken after the drop
+    assert s.names == ("#1", "#2", "#3")
+    out = fvt.lora.call_batched(net, tree, s, x, index=torch.tensor([0, 1, 2]))
+    for i, seed_rank in enumerate([(2, 1), (3, 1), (4, 3)]):
+        want = fvt.lora.call(net, tree, _adapter(*seed_rank, ("fc1",)), x[i : i + 1])[0]
+        torch.testing.assert_close(out[i], want, rtol=1e-5, atol=1e-5)

@@ -177,7 +177,8 @@ class AdapterStack:
             ShapeMismatchError: a target's shape differs from the other adapters' on that key.
         """
         position = len(self)
-        name = f"#{position}" if name is None else name
+        if name is None:  # "#<position>", or the next free "#<n>" after a drop
+            name = next(f"#{n}" for n in range(position, position + len(self) + 1) if f"#{n}" not in self.names)
         if not isinstance(name, str) or name in self.names:
             raise UsageError(f"AdapterStack.add: name {name!r} must be a string no other adapter of the stack has "
                              f"(names: {list(self.names)}). Fix: .add(adapter, name='another')")
@@ -199,8 +200,7 @@ class AdapterStack:
             for key, d in deltas.items():
                 slot = slots.get(key)
                 if slot is None or d.rank > slot.rank:  # a new key, or a larger rank: this key's buffers only
-                    index = torch.tensor(rows, dtype=torch.long, device=self.device)
-                    slots[key] = slot = (_grow(slot, alloc.capacity, d.rank, index) if slot is not None
+                    slots[key] = slot = (_widen(slot, d.rank) if slot is not None
                                          else _empty(d, alloc.capacity, self.dtype, self.device))
                 _write(slot, row, d, self.dtype, self.device)
             for key, slot in slots.items():
@@ -272,6 +272,16 @@ def _grow(slot: _Slot, capacity: int, rank: int, index: torch.Tensor) -> _Slot:
             B[:n, :, : slot.rank] = slot.B[index]
             own[:n] = slot.own[index]
     return _Slot(A, B, own)
+
+
+def _widen(slot: _Slot, rank: int) -> _Slot:
+    """``slot`` padded to rank ``rank``, every row where it was (the stacks sharing the buffers keep their row numbers)."""
+    A = slot.A.new_zeros((slot.A.shape[0], rank, *slot.A.shape[2:]))
+    B = slot.B.new_zeros((slot.B.shape[0], slot.B.shape[1], rank))
+    with torch.no_grad():
+        A[:, : slot.rank] = slot.A
+        B[:, :, : slot.rank] = slot.B
+    return _Slot(A, B, slot.own.clone())
 
 
 def _write(slot: _Slot, row: int, d: LowRank, dtype: torch.dtype, device: torch.device) -> None:
