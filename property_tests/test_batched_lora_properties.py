@@ -100,3 +100,27 @@ def test_permuting_the_batch_permutes_the_output(setup: tuple, rnd: object) -> N
     permuted = fvt.lora.call_batched(module, tree, s, *[x[perm] for x in xs], index=index[perm], scales=scales)
     for got, want in zip(permuted, out):
         torch.testing.assert_close(got, want[perm], rtol=1e-6, atol=1e-6)
+
+
+@given(setups(), st.data())
+def test_any_add_drop_history_equals_a_fresh_stack_and_leaves_earlier_stacks_intact(setup: tuple, data: st.DataObject) -> None:
+    """Stacks sharing buffers (adds in place, drops, rank growth, compaction, sibling branches) stay what they hold."""
+    tree, module, pool, _, _, xs = setup
+    more = data.draw(st.lists(adapters(tree, max_rank=6), min_size=1, max_size=3), label="more adapters")
+    pool = pool + more
+    history: list[tuple[fvt.lora.AdapterStack, list[LoraAdapter]]] = [(fvt.lora.stack(pool[:1]), pool[:1])]
+    for _ in range(data.draw(st.integers(1, 8), label="steps")):
+        s, held = history[data.draw(st.integers(0, len(history) - 1), label="branch from")]
+        if len(held) > 1 and data.draw(st.booleans(), label="drop"):
+            i = data.draw(st.integers(0, len(held) - 1), label="position")
+            history.append((s.drop(i), held[:i] + held[i + 1:]))
+        else:
+            a = data.draw(st.sampled_from(pool), label="add")
+            history.append((s.add(a), [*held, a]))
+    batch = xs[0].shape[0]
+    for s, held in history:
+        index = torch.tensor([i % len(held) for i in range(batch)])
+        got = fvt.lora.call_batched(module, tree, s, *xs, index=index)
+        want = fvt.lora.call_batched(module, tree, fvt.lora.stack(held), *xs, index=index)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
