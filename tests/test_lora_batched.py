@@ -372,3 +372,16 @@ def test_a_larger_rank_after_a_drop_keeps_every_adapter_on_its_row(net: _Net) ->
     for i, seed_rank in enumerate([(2, 1), (3, 1), (4, 3)]):
         want = fvt.lora.call(net, tree, _adapter(*seed_rank, ("fc1",)), x[i : i + 1])[0]
         torch.testing.assert_close(out[i], want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_another_stack_of_the_same_shapes_reuses_the_graph(net: _Net) -> None:
+    tree, x = fvt.ParamTree.from_module(net), _x()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(lambda t, st, i: fvt.lora.call_batched(net, t, st, x, index=i), backend=counter, fullgraph=True)
+    index = torch.tensor([0, 1, 2, -1, 0])
+    for seeds in ((1, 2, 3), (11, 12, 13)):
+        s = fvt.lora.stack({"style": _adapter(seeds[0], 2), "motion": _adapter(seeds[1], 4, ("conv", "fc2")), "char": _adapter(seeds[2], 1, ("fc1",))})
+        torch.testing.assert_close(compiled(tree, s, index), fvt.lora.call_batched(net, tree, s, x, index=index), rtol=0, atol=0)
+    assert counter.frame_count == 1
+    with pytest.raises(IndexError, match="out of bounds"):  # documented: compiled, index values are not read (no typed check)
+        compiled(tree, s, torch.tensor([0, 1, 5, 0, 0]))

@@ -190,7 +190,8 @@ def call_batched(
         *args: The module's positional inputs, batch first.
         index: ``[batch]`` integer tensor: the stack position of each sample's adapter, -1 for none.
         scales: ``[len(adapters)]`` floating tensor, each adapter's scale (default 1).
-        **kwargs: The module's keyword inputs.
+        **kwargs: The module's keyword inputs (``index`` and ``scales`` are this call's own: a module input of
+            either name goes positionally).
 
     Returns:
         What ``module.forward`` returns.
