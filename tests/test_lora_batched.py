@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from collections.abc import Iterator
 
 import pytest
@@ -385,3 +386,47 @@ def test_compiled_another_stack_of_the_same_shapes_reuses_the_graph(net: _Net) -
     assert counter.frame_count == 1
     with pytest.raises(IndexError, match="out of bounds"):  # documented: compiled, index values are not read (no typed check)
         compiled(tree, s, torch.tensor([0, 1, 5, 0, 0]))
+
+
+# --- tensor parallelism (two gloo processes, as tests/test_distributed.py runs them) --------------------------------
+
+
+def _tp_ranks(rank: int, world: int, port: int, folder: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from fvtransform.distributed import ShardPlan
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        torch.manual_seed(0)
+        mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+        plain = copy.deepcopy(mlp)
+        tree = fvt.ParamTree.from_module(mlp)
+        parallelize_module(mlp, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        tp_tree = fvt.shard(tree, mesh, ShardPlan(((("0.weight", "0.bias"), (Shard(0),)), ("2.weight", (Shard(1),))), default=(Replicate(),)))
+        s = fvt.lora.stack([fvt.lora.random_adapter(tree, targets=["0.weight", "2.weight"], rank=r, seed=r, scale_b=1.0) for r in (2, 3)])
+        x, index, scales = torch.randn(3, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([1, -1, 0]), torch.tensor([0.8, -1.5])
+        want = fvt.lora.call_batched(plain, tree, s, x, index=index, scales=scales)
+        got = fvt.lora.call_batched(mlp, tp_tree, s, x, index=index, scales=scales)
+        assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+        assert not torch.allclose(want, fvt.call(plain, tree, x), atol=1e-3)  # the adapters changed the output
+    finally:
+        dist.destroy_process_group()
+    (Path(folder) / f"rank{rank}.done").touch()  # reached only when this rank's checks passed
+
+
+def test_under_tensor_parallelism_the_factors_are_placed_like_their_weight(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_tp_ranks, args=(2, port, str(tmp_path)), nprocs=2, start_method="fork", join=True)
+    assert sorted(p.name for p in tmp_path.glob("rank*.done")) == ["rank0.done", "rank1.done"]

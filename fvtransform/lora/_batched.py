@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -180,8 +181,14 @@ def call_batched(
     eagerly only (reading them would break the graph): under compile an
     out-of-range value fails in torch's indexing, untyped.
 
+    Under tensor parallelism (DTensor weights of a ``parallelize_module``-prepared
+    module, linear weights placed as ``Shard(0)``, ``Shard(1)`` or ``Replicate()``)
+    the gathered factors are placed like their weight, as ``fvt.lora.call``
+    places one adapter's: each rank uses its own slice, nothing is gathered;
+    such a call is not traced by ``torch.compile`` (it warns and runs eagerly).
+
     Not supported (typed errors): a vmapped index (this call is the batched
-    form itself), sharded (DTensor) weights, grouped convolutions.
+    form itself), other weight placements, grouped convolutions.
 
     Args:
         module: The model (its own tensors are not used).
@@ -224,6 +231,8 @@ def _run(module: _Forward[Out], tree: Mapping[str, torch.Tensor], adapters: Adap
                          "Fix: fvt.lora.call_batched(module, tree, fvt.lora.stack([a, b]), x, index=...)")
     params, _ = _prepare(mod, tree)
     check_not_meta(params, args, kwargs, "lora.call_batched")
+    if torch.compiler.is_compiling() and any(_is_dtensor(params[k]) for k in adapters._slots if k in params):
+        return _eager(module, tree, adapters, args, kwargs, index, scales, grouped)
     n = len(adapters)
     idx = _check_index(index, n, adapters.names).to(device=adapters.device, dtype=torch.long)
     per_adapter = _check_scales(scales, n)
@@ -239,7 +248,8 @@ def _run(module: _Forward[Out], tree: Mapping[str, torch.Tensor], adapters: Adap
         if id(w) in by_weight:
             raise UsageError(f"fvt.lora.call_batched: {key!r} and {by_weight[id(w)].key!r} are one tied tensor; "
                              "target it under one name")
-        by_weight[id(w)] = _Target(key, slot.A[rows], slot.B[rows], slot.own[rows] * on)
+        target = _Target(key, slot.A[rows], slot.B[rows], slot.own[rows] * on)
+        by_weight[id(w)] = _placed(target, w) if _is_dtensor(w) else target
     groups = [(idx == k).nonzero().flatten() for k in idx.unique().tolist() if k >= 0] if grouped else None
     mode = _BatchedMode(by_weight, int(idx.shape[0]), groups)
     with mode:
@@ -253,6 +263,34 @@ def _run(module: _Forward[Out], tree: Mapping[str, torch.Tensor], adapters: Adap
     return out
 
 
+@torch.compiler.disable
+def _eager(module: _Forward[Out], tree: Mapping[str, torch.Tensor], adapters: AdapterStack, args: tuple[object, ...],
+           kwargs: dict[str, object], index: torch.Tensor, scales: torch.Tensor | None, grouped: bool) -> Out:
+    """Sharded weights under ``torch.compile``: warn, then run this call eagerly (a graph break), as ``fvt.lora.call`` does."""
+    warnings.warn(
+        "fvt.lora.call_batched under torch.compile: the stack targets sharded (DTensor) weights, so this call is not "
+        "traced and runs eagerly (a graph break). Fix: merge these targets first, or call outside torch.compile",
+        stacklevel=3,
+    )
+    return _run(module, tree, adapters, args, kwargs, index, scales, grouped=grouped)
+
+
+def _placed(t: _Target, weight: Any) -> _Target:
+    """The gathered factors as DTensors placed like their sharded weight (as ``fvt.lora.call`` places one adapter's).
+
+    Weight rows sharded (``Shard(0)``, colwise): ``B [b, out, R]`` by its out dim; columns (``Shard(1)``,
+    rowwise): ``A [b, R, in]`` by its in dim; the rest replicated. Each rank slices its own part: no communication.
+    """
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh, placements = weight.device_mesh, tuple(weight.placements)
+    on_b = tuple(Shard(1) if isinstance(p, Shard) and p.dim == 0 else Replicate() for p in placements)
+    on_a = tuple(Shard(2) if isinstance(p, Shard) and p.dim == 1 else Replicate() for p in placements)
+    every = tuple(Replicate() for _ in placements)
+    return _Target(t.key, distribute_tensor(t.A, mesh, on_a, src_data_rank=None),
+                   distribute_tensor(t.B, mesh, on_b, src_data_rank=None), distribute_tensor(t.scale, mesh, every, src_data_rank=None))
+
+
 def _who(stack: AdapterStack, key: str) -> str:
     return ", ".join(stack.describe(i) for i in stack.targets(key)) or "none"
 
@@ -264,8 +302,13 @@ def _check_target(key: str, w: torch.Tensor | None, slot: _Slot, stack: AdapterS
             "these adapters were made for another model. Fix: load them with base=tree, or drop them from the stack"
         )
     if _is_dtensor(w):
-        raise UsageError(f"fvt.lora.call_batched: {key!r} is a sharded (DTensor) weight; per-sample adapters run on "
-                         "whole weights. Fix: fvt.lora.call per adapter under tensor parallelism, or unshard")
+        from torch.distributed.tensor import Replicate, Shard
+
+        bad = [p for p in w.placements if not isinstance(p, (Shard, Replicate)) or (isinstance(p, Shard) and p.dim > 1)]
+        if bad or w.dim() != 2:
+            raise UsageError(f"fvt.lora.call_batched: {key!r} is placed as {tuple(w.placements)}; under tensor "
+                             "parallelism per-sample adapters take linear weights placed as Shard(0), Shard(1) or "
+                             "Replicate(). Fix: merge this target, or unshard")
     shape = tuple(w.shape)
     flat = len(slot.in_shape) == 1 and len(shape) > 2 and slot.in_shape[0] == _prod(shape[1:])
     if len(shape) < 2 or shape[0] != slot.out_features or (slot.in_shape != shape[1:] and not flat):
