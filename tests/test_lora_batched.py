@@ -397,7 +397,7 @@ def _tp_ranks(rank: int, world: int, port: int, folder: str) -> None:
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    from fvtransform.distributed import ShardPlan
+    from fvtransform.distributed import ShardPlan, shard
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -408,7 +408,7 @@ def _tp_ranks(rank: int, world: int, port: int, folder: str) -> None:
         plain = copy.deepcopy(mlp)
         tree = fvt.ParamTree.from_module(mlp)
         parallelize_module(mlp, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
-        tp_tree = fvt.shard(tree, mesh, ShardPlan(((("0.weight", "0.bias"), (Shard(0),)), ("2.weight", (Shard(1),))), default=(Replicate(),)))
+        tp_tree = shard(tree, mesh, ShardPlan(((("0.weight", "0.bias"), (Shard(0),)), ("2.weight", (Shard(1),))), default=(Replicate(),)))
         s = fvt.lora.stack([fvt.lora.random_adapter(tree, targets=["0.weight", "2.weight"], rank=r, seed=r, scale_b=1.0) for r in (2, 3)])
         x, index, scales = torch.randn(3, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([1, -1, 0]), torch.tensor([0.8, -1.5])
         want = fvt.lora.call_batched(plain, tree, s, x, index=index, scales=scales)

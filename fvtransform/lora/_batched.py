@@ -304,9 +304,10 @@ def _check_target(key: str, w: torch.Tensor | None, slot: _Slot, stack: AdapterS
     if _is_dtensor(w):
         from torch.distributed.tensor import Replicate, Shard
 
-        bad = [p for p in w.placements if not isinstance(p, (Shard, Replicate)) or (isinstance(p, Shard) and p.dim > 1)]
+        placements = tuple(getattr(w, "placements"))
+        bad = [p for p in placements if not isinstance(p, (Shard, Replicate)) or (isinstance(p, Shard) and p.dim > 1)]
         if bad or w.dim() != 2:
-            raise UsageError(f"fvt.lora.call_batched: {key!r} is placed as {tuple(w.placements)}; under tensor "
+            raise UsageError(f"fvt.lora.call_batched: {key!r} is placed as {placements}; under tensor "
                              "parallelism per-sample adapters take linear weights placed as Shard(0), Shard(1) or "
                              "Replicate(). Fix: merge this target, or unshard")
     shape = tuple(w.shape)
