@@ -11,7 +11,7 @@ import torch
 import torch._dynamo.testing
 
 import fvtransform as fvt
-from fvtransform.errors import ImmutableError, KeyMismatchError, ShapeMismatchError, UsageError
+from fvtransform.errors import ImmutableError, KeyMismatchError, NumericError, ShapeMismatchError, UsageError
 from fvtransform.lora import Delta, FullDelta, LoraAdapter, LowRank
 from fvtransform.lora._adapter import LoHa
 
@@ -239,14 +239,14 @@ def test_adapters_of_different_shapes_on_one_key_name_both() -> None:
 @pytest.mark.parametrize(
     ("delta", "kind"),
     [
-        (LowRank(torch.ones(1, 16), torch.ones(8, 1), 1.0, magnitude=torch.ones(8)), "a DoRA target"),
+        (LowRank(torch.ones(1, 16), torch.ones(8, 1), 1.0, magnitude=torch.ones(1, 16)), "a DoRA target of a convolution or with per-input-column"),
         (FullDelta(torch.ones(8, 16)), "a full delta"),
         (LoHa(torch.ones(8, 1), torch.ones(1, 16), torch.ones(8, 1), torch.ones(1, 16)), "a LoHa"),
     ],
 )
 def test_targets_that_do_not_stack_name_the_adapter_and_key(delta: Delta, kind: str) -> None:
     other = LoraAdapter({"fc1.weight": delta})
-    with pytest.raises(UsageError, match=rf"adapter #1 'other': target 'fc1.weight' is {kind}; .*Fix: merge this adapter"):
+    with pytest.raises(UsageError, match=rf"adapter #1 'other': target 'fc1.weight' is {kind}.*Fix: merge this adapter"):
         fvt.lora.stack({"style": _adapter(1), "other": other})
     with pytest.raises(UsageError, match=rf"adapter #3 'x': target 'fc1.weight' is {kind}"):
         fvt.lora.stack(ADAPTERS).add(other, name="x")
@@ -430,3 +430,80 @@ def test_under_tensor_parallelism_the_factors_are_placed_like_their_weight(tmp_p
         port = sock.getsockname()[1]
     mp.start_processes(_tp_ranks, args=(2, port, str(tmp_path)), nprocs=2, start_method="fork", join=True)
     assert sorted(p.name for p in tmp_path.glob("rank*.done")) == ["rank0.done", "rank1.done"]
+
+
+# --- DoRA per sample ----------------------------------------------------------------------------------------------------
+
+
+def test_dora_per_sample_matches_peft_one_sample_at_a_time(net: _Net) -> None:
+    """PEFT's DoRA forward (``m / ||W + s B A||`` per row, detached), one sample at a time with its adapter set
+    (PEFT's mixed batch refuses DoRA: "Cannot pass `adapter_names` when DoRA is enabled")."""
+    peft = pytest.importorskip("peft")
+    tree, x = fvt.ParamTree.from_module(net), _x(5)
+    specs = {"style": (2, ["fc1", "fc2"], True), "motion": (4, ["conv", "fc1", "fc2"], False), "char": (1, ["fc1"], True)}
+    pm = None
+    for name, (r, mods, dora) in specs.items():
+        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r + 1, init_lora_weights=False, target_modules=mods, use_dora=dora)
+        pm = peft.get_peft_model(copy.deepcopy(net), cfg, adapter_name=name) if pm is None else (pm.add_adapter(name, cfg) or pm)
+    assert pm is not None
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # magnitudes away from their initial ||W + s B A||, so the rescaling shows
+        for n, p in pm.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(torch.rand(p.shape, generator=g) + 0.5)
+    sd = pm.eval().state_dict()
+    adapters = {}
+    for name, (r, mods, dora) in specs.items():
+        pre = f"base_model.model.{{}}.lora_{{}}.{name}.weight"
+        adapters[name] = LoraAdapter({f"{m}.weight": LowRank(sd[pre.format(m, "A")], sd[pre.format(m, "B")], (2 * r + 1) / r,
+                                                            magnitude=sd[f"base_model.model.{m}.lora_magnitude_vector.{name}.weight"] if dora else None)
+                                      for m in mods})
+    s = fvt.lora.stack(adapters)
+    rows = []
+    with torch.no_grad():
+        for i, chosen in enumerate(["style", None, "char", "motion", "style"]):
+            if chosen is None:
+                with pm.disable_adapter():
+                    rows.append(pm(x[i : i + 1]))
+            else:
+                pm.set_adapter(chosen)
+                rows.append(pm(x[i : i + 1]))
+    want = torch.cat(rows)
+    got = fvt.lora.call_batched(net, tree, s, x, index=torch.tensor([0, -1, 2, 1, 0]))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    one = fvt.lora.call(net, tree, [(adapters["style"], 0.7)], x[:1])  # and the single-adapter DoRA call, with a scale
+    torch.testing.assert_close(fvt.lora.call_batched(net, tree, s, x[:1], index=torch.tensor([0]), scales=torch.tensor([0.7, 1.0, 1.0])),
+                               one, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_that_per_sample_cannot_run_names_the_adapter_and_key(net: _Net) -> None:
+    g = torch.Generator().manual_seed(0)
+    conv_dora = LoraAdapter({"conv.weight": LowRank(torch.randn(1, 3, 3, 3, generator=g), torch.randn(4, 1, 1, 1, generator=g), 1.0,
+                                                    magnitude=torch.rand(4, generator=g) + 0.5)})
+    with pytest.raises(UsageError, match=r"adapter #1 'conv': target 'conv.weight' is a DoRA target of a convolution"):
+        fvt.lora.stack({"style": _adapter(1), "conv": conv_dora})
+    zero = LoraAdapter({"fc2.weight": LowRank(torch.ones(1, 8), torch.ones(3, 1), 1.0, magnitude=torch.ones(3))})
+    tree = fvt.ParamTree({**fvt.ParamTree.from_module(net), "fc2.weight": -torch.ones(3, 8)})
+    with pytest.raises(NumericError, match=r"'fc2.weight': sample 1's DoRA weight W \+ s B A has a row of norm 0"):
+        fvt.lora.call_batched(net, tree, fvt.lora.stack([zero]), _x(2), index=torch.tensor([-1, 0]))
+
+
+def _dora(seed: int, rank: int) -> LoraAdapter:
+    g = torch.Generator().manual_seed(seed)
+    return LoraAdapter({"fc1.weight": LowRank(torch.randn(rank, 16, generator=g), torch.randn(8, rank, generator=g), 0.5, magnitude=torch.rand(8, generator=g) + 0.5),
+                        "fc2.weight": LowRank(torch.randn(rank, 8, generator=g), torch.randn(3, rank, generator=g), 0.5)})
+
+
+def test_dora_added_dropped_and_compiled_equals_a_fresh_stack(net: _Net) -> None:
+    tree, x = fvt.ParamTree.from_module(net), _x(4)
+    grown = fvt.lora.stack([_adapter(1), _adapter(2)]).add(_dora(3, 2)).drop(0).add(_dora(4, 5))  # DoRA buffers, rank growth
+    fresh = fvt.lora.stack([_adapter(2), _dora(3, 2), _dora(4, 5)])
+    index, scales = torch.tensor([2, 0, 1, -1]), torch.tensor([1.0, 0.6, -0.4])
+    want = fvt.lora.call_batched(net, tree, fresh, x, index=index, scales=scales)
+    torch.testing.assert_close(fvt.lora.call_batched(net, tree, grown, x, index=index, scales=scales), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(want[0], fvt.lora.call(net, tree, [(_dora(4, 5), -0.4)], x[:1])[0], rtol=1e-5, atol=1e-5)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(lambda i, sc: fvt.lora.call_batched(net, tree, fresh, x, index=i, scales=sc), backend=counter, fullgraph=True)
+    torch.testing.assert_close(compiled(index, scales), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(compiled(index.flip(0), scales * 2), fvt.lora.call_batched(net, tree, fresh, x, index=index.flip(0), scales=scales * 2), rtol=1e-6, atol=1e-6)
+    assert counter.frame_count == 1

@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from fvtransform._call._call import Out, _as_module, _Forward, _prepare, check_not_meta
 from fvtransform._messages import format_keys
-from fvtransform.errors import KeyMismatchError, ShapeMismatchError, UsageError
+from fvtransform.errors import KeyMismatchError, NumericError, ShapeMismatchError, UsageError
 from fvtransform.lora._functorch import is_wrapped
 from fvtransform.lora._merge import _is_dtensor
 from fvtransform.lora._stack import AdapterStack, _Slot
@@ -38,10 +38,17 @@ _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 class _Target:
-    """One key in a call: its name, the gathered factors ``A [b, R, in...]``, ``B [b, out, R]`` and scales ``[b]``."""
+    """One key in a call: its name, the gathered factors ``A [b, R, in...]``, ``B [b, out, R]`` and scales ``[b]``.
+
+    DoRA keys also carry each sample's magnitude ``mag [b, out]``, ``eps [b]`` and ``dora [b]`` (1: the
+    sample's adapter has DoRA here), float32.
+    """
 
     def __init__(self, key: str, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor) -> None:
         self.key, self.A, self.B, self.scale = key, A, B, scale
+        self.mag: torch.Tensor | None = None
+        self.eps: torch.Tensor | None = None
+        self.dora: torch.Tensor | None = None
 
 
 class _BatchedMode(TorchFunctionMode):
@@ -72,6 +79,12 @@ class _BatchedMode(TorchFunctionMode):
                 "the batch first through the model (no flattening of batch and tokens before this layer), or "
                 "merge this target"
             )
+        if t.dora is not None:
+            if func not in _LINEAR:
+                raise UsageError(f"fvt.lora.call_batched: {t.key!r} holds DoRA and is used by a convolution; "
+                                 "per-sample DoRA takes linear layers. Fix: merge the DoRA adapters of this target")
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            return _linear_dora(x, out, t, args[1] if len(args) > 1 else kwargs["weight"], bias)
         if func in _LINEAR:
             return _linear(x, out, t) if self.groups is None else _linear_grouped(x, out, t, self.groups)
         return _conv(_CONV[func], x, out, t, args, kwargs)
@@ -85,6 +98,36 @@ def _linear(x: torch.Tensor, out: torch.Tensor, t: _Target) -> torch.Tensor:
     h = h * t.scale.to(dtype).reshape(b, 1, 1)
     fused = torch.baddbmm(out.reshape(b, -1, out.shape[-1]), h, t.B.to(dtype).transpose(1, 2))
     return fused.reshape(out.shape)
+
+
+def _linear_dora(x: torch.Tensor, out: torch.Tensor, t: _Target, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """PEFT's DoRA per sample: ``out + (f - 1) * (out - bias) + f * s * B A x`` with ``f = m / (||W + s B A|| + eps)``.
+
+    ``f`` is 1 for samples whose adapter has no DoRA here (or index -1). The row norms come from the factors,
+    never forming ``W + s B A``: ``||W||^2 + 2 s <W A^T, B> + s^2 <B (A A^T), B>`` per row, in float32,
+    detached (as PEFT and ``fvt.lora.call`` treat the norm).
+    """
+    assert t.mag is not None and t.eps is not None and t.dora is not None
+    b, dtype = x.shape[0], x.dtype
+    with torch.no_grad():
+        W = weight.detach().float().reshape(weight.shape[0], -1)
+        A, B, s = t.A.detach().float().reshape(b, t.A.shape[1], -1), t.B.detach().float(), t.scale.detach().float()
+        cross = (torch.einsum("oi,bri->bor", W, A) * B).sum(-1)  # <W_o, (B A)_o> per sample: [b, out]
+        square = (torch.bmm(B, torch.bmm(A, A.transpose(1, 2))) * B).sum(-1)  # ||(B A)_o||^2
+        norm = ((W * W).sum(-1) + 2 * s[:, None] * cross + (s * s)[:, None] * square).clamp(min=0).sqrt() + t.eps[:, None]
+        used = t.dora[:, None] > 0
+        if not torch.compiler.is_compiling() and bool((used & (norm == 0)).any()):
+            sample = int((used & (norm == 0)).any(dim=1).nonzero()[0, 0])
+            raise NumericError(f"fvt.lora.call_batched: {t.key!r}: sample {sample}'s DoRA weight W + s B A has a row of "
+                               "norm 0; m / ||W + s B A|| is undefined. Fix: another scale, or drop that adapter")
+        f = torch.where(used, t.mag / torch.where(used, norm, 1.0), 1.0)
+    fx = f.to(dtype).unsqueeze(1)  # [b, 1, out]
+    Ax = t.A.to(dtype).reshape(b, t.A.shape[1], -1)
+    h = torch.bmm(x.reshape(b, -1, Ax.shape[2]), Ax.transpose(1, 2)) * t.scale.to(dtype).reshape(b, 1, 1)
+    lora = torch.bmm(h, t.B.to(dtype).transpose(1, 2))
+    flat = out.reshape(b, -1, out.shape[-1])
+    base = flat if bias is None else flat - bias.to(dtype)
+    return (flat + (fx - 1) * base + fx * lora).reshape(out.shape)
 
 
 def _linear_grouped(x: torch.Tensor, out: torch.Tensor, t: _Target, groups: list[torch.Tensor]) -> torch.Tensor:
@@ -187,8 +230,14 @@ def call_batched(
     places one adapter's: each rank uses its own slice, nothing is gathered;
     such a call is not traced by ``torch.compile`` (it warns and runs eagerly).
 
+    DoRA targets (linear weights, per-output-row magnitudes) run per sample
+    as PEFT computes them: ``f * (x W^T + s B A x) + b`` with
+    ``f = m / ||W + s B A||`` per row of the sample's adapter, the norms
+    worked out from the factors at each call (``W + s B A`` is never formed).
+
     Not supported (typed errors): a vmapped index (this call is the batched
-    form itself), other weight placements, grouped convolutions.
+    form itself), other weight placements, DoRA on convolutions or on sharded
+    weights, grouped convolutions.
 
     Args:
         module: The model (its own tensors are not used).
@@ -249,6 +298,11 @@ def _run(module: _Forward[Out], tree: Mapping[str, torch.Tensor], adapters: Adap
             raise UsageError(f"fvt.lora.call_batched: {key!r} and {by_weight[id(w)].key!r} are one tied tensor; "
                              "target it under one name")
         target = _Target(key, slot.A[rows], slot.B[rows], slot.own[rows] * on)
+        if slot.dora is not None and slot.mag is not None and slot.eps is not None:
+            if _is_dtensor(w):
+                raise UsageError(f"fvt.lora.call_batched: {key!r} holds DoRA (of {_who(stack=adapters, key=key)}) and "
+                                 "is sharded; DoRA needs whole rows. Fix: merge DoRA adapters before sharding")
+            target.mag, target.eps, target.dora = slot.mag[rows], slot.eps[rows], slot.dora[rows] * (idx >= 0)
         by_weight[id(w)] = _placed(target, w) if _is_dtensor(w) else target
     groups = [(idx == k).nonzero().flatten() for k in idx.unique().tolist() if k >= 0] if grouped else None
     mode = _BatchedMode(by_weight, int(idx.shape[0]), groups)

@@ -51,12 +51,26 @@ class _Rows:
 
 
 class _Slot:
-    """One key's buffers: ``A [cap, R, in...]``, ``B [cap, out, R]``, own scales ``[cap]`` float32."""
+    """One key's buffers: ``A [cap, R, in...]``, ``B [cap, out, R]``, own scales ``[cap]`` float32.
 
-    __slots__ = ("A", "B", "own")
+    Where an adapter has DoRA on the key: ``mag [cap, out]`` (its magnitudes), ``eps [cap]`` (its ``dora_eps``)
+    and ``dora [cap]`` (1 on its row), all float32; None while no adapter has DoRA there.
+    """
 
-    def __init__(self, A: torch.Tensor, B: torch.Tensor, own: torch.Tensor) -> None:
+    __slots__ = ("A", "B", "own", "mag", "eps", "dora")
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, own: torch.Tensor, mag: torch.Tensor | None = None,
+                 eps: torch.Tensor | None = None, dora: torch.Tensor | None = None) -> None:
         self.A, self.B, self.own = A, B, own
+        self.mag, self.eps, self.dora = mag, eps, dora
+
+    def with_dora(self) -> _Slot:
+        """This slot sharing its factors, with zero DoRA buffers (no row has DoRA yet)."""
+        if self.mag is not None:
+            return self
+        cap, out, dev = self.A.shape[0], self.B.shape[1], self.own.device
+        return _Slot(self.A, self.B, self.own, torch.zeros((cap, out), device=dev), torch.zeros(cap, device=dev),
+                     torch.zeros(cap, device=dev))
 
     @property
     def rank(self) -> int:
@@ -77,11 +91,13 @@ def _label(position: int, name: str) -> str:
 
 def _check_delta(key: str, d: object, where: str) -> LowRank:
     """A stackable delta (plain low rank) or a typed error naming the adapter and the key."""
-    if isinstance(d, LowRank) and d.magnitude is None:
+    if isinstance(d, LowRank) and (d.magnitude is None or (d.magnitude.dim() == 1 and d.A.dim() == 2)):
         return d
-    kind = "a DoRA target" if isinstance(d, LowRank) else ("a full delta" if isinstance(d, FullDelta) else f"a {type(d).__name__}")
+    kind = ("a DoRA target of a convolution or with per-input-column magnitudes (LyCORIS wd_on_output=False)"
+            if isinstance(d, LowRank) else ("a full delta" if isinstance(d, FullDelta) else f"a {type(d).__name__}"))
     raise UsageError(
-        f"{where}: target {key!r} is {kind}; an adapter stack takes plain low-rank (LoRA) targets. "
+        f"{where}: target {key!r} is {kind}; an adapter stack takes low-rank (LoRA) targets, "
+        f"and DoRA on linear weights with per-output-row magnitudes. "
         f"Fix: merge this adapter (fvt.lora.merge) or run it alone with fvt.lora.call"
     )
 
@@ -202,12 +218,16 @@ class AdapterStack:
                 if slot is None or d.rank > slot.rank:  # a new key, or a larger rank: this key's buffers only
                     slots[key] = slot = (_widen(slot, d.rank) if slot is not None
                                          else _empty(d, alloc.capacity, self.dtype, self.device))
+                if d.magnitude is not None and slot.mag is None:
+                    slots[key] = slot = slot.with_dora()
                 _write(slot, row, d, self.dtype, self.device)
             for key, slot in slots.items():
                 if key not in deltas:
                     slot.A[row].zero_()
                     slot.B[row].zero_()
                     slot.own[row] = 0.0
+                    if slot.dora is not None:
+                        slot.dora[row] = 0.0
         return AdapterStack(slots, (*rows, row), alloc, (*self.names, name), self.dtype, self.device)
 
     def drop(self, position: int) -> AdapterStack:
@@ -266,12 +286,17 @@ def _grow(slot: _Slot, capacity: int, rank: int, index: torch.Tensor) -> _Slot:
     A = slot.A.new_zeros((capacity, rank, *slot.A.shape[2:]))
     B = slot.B.new_zeros((capacity, slot.B.shape[1], rank))
     own = slot.own.new_zeros(capacity)
+    grown = _Slot(A, B, own) if slot.mag is None else _Slot(A, B, own).with_dora()
     with torch.no_grad():
         if n:
             A[:n, : slot.rank] = slot.A[index]
             B[:n, :, : slot.rank] = slot.B[index]
             own[:n] = slot.own[index]
-    return _Slot(A, B, own)
+            for name in ("mag", "eps", "dora"):
+                old, new = getattr(slot, name), getattr(grown, name)
+                if old is not None:
+                    new[:n] = old[index]
+    return grown
 
 
 def _widen(slot: _Slot, rank: int) -> _Slot:
@@ -281,7 +306,7 @@ def _widen(slot: _Slot, rank: int) -> _Slot:
     with torch.no_grad():
         A[:, : slot.rank] = slot.A
         B[:, :, : slot.rank] = slot.B
-    return _Slot(A, B, slot.own.clone())
+    return _Slot(A, B, slot.own.clone(), *(None if t is None else t.clone() for t in (slot.mag, slot.eps, slot.dora)))
 
 
 def _write(slot: _Slot, row: int, d: LowRank, dtype: torch.dtype, device: torch.device) -> None:
@@ -291,6 +316,12 @@ def _write(slot: _Slot, row: int, d: LowRank, dtype: torch.dtype, device: torch.
     slot.A[row, :r] = d.A.detach().to(device=device, dtype=dtype)
     slot.B[row, :, :r] = d.B.detach().reshape(d.B.shape[0], r).to(device=device, dtype=dtype)
     slot.own[row] = float(d.scale)
+    if slot.dora is not None:
+        assert slot.mag is not None and slot.eps is not None
+        has = d.magnitude is not None
+        slot.mag[row] = d.magnitude.detach().to(device=device, dtype=torch.float32) if d.magnitude is not None else 0.0
+        slot.eps[row] = float(d.dora_eps) if has else 0.0
+        slot.dora[row] = 1.0 if has else 0.0
 
 
 def stack(adapters: Sequence[LoraAdapter] | Mapping[str, LoraAdapter], *, dtype: torch.dtype | None = None,
@@ -299,8 +330,9 @@ def stack(adapters: Sequence[LoraAdapter] | Mapping[str, LoraAdapter], *, dtype:
 
     Args:
         adapters: A sequence of adapters (named ``#0``, ``#1``, ...) or a mapping name -> adapter (in its order).
-            Adapters may have different ranks and target different keys. Only plain low-rank targets stack:
-            DoRA, LoHa/LoKr and full deltas are refused (merge them, or run them alone with ``fvt.lora.call``).
+            Adapters may have different ranks and target different keys. Low-rank targets stack, DoRA ones
+            too on linear weights (per-output-row magnitudes, as PEFT's); LoHa/LoKr, full deltas and DoRA on
+            convolutions or per input column are refused (merge them, or run them alone with ``fvt.lora.call``).
         dtype: The factors' dtype in the stack; None: the promoted dtype of every adapter's factors. The call
             casts the gathered factors to the input's dtype, as ``fvt.lora.call`` does.
         device: Where the stack lives; None: the first adapter's device.
@@ -359,6 +391,8 @@ def stack(adapters: Sequence[LoraAdapter] | Mapping[str, LoraAdapter], *, dtype:
         for key, (_, d) in first.items():
             slots[key] = _empty(LowRank(d.A.new_empty((ranks[key], *d.A.shape[1:])), d.B.new_empty((d.B.shape[0], ranks[key])), 1.0),
                                 capacity, dtype, dev)
+        for key in {k for _, ds in checked for k, d in ds.items() if d.magnitude is not None}:
+            slots[key] = slots[key].with_dora()
         for i, (_, ds) in enumerate(checked):
             for key, d in ds.items():
                 _write(slots[key], i, d, dtype, dev)
