@@ -1,6 +1,7 @@
 """Properties of fvt.lora.call_batched (issue 21), on trees and adapters drawn by fvtransform.testing.
 
-Stated tolerances (float32 trees, |x| ~ 1, factors ~ 0.3, scales in [-2, 2] times [-1.5, 1.5]):
+Stated tolerances (float32 trees, |x| ~ 1, factors ~ 0.3, scales in [-2, 2] times [-1.5, 1.5]; some adapters
+DoRA, magnitudes in [0.5, 1.5)):
 - sample i vs ``fvt.lora.call`` with adapter ``index[i]`` alone: ``rtol = atol = 1e-5`` (same math; the batched
   products sum in another order);
 - sample i vs the merged forward (``fvt.lora.merge`` then ``fvt.call``): ``rtol = atol = 1e-4`` (the merge rounds
@@ -11,12 +12,13 @@ Stated tolerances (float32 trees, |x| ~ 1, factors ~ 0.3, scales in [-2, 2] time
 
 from __future__ import annotations
 
+import attrs
 import hypothesis.strategies as st
 import torch
 from hypothesis import assume, given
 
 import fvtransform as fvt
-from fvtransform.lora import LoraAdapter
+from fvtransform.lora import LoraAdapter, LowRank
 from fvtransform.testing import DTYPES, adapters, trees
 
 
@@ -62,9 +64,17 @@ def setups(draw: st.DrawFn, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) 
     return tree, module, stacked, index, scales, xs
 
 
-@given(setups())
-def test_each_sample_equals_its_single_adapter_call_and_its_merged_forward(setup: tuple) -> None:
+def _with_dora(adapter: LoraAdapter, seed: int) -> LoraAdapter:
+    """The adapter with a DoRA magnitude (per output row, in [0.5, 1.5)) on every low-rank target."""
+    g = torch.Generator().manual_seed(seed)
+    return LoraAdapter({k: attrs.evolve(d, magnitude=torch.rand(d.B.shape[0], generator=g) + 0.5) if isinstance(d, LowRank) else d
+                        for k, d in adapter.items()})
+
+
+@given(setups(), st.lists(st.booleans(), min_size=4, max_size=4))
+def test_each_sample_equals_its_single_adapter_call_and_its_merged_forward(setup: tuple, dora: list[bool]) -> None:
     tree, module, stacked, index, scales, xs = setup
+    stacked = [_with_dora(a, i) if dora[i] else a for i, a in enumerate(stacked)]  # some adapters DoRA
     out = fvt.lora.call_batched(module, tree, fvt.lora.stack(stacked), *xs, index=index, scales=scales)
     base = fvt.call(module, tree, *xs)
     for i, k in enumerate(index.tolist()):
