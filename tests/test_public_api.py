@@ -31,10 +31,10 @@ PUBLIC = {
         "add", "lerp", "scale", "subtract", "weighted_mean", "dequantize", "quantize_fp8",
     },
     "lora": {
-        "FORMATS", "Delta", "ExtractReport", "FullDelta", "LoraAdapter", "LowRank", "MergeRecord", "ResolutionReport",
-        "call", "call_factors", "combine", "compress", "compress_with_report", "detect_format", "extract",
+        "AdapterStack", "FORMATS", "Delta", "ExtractReport", "FullDelta", "LoraAdapter", "LowRank", "MergeRecord", "ResolutionReport",
+        "call", "call_batched", "call_factors", "combine", "compress", "compress_with_report", "detect_format", "extract",
         "extract_with_report", "factors", "from_factors", "init_adapter", "load", "merge", "merge_checkpoint", "merge_with_record", "pad_rank",
-        "random_adapter", "restore", "save", "scale_adapter", "split_experts", "unmerge", "UpdateNorms", "update_norms",
+        "random_adapter", "restore", "save", "scale_adapter", "split_experts", "stack", "unmerge", "UpdateNorms", "update_norms",
     },
     "io": {
         "CheckReport", "Checkpoint", "REFERENCE_QKV_FUSE", "TensorInfo", "WAN_DIFFUSERS_TO_ORIGINAL",

@@ -10,6 +10,7 @@ True
 
 from fvtransform.lora._adapter import Delta, FullDelta, LoraAdapter, LowRank
 from fvtransform.lora._as_tree import from_factors
+from fvtransform.lora._batched import call_batched
 from fvtransform.lora._call import call
 from fvtransform.lora._compiled import call_factors, factors, pad_rank
 from fvtransform.lora._combine import combine, random_adapter, scale_adapter
@@ -24,10 +25,12 @@ from fvtransform.lora._write import save
 from fvtransform.lora._merge import merge, merge_with_record, restore, unmerge
 from fvtransform.lora._norms import UpdateNorms, update_norms
 from fvtransform.lora._record import MergeRecord
+from fvtransform.lora._stack import AdapterStack, stack
 from fvtransform.lora._stream import merge_checkpoint
 
 __all__ = [
     "FORMATS",
+    "AdapterStack",
     "Delta",
     "ExtractReport",
     "FullDelta",
@@ -37,6 +40,7 @@ __all__ = [
     "ResolutionReport",
     "UpdateNorms",
     "call",
+    "call_batched",
     "call_factors",
     "combine",
     "compress",
@@ -57,6 +61,7 @@ __all__ = [
     "save",
     "scale_adapter",
     "split_experts",
+    "stack",
     "unmerge",
     "update_norms",
 ]
