@@ -48,6 +48,7 @@ __all__ = [
     "amax_scale",
     "dequantize_tensor",
     "quantize_tensor",
+    "dequantize_into",
     "Fp8Overflow",
     "WEIGHT_SUFFIX",
     "SCALE_WEIGHT",
@@ -143,10 +144,20 @@ def _dequantize_elementwise(w: torch.Tensor, scale: torch.Tensor | None, dtype: 
     return out if dtype == torch.float32 else out.to(dtype)
 
 
-def _neighbour(q: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """The float8 value ``step`` (±1, int16) codes away from nonnegative ``q`` (same dtype), through its bits."""
-    bits = q.view(torch.uint8).to(torch.int16) + step
-    return bits.clamp(0, 255).to(torch.uint8).view(q.dtype)
+#: Per float8 dtype: (mantissa bits, exponent of the smallest normal value).
+_FORMATS: dict[torch.dtype, tuple[int, int]] = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
+
+#: Random bits drawn per element by stochastic rounding: the probability of rounding up is the distance from the
+#: float8 value below, in steps of ``2**-16`` of the gap (rounded up: a bias of less than ``2**-16`` of a step).
+_RANDOM_BITS = 16
+
+
+def _check_range(y: torch.Tensor, limit: float) -> float:
+    """The largest magnitude of ``y`` (NaN if any NaN), from one ``aminmax`` (no temporary of ``y``'s size)."""
+    if not y.numel():
+        return 0.0
+    lo, hi = torch.aminmax(y)
+    return float(torch.maximum(-lo, hi))  # NaN propagates
 
 
 def quantize_tensor(
@@ -156,8 +167,14 @@ def quantize_tensor(
     *,
     generator: torch.Generator | None = None,
     saturate: bool = False,
+    out: torch.Tensor | None = None,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     """``x / scale`` rounded once to the float8 ``dtype`` (to nearest, or stochastically with ``generator``).
+
+    Args:
+        out: a float8 tensor of ``x``'s shape to write into (returned).
+        overwrite: ``x`` is a float32 scratch buffer the caller gives away (stochastic rounding works in it).
 
     Raises:
         Fp8Overflow: a magnitude beyond the float8 range (or NaN/Inf) and ``saturate`` is False.
@@ -165,32 +182,80 @@ def quantize_tensor(
     y = x.to(torch.float32)
     if scale is not None:
         y = y / scale.to(device=y.device, dtype=torch.float32)
+    elif generator is not None and not (overwrite and y is x):
+        y = y.clone()
     limit = fp8_max(dtype)
-    if y.numel():
-        largest = float(y.abs().amax())
-        if largest != largest or largest > limit:  # NaN compares unequal to itself
-            if not saturate or largest != largest:
-                raise Fp8Overflow(largest, limit)
-            y = y.clamp(-limit, limit)
-    if generator is None:
-        return y.to(dtype)
-    mag = y.abs()
-    near = mag.to(dtype)  # round to nearest: the neighbour on one side of mag
-    near_f = near.to(torch.float32)
-    above = near_f > mag
-    one = torch.ones((), dtype=torch.int16, device=y.device)
-    other = _neighbour(near, torch.where(above, -one, one))  # the neighbour on the other side
-    other_f = other.to(torch.float32)
-    lo_f = torch.where(above, other_f, near_f)
-    hi_f = torch.where(above, near_f, other_f)
-    gap = hi_f - lo_f
-    exact = near_f == mag
-    p_up = torch.where(exact | (gap == 0), torch.zeros_like(mag), (mag - lo_f) / torch.where(gap == 0, 1.0, gap))
-    u = torch.rand(mag.shape, generator=generator, dtype=torch.float32, device=y.device)
-    up = u < p_up
-    picked = torch.where(up, hi_f, lo_f)
-    picked = torch.where(exact, near_f, picked)
-    return (torch.where(y < 0, -picked, picked)).to(dtype)
+    largest = _check_range(y, limit)
+    if largest != largest or largest > limit:  # NaN compares unequal to itself
+        if not saturate or largest != largest:
+            raise Fp8Overflow(largest, limit)
+        y = y.clamp_(-limit, limit) if (overwrite or y is not x) else y.clamp(-limit, limit)
+    if out is None:
+        out = torch.empty(y.shape, dtype=dtype, device=y.device)
+    if generator is not None:
+        _round_stochastically_(y, dtype, generator)  # y now holds float8 values: the cast below is exact
+    out.copy_(y)  # torch's float32 -> float8 cast: round to nearest, ties to even
+    return out
+
+
+def _round_stochastically_(y: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> None:
+    """Round float32 ``y`` (in place, within the float8 range) to one of its two float8 neighbours at random.
+
+    On the bit pattern: a float8 value keeps the top ``m`` mantissa bits of a float32 of the same exponent, so
+    adding ``_RANDOM_BITS`` random bits just below them and clearing the low ``23 - m`` bits rounds the magnitude
+    up with probability equal to its distance from the float8 value below (a carry moves to the next binade, as
+    it should). Below the smallest normal ``2**emin`` the float8 step is fixed (subnormals): those magnitudes are
+    shifted by ``2**emin`` first (into the binade whose step is the same) and back after, both exact but the
+    first's float32 rounding, far below one random step. One draw of 64 bits gives four elements their bits.
+    """
+    mant, emin = _FORMATS[dtype]
+    drop = 23 - mant
+    bits = y.view(torch.int32)
+    sign = bits & -(2**31)
+    bits.bitwise_and_(2**31 - 1)  # y = |y|
+    low = 2.0**emin
+    small = y < low
+    y.add_(small, alpha=low)
+    n = y.numel()
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=y.device).random_(-(2**63), None, generator=generator)
+    noise = draws.view(torch.int16)[:n].view(y.shape).to(torch.int32).bitwise_and_(0xFFFF)
+    bits.add_(noise.bitwise_left_shift_(drop - _RANDOM_BITS))
+    bits.bitwise_and_(-(1 << drop))
+    y.add_(small, alpha=-low)
+    bits.bitwise_or_(sign)
+
+
+def dequantize_into(w: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor, scratch: torch.Tensor) -> None:
+    """Write ``dequantize_tensor(w, scale, float32)`` into float32 ``out`` (same shape), the same bits, faster on CPU.
+
+    Every float8 value is a float16 value times a power of two with the float16 bits a shift of the float8 bits
+    (float8_e5m2: the top byte of a float16; float8_e4m3fn: ``(code & 0x7F) << 7`` and the sign, times 256, its
+    subnormals included), and float16 -> float32 is a fast exact cast; the factor 256 is folded into the scale
+    (a product of the same real numbers, rounded once). ``scratch`` is an int16 buffer of ``w.numel()``
+    elements. A float8_e4m3fn NaN code (no float16 counterpart) takes the elementwise path.
+    """
+    codes = w.view(torch.int8)
+    half = scratch[: w.numel()].view(w.shape)
+    factor = 1.0
+    if w.dtype == torch.float8_e5m2:
+        half.copy_(codes).bitwise_left_shift_(8)
+    else:
+        if w.dtype != torch.float8_e4m3fn or int(half.copy_(codes).bitwise_and_(0x7F).max()) == 0x7F:
+            out.copy_(dequantize_tensor(w, scale, torch.float32))
+            return
+        half.copy_(codes).bitwise_left_shift_(7).bitwise_and_(~0x4000)  # the sign extension leaves bit 14 set
+        factor = 256.0
+    out.copy_(half.view(torch.float16))
+    if scale is None:
+        if factor != 1.0:
+            out.mul_(factor)
+        return
+    s = scale.detach().reshape(()).to(device=out.device, dtype=torch.float32)
+    folded = s * factor
+    if factor != 1.0 and not bool(torch.isfinite(folded)):  # a scale near float32's maximum: two exact steps
+        out.mul_(factor)
+        folded = s
+    out.mul_(folded)
 
 
 # --- the scaled-fp8 layout (ComfyUI's), as data -------------------------------------------------------------

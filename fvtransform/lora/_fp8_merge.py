@@ -35,7 +35,7 @@ import attrs
 import torch
 
 from fvtransform._fp8 import (
-    SCALE_DTYPES, SCALE_SHAPES, Fp8Overflow, amax_scale, dequantize_tensor, fp8_max, is_fp8, quantize_tensor, scale_key,
+    SCALE_DTYPES, SCALE_SHAPES, Fp8Overflow, amax_scale, dequantize_into, dequantize_tensor, fp8_max, is_fp8, quantize_tensor, scale_key,
     split_layout, weight_key_of,
 )
 from fvtransform.errors import FormatError, NumericError, UsageError
@@ -46,6 +46,9 @@ __all__ = [
     "check_targets", "refuse_kind", "FP8_SCALES", "ROUNDINGS", "merge_tree_key", "check_scaled_plain", "record_fp8",
     "Fp8Plan", "rounding_limit",
 ]
+
+#: The workspace slot of the int16 scratch of :func:`fvtransform._fp8.dequantize_into` (slot 1 is delta_rows').
+_SCRATCH = 3
 
 #: ``fp8_scale=`` values: what happens to a scaled weight's scale.
 FP8_SCALES = ("keep", "recompute")
@@ -205,12 +208,13 @@ def merge_fp8(
     flat_fulls = [(s, D.detach().reshape(rows, -1)) for s, D in fulls]
     gens = [(c.scale, c.delta.row_source(device)) for c in contribs if isinstance(c.delta, GENERATED)]
     tile = max(1, TILE_BYTES // max(1, cols * 4))
-    table = _dequantize_table(dtype, s32, device) if device.type == "cpu" else None
+    fast = device.type == "cpu"
 
     def values(start: int, stop: int) -> torch.Tensor:
         acc = ws.tile(device, stop - start, cols)
-        if table is not None:  # each byte's value looked up: the bits of dequantize_tensor, without torch's slow upcast
-            torch.index_select(table, 0, flat_w[start:stop].reshape(-1).view(torch.uint8).to(torch.int32), out=acc.view(-1))
+        if fast:  # through float16 bits: the bits of dequantize_tensor, without torch's slow float8 upcast
+            scratch = ws.tile(device, 1, ((stop - start) * cols + 1) // 2, slot=_SCRATCH).view(-1).view(torch.int16)
+            dequantize_into(flat_w[start:stop], s32, acc, scratch)
         else:
             acc.copy_(dequantize_tensor(flat_w[start:stop], s32, torch.float32))  # always the weight's own scale
         if B is not None and A is not None:
@@ -244,7 +248,7 @@ def merge_fp8(
         if q32 is not None:  # quantize_tensor's division by the scale (float32, IEEE), in place in the tile buffer
             acc.div_(q32)
         try:
-            q = _quantize(acc, dtype, None, generator, options.saturate)
+            _quantize(acc, dtype, None, generator, options.saturate, out=flat_out[start:stop])
         except Fp8Overflow as e:
             if math.isnan(e.largest) or math.isinf(e.largest):
                 raise NumericError(f"{where}: the merged weight holds NaN/Inf (rows {start}:{stop}); the base or the adapter "
@@ -255,7 +259,6 @@ def merge_fp8(
                 f"±{e.limit:g} (rows {start}:{stop}). Lower the LoRA scale, pass fp8_scale='recompute' (a new scale_weight), "
                 "or saturate=True to clamp to the float8 range"
             ) from None
-        flat_out[start:stop].copy_(q)
     return out, new_scale
 
 
@@ -268,28 +271,18 @@ def rounding_limit(dtype: torch.dtype) -> float:
 
 
 def _quantize(acc: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None, generator: torch.Generator | None,
-              saturate: bool) -> torch.Tensor:
+              saturate: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`fvtransform._fp8.quantize_tensor`, where values above ``max`` but below :func:`rounding_limit` round to ``max``.
 
     Raises:
         Fp8Overflow: a value at or beyond the rounding limit (or NaN/Inf) without ``saturate``.
     """
     try:
-        return quantize_tensor(acc, dtype, scale, generator=generator, saturate=saturate)
-    except Fp8Overflow as e:
+        return quantize_tensor(acc, dtype, scale, generator=generator, saturate=saturate, out=out, overwrite=True)
+    except Fp8Overflow as e:  # raised before acc is touched
         if not e.largest < rounding_limit(dtype):  # NaN fails too
             raise
-        return quantize_tensor(acc, dtype, scale, generator=generator, saturate=True)  # only the clamp to max is new
-
-
-def _dequantize_table(dtype: torch.dtype, scale: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """The float32 value of each of the 256 float8 codes, by :func:`fvtransform._fp8.dequantize_tensor` itself.
-
-    torch's float8 -> float32 conversion is not vectorised on CPU (measured about 5 ns per element, torch 2.13);
-    a gather from this table gives the same bits several times faster, into the tile buffer.
-    """
-    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).to(device)
-    return dequantize_tensor(codes, scale, torch.float32).contiguous()
+        return quantize_tensor(acc, dtype, scale, generator=generator, saturate=True, out=out, overwrite=True)
 
 
 def _stored_scale(exact: torch.Tensor, old: torch.Tensor, dtype: torch.dtype, amax: torch.Tensor) -> torch.Tensor:
