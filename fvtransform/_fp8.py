@@ -143,13 +143,14 @@ def dequantize_tensor(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.
         flat_w, flat_out = w.detach().contiguous().view(-1), out.view(-1)
         half, wide = _scratch(w.device)
         n = flat_w.numel()
+        check = not _known_finite(w)  # the NaN scan of an Upcast's first use covers later ones
         for start in range(0, n, _CHUNK):
             stop = min(n, start + _CHUNK)
             if dtype == torch.float32:
-                dequantize_into(flat_w[start:stop], scale, flat_out[start:stop], half)
+                dequantize_into(flat_w[start:stop], scale, flat_out[start:stop], half, check=check)
             else:
                 acc = wide[: stop - start]
-                dequantize_into(flat_w[start:stop], scale, acc, half)
+                dequantize_into(flat_w[start:stop], scale, acc, half, check=check)
                 flat_out[start:stop].copy_(acc)
         return out
     return _dequantize_elementwise(w, scale, dtype)
@@ -244,14 +245,16 @@ def _round_stochastically_(y: torch.Tensor, dtype: torch.dtype, generator: torch
     bits.bitwise_or_(sign)
 
 
-def dequantize_into(w: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor, scratch: torch.Tensor) -> None:
+def dequantize_into(w: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor, scratch: torch.Tensor,
+                    *, check: bool = True) -> None:
     """Write ``dequantize_tensor(w, scale, float32)`` into float32 ``out`` (same shape), the same bits, faster on CPU.
 
     Every float8 value is a float16 value times a power of two with the float16 bits a shift of the float8 bits
     (float8_e5m2: the top byte of a float16; float8_e4m3fn: ``(code & 0x7F) << 7`` and the sign, times 256, its
     subnormals included), and float16 -> float32 is a fast exact cast; the factor 256 is folded into the scale
     (a product of the same real numbers, rounded once). ``scratch`` is an int16 buffer of ``w.numel()``
-    elements. A float8_e4m3fn NaN code (no float16 counterpart) takes the elementwise path.
+    elements. A float8_e4m3fn NaN code (no float16 counterpart) takes the elementwise path (``check=False``: the
+    caller knows ``w`` holds none).
     """
     codes = w.view(torch.int8)
     half = scratch[: w.numel()].view(w.shape)
@@ -259,7 +262,7 @@ def dequantize_into(w: torch.Tensor, scale: torch.Tensor | None, out: torch.Tens
     if w.dtype == torch.float8_e5m2:
         half.copy_(codes).bitwise_left_shift_(8)
     else:
-        if w.dtype != torch.float8_e4m3fn or int(half.copy_(codes).bitwise_and_(0x7F).max()) == 0x7F:
+        if w.dtype != torch.float8_e4m3fn or (check and int(half.copy_(codes).bitwise_and_(0x7F).max()) == 0x7F):
             out.copy_(_dequantize_elementwise(w, scale, torch.float32))
             return
         half.copy_(codes).bitwise_left_shift_(7).bitwise_and_(~0x4000)  # the sign extension leaves bit 14 set
