@@ -463,8 +463,10 @@ def nonfinite_count(x: torch.Tensor) -> int:
         if _known_finite(x):
             return 0
         mask, value = code
-        bad = (x.view(torch.uint8) & mask) == value
-        count = int(bad.sum()) if bool(bad.any()) else 0
+        masked = x.view(torch.uint8) & mask
+        count = 0
+        if int(masked.max()) == value:  # value == mask: the largest masked code has every mask bit iff one does
+            count = int((masked == value).sum())
         if not count:
             _mark_finite(x)
         return count

@@ -35,8 +35,8 @@ import attrs
 import torch
 
 from fvtransform._fp8 import (
-    SCALE_DTYPES, SCALE_SHAPES, Fp8Overflow, amax_scale, dequantize_into, dequantize_tensor, fp8_max, is_fp8, quantize_tensor, scale_key,
-    split_layout, weight_key_of,
+    SCALE_DTYPES, SCALE_SHAPES, Fp8Overflow, amax_scale, dequantize_into, dequantize_tensor, fp8_max, is_fp8, nonfinite_count,
+    quantize_tensor, scale_key, split_layout, weight_key_of,
 )
 from fvtransform.errors import FormatError, NumericError, UsageError
 from fvtransform.lora._adapter import GENERATED, FullDelta
@@ -209,12 +209,13 @@ def merge_fp8(
     gens = [(c.scale, c.delta.row_source(device)) for c in contribs if isinstance(c.delta, GENERATED)]
     tile = max(1, TILE_BYTES // max(1, cols * 4))
     fast = device.type == "cpu"
+    check = not fast or nonfinite_count(weight.detach()) > 0  # one scan of the bytes, not one per tile
 
     def values(start: int, stop: int) -> torch.Tensor:
         acc = ws.tile(device, stop - start, cols)
         if fast:  # through float16 bits: the bits of dequantize_tensor, without torch's slow float8 upcast
             scratch = ws.tile(device, 1, ((stop - start) * cols + 1) // 2, slot=_SCRATCH).view(-1).view(torch.int16)
-            dequantize_into(flat_w[start:stop], s32, acc, scratch)
+            dequantize_into(flat_w[start:stop], s32, acc, scratch, check=check)
         else:
             acc.copy_(dequantize_tensor(flat_w[start:stop], s32, torch.float32))  # always the weight's own scale
         if B is not None and A is not None:
