@@ -44,6 +44,8 @@ import torch
 __all__ = [
     "FP8_DTYPES",
     "is_fp8",
+    "is_other_float8",
+    "OTHER_FLOAT8",
     "fp8_max",
     "amax_scale",
     "dequantize_tensor",
@@ -90,6 +92,18 @@ class Fp8Overflow(ValueError):
 def is_fp8(dtype: torch.dtype) -> bool:
     """Whether ``dtype`` is one of the float8 dtypes fvtransform reads and writes."""
     return dtype in FP8_DTYPES
+
+
+#: Float8 (and smaller) dtypes torch has that fvtransform does not read: refused with a typed error.
+OTHER_FLOAT8: tuple[torch.dtype, ...] = tuple(
+    getattr(torch, name) for name in ("float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2")
+    if hasattr(torch, name)
+)
+
+
+def is_other_float8(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is a float8 (or float4) dtype outside :data:`FP8_DTYPES` (e.g. ``float8_e4m3fnuz``)."""
+    return dtype in OTHER_FLOAT8
 
 
 def fp8_max(dtype: torch.dtype) -> float:
@@ -439,9 +453,10 @@ def as_fp8_dtype(dtype: torch.dtype | str) -> torch.dtype | None:
     return FP8_NAMES.get(dtype.removeprefix("torch."))
 
 
-#: Float8 tensors already found finite, with their version counter then: a weight used at every step of a
-#: sampling loop is read for NaN/Inf once, not at every forward (an in-place write bumps the version: read again).
-_FINITE: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
+#: Float8 tensors already scanned, with their version counter then and their largest magnitude code: a weight
+#: used at every step of a sampling loop is read for NaN/Inf once, not at every forward (an in-place write bumps
+#: the version: read again).
+_FINITE: dict[int, tuple[weakref.ref[torch.Tensor], int, int]] = {}
 
 
 def _known_finite(x: torch.Tensor) -> bool:
@@ -449,9 +464,22 @@ def _known_finite(x: torch.Tensor) -> bool:
     return entry is not None and entry[0]() is x and entry[1] == x._version
 
 
-def _mark_finite(x: torch.Tensor) -> None:
+def _mark_finite(x: torch.Tensor, top: int = 0x7F) -> None:
     key = id(x)
-    _FINITE[key] = (weakref.ref(x, lambda _r: _FINITE.pop(key, None)), x._version)
+    _FINITE[key] = (weakref.ref(x, lambda _r: _FINITE.pop(key, None)), x._version, top)
+
+
+def largest_code(x: torch.Tensor) -> int:
+    """The float8 code (sign bit cleared) of the largest magnitude in float8 ``x`` (codes order as magnitudes do);
+    remembered for a tensor found finite."""
+    entry = _FINITE.get(id(x))
+    if entry is not None and entry[0]() is x and entry[1] == x._version:
+        return entry[2]
+    top = int((x.view(torch.uint8) & 0x7F).max()) if x.numel() else 0
+    mask, value = _NONFINITE_BITS[x.dtype]
+    if top & mask != value:
+        _mark_finite(x, top)
+    return top
 
 
 def nonfinite_count(x: torch.Tensor) -> int:
@@ -463,13 +491,9 @@ def nonfinite_count(x: torch.Tensor) -> int:
         if _known_finite(x):
             return 0
         mask, value = code
-        masked = x.view(torch.uint8) & mask
-        count = 0
-        if int(masked.max()) == value:  # value == mask: the largest masked code has every mask bit iff one does
-            count = int((masked == value).sum())
-        if not count:
-            _mark_finite(x)
-        return count
+        if largest_code(x) & mask != value:  # the largest magnitude code is a NaN/Inf code iff any is
+            return 0
+        return int(((x.view(torch.uint8) & mask) == value).sum())
     if not x.dtype.is_floating_point:
         return 0
     return int((~torch.isfinite(x)).sum())
@@ -481,7 +505,8 @@ class Upcast(torch.Tensor):
     Every torch operation on it first makes ``dequantize_tensor(data, scale, dtype)`` (one rounding, the same
     bits every time) and runs on that plain tensor, which is dropped after the operation: a forward pass
     holds one layer's weight in the compute dtype at a time, never the model. The float8 bytes are checked
-    for NaN/Inf on first use (``on_nonfinite`` is called with the count, and raises).
+    for NaN/Inf on first use (``on_nonfinite`` is called with the count, and raises), and its largest value times
+    the scale for an overflow of ``dtype`` (``on_overflow`` is called with the value and the dtype, and raises).
 
     Attributes:
         fp8: the float8 tensor (shared, never written).
@@ -496,7 +521,7 @@ class Upcast(torch.Tensor):
     @staticmethod
     def __new__(
         cls, fp8: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, key: str,
-        on_nonfinite: object = None,
+        on_nonfinite: object = None, on_overflow: object = None,
     ) -> Upcast:
         return torch.Tensor._make_wrapper_subclass(
             cls, fp8.shape, strides=fp8.stride(), dtype=dtype, device=fp8.device, requires_grad=False
@@ -504,12 +529,13 @@ class Upcast(torch.Tensor):
 
     def __init__(
         self, fp8: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, key: str,
-        on_nonfinite: object = None,
+        on_nonfinite: object = None, on_overflow: object = None,
     ) -> None:
         self.fp8 = fp8
         self.scale = scale
         self.key = key
         self._on_nonfinite = on_nonfinite
+        self._on_overflow = on_overflow
         self._checked = False
 
     def materialize(self) -> torch.Tensor:
@@ -518,6 +544,12 @@ class Upcast(torch.Tensor):
             bad = nonfinite_count(self.fp8)
             if bad and callable(self._on_nonfinite):
                 self._on_nonfinite(self.key, bad)
+            if not bad and callable(self._on_overflow):  # the largest magnitude, dequantised the same way, is finite
+                top = torch.tensor([largest_code(self.fp8)], dtype=torch.uint8).view(self.fp8.dtype)
+                peak = _dequantize_elementwise(top, None if self.scale is None else self.scale.cpu(), self.dtype)
+                if not bool(torch.isfinite(peak).all()):
+                    scale = 1.0 if self.scale is None else float(self.scale.detach().reshape(()).double())
+                    self._on_overflow(self.key, float(top.double()) * scale, self.dtype)
             self._checked = True
         return dequantize_tensor(self.fp8, self.scale, self.dtype)
 

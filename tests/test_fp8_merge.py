@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 import fvtransform as fvt
 from fvtransform._fp8 import amax_scale, dequantize_tensor, quantize_tensor, scale_key
-from fvtransform.errors import FormatError, NumericError, UsageError
+from fvtransform.errors import FormatError, NumericError, ShapeMismatchError, UsageError
 
 E4 = torch.float8_e4m3fn
 FIXTURES = Path(__file__).parent / "fixtures" / "fp8_merge"
@@ -373,7 +373,8 @@ def test_a_scale_beside_a_non_fp8_weight_is_refused():
     mixed = fvt.ParamTree({**tree, "blocks.0.ffn.0.weight": tree["blocks.0.ffn.0.weight"].float(), "x.weight": torch.ones(2, 2, dtype=E4)})
     adapter = fvt.lora.LoraAdapter({"blocks.0.ffn.0.weight": adapter_of(tree, "blocks.0.ffn.0.weight")["blocks.0.ffn.0.weight"],
                                     "x.weight": fvt.lora.LowRank(torch.ones(1, 2), torch.ones(2, 1), 1.0)})
-    with pytest.raises(FormatError, match=r"'blocks\.0\.ffn\.0\.weight' is torch\.float32 and has a scale 'blocks\.0\.ffn\.0\.scale_weight'"):
+    # a dtype other than the one required beside a scale: ShapeMismatchError, as fvt.dequantize says of the same tree
+    with pytest.raises(ShapeMismatchError, match=r"'blocks\.0\.ffn\.0\.weight' is torch\.float32 and has a scale 'blocks\.0\.ffn\.0\.scale_weight'"):
         fvt.lora.merge(mixed, adapter)
 
 

@@ -35,16 +35,16 @@ import attrs
 import torch
 
 from fvtransform._fp8 import (
-    SCALE_DTYPES, SCALE_SHAPES, Fp8Overflow, amax_scale, dequantize_into, dequantize_tensor, fp8_max, is_fp8, nonfinite_count,
+    SCALE_DTYPES, SCALE_SHAPES, Fp8Overflow, amax_scale, dequantize_into, dequantize_tensor, fp8_max, is_fp8, is_other_float8, nonfinite_count,
     quantize_tensor, scale_key, split_layout, weight_key_of,
 )
-from fvtransform.errors import FormatError, NumericError, UsageError
+from fvtransform.errors import FormatError, NumericError, ShapeMismatchError, UsageError
 from fvtransform.lora._adapter import GENERATED, FullDelta
 
 __all__ = [
     "Fp8Options", "fp8_options", "scale_key_of", "check_scale", "check_scale_keys", "key_seed", "merge_fp8",
     "check_targets", "refuse_kind", "FP8_SCALES", "ROUNDINGS", "merge_tree_key", "check_scaled_plain", "record_fp8",
-    "Fp8Plan", "rounding_limit",
+    "Fp8Plan", "rounding_limit", "refuse_other_float8",
 ]
 
 #: The workspace slot of the int16 scratch of :func:`fvtransform._fp8.dequantize_into` (slot 1 is delta_rows').
@@ -209,7 +209,8 @@ def merge_fp8(
     gens = [(c.scale, c.delta.row_source(device)) for c in contribs if isinstance(c.delta, GENERATED)]
     tile = max(1, TILE_BYTES // max(1, cols * 4))
     fast = device.type == "cpu"
-    check = not fast or nonfinite_count(weight.detach()) > 0  # one scan of the bytes, not one per tile
+    base_bad = nonfinite_count(weight.detach())  # one scan of the bytes, not one per tile
+    check = not fast or base_bad > 0
 
     def values(start: int, stop: int) -> torch.Tensor:
         acc = ws.tile(device, stop - start, cols)
@@ -234,8 +235,7 @@ def merge_fp8(
             acc = values(start, min(rows, start + tile))
             peak = acc.abs().amax() if acc.numel() else torch.zeros((), device=device)
             if not bool(torch.isfinite(peak)):
-                raise NumericError(f"{where}: the merged weight holds NaN/Inf (rows {start}:{min(rows, start + tile)}); "
-                                   "the base or the adapter holds NaN/Inf. Check them with fvt.inspect")
+                raise NumericError(_nonfinite_message(where, start, min(rows, start + tile), base_bad))
             peaks.append(peak)
         new_scale = _stored_scale(amax_scale(torch.stack(peaks), dtype), scale, dtype, torch.stack(peaks).amax())
     q32 = s32 if new_scale is None else new_scale.reshape(()).to(device=device, dtype=torch.float32)  # quantises
@@ -251,9 +251,8 @@ def merge_fp8(
         try:
             _quantize(acc, dtype, None, generator, options.saturate, out=flat_out[start:stop])
         except Fp8Overflow as e:
-            if math.isnan(e.largest) or math.isinf(e.largest):
-                raise NumericError(f"{where}: the merged weight holds NaN/Inf (rows {start}:{stop}); the base or the adapter "
-                                   "holds NaN/Inf. Check them with fvt.inspect") from None
+            if math.isnan(e.largest) or (math.isinf(e.largest) and not bool(torch.isfinite(values(start, stop)).all())):
+                raise NumericError(_nonfinite_message(where, start, stop, base_bad)) from None
             after = "" if q32 is None else f" after dividing by the scale {float(q32):g}"
             raise NumericError(
                 f"{where}: the merged weight overflows {dtype}: largest magnitude {e.largest:g}{after} exceeds its range "
@@ -261,6 +260,28 @@ def merge_fp8(
                 "or saturate=True to clamp to the float8 range"
             ) from None
     return out, new_scale
+
+
+def _nonfinite_message(where: str, start: int, stop: int, base_bad: int) -> str:
+    """What a NaN/Inf in the merged rows means: the float8 base holds NaN/Inf codes, or the adapter's factors do."""
+    if base_bad:
+        return (f"{where}: the float8 base weight holds {base_bad} NaN/Inf value(s) (rows {start}:{stop} merged to "
+                "NaN/Inf); the checkpoint is damaged. Fix: re-export it from its full-precision source")
+    return (f"{where}: the merged weight holds NaN/Inf (rows {start}:{stop}) and the float8 base is finite: the adapter's "
+            "factors hold NaN/Inf or overflow float32. Fix: check the LoRA (torch.isfinite on its lora_A / lora_B "
+            "tensors) or lower its scale")
+
+
+def refuse_other_float8(key: str, dtype: torch.dtype, where: str) -> None:
+    """Refuse a merge into a float8 dtype fvtransform does not read (``float8_e4m3fnuz``, ...).
+
+    Raises:
+        FormatError: naming the key, its dtype and the dtypes that merge.
+    """
+    if is_other_float8(dtype):
+        raise FormatError(f"{where}: {key!r} is {str(dtype).removeprefix('torch.')}, a float8 dtype fvtransform does not "
+                          "merge into (expected float8_e4m3fn or float8_e5m2, or a full-precision weight). Fix: convert "
+                          "the weight to one of those first")
 
 
 def rounding_limit(dtype: torch.dtype) -> float:
@@ -318,15 +339,19 @@ def merge_tree_key(
 
 
 def check_scaled_plain(tree: Mapping[str, torch.Tensor], key: str) -> None:
-    """Refuse a scale key beside a targeted weight that is not float8 (its meaning would be lost silently).
+    """Refuse a scale key beside a targeted weight that is not float8 (its meaning would be lost silently), and a
+    float8 dtype fvtransform does not read.
 
     Raises:
-        FormatError: naming the weight, its dtype and the scale key.
+        ShapeMismatchError: naming the weight, its dtype and the scale key (as :func:`fvt.dequantize` does).
+        FormatError: another float8 dtype (``float8_e4m3fnuz``, ...).
     """
+    refuse_other_float8(key, tree[key].dtype, "fvt.lora.merge")
     sk = scale_key_of(key)
     if sk is not None and sk in tree:
-        raise FormatError(f"{key!r} is {tree[key].dtype} and has a scale {sk!r}; the scaled layout holds float8 weights "
-                          "only, so a merge cannot tell what the weight means. Dequantise it first (fvt.dequantize)")
+        raise ShapeMismatchError(f"{key!r} is {tree[key].dtype} and has a scale {sk!r}; the scaled layout holds float8 "
+                                 "weights only, so a merge cannot tell what the weight means (a reader multiplies it by "
+                                 "the scale). Fix: drop the scale key, or dequantise it first (fvt.dequantize)")
 
 
 def record_fp8(tree: Mapping[str, torch.Tensor], key: str, new: torch.Tensor, extra: Mapping[str, torch.Tensor],
@@ -364,6 +389,13 @@ class Fp8Plan:
         check_targets(self._targets, options, "fvt.lora.merge_checkpoint")
         self._scale: dict[str, str] = {}  # float8 target -> its scale key
         self._weight_of: dict[str, str] = {}  # recomputed scale key -> its weight
+        for k in per_key:
+            refuse_other_float8(k, ckpt.info(k).dtype, str(ckpt.file_of(k)))
+            sk = scale_key_of(k)
+            if k not in self._target_set and sk is not None and sk in keys:
+                raise ShapeMismatchError(f"{ckpt.file_of(k)}: {k!r} is {ckpt.info(k).dtype} and has a scale {sk!r}; the "
+                                         "scaled layout holds float8 weights only (a reader multiplies it by the scale). "
+                                         "Fix: drop the scale key, or dequantise it first (fvt.dequantize)")
         if not self._targets:
             return
         if dtype is not None:
@@ -372,10 +404,7 @@ class Fp8Plan:
         check_scale_keys(list(keys), str(base))
         for k in per_key:
             sk = scale_key_of(k)
-            if k not in self._targets:
-                if sk is not None and sk in keys:
-                    raise FormatError(f"{ckpt.file_of(k)}: {k!r} is {ckpt.info(k).dtype} and has a scale {sk!r}; the scaled "
-                                      "layout holds float8 weights only. Dequantise it first (fvt.dequantize)")
+            if k not in self._target_set:
                 continue
             refuse_kind(per_key[k], k, grad=False, sharded=False)
             if sk is not None and sk in keys:
