@@ -50,8 +50,12 @@ def note_sources(tensors: Mapping[str, torch.Tensor], path: object) -> None:
     """Remember the file of each float8 tensor ``fvt.load`` returns (named by a NaN/Inf error when it is used)."""
     for t in tensors.values():
         if isinstance(t, torch.Tensor) and _fp8.is_fp8(t.dtype) and id(t) not in _SOURCES:
-            key = id(t)
-            _SOURCES[key] = (weakref.ref(t, lambda _r, key=key: _SOURCES.pop(key, None)), str(path))
+            _note(t, str(path))
+
+
+def _note(t: torch.Tensor, path: str) -> None:
+    key = id(t)
+    _SOURCES[key] = (weakref.ref(t, lambda _r: _SOURCES.pop(key, None)), path)
 
 
 def _source(t: torch.Tensor, default: object = "tree") -> object:
