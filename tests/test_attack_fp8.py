@@ -202,3 +202,24 @@ def test_inspect_flags_a_nan_scale(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     _scaled_file(tmp_path / "nanscale.safetensors", float("nan"))
     code, out = _cli(monkeypatch, capsys, tmp_path, "inspect", "nanscale.safetensors")
     assert code != 0 or "nan" in out.lower(), out
+
+
+# --- 9. the marker of a prefixed (full) checkpoint ------------------------------------------------------------------
+
+
+def test_quantize_prefixed_tree_writes_the_prefixed_marker() -> None:
+    # WRONG: quantising a full checkpoint's tree ('model.diffusion_model.*') writes the marker as top-level
+    # 'scaled_fp8'; ComfyUI looks for '{prefix}scaled_fp8' (and filters keys by the prefix), so it never sees it and
+    # runs the weights without their scales. The docs name 'model.diffusion_model.scaled_fp8' for a full checkpoint
+    prefix = "model.diffusion_model."
+    q = fvt.quantize_fp8(fvt.ParamTree({prefix + "l.weight": torch.tensor([[1.0, -2.0]]),
+                                        prefix + "l.bias": torch.zeros(1)}))
+    assert sorted(q) == [prefix + k for k in ["l.bias", "l.scale_weight", "l.weight", "scaled_fp8"]]
+
+
+def test_float32_marker_with_e5m2_weights_is_refused() -> None:
+    # WRONG: a float32 marker means float8_e4m3fn (the docs say so), yet float8_e5m2 weights under it are accepted
+    tree = fvt.ParamTree({"l.weight": torch.tensor([[1.0, -2.0]]).to(torch.float8_e5m2),
+                          "l.scale_weight": torch.tensor(2.0), "scaled_fp8": torch.empty(0, dtype=torch.float32)})
+    with pytest.raises(FormatError, match=r"scaled_fp8.*float8_e4m3fn.*float8_e5m2"):
+        fvt.dequantize(tree, torch.float32)["l.weight"] + 0
