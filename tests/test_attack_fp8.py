@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import fvtransform as fvt
-from fvtransform.errors import FormatError, FvTransformError, KeyMismatchError, NumericError, ShapeMismatchError
+from fvtransform.errors import (FormatError, FvTransformError, KeyMismatchError, NumericError, ShapeMismatchError,
+                               UsageError)
 
 E4 = torch.float8_e4m3fn
 
@@ -223,3 +224,35 @@ def test_float32_marker_with_e5m2_weights_is_refused() -> None:
                           "l.scale_weight": torch.tensor(2.0), "scaled_fp8": torch.empty(0, dtype=torch.float32)})
     with pytest.raises(FormatError, match=r"scaled_fp8.*float8_e4m3fn.*float8_e5m2"):
         fvt.dequantize(tree, torch.float32)["l.weight"] + 0
+
+
+# --- 10. quantize_fp8 argument checks ---------------------------------------------------------------------------------
+
+
+def test_quantize_scale_beyond_float32_is_refused() -> None:
+    # WRONG: scale=1e39 is "a positive finite number" as a Python float, but it is written as a float32 inf
+    # scale_weight (weights all 0): a tree its own reader then refuses as damaged
+    with pytest.raises(UsageError, match="scale"):
+        fvt.quantize_fp8(fvt.ParamTree({"l.weight": torch.tensor([[1.0, -2.0]])}), scale=1e39)
+
+
+@pytest.mark.parametrize("seed", [-3, True, 1.0])
+def test_quantize_bad_seed_is_refused(seed: object) -> None:
+    # WRONG: merge refuses seed=-1 / True / 1.5 ("expected a nonnegative int"); quantize_fp8 accepts -3, True (as 1), 1.0
+    with pytest.raises(UsageError, match="seed"):
+        fvt.quantize_fp8(fvt.ParamTree({"l.weight": torch.tensor([[1.0, -2.0]])}), seed=seed)  # type: ignore[arg-type]
+
+
+def test_quantize_huge_seed_is_not_a_raw_valueerror() -> None:
+    # WRONG: quantize_fp8(seed=2**70) raises torch's raw ValueError "Overflow when unpacking long long"
+    # (merge accepts the same seed)
+    try:
+        fvt.quantize_fp8(fvt.ParamTree({"l.weight": torch.tensor([[1.0, -2.0]])}), seed=2**70)
+    except FvTransformError:
+        pass
+
+
+def test_quantize_factory_checks_seed_when_built() -> None:
+    # WRONG: the docs say the factory's arguments are checked when the step is built; seed=-3 builds fine
+    with pytest.raises(UsageError, match="seed"):
+        fvt.transforms.quantize_fp8(seed=-3)
