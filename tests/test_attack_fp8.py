@@ -62,6 +62,15 @@ def test_dequantize_to_float16_overflow_is_refused(tmp_path: Path) -> None:
         tree["l.weight"] + 0
 
 
+def test_call_in_float16_overflow_is_refused() -> None:
+    # WRONG: fvt.call over a scaled tree whose weight * scale exceeds float16 (448 * 1000) returns inf, silently
+    lin = torch.nn.Linear(2, 2).half()
+    tree = fvt.ParamTree({"weight": torch.tensor([[448.0, 1.0], [1.0, 1.0]]).to(E4), "bias": torch.zeros(2).half(),
+                          "scale_weight": torch.tensor(1000.0), "scaled_fp8": torch.empty(0, dtype=E4)})
+    with pytest.raises(NumericError, match="weight"):
+        fvt.call(lin, tree, torch.ones(1, 2).half(), compute_dtype=torch.float16)
+
+
 # --- 2. zero / negative scales: merge refuses them as damaged, load/dequantize/call use them silently -----------
 
 
