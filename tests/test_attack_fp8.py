@@ -265,3 +265,37 @@ def test_quantize_factory_checks_seed_when_built() -> None:
     # WRONG: the docs say the factory's arguments are checked when the step is built; seed=-3 builds fine
     with pytest.raises(UsageError, match="seed"):
         fvt.transforms.quantize_fp8(seed=-3)
+
+
+# --- 11. LoRA against a full (prefixed) float8 checkpoint (not float8-specific: bf16 fails the same way) ---------------
+
+
+def _full_fp8_checkpoint() -> fvt.ParamTree:
+    w = torch.randn(16, 16, generator=torch.Generator().manual_seed(0))
+    q = fvt.quantize_fp8(fvt.ParamTree({"blocks.0.ffn.0.weight": w, "blocks.0.ffn.0.bias": torch.zeros(16)}))
+    return fvt.ParamTree({"model.diffusion_model." + k: v for k, v in q.items()})
+
+
+def test_comfy_lora_resolves_against_full_fp8_checkpoint(tmp_path: Path) -> None:
+    # WRONG: a ComfyUI LoRA ('diffusion_model.blocks.0.ffn.0.lora_A.weight') against a full checkpoint
+    # ('model.diffusion_model.blocks.0.ffn.0.weight' + its scale + 'model.diffusion_model.scaled_fp8', the layout the
+    # float8 guide names) is "no base module matches"; ComfyUI applies it to exactly that weight
+    base = _full_fp8_checkpoint()
+    plain = fvt.ParamTree({"blocks.0.ffn.0.weight": torch.zeros(16, 16)})
+    fvt.lora.save(fvt.lora.random_adapter(plain, targets="blocks.*.weight", rank=2, seed=1),
+                  tmp_path / "l.safetensors", format="comfy")
+    adapter = fvt.lora.load(tmp_path / "l.safetensors", base=base)
+    assert list(adapter) == ["model.diffusion_model.blocks.0.ffn.0.weight"]
+
+
+def test_lora_load_base_as_path_is_a_typed_error(tmp_path: Path) -> None:
+    # WRONG: base="checkpoint.safetensors" (a path, as the CLI's --base takes) raises a raw AttributeError
+    # ("'str' object has no attribute 'items'"); expected a typed error (or the path loaded)
+    fvt.save(fvt.ParamTree({"blocks.0.ffn.0.weight": torch.zeros(16, 16)}), tmp_path / "b.safetensors")
+    plain = fvt.ParamTree({"blocks.0.ffn.0.weight": torch.zeros(16, 16)})
+    fvt.lora.save(fvt.lora.random_adapter(plain, targets="blocks.*.weight", rank=2, seed=1),
+                  tmp_path / "l.safetensors", format="comfy")
+    try:
+        fvt.lora.load(tmp_path / "l.safetensors", base=str(tmp_path / "b.safetensors"))  # type: ignore[arg-type]
+    except FvTransformError:
+        pass
