@@ -17,6 +17,7 @@ key names are data there too. This module applies them to trees:
 from __future__ import annotations
 
 import hashlib
+import math
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -304,8 +305,10 @@ def quantize_fp8(
     shape ``[]``) follows it, and the marker ``scaled_fp8`` (of the float8 dtype, no elements) ends the tree:
     the keys ComfyUI reads. ``layout="plain"``: a cast (no scale keys). A value beyond the float8 range is a
     :class:`~fvtransform.errors.NumericError` unless ``saturate=True`` clamps it. ``seed``: stochastic
-    rounding (round up with probability equal to the distance from the value below; the same seed gives the
-    same bytes), for accumulated small updates; default round to nearest. Other tensors are shared.
+    rounding (round up with probability equal to the distance from the value below, in steps of 2**-16 of the
+    gap; the same seed gives the same bytes), for accumulated small updates; default round to nearest. A tree
+    whose every key is under ``model.diffusion_model.`` (a full checkpoint) gets the marker under that prefix, as
+    ComfyUI reads it. Other tensors are shared.
 
     >>> import torch, fvtransform as fvt
     >>> tree = fvt.ParamTree({"l.weight": torch.tensor([[1.0, 500.0]])})
@@ -317,9 +320,10 @@ def quantize_fp8(
     tensor([[  1., 448.]])
 
     Raises:
-        UsageError: an unknown ``dtype`` or ``layout``, a ``scale`` that is not a positive finite number or given
-            with ``layout="plain"``, a tree that is already scaled, a target that is not a full-precision tensor.
-        KeyMismatchError: ``only`` matches no key.
+        UsageError: an unknown ``dtype`` or ``layout``, a ``scale`` that is not a positive finite float32 number or
+            given with ``layout="plain"``, a ``seed`` that is not a nonnegative int, a tree that is already scaled, a
+            target that is not a full-precision tensor.
+        KeyMismatchError: ``only`` matches no key, or (without ``only``) the tree has no 2-D floating weight.
         NumericError: a value beyond the float8 range (without ``saturate``), or NaN/Inf in a weight.
     """
     tree = _as_tree(tree)
@@ -525,10 +529,16 @@ def check_file(
         )
 
 
-def describe(dtypes: Mapping[str, torch.dtype]) -> dict[str, Any] | None:
-    """What ``fvtransform inspect`` says of a checkpoint's float8 content (keys and dtypes only); None if none.
+def describe(
+    dtypes: Mapping[str, torch.dtype], read: Callable[[str], torch.Tensor] | None = None,
+) -> dict[str, Any] | None:
+    """What ``fvtransform inspect`` says of a checkpoint's float8 content; None if none.
 
-    Returns ``{"weights", "scaled", "plain", "scale_input", "markers": {key: float8 dtype name}, "dtypes": {name: n}}``.
+    ``read``: reads one tensor (lazily); given, each one-element scale is read and those that are not finite
+    and positive are listed under ``"damaged_scales"`` (key -> value), the scales ``fvt.load`` refuses.
+
+    Returns ``{"weights", "scaled", "plain", "scale_input", "markers": {key: float8 dtype name}, "dtypes": {name: n},
+    "orphan_scales", "damaged_scales"}``.
     """
     fp8 = [k for k, d in dtypes.items() if _fp8.is_fp8(d)]
     layout = _fp8.split_layout(dtypes)
@@ -540,7 +550,15 @@ def describe(dtypes: Mapping[str, torch.dtype]) -> dict[str, Any] | None:
     for k in weights:
         counts[_name(dtypes[k])] = counts.get(_name(dtypes[k]), 0) + 1
     scaled = sum(1 for k in weights if k in layout.scales)
+    damaged: dict[str, str] = {}
+    for key in [*layout.scales.values(), *layout.input_scales.values()] if read is not None else []:
+        scale = read(key)
+        if scale.numel() == 1 and scale.dtype.is_floating_point:
+            value = float(scale.detach().float().reshape(()))
+            if not (value > 0 and math.isfinite(value)):
+                damaged[key] = str(value)
     return {
+        "damaged_scales": damaged,
         "weights": len(weights), "scaled": scaled, "plain": len(weights) - scaled,
         "scale_input": len(layout.input_scales), "markers": markers, "orphan_scales": list(layout.orphans),
         "dtypes": counts,
