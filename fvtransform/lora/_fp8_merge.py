@@ -9,8 +9,8 @@ and quantise back ONCE to the weight's float8 dtype (:func:`fvtransform._fp8.qua
 * a recomputed amax scale (``fp8_scale="recompute"``: a first pass over the tiles finds ``max |W' |``, the second
   quantises; the scale key is updated, in its own dtype and shape).
 
-``rounding="stochastic"`` rounds up with probability equal to the distance from the float8 value below (unbiased to 2**-16 of a step),
-from a ``torch.Generator`` seeded per key with ``blake2b(seed, key)``: the draws of a key do not depend on the other
+``rounding="stochastic"`` rounds up with probability equal to the distance from the float8 value below (unbiased
+to 2**-16 of a step), from a ``torch.Generator`` seeded per key with ``blake2b(seed, key)``: the draws of a key do not depend on the other
 keys, their order or threads; within a key they are consumed in row tiles whose size depends on the row width only,
 so the in-memory merge and the disk-to-disk merge give the same bytes per seed (on one device kind: CUDA and CPU
 generators differ). ComfyUI seeds each key with ``string_to_seed(key)`` (comfy/model_patcher.py) and draws its own
