@@ -360,7 +360,7 @@ def test_inspect_describes_the_fp8_layout(tmp_path, capsys):
     assert main(["--json", "inspect", str(tmp_path / "q.safetensors")]) == 0
     fp8 = json.loads(capsys.readouterr().out)["fp8"]
     assert fp8 == {"weights": 2, "scaled": 2, "plain": 0, "scale_input": 0, "markers": {"scaled_fp8": "float8_e4m3fn"},
-                   "orphan_scales": [], "dtypes": {"float8_e4m3fn": 2}}
+                   "orphan_scales": [], "damaged_scales": {}, "dtypes": {"float8_e4m3fn": 2}}
     assert main(["inspect", str(tmp_path / "q.safetensors")]) == 0
     assert "float8: 2 weights (2 scaled, 0 plain; float8_e4m3fn: 2), marker 'scaled_fp8' (float8_e4m3fn)" in capsys.readouterr().out
     fvt.save(_small_tree(), tmp_path / "f32.safetensors")
