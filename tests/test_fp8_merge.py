@@ -449,3 +449,24 @@ def test_nearest_merge_lands_on_a_neighbour_comfyui_chose_between():
             assert between(got, lo, hi), k
         steps = (bits(ours[k]).to(torch.int16) - bits(comfy[k]).to(torch.int16)).abs()
         assert int(steps.max()) <= 1 and 0.05 < float((steps == 0).double().mean()) < 1.0, k
+
+
+def test_a_merge_proved_in_range_skips_the_check_and_gives_the_same_bytes(monkeypatch):
+    """With headroom, (max|W| + the factors' bound) / scale is inside the float8 range: no per-tile range pass, the
+    same bytes as the checked path; at the tight amax scale (headroom 1) nothing is proved and an overflow is caught."""
+    from fvtransform.lora import _fp8_merge
+
+    tree = _one()
+    adapter = adapter_of(tree, "blocks.0.ffn.0.weight")
+    proved: list[bool] = []
+    real = _fp8_merge._proved_in_range
+    monkeypatch.setattr(_fp8_merge, "_proved_in_range", lambda *a: proved.append(real(*a)) or proved[-1])
+    fast = fvt.lora.merge(tree, adapter)
+    assert proved == [True]
+    monkeypatch.setattr(_fp8_merge, "_proved_in_range", lambda *a: False)
+    assert same_bytes(fast["blocks.0.ffn.0.weight"], fvt.lora.merge(tree, adapter)["blocks.0.ffn.0.weight"])
+    monkeypatch.setattr(_fp8_merge, "_proved_in_range", real)
+    tight = fvt.ParamTree({k: v for k, v in fp8_tree(wan_tree(blocks=1), scaled=True, headroom=1.0).items()
+                           if k.startswith("blocks.0.ffn.0.") or k == "scaled_fp8"})
+    with pytest.raises(NumericError, match=r"'blocks\.0\.ffn\.0\.weight'.*overflows"):
+        fvt.lora.merge(tight, adapter_of(tight, "blocks.0.ffn.0.weight"), 50.0)

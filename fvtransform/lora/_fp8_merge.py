@@ -35,7 +35,7 @@ import attrs
 import torch
 
 from fvtransform._fp8 import (
-    SCALE_DTYPES, SCALE_SHAPES, Fp8Overflow, amax_scale, dequantize_into, dequantize_tensor, fp8_max, is_fp8, is_other_float8, nonfinite_count,
+    SCALE_DTYPES, SCALE_SHAPES, Fp8Overflow, amax_scale, dequantize_into, dequantize_tensor, fp8_max, is_fp8, is_other_float8, largest_code, nonfinite_count,
     quantize_tensor, scale_key, split_layout, weight_key_of,
 )
 from fvtransform.errors import FormatError, NumericError, ShapeMismatchError, UsageError
@@ -209,8 +209,10 @@ def merge_fp8(
     gens = [(c.scale, c.delta.row_source(device)) for c in contribs if isinstance(c.delta, GENERATED)]
     tile = max(1, TILE_BYTES // max(1, cols * 4))
     fast = device.type == "cpu"
-    base_bad = nonfinite_count(weight.detach())  # one scan of the bytes, not one per tile
+    detached = weight.detach()
+    base_bad = nonfinite_count(detached)  # one scan of the bytes, not one per tile
     check = not fast or base_bad > 0
+    in_range = not base_bad and options.fp8_scale == "keep" and _proved_in_range(detached, s32, contribs)
 
     def values(start: int, stop: int) -> torch.Tensor:
         acc = ws.tile(device, stop - start, cols)
@@ -249,7 +251,7 @@ def merge_fp8(
         if q32 is not None:  # quantize_tensor's division by the scale (float32, IEEE), in place in the tile buffer
             acc.div_(q32)
         try:
-            _quantize(acc, dtype, None, generator, options.saturate, out=flat_out[start:stop])
+            _quantize(acc, dtype, None, generator, options.saturate, out=flat_out[start:stop], in_range=in_range)
         except Fp8Overflow as e:
             if math.isnan(e.largest) or (math.isinf(e.largest) and not bool(torch.isfinite(values(start, stop)).all())):
                 raise NumericError(_nonfinite_message(where, start, stop, base_bad)) from None
@@ -292,15 +294,30 @@ def rounding_limit(dtype: torch.dtype) -> float:
     return float(fi.max) + float(fi.eps) * 2.0 ** math.floor(math.log2(float(fi.max))) / 2
 
 
+def _proved_in_range(weight: torch.Tensor, scale: torch.Tensor | None, contribs: list) -> bool:
+    """Whether no merged value can leave the float8 range: ``(max|W| + bound of |sum s * delta|) / scale`` within it,
+    with a margin for float32's roundings (then the per-tile range check is skipped: a LoRA well inside the range
+    costs no pass; a base whose largest value sits at the float8 maximum is checked tile by tile)."""
+    from fvtransform.lora._merge import _delta_bound
+
+    if not weight.numel():
+        return True
+    top = torch.tensor([largest_code(weight)], dtype=torch.uint8).view(weight.dtype)
+    s = 1.0 if scale is None else float(scale.double())
+    bound = (float(top.double()) * s + _delta_bound(contribs)) * (1 + 2.0**-10)
+    return bound / s <= fp8_max(weight.dtype)  # NaN (a NaN factor) is False
+
+
 def _quantize(acc: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None, generator: torch.Generator | None,
-              saturate: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+              saturate: bool, out: torch.Tensor | None = None, in_range: bool = False) -> torch.Tensor:
     """:func:`fvtransform._fp8.quantize_tensor`, where values above ``max`` but below :func:`rounding_limit` round to ``max``.
 
     Raises:
         Fp8Overflow: a value at or beyond the rounding limit (or NaN/Inf) without ``saturate``.
     """
     try:
-        return quantize_tensor(acc, dtype, scale, generator=generator, saturate=saturate, out=out, overwrite=True)
+        return quantize_tensor(acc, dtype, scale, generator=generator, saturate=saturate, out=out, overwrite=True,
+                               in_range=in_range)
     except Fp8Overflow as e:  # raised before acc is touched
         if not e.largest < rounding_limit(dtype):  # NaN fails too
             raise

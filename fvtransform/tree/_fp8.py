@@ -551,7 +551,9 @@ def describe(
         counts[_name(dtypes[k])] = counts.get(_name(dtypes[k]), 0) + 1
     scaled = sum(1 for k in weights if k in layout.scales)
     damaged: dict[str, str] = {}
-    for key in [*layout.scales.values(), *layout.input_scales.values()] if read is not None else []:
+    for key in [*layout.scales.values(), *layout.input_scales.values()]:
+        if read is None:
+            break
         scale = read(key)
         if scale.numel() == 1 and scale.dtype.is_floating_point:
             value = float(scale.detach().float().reshape(()))
