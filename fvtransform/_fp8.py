@@ -33,7 +33,7 @@ Read in ComfyUI (comfyanonymous/ComfyUI): ``comfy/model_detection.py`` ``model_c
 
 from __future__ import annotations
 
-import sys
+import threading
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -44,10 +44,13 @@ import torch
 __all__ = [
     "FP8_DTYPES",
     "is_fp8",
+    "is_other_float8",
+    "OTHER_FLOAT8",
     "fp8_max",
     "amax_scale",
     "dequantize_tensor",
     "quantize_tensor",
+    "dequantize_into",
     "Fp8Overflow",
     "WEIGHT_SUFFIX",
     "SCALE_WEIGHT",
@@ -91,6 +94,18 @@ def is_fp8(dtype: torch.dtype) -> bool:
     return dtype in FP8_DTYPES
 
 
+#: Float8 (and smaller) dtypes torch has that fvtransform does not read: refused with a typed error.
+OTHER_FLOAT8: tuple[torch.dtype, ...] = tuple(
+    getattr(torch, name) for name in ("float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2")
+    if hasattr(torch, name)
+)
+
+
+def is_other_float8(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is a float8 (or float4) dtype outside :data:`FP8_DTYPES` (e.g. ``float8_e4m3fnuz``)."""
+    return dtype in OTHER_FLOAT8
+
+
 def fp8_max(dtype: torch.dtype) -> float:
     """The largest finite value of a float8 ``dtype`` (448 for e4m3fn, 57344 for e5m2)."""
     return float(torch.finfo(dtype).max)
@@ -112,26 +127,46 @@ def amax_scale(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return scale
 
 
-#: From this many elements on, a CPU dequantisation to a 2-byte dtype looks each PAIR of float8 bytes up in a
-#: 65536-entry table (torch's float8 conversion is not vectorised on CPU: the table is faster, same bits).
-_TABLE_FROM = 1 << 16
+#: From this many elements on, a CPU dequantisation goes through float16 bits (:func:`dequantize_into`) in
+#: chunks of ``_CHUNK`` elements: torch's float8 conversion is not vectorised on CPU (the chunks are the same bits,
+#: several times faster; each chunk's float32 scratch stays in cache).
+_FAST_FROM = 1 << 12
+_CHUNK = 1 << 20
+
+#: Per thread: the int16 and float32 scratch of the chunked dequantisation, per device (reused: no page faults).
+_SCRATCH = threading.local()
+
+
+def _scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = _SCRATCH.__dict__.setdefault("buffers", {})
+    if device not in buffers or buffers[device][0].numel() < _CHUNK:
+        buffers[device] = (torch.empty(_CHUNK, dtype=torch.int16, device=device),
+                           torch.empty(_CHUNK, dtype=torch.float32, device=device))
+    return buffers[device]
 
 
 def dequantize_tensor(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """``w`` (float8) as ``dtype``: ``(w.float() * scale.float()).to(dtype)``, one rounding; no scale: an exact cast.
 
-    Large CPU tensors of an even size, to bfloat16 or float16, take each pair of results from a table of the
-    256 x 256 code pairs, each half made by that same formula: the bits are those of the elementwise
-    computation (a NaN code gives a NaN; its payload may differ).
+    Large CPU tensors to bfloat16, float16 or float32 are made chunk by chunk through float16 bits
+    (:func:`dequantize_into`): the bits of the elementwise computation (a NaN code gives a NaN).
     """
-    if (w.device.type == "cpu" and w.numel() >= _TABLE_FROM and w.numel() % 2 == 0 and w.dtype in FP8_DTYPES
-            and dtype in (torch.bfloat16, torch.float16) and sys.byteorder == "little" and not w.requires_grad):
-        codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(w.dtype)
-        one = _dequantize_elementwise(codes, scale, dtype).view(torch.int16).to(torch.int32) & 0xFFFF
-        pairs = ((one.reshape(256, 1) << 16) | one.reshape(1, 256)).reshape(65536, 1)  # [hi * 256 + lo] = hi:lo
-        index = w.contiguous().reshape(-1).view(torch.int16).to(torch.int32) & 0xFFFF  # little-endian: lo byte first
-        out = torch.nn.functional.embedding(index, pairs).reshape(-1).view(dtype)
-        return out.reshape(w.shape)
+    if (w.device.type == "cpu" and w.numel() >= _FAST_FROM and w.dtype in FP8_DTYPES and not w.requires_grad
+            and dtype in (torch.bfloat16, torch.float16, torch.float32)):
+        out = torch.empty(w.shape, dtype=dtype)
+        flat_w, flat_out = w.detach().contiguous().view(-1), out.view(-1)
+        half, wide = _scratch(w.device)
+        n = flat_w.numel()
+        check = not _known_finite(w)  # the NaN scan of an Upcast's first use covers later ones
+        for start in range(0, n, _CHUNK):
+            stop = min(n, start + _CHUNK)
+            if dtype == torch.float32:
+                dequantize_into(flat_w[start:stop], scale, flat_out[start:stop], half, check=check)
+            else:
+                acc = wide[: stop - start]
+                dequantize_into(flat_w[start:stop], scale, acc, half, check=check)
+                flat_out[start:stop].copy_(acc)
+        return out
     return _dequantize_elementwise(w, scale, dtype)
 
 
@@ -143,10 +178,20 @@ def _dequantize_elementwise(w: torch.Tensor, scale: torch.Tensor | None, dtype: 
     return out if dtype == torch.float32 else out.to(dtype)
 
 
-def _neighbour(q: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """The float8 value ``step`` (±1, int16) codes away from nonnegative ``q`` (same dtype), through its bits."""
-    bits = q.view(torch.uint8).to(torch.int16) + step
-    return bits.clamp(0, 255).to(torch.uint8).view(q.dtype)
+#: Per float8 dtype: (mantissa bits, exponent of the smallest normal value).
+_FORMATS: dict[torch.dtype, tuple[int, int]] = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
+
+#: Random bits drawn per element by stochastic rounding: the probability of rounding up is the distance from the
+#: float8 value below, in steps of ``2**-16`` of the gap (rounded up: a bias of less than ``2**-16`` of a step).
+_RANDOM_BITS = 16
+
+
+def _check_range(y: torch.Tensor, limit: float) -> float:
+    """The largest magnitude of ``y`` (NaN if any NaN), from one ``aminmax`` (no temporary of ``y``'s size)."""
+    if not y.numel():
+        return 0.0
+    lo, hi = torch.aminmax(y)
+    return float(torch.maximum(-lo, hi))  # NaN propagates
 
 
 def quantize_tensor(
@@ -156,8 +201,16 @@ def quantize_tensor(
     *,
     generator: torch.Generator | None = None,
     saturate: bool = False,
+    out: torch.Tensor | None = None,
+    overwrite: bool = False,
+    in_range: bool = False,
 ) -> torch.Tensor:
     """``x / scale`` rounded once to the float8 ``dtype`` (to nearest, or stochastically with ``generator``).
+
+    Args:
+        out: a float8 tensor of ``x``'s shape to write into (returned).
+        overwrite: ``x`` is a float32 scratch buffer the caller gives away (stochastic rounding works in it).
+        in_range: the caller has proved every ``|x / scale|`` finite and within the float8 range (no check).
 
     Raises:
         Fp8Overflow: a magnitude beyond the float8 range (or NaN/Inf) and ``saturate`` is False.
@@ -165,32 +218,82 @@ def quantize_tensor(
     y = x.to(torch.float32)
     if scale is not None:
         y = y / scale.to(device=y.device, dtype=torch.float32)
+    elif generator is not None and not (overwrite and y is x):
+        y = y.clone()
     limit = fp8_max(dtype)
-    if y.numel():
-        largest = float(y.abs().amax())
-        if largest != largest or largest > limit:  # NaN compares unequal to itself
-            if not saturate or largest != largest:
-                raise Fp8Overflow(largest, limit)
-            y = y.clamp(-limit, limit)
-    if generator is None:
-        return y.to(dtype)
-    mag = y.abs()
-    near = mag.to(dtype)  # round to nearest: the neighbour on one side of mag
-    near_f = near.to(torch.float32)
-    above = near_f > mag
-    one = torch.ones((), dtype=torch.int16, device=y.device)
-    other = _neighbour(near, torch.where(above, -one, one))  # the neighbour on the other side
-    other_f = other.to(torch.float32)
-    lo_f = torch.where(above, other_f, near_f)
-    hi_f = torch.where(above, near_f, other_f)
-    gap = hi_f - lo_f
-    exact = near_f == mag
-    p_up = torch.where(exact | (gap == 0), torch.zeros_like(mag), (mag - lo_f) / torch.where(gap == 0, 1.0, gap))
-    u = torch.rand(mag.shape, generator=generator, dtype=torch.float32, device=y.device)
-    up = u < p_up
-    picked = torch.where(up, hi_f, lo_f)
-    picked = torch.where(exact, near_f, picked)
-    return (torch.where(y < 0, -picked, picked)).to(dtype)
+    largest = 0.0 if in_range else _check_range(y, limit)
+    if largest != largest or largest > limit:  # NaN compares unequal to itself
+        if not saturate or largest != largest:
+            raise Fp8Overflow(largest, limit)
+        y = y.clamp_(-limit, limit) if (overwrite or y is not x) else y.clamp(-limit, limit)
+    if out is None:
+        out = torch.empty(y.shape, dtype=dtype, device=y.device)
+    if generator is not None:
+        _round_stochastically_(y, dtype, generator)  # y now holds float8 values: the cast below is exact
+    out.copy_(y)  # torch's float32 -> float8 cast: round to nearest, ties to even
+    return out
+
+
+def _round_stochastically_(y: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> None:
+    """Round float32 ``y`` (in place, within the float8 range) to one of its two float8 neighbours at random.
+
+    On the bit pattern: a float8 value keeps the top ``m`` mantissa bits of a float32 of the same exponent, so
+    adding ``_RANDOM_BITS`` random bits just below them and clearing the low ``23 - m`` bits rounds the magnitude
+    up with probability equal to its distance from the float8 value below (a carry moves to the next binade, as
+    it should). Below the smallest normal ``2**emin`` the float8 step is fixed (subnormals): those magnitudes are
+    shifted by ``2**emin`` first (into the binade whose step is the same) and back after, both exact but the
+    first's float32 rounding, far below one random step. One draw of 64 bits gives four elements their bits.
+    """
+    mant, emin = _FORMATS[dtype]
+    drop = 23 - mant
+    bits = y.view(torch.int32)
+    sign = bits & -(2**31)
+    bits.bitwise_and_(2**31 - 1)  # y = |y|
+    low = 2.0**emin
+    small = y < low
+    y.add_(small, alpha=low)
+    n = y.numel()
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=y.device).random_(-(2**63), None, generator=generator)
+    noise = draws.view(torch.int16)[:n].view(y.shape).to(torch.int32).bitwise_and_(0xFFFF)
+    bits.add_(noise.bitwise_left_shift_(drop - _RANDOM_BITS))
+    bits.bitwise_and_(-(1 << drop))
+    y.add_(small, alpha=-low)
+    bits.bitwise_or_(sign)
+
+
+def dequantize_into(w: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor, scratch: torch.Tensor,
+                    *, check: bool = True) -> None:
+    """Write ``dequantize_tensor(w, scale, float32)`` into float32 ``out`` (same shape), the same bits, faster on CPU.
+
+    Every float8 value is a float16 value times a power of two with the float16 bits a shift of the float8 bits
+    (float8_e5m2: the top byte of a float16; float8_e4m3fn: ``(code & 0x7F) << 7`` and the sign, times 256, its
+    subnormals included), and float16 -> float32 is a fast exact cast; the factor 256 is folded into the scale
+    (a product of the same real numbers, rounded once). ``scratch`` is an int16 buffer of ``w.numel()``
+    elements. A float8_e4m3fn NaN code (no float16 counterpart) takes the elementwise path (``check=False``: the
+    caller knows ``w`` holds none).
+    """
+    codes = w.view(torch.int8)
+    half = scratch[: w.numel()].view(w.shape)
+    factor = 1.0
+    if w.dtype == torch.float8_e5m2:
+        half.copy_(codes).bitwise_left_shift_(8)
+    else:
+        if w.dtype != torch.float8_e4m3fn or (check and int(half.copy_(codes).bitwise_and_(0x7F).max()) == 0x7F):
+            out.copy_(_dequantize_elementwise(w, scale, torch.float32))
+            return
+        half.copy_(codes).bitwise_left_shift_(7).bitwise_and_(~0x4000)  # the sign extension leaves bit 14 set
+        factor = 256.0
+    out.copy_(half.view(torch.float16))
+    if scale is None:
+        if factor != 1.0:
+            out.mul_(factor)
+        return
+    s = scale.detach().reshape(()).to(device=out.device, dtype=torch.float32)
+    folded = s * factor
+    if factor != 1.0 and not bool(torch.isfinite(folded)):  # a scale near float32's maximum: two exact steps
+        out.mul_(factor)
+        folded = s
+    out.mul_(folded)
 
 
 # --- the scaled-fp8 layout (ComfyUI's), as data -------------------------------------------------------------
@@ -352,9 +455,10 @@ def as_fp8_dtype(dtype: torch.dtype | str) -> torch.dtype | None:
     return FP8_NAMES.get(dtype.removeprefix("torch."))
 
 
-#: Float8 tensors already found finite, with their version counter then: a weight used at every step of a
-#: sampling loop is read for NaN/Inf once, not at every forward (an in-place write bumps the version: read again).
-_FINITE: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
+#: Float8 tensors already scanned, with their version counter then and their largest magnitude code: a weight
+#: used at every step of a sampling loop is read for NaN/Inf once, not at every forward (an in-place write bumps
+#: the version: read again).
+_FINITE: dict[int, tuple[weakref.ref[torch.Tensor], int, int]] = {}
 
 
 def _known_finite(x: torch.Tensor) -> bool:
@@ -362,9 +466,22 @@ def _known_finite(x: torch.Tensor) -> bool:
     return entry is not None and entry[0]() is x and entry[1] == x._version
 
 
-def _mark_finite(x: torch.Tensor) -> None:
+def _mark_finite(x: torch.Tensor, top: int = 0x7F) -> None:
     key = id(x)
-    _FINITE[key] = (weakref.ref(x, lambda _r: _FINITE.pop(key, None)), x._version)
+    _FINITE[key] = (weakref.ref(x, lambda _r: _FINITE.pop(key, None)), x._version, top)
+
+
+def largest_code(x: torch.Tensor) -> int:
+    """The float8 code (sign bit cleared) of the largest magnitude in float8 ``x`` (codes order as magnitudes do);
+    remembered for a tensor found finite."""
+    entry = _FINITE.get(id(x))
+    if entry is not None and entry[0]() is x and entry[1] == x._version:
+        return entry[2]
+    top = int((x.view(torch.uint8) & 0x7F).max()) if x.numel() else 0
+    mask, value = _NONFINITE_BITS[x.dtype]
+    if top & mask != value:
+        _mark_finite(x, top)
+    return top
 
 
 def nonfinite_count(x: torch.Tensor) -> int:
@@ -376,11 +493,9 @@ def nonfinite_count(x: torch.Tensor) -> int:
         if _known_finite(x):
             return 0
         mask, value = code
-        bad = (x.view(torch.uint8) & mask) == value
-        count = int(bad.sum()) if bool(bad.any()) else 0
-        if not count:
-            _mark_finite(x)
-        return count
+        if largest_code(x) & mask != value:  # the largest magnitude code is a NaN/Inf code iff any is
+            return 0
+        return int(((x.view(torch.uint8) & mask) == value).sum())
     if not x.dtype.is_floating_point:
         return 0
     return int((~torch.isfinite(x)).sum())
@@ -392,7 +507,8 @@ class Upcast(torch.Tensor):
     Every torch operation on it first makes ``dequantize_tensor(data, scale, dtype)`` (one rounding, the same
     bits every time) and runs on that plain tensor, which is dropped after the operation: a forward pass
     holds one layer's weight in the compute dtype at a time, never the model. The float8 bytes are checked
-    for NaN/Inf on first use (``on_nonfinite`` is called with the count, and raises).
+    for NaN/Inf on first use (``on_nonfinite`` is called with the count, and raises), and its largest value times
+    the scale for an overflow of ``dtype`` (``on_overflow`` is called with the value and the dtype, and raises).
 
     Attributes:
         fp8: the float8 tensor (shared, never written).
@@ -407,7 +523,7 @@ class Upcast(torch.Tensor):
     @staticmethod
     def __new__(
         cls, fp8: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, key: str,
-        on_nonfinite: object = None,
+        on_nonfinite: object = None, on_overflow: object = None,
     ) -> Upcast:
         return torch.Tensor._make_wrapper_subclass(
             cls, fp8.shape, strides=fp8.stride(), dtype=dtype, device=fp8.device, requires_grad=False
@@ -415,12 +531,13 @@ class Upcast(torch.Tensor):
 
     def __init__(
         self, fp8: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, key: str,
-        on_nonfinite: object = None,
+        on_nonfinite: object = None, on_overflow: object = None,
     ) -> None:
         self.fp8 = fp8
         self.scale = scale
         self.key = key
         self._on_nonfinite = on_nonfinite
+        self._on_overflow = on_overflow
         self._checked = False
 
     def materialize(self) -> torch.Tensor:
@@ -429,6 +546,12 @@ class Upcast(torch.Tensor):
             bad = nonfinite_count(self.fp8)
             if bad and callable(self._on_nonfinite):
                 self._on_nonfinite(self.key, bad)
+            if not bad and callable(self._on_overflow):  # the largest magnitude, dequantised the same way, is finite
+                top = torch.tensor([largest_code(self.fp8)], dtype=torch.uint8).view(self.fp8.dtype)
+                peak = _dequantize_elementwise(top, None if self.scale is None else self.scale.cpu(), self.dtype)
+                if not bool(torch.isfinite(peak).all()):
+                    scale = 1.0 if self.scale is None else float(self.scale.detach().reshape(()).double())
+                    self._on_overflow(self.key, float(top.double()) * scale, self.dtype)
             self._checked = True
         return dequantize_tensor(self.fp8, self.scale, self.dtype)
 

@@ -360,7 +360,7 @@ def test_inspect_describes_the_fp8_layout(tmp_path, capsys):
     assert main(["--json", "inspect", str(tmp_path / "q.safetensors")]) == 0
     fp8 = json.loads(capsys.readouterr().out)["fp8"]
     assert fp8 == {"weights": 2, "scaled": 2, "plain": 0, "scale_input": 0, "markers": {"scaled_fp8": "float8_e4m3fn"},
-                   "orphan_scales": [], "dtypes": {"float8_e4m3fn": 2}}
+                   "orphan_scales": [], "damaged_scales": {}, "dtypes": {"float8_e4m3fn": 2}}
     assert main(["inspect", str(tmp_path / "q.safetensors")]) == 0
     assert "float8: 2 weights (2 scaled, 0 plain; float8_e4m3fn: 2), marker 'scaled_fp8' (float8_e4m3fn)" in capsys.readouterr().out
     fvt.save(_small_tree(), tmp_path / "f32.safetensors")
@@ -370,15 +370,18 @@ def test_inspect_describes_the_fp8_layout(tmp_path, capsys):
 
 @pytest.mark.parametrize("dtype", [E4M3, torch.float8_e5m2])
 @pytest.mark.parametrize("target", [torch.bfloat16, torch.float16, torch.float32])
-def test_the_table_lookup_gives_the_elementwise_bits(dtype, target):
-    """Large CPU tensors are dequantised through a table of code pairs: every pair of finite codes, scaled or not,
-    gives the elementwise bits."""
+def test_the_fast_dequantisation_gives_the_elementwise_bits(dtype, target, monkeypatch):
+    """Large CPU tensors are dequantised in chunks through float16 bits: every pair of codes, scaled or not,
+    gives the elementwise bits (NaN codes a NaN), across a chunk boundary too."""
     lo = torch.arange(256, dtype=torch.int32).repeat(256)
     hi = torch.arange(256, dtype=torch.int32).repeat_interleave(256)
     codes = torch.stack([lo, hi], dim=1).to(torch.uint8).view(dtype).reshape(-1, 8)  # every (lo, hi) pair
-    assert codes.numel() >= _fp8._TABLE_FROM
+    assert codes.numel() >= _fp8._FAST_FROM
     for scale in (None, torch.tensor(0.0123), torch.tensor([3.5])):
         got = _fp8.dequantize_tensor(codes, scale, target)
+        monkeypatch.setattr(_fp8, "_CHUNK", 4096 + 8)  # chunks end mid-tensor, odd sizes
+        assert fvt.tensors_equal(_fp8.dequantize_tensor(codes, scale, target), got)
+        monkeypatch.undo()
         want = codes.float() if scale is None else codes.float() * scale.float()
         want = want.to(target)
         nan = want.isnan()
@@ -396,3 +399,55 @@ def test_cast_refuses_to_drop_the_scales():
     assert fvt.cast(q, torch.bfloat16, only="norm.*")["norm.weight"].dtype is torch.bfloat16  # no scaled weight picked
     plain = fvt.quantize_fp8(_small_tree(), layout="plain", saturate=True)
     assert fvt.cast(plain, torch.float32)["b.weight"].dtype is torch.float32  # a plain float8 cast is exact
+
+
+@pytest.mark.parametrize("dtype", [E4M3, torch.float8_e5m2])
+def test_dequantize_into_gives_the_elementwise_bits_for_every_code(dtype):
+    """The float16-bit path of the merge's dequantisation: every code, scaled or not (odd, tiny and huge scales),
+    gives the bits of dequantize_tensor; NaN codes give NaN."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).reshape(16, 16)
+    for scale in (None, torch.tensor(0.0123), torch.tensor([3.5]), torch.tensor(1e-40), torch.tensor(3e38)):
+        out = torch.empty(16, 16)
+        _fp8.dequantize_into(codes, scale, out, torch.empty(256, dtype=torch.int16))
+        want = _fp8.dequantize_tensor(codes, scale, torch.float32)
+        nan = want.isnan()
+        assert bool(out.isnan().eq(nan).all())
+        assert fvt.tensors_equal(out[~nan], want[~nan])
+
+
+@pytest.mark.parametrize("dtype", [E4M3, torch.float8_e5m2])
+def test_quantize_into_a_buffer_is_torchs_cast_and_checks_the_range(dtype):
+    """quantize_tensor(out=, overwrite=): the bits of torch's cast; the range check (one aminmax) still refuses
+    NaN and values beyond the float8 maximum, before the buffer is touched."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 64, generator=g) * (_fp8.fp8_max(dtype) / 5)
+    out = torch.empty(64, 64, dtype=dtype)
+    got = _fp8.quantize_tensor(x.clone(), dtype, out=out, overwrite=True)
+    assert got is out and fvt.tensors_equal(out.view(torch.uint8), x.to(dtype).view(torch.uint8))
+    bad = x.clone()
+    bad[3, 4] = -2 * _fp8.fp8_max(dtype)
+    with pytest.raises(_fp8.Fp8Overflow, match="largest magnitude"):
+        _fp8.quantize_tensor(bad, dtype, out=out, overwrite=True)
+    assert float(bad[3, 4]) == -2 * _fp8.fp8_max(dtype)
+    bad[3, 4] = float("nan")
+    with pytest.raises(_fp8.Fp8Overflow, match="nan"):
+        _fp8.quantize_tensor(bad, dtype)
+
+
+@pytest.mark.parametrize("dtype", [E4M3, torch.float8_e5m2])
+def test_stochastic_rounding_picks_a_neighbour_with_the_right_frequency(dtype):
+    """The bit-pattern stochastic rounding: exact float8 values stay, every result is one of the two neighbours
+    (subnormals, the binade edges and the maximum included), and the share rounded up is the distance."""
+    grid = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).float()
+    grid = grid[grid.isfinite() & (grid >= 0)].unique()
+    lo, hi = grid[:-1], grid[1:]
+    g = torch.Generator().manual_seed(0)
+    assert fvt.tensors_equal(_fp8.quantize_tensor(grid, dtype, generator=g).float(), grid)
+    assert fvt.tensors_equal(_fp8.quantize_tensor(-grid, dtype, generator=g).float(), -grid)
+    frac = torch.tensor([0.25, 0.5, 0.875])
+    x = (lo[:, None] + (hi - lo)[:, None] * frac).repeat(1, 2000)  # [gaps, 3 * 2000]
+    for sign in (1.0, -1.0):
+        q = _fp8.quantize_tensor(sign * x, dtype, generator=g).float() * sign
+        assert bool(((q == lo[:, None]) | (q == hi[:, None])).all())
+        share = (q == hi[:, None]).float().reshape(len(lo), 2000, 3).mean(dim=1)
+        assert float((share - frac).abs().max()) < 0.06  # 2000 draws: 5 standard errors of a share near 0.5

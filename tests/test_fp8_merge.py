@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 import fvtransform as fvt
 from fvtransform._fp8 import amax_scale, dequantize_tensor, quantize_tensor, scale_key
-from fvtransform.errors import FormatError, NumericError, UsageError
+from fvtransform.errors import FormatError, NumericError, ShapeMismatchError, UsageError
 
 E4 = torch.float8_e4m3fn
 FIXTURES = Path(__file__).parent / "fixtures" / "fp8_merge"
@@ -373,7 +373,8 @@ def test_a_scale_beside_a_non_fp8_weight_is_refused():
     mixed = fvt.ParamTree({**tree, "blocks.0.ffn.0.weight": tree["blocks.0.ffn.0.weight"].float(), "x.weight": torch.ones(2, 2, dtype=E4)})
     adapter = fvt.lora.LoraAdapter({"blocks.0.ffn.0.weight": adapter_of(tree, "blocks.0.ffn.0.weight")["blocks.0.ffn.0.weight"],
                                     "x.weight": fvt.lora.LowRank(torch.ones(1, 2), torch.ones(2, 1), 1.0)})
-    with pytest.raises(FormatError, match=r"'blocks\.0\.ffn\.0\.weight' is torch\.float32 and has a scale 'blocks\.0\.ffn\.0\.scale_weight'"):
+    # a dtype other than the one required beside a scale: ShapeMismatchError, as fvt.dequantize says of the same tree
+    with pytest.raises(ShapeMismatchError, match=r"'blocks\.0\.ffn\.0\.weight' is torch\.float32 and has a scale 'blocks\.0\.ffn\.0\.scale_weight'"):
         fvt.lora.merge(mixed, adapter)
 
 
@@ -448,3 +449,24 @@ def test_nearest_merge_lands_on_a_neighbour_comfyui_chose_between():
             assert between(got, lo, hi), k
         steps = (bits(ours[k]).to(torch.int16) - bits(comfy[k]).to(torch.int16)).abs()
         assert int(steps.max()) <= 1 and 0.05 < float((steps == 0).double().mean()) < 1.0, k
+
+
+def test_a_merge_proved_in_range_skips_the_check_and_gives_the_same_bytes(monkeypatch):
+    """With headroom, (max|W| + the factors' bound) / scale is inside the float8 range: no per-tile range pass, the
+    same bytes as the checked path; at the tight amax scale (headroom 1) nothing is proved and an overflow is caught."""
+    from fvtransform.lora import _fp8_merge
+
+    tree = _one()
+    adapter = adapter_of(tree, "blocks.0.ffn.0.weight")
+    proved: list[bool] = []
+    real = _fp8_merge._proved_in_range
+    monkeypatch.setattr(_fp8_merge, "_proved_in_range", lambda *a: proved.append(real(*a)) or proved[-1])
+    fast = fvt.lora.merge(tree, adapter)
+    assert proved == [True]
+    monkeypatch.setattr(_fp8_merge, "_proved_in_range", lambda *a: False)
+    assert same_bytes(fast["blocks.0.ffn.0.weight"], fvt.lora.merge(tree, adapter)["blocks.0.ffn.0.weight"])
+    monkeypatch.setattr(_fp8_merge, "_proved_in_range", real)
+    tight = fvt.ParamTree({k: v for k, v in fp8_tree(wan_tree(blocks=1), scaled=True, headroom=1.0).items()
+                           if k.startswith("blocks.0.ffn.0.") or k == "scaled_fp8"})
+    with pytest.raises(NumericError, match=r"'blocks\.0\.ffn\.0\.weight'.*overflows"):
+        fvt.lora.merge(tight, adapter_of(tight, "blocks.0.ffn.0.weight"), 50.0)

@@ -134,7 +134,7 @@ def _inspect(path: str, as_json: bool, base: str | None = None, plot: str | None
         g["bytes"] += info.nbytes
     from fvtransform.tree._fp8 import describe
 
-    fp8 = describe({k: ckpt.info(k).dtype for k in ckpt.keys()})  # float8 weights, scaled or plain, the marker
+    fp8 = describe({k: ckpt.info(k).dtype for k in ckpt.keys()}, ckpt.tensor)  # float8 weights, scales, marker
     if as_json:
         print(json.dumps({"path": str(path), "groups": groups,
                           "tensors": [{k: v for k, v in r.items() if k != "group"} for r in rows],
@@ -167,6 +167,9 @@ def _fp8_line(fp8: dict[str, Any]) -> str:
         line += f", scale_input: {fp8['scale_input']}"
     if fp8["orphan_scales"]:
         line += f", scales without their weight: {len(fp8['orphan_scales'])}"
+    if fp8["damaged_scales"]:
+        bad = ", ".join(f"{printable(repr(k))} = {v}" for k, v in list(fp8["damaged_scales"].items())[:8])
+        line += f"; DAMAGED scales (not finite and positive; fvt.load refuses the file): {bad}"
     return line
 
 

@@ -308,4 +308,8 @@ def load(
         memo[canon] = t
         data_out[k] = t
     tree = ParamTree._wrap(data_out)
+    if not files.pickle:  # float8 tensors remember their file: a NaN found when one is used names it
+        from fvtransform.tree._fp8 import note_sources
+
+        note_sources(data_out, path)
     return tree if key_map is None else key_map(tree, strict=strict)

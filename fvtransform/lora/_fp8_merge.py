@@ -9,8 +9,8 @@ and quantise back ONCE to the weight's float8 dtype (:func:`fvtransform._fp8.qua
 * a recomputed amax scale (``fp8_scale="recompute"``: a first pass over the tiles finds ``max |W' |``, the second
   quantises; the scale key is updated, in its own dtype and shape).
 
-``rounding="stochastic"`` rounds up with probability equal to the distance from the float8 value below (unbiased),
-from a ``torch.Generator`` seeded per key with ``blake2b(seed, key)``: the draws of a key do not depend on the other
+``rounding="stochastic"`` rounds up with probability equal to the distance from the float8 value below (unbiased
+to 2**-16 of a step), from a ``torch.Generator`` seeded per key with ``blake2b(seed, key)``: the draws of a key do not depend on the other
 keys, their order or threads; within a key they are consumed in row tiles whose size depends on the row width only,
 so the in-memory merge and the disk-to-disk merge give the same bytes per seed (on one device kind: CUDA and CPU
 generators differ). ComfyUI seeds each key with ``string_to_seed(key)`` (comfy/model_patcher.py) and draws its own
@@ -35,17 +35,20 @@ import attrs
 import torch
 
 from fvtransform._fp8 import (
-    SCALE_DTYPES, SCALE_SHAPES, Fp8Overflow, amax_scale, dequantize_tensor, fp8_max, is_fp8, quantize_tensor, scale_key,
-    split_layout, weight_key_of,
+    SCALE_DTYPES, SCALE_SHAPES, Fp8Overflow, amax_scale, dequantize_into, dequantize_tensor, fp8_max, is_fp8, is_other_float8, largest_code, nonfinite_count,
+    quantize_tensor, scale_key, split_layout, weight_key_of,
 )
-from fvtransform.errors import FormatError, NumericError, UsageError
+from fvtransform.errors import FormatError, NumericError, ShapeMismatchError, UsageError
 from fvtransform.lora._adapter import GENERATED, FullDelta
 
 __all__ = [
     "Fp8Options", "fp8_options", "scale_key_of", "check_scale", "check_scale_keys", "key_seed", "merge_fp8",
     "check_targets", "refuse_kind", "FP8_SCALES", "ROUNDINGS", "merge_tree_key", "check_scaled_plain", "record_fp8",
-    "Fp8Plan", "rounding_limit",
+    "Fp8Plan", "rounding_limit", "refuse_other_float8",
 ]
+
+#: The workspace slot of the int16 scratch of :func:`fvtransform._fp8.dequantize_into` (slot 1 is delta_rows').
+_SCRATCH = 3
 
 #: ``fp8_scale=`` values: what happens to a scaled weight's scale.
 FP8_SCALES = ("keep", "recompute")
@@ -205,12 +208,17 @@ def merge_fp8(
     flat_fulls = [(s, D.detach().reshape(rows, -1)) for s, D in fulls]
     gens = [(c.scale, c.delta.row_source(device)) for c in contribs if isinstance(c.delta, GENERATED)]
     tile = max(1, TILE_BYTES // max(1, cols * 4))
-    table = _dequantize_table(dtype, s32, device) if device.type == "cpu" else None
+    fast = device.type == "cpu"
+    detached = weight.detach()
+    base_bad = nonfinite_count(detached)  # one scan of the bytes, not one per tile
+    check = not fast or base_bad > 0
+    in_range = not base_bad and options.fp8_scale == "keep" and _proved_in_range(detached, s32, contribs)
 
     def values(start: int, stop: int) -> torch.Tensor:
         acc = ws.tile(device, stop - start, cols)
-        if table is not None:  # each byte's value looked up: the bits of dequantize_tensor, without torch's slow upcast
-            torch.index_select(table, 0, flat_w[start:stop].reshape(-1).view(torch.uint8).to(torch.int32), out=acc.view(-1))
+        if fast:  # through float16 bits: the bits of dequantize_tensor, without torch's slow float8 upcast
+            scratch = ws.tile(device, 1, ((stop - start) * cols + 1) // 2, slot=_SCRATCH).view(-1).view(torch.int16)
+            dequantize_into(flat_w[start:stop], s32, acc, scratch, check=check)
         else:
             acc.copy_(dequantize_tensor(flat_w[start:stop], s32, torch.float32))  # always the weight's own scale
         if B is not None and A is not None:
@@ -229,8 +237,7 @@ def merge_fp8(
             acc = values(start, min(rows, start + tile))
             peak = acc.abs().amax() if acc.numel() else torch.zeros((), device=device)
             if not bool(torch.isfinite(peak)):
-                raise NumericError(f"{where}: the merged weight holds NaN/Inf (rows {start}:{min(rows, start + tile)}); "
-                                   "the base or the adapter holds NaN/Inf. Check them with fvt.inspect")
+                raise NumericError(_nonfinite_message(where, start, min(rows, start + tile), base_bad))
             peaks.append(peak)
         new_scale = _stored_scale(amax_scale(torch.stack(peaks), dtype), scale, dtype, torch.stack(peaks).amax())
     q32 = s32 if new_scale is None else new_scale.reshape(()).to(device=device, dtype=torch.float32)  # quantises
@@ -244,19 +251,39 @@ def merge_fp8(
         if q32 is not None:  # quantize_tensor's division by the scale (float32, IEEE), in place in the tile buffer
             acc.div_(q32)
         try:
-            q = _quantize(acc, dtype, None, generator, options.saturate)
+            _quantize(acc, dtype, None, generator, options.saturate, out=flat_out[start:stop], in_range=in_range)
         except Fp8Overflow as e:
-            if math.isnan(e.largest) or math.isinf(e.largest):
-                raise NumericError(f"{where}: the merged weight holds NaN/Inf (rows {start}:{stop}); the base or the adapter "
-                                   "holds NaN/Inf. Check them with fvt.inspect") from None
+            if math.isnan(e.largest) or (math.isinf(e.largest) and not bool(torch.isfinite(values(start, stop)).all())):
+                raise NumericError(_nonfinite_message(where, start, stop, base_bad)) from None
             after = "" if q32 is None else f" after dividing by the scale {float(q32):g}"
             raise NumericError(
                 f"{where}: the merged weight overflows {dtype}: largest magnitude {e.largest:g}{after} exceeds its range "
                 f"±{e.limit:g} (rows {start}:{stop}). Lower the LoRA scale, pass fp8_scale='recompute' (a new scale_weight), "
                 "or saturate=True to clamp to the float8 range"
             ) from None
-        flat_out[start:stop].copy_(q)
     return out, new_scale
+
+
+def _nonfinite_message(where: str, start: int, stop: int, base_bad: int) -> str:
+    """What a NaN/Inf in the merged rows means: the float8 base holds NaN/Inf codes, or the adapter's factors do."""
+    if base_bad:
+        return (f"{where}: the float8 base weight holds {base_bad} NaN/Inf value(s) (rows {start}:{stop} merged to "
+                "NaN/Inf); the checkpoint is damaged. Fix: re-export it from its full-precision source")
+    return (f"{where}: the merged weight holds NaN/Inf (rows {start}:{stop}) and the float8 base is finite: the adapter's "
+            "factors hold NaN/Inf or overflow float32. Fix: check the LoRA (torch.isfinite on its lora_A / lora_B "
+            "tensors) or lower its scale")
+
+
+def refuse_other_float8(key: str, dtype: torch.dtype, where: str) -> None:
+    """Refuse a merge into a float8 dtype fvtransform does not read (``float8_e4m3fnuz``, ...).
+
+    Raises:
+        FormatError: naming the key, its dtype and the dtypes that merge.
+    """
+    if is_other_float8(dtype):
+        raise FormatError(f"{where}: {key!r} is {str(dtype).removeprefix('torch.')}, a float8 dtype fvtransform does not "
+                          "merge into (expected float8_e4m3fn or float8_e5m2, or a full-precision weight). Fix: convert "
+                          "the weight to one of those first")
 
 
 def rounding_limit(dtype: torch.dtype) -> float:
@@ -267,29 +294,34 @@ def rounding_limit(dtype: torch.dtype) -> float:
     return float(fi.max) + float(fi.eps) * 2.0 ** math.floor(math.log2(float(fi.max))) / 2
 
 
+def _proved_in_range(weight: torch.Tensor, scale: torch.Tensor | None, contribs: list) -> bool:
+    """Whether no merged value can leave the float8 range: ``(max|W| + bound of |sum s * delta|) / scale`` within it,
+    with a margin for float32's roundings (then the per-tile range check is skipped: a LoRA well inside the range
+    costs no pass; a base whose largest value sits at the float8 maximum is checked tile by tile)."""
+    from fvtransform.lora._merge import _delta_bound
+
+    if not weight.numel():
+        return True
+    top = torch.tensor([largest_code(weight)], dtype=torch.uint8).view(weight.dtype)
+    s = 1.0 if scale is None else float(scale.double())
+    bound = (float(top.double()) * s + _delta_bound(contribs)) * (1 + 2.0**-10)
+    return bound / s <= fp8_max(weight.dtype)  # NaN (a NaN factor) is False
+
+
 def _quantize(acc: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None, generator: torch.Generator | None,
-              saturate: bool) -> torch.Tensor:
+              saturate: bool, out: torch.Tensor | None = None, in_range: bool = False) -> torch.Tensor:
     """:func:`fvtransform._fp8.quantize_tensor`, where values above ``max`` but below :func:`rounding_limit` round to ``max``.
 
     Raises:
         Fp8Overflow: a value at or beyond the rounding limit (or NaN/Inf) without ``saturate``.
     """
     try:
-        return quantize_tensor(acc, dtype, scale, generator=generator, saturate=saturate)
-    except Fp8Overflow as e:
+        return quantize_tensor(acc, dtype, scale, generator=generator, saturate=saturate, out=out, overwrite=True,
+                               in_range=in_range)
+    except Fp8Overflow as e:  # raised before acc is touched
         if not e.largest < rounding_limit(dtype):  # NaN fails too
             raise
-        return quantize_tensor(acc, dtype, scale, generator=generator, saturate=True)  # only the clamp to max is new
-
-
-def _dequantize_table(dtype: torch.dtype, scale: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """The float32 value of each of the 256 float8 codes, by :func:`fvtransform._fp8.dequantize_tensor` itself.
-
-    torch's float8 -> float32 conversion is not vectorised on CPU (measured about 5 ns per element, torch 2.13);
-    a gather from this table gives the same bits several times faster, into the tile buffer.
-    """
-    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).to(device)
-    return dequantize_tensor(codes, scale, torch.float32).contiguous()
+        return quantize_tensor(acc, dtype, scale, generator=generator, saturate=True, out=out, overwrite=True)
 
 
 def _stored_scale(exact: torch.Tensor, old: torch.Tensor, dtype: torch.dtype, amax: torch.Tensor) -> torch.Tensor:
@@ -324,15 +356,19 @@ def merge_tree_key(
 
 
 def check_scaled_plain(tree: Mapping[str, torch.Tensor], key: str) -> None:
-    """Refuse a scale key beside a targeted weight that is not float8 (its meaning would be lost silently).
+    """Refuse a scale key beside a targeted weight that is not float8 (its meaning would be lost silently), and a
+    float8 dtype fvtransform does not read.
 
     Raises:
-        FormatError: naming the weight, its dtype and the scale key.
+        ShapeMismatchError: naming the weight, its dtype and the scale key (as :func:`fvt.dequantize` does).
+        FormatError: another float8 dtype (``float8_e4m3fnuz``, ...).
     """
+    refuse_other_float8(key, tree[key].dtype, "fvt.lora.merge")
     sk = scale_key_of(key)
     if sk is not None and sk in tree:
-        raise FormatError(f"{key!r} is {tree[key].dtype} and has a scale {sk!r}; the scaled layout holds float8 weights "
-                          "only, so a merge cannot tell what the weight means. Dequantise it first (fvt.dequantize)")
+        raise ShapeMismatchError(f"{key!r} is {tree[key].dtype} and has a scale {sk!r}; the scaled layout holds float8 "
+                                 "weights only, so a merge cannot tell what the weight means (a reader multiplies it by "
+                                 "the scale). Fix: drop the scale key, or dequantise it first (fvt.dequantize)")
 
 
 def record_fp8(tree: Mapping[str, torch.Tensor], key: str, new: torch.Tensor, extra: Mapping[str, torch.Tensor],
@@ -370,6 +406,13 @@ class Fp8Plan:
         check_targets(self._targets, options, "fvt.lora.merge_checkpoint")
         self._scale: dict[str, str] = {}  # float8 target -> its scale key
         self._weight_of: dict[str, str] = {}  # recomputed scale key -> its weight
+        for k in per_key:
+            refuse_other_float8(k, ckpt.info(k).dtype, str(ckpt.file_of(k)))
+            sk = scale_key_of(k)
+            if k not in self._target_set and sk is not None and sk in keys:
+                raise ShapeMismatchError(f"{ckpt.file_of(k)}: {k!r} is {ckpt.info(k).dtype} and has a scale {sk!r}; the "
+                                         "scaled layout holds float8 weights only (a reader multiplies it by the scale). "
+                                         "Fix: drop the scale key, or dequantise it first (fvt.dequantize)")
         if not self._targets:
             return
         if dtype is not None:
@@ -378,10 +421,7 @@ class Fp8Plan:
         check_scale_keys(list(keys), str(base))
         for k in per_key:
             sk = scale_key_of(k)
-            if k not in self._targets:
-                if sk is not None and sk in keys:
-                    raise FormatError(f"{ckpt.file_of(k)}: {k!r} is {ckpt.info(k).dtype} and has a scale {sk!r}; the scaled "
-                                      "layout holds float8 weights only. Dequantise it first (fvt.dequantize)")
+            if k not in self._target_set:
                 continue
             refuse_kind(per_key[k], k, grad=False, sharded=False)
             if sk is not None and sk in keys:

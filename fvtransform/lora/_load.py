@@ -63,6 +63,9 @@ def load(
     (['l.weight'], ['other.lora_A.weight', 'other.lora_B.weight'])
     """
     strict = check_strict(strict, "fvt.lora.load")
+    if base is not None and not isinstance(base, (Mapping, torch.nn.Module)):
+        raise UsageError(f"fvt.lora.load: base={base!r} is a {type(base).__name__}; expected the model's tree (a mapping) "
+                         f"or module. Fix: base=fvt.load({str(base)!r}) for a checkpoint on disk (lazy: nothing is read)")
     if base is not None and isinstance(base, torch.nn.Module):
         from fvtransform.tree._paramtree import ParamTree
 
@@ -124,6 +127,8 @@ def load(
     if rename is not None:
         groups = _renamed(groups, rename, strict, label)
     base_modules = module_shapes(base) if base is not None else None
+    if base_modules is not None:
+        groups = _under_model_prefix(groups, base_modules)
     kohya = kohya_table(list(base_modules)) if (fmt.strip == "underscored" and base_modules is not None) else None
     targets: dict[str, Delta] = {}
     claimed: dict[str, str] = {}
@@ -171,6 +176,21 @@ def load(
     convention = SCALE_CONVENTIONS[source] + ("; fvtransform's exact scales (header 'fvt.scales') win" if exact else "")
     report = ResolutionReport(name, scores, {k: claimed[k] for k in targets}, tuple(skipped), convention)
     return LoraAdapter(targets, format=name, metadata={"source": label}, report=report)
+
+
+def _under_model_prefix(groups: dict[str, dict[str, tuple[str, torch.Tensor]]],
+                       base_modules: Mapping[str, tuple[int, ...]]) -> dict[str, dict[str, tuple[str, torch.Tensor]]]:
+    """A diffusion model's LoRA against a full checkpoint (``model.diffusion_model.<module>``, as ComfyUI names a
+    full checkpoint's keys): a module the base has only under such a prefix resolves there, as ComfyUI applies it."""
+    from fvtransform.tree._fp8 import MODEL_PREFIXES
+
+    out: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for module, roles in groups.items():
+        if module not in base_modules:
+            module = next((p + module for p in MODEL_PREFIXES if p + module in base_modules and p + module not in groups),
+                          module)
+        out[module] = roles
+    return out
 
 
 def _renamed(groups: dict[str, dict[str, tuple[str, torch.Tensor]]], rename: KeyMapLike, strict: bool,

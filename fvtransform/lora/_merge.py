@@ -479,8 +479,7 @@ def _merge(tree: Mapping[str, torch.Tensor], adapters: AdapterSet, scale: float,
                 target_bytes += record_fp8(base, key, out[key], scales, corrections, digests, direct)
             out.update(scales)
             continue
-        if fp8_keys:
-            check_scaled_plain(base, key)
+        check_scaled_plain(base, key)  # a scale beside a weight that is not float8; a float8 dtype not read
         dora = _is_dora(contribs)
         replace = _is_replace(key, contribs)
         if _is_dtensor(w):

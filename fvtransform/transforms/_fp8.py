@@ -38,7 +38,7 @@ def quantize_fp8(
 ) -> Transform:
     """Transform form of :func:`fvtransform.quantize_fp8`; the arguments are checked when the step is built."""
     probe = ParamTree({"probe.weight": torch.zeros(1, 1)})
-    _tree_fp8.quantize_fp8(probe, dtype, layout=layout, scale=scale, saturate=saturate)  # bad arguments raise now
+    _tree_fp8.quantize_fp8(probe, dtype, layout=layout, scale=scale, saturate=saturate, seed=seed)  # bad arguments raise now
     return Transform(
         lambda t: _tree_fp8.quantize_fp8(t, dtype, layout=layout, scale=scale, only=only, saturate=saturate, seed=seed),
         f"quantize_fp8({_fmt(dtype, layout=layout, scale=scale, only=only, seed=seed)})",

@@ -16,7 +16,10 @@ key names are data there too. This module applies them to trees:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import math
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -39,7 +42,29 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _nonfinite(where: object) -> object:
+#: Float8 tensors loaded from a file (id -> (weak reference, the file)): a NaN found when one is first used
+#: names its file, not "tree".
+_SOURCES: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
+
+
+def note_sources(tensors: Mapping[str, torch.Tensor], path: object) -> None:
+    """Remember the file of each float8 tensor ``fvt.load`` returns (named by a NaN/Inf error when it is used)."""
+    for t in tensors.values():
+        if isinstance(t, torch.Tensor) and _fp8.is_fp8(t.dtype) and id(t) not in _SOURCES:
+            _note(t, str(path))
+
+
+def _note(t: torch.Tensor, path: str) -> None:
+    key = id(t)
+    _SOURCES[key] = (weakref.ref(t, lambda _r: _SOURCES.pop(key, None)), path)
+
+
+def _source(t: torch.Tensor, default: object = "tree") -> object:
+    entry = _SOURCES.get(id(t))
+    return entry[1] if entry is not None and entry[0]() is t else default
+
+
+def _nonfinite(where: object) -> Callable[[str, int], None]:
     """The ``on_nonfinite`` callback of an Upcast: a NumericError naming where and the key."""
 
     def raise_it(key: str, count: int) -> None:
@@ -49,6 +74,39 @@ def _nonfinite(where: object) -> object:
         )
 
     return raise_it
+
+
+def _overflow(where: object) -> Callable[[str, float, torch.dtype], None]:
+    """The ``on_overflow`` callback of an Upcast: its largest value times the scale is beyond the compute dtype."""
+
+    def raise_it(key: str, largest: float, dtype: torch.dtype) -> None:
+        raise NumericError(
+            f"{where}: float8 tensor {key!r} times its scale reaches {largest:g}, beyond {_name(dtype)}'s largest "
+            f"finite value {torch.finfo(dtype).max:g} (it would become Inf). Fix: dequantise to a wider dtype "
+            "(torch.bfloat16 or torch.float32; compute_dtype= for fvt.call)"
+        )
+
+    return raise_it
+
+
+def _upcast(v: torch.Tensor, scale: torch.Tensor | None, target: torch.dtype, key: str) -> _fp8.Upcast:
+    where = _source(v)
+    return _fp8.Upcast(v, scale, target, key, _nonfinite(where), on_overflow=_overflow(where))
+
+
+def _refuse_other_float8(tree: Mapping[str, torch.Tensor], where: object) -> None:
+    """Refuse float8 dtypes fvtransform does not read (float8_e4m3fnuz, float8_e5m2fnuz, float8_e8m0fnu, ...).
+
+    Raises:
+        FormatError: naming the key and its dtype.
+    """
+    for k, v in tree.items():
+        if isinstance(v, torch.Tensor) and _fp8.is_other_float8(v.dtype):
+            raise FormatError(
+                f"{where}: {k!r} is {_name(v.dtype)}, a float8 dtype fvtransform does not read (expected "
+                f"{' or '.join(_name(d) for d in _fp8.FP8_DTYPES)}). Fix: convert it with its own tool "
+                "(e.g. tensor.float()) before fvtransform, or re-export the checkpoint"
+            )
 
 
 def _marker_dtype(tree: Mapping[str, torch.Tensor], marker: str, where: object) -> torch.dtype:
@@ -75,10 +133,10 @@ def _check_scale(scale: torch.Tensor, key: str, weight_key: str, weight: torch.T
             f"{where}: {weight_key!r} has the scale {key!r} but is {_name(weight.dtype)}; expected a float8 "
             "weight beside its scale. Fix: drop the scale key, or quantise the weight (fvt.quantize_fp8)"
         )
-    if scale.device.type != "meta" and _fp8.nonfinite_count(scale):
+    if scale.device.type != "meta" and (_fp8.nonfinite_count(scale) or not float(scale.float().reshape(())) > 0):
         raise NumericError(
             f"{where}: scale {key!r} of {weight_key!r} is {float(scale.float().reshape(()))}; expected a finite "
-            "number. Fix: re-export the checkpoint (its scales are damaged)"
+            "positive number. Fix: re-export the checkpoint (its scales are damaged)"
         )
 
 
@@ -86,12 +144,12 @@ def check_layout(tree: Mapping[str, torch.Tensor], *, where: object = "tree", sk
     """The tree's scaled-fp8 layout, checked; ``skip``: keys that are no layout (a module's own parameters).
 
     Raises:
-        FormatError: a marker whose dtype names no float8 dtype.
+        FormatError: a marker whose dtype names no float8 dtype or another than its scaled weights'.
         KeyMismatchError: a scale key without its weight; under a marker, a 2-D float8 ``.weight`` without
             its ``scale_weight``.
         ShapeMismatchError: a scale of another shape than ``[]`` / ``[1]`` or a non-float dtype, or beside a
             weight that is not float8.
-        NumericError: a scale that is NaN or Inf.
+        NumericError: a scale that is NaN, Inf, zero or negative.
     """
     layout = _fp8.split_layout(tree)
     if skip:  # a module's own parameter named like a layout key is its parameter, not layout
@@ -109,8 +167,16 @@ def check_layout(tree: Mapping[str, torch.Tensor], *, where: object = "tree", sk
             "(select or rename both), or drop the stray scale keys"
         )
     for marker in layout.markers:
-        _marker_dtype(tree, marker, where)
+        named = _marker_dtype(tree, marker, where)
         prefix = _fp8.marker_prefix(marker) or ""
+        other = [w for w in layout.scales if w.startswith(prefix) and _fp8.is_fp8(tree[w].dtype) and tree[w].dtype != named]
+        if other:
+            raise FormatError(
+                f"{where}: the marker {marker!r} ({_name(tree[marker].dtype)}) says the scaled weights are "
+                f"{_name(named)}, but {other[0]!r} is {_name(tree[other[0]].dtype)} ({len(other)} such weight(s)); a "
+                "reader would take its bytes for the marker's dtype. Fix: rewrite the marker with the weights' "
+                f"dtype (torch.empty(0, dtype=torch.{_name(tree[other[0]].dtype)})), or re-quantise the weights"
+            )
         unscaled = [
             k for k, v in tree.items()
             if k.startswith(prefix) and k not in skip and k.endswith("." + _fp8.WEIGHT_SUFFIX)
@@ -164,13 +230,15 @@ def dequantize(tree: Mapping[str, torch.Tensor], /, dtype: DTypeLike = torch.bfl
 
     Raises:
         UsageError: ``dtype`` is a float8 or non-floating dtype.
+        FormatError: a float8 dtype fvtransform does not read (``float8_e4m3fnuz``, ...).
         FormatError, KeyMismatchError, ShapeMismatchError, NumericError: a broken layout (see :func:`check_layout`).
+        NumericError: when a value is used: NaN/Inf float8 bytes, or a value times its scale beyond ``dtype``.
     """
     tree = _as_tree(tree)
     target = _compute_dtype(dtype, "fvt.dequantize")
+    _refuse_other_float8(tree, "fvt.dequantize")
     layout = check_layout(tree)
     drop = layout.layout_keys
-    on_bad = _nonfinite("tree")
     memo: dict[int, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     for k, v in tree.items():
@@ -178,16 +246,28 @@ def dequantize(tree: Mapping[str, torch.Tensor], /, dtype: DTypeLike = torch.bfl
             continue
         if _fp8.is_fp8(v.dtype):
             if id(v) not in memo:
-                memo[id(v)] = _fp8.Upcast(v, _scale_of(tree, layout, k), target, k, on_bad)
+                memo[id(v)] = _upcast(v, _scale_of(tree, layout, k), target, k)
             v = memo[id(v)]
         out[k] = v
     return ParamTree._wrap(out)
 
 
+def _is_weight_key(k: str) -> bool:
+    """``<layer>.weight``, or ``weight`` itself (the tree of a bare ``nn.Linear``)."""
+    return k == _fp8.WEIGHT_SUFFIX or k.endswith("." + _fp8.WEIGHT_SUFFIX)
+
+
 def _targets(tree: ParamTree, only: Pattern | None) -> list[str]:
     if only is None:
-        return [k for k, v in tree.items()
-                if k.endswith("." + _fp8.WEIGHT_SUFFIX) and v.dim() == 2 and v.dtype.is_floating_point and not _fp8.is_fp8(v.dtype)]
+        found = [k for k, v in tree.items()
+                 if _is_weight_key(k) and v.dim() == 2 and v.dtype.is_floating_point and not _fp8.is_fp8(v.dtype)]
+        if not found:
+            raise KeyMismatchError(
+                f"fvt.quantize_fp8: the tree has no 2-D floating '*.weight' to quantise ({len(tree)} keys, e.g. "
+                f"{format_keys(list(tree)[:4])}); a marker over nothing would claim a layout the tree does not have. "
+                "Fix: pick the tensors with only= (e.g. only='blocks.*.weight'), or quantise a tree with linear weights"
+            )
+        return found
     m = matcher(only)
     picked = [k for k, v in tree.items() if m(k, v)]
     if not picked:
@@ -225,8 +305,10 @@ def quantize_fp8(
     shape ``[]``) follows it, and the marker ``scaled_fp8`` (of the float8 dtype, no elements) ends the tree:
     the keys ComfyUI reads. ``layout="plain"``: a cast (no scale keys). A value beyond the float8 range is a
     :class:`~fvtransform.errors.NumericError` unless ``saturate=True`` clamps it. ``seed``: stochastic
-    rounding (round up with probability equal to the distance from the value below; the same seed gives the
-    same bytes), for accumulated small updates; default round to nearest. Other tensors are shared.
+    rounding (round up with probability equal to the distance from the value below, in steps of 2**-16 of the
+    gap; the same seed gives the same bytes), for accumulated small updates; default round to nearest. A tree
+    whose every key is under ``model.diffusion_model.`` (a full checkpoint) gets the marker under that prefix, as
+    ComfyUI reads it. Other tensors are shared.
 
     >>> import torch, fvtransform as fvt
     >>> tree = fvt.ParamTree({"l.weight": torch.tensor([[1.0, 500.0]])})
@@ -238,9 +320,10 @@ def quantize_fp8(
     tensor([[  1., 448.]])
 
     Raises:
-        UsageError: an unknown ``dtype`` or ``layout``, a ``scale`` that is not a positive finite number or given
-            with ``layout="plain"``, a tree that is already scaled, a target that is not a full-precision tensor.
-        KeyMismatchError: ``only`` matches no key.
+        UsageError: an unknown ``dtype`` or ``layout``, a ``scale`` that is not a positive finite float32 number or
+            given with ``layout="plain"``, a ``seed`` that is not a nonnegative int, a tree that is already scaled, a
+            target that is not a full-precision tensor.
+        KeyMismatchError: ``only`` matches no key, or (without ``only``) the tree has no 2-D floating weight.
         NumericError: a value beyond the float8 range (without ``saturate``), or NaN/Inf in a weight.
     """
     tree = _as_tree(tree)
@@ -257,9 +340,12 @@ def quantize_fp8(
         if layout == "plain":
             raise UsageError("fvt.quantize_fp8: scale= is for layout='scaled' (a plain float8 file has no scales). "
                              "Fix: fvt.quantize_fp8(tree, layout='scaled', scale=...) or leave out scale=")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < float(scale) < float("inf")):
-            raise UsageError(f"fvt.quantize_fp8: scale={scale!r}; expected a positive finite number (or None for "
-                             "each weight's max|W| / max(float8)). Fix: scale=0.01")
+        if (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < float(scale) < float("inf"))
+                or not 0 < float(torch.tensor(float(scale), dtype=torch.float32)) < float("inf")):
+            raise UsageError(f"fvt.quantize_fp8: scale={scale!r}; expected a positive finite number that float32 holds "
+                             "(the scale_weight is float32: about 1.4e-45 to 3.4e38), or None for each weight's "
+                             "max|W| / max(float8). Fix: scale=0.01")
+    check_seed(seed, "fvt.quantize_fp8")
     present = _fp8.split_layout(tree)
     if present.is_scaled:
         raise UsageError(
@@ -268,14 +354,14 @@ def quantize_fp8(
         )
     targets = set(_targets(tree, only))
     if layout == "scaled":
-        not_weights = [k for k in targets if _fp8.weight_key_of(k) is not None or not (k == "weight" or k.endswith(".weight"))]
+        not_weights = [k for k in targets if _fp8.weight_key_of(k) is not None or not _is_weight_key(k)]
         if not_weights:
             raise UsageError(
                 f"fvt.quantize_fp8: layout='scaled' gives each weight a '<layer>.scale_weight' key, so only "
                 f"'*.weight' keys can be quantised; only= picks {format_keys(sorted(not_weights))}. "
                 "Fix: narrow only= to weights, or use layout='plain'"
             )
-    gen = None if seed is None else torch.Generator().manual_seed(int(seed))
+    gen = None if seed is None else torch.Generator().manual_seed(_generator_seed(seed))
     fixed = None if scale is None else torch.tensor(float(scale), dtype=torch.float32)
     out: dict[str, torch.Tensor] = {}
     memo: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -290,8 +376,37 @@ def quantize_fp8(
         if s is not None:
             out[_fp8.scale_key(k)] = s
     if layout == "scaled":
-        out[_fp8.MARKER] = torch.empty(0, dtype=fp8)
+        out[_marker_key(tree)] = torch.empty(0, dtype=fp8)
     return ParamTree._wrap(out)
+
+
+#: Model prefixes of full checkpoints whose marker carries the prefix (ComfyUI reads ``{prefix}scaled_fp8``).
+MODEL_PREFIXES: tuple[str, ...] = ("model.diffusion_model.",)
+
+
+def _marker_key(tree: Mapping[str, torch.Tensor]) -> str:
+    """``<prefix>scaled_fp8`` when every key is under one model prefix of a full checkpoint, else ``scaled_fp8``."""
+    for prefix in MODEL_PREFIXES:
+        if tree and all(k.startswith(prefix) for k in tree):
+            return prefix + _fp8.MARKER
+    return _fp8.MARKER
+
+
+def check_seed(seed: object, fn: str) -> None:
+    """A stochastic-rounding seed: None or a nonnegative int (not a bool).
+
+    Raises:
+        UsageError: naming the value and a seed that works.
+    """
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise UsageError(f"{fn}: seed={seed!r}; expected a nonnegative int (or None for rounding to nearest). Fix: seed=0")
+
+
+def _generator_seed(seed: int) -> int:
+    """A ``torch.Generator`` seed for ``seed``: itself below 2**63, else 63 bits of its blake2b digest."""
+    if seed < 2**63:
+        return seed
+    return int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=8).digest(), "little") & (2**63 - 1)
 
 
 def _quantize_one(
@@ -303,10 +418,10 @@ def _quantize_one(
         s = None if layout == "plain" else (fixed if fixed is not None else _fp8.amax_scale(v, fp8))
         q = _fp8.quantize_tensor(v, fp8, s, generator=gen, saturate=saturate)
     except _fp8.Fp8Overflow as e:
-        if e.largest != e.largest or e.largest == float("inf"):
+        if (e.largest != e.largest or e.largest == float("inf")) and not bool(torch.isfinite(v).all()):
             raise NumericError(
                 f"fvt.quantize_fp8: {key!r} holds NaN or Inf; expected finite values to quantise. "
-                "Fix: find where the non-finite values come from (fvt.check) before quantising"
+                f"Fix: find where the non-finite values come from (torch.isfinite(tree[{key!r}])) before quantising"
             ) from None
         fix = ("pass saturate=True to clamp, or a larger scale=" if fixed is not None else
                f"use layout='scaled' (a scale maps it into range), or pass saturate=True to clamp to ±{limit:g}")
@@ -347,7 +462,6 @@ def runnable(
         return tree
     target = None if compute_dtype is None else _compute_dtype(compute_dtype, f"fvt.{fn}", "compute_dtype")
     drop = layout.layout_keys
-    on_bad = _nonfinite("tree")
     memo: dict[int, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     for k, v in tree.items():
@@ -365,7 +479,7 @@ def runnable(
                     f"Fix: fvt.{fn}(module, tree, ..., compute_dtype=torch.bfloat16)"
                 )
             if id(v) not in memo:
-                memo[id(v)] = _fp8.Upcast(v, _scale_of(tree, layout, k), want, k, on_bad)
+                memo[id(v)] = _upcast(v, _scale_of(tree, layout, k), want, k)
             v = memo[id(v)]
         out[k] = v
     return out
@@ -415,10 +529,16 @@ def check_file(
         )
 
 
-def describe(dtypes: Mapping[str, torch.dtype]) -> dict[str, Any] | None:
-    """What ``fvtransform inspect`` says of a checkpoint's float8 content (keys and dtypes only); None if none.
+def describe(
+    dtypes: Mapping[str, torch.dtype], read: Callable[[str], torch.Tensor] | None = None,
+) -> dict[str, Any] | None:
+    """What ``fvtransform inspect`` says of a checkpoint's float8 content; None if none.
 
-    Returns ``{"weights", "scaled", "plain", "scale_input", "markers": {key: float8 dtype name}, "dtypes": {name: n}}``.
+    ``read``: reads one tensor (lazily); given, each one-element scale is read and those that are not finite
+    and positive are listed under ``"damaged_scales"`` (key -> value), the scales ``fvt.load`` refuses.
+
+    Returns ``{"weights", "scaled", "plain", "scale_input", "markers": {key: float8 dtype name}, "dtypes": {name: n},
+    "orphan_scales", "damaged_scales"}``.
     """
     fp8 = [k for k, d in dtypes.items() if _fp8.is_fp8(d)]
     layout = _fp8.split_layout(dtypes)
@@ -430,7 +550,17 @@ def describe(dtypes: Mapping[str, torch.dtype]) -> dict[str, Any] | None:
     for k in weights:
         counts[_name(dtypes[k])] = counts.get(_name(dtypes[k]), 0) + 1
     scaled = sum(1 for k in weights if k in layout.scales)
+    damaged: dict[str, str] = {}
+    for key in [*layout.scales.values(), *layout.input_scales.values()]:
+        if read is None:
+            break
+        scale = read(key)
+        if scale.numel() == 1 and scale.dtype.is_floating_point:
+            value = float(scale.detach().float().reshape(()))
+            if not (value > 0 and math.isfinite(value)):
+                damaged[key] = str(value)
     return {
+        "damaged_scales": damaged,
         "weights": len(weights), "scaled": scaled, "plain": len(weights) - scaled,
         "scale_input": len(layout.input_scales), "markers": markers, "orphan_scales": list(layout.orphans),
         "dtypes": counts,
