@@ -8,6 +8,21 @@ import torch
 import fvtransform as fvt
 
 
+class ConvNet(torch.nn.Module):
+    """A convolution and two linears: the LoRA call tests' model (conv and linear targets)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc1 = torch.nn.Linear(16, 8)
+        self.fc2 = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)).mean(dim=(2, 3))  # [N, 4]
+        h = torch.cat([h, h, h, h], dim=1)  # [N, 16]
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
 class TiedEmbedding(torch.nn.Module):
     """An embedding and an output head that share one weight, plus two kinds of buffer."""
 

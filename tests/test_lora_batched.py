@@ -15,18 +15,7 @@ from fvtransform.errors import ImmutableError, KeyMismatchError, NumericError, S
 from fvtransform.lora import Delta, FullDelta, LoraAdapter, LowRank
 from fvtransform.lora._adapter import LoHa
 
-
-class _Net(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
-        self.fc1 = torch.nn.Linear(16, 8)
-        self.fc2 = torch.nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.conv(x)).mean(dim=(2, 3))  # [N, 4]
-        h = torch.cat([h, h, h, h], dim=1)  # [N, 16]
-        return self.fc2(torch.relu(self.fc1(h)))
+from _helpers import ConvNet as _Net
 
 
 class _Flat(torch.nn.Module):
