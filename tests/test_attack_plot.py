@@ -168,3 +168,20 @@ def test_plot_path_with_control_characters_is_printed_escaped(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "\x1b" not in text
     assert not any(line == "ird\x1b[31m.png" or line.startswith("ird") for line in text.splitlines())
+
+
+# 11
+def test_changed_zero_weights_are_not_drawn_blank(tmp_path, capsys):
+    # wrong: a base weight of zeros that the update changes has ratio inf and is drawn blank, pixel for pixel as untouched
+    import matplotlib.image
+
+    z = {"blocks.0.attn1.to_q.weight": torch.zeros(4, 4), "blocks.1.attn1.to_q.weight": torch.zeros(4, 4)}
+    pictures = []
+    for name, after in (("changed", torch.ones(4, 4)), ("same", torch.zeros(4, 4))):
+        d = tmp_path / name
+        d.mkdir()
+        b = dict(z, **{"blocks.0.attn1.to_q.weight": after})
+        pa, pb = _pair(d, z, b)
+        assert main(["diff", pa, pb, "--plot", str(d / "x.png")]) == 0
+        pictures.append(matplotlib.image.imread(str(d / "x.png")))
+    assert pictures[0].shape != pictures[1].shape or (pictures[0] != pictures[1]).any()
