@@ -19,7 +19,7 @@ from fvtransform.errors import FvTransformError, MissingDependencyError, UsageEr
 if TYPE_CHECKING:
     from fvtransform.lora._norms import UpdateNorms
 
-__all__ = ["DPI", "MAX_PIXELS", "check_plot_output", "diff_command", "figure_size", "heatmap", "print_norms"]
+__all__ = ["DPI", "MAX_PIXELS", "check_plot_output", "diff_command", "figure_size", "grouping", "heatmap", "print_norms"]
 
 #: Pixels per inch of the PNG: its size in pixels is :func:`figure_size` times this.
 DPI = 100
@@ -122,6 +122,14 @@ def _labels(names: tuple[str, ...], size: int) -> list[str]:
     return list(names) if size == 1 else [f"{names[i]} (+{min(size, len(names) - i) - 1})" for i in range(0, len(names), size)]
 
 
+def grouping(norms: UpdateNorms) -> str:
+    """How a grid too large for :data:`MAX_PIXELS` is grouped, as a note (``""`` when every cell is drawn)."""
+    row_step, col_step = _bins(len(norms.rows), MAX_ROWS), _bins(len(norms.columns), MAX_COLUMNS)
+    if row_step == col_step == 1:
+        return ""
+    return f"grouped: {row_step} blocks x {col_step} modules a cell, the largest shown"
+
+
 def heatmap(norms: UpdateNorms, out: str | Path, *, title: str, overwrite: bool = False) -> Path:
     """Draw ``norms`` as a PNG at ``out`` (written atomically, at most :data:`MAX_PIXELS` a side); returns its path.
 
@@ -157,8 +165,8 @@ def heatmap(norms: UpdateNorms, out: str | Path, *, title: str, overwrite: bool 
     values, kinds = _group(values, kinds, 0, row_step)
     values, kinds = _group(values, kinds, 1, col_step)
     rows, columns = _labels(norms.rows, row_step), _labels(norms.columns, col_step)
-    if row_step > 1 or col_step > 1:
-        title += f"\n(grouped: {row_step} blocks x {col_step} modules a cell, the largest shown)"
+    if note := grouping(norms):
+        title += f"\n({note})"
     data = np.ma.masked_invalid(values)
     finite = data.compressed()
     positive = finite[finite > 0]
@@ -230,6 +238,7 @@ def diff_command(a: str, b: str, *, plot: str | None, as_json: bool, overwrite: 
     else:
         print_norms(norms, f"{a} -> {b}: relative change per tensor")
         if plot is not None:
-            print(f"plot: {printable(plot)}")
+            note = grouping(norms)
+            print(f"plot: {printable(plot)}" + (f" ({note})" if note else ""))
     sys.stdout.flush()
     return 1 if norms.leftovers else 0
