@@ -196,3 +196,72 @@ def test_the_guides_picture_script_still_runs(tmp_path):
     committed = ROOT / "docs" / "img" / "lora-update-norms.png"
     assert _png_size(out) == _png_size(committed) == _expected_pixels(12, 10)
     assert "(../img/lora-update-norms.png)" in (ROOT / "docs" / "guides" / "lora.md").read_text()
+
+
+def _two(tmp_path: Path) -> tuple[str, str]:
+    from safetensors.torch import save_file
+
+    a = {"blocks.0.attn1.to_q.weight": torch.ones(4, 4), "blocks.1.attn1.to_q.weight": torch.ones(4, 4)}
+    b = dict(a, **{"blocks.0.attn1.to_q.weight": torch.full((4, 4), 1.5)})
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(a, str(pa))
+    save_file(b, str(pb))
+    return str(pa), str(pb)
+
+
+def test_plot_replaces_its_own_picture_and_a_users_file_only_with_overwrite(tmp_path, capsys):
+    a, b = _two(tmp_path)
+    out = tmp_path / "x.png"
+    assert main(["diff", a, b, "--plot", str(out)]) == 0
+    assert main(["diff", a, b, "--plot", str(out)]) == 0  # a plot fvtransform wrote is replaced
+    out.write_bytes(b"\x89PNG\r\n\x1a\nnot ours")
+    assert main(["diff", a, b, "--plot", str(out)]) == 2
+    assert out.read_bytes() == b"\x89PNG\r\n\x1a\nnot ours"
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["diff", a, b, "--plot", str(out), "--overwrite"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 100
+
+
+def test_plot_through_a_symlinked_folder_into_an_input_is_refused(tmp_path, capsys):
+    a, b = _two(tmp_path)
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    os.replace(a, ck / "model.safetensors")
+    (tmp_path / "link").symlink_to(ck)
+    assert main(["diff", str(ck), b, "--plot", str(tmp_path / "link" / "x.png")]) == 2
+    assert sorted(p.name for p in ck.iterdir()) == ["model.safetensors"]
+    assert "inside" in capsys.readouterr().err
+
+
+def test_update_norms_refuses_a_scaled_float8_tree_and_names_dequantize():
+    w = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    a = fvt.ParamTree({"blocks.0.attn1.to_q.weight": w.to(torch.float8_e4m3fn), "blocks.0.attn1.to_q.scale_weight": torch.tensor(2.0)})
+    b = fvt.ParamTree({"blocks.0.attn1.to_q.weight": w, "blocks.0.attn1.to_q.scale_weight": torch.tensor(1.0)})
+    with pytest.raises(UsageError, match=r"'blocks\.0\.attn1\.to_q\.weight' in base is a scaled float8.*fvt\.dequantize"):
+        fvt.lora.update_norms(a, b)
+
+
+def test_nan_and_integer_updates_are_numbers_in_json_and_by_key():
+    a = fvt.ParamTree({"blocks.0.attn1.to_q.weight": torch.ones(2, 2), "blocks.0.attn1.to_k.weight": torch.ones(2, 2),
+                       "blocks.0.pos": torch.tensor([3, 4])})
+    b = fvt.ParamTree({"blocks.0.attn1.to_q.weight": torch.tensor([[float("nan"), 1.0], [1.0, 1.0]]),
+                       "blocks.0.attn1.to_k.weight": torch.ones(2, 2), "blocks.0.pos": torch.tensor([3, 5])})
+    n = fvt.lora.update_norms(a, b)
+    assert n.by_key["blocks.0.pos"] == pytest.approx(1 / 5)  # ||(0, 1)|| / ||(3, 4)||
+    doc = n.to_dict()
+    cells = dict(zip(doc["columns"], doc["grid"][0]))
+    assert cells["attn1.to_q"] == "nan" and cells["attn1.to_k"] is None and doc["by_key"]["blocks.0.attn1.to_q.weight"] == "nan"
+
+
+def test_a_huge_grid_is_grouped_and_the_output_line_says_so(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from fvtransform.cli._plot import MAX_PIXELS
+
+    a = {f"blocks.{i}.attn1.to_q.weight": torch.ones(1) for i in range(1000)}
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file({k: v * 2 for k, v in a.items()}, str(tmp_path / "b.safetensors"))
+    out = tmp_path / "x.png"
+    assert main(["diff", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--plot", str(out)]) == 0
+    assert max(_png_size(out)) <= MAX_PIXELS
+    assert re.search(r"^plot: .*x\.png \(grouped: 4 blocks x 1 modules a cell", capsys.readouterr().out, re.M)

@@ -35,10 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--base", default=None, help="for a LoRA: the base checkpoint to resolve it against")
     ins.add_argument("--plot", default=None, metavar="OUT.png",
                      help="for a LoRA with --base: a heatmap of ||dW||/||W|| per block and module (the plot extra)")
+    ins.add_argument("--overwrite", action="store_true", help="replace an existing --plot file that fvtransform did not write")
     df = sub.add_parser("diff", help="what changed from checkpoint A to B: ||B-A||/||A|| per tensor, block and module")
     df.add_argument("a", help="checkpoint file, folder or repo id (before)")
     df.add_argument("b", help="checkpoint file, folder or repo id (after)")
     df.add_argument("--plot", default=None, metavar="OUT.png", help="a heatmap per block and module (the plot extra)")
+    df.add_argument("--overwrite", action="store_true", help="replace an existing --plot file that fvtransform did not write")
     mg = sub.add_parser("merge", help="merge LoRAs into a checkpoint, disk to disk, tensor by tensor")
     mg.add_argument("base", help="checkpoint file, folder or repo id")
     mg.add_argument("loras", nargs="+", metavar="LORA[:SCALE]")
@@ -91,7 +93,7 @@ class _Row(TypedDict):
     group: str
 
 
-def _inspect(path: str, as_json: bool, base: str | None = None, plot: str | None = None) -> int:
+def _inspect(path: str, as_json: bool, base: str | None = None, plot: str | None = None, overwrite: bool = False) -> int:
     from fvtransform.cli._commands import printable
     from fvtransform.errors import UsageError
     from fvtransform.io import open_checkpoint
@@ -115,7 +117,7 @@ def _inspect(path: str, as_json: bool, base: str | None = None, plot: str | None
                 print(f"{printable(k):<20} {printable('/'.join(v)) if v else '(absent)'}")
         return 0
     if base is not None or (p.is_dir() and (p / "adapter_config.json").is_file()):
-        return _inspect_lora(p, base, as_json, plot)
+        return _inspect_lora(p, base, as_json, plot, overwrite, inputs=[path] + ([base] if base else []))
     ckpt = open_checkpoint(p)
     from fvtransform.lora._detect import split_role
 
@@ -173,23 +175,26 @@ def _fp8_line(fp8: dict[str, Any]) -> str:
     return line
 
 
-def _inspect_lora(p: Path, base: str | None, as_json: bool, plot: str | None = None) -> int:
+def _inspect_lora(p: Path, base: str | None, as_json: bool, plot: str | None = None, overwrite: bool = False,
+                  inputs: Sequence[str] = ()) -> int:
     import fvtransform as fvt
     from fvtransform.cli._commands import printable
 
     from fvtransform.hub import maybe_download_model
 
     if plot is not None:
-        from fvtransform.cli._plot import _pyplot
+        from fvtransform.cli._plot import _pyplot, check_plot_output
 
         _pyplot()  # a missing extra is said before anything is read
+        check_plot_output(plot, [str(p), *inputs], overwrite=overwrite)
     base_tree = fvt.load(maybe_download_model(base)) if base else None
     adapter = fvt.lora.load(p, base=base_tree, strict=False)
     report = adapter.report
     if plot is not None and base_tree is not None:
         from fvtransform.cli._plot import heatmap
 
-        heatmap(fvt.lora.update_norms(base_tree, adapter), plot, title=f"{p.name} on {Path(base or '').name}: ||ΔW|| / ||W||")
+        heatmap(fvt.lora.update_norms(base_tree, adapter), plot, title=f"{p.name} on {Path(base or '').name}: ||ΔW|| / ||W||",
+                overwrite=overwrite)
     rows = [{"target": k, "kind": type(d).__name__, "rank": getattr(d, "rank", None), "alpha": getattr(d, "alpha", None),
              "scale": getattr(d, "scale", None), "dora": getattr(d, "magnitude", None) is not None} for k, d in adapter.items()]
     skipped = [{"key": k, "why": why} for k, why in report.skipped]
@@ -242,11 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(report.to_dict()))
             return 0 if report.ok else 1
         if args.command == "inspect":
-            return _inspect(args.path, args.json, args.base, args.plot)
+            return _inspect(args.path, args.json, args.base, args.plot, args.overwrite)
         if args.command == "diff":
             from fvtransform.cli._plot import diff_command
 
-            return diff_command(args.a, args.b, plot=args.plot, as_json=args.json)
+            return diff_command(args.a, args.b, plot=args.plot, as_json=args.json, overwrite=args.overwrite)
         from fvtransform.cli import _commands as c
 
         if args.command == "merge":

@@ -100,7 +100,7 @@ class UpdateNorms:
         columns: the changed modules and every matrix weight of a block (``attn1.to_q``: blank where
             untouched), in the layout's order, then the others sorted.
         grid: ``grid[i][j]``: the value of module ``columns[j]`` of block ``rows[i]``; ``nan`` where it was not
-            changed (drawn blank).
+            changed (drawn blank) and where the update holds NaN (drawn apart: see :meth:`changed_cells`).
         outside: changed keys outside the blocks (``patch_embedding.weight``): in ``by_key``, not in the grid.
         layout: the name of the layout whose modules matched the most keys.
         unchanged: how many common keys did not change (or are not targeted).
@@ -117,20 +117,63 @@ class UpdateNorms:
     leftovers: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> dict[str, object]:
-        """A JSON-ready dict (``nan`` as None, ``inf`` as the string ``"inf"``)."""
-        def num(x: float) -> float | str | None:
-            return None if math.isnan(x) else "inf" if math.isinf(x) else x
+        """A JSON-ready dict: an untouched grid cell as None; a changed value ``inf`` or ``nan`` as that string."""
+        def num(x: float) -> float | str:
+            return "nan" if math.isnan(x) else "inf" if math.isinf(x) else x
 
+        changed = self.changed_cells()
+        grid = [[num(x) if (i, j) in changed else None for j, x in enumerate(row)] for i, row in enumerate(self.grid)]
         return {"layout": self.layout, "rows": list(self.rows), "columns": list(self.columns),
-                "grid": [[num(x) for x in row] for row in self.grid], "by_key": {k: num(v) for k, v in self.by_key.items()},
+                "grid": grid, "by_key": {k: num(v) for k, v in self.by_key.items()},
                 "outside": list(self.outside), "unchanged": self.unchanged,
                 "leftovers": [{"side": s, "key": k} for s, k in self.leftovers]}
+
+
+    def changed_cells(self) -> frozenset[tuple[int, int]]:
+        """The ``(row, column)`` indices of the grid's changed cells (a NaN there is a changed value, not a blank)."""
+        rows = {r: i for i, r in enumerate(self.rows)}
+        columns = {c: j for j, c in enumerate(self.columns)}
+        cells = (split_block(k) for k in self.by_key)
+        return frozenset((rows[w[0]], columns[w[1]]) for w in cells if w is not None and w[0] in rows and w[1] in columns)
 
 
 def _ratio(delta: torch.Tensor, weight: torch.Tensor) -> float:
     dn = float(torch.linalg.vector_norm(delta.double()))
     wn = float(torch.linalg.vector_norm(weight.double()))
     return dn / wn if wn > 0 else (0.0 if dn == 0 else math.inf)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (a NaN equals the same NaN); another dtype is never the same bits."""
+    if a.dtype != b.dtype:
+        return False
+    flat_a, flat_b = a.detach().reshape(-1), b.detach().reshape(-1)
+    if a.dtype == torch.bool:
+        return torch.equal(flat_a, flat_b)
+    return torch.equal(flat_a.contiguous().view(torch.uint8), flat_b.contiguous().view(torch.uint8))
+
+
+def _as_float64(tree: Mapping[str, torch.Tensor], key: str, side: str) -> torch.Tensor:
+    """``tree[key]`` in float64: plain float8 dequantised (no scale), integers and bools as numbers.
+
+    Raises:
+        UsageError: a scaled float8 weight (its ``scale_weight`` is in the tree: run fvt.dequantize first), or a
+            complex or float8 dtype fvtransform does not read.
+    """
+    from fvtransform._fp8 import dequantize_tensor, is_fp8, is_other_float8, scale_key
+
+    t = tree[key].detach()
+    if is_fp8(t.dtype):
+        scaled = key.endswith("weight") and scale_key(key) in tree
+        if scaled:
+            raise UsageError(f"fvt.lora.update_norms: {key!r} in {side} is a scaled float8 weight (its "
+                             f"{scale_key(key)!r} is in the tree); compare the real weights: "
+                             f"fvt.lora.update_norms(fvt.dequantize(base), fvt.dequantize(other))")
+        return dequantize_tensor(t, None, torch.float32).double()
+    if t.is_complex() or is_other_float8(t.dtype):
+        raise UsageError(f"fvt.lora.update_norms: {key!r} in {side} has dtype {str(t.dtype).removeprefix('torch.')}, "
+                         f"which has no relative update size here; compare real floating, float8 or integer tensors")
+    return t.double()
 
 
 def _lora_deltas(base: Mapping[str, torch.Tensor], adapter: object) -> dict[str, float]:
@@ -152,8 +195,9 @@ def update_norms(base: Mapping[str, torch.Tensor], other: object, *, strict: boo
 
     ``other`` is a :class:`~fvtransform.lora.LoraAdapter` (its update at scale 1, merged in float32 one
     target at a time; untargeted keys are unchanged) or a second tree of the same keys (a fine-tune, a
-    merged checkpoint: ``dW = other - base`` in float64 for floating tensors; keys equal bit for bit are
-    unchanged). Nothing is mutated; lazy trees are read one tensor at a time.
+    merged checkpoint: ``dW = other - base`` in float64, plain float8 dequantised and integer tensors as
+    numbers; keys equal bit for bit, NaNs included, are unchanged). A scaled float8 tree is refused:
+    compare ``fvt.dequantize(tree)``. Nothing is mutated; lazy trees are read one tensor at a time.
 
     Args:
         base: the weights before (a ParamTree or any ``Mapping[str, Tensor]``).
@@ -167,7 +211,8 @@ def update_norms(base: Mapping[str, torch.Tensor], other: object, *, strict: boo
     Raises:
         KeyMismatchError: ``strict=True`` and a key is on one side only (the message names them).
         ShapeMismatchError: a common key has another shape on each side.
-        UsageError: ``other`` is neither an adapter nor a mapping of tensors.
+        UsageError: ``other`` is neither an adapter nor a mapping of tensors; a weight is scaled float8
+            (pass ``fvt.dequantize(tree)``) or complex.
 
     >>> import torch, fvtransform as fvt
     >>> base = fvt.ParamTree({"blocks.0.attn1.to_q.weight": torch.ones(2, 2), "blocks.0.attn1.to_k.weight": torch.ones(2, 2)})
@@ -209,10 +254,11 @@ def update_norms(base: Mapping[str, torch.Tensor], other: object, *, strict: boo
             if a.shape != b.shape:
                 raise ShapeMismatchError(f"fvt.lora.update_norms: {k!r} has shape {list(a.shape)} in base and "
                                          f"{list(b.shape)} in other; compare checkpoints of one architecture")
-            if torch.equal(a, b) or not (a.is_floating_point() and b.is_floating_point()):
+            if _same_bits(a, b):
                 unchanged += 1
                 continue
-            values[k] = _ratio(b.detach().double() - a.detach().double(), a.detach())
+            wa, wb = _as_float64(base, k, "base"), _as_float64(other, k, "other")
+            values[k] = _ratio(wb - wa, wa)
     else:
         raise UsageError(f"fvt.lora.update_norms(base, other): other must be a LoraAdapter or a Mapping[str, Tensor]; "
                          f"found {type(other).__name__}. Fix: fvt.lora.update_norms(base, fvt.lora.load(path, base=base))")
