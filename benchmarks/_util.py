@@ -101,3 +101,16 @@ class Timer:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.t0
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Best time of each function, timed in rounds (one call of each per round) so drift hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            with Timer() as t:
+                fn()
+            best[name] = min(best[name], t.seconds)
+    return best

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _util import Timer, warm_up  # noqa: E402
+from _util import interleaved, warm_up  # noqa: E402
 from io_bench import CONFIG  # noqa: E402
 
 #: Attention and feed-forward linears of every block (as merge_bench.py's adapter targets).
@@ -40,19 +40,6 @@ def inputs(dtype: torch.dtype, batch: int) -> dict:
 
 def one(x: dict, i: int) -> dict:
     return {k: (v[i : i + 1] if isinstance(v, torch.Tensor) else v) for k, v in x.items()}
-
-
-def interleaved(fns: dict, repeats: int) -> dict:
-    """Best time of each function, timed in rounds (one call of each per round) so drift hits all alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            with Timer() as t:
-                fn()
-            best[name] = min(best[name], t.seconds)
-    return best
 
 
 def run(blocks: int, repeats: int, with_peft: bool) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _util import Timer, warm_up  # noqa: E402
+from _util import interleaved, warm_up  # noqa: E402
 from io_bench import CONFIG  # noqa: E402
 from merge_bench import adapter  # noqa: E402
 
@@ -24,19 +24,6 @@ def inputs(dtype: torch.dtype) -> dict:
     return dict(hidden_states=torch.randn(1, 16, 4, 32, 32, generator=g).to(dtype),  # 1024 tokens
                 timestep=torch.tensor([500]), encoder_hidden_states=torch.randn(1, 64, 4096, generator=g).to(dtype),
                 return_dict=False)
-
-
-def interleaved(fns: dict, repeats: int) -> dict:
-    """Best time of each function, timed in rounds (one call of each per round) so drift hits all alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            with Timer() as t:
-                fn()
-            best[name] = min(best[name], t.seconds)
-    return best
 
 
 def run(blocks: int, repeats: int) -> None:
