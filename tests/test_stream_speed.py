@@ -253,11 +253,12 @@ _MERGE_IMPORTS = """
 import sys
 from fvtransform.cli import main
 assert main(sys.argv[1:]) == 0
-print("PEERS", sorted(m for m in ("diffusers", "transformers", "peft", "huggingface_hub") if m in sys.modules))
+# torch._dynamo: about 1 s of start-up that only a call under torch.compile needs (fvtransform/_compiler.py)
+print("PEERS", sorted(m for m in ("diffusers", "transformers", "peft", "huggingface_hub", "torch._dynamo") if m in sys.modules))
 """
 
 
-def test_a_local_cli_merge_imports_no_peer_library(base, tmp_path):
+def test_a_local_cli_merge_imports_no_peer_library_and_no_dynamo(base, tmp_path):
     one, _sharded, a = base
     fvt.lora.save(a, tmp_path / "lora", format="peft")
     out = subprocess.run([sys.executable, "-c", _MERGE_IMPORTS, "merge", str(one), str(tmp_path / "lora"), "-o", str(tmp_path / "o.safetensors"),

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from fvtransform._compiler import disabled
 from fvtransform._call._call import Out, _as_module, _Forward, _prepare, check_not_meta
 from fvtransform._messages import format_keys
 from fvtransform.errors import KeyMismatchError, NumericError, ShapeMismatchError, UsageError
@@ -323,7 +324,7 @@ def _run(module: _Forward[Out], tree: Mapping[str, torch.Tensor], adapters: Adap
     return out
 
 
-@torch.compiler.disable
+@disabled
 def _eager(module: _Forward[Out], tree: Mapping[str, torch.Tensor], adapters: AdapterStack, args: tuple[object, ...],
            kwargs: dict[str, object], index: torch.Tensor, scales: torch.Tensor | None, grouped: bool) -> Out:
     """Sharded weights under ``torch.compile``: warn, then run this call eagerly (a graph break), as ``fvt.lora.call`` does."""

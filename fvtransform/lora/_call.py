@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from fvtransform._compiler import disabled
 from fvtransform._call._call import _as_module, _Forward, _prepare, check_not_meta, Out
 from fvtransform._messages import format_keys
 from fvtransform.errors import KeyMismatchError, UsageError
@@ -349,7 +350,7 @@ def _untraceable(pairs: list[tuple[LoraAdapter, float]], params: Mapping[str, to
     return None
 
 
-@torch.compiler.disable
+@disabled
 def _eager(why: str, module: _Forward[Out], tree: Mapping[str, torch.Tensor], adapters: CallAdapters, /, *args: object,
            compute_dtype: torch.dtype | str | None = None, **kwargs: object) -> Out:
     """The explicit fallback under ``torch.compile``: warn, then run this call eagerly (a graph break)."""
