@@ -172,6 +172,17 @@ def test_dequantize_is_lazy_and_exact():
         fvt.dequantize()  # type: ignore[call-arg]
 
 
+def test_a_tied_float8_weight_is_dequantised_with_each_keys_own_scale():
+    q = _scaled()
+    q["b2.weight"] = q["b.weight"]  # one float8 tensor under two keys, each with its own scale
+    q["b2.scale_weight"] = q["b.scale_weight"] * 2
+    back = fvt.dequantize(q, torch.float32)
+    assert fvt.tensors_equal(back["b2.weight"] + 0, (back["b.weight"] + 0) * 2)
+    q["b2.scale_weight"] = q["b.scale_weight"]
+    tied = fvt.dequantize(q, torch.float32)
+    assert tied["b2.weight"] is tied["b.weight"]  # same tensor and scale: one Upcast, the tie kept
+
+
 def test_saved_fp8_loads_lazily_and_dequantizes_one_tensor_at_a_time(tmp_path):
     tree = _small_tree()
     q = fvt.quantize_fp8(tree)

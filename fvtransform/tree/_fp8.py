@@ -238,18 +238,30 @@ def dequantize(tree: Mapping[str, torch.Tensor], /, dtype: DTypeLike = torch.bfl
     target = _compute_dtype(dtype, "fvt.dequantize")
     _refuse_other_float8(tree, "fvt.dequantize")
     layout = check_layout(tree)
-    drop = layout.layout_keys
-    memo: dict[int, torch.Tensor] = {}
+    return ParamTree._wrap(_upcast_tree(tree, layout, lambda _k: target))
+
+
+def _upcast_tree(tree: Mapping[str, torch.Tensor], layout: _fp8.Fp8Layout,
+                 want: Callable[[str], torch.dtype | None]) -> dict[str, torch.Tensor]:
+    """``tree`` less its layout keys, each float8 value as an Upcast to ``want(key)`` (None: kept in float8).
+
+    A tensor tied under several keys becomes one Upcast per (dtype, scale tensor), so ties stay ties.
+    """
+    memo: dict[tuple[int, torch.dtype, int | None], torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     for k, v in tree.items():
-        if k in drop:
+        if k in layout.layout_keys:
             continue
-        if _fp8.is_fp8(v.dtype):
-            if id(v) not in memo:
-                memo[id(v)] = _upcast(v, _scale_of(tree, layout, k), target, k)
-            v = memo[id(v)]
+        if isinstance(v, torch.Tensor) and _fp8.is_fp8(v.dtype):
+            dtype = want(k)
+            if dtype is not None:
+                sk = layout.scales.get(k)
+                tie = (id(v), dtype, None if sk is None else id(tree[sk]))
+                if tie not in memo:
+                    memo[tie] = _upcast(v, _scale_of(tree, layout, k), dtype, k)
+                v = memo[tie]
         out[k] = v
-    return ParamTree._wrap(out)
+    return out
 
 
 def _is_weight_key(k: str) -> bool:
@@ -461,28 +473,20 @@ def runnable(
     if not has_fp8 and not layout.is_scaled:
         return tree
     target = None if compute_dtype is None else _compute_dtype(compute_dtype, f"fvt.{fn}", "compute_dtype")
-    drop = layout.layout_keys
-    memo: dict[int, torch.Tensor] = {}
-    out: dict[str, torch.Tensor] = {}
-    for k, v in tree.items():
-        if k in drop:
-            continue
-        if isinstance(v, torch.Tensor) and _fp8.is_fp8(v.dtype):
-            ref = own.get(k)
-            want = target if target is not None else (ref.dtype if ref is not None else None)
-            if want is not None and _fp8.is_fp8(want) and layout.scales.get(k) is None:
-                out[k] = v  # the module keeps this tensor in float8 itself
-                continue
-            if want is None or _fp8.is_fp8(want):
-                raise UsageError(
-                    f"fvt.{fn}: {k!r} is float8 and the module gives no compute dtype for it. "
-                    f"Fix: fvt.{fn}(module, tree, ..., compute_dtype=torch.bfloat16)"
-                )
-            if id(v) not in memo:
-                memo[id(v)] = _upcast(v, _scale_of(tree, layout, k), want, k)
-            v = memo[id(v)]
-        out[k] = v
-    return out
+
+    def want(k: str) -> torch.dtype | None:
+        ref = own.get(k)
+        dtype = target if target is not None else (ref.dtype if ref is not None else None)
+        if dtype is not None and _fp8.is_fp8(dtype) and layout.scales.get(k) is None:
+            return None  # the module keeps this tensor in float8 itself
+        if dtype is None or _fp8.is_fp8(dtype):
+            raise UsageError(
+                f"fvt.{fn}: {k!r} is float8 and the module gives no compute dtype for it. "
+                f"Fix: fvt.{fn}(module, tree, ..., compute_dtype=torch.bfloat16)"
+            )
+        return dtype
+
+    return _upcast_tree(tree, layout, want)
 
 
 def refuse_scaled_cast(tree: Mapping[str, torch.Tensor], target: torch.dtype, only: Pattern | None) -> None:
