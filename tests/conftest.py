@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -53,3 +55,23 @@ def fake_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_http.time, "sleep", hub.sleeps.append)
     yield hub
     hub.stop()
+
+
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    """Dynamo's caches and counters reset around a test (recompile counts start at 0); modules that compile
+    use it for every test: ``pytestmark = pytest.mark.usefixtures("fresh_dynamo")``."""
+    import torch._dynamo  # imported by torch.compile, not by torch or fvtransform
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def net() -> torch.nn.Module:
+    """A seeded ConvNet (a convolution and two linears: conv and linear LoRA targets); test_bind has its own."""
+    from _helpers import ConvNet
+
+    torch.manual_seed(0)
+    return ConvNet()

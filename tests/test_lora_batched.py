@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,6 +16,8 @@ from fvtransform.lora._adapter import LoHa
 
 from _helpers import ConvNet as _Net
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
 
 class _Flat(torch.nn.Module):
     """Flattens batch and tokens before its linear: the batch is not dim 0 there."""
@@ -27,19 +28,6 @@ class _Flat(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x.reshape(-1, 4)).reshape(x.shape)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo() -> Iterator[None]:
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-@pytest.fixture
-def net() -> _Net:
-    torch.manual_seed(0)
-    return _Net()
 
 
 def _adapter(seed: int, rank: int = 2, keys: tuple[str, ...] = ("conv", "fc1", "fc2")) -> LoraAdapter:

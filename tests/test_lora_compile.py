@@ -6,7 +6,6 @@ recompiles), not what a code generator makes of it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,18 +18,7 @@ from fvtransform.lora._adapter import LoHa
 
 from _helpers import ConvNet as _Net
 
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo() -> Iterator[None]:
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-@pytest.fixture
-def net() -> _Net:
-    torch.manual_seed(0)
-    return _Net()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _adapter(seed: int, rank: int = 2, scale: float = 0.5) -> LoraAdapter:
