@@ -6,7 +6,6 @@ recompiles), not what a code generator makes of it.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch._dynamo.testing
