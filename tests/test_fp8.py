@@ -462,3 +462,15 @@ def test_stochastic_rounding_picks_a_neighbour_with_the_right_frequency(dtype):
         assert bool(((q == lo[:, None]) | (q == hi[:, None])).all())
         share = (q == hi[:, None]).float().reshape(len(lo), 2000, 3).mean(dim=1)
         assert float((share - frac).abs().max()) < 0.06  # 2000 draws: 5 standard errors of a share near 0.5
+
+
+@pytest.mark.parametrize("call", ["call", "lora.call"])
+def test_compute_dtype_is_checked_whatever_the_tree_holds(call):
+    lin = torch.nn.Linear(2, 2)
+    tree = fvt.ParamTree(dict(lin.named_parameters()))  # float32, no float8: compute_dtype has nothing to upcast
+    run = fvt.call if call == "call" else (lambda m, t, *a, **k: fvt.lora.call(m, t, [], *a, **k))
+    assert run(lin, tree, torch.ones(1, 2), compute_dtype="bf16").dtype == torch.float32  # float8 weights only
+    with pytest.raises(UsageError, match=rf"fvt.{call}: compute_dtype 'nonsense': expected a floating torch.dtype"):
+        run(lin, tree, torch.ones(1, 2), compute_dtype="nonsense")
+    with pytest.raises(UsageError, match=rf"fvt.{call}: compute_dtype=float8_e4m3fn is a float8 dtype"):
+        run(lin, tree, torch.ones(1, 2), compute_dtype=E4M3)

@@ -213,8 +213,10 @@ def _prepare(
     module: nn.Module, tree: Mapping[str, torch.Tensor], what: str = "tree", compute_dtype: torch.dtype | str | None = None,
     fn: str = "call",
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    from fvtransform.tree._fp8 import maybe_fp8, runnable  # float8: layout keys out, each weight upcast when used
+    from fvtransform.tree._fp8 import compute_dtype_of, maybe_fp8, runnable  # float8: layout keys out, each weight upcast when used
 
+    if compute_dtype is not None:  # checked whatever the tree holds: a wrong name is never ignored
+        compute_dtype = compute_dtype_of(compute_dtype, f"fvt.{fn}")
     if maybe_fp8(tree):
         tree = runnable(tree, {k: t for k, (_kind, t) in _module_state(module)[0].items()}, compute_dtype, fn)
     _state, params, buffer_keys = _resolve(module, tree, what, "call")
@@ -246,7 +248,8 @@ def call(
     dropped after, so no full-precision copy of the model is made; the result
     equals ``fvt.call(module, fvt.dequantize(tree, compute_dtype), ...)`` bit
     for bit. The layout's ``scale_weight`` / ``scale_input`` / ``scaled_fp8``
-    keys are understood, not reported as unexpected.
+    keys are understood, not reported as unexpected. ``compute_dtype`` is about
+    float8 weights only: other tensors run in the dtype the tree holds them in.
 
     >>> import torch, fvtransform as fvt
     >>> lin = torch.nn.Linear(2, 1)

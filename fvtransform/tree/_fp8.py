@@ -32,7 +32,7 @@ from fvtransform.tree._match import Pattern, matcher
 from fvtransform.tree._ops import _as_tree, _eager
 from fvtransform.tree._paramtree import ParamTree
 
-__all__ = ["dequantize", "quantize_fp8", "check_layout", "check_file", "maybe_fp8", "runnable", "describe", "refuse_scaled_cast"]
+__all__ = ["dequantize", "quantize_fp8", "check_layout", "check_file", "maybe_fp8", "runnable", "compute_dtype_of", "describe", "refuse_scaled_cast"]
 
 Layout = Literal["scaled", "plain"]
 _LAYOUTS: tuple[str, ...] = ("scaled", "plain")
@@ -196,6 +196,15 @@ def check_layout(tree: Mapping[str, torch.Tensor], *, where: object = "tree", sk
 def _scale_of(tree: Mapping[str, torch.Tensor], layout: _fp8.Fp8Layout, key: str) -> torch.Tensor | None:
     sk = layout.scales.get(key)
     return None if sk is None else tree[sk].reshape(())
+
+
+def compute_dtype_of(dtype: DTypeLike, fn: str) -> torch.dtype:
+    """A call's ``compute_dtype`` as a torch dtype (a floating dtype, not float8).
+
+    Raises:
+        UsageError: not a dtype name, or a float8 dtype.
+    """
+    return _compute_dtype(dtype, fn, "compute_dtype")
 
 
 def _compute_dtype(dtype: DTypeLike, fn: str, arg: str = "dtype") -> torch.dtype:
