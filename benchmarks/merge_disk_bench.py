@@ -104,10 +104,26 @@ def _timed(cmd: list[str], env: dict[str, str], shell: bool, cwd: Path) -> tuple
     return wall, peak / 1024, out.decode()
 
 
+def _env(pythonpath: str) -> dict[str, str]:
+    """The environment of a measured process: ``pythonpath`` first, with bytecode as an installed package has it.
+
+    pip writes ``.pyc`` files at install (torch's and diffusers' are there); a checkout run with
+    ``PYTHONDONTWRITEBYTECODE`` would compile every module of ours on every start (0.1-0.2 s here), so
+    the code under test is compiled once first and bytecode writing is left on.
+    """
+    import compileall
+
+    for root in pythonpath.split(os.pathsep):
+        compileall.compile_dir(str(Path(root) / "fvtransform"), quiet=1)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = pythonpath
+    return env
+
+
 def run(data: Path, repeats: int, before: str | None) -> dict:
     work = data.parent / f"{data.name}-merge-disk"
     work.mkdir(exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    env = _env(str(HERE.parent))
     loras = make_loras(data, work)
     one_arg = [f"{loras['a']}:1.0"]
     three_arg = [f"{loras[n]}:{s}" for n, s in SCALES.items()]
@@ -124,7 +140,7 @@ def run(data: Path, repeats: int, before: str | None) -> dict:
         "fp32 products alone (3 LoRAs)": ([py, "-c", _PRODUCTS, *three_arg], env, False),
     }
     if before:
-        benv = dict(os.environ, PYTHONPATH=before)
+        benv = _env(before)
         methods["before: fvtransform merge (1 LoRA)"] = (methods["fvtransform merge (1 LoRA)"][0], benv, False)
         methods["before: fvtransform merge (3 LoRAs)"] = (methods["fvtransform merge (3 LoRAs)"][0], benv, False)
     walls: dict[str, list[float]] = {m: [] for m in methods}
@@ -188,7 +204,7 @@ def split(data: Path, repeats: int, before: str) -> dict:
         for who, path in (("before", before), ("after", str(HERE.parent))):
             shutil.rmtree(out, ignore_errors=True)
             cmd = [sys.executable, "-c", _SPLIT, "merge", str(data), f"{loras['a']}:1.0", "-o", str(out), "--quiet"]
-            got = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=path), cwd=work)
+            got = subprocess.run(cmd, check=True, capture_output=True, text=True, env=_env(path), cwd=work)
             parts[who].append(json.loads(got.stdout.strip().splitlines()[-1]))
     shutil.rmtree(out, ignore_errors=True)
     return {who: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for who, runs in parts.items()}

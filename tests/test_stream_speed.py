@@ -265,3 +265,92 @@ def test_a_local_cli_merge_imports_no_peer_library_and_no_dynamo(base, tmp_path)
                           "--quiet"], capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "PEERS []"
+
+
+def test_large_tensors_are_written_a_chunk_per_call(tmp_path, monkeypatch):
+    # one os.write of a whole 27 MB tensor measured 8-9x slower than the same bytes in 1-4 MiB calls (docs/benchmarks.md)
+    monkeypatch.setattr(st, "WRITE_CHUNK", 1000)
+    sizes: list[int] = []
+    real = os.write
+    monkeypatch.setattr(st.os, "write", lambda fd, data: sizes.append(len(data)) or real(fd, data))
+    t = {"big": torch.arange(2600, dtype=torch.float32), "small": torch.ones(3, dtype=torch.bfloat16)}
+    with open(tmp_path / "x.safetensors", "xb") as f:
+        st.write_safetensors(f, st.tensor_specs(t, "x"), t.__getitem__)
+    assert max(sizes) == 1000 and sum(sizes) == 2600 * 4 + 6  # 11 calls for the big tensor, one for the small one
+    from safetensors.torch import load_file  # the oracle reads it back
+
+    got = load_file(str(tmp_path / "x.safetensors"))
+    assert set(got) == set(t) and all(torch.equal(got[k], t[k]) for k in t)
+
+
+def test_writeback_is_started_a_chunk_at_a_time_over_the_data_written(tmp_path, monkeypatch):
+    ranges: list[tuple[int, int]] = []
+    monkeypatch.setattr(st, "WRITEBACK_CHUNK", 1000)
+    monkeypatch.setattr(st._Writeback, "_fn", lambda fd, offset, n: ranges.append((offset, n)))
+    t = {f"t{i}": torch.full((100 * (i + 1),), float(i)) for i in range(6)}  # 400 .. 2400 bytes each
+    with open(tmp_path / "x.safetensors", "xb") as f:
+        total = st.write_safetensors(f, st.tensor_specs(t, "x"), t.__getitem__)
+    start = 8 + int.from_bytes((tmp_path / "x.safetensors").read_bytes()[:8], "little")  # the first data byte
+    assert ranges[0][0] == start
+    assert all(a + n == b for (a, n), (b, _) in zip(ranges, ranges[1:]))  # contiguous, in order, no byte twice
+    assert all(n >= 1000 for _, n in ranges) and ranges[-1][0] + ranges[-1][1] <= total
+    assert total - (ranges[-1][0] + ranges[-1][1]) < 1000 + 2400  # what is left for the final fsync
+    got = fvt.load(tmp_path / "x.safetensors")
+    assert all(torch.equal(got[k], t[k]) for k in t)
+
+
+@pytest.mark.parametrize("fn", [None, lambda fd, offset, n: -1], ids=["no sync_file_range", "a failing call"])
+def test_the_writeback_hint_is_advisory(tmp_path, monkeypatch, fn):
+    monkeypatch.setattr(st, "WRITEBACK_CHUNK", 10)
+    monkeypatch.setattr(st._Writeback, "_fn", fn)
+    t = {"a": torch.arange(50, dtype=torch.float32), "b": torch.ones(7, dtype=torch.bfloat16)}
+    with open(tmp_path / "x.safetensors", "xb") as f:
+        st.write_safetensors(f, st.tensor_specs(t, "x"), t.__getitem__)
+    got = fvt.load(tmp_path / "x.safetensors")
+    assert all(torch.equal(got[k], t[k]) for k in t)
+
+
+def test_merged_tensors_of_every_size_come_out_of_the_two_reused_buffers_intact(tmp_path, monkeypatch):
+    from fvtransform.lora import _stream
+
+    g = torch.Generator().manual_seed(11)
+    shapes = [(64, 32), (8, 32), (128, 16), (8, 8), (64, 32), (3, 5)]
+    tree = fvt.ParamTree({f"m{i}.weight": torch.randn(*s, generator=g).bfloat16() for i, s in enumerate(shapes)}
+                         | {f"m{i}.bias": torch.randn(s[0], generator=g) for i, s in enumerate(shapes)})
+    a = fvt.lora.random_adapter(tree, targets="*.weight", rank=2, seed=4)
+    fvt.save(tree, tmp_path / "base.safetensors")
+    made: list[int] = []
+    real = _stream._Slots.take
+    monkeypatch.setattr(_stream._Slots, "take", lambda self, shape, dtype: made.append(1) or real(self, shape, dtype))
+    f32 = fvt.ParamTree({k: v.float() for k, v in tree.items()})
+    for dtype, same_as in ((None, tree), (torch.float32, f32)):  # float32 output: the merge of the float32 tree
+        out = fvt.lora.merge_checkpoint(tmp_path / "base.safetensors", [(a, 0.7)], tmp_path / f"out-{dtype}.safetensors",
+                                        dtype=dtype)
+        got, want = fvt.load(out), fvt.lora.merge(same_as, a, 0.7)
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert len(made) == 2 * len(shapes)  # every merged tensor was made in a reused buffer
+
+
+def test_on_the_cpu_the_merge_and_the_writes_take_turns_on_one_thread(base, tmp_path, monkeypatch):
+    # measured: a second thread writing while torch merges on both cores was slower than taking turns (docs/benchmarks.md)
+    from fvtransform.lora import _stream
+
+    one, _sharded, a = base
+    seen: list[bool] = []
+    real = _stream.write_safetensors
+    monkeypatch.setattr(_stream, "write_safetensors", lambda *args, **kw: seen.append(kw["overlap"]) or real(*args, **kw))
+    fvt.lora.merge_checkpoint(one, a, tmp_path / "o.safetensors", device="cpu")
+    assert seen == [False]
+
+
+def test_the_overflow_bound_is_an_upper_bound_and_nan_proves_nothing():
+    g = torch.Generator().manual_seed(2)
+    for r in (1, 4, 32):
+        A, B = torch.randn(r, 40, generator=g) * 5, torch.randn(60, r, generator=g) * 3
+        cs = [_merge._Contribution(-0.7, LowRank(A, B, 1.0), ()), _merge._Contribution(0.2, LowRank(A * 2, B, 1.0), ())]
+        real = (B.double() @ A.double() * -0.7 + B.double() @ (A.double() * 2) * 0.2).abs().max().item()
+        assert _merge._delta_bound(cs) >= real
+    nan = LowRank(torch.full((1, 4), float("nan")), torch.ones(4, 1), 1.0)
+    assert not (_merge._delta_bound([_merge._Contribution(1.0, nan, ())]) < float("inf"))
+    fp8 = LowRank(torch.ones(2, 4).to(torch.float8_e4m3fn), torch.ones(4, 2), 1.0)
+    assert _merge._delta_bound([_merge._Contribution(1.0, fp8, ())]) >= 2.0

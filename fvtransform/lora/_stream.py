@@ -2,11 +2,15 @@
 
 The input's layout is kept (one file, or the same shard files and index; other
 files of the folder are copied). Each tensor is read from the memory map,
-merged (float32, one rounding, as :func:`fvtransform.lora.merge`), written and
-dropped, so the peak memory is about two of the largest tensors plus the adapters:
-the next tensor is merged on a second thread while the previous one is written
-(a pipeline of depth one). Tensors no adapter touches are copied by the kernel
-from the base file's byte range (``os.copy_file_range``) where it can.
+merged (float32, one rounding, as :func:`fvtransform.lora.merge`) into one of two
+reused output buffers, written and dropped, so the peak memory is about two of the
+largest tensors plus the adapters. On the CPU the merge (torch on every core) and
+the writes take turns: a writer thread beside it measured slower, the two fighting
+for the same cores. With ``device=`` (a GPU) the next tensor is merged on a second
+thread while the previous one is written (a pipeline of depth one). The kernel
+starts writing the output to the disk as it grows (``sync_file_range``), so the
+final ``fsync`` waits for the last chunk only. Tensors no adapter touches are
+copied by the kernel from the base file's byte range (``os.copy_file_range``) where it can.
 The output is written atomically and records what was merged at what scale
 in its metadata; the same inputs give the same bytes.
 """
@@ -14,6 +18,7 @@ in its metadata; the same inputs give the same bytes.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 import re
@@ -49,10 +54,10 @@ MERGED_KEY = "fvt.merged"
 FILES_KEY = "fvt.files"
 
 def _write_file(path: Path, keys: Sequence[str], ckpt: Checkpoint, produce: Callable[[str], torch.Tensor | FileRange],
-                dtype_of: Callable[[str], torch.dtype], metadata: dict[str, str], where: Path) -> int:
+                dtype_of: Callable[[str], torch.dtype], metadata: dict[str, str], where: Path, overlap: bool) -> int:
     """Write ``keys`` to ``path`` through the one safetensors writer, a tensor at a time; return the data bytes."""
     specs = {k: TensorSpec(dtype_of(k), ckpt.info(k).shape) for k in keys}
-    file_writer(lambda f: write_safetensors(f, specs, produce, metadata, where=where, overlap=True))(path)
+    file_writer(lambda f: write_safetensors(f, specs, produce, metadata, where=where, overlap=overlap))(path)
     return sum(spec.nbytes for spec in specs.values())
 
 
@@ -83,6 +88,28 @@ class _Sources:
         for f in self._open.values():
             f.close()
         self._open.clear()
+
+
+class _Slots:
+    """Two output buffers the merged tensors are made in, in turn, reused from tensor to tensor.
+
+    The writer holds at most two produced tensors at once (one written while the next is made), so
+    alternating two buffers never overwrites bytes not yet written. Reusing them spares the page
+    faults of fresh memory for every tensor (a new large allocation is new pages from the OS).
+    """
+
+    def __init__(self, nbytes: int) -> None:
+        self._nbytes, self._next = nbytes, 0
+        self._bufs: list[torch.Tensor | None] = [None, None]
+
+    def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        i, self._next = self._next, 1 - self._next
+        buf = self._bufs[i]
+        if buf is None:
+            buf = torch.empty(self._nbytes, dtype=torch.uint8)
+            self._bufs[i] = buf
+        n = math.prod(shape) * dtype.itemsize
+        return buf[:n].view(dtype).view(shape)
 
 
 def as_device(device: object) -> torch.device | None:
@@ -198,6 +225,7 @@ def merge_checkpoint(
 
     sources = _Sources(ckpt)
     away = on is not None and on.type != "cpu"
+    slots = _Slots(max([math.prod(ckpt.info(k).shape) * dtype_of(k).itemsize for k in per_key], default=0))
 
     def produce(k: str) -> torch.Tensor | FileRange:
         info, dt = ckpt.info(k), dtype_of(k)
@@ -215,7 +243,7 @@ def merge_checkpoint(
         else:
             w = ckpt.tensor(k)
             w = w.to(on, non_blocking=True) if away else w
-            out = torch.empty(w.shape, dtype=dt, device=w.device)
+            out = torch.empty(w.shape, dtype=dt, device=w.device) if away else slots.take(w.shape, dt)
             where = f"{ckpt.file_of(k)}: {k!r}"
             if _is_dora(per_key[k]):  # row tiles; input-axis norms take a first pass over the tiles
                 t = merge_dora(w, per_key[k], out=out, where=where)[0]
@@ -241,11 +269,11 @@ def merge_checkpoint(
                     raise WriteError(f"{target}: exists and is not a previous merge output; refusing to replace it. "
                                      "Choose another output, or pass --overwrite (overwrite=True)")
                 with atomic_file(target) as tmp:
-                    _write_file(tmp, ckpt.keys(), ckpt, produce, dtype_of, meta, target)
+                    _write_file(tmp, ckpt.keys(), ckpt, produce, dtype_of, meta, target, away)
                 return target
 
             def build_one(tmp_dir: Path) -> None:
-                _write_file(tmp_dir / target.name, ckpt.keys(), ckpt, produce, dtype_of, meta, target)
+                _write_file(tmp_dir / target.name, ckpt.keys(), ckpt, produce, dtype_of, meta, target, away)
 
             # a previous merge's index and shards in the folder are dropped with the swap: what loads is this merge
             write_folder(out_path, [target.name], build_one, owned=_owned_by_merge([target.name]), overwrite=overwrite,
@@ -272,7 +300,7 @@ def merge_checkpoint(
                 meta[MERGED_KEY] = merged_meta
                 if files.index is None:
                     meta[FILES_KEY] = merged_meta_files
-                total_size += _write_file(tmp_dir / f.name, keys, ckpt, produce, dtype_of, meta, out_path / f.name)
+                total_size += _write_file(tmp_dir / f.name, keys, ckpt, produce, dtype_of, meta, out_path / f.name, away)
             if files.index is not None:
                 doc = read_json_file(files.index, limits=INDEX_JSON, expect=dict, what="index file")
                 doc.setdefault("metadata", {})
