@@ -354,3 +354,35 @@ def test_the_overflow_bound_is_an_upper_bound_and_nan_proves_nothing():
     assert not (_merge._delta_bound([_merge._Contribution(1.0, nan, ())]) < float("inf"))
     fp8 = LowRank(torch.ones(2, 4).to(torch.float8_e4m3fn), torch.ones(4, 2), 1.0)
     assert _merge._delta_bound([_merge._Contribution(1.0, fp8, ())]) >= 2.0
+
+
+def test_the_metadata_digest_names_every_byte_of_each_adapter(base, tmp_path):
+    # it was the digest of the first factor only: two adapters differing elsewhere were recorded alike
+    one, _sharded, a = base
+    last = list(a)[-1]
+    changed = dict(a.items())
+    changed[last] = LowRank(a[last].A, a[last].B.clone().index_fill_(0, torch.tensor([0]), 0.25), a[last].scale)
+    b = LoraAdapter(changed)
+
+    def digest(adapter: LoraAdapter, name: str) -> str:
+        out = fvt.lora.merge_checkpoint(one, adapter, tmp_path / name)
+        from safetensors import safe_open
+
+        with safe_open(str(out), "pt") as f:
+            return json.loads(f.metadata()["fvt.merged"])[0]["digest"]
+
+    first = digest(a, "a1.safetensors")
+    assert first == digest(a, "a2.safetensors") and len(first) == 32
+    assert digest(b, "b.safetensors") != first
+
+
+def test_zero_ranks_are_dropped_before_the_merge_and_nan_ranks_kept():
+    g = torch.Generator().manual_seed(8)
+    A, B = torch.randn(3, 16, generator=g), torch.randn(20, 3, generator=g)
+    w = torch.randn(20, 16, generator=g)
+    padded = fvt.lora.pad_rank(LoraAdapter({"w": LowRank(A, B, 0.5)}), 8)
+    assert torch.equal(fvt.lora.merge({"w": w}, padded)["w"], fvt.lora.merge({"w": w}, LoraAdapter({"w": LowRank(A, B, 0.5)}))["w"])
+    nan_a = torch.zeros(2, 16)
+    nan_a[1, 3] = float("nan")  # a rank whose A row holds only a NaN is not padding: the NaN reaches the check
+    with pytest.raises(E.NumericError, match=r"'w'"):
+        fvt.lora.merge({"w": w}, LoraAdapter({"w": LowRank(nan_a, torch.ones(20, 2), 1.0)}))

