@@ -386,3 +386,83 @@ def test_zero_ranks_are_dropped_before_the_merge_and_nan_ranks_kept():
     nan_a[1, 3] = float("nan")  # a rank whose A row holds only a NaN is not padding: the NaN reaches the check
     with pytest.raises(E.NumericError, match=r"'w'"):
         fvt.lora.merge({"w": w}, LoraAdapter({"w": LowRank(nan_a, torch.ones(20, 2), 1.0)}))
+
+
+def _rewrite_in_place(path: Path, keep_mtime: bool) -> None:
+    """Another writer changes the base's values in place: same size, same header (a careless ``cp`` over it)."""
+    st0 = os.stat(path)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x40  # the last byte of the data
+    with open(path, "r+b") as f:
+        f.write(raw)
+    if keep_mtime:
+        os.utime(path, ns=(st0.st_atime_ns, st0.st_mtime_ns))  # the change time still moves: it cannot be set back
+
+
+@pytest.mark.parametrize("keep_mtime", [False, True], ids=["mtime moved", "mtime put back"])
+@pytest.mark.parametrize("layout", ["one", "sharded"])
+def test_a_base_rewritten_in_place_while_the_merge_reads_it_is_an_integrity_error_and_nothing_is_written(base, tmp_path,
+                                                                                                      layout, keep_mtime):
+    # found by an outside tester: the merge exited 0 with tensors of the old and the new base mixed
+    one, sharded, a = base
+    src = one if layout == "one" else sharded
+    victim = one if layout == "one" else sorted(sharded.glob("*.safetensors"))[-1]
+    out = tmp_path / "out" / ("m.safetensors" if layout == "one" else "m")
+    calls = [0]
+
+    def progress(done: int, total: int) -> None:
+        calls[0] += 1
+        if calls[0] == 2:
+            _rewrite_in_place(victim, keep_mtime)
+
+    # caught when the file is mapped (its header no longer fits it) or, at the latest, before the output is committed
+    with pytest.raises(E.IntegrityError, match=rf"{victim.name}: the file (changed while the merge read it.*not written|"
+                                               "was replaced or rewritten after its header was read)"):
+        fvt.lora.merge_checkpoint(src, a, out, progress=progress)
+    assert not out.exists() and (not out.parent.exists() or list(out.parent.iterdir()) == [])
+
+
+def test_a_base_renamed_over_while_the_merge_reads_it_is_an_integrity_error_too(base, tmp_path):
+    # the bytes read are whole (the old file stays under the open descriptor) but no longer what the path holds
+    one, _sharded, a = base
+    other = tmp_path / "other.safetensors"
+    fvt.save(fvt.map_tensors(_tree(), lambda t: t + 1 if t.is_floating_point() else t), other)
+    calls = [0]
+
+    def progress(done: int, total: int) -> None:
+        calls[0] += 1
+        if calls[0] == 2:
+            os.replace(other, one)
+
+    with pytest.raises(E.IntegrityError, match=r"one\.safetensors: the file changed while the merge read it \(written to, renamed over"):
+        fvt.lora.merge_checkpoint(one, a, tmp_path / "m.safetensors", progress=progress)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_an_output_folder_holding_a_hard_link_of_a_base_file_is_refused(base, tmp_path):
+    # found by an outside tester: the docs promise that a hard link does not hide an input
+    _one, sharded, a = base
+    out = fvt.lora.merge_checkpoint(sharded, a, tmp_path / "out")
+    shard = sorted(sharded.glob("*.safetensors"))[0]
+    (out / shard.name).unlink()
+    os.link(shard, out / shard.name)
+    for overwrite in (False, True):
+        with pytest.raises(E.UsageError, match=rf"holds {shard.name}, a hard link of .*{shard.name}.*choose another output"):
+            fvt.lora.merge_checkpoint(sharded, a, out, overwrite=overwrite)
+    assert shard.read_bytes() == (out / shard.name).read_bytes()
+
+
+def test_destinations_the_os_refuses_are_write_errors_naming_them(base, tmp_path):
+    # found by an outside tester: NotADirectoryError / OSError came out untyped
+    one, _sharded, a = base
+    (tmp_path / "thesis.tex").write_text("precious")
+    cases = [
+        (tmp_path / "thesis.tex" / "out.safetensors", r"thesis\.tex/out\.safetensors: writing failed.*ENOTDIR.*a part of the path is a file"),
+        (tmp_path / "thesis.tex", r"thesis\.tex: exists and is a file; a merge of one \.safetensors file writes into a folder.*NAME\.safetensors"),
+        (tmp_path / ("x" * 260 + ".safetensors"), r"writing failed.*ENAMETOOLONG.*the file name is too long"),
+    ]
+    for out, msg in cases:
+        with pytest.raises(E.WriteError, match=msg):
+            fvt.lora.merge_checkpoint(one, a, out)
+    assert (tmp_path / "thesis.tex").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.safetensors", "sharded", "thesis.tex"]

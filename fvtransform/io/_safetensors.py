@@ -183,7 +183,11 @@ def _find_sync_file_range() -> Callable[[int, int, int], Any] | None:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     fn.restype = ctypes.c_int
-    return lambda fd, offset, n: fn(fd, offset, n, _SYNC_FILE_RANGE_WRITE)
+
+    def start_writeback(fd: int, offset: int, n: int) -> Any:
+        return fn(fd, offset, n, _SYNC_FILE_RANGE_WRITE)
+
+    return start_writeback
 
 
 class _Writeback:

@@ -34,7 +34,7 @@ import torch
 from fvtransform._json import loads_json, read_json_file
 from fvtransform.errors import FvTransformError, IntegrityError, UnsafeFileError, UsageError, WriteError
 from fvtransform.io._atomic import (
-    LOCK_MARK, OLD_MARK, atomic_file, check_destination, check_path, file_writer, is_any_temp, write_folder,
+    LOCK_MARK, OLD_MARK, atomic_file, check_destination, check_path, file_writer, is_any_temp, typed_os_errors, write_folder,
 )
 from fvtransform._dtypes import DTypeLike, as_dtype
 from fvtransform.io._files import INDEX_JSON, find_weight_files
@@ -85,6 +85,7 @@ class _Sources:
     def __init__(self, ckpt: Checkpoint) -> None:
         self._ckpt = ckpt
         self._open: dict[Path, Any] = {}
+        self._seen: dict[Path, tuple[int, int, int]] = {}  # size, mtime, ctime when opened
 
     def fd(self, path: Path) -> int:
         if path not in self._open:
@@ -99,7 +100,31 @@ class _Sources:
                 f.close()
                 raise
             self._open[path] = f
+            self._seen[path] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         return int(self._open[path].fileno())
+
+    def hold_all(self) -> None:
+        """Open every base file now, before a byte is read: :meth:`check_unchanged` compares them at the end."""
+        for path in self._ckpt.headers:
+            self.fd(path)
+
+    def check_unchanged(self) -> None:
+        """Refuse to commit an output read from a base file that was written to while the merge read it.
+
+        The open descriptor is the file whose bytes were read; its size, modification and change times
+        must be those seen when it was opened. The change time cannot be set back by a writer, so a
+        rewrite in place that restores the modification time is caught too; it also moves when the file
+        is renamed over or linked (the bytes read may then be whole, but no longer what the path holds).
+
+        Raises:
+            IntegrityError: naming the file.
+        """
+        for path, f in self._open.items():
+            st = os.fstat(f.fileno())
+            if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != self._seen[path]:
+                raise IntegrityError(f"{path}: the file changed while the merge read it (written to, renamed over or "
+                                     "relinked: its size, modification or change time moved); its tensors may mix two versions, "
+                                     "so the output is not written. Merge again once the base stays as it is")
 
     def close(self) -> None:
         for f in self._open.values():
@@ -270,65 +295,74 @@ def merge_checkpoint(
         return t
 
     try:
-        if files.index is None and not base_path.is_dir():  # a lone file -> one file (in a folder: as one unit)
-            meta = dict(ckpt.headers[files.files[0]].metadata)
-            meta[MERGED_KEY] = merged_meta
-            into_folder = out_path.suffix != ".safetensors"
-            target = out_path / files.files[0].name if into_folder else out_path
-            meta[FILES_KEY] = json.dumps([target.name])  # the record that makes a folder holding it a merge output
-            check_not_input(target, [base_path])
-            check_destination(target, folder=False)  # a FIFO, device or link: refused before it is read
-            if not into_folder:
-                if not overwrite and _is_file(target) and _merge_record(target) is None:
-                    raise WriteError(f"{target}: exists and is not a previous merge output; refusing to replace it. "
-                                     "Choose another output, or pass --overwrite (overwrite=True)")
-                with atomic_file(target) as tmp:
-                    _write_file(tmp, ckpt.keys(), ckpt, produce, dtype_of, meta, target, away)
-                return target
-
-            def build_one(tmp_dir: Path) -> None:
-                _write_file(tmp_dir / target.name, ckpt.keys(), ckpt, produce, dtype_of, meta, target, away)
-
-            # a previous merge's index and shards in the folder are dropped with the swap: what loads is this merge
-            write_folder(out_path, [target.name], build_one, owned=_owned_by_merge([target.name]), overwrite=overwrite,
-                         require_own=True, what="merge output")
-            return target
-        # a folder (sharded or one file): the same weight files, index and other files, built in a temporary
-        # folder and swapped in at the end; the index (or the weights file) records every file written
-        others, skipped = _other_files(src, {f.name for f in files.files} | ({files.index.name} if files.index else set()))
-        for name, why in skipped:
-            if on_skip is None:
-                warnings.warn(f"{src / name}: not copied to {out_path}: {why}", stacklevel=2)
-            else:
-                on_skip(name, why)
-        written = sorted([f.name for f in files.files] + ([files.index.name] if files.index else []) + list(others))
-        merged_meta_files = json.dumps(written)
-
-        def build(tmp_dir: Path) -> None:
-            for name, path in others.items():
-                _copy_regular(path, tmp_dir / name)
-            total_size = 0
-            for f in files.files:
-                keys = [k for k in ckpt.keys() if ckpt.file_of(k) == f]
-                meta = dict(ckpt.headers[f].metadata)
+        sources.hold_all()  # every base file open before a byte is read: checked unchanged before the output is committed
+        with typed_os_errors(out_path):  # a destination the OS refuses (a file in the path, a name too long) is a WriteError
+            if files.index is None and not base_path.is_dir():  # a lone file -> one file (in a folder: as one unit)
+                meta = dict(ckpt.headers[files.files[0]].metadata)
                 meta[MERGED_KEY] = merged_meta
-                if files.index is None:
-                    meta[FILES_KEY] = merged_meta_files
-                total_size += _write_file(tmp_dir / f.name, keys, ckpt, produce, dtype_of, meta, out_path / f.name, away)
-            if files.index is not None:
-                doc = read_json_file(files.index, limits=INDEX_JSON, expect=dict, what="index file")
-                doc.setdefault("metadata", {})
-                doc["metadata"]["total_size"] = total_size
-                doc["metadata"][MERGED_KEY] = merged_meta
-                doc["metadata"][FILES_KEY] = merged_meta_files
-                with open(tmp_dir / files.index.name, "x", encoding="utf-8") as fh:
-                    fh.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                into_folder = out_path.suffix != ".safetensors"
+                if into_folder and os.path.lexists(out_path) and stat.S_ISREG(os.lstat(out_path).st_mode):
+                    raise WriteError(f"{out_path}: exists and is a file; a merge of one .safetensors file writes into a folder at an "
+                                     "output without the .safetensors suffix. Name the output file like NAME.safetensors, or "
+                                     "choose a folder")
+                target = out_path / files.files[0].name if into_folder else out_path
+                meta[FILES_KEY] = json.dumps([target.name])  # the record that makes a folder holding it a merge output
+                check_not_input(target, [base_path])
+                check_destination(target, folder=False)  # a FIFO, device or link: refused before it is read
+                if not into_folder:
+                    if not overwrite and _is_file(target) and _merge_record(target) is None:
+                        raise WriteError(f"{target}: exists and is not a previous merge output; refusing to replace it. "
+                                         "Choose another output, or pass --overwrite (overwrite=True)")
+                    with atomic_file(target) as tmp:
+                        _write_file(tmp, ckpt.keys(), ckpt, produce, dtype_of, meta, target, away)
+                        sources.check_unchanged()
+                    return target
 
-        write_folder(out_path, written, build, owned=_owned_by_merge(written), overwrite=overwrite, require_own=True,
-                     what="merge output")
-        return out_path
+                def build_one(tmp_dir: Path) -> None:
+                    _write_file(tmp_dir / target.name, ckpt.keys(), ckpt, produce, dtype_of, meta, target, away)
+                    sources.check_unchanged()
+
+                # a previous merge's index and shards in the folder are dropped with the swap: what loads is this merge
+                write_folder(out_path, [target.name], build_one, owned=_owned_by_merge([target.name]), overwrite=overwrite,
+                             require_own=True, what="merge output")
+                return target
+            # a folder (sharded or one file): the same weight files, index and other files, built in a temporary
+            # folder and swapped in at the end; the index (or the weights file) records every file written
+            others, skipped = _other_files(src, {f.name for f in files.files} | ({files.index.name} if files.index else set()))
+            for name, why in skipped:
+                if on_skip is None:
+                    warnings.warn(f"{src / name}: not copied to {out_path}: {why}", stacklevel=2)
+                else:
+                    on_skip(name, why)
+            written = sorted([f.name for f in files.files] + ([files.index.name] if files.index else []) + list(others))
+            merged_meta_files = json.dumps(written)
+
+            def build(tmp_dir: Path) -> None:
+                for name, path in others.items():
+                    _copy_regular(path, tmp_dir / name)
+                total_size = 0
+                for f in files.files:
+                    keys = [k for k in ckpt.keys() if ckpt.file_of(k) == f]
+                    meta = dict(ckpt.headers[f].metadata)
+                    meta[MERGED_KEY] = merged_meta
+                    if files.index is None:
+                        meta[FILES_KEY] = merged_meta_files
+                    total_size += _write_file(tmp_dir / f.name, keys, ckpt, produce, dtype_of, meta, out_path / f.name, away)
+                sources.check_unchanged()
+                if files.index is not None:
+                    doc = read_json_file(files.index, limits=INDEX_JSON, expect=dict, what="index file")
+                    doc.setdefault("metadata", {})
+                    doc["metadata"]["total_size"] = total_size
+                    doc["metadata"][MERGED_KEY] = merged_meta
+                    doc["metadata"][FILES_KEY] = merged_meta_files
+                    with open(tmp_dir / files.index.name, "x", encoding="utf-8") as fh:
+                        fh.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+                        fh.flush()
+                        os.fsync(fh.fileno())
+
+            write_folder(out_path, written, build, owned=_owned_by_merge(written), overwrite=overwrite, require_own=True,
+                         what="merge output")
+            return out_path
     finally:
         sources.close()
 
@@ -384,14 +418,33 @@ def check_not_input(out: Path, inputs: Sequence[Path]) -> None:
     """
     real = Path(os.path.realpath(out))
     ident = _identity(real)
+    held = _held_files(real)  # a folder output's files by inode: a hard link of an input among them is that input
     for p in inputs:
         rp = Path(os.path.realpath(p))
         inside = rp.is_dir() and rp in real.parents
-        if real == rp or real in rp.parents or inside or (ident is not None and ident == _identity(rp)):
-            how = "lies inside" if inside else "is or holds"
+        linked = held.get(_identity(rp) or (-1, -1)) if rp.is_file() else None
+        if real == rp or real in rp.parents or inside or (ident is not None and ident == _identity(rp)) or linked:
+            how = "lies inside" if inside else f"holds {linked}, a hard link of" if linked else "is or holds"
             raise UsageError(f"{out}: the output must differ from the base checkpoint and the other inputs and must not contain them "
                               f"or lie inside an input folder (it {how} {p}, which is read while writing and must stay as it is); "
                               "choose another output")
+
+
+def _held_files(folder: Path) -> dict[tuple[int, int], str]:
+    """The regular files directly in ``folder`` by (device, inode) -> name; empty when it is no folder."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return {}
+    held: dict[tuple[int, int], str] = {}
+    for e in entries:
+        try:
+            st = e.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            held[(st.st_dev, st.st_ino)] = e.name
+    return held
 
 
 _check_not_input = check_not_input  # the former private name
