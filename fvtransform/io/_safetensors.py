@@ -279,9 +279,10 @@ def write_safetensors(
 
     Bytes go from the tensor's memory to the file descriptor (``os.write`` of a view, no copy
     in user space, :data:`WRITE_CHUNK` bytes per call); every :data:`WRITEBACK_CHUNK` bytes the
-    kernel is asked to start writing them to the disk (Linux ``sync_file_range``, advisory). ``produce`` may return a :class:`FileRange` instead of a tensor: those bytes
-    are moved by the kernel (``os.copy_file_range``), or written from ``FileRange.tensor()``
-    where the platform or file systems cannot. With ``overlap=True`` the next tensor is produced
+    kernel is asked to start writing them to the disk (Linux ``sync_file_range``, advisory).
+    ``produce`` may return a :class:`FileRange` instead of a tensor: those bytes are moved by the
+    kernel (``os.copy_file_range``), or written from ``FileRange.tensor()`` where the platform or
+    file systems cannot. With ``overlap=True`` the next tensor is produced
     on a second thread while the previous one is written (a pipeline of depth one: at most two
     tensors exist at once); ``produce`` is then always called from that one thread, in order.
 
