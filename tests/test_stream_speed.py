@@ -310,7 +310,7 @@ def test_the_writeback_hint_is_advisory(tmp_path, monkeypatch, fn):
     assert all(torch.equal(got[k], t[k]) for k in t)
 
 
-def test_merged_tensors_of_every_size_come_out_of_the_two_reused_buffers_intact(tmp_path, monkeypatch):
+def test_merged_tensors_of_every_size_come_out_of_the_reused_buffer_intact(tmp_path, monkeypatch):
     from fvtransform.lora import _stream
 
     g = torch.Generator().manual_seed(11)

@@ -2,9 +2,9 @@
 
 The input's layout is kept (one file, or the same shard files and index; other
 files of the folder are copied). Each tensor is read from the memory map,
-merged (float32, one rounding, as :func:`fvtransform.lora.merge`) into one of two
-reused output buffers, written and dropped, so the peak memory is about two of the
-largest tensors plus the adapters. On the CPU the merge (torch on every core) and
+merged (float32, one rounding, as :func:`fvtransform.lora.merge`) into a reused
+output buffer, written and dropped, so the peak memory is about one of the largest
+tensors plus the adapters (two with a device). On the CPU the merge (torch on every core) and
 the writes take turns: a writer thread beside it measured slower, the two fighting
 for the same cores. With ``device=`` (a GPU) the next tensor is merged on a second
 thread while the previous one is written (a pipeline of depth one). The kernel
@@ -133,19 +133,20 @@ class _Sources:
 
 
 class _Slots:
-    """Two output buffers the merged tensors are made in, in turn, reused from tensor to tensor.
+    """Output buffers the merged tensors are made in, in turn, reused from tensor to tensor.
 
-    The writer holds at most two produced tensors at once (one written while the next is made), so
-    alternating two buffers never overwrites bytes not yet written. Reusing them spares the page
-    faults of fresh memory for every tensor (a new large allocation is new pages from the OS).
+    ``count`` is how many produced tensors the writer holds at once: one where each tensor is written
+    before the next is made, two in a pipeline (one written while the next is made), so taking the
+    buffers in turn never overwrites bytes not yet written. Reusing them spares the page faults of
+    fresh memory for every tensor (a new large allocation is new pages from the OS).
     """
 
-    def __init__(self, nbytes: int) -> None:
+    def __init__(self, nbytes: int, count: int) -> None:
         self._nbytes, self._next = nbytes, 0
-        self._bufs: list[torch.Tensor | None] = [None, None]
+        self._bufs: list[torch.Tensor | None] = [None] * count
 
     def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        i, self._next = self._next, 1 - self._next
+        i, self._next = self._next, (self._next + 1) % len(self._bufs)
         buf = self._bufs[i]
         if buf is None:
             buf = torch.empty(self._nbytes, dtype=torch.uint8)
@@ -264,7 +265,8 @@ def merge_checkpoint(
 
     sources = _Sources(ckpt)
     away = on is not None and on.type != "cpu"
-    slots = _Slots(max([math.prod(ckpt.info(k).shape) * dtype_of(k).itemsize for k in per_key], default=0))
+    # on the CPU each tensor is written before the next is made (one buffer); a device pipelines (two)
+    slots = _Slots(max([math.prod(ckpt.info(k).shape) * dtype_of(k).itemsize for k in per_key], default=0), 2 if away else 1)
 
     def produce(k: str) -> torch.Tensor | FileRange:
         info, dt = ckpt.info(k), dtype_of(k)
@@ -282,7 +284,7 @@ def merge_checkpoint(
         else:
             w = ckpt.tensor(k)
             w = w.to(on, non_blocking=True) if away else w
-            out = torch.empty(w.shape, dtype=dt, device=w.device) if away else slots.take(w.shape, dt)
+            out = torch.empty(w.shape, dtype=dt, device=w.device) if away else slots.take(w.shape, dt)  # a device: its own memory
             where = f"{ckpt.file_of(k)}: {k!r}"
             if _is_dora(per_key[k]):  # row tiles; input-axis norms take a first pass over the tiles
                 t = merge_dora(w, per_key[k], out=out, where=where)[0]
