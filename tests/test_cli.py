@@ -201,3 +201,18 @@ def test_merge_of_a_single_file_model_folder_keeps_its_config(tmp_path):
     out = fvt.lora.merge_checkpoint(tmp_path / "m", a, tmp_path / "o")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
     assert fvt.load(out) == fvt.lora.merge(tree, a)
+
+
+def test_a_local_lora_with_a_scale_that_is_no_number_says_so(tmp_path, capsys):
+    # seen by an outside tester: 'lora:nan' was taken for a repo id and refused as one
+    from fvtransform.cli._main import main
+
+    tree = fvt.ParamTree({"l.weight": torch.zeros(4, 3)})
+    fvt.save(tree, tmp_path / "base.safetensors")
+    fvt.lora.save(fvt.lora.random_adapter(tree, targets="*.weight", rank=2), tmp_path / "lora", format="peft")
+    for scale in ("nan", "abc", "inf"):
+        assert main(["merge", str(tmp_path / "base.safetensors"), f"{tmp_path / 'lora'}:{scale}", "-o",
+                     str(tmp_path / "out.safetensors"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"the scale after ':' must be a finite number, as in {tmp_path / 'lora'}:0.5; found '{scale}'" in err
+    assert not (tmp_path / "out.safetensors").exists()

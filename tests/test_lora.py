@@ -471,3 +471,25 @@ def test_every_adapter_carries_a_report_through_tree_map_and_replace(tree):
     assert loaded.replace(format="renamed").report == loaded.report  # same targets: the same account
     fewer = loaded.replace({})
     assert fewer.report.ok and dict(fewer.report.targets) == {}  # new targets: a new (empty) account
+
+
+def test_random_adapter_on_a_weight_without_rows():
+    # seen by an outside tester: a bare IndexError (the fan-in was read from row 0)
+    tree = fvt.ParamTree({"a.weight": torch.zeros(0, 5), "b.weight": torch.zeros(3, 5)})
+    adapter = fvt.lora.random_adapter(tree, targets="*.weight", rank=2, seed=0)
+    assert adapter["a.weight"].B.shape == (0, 2) and adapter["a.weight"].A.shape == (2, 5)
+    assert torch.equal(fvt.lora.merge(tree, adapter)["a.weight"], tree["a.weight"])
+
+
+def test_an_adapter_whose_factors_are_all_zero_merges_to_the_base():
+    # every rank is padding: dropped before the merge, which then had a rank-0 factor it could not reshape
+    g = torch.Generator().manual_seed(1)
+    tree = {"w": torch.randn(4, 3, generator=g), "c": torch.randn(5, 2, 3, 3, generator=g)}
+    a = LoraAdapter({"w": LowRank(torch.zeros(2, 3), torch.zeros(4, 2), 1.0),
+                     "c": LowRank(torch.zeros(2, 2, 3, 3), torch.zeros(5, 2, 1, 1), 0.5)})
+    for donate in (False, True):
+        t = {k: v.clone() for k, v in tree.items()}
+        merged = fvt.lora.merge(t, a, donate=donate)
+        assert all(torch.equal(merged[k], tree[k]) for k in tree)
+    w = tree["w"].clone().requires_grad_()
+    assert torch.equal(fvt.lora.merge({"w": w, "c": tree["c"]}, a)["w"].detach(), tree["w"])  # the differentiable path

@@ -62,7 +62,12 @@ def parse_lora_arg(arg: str) -> tuple[str, float]:
     ('org/repo', 1.0)
     """
     m = re.fullmatch(r"(.+):([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)", arg)
-    return (m.group(1), float(m.group(2))) if m else (arg, 1.0)
+    if m:
+        return m.group(1), float(m.group(2))
+    head, colon, tail = arg.rpartition(":")
+    if colon and head and not os.path.lexists(arg) and os.path.lexists(head):  # a local LoRA with a scale that is no number
+        raise UsageError(f"{arg!r}: the scale after ':' must be a finite number, as in {head}:0.5; found {tail!r}")
+    return arg, 1.0
 
 
 def progress_bar(enabled: bool, desc: str) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:

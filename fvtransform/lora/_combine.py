@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping, Sequence
 
 import attrs
@@ -109,7 +111,7 @@ def random_adapter(
             continue
         a_shape = (rank, *w.shape[1:])
         b_shape = (w.shape[0], rank) + (1,) * (w.dim() - 2)
-        A = (torch.randn(a_shape, generator=gen) / max(1, w[0].numel()) ** 0.5).to(dtype)
+        A = (torch.randn(a_shape, generator=gen) / max(1, math.prod(w.shape[1:])) ** 0.5).to(dtype)  # fan-in; no row needed
         B = (torch.randn(b_shape, generator=gen) * scale_b).to(dtype)
         a = float(rank) if alpha is None else float(alpha)
         out[key] = LowRank(A, B, a / rank, a)
