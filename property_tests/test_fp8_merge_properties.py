@@ -23,6 +23,8 @@ from fvtransform.errors import NumericError
 from fvtransform.lora import LoraAdapter, LowRank
 from fvtransform.testing import adapters, trees
 
+from _fp8_oracle import fp8_neighbours, merged_f64
+
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 
 
@@ -37,35 +39,6 @@ def quantised(tree: fvt.ParamTree, dtype: torch.dtype, scaled: bool, headroom: f
         else:
             out[k] = w
     return fvt.ParamTree(out)
-
-
-def grid(dtype: torch.dtype) -> torch.Tensor:
-    g = torch.arange(128, dtype=torch.uint8).view(dtype).to(torch.float64)
-    return g[torch.isfinite(g)]
-
-
-def oracle(w8: torch.Tensor, scale: torch.Tensor | None, d: LowRank, s: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``v64`` and the float32 band around it."""
-    sc = 1.0 if scale is None else float(scale.double())
-    eff = s * d.scale
-    w = w8.double() * sc
-    B, A = d.B.double().reshape(d.B.shape[0], -1), d.A.double().reshape(d.A.shape[0], -1)
-    eps = torch.finfo(torch.float32).eps
-    v = (w + eff * B @ A) / sc
-    return v, (d.rank + 3) * eps * (w.abs() + abs(eff) * B.abs() @ A.abs()) / sc + eps * v.abs()
-
-
-def round_f64(v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Nearest float8 of ``v`` (ties to even code), the two neighbours (signed) and the midpoint between them (magnitude)."""
-    g = grid(dtype)
-    mag = v.abs()
-    lo_i = (torch.searchsorted(g, mag, right=True) - 1).clamp(0, g.numel() - 1)
-    hi_i = (lo_i + 1).clamp(max=g.numel() - 1)
-    lo, hi = g[lo_i], g[hi_i]
-    mid = (lo + hi) / 2
-    near = torch.where((mag > mid) | ((mag == mid) & (hi_i % 2 == 0)), hi, lo)
-    sign = torch.where(v < 0, -1.0, 1.0).double()
-    return sign * near, sign * lo, sign * hi, mid
 
 
 @st.composite
@@ -86,13 +59,13 @@ def test_kept_scale_merge_is_the_float64_sum_rounded_once(setup):
     try:
         merged = fvt.lora.merge(tree, adapter, s)
     except NumericError:
-        bounds = [oracle(tree[k], tree.get(scale_key(k)), d, s) for k, d in adapter.items()]
+        bounds = [merged_f64(tree[k], tree.get(scale_key(k)), d, s) for k, d in adapter.items()]
         worst = max(float((v.abs() + band).max()) for v, band in bounds)
         assert worst >= limit + step_max / 2, worst  # refused only what rounds past the largest float8
         return
     for k, d in adapter.items():
-        v, band = oracle(tree[k], tree.get(scale_key(k)), d, s)
-        near, lo, hi, mid = round_f64(v, dtype)
+        v, band = merged_f64(tree[k], tree.get(scale_key(k)), d, s)
+        near, lo, hi, mid = fp8_neighbours(v, dtype)
         near = near.clamp(-limit, limit)  # below max + ulp/2: rounds to max
         got = merged[k].double()
         inside = (v.abs() - mid).abs() <= band
@@ -126,8 +99,8 @@ def test_stochastic_rounding_is_reproducible_and_unbiased(data_seed, dtype):
     tree = fvt.ParamTree({"l.weight": quantize_tensor(w, dtype, s, saturate=True), "l.scale_weight": s})
     d = LowRank(torch.randn(2, 6, generator=g) * 0.05, torch.randn(8, 2, generator=g) * 0.05 * float(w.abs().max()), 1.0)
     adapter = LoraAdapter({"l.weight": d})
-    v, band = oracle(tree["l.weight"], s, d, 1.0)
-    _, lo, hi, _ = round_f64(v, dtype)
+    v, band = merged_f64(tree["l.weight"], s, d, 1.0)
+    _, lo, hi, _ = fp8_neighbours(v, dtype)
     step = (hi - lo).abs().clamp(min=1e-30)
     n = 200
     runs = torch.stack([fvt.lora.merge(tree, adapter, rounding="stochastic", seed=i)["l.weight"].double() for i in range(n)])

@@ -26,6 +26,8 @@ import fvtransform as fvt
 from fvtransform._fp8 import amax_scale, dequantize_tensor, quantize_tensor, scale_key
 from fvtransform.errors import FormatError, NumericError, ShapeMismatchError, UsageError
 
+from _fp8_oracle import fp8_grid, fp8_neighbours, merged_f64
+
 E4 = torch.float8_e4m3fn
 FIXTURES = Path(__file__).parent / "fixtures" / "fp8_merge"
 
@@ -91,40 +93,12 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------- the oracle in float64
-def fp8_grid(dtype: torch.dtype) -> torch.Tensor:
-    """The nonnegative finite float8 values, indexed by their code (0..127, increasing)."""
-    g = torch.arange(128, dtype=torch.uint8).view(dtype).to(torch.float64)
-    return g[torch.isfinite(g)]
-
-
 def nearest_f64(y: torch.Tensor, dtype: torch.dtype, tol: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round float64 ``y`` to float8 by the grid (ties to the even code): (nearest, low, high) values, and where
     ``y`` lies within ``tol`` of a midpoint the float32 path may land on either neighbour (low/high)."""
-    grid = fp8_grid(dtype)
-    mag = y.abs()
-    lo_i = (torch.searchsorted(grid, mag, right=True) - 1).clamp(0, grid.numel() - 1)
-    hi_i = (lo_i + 1).clamp(max=grid.numel() - 1)
-    lo, hi = grid[lo_i], grid[hi_i]
-    mid = (lo + hi) / 2
-    pick_hi = (mag > mid) | ((mag == mid) & (hi_i % 2 == 0) & (hi_i != lo_i))
-    near = torch.where(pick_hi, hi, lo)
-    near_band = (mag - mid).abs() <= tol
-    sign = torch.where(y < 0, -1.0, 1.0).double()
-    return sign * near, torch.where(near_band, sign * lo, sign * near), torch.where(near_band, sign * hi, sign * near)
-
-
-def merged_f64(w8: torch.Tensor, scale: torch.Tensor | None, d: fvt.lora.LowRank, s: float = 1.0,
-               new_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W*scale + s*B@A) / new_scale`` (default: the same scale) in float64 and a bound of the float32 path's error on it."""
-    sc = 1.0 if scale is None else float(scale.double())
-    q = sc if new_scale is None else float(new_scale.double())
-    eff = s * d.scale
-    w = w8.double() * sc
-    B, A = d.B.double().reshape(d.B.shape[0], -1), d.A.double().reshape(d.A.shape[0], -1)
-    y = (w + eff * B @ A) / q
-    eps = torch.finfo(torch.float32).eps
-    mag = (w.abs() + abs(eff) * B.abs() @ A.abs()) / q
-    return y, (d.rank + 3) * eps * mag + eps * y.abs()
+    near, lo, hi, mid = fp8_neighbours(y, dtype)
+    near_band = (y.abs() - mid).abs() <= tol
+    return near, torch.where(near_band, lo, near), torch.where(near_band, hi, near)
 
 
 def check_nearest(merged: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor | None, d: fvt.lora.LowRank, s: float = 1.0,

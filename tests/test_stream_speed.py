@@ -320,8 +320,8 @@ def test_merged_tensors_of_every_size_come_out_of_the_reused_buffer_intact(tmp_p
     a = fvt.lora.random_adapter(tree, targets="*.weight", rank=2, seed=4)
     fvt.save(tree, tmp_path / "base.safetensors")
     made: list[int] = []
-    real = _stream._Slots.take
-    monkeypatch.setattr(_stream._Slots, "take", lambda self, shape, dtype: made.append(1) or real(self, shape, dtype))
+    real = _stream._OutBuffer.take
+    monkeypatch.setattr(_stream._OutBuffer, "take", lambda self, shape, dtype: made.append(1) or real(self, shape, dtype))
     f32 = fvt.ParamTree({k: v.float() for k, v in tree.items()})
     for dtype, same_as in ((None, tree), (torch.float32, f32)):  # float32 output: the merge of the float32 tree
         out = fvt.lora.merge_checkpoint(tmp_path / "base.safetensors", [(a, 0.7)], tmp_path / f"out-{dtype}.safetensors",

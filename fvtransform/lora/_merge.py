@@ -187,10 +187,14 @@ def _drop_zero_ranks(d: Delta) -> Delta:
     return LowRank(d.A.index_select(0, keep), d.B.index_select(1, keep), d.scale, d.alpha)
 
 
+#: The dtypes torch's ``aminmax`` takes on every device (not float8, not integers).
+_AMINMAX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _nonzero_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Which slices of ``t`` along the other axis hold a nonzero (NaN counts): one ``aminmax`` reduction, no
     full-size boolean temporary (``ne(0).any`` measured 4-100x slower on rank-32 factors)."""
-    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or t.shape[dim] == 0:
+    if t.dtype not in _AMINMAX_DTYPES or t.shape[dim] == 0:
         return t.ne(0).any(dim=dim)  # float8/integer factors (no aminmax kernel), or nothing to reduce (a 0-row weight)
     lo, hi = torch.aminmax(t, dim=dim)
     return (lo != 0) | (hi != 0)  # a NaN compares unequal to 0: kept
@@ -381,7 +385,7 @@ def _delta_bound(contribs: list[_Contribution]) -> float:
 def _max_abs(t: torch.Tensor) -> float:
     """``max |t|`` (NaN -> nan, so no comparison with it proves anything)."""
     t = t.detach()
-    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):  # float8 factors: no aminmax kernel
+    if t.dtype not in _AMINMAX_DTYPES:  # float8 factors: no aminmax kernel
         t = t.float()
     lo, hi = torch.aminmax(t)
     return max(-float(lo), float(hi)) if not (math.isnan(float(lo)) or math.isnan(float(hi))) else math.nan

@@ -132,27 +132,22 @@ class _Sources:
         self._open.clear()
 
 
-class _Slots:
-    """Output buffers the merged tensors are made in, in turn, reused from tensor to tensor.
+class _OutBuffer:
+    """One output buffer the merged tensors are made in, reused from tensor to tensor.
 
-    ``count`` is how many produced tensors the writer holds at once: one where each tensor is written
-    before the next is made, two in a pipeline (one written while the next is made), so taking the
-    buffers in turn never overwrites bytes not yet written. Reusing them spares the page faults of
-    fresh memory for every tensor (a new large allocation is new pages from the OS).
+    Only for a writer that writes each tensor before it makes the next (no pipeline). Reusing it
+    spares the page faults of fresh memory for every tensor (a new large allocation is new pages
+    from the OS).
     """
 
-    def __init__(self, nbytes: int, count: int) -> None:
-        self._nbytes, self._next = nbytes, 0
-        self._bufs: list[torch.Tensor | None] = [None] * count
+    def __init__(self, nbytes: int) -> None:
+        self._nbytes = nbytes
+        self._buf: torch.Tensor | None = None
 
     def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        i, self._next = self._next, (self._next + 1) % len(self._bufs)
-        buf = self._bufs[i]
-        if buf is None:
-            buf = torch.empty(self._nbytes, dtype=torch.uint8)
-            self._bufs[i] = buf
-        n = math.prod(shape) * dtype.itemsize
-        return buf[:n].view(dtype).view(shape)
+        if self._buf is None:
+            self._buf = torch.empty(self._nbytes, dtype=torch.uint8)
+        return self._buf[: math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
 
 
 def as_device(device: object) -> torch.device | None:
@@ -265,8 +260,8 @@ def merge_checkpoint(
 
     sources = _Sources(ckpt)
     away = on is not None and on.type != "cpu"
-    # on the CPU each tensor is written before the next is made (one buffer); a device pipelines (two)
-    slots = _Slots(max([math.prod(ckpt.info(k).shape) * dtype_of(k).itemsize for k in per_key], default=0), 2 if away else 1)
+    # on the CPU each tensor is written before the next is made (overlap=away): one buffer serves them all
+    reused = _OutBuffer(max([math.prod(ckpt.info(k).shape) * dtype_of(k).itemsize for k in per_key], default=0))
 
     def produce(k: str) -> torch.Tensor | FileRange:
         info, dt = ckpt.info(k), dtype_of(k)
@@ -284,7 +279,7 @@ def merge_checkpoint(
         else:
             w = ckpt.tensor(k)
             w = w.to(on, non_blocking=True) if away else w
-            out = torch.empty(w.shape, dtype=dt, device=w.device) if away else slots.take(w.shape, dt)  # a device: its own memory
+            out = torch.empty(w.shape, dtype=dt, device=w.device) if away else reused.take(w.shape, dt)  # a device pipelines
             where = f"{ckpt.file_of(k)}: {k!r}"
             if _is_dora(per_key[k]):  # row tiles; input-axis norms take a first pass over the tiles
                 t = merge_dora(w, per_key[k], out=out, where=where)[0]
